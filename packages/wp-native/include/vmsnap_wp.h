@@ -1,0 +1,133 @@
+/*
+ * vmsnap_wp.h - live write-protect snapshot engine (userfaultfd-wp).
+ *
+ * One opaque handle (wp_engine) per snapshot. Every function returns >= 0
+ * (0 or a count) on success and -errno on failure, unless documented
+ * otherwise. Addresses are host-virtual addresses (hva) as uint64_t; page
+ * indices are relative to their region. Buffers are owned by the caller and
+ * filled in place. No globals, no printing, no callbacks.
+ *
+ * Life cycle:
+ *   wp_engine_create -> wp_engine_add_region (x N) -> wp_engine_start
+ *   -> wp_engine_protect (the cut; caller pauses its vCPUs around it)
+ *   -> wp_engine_drain / wp_engine_sweep until wp_engine_done
+ *   -> wp_engine_destroy (always: removes all protection first).
+ */
+#ifndef VMSNAP_WP_H
+#define VMSNAP_WP_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The library is built with -fvisibility=hidden: only this header is exported. */
+#pragma GCC visibility push(default)
+
+#define WP_ABI_VERSION 1
+#define WP_PAGE_SIZE 4096u
+
+/* userfaultfd feature bits reported by wp_probe (kernel UFFD_FEATURE_*). */
+#define WP_FEATURE_PAGEFAULT_FLAG_WP (1ull << 0)   /* Linux 5.7 */
+#define WP_FEATURE_WP_HUGETLBFS_SHMEM (1ull << 12) /* Linux 5.19 */
+#define WP_FEATURE_WP_UNPOPULATED (1ull << 13)     /* Linux 6.4 */
+#define WP_FEATURE_WP_ASYNC (1ull << 15)           /* Linux 6.7 */
+#define WP_FEATURE_MOVE (1ull << 16)               /* Linux 6.8 */
+
+/* How wp_probe opened its userfaultfd (written to *open_path_out). */
+#define WP_OPEN_SYSCALL 1
+#define WP_OPEN_DEVICE 2
+
+/* Flags of one swept page (wp_engine_sweep's flags_out). */
+#define WP_PAGE_DATA 0 /* content copied into the caller's buffer */
+#define WP_PAGE_ZERO 1 /* all zero (or never populated): nothing copied */
+
+/* Counters; read with wp_engine_stats. All in one plain struct of u64. */
+/* Fault service time histogram: bucket 2k holds [2^k, 1.5 * 2^k) ns and
+ * bucket 2k + 1 holds [1.5 * 2^k, 2^(k+1)) ns. */
+#define WP_HIST_BUCKETS 64
+typedef struct wp_stats {
+    uint64_t faults;           /* write faults served by copying the page */
+    uint64_t faults_spurious;  /* faults on a page already saved (woken only) */
+    uint64_t fallbacks;        /* faults that waited for a free pool slot */
+    uint64_t fallback_ns;      /* total time spent waiting in fallbacks */
+    uint64_t overflow_pages;   /* slots allocated past the pool after a long fallback */
+    uint64_t pool_slots;       /* pool capacity in pages */
+    uint64_t pool_high_water;  /* most slots ever in use at once */
+    uint64_t pool_used;        /* slots in use now */
+    uint64_t pages_total;      /* pages in all regions */
+    uint64_t pages_saved;      /* pages captured (by fault thread or sweep) */
+    uint64_t pages_swept;      /* pages captured by the sweep */
+    uint64_t pages_zero;       /* swept pages found zero or unpopulated */
+    uint64_t fault_ns_max;     /* slowest fault service */
+    uint64_t fault_ns_total;   /* sum of fault service times */
+    uint64_t hist[WP_HIST_BUCKETS];
+} wp_stats;
+
+typedef struct wp_engine wp_engine;
+
+/* ABI version of the loaded library; bindings refuse a mismatch. */
+int32_t wp_abi_version(void);
+
+/* Probe the kernel on a throw-away userfaultfd (UFFDIO_API may be issued only
+ * once per fd). Writes the offered feature bits and how the fd was opened.
+ * -EPERM: userfaultfd denied (see vm.unprivileged_userfaultfd, /dev/userfaultfd);
+ * -ENOSYS: kernel built without userfaultfd. */
+int32_t wp_probe(uint64_t *features_out, int32_t *open_path_out);
+
+/* Create an engine with a pool of pool_slots 4 KiB slots (0 = synchronous:
+ * every faulting writer waits for the writer to take its page).
+ * Returns NULL and sets *err_out to -errno on failure. */
+wp_engine *wp_engine_create(uint32_t pool_slots, int32_t *err_out);
+
+/* Register [hva, hva + size) for write-protect. hva and size must be page
+ * aligned. Returns the region index. Must be called before wp_engine_start. */
+int32_t wp_engine_add_region(wp_engine *e, uint64_t hva, uint64_t size);
+
+/* Start the fault-service thread. */
+int32_t wp_engine_start(wp_engine *e);
+
+/* The cut: write-protect every registered region, including pages never
+ * populated. From here on every page is captured with its content now. */
+int32_t wp_engine_protect(wp_engine *e);
+
+/* Take up to max_pages pages out of the pool, oldest first: their content is
+ * copied to buf (max_pages * 4096 bytes) and their keys to keys_out, one u64
+ * each: region index << 48 | page index. Returns the number of pages. */
+int32_t wp_engine_drain(wp_engine *e, uint8_t *buf, uint64_t *keys_out, uint32_t max_pages);
+
+/* Capture every not-yet-saved page of [first_page, first_page + max_pages) of
+ * a region: non-zero pages are copied packed into buf, each page's index goes
+ * to pages_out and its WP_PAGE_* flag to flags_out; the captured pages are
+ * then unprotected (one ioctl per contiguous run). Pages already saved or
+ * being saved by the fault thread are skipped. Returns the number of entries. */
+int32_t wp_engine_sweep(wp_engine *e, uint32_t region, uint64_t first_page, uint32_t max_pages,
+                        uint8_t *buf, uint64_t *pages_out, uint8_t *flags_out);
+
+/* 1 when every page is saved and the pool is empty, else 0. */
+int32_t wp_engine_done(wp_engine *e);
+
+/* Copy the counters into *out. */
+int32_t wp_engine_stats(wp_engine *e, wp_stats *out);
+
+/* Remove write protection from every region (wakes every waiting writer).
+ * Safe to call at any time and more than once. */
+int32_t wp_engine_unprotect_all(wp_engine *e);
+
+/* Stop the fault thread, remove all protection, unregister, close, free. */
+int32_t wp_engine_destroy(wp_engine *e);
+
+/* Copy len bytes from src to the host-virtual address hva of this process
+ * (eager restore into a live region). */
+int32_t wp_copy_to_hva(uint64_t hva, const uint8_t *src, uint64_t len);
+
+/* Copy len bytes from hva of this process to dst. */
+int32_t wp_copy_from_hva(uint8_t *dst, uint64_t hva, uint64_t len);
+
+#pragma GCC visibility pop
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* VMSNAP_WP_H */

@@ -1,0 +1,25 @@
+// Builds the native libraries at install time, with a clear message when the
+// C toolchain or the kernel headers are missing.
+import { spawnSync } from "node:child_process"
+import { existsSync } from "node:fs"
+import { dirname, join } from "node:path"
+import { fileURLToPath } from "node:url"
+
+const root = join(dirname(fileURLToPath(import.meta.url)), "..")
+const cc = process.env.CC ?? "cc"
+
+const fail = (what, fix) => {
+  console.error(`vmsnap: cannot build the native engine: ${what}\n  fix: ${fix}`)
+  process.exit(1)
+}
+
+if (process.platform !== "linux") fail(`userfaultfd needs Linux, this is ${process.platform}`, "run vmsnap on Linux 6.4 or newer")
+if (spawnSync(cc, ["--version"], { stdio: "ignore" }).status !== 0)
+  fail(`no C compiler (${cc}) on PATH`, "install one, e.g. `apt-get install gcc make` (or set CC)")
+if (spawnSync("make", ["--version"], { stdio: "ignore" }).status !== 0)
+  fail("no `make` on PATH", "install it, e.g. `apt-get install make`")
+if (!existsSync("/usr/include/linux/userfaultfd.h"))
+  fail("the Linux uapi headers are missing (linux/userfaultfd.h)", "install them, e.g. `apt-get install linux-libc-dev`")
+
+const r = spawnSync("make", ["--no-print-directory", "-C", root, "all"], { stdio: "inherit", env: { ...process.env, CC: cc } })
+if (r.status !== 0) fail("the C compiler reported errors (above)", "report a bug with the compiler output")

@@ -1,0 +1,42 @@
+/* Internal: userfaultfd constants missing from Linux 6.1 uapi headers, and
+ * the open/probe helpers shared by the engine. Not part of the public ABI. */
+#ifndef VMSNAP_WP_UFFD_H
+#define VMSNAP_WP_UFFD_H
+
+#include <linux/userfaultfd.h>
+#include <stdint.h>
+#include <time.h>
+
+#ifndef UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+#define UFFD_FEATURE_WP_HUGETLBFS_SHMEM (1ull << 12)
+#endif
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1ull << 13)
+#endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1ull << 15)
+#endif
+#ifndef UFFD_FEATURE_MOVE
+#define UFFD_FEATURE_MOVE (1ull << 16)
+#endif
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
+
+/* Open a userfaultfd: the syscall first, then /dev/userfaultfd (which grants
+ * kernel-mode faults to whoever may open the device). Returns fd or -errno;
+ * *how is WP_OPEN_SYSCALL or WP_OPEN_DEVICE. */
+int uffd_open_fd(int flags, int32_t *how);
+
+/* UFFDIO_API handshake asking for `want`; returns 0 or -errno and writes the
+ * features the kernel offers to *offered. */
+int uffd_handshake(int fd, uint64_t want, uint64_t *offered);
+
+static inline uint64_t monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+#endif
