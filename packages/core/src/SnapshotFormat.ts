@@ -1,0 +1,255 @@
+/**
+ * Snapshot file format v1. All integers little-endian. Full description and
+ * rationale: docs/format.md. Layout:
+ *
+ *   Header    magic "VMSNAP\0\0" | version u16 = 1 | flags u16 | headerBytes u32
+ *             | snapshotId 16 | parentId 16 (zero: full snapshot) | createdMs u64
+ *             | regionCount u32 | pageSize u32 (4096)
+ *             | regionCount x { guestBase u64 | size u64 | kind u32 | pageSize u32 | reserved u64 }
+ *             | crc32 u32 (of every header byte before it)
+ *   Records   in arrival order, each:
+ *             magic "RCD1" | region u32 | firstPage u64 | pageCount u32 | encoding u8
+ *             | reserved 3 | storedBytes u32 | crc32 u32 (of the 28 bytes before it + payload)
+ *             | payload (storedBytes)
+ *   Index     magic "IDX1" | count u32 | count x { region u32 | pageCount u32 | firstPage u64
+ *             | fileOffset u64 } | crc32 u32
+ *   Trailer   magic "VMSNAPIX" | indexOffset u64 | indexBytes u64 | recordCount u32 | crc32 u32
+ *
+ * Every page of every region is covered by exactly one record. Decoders check
+ * every size against the file before allocating.
+ */
+import { crc32 } from "node:zlib"
+import { memoryKindCode, memoryKindOf, type MemoryKind, PAGE_SIZE } from "./GuestMemory.js"
+
+export const FORMAT_VERSION = 1
+export const HEADER_MAGIC = Buffer.from("VMSNAP\0\0", "latin1")
+export const RECORD_MAGIC = 0x31444352 // "RCD1"
+export const INDEX_MAGIC = 0x31584449 // "IDX1"
+export const TRAILER_MAGIC = Buffer.from("VMSNAPIX", "latin1")
+
+export const HEADER_FIXED_BYTES = 64
+export const REGION_ENTRY_BYTES = 32
+export const RECORD_HEADER_BYTES = 32
+export const INDEX_ENTRY_BYTES = 24
+export const TRAILER_BYTES = 32
+/** Upper bounds that keep a corrupt header from making us allocate wildly. */
+export const MAX_REGIONS = 4096
+export const MAX_RECORD_PAGES = 1 << 20
+
+export type Encoding = "raw" | "lz4" | "zero"
+export const encodingCode: Record<Encoding, number> = { raw: 0, lz4: 1, zero: 2 }
+export const encodingOf = (code: number): Encoding | undefined =>
+  code === 0 ? "raw" : code === 1 ? "lz4" : code === 2 ? "zero" : undefined
+
+export interface RegionDescriptor {
+  readonly guestBase: bigint
+  readonly size: number
+  readonly kind: MemoryKind
+  readonly pageSize: number
+}
+
+export interface SnapshotHeader {
+  readonly version: number
+  readonly snapshotId: string
+  readonly parentId: string | undefined
+  readonly createdMs: number
+  readonly pageSize: number
+  readonly regions: ReadonlyArray<RegionDescriptor>
+  readonly headerBytes: number
+}
+
+export interface RecordHeader {
+  readonly region: number
+  readonly firstPage: number
+  readonly pageCount: number
+  readonly encoding: Encoding
+  readonly storedBytes: number
+  readonly crc: number
+}
+
+export interface IndexEntry {
+  readonly region: number
+  readonly firstPage: number
+  readonly pageCount: number
+  readonly fileOffset: number
+}
+
+export interface Trailer {
+  readonly indexOffset: number
+  readonly indexBytes: number
+  readonly recordCount: number
+}
+
+const uuidBytes = (id: string | undefined): Buffer =>
+  id === undefined ? Buffer.alloc(16) : Buffer.from(id.replace(/-/g, ""), "hex")
+
+const uuidText = (b: Buffer): string => {
+  const h = b.toString("hex")
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`
+}
+
+export const headerBytesFor = (regionCount: number) => HEADER_FIXED_BYTES + regionCount * REGION_ENTRY_BYTES + 4
+
+export const encodeHeader = (h: Omit<SnapshotHeader, "headerBytes" | "version">): Buffer => {
+  const size = headerBytesFor(h.regions.length)
+  const b = Buffer.alloc(size)
+  HEADER_MAGIC.copy(b, 0)
+  b.writeUInt16LE(FORMAT_VERSION, 8)
+  b.writeUInt16LE(0, 10)
+  b.writeUInt32LE(size, 12)
+  uuidBytes(h.snapshotId).copy(b, 16)
+  uuidBytes(h.parentId).copy(b, 32)
+  b.writeBigUInt64LE(BigInt(h.createdMs), 48)
+  b.writeUInt32LE(h.regions.length, 56)
+  b.writeUInt32LE(h.pageSize, 60)
+  h.regions.forEach((r, i) => {
+    const o = HEADER_FIXED_BYTES + i * REGION_ENTRY_BYTES
+    b.writeBigUInt64LE(r.guestBase, o)
+    b.writeBigUInt64LE(BigInt(r.size), o + 8)
+    b.writeUInt32LE(memoryKindCode[r.kind], o + 16)
+    b.writeUInt32LE(r.pageSize, o + 20)
+  })
+  b.writeUInt32LE(crc32(b.subarray(0, size - 4)), size - 4)
+  return b
+}
+
+/** Decoding failures carry the format error kind; SnapshotReader adds the path. */
+export class FormatViolation extends Error {
+  constructor(readonly kind: import("./Errors.js").SnapshotFormatReason, message: string, readonly fileOffset?: number) {
+    super(message)
+  }
+}
+
+/** Reads the fixed part only: how long the whole header is. */
+export const decodeHeaderPrefix = (b: Buffer, fileBytes: number): { headerBytes: number; regionCount: number } => {
+  if (b.length < HEADER_FIXED_BYTES) throw new FormatViolation("Truncated", `file is ${fileBytes} bytes, shorter than a snapshot header`)
+  if (!b.subarray(0, 8).equals(HEADER_MAGIC)) throw new FormatViolation("BadMagic", "no vmsnap header (bad magic): this is not a vmsnap snapshot file", 0)
+  const version = b.readUInt16LE(8)
+  if (version !== FORMAT_VERSION) throw new FormatViolation("UnsupportedVersion", `format version ${version}; this vmsnap reads version ${FORMAT_VERSION}`, 8)
+  const regionCount = b.readUInt32LE(56)
+  const headerBytes = b.readUInt32LE(12)
+  if (regionCount === 0 || regionCount > MAX_REGIONS || headerBytes !== headerBytesFor(regionCount))
+    throw new FormatViolation("ChecksumMismatch", "header is damaged (region count and header size disagree)", 12)
+  if (headerBytes + TRAILER_BYTES > fileBytes) throw new FormatViolation("Truncated", `file is ${fileBytes} bytes, too short for its header and trailer`)
+  return { headerBytes, regionCount }
+}
+
+export const decodeHeader = (b: Buffer, fileBytes: number): SnapshotHeader => {
+  const { headerBytes, regionCount } = decodeHeaderPrefix(b, fileBytes)
+  if (b.length < headerBytes) throw new FormatViolation("Truncated", "header is cut short")
+  if (crc32(b.subarray(0, headerBytes - 4)) !== b.readUInt32LE(headerBytes - 4))
+    throw new FormatViolation("ChecksumMismatch", "header checksum mismatch", 0)
+  const pageSize = b.readUInt32LE(60)
+  if (pageSize !== PAGE_SIZE) throw new FormatViolation("UnsupportedVersion", `page size ${pageSize}; only ${PAGE_SIZE} is supported`, 60)
+  const regions: Array<RegionDescriptor> = []
+  for (let i = 0; i < regionCount; i++) {
+    const o = HEADER_FIXED_BYTES + i * REGION_ENTRY_BYTES
+    const kind = memoryKindOf(b.readUInt32LE(o + 16))
+    const size = b.readBigUInt64LE(o + 8)
+    if (kind === undefined || size === 0n || size % BigInt(PAGE_SIZE) !== 0n || size > BigInt(Number.MAX_SAFE_INTEGER))
+      throw new FormatViolation("ChecksumMismatch", `region ${i} is malformed`, o)
+    regions.push({ guestBase: b.readBigUInt64LE(o), size: Number(size), kind, pageSize: b.readUInt32LE(o + 20) })
+  }
+  const parent = b.subarray(32, 48)
+  return {
+    version: FORMAT_VERSION,
+    snapshotId: uuidText(b.subarray(16, 32)),
+    parentId: parent.every((x) => x === 0) ? undefined : uuidText(parent),
+    createdMs: Number(b.readBigUInt64LE(48)),
+    pageSize,
+    regions,
+    headerBytes
+  }
+}
+
+/** A record header with its checksum over header and payload. */
+export const encodeRecord = (r: Omit<RecordHeader, "crc" | "storedBytes">, payload: Buffer | undefined): Buffer => {
+  const h = Buffer.alloc(RECORD_HEADER_BYTES)
+  h.writeUInt32LE(RECORD_MAGIC, 0)
+  h.writeUInt32LE(r.region, 4)
+  h.writeBigUInt64LE(BigInt(r.firstPage), 8)
+  h.writeUInt32LE(r.pageCount, 16)
+  h.writeUInt8(encodingCode[r.encoding], 20)
+  h.writeUInt32LE(payload?.length ?? 0, 24)
+  let crc = crc32(h.subarray(0, 28))
+  if (payload) crc = crc32(payload, crc)
+  h.writeUInt32LE(crc, 28)
+  return h
+}
+
+export const decodeRecordHeader = (h: Buffer, fileOffset: number): RecordHeader => {
+  if (h.length < RECORD_HEADER_BYTES) throw new FormatViolation("Truncated", "record header cut short", fileOffset)
+  if (h.readUInt32LE(0) !== RECORD_MAGIC) throw new FormatViolation("BadRecord", "record magic missing (corrupt or misaligned record)", fileOffset)
+  const encoding = encodingOf(h.readUInt8(20))
+  if (encoding === undefined) throw new FormatViolation("BadRecord", `unknown record encoding ${h.readUInt8(20)}`, fileOffset + 20)
+  return {
+    region: h.readUInt32LE(4),
+    firstPage: Number(h.readBigUInt64LE(8)),
+    pageCount: h.readUInt32LE(16),
+    encoding,
+    storedBytes: h.readUInt32LE(24),
+    crc: h.readUInt32LE(28)
+  }
+}
+
+export const recordChecksum = (h: Buffer, payload: Buffer | undefined): number => {
+  const c = crc32(h.subarray(0, 28))
+  return payload && payload.length > 0 ? crc32(payload, c) : c
+}
+
+export const encodeIndex = (entries: ReadonlyArray<IndexEntry>): Buffer => {
+  const b = Buffer.alloc(8 + entries.length * INDEX_ENTRY_BYTES + 4)
+  b.writeUInt32LE(INDEX_MAGIC, 0)
+  b.writeUInt32LE(entries.length, 4)
+  entries.forEach((e, i) => {
+    const o = 8 + i * INDEX_ENTRY_BYTES
+    b.writeUInt32LE(e.region, o)
+    b.writeUInt32LE(e.pageCount, o + 4)
+    b.writeBigUInt64LE(BigInt(e.firstPage), o + 8)
+    b.writeBigUInt64LE(BigInt(e.fileOffset), o + 16)
+  })
+  b.writeUInt32LE(crc32(b.subarray(0, b.length - 4)), b.length - 4)
+  return b
+}
+
+export const decodeIndex = (b: Buffer, fileOffset: number): Array<IndexEntry> => {
+  if (b.length < 12 || b.readUInt32LE(0) !== INDEX_MAGIC) throw new FormatViolation("BadIndex", "index magic missing", fileOffset)
+  const count = b.readUInt32LE(4)
+  if (b.length !== 8 + count * INDEX_ENTRY_BYTES + 4) throw new FormatViolation("BadIndex", "index size disagrees with its entry count", fileOffset + 4)
+  if (crc32(b.subarray(0, b.length - 4)) !== b.readUInt32LE(b.length - 4))
+    throw new FormatViolation("ChecksumMismatch", "index checksum mismatch", fileOffset)
+  const out: Array<IndexEntry> = []
+  for (let i = 0; i < count; i++) {
+    const o = 8 + i * INDEX_ENTRY_BYTES
+    out.push({
+      region: b.readUInt32LE(o),
+      pageCount: b.readUInt32LE(o + 4),
+      firstPage: Number(b.readBigUInt64LE(o + 8)),
+      fileOffset: Number(b.readBigUInt64LE(o + 16))
+    })
+  }
+  return out
+}
+
+export const encodeTrailer = (t: Trailer): Buffer => {
+  const b = Buffer.alloc(TRAILER_BYTES)
+  TRAILER_MAGIC.copy(b, 0)
+  b.writeBigUInt64LE(BigInt(t.indexOffset), 8)
+  b.writeBigUInt64LE(BigInt(t.indexBytes), 16)
+  b.writeUInt32LE(t.recordCount, 24)
+  b.writeUInt32LE(crc32(b.subarray(0, 28)), 28)
+  return b
+}
+
+export const decodeTrailer = (b: Buffer, fileBytes: number, headerBytes: number): Trailer => {
+  const at = fileBytes - TRAILER_BYTES
+  if (!b.subarray(0, 8).equals(TRAILER_MAGIC))
+    throw new FormatViolation("Truncated", "no trailer at the end of the file: the file is truncated or was not finished", at)
+  if (crc32(b.subarray(0, 28)) !== b.readUInt32LE(28)) throw new FormatViolation("ChecksumMismatch", "trailer checksum mismatch", at)
+  const indexOffset = Number(b.readBigUInt64LE(8))
+  const indexBytes = Number(b.readBigUInt64LE(16))
+  const recordCount = b.readUInt32LE(24)
+  if (indexOffset < headerBytes || indexOffset + indexBytes !== at || indexBytes !== 12 + recordCount * INDEX_ENTRY_BYTES)
+    throw new FormatViolation("BadIndex", "trailer points outside the file", at)
+  return { indexOffset, indexBytes, recordCount }
+}

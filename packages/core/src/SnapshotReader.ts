@@ -1,0 +1,236 @@
+/**
+ * Reading snapshot files: open (header, trailer, index), walk records with
+ * every checksum checked, verify coverage, inspect. Every length read from the
+ * file is checked against the file's size before anything is allocated.
+ */
+import { Effect } from "effect"
+import { uncompressSync } from "lz4-napi"
+import { open, type FileHandle } from "node:fs/promises"
+import { ioError, SnapshotFormatError, type SnapshotIoError } from "./Errors.js"
+import { PAGE_SIZE } from "./GuestMemory.js"
+import {
+  decodeHeader, decodeHeaderPrefix, decodeIndex, decodeRecordHeader, decodeTrailer, FormatViolation,
+  HEADER_FIXED_BYTES, MAX_RECORD_PAGES, RECORD_HEADER_BYTES, recordChecksum, TRAILER_BYTES,
+  type IndexEntry, type RecordHeader, type SnapshotHeader, type Trailer
+} from "./SnapshotFormat.js"
+
+export interface OpenSnapshot {
+  readonly path: string
+  readonly file: FileHandle
+  readonly fileBytes: number
+  readonly header: SnapshotHeader
+  readonly trailer: Trailer
+  readonly index: ReadonlyArray<IndexEntry>
+}
+
+/** One decoded record: `pages` is undefined for a zero record. */
+export interface DecodedRecord {
+  readonly header: RecordHeader
+  readonly fileOffset: number
+  readonly pages: Buffer | undefined
+}
+
+const formatError = (path: string, e: unknown): SnapshotFormatError | SnapshotIoError => {
+  if (e instanceof FormatViolation) return new SnapshotFormatError({ path, kind: e.kind, reason: e.message, fileOffset: e.fileOffset })
+  if (e instanceof SnapshotFormatError) return e
+  return ioError(path, "read", e)
+}
+
+const readAt = async (file: FileHandle, position: number, length: number): Promise<Buffer> => {
+  const b = Buffer.allocUnsafe(length)
+  let done = 0
+  while (done < length) {
+    const { bytesRead } = await file.read(b, done, length - done, position + done)
+    if (bytesRead === 0) throw new FormatViolation("Truncated", "unexpected end of file", position + done)
+    done += bytesRead
+  }
+  return b
+}
+
+/** Opens a snapshot and checks header, trailer and index (not the records). */
+export const openSnapshot = (path: string) =>
+  Effect.acquireRelease(
+    Effect.tryPromise({
+      try: async (): Promise<OpenSnapshot> => {
+        const file = await open(path, "r")
+        try {
+          const st = await file.stat()
+          if (st.isDirectory()) throw Object.assign(new Error("is a directory"), { code: "EISDIR" })
+          const fileBytes = st.size
+          const prefix = await readAt(file, 0, Math.min(HEADER_FIXED_BYTES, fileBytes)).catch(() => Buffer.alloc(0))
+          const { headerBytes } = decodeHeaderPrefix(prefix, fileBytes)
+          const header = decodeHeader(await readAt(file, 0, headerBytes), fileBytes)
+          const trailer = decodeTrailer(await readAt(file, fileBytes - TRAILER_BYTES, TRAILER_BYTES), fileBytes, headerBytes)
+          const index = decodeIndex(await readAt(file, trailer.indexOffset, trailer.indexBytes), trailer.indexOffset)
+          return { path, file, fileBytes, header, trailer, index }
+        } catch (e) {
+          await file.close()
+          throw e
+        }
+      },
+      catch: (e) => formatError(path, e)
+    }),
+    (s) => Effect.promise(() => s.file.close().catch(() => undefined))
+  )
+
+/** Reads one record at `entry`, checking it against the index, the header and its checksum. */
+export const readRecord = (s: OpenSnapshot, entry: IndexEntry): Effect.Effect<DecodedRecord, SnapshotFormatError | SnapshotIoError> =>
+  Effect.tryPromise({
+    try: async () => {
+      const at = entry.fileOffset
+      if (at < s.header.headerBytes || at + RECORD_HEADER_BYTES > s.trailer.indexOffset)
+        throw new FormatViolation("BadIndex", "index entry points outside the record area", at)
+      const raw = await readAt(s.file, at, RECORD_HEADER_BYTES)
+      const h = decodeRecordHeader(raw, at)
+      if (h.region !== entry.region || h.firstPage !== entry.firstPage || h.pageCount !== entry.pageCount)
+        throw new FormatViolation("BadIndex", "index entry and record disagree", at)
+      const region = s.header.regions[h.region]
+      if (!region) throw new FormatViolation("BadRecord", `record names region ${h.region}, the header has ${s.header.regions.length}`, at + 4)
+      const regionPageCount = region.size / PAGE_SIZE
+      if (h.pageCount === 0 || h.pageCount > MAX_RECORD_PAGES || h.firstPage + h.pageCount > regionPageCount)
+        throw new FormatViolation("BadRecord", `record pages ${h.firstPage}+${h.pageCount} fall outside region ${h.region}`, at + 8)
+      const rawBytes = h.pageCount * PAGE_SIZE
+      const expected = h.encoding === "zero" ? 0 : h.encoding === "raw" ? rawBytes : undefined
+      if (expected !== undefined ? h.storedBytes !== expected : h.storedBytes === 0 || h.storedBytes > rawBytes + 1024)
+        throw new FormatViolation("BadRecord", `record stores ${h.storedBytes} bytes, impossible for ${h.pageCount} ${h.encoding} pages`, at + 24)
+      if (at + RECORD_HEADER_BYTES + h.storedBytes > s.trailer.indexOffset)
+        throw new FormatViolation("Truncated", "record runs past the end of the record area", at)
+      const payload = h.storedBytes > 0 ? await readAt(s.file, at + RECORD_HEADER_BYTES, h.storedBytes) : undefined
+      if (recordChecksum(raw, payload) !== h.crc) throw new FormatViolation("ChecksumMismatch", "record checksum mismatch", at)
+      let pages: Buffer | undefined
+      if (h.encoding === "raw") pages = payload
+      else if (h.encoding === "lz4") {
+        try {
+          pages = uncompressSync(payload!)
+        } catch {
+          throw new FormatViolation("BadRecord", "lz4 payload does not decompress", at + RECORD_HEADER_BYTES)
+        }
+        if (pages.length !== rawBytes) throw new FormatViolation("BadRecord", "lz4 payload has the wrong size", at + RECORD_HEADER_BYTES)
+      }
+      return { header: h, fileOffset: at, pages }
+    },
+    catch: (e) => formatError(s.path, e)
+  })
+
+export interface VerifyReport {
+  readonly path: string
+  readonly snapshotId: string
+  readonly records: number
+  readonly pages: number
+  readonly dataPages: number
+  readonly zeroPages: number
+  readonly storedBytes: number
+  readonly fileBytes: number
+}
+
+/**
+ * Checks structure, every checksum, that records tile the record area with no
+ * gap, and that every page of every region is covered exactly once.
+ */
+export const walkRecords = (
+  s: OpenSnapshot,
+  visit: (r: DecodedRecord) => Effect.Effect<void, SnapshotFormatError | SnapshotIoError>,
+  onProgress?: (pagesDone: number, pagesTotal: number) => void
+): Effect.Effect<VerifyReport, SnapshotFormatError | SnapshotIoError> =>
+  Effect.gen(function* () {
+    const covered = s.header.regions.map((r) => new Uint8Array(r.size / PAGE_SIZE))
+    const totalPages = covered.reduce((a, c) => a + c.length, 0)
+    let expectedOffset = s.header.headerBytes
+    let dataPages = 0
+    let zeroPages = 0
+    let storedBytes = 0
+    for (const entry of s.index) {
+      if (entry.fileOffset !== expectedOffset)
+        return yield* Effect.fail(new SnapshotFormatError({ path: s.path, kind: "BadIndex", reason: "records do not follow each other as the index says", fileOffset: entry.fileOffset }))
+      const rec = yield* readRecord(s, entry)
+      const cover = covered[rec.header.region]!
+      for (let p = rec.header.firstPage; p < rec.header.firstPage + rec.header.pageCount; p++) {
+        if (cover[p]) return yield* Effect.fail(new SnapshotFormatError({ path: s.path, kind: "Coverage", reason: `page ${p} of region ${rec.header.region} is stored twice`, fileOffset: rec.fileOffset }))
+        cover[p] = 1
+      }
+      if (rec.header.encoding === "zero") zeroPages += rec.header.pageCount
+      else dataPages += rec.header.pageCount
+      storedBytes += rec.header.storedBytes
+      expectedOffset = entry.fileOffset + RECORD_HEADER_BYTES + rec.header.storedBytes
+      yield* visit(rec)
+      onProgress?.(dataPages + zeroPages, totalPages)
+    }
+    if (expectedOffset !== s.trailer.indexOffset)
+      return yield* Effect.fail(new SnapshotFormatError({ path: s.path, kind: "BadIndex", reason: "bytes between the last record and the index", fileOffset: expectedOffset }))
+    for (let i = 0; i < covered.length; i++) {
+      const missing = covered[i]!.indexOf(0)
+      if (missing >= 0) return yield* Effect.fail(new SnapshotFormatError({ path: s.path, kind: "Coverage", reason: `page ${missing} of region ${i} is missing` }))
+    }
+    return {
+      path: s.path,
+      snapshotId: s.header.snapshotId,
+      records: s.index.length,
+      pages: totalPages,
+      dataPages,
+      zeroPages,
+      storedBytes,
+      fileBytes: s.fileBytes
+    }
+  })
+
+export const verifySnapshot = (path: string, onProgress?: (done: number, total: number) => void) =>
+  Effect.scoped(Effect.flatMap(openSnapshot(path), (s) => walkRecords(s, () => Effect.void, onProgress)))
+
+export interface InspectReport {
+  readonly path: string
+  readonly version: number
+  readonly snapshotId: string
+  readonly parentId: string | null
+  readonly createdAt: string
+  readonly fileBytes: number
+  readonly regions: ReadonlyArray<{ guestBase: string; sizeBytes: number; kind: string; pages: number; dataPages: number; zeroPages: number }>
+  readonly records: number
+  readonly dataPages: number
+  readonly zeroPages: number
+  /** Bytes of non-zero pages over the bytes that store them. */
+  readonly compressionRatio: number
+}
+
+/** Header, regions and page counts from the index and record headers (no payloads read). */
+export const inspectSnapshot = (path: string): Effect.Effect<InspectReport, SnapshotFormatError | SnapshotIoError> =>
+  Effect.scoped(
+    Effect.gen(function* () {
+      const s = yield* openSnapshot(path)
+      const perRegion = s.header.regions.map(() => ({ data: 0, zero: 0 }))
+      let stored = 0
+      for (const entry of s.index) {
+        const h = yield* Effect.tryPromise({
+          try: async () => decodeRecordHeader(await readAt(s.file, entry.fileOffset, RECORD_HEADER_BYTES), entry.fileOffset),
+          catch: (e) => formatError(path, e)
+        })
+        const r = perRegion[h.region]
+        if (!r) return yield* Effect.fail(new SnapshotFormatError({ path, kind: "BadRecord", reason: `record names region ${h.region}`, fileOffset: entry.fileOffset }))
+        if (h.encoding === "zero") r.zero += h.pageCount
+        else {
+          r.data += h.pageCount
+          stored += h.storedBytes
+        }
+      }
+      const dataPages = perRegion.reduce((a, r) => a + r.data, 0)
+      return {
+        path,
+        version: s.header.version,
+        snapshotId: s.header.snapshotId,
+        parentId: s.header.parentId ?? null,
+        createdAt: new Date(s.header.createdMs).toISOString(),
+        fileBytes: s.fileBytes,
+        regions: s.header.regions.map((r, i) => ({
+          guestBase: `0x${r.guestBase.toString(16)}`,
+          sizeBytes: r.size,
+          kind: r.kind,
+          pages: r.size / PAGE_SIZE,
+          dataPages: perRegion[i]!.data,
+          zeroPages: perRegion[i]!.zero
+        })),
+        records: s.index.length,
+        dataPages,
+        zeroPages: perRegion.reduce((a, r) => a + r.zero, 0),
+        compressionRatio: stored > 0 ? (dataPages * PAGE_SIZE) / stored : 1
+      } satisfies InspectReport
+    })
+  )

@@ -1,0 +1,154 @@
+/**
+ * A live snapshot session.
+ *
+ * Resources are acquired in this order: output file (temporary name) →
+ * engine (userfaultfd registered, fault thread running) → protection (the cut)
+ * → writer fiber. They are released in reverse: the writer is awaited or
+ * interrupted → every protection is removed and the engine destroyed → the
+ * temporary file is closed and, unless the snapshot completed, deleted. So on
+ * success, failure and interruption alike the guest is never left
+ * write-protected and nothing partial appears under the final name.
+ */
+import { Effect, Fiber } from "effect"
+import { randomUUID } from "node:crypto"
+import { constants as fsConstants } from "node:fs"
+import { open, rename, stat, unlink, type FileHandle } from "node:fs/promises"
+import { basename, dirname, join } from "node:path"
+import { InvalidInput, ioError, type VmsnapError } from "./Errors.js"
+import { PAGE_SIZE, regionPages, type MemoryRegion } from "./GuestMemory.js"
+import { encodeHeader } from "./SnapshotFormat.js"
+import { RecordSink, writeSnapshotBody, type WriterOptions } from "./SnapshotWriter.js"
+import { type EngineStats, WpNative } from "./WpNative.js"
+
+export interface SnapshotOptions extends WriterOptions {
+  readonly regions: ReadonlyArray<MemoryRegion>
+  /** Final path of the snapshot file. */
+  readonly path: string
+  /** Pool capacity in 4 KiB pages; 0 = synchronous. Default 16384 (64 MiB). */
+  readonly poolPages?: number
+  /** Pause the guest's vCPUs: runs right before the cut. */
+  readonly freeze?: Effect.Effect<void, VmsnapError>
+  /** Resume them: runs right after the cut, also when the cut fails. */
+  readonly thaw?: Effect.Effect<void, VmsnapError>
+  /** Runs while frozen, after the cut (tests take their reference copy here). */
+  readonly atCut?: Effect.Effect<void, VmsnapError>
+  readonly parentId?: string
+}
+
+export interface SnapshotResult {
+  readonly path: string
+  readonly snapshotId: string
+  readonly sizeBytes: number
+  readonly fileBytes: number
+  /** Time the guest was frozen for the cut (protect only, hooks excluded). */
+  readonly pauseMs: number
+  /** From the cut to the file being durable under its final name. */
+  readonly durationMs: number
+  readonly records: number
+  readonly engine: EngineStats
+}
+
+export const DEFAULT_POOL_PAGES = 16384
+
+const nowMs = () => performance.now()
+
+/** The temporary output: deleted on release unless `commit` ran. */
+const acquireOutput = (path: string) =>
+  Effect.acquireRelease(
+    Effect.gen(function* () {
+      const existing = yield* Effect.promise(() => stat(path).catch(() => undefined))
+      if (existing?.isDirectory())
+        return yield* Effect.fail(ioError(path, "create", Object.assign(new Error("is a directory"), { code: "EISDIR" })))
+      const tmp = join(dirname(path), `.${basename(path)}.tmp-${process.pid}-${randomUUID().slice(0, 8)}`)
+      const file = yield* Effect.tryPromise({
+        try: () => open(tmp, fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_WRONLY, 0o644),
+        catch: (e) => ioError(path, "create", e)
+      })
+      return { file, tmp, committed: false }
+    }),
+    (out) =>
+      Effect.promise(async () => {
+        await out.file.close().catch(() => undefined)
+        if (!out.committed) await unlink(out.tmp).catch(() => undefined)
+      })
+  )
+
+/** fsync the file, rename it into place, fsync the directory. */
+const commit = (out: { file: FileHandle; tmp: string; committed: boolean }, path: string) =>
+  Effect.tryPromise({
+    try: async () => {
+      await out.file.sync()
+      await rename(out.tmp, path)
+      out.committed = true
+      const dir = await open(dirname(path), fsConstants.O_RDONLY)
+      await dir.sync().finally(() => dir.close())
+    },
+    catch: (e) => ioError(path, "commit", e)
+  })
+
+const validate = (options: SnapshotOptions) => {
+  if (options.regions.length === 0) return Effect.fail(new InvalidInput({ reason: "no memory regions to snapshot" }))
+  for (const r of options.regions) {
+    if (r.size <= 0 || r.size % PAGE_SIZE !== 0)
+      return Effect.fail(new InvalidInput({ reason: `region at guest ${r.guestBase} has size ${r.size}: must be a positive multiple of ${PAGE_SIZE}` }))
+  }
+  const pool = options.poolPages ?? DEFAULT_POOL_PAGES
+  if (!Number.isInteger(pool) || pool < 0 || pool > 1 << 26)
+    return Effect.fail(new InvalidInput({ reason: `pool of ${pool} pages: must be a whole number from 0 to ${1 << 26}` }))
+  return Effect.void
+}
+
+/** Takes one live snapshot of `regions` into `path`. */
+export const takeSnapshot = (options: SnapshotOptions): Effect.Effect<SnapshotResult, VmsnapError, WpNative> =>
+  Effect.scoped(
+    Effect.gen(function* () {
+      yield* validate(options)
+      const native = yield* WpNative
+      const out = yield* acquireOutput(options.path)
+      const engine = yield* native.engine({ regions: options.regions, poolPages: options.poolPages ?? DEFAULT_POOL_PAGES })
+      const snapshotId = randomUUID()
+      const header = encodeHeader({
+        snapshotId,
+        parentId: options.parentId,
+        createdMs: Date.now(),
+        pageSize: PAGE_SIZE,
+        regions: options.regions.map((r) => ({ guestBase: r.guestBase, size: r.size, kind: r.kind, pageSize: PAGE_SIZE }))
+      })
+      const sink = new RecordSink(out.file, options.path, header.length)
+      yield* Effect.tryPromise({ try: () => out.file.write(header, 0, header.length, 0), catch: (e) => ioError(options.path, "write", e) })
+
+      // The cut. thaw runs whatever happens between freeze and it.
+      let pauseMs = 0
+      yield* Effect.acquireUseRelease(
+        options.freeze ?? Effect.void,
+        () =>
+          Effect.gen(function* () {
+            const t0 = nowMs()
+            yield* engine.protect()
+            pauseMs = nowMs() - t0
+            if (options.atCut) yield* options.atCut
+          }),
+        () => Effect.orDie(options.thaw ?? Effect.void)
+      )
+      const cutAt = nowMs()
+
+      const scope = yield* Effect.scope
+      const writer = yield* Effect.forkIn(writeSnapshotBody(engine, sink, options), scope)
+      const body = yield* Fiber.join(writer)
+      const fileBytes = yield* sink.finish()
+      yield* commit(out, options.path)
+      const stats = engine.statsSync()
+      return {
+        path: options.path,
+        snapshotId,
+        sizeBytes: options.regions.reduce((s, r) => s + r.size, 0),
+        fileBytes,
+        pauseMs,
+        durationMs: nowMs() - cutAt,
+        records: body.records,
+        engine: stats
+      } satisfies SnapshotResult
+    })
+  )
+
+export const totalPages = (regions: ReadonlyArray<MemoryRegion>) => regions.reduce((s, r) => s + regionPages(r), 0)

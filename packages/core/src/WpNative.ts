@@ -1,0 +1,210 @@
+/**
+ * The native write-protect engine as a service. `WpNative.layer` loads
+ * libvmsnap_wp.so (checking its ABI version); `engine` gives a scoped
+ * `WpEngine` whose release always removes every protection first.
+ *
+ * Per-page work never crosses into JS: the fault thread copies and unprotects
+ * natively. JS calls drain/sweep for batches of pages (~4 us per call).
+ */
+import { Context, Effect, Layer } from "effect"
+import { CapabilityError, NativeError } from "./Errors.js"
+import { PAGE_SIZE, type MemoryRegion } from "./GuestMemory.js"
+import { errnoReason } from "./internal/errno.js"
+import { type JsExternal, loadWp, WP_ABI_VERSION, WP_STATS_WORDS } from "./internal/ffi.js"
+import { isNullPointer } from "ffi-rs"
+
+/** What the kernel offers, from a probe on a throw-away userfaultfd. */
+export interface Capabilities {
+  readonly features: bigint
+  readonly openedWith: "syscall" | "/dev/userfaultfd"
+  readonly writeProtect: boolean
+  readonly writeProtectShmem: boolean
+  readonly writeProtectUnpopulated: boolean
+  readonly writeProtectAsync: boolean
+  readonly move: boolean
+}
+
+/** Engine counters (see wp_stats in vmsnap_wp.h). Times in nanoseconds. */
+export interface EngineStats {
+  readonly faults: number
+  readonly faultsSpurious: number
+  readonly fallbacks: number
+  readonly fallbackNs: number
+  readonly overflowPages: number
+  readonly poolSlots: number
+  readonly poolHighWater: number
+  readonly poolUsed: number
+  readonly pagesTotal: number
+  readonly pagesSaved: number
+  readonly pagesSwept: number
+  readonly pagesZero: number
+  readonly faultNsMax: number
+  readonly faultNsTotal: number
+  /** Bucket 2k: [2^k, 1.5*2^k) ns; bucket 2k+1: [1.5*2^k, 2^(k+1)) ns. */
+  readonly faultHistogram: ReadonlyArray<number>
+}
+
+export const PAGE_ZERO = 1
+
+/** One sweep's output: `count` entries; data pages packed in `data` in entry order. */
+export interface SweepResult {
+  readonly count: number
+  readonly pages: BigUint64Array
+  readonly flags: Uint8Array
+  readonly data: Buffer
+}
+
+const nativeError = (op: string, rc: number) => new NativeError({ op, errno: -rc, reason: errnoReason(op, -rc) })
+
+/** A running engine: one per snapshot. Methods are synchronous native calls. */
+export class WpEngine {
+  constructor(private readonly handle: JsExternal, readonly regions: ReadonlyArray<MemoryRegion>) {}
+
+  private call(op: string, rc: number): Effect.Effect<number, NativeError> {
+    return rc < 0 ? Effect.fail(nativeError(op, rc)) : Effect.succeed(rc)
+  }
+
+  /** The cut: write-protect every region. Callers pause vCPUs around it. */
+  protect(): Effect.Effect<void, NativeError> {
+    return Effect.suspend(() => this.call("protect", loadWp().wp_engine_protect([this.handle])))
+  }
+
+  /** Take up to keys.length pages from the pool into buf (keys: region << 48 | page). */
+  drainSync(buf: Buffer, keys: BigUint64Array): number {
+    const rc: number = loadWp().wp_engine_drain([this.handle, buf, Buffer.from(keys.buffer, keys.byteOffset, keys.byteLength), keys.length])
+    if (rc < 0) throw nativeError("drain", rc)
+    return rc
+  }
+
+  /** Capture the unsaved pages of [firstPage, firstPage + maxPages) of a region. */
+  sweepSync(region: number, firstPage: number, maxPages: number, out: { data: Buffer; pages: BigUint64Array; flags: Uint8Array }): number {
+    const rc: number = loadWp().wp_engine_sweep([
+      this.handle, region, BigInt(firstPage), maxPages, out.data,
+      Buffer.from(out.pages.buffer, out.pages.byteOffset, out.pages.byteLength),
+      Buffer.from(out.flags.buffer, out.flags.byteOffset, out.flags.byteLength)
+    ])
+    if (rc < 0) throw nativeError("sweep", rc)
+    return rc
+  }
+
+  doneSync(): boolean {
+    return loadWp().wp_engine_done([this.handle]) === 1
+  }
+
+  statsSync(): EngineStats {
+    const words = new BigUint64Array(WP_STATS_WORDS)
+    loadWp().wp_engine_stats([this.handle, Buffer.from(words.buffer)])
+    const n = (i: number) => Number(words[i])
+    return {
+      faults: n(0), faultsSpurious: n(1), fallbacks: n(2), fallbackNs: n(3), overflowPages: n(4),
+      poolSlots: n(5), poolHighWater: n(6), poolUsed: n(7), pagesTotal: n(8), pagesSaved: n(9),
+      pagesSwept: n(10), pagesZero: n(11), faultNsMax: n(12), faultNsTotal: n(13),
+      faultHistogram: Array.from(words.subarray(14), Number)
+    }
+  }
+
+  unprotectAll(): Effect.Effect<void, NativeError> {
+    return Effect.suspend(() => this.call("unprotect", loadWp().wp_engine_unprotect_all([this.handle])))
+  }
+
+  /** @internal destroy: stops the fault thread, unprotects, unregisters, frees. */
+  destroySync(): number {
+    return loadWp().wp_engine_destroy([this.handle])
+  }
+}
+
+const featureBits = {
+  PAGEFAULT_FLAG_WP: 1n << 0n,
+  WP_HUGETLBFS_SHMEM: 1n << 12n,
+  WP_UNPOPULATED: 1n << 13n,
+  WP_ASYNC: 1n << 15n,
+  MOVE: 1n << 16n
+}
+
+const load = Effect.try({
+  try: () => {
+    const lib = loadWp()
+    const abi: number = lib.wp_abi_version([])
+    if (abi !== WP_ABI_VERSION) throw new Error(`libvmsnap_wp.so has ABI ${abi}, this vmsnap needs ${WP_ABI_VERSION}: rebuild with \`pnpm install\``)
+    return lib
+  },
+  catch: (e) => new CapabilityError({ missing: "native engine", reason: e instanceof Error ? e.message : String(e) })
+})
+
+const probe = Effect.gen(function* () {
+  const lib = yield* load
+  const features = new BigUint64Array(1)
+  const how = new Int32Array(1)
+  const rc: number = lib.wp_probe([Buffer.from(features.buffer), Buffer.from(how.buffer)])
+  if (rc < 0) return yield* Effect.fail(nativeError("userfaultfd", rc))
+  const f = features[0]!
+  const caps: Capabilities = {
+    features: f,
+    openedWith: how[0] === 2 ? "/dev/userfaultfd" : "syscall",
+    writeProtect: (f & featureBits.PAGEFAULT_FLAG_WP) !== 0n,
+    writeProtectShmem: (f & featureBits.WP_HUGETLBFS_SHMEM) !== 0n,
+    writeProtectUnpopulated: (f & featureBits.WP_UNPOPULATED) !== 0n,
+    writeProtectAsync: (f & featureBits.WP_ASYNC) !== 0n,
+    move: (f & featureBits.MOVE) !== 0n
+  }
+  return caps
+})
+
+/** Fails with a CapabilityError naming what is missing and the kernel that added it. */
+const requireCapabilities = (caps: Capabilities, regions: ReadonlyArray<MemoryRegion>) => {
+  if (!caps.writeProtect)
+    return Effect.fail(new CapabilityError({ missing: "UFFD_FEATURE_PAGEFAULT_FLAG_WP", reason: "userfaultfd write-protect needs Linux 5.7+ built with CONFIG_HAVE_ARCH_USERFAULTFD_WP" }))
+  if (!caps.writeProtectUnpopulated)
+    return Effect.fail(new CapabilityError({ missing: "UFFD_FEATURE_WP_UNPOPULATED", reason: "write-protecting never-touched pages needs Linux 6.4+; without it a page first written during the snapshot would be missed" }))
+  if (!caps.writeProtectShmem && regions.some((r) => r.kind === "memfd" || r.kind === "hugetlbfs"))
+    return Effect.fail(new CapabilityError({ missing: "UFFD_FEATURE_WP_HUGETLBFS_SHMEM", reason: "write-protect of memfd/shmem and hugetlbfs memory needs Linux 5.19+" }))
+  return Effect.void
+}
+
+export interface EngineOptions {
+  readonly regions: ReadonlyArray<MemoryRegion>
+  /** Pool capacity in 4 KiB pages; 0 = synchronous (a faulting write waits for the writer). */
+  readonly poolPages: number
+}
+
+export class WpNative extends Context.Service<WpNative, {
+  readonly probe: Effect.Effect<Capabilities, NativeError | CapabilityError>
+  /** A started engine with every region registered (not yet protected). */
+  readonly engine: (options: EngineOptions) => Effect.Effect<WpEngine, NativeError | CapabilityError, import("effect").Scope.Scope>
+}>()("vmsnap/WpNative") {
+  static readonly layer = Layer.succeed(this, {
+    probe,
+    engine: (options) =>
+      Effect.gen(function* () {
+        const caps = yield* probe
+        yield* requireCapabilities(caps, options.regions)
+        const lib = yield* load
+        return yield* Effect.acquireRelease(
+          Effect.suspend(() => {
+            const err = new Int32Array(1)
+            const handle: JsExternal = lib.wp_engine_create([options.poolPages, Buffer.from(err.buffer)])
+            if (isNullPointer(handle)) return Effect.fail(nativeError("userfaultfd", err[0]!))
+            const engine = new WpEngine(handle, options.regions)
+            for (const r of options.regions) {
+              if (r.size % PAGE_SIZE !== 0 || r.hostBase % BigInt(PAGE_SIZE) !== 0n) {
+                engine.destroySync()
+                return Effect.fail(nativeError("register", -22))
+              }
+              const rc: number = lib.wp_engine_add_region([handle, r.hostBase, BigInt(r.size)])
+              if (rc < 0) {
+                engine.destroySync()
+                return Effect.fail(nativeError("register", rc))
+              }
+            }
+            const rc: number = lib.wp_engine_start([handle])
+            if (rc < 0) {
+              engine.destroySync()
+              return Effect.fail(nativeError("start", rc))
+            }
+            return Effect.succeed(engine)
+          }),
+          (engine) => Effect.sync(() => engine.destroySync())
+        )
+      })
+  })
+}

@@ -1,0 +1,43 @@
+/**
+ * The only place an errno becomes words. Linux x86-64 numbers.
+ * @internal
+ */
+const names: Record<number, string> = {
+  1: "EPERM", 2: "ENOENT", 4: "EINTR", 5: "EIO", 9: "EBADF", 11: "EAGAIN", 12: "ENOMEM", 13: "EACCES",
+  14: "EFAULT", 16: "EBUSY", 17: "EEXIST", 19: "ENODEV", 20: "ENOTDIR", 21: "EISDIR", 22: "EINVAL",
+  24: "EMFILE", 27: "EFBIG", 28: "ENOSPC", 30: "EROFS", 38: "ENOSYS", 95: "EOPNOTSUPP", 110: "ETIMEDOUT",
+  7: "E2BIG", 122: "EDQUOT"
+}
+
+export const errnoName = (errno: number): string => names[errno] ?? `errno ${errno}`
+
+/** What an errno means for a given operation, with the fix where there is one. */
+export const errnoReason = (op: string, errno: number): string => {
+  switch (errno) {
+    case 1:
+    case 13:
+      if (op === "userfaultfd")
+        return "userfaultfd is not permitted for this user: run as root (CAP_SYS_PTRACE), or set `sysctl vm.unprivileged_userfaultfd=1`, or grant read/write access to /dev/userfaultfd (e.g. `chmod 0666 /dev/userfaultfd` or a udev rule)"
+      return "permission denied"
+    case 38:
+      return "the kernel was built without userfaultfd (CONFIG_USERFAULTFD): use a kernel with it enabled"
+    case 95:
+      return op === "register"
+        ? "this memory cannot be write-protected by userfaultfd (supported: anonymous, THP, memfd/shmem)"
+        : "the kernel lacks a userfaultfd feature vmsnap needs (write-protect of unpopulated pages, Linux 6.4+)"
+    case 12:
+      return "out of memory"
+    case 22:
+      return "invalid argument (addresses and sizes must be 4 KiB aligned)"
+    case 17:
+      return "regions overlap"
+    case 16:
+      return "the engine is already running"
+    case 110:
+      return "timed out"
+    case 28:
+      return "no space left on the device"
+    default:
+      return errnoName(errno)
+  }
+}

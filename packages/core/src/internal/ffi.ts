@@ -1,0 +1,92 @@
+/**
+ * The raw ffi-rs bindings, 1:1 with `vmsnap_wp.h` and `vmsnap_guest.h`.
+ * No logic here: callers in WpNative.ts / DemoGuest.ts turn results into errors.
+ * Addresses are bound as BigInt (ffi-rs `U64` would be a lossy number);
+ * out-parameters are caller-owned Buffers passed as U8Array (by pointer).
+ * @internal
+ */
+import { DataType, define, open, type JsExternal } from "ffi-rs"
+import { existsSync } from "node:fs"
+import { createRequire } from "node:module"
+import { dirname, join } from "node:path"
+
+export type { JsExternal }
+
+const nativeDir = (): string => {
+  const require = createRequire(import.meta.url)
+  return join(dirname(require.resolve("@vmsnap/wp-native/package.json")), "build")
+}
+
+export const libraryPath = (name: "libvmsnap_wp.so" | "libvmsnap_guest.so"): string => join(nativeDir(), name)
+
+const B = DataType.U8Array
+const I32 = DataType.I32
+const U32 = DataType.U32
+const BIG = DataType.BigInt
+const EXT = DataType.External
+
+const wpTable = {
+  wp_abi_version: { library: "vmsnap_wp", retType: I32, paramsType: [] },
+  wp_probe: { library: "vmsnap_wp", retType: I32, paramsType: [B, B] },
+  wp_engine_create: { library: "vmsnap_wp", retType: EXT, paramsType: [U32, B] },
+  wp_engine_add_region: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, BIG, BIG] },
+  wp_engine_start: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
+  wp_engine_protect: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
+  wp_engine_drain: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B, B, U32] },
+  wp_engine_sweep: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, U32, BIG, U32, B, B, B] },
+  wp_engine_done: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
+  wp_engine_stats: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B] },
+  wp_engine_unprotect_all: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
+  wp_engine_destroy: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
+  wp_copy_to_hva: { library: "vmsnap_wp", retType: I32, paramsType: [BIG, B, BIG] },
+  wp_copy_from_hva: { library: "vmsnap_wp", retType: I32, paramsType: [B, BIG, BIG] }
+} as const
+
+const guestTable = {
+  vg_create: { library: "vmsnap_guest", retType: EXT, paramsType: [BIG, U32, B] },
+  vg_hva: { library: "vmsnap_guest", retType: BIG, paramsType: [EXT] },
+  vg_fill: { library: "vmsnap_guest", retType: I32, paramsType: [EXT, BIG, BIG, BIG] },
+  vg_set_target: { library: "vmsnap_guest", retType: I32, paramsType: [EXT, BIG, BIG] },
+  vg_start: { library: "vmsnap_guest", retType: I32, paramsType: [EXT, U32, BIG, BIG] },
+  vg_set_phase: { library: "vmsnap_guest", retType: I32, paramsType: [EXT, U32] },
+  vg_freeze: { library: "vmsnap_guest", retType: I32, paramsType: [EXT, U32] },
+  vg_thaw: { library: "vmsnap_guest", retType: I32, paramsType: [EXT] },
+  vg_take_reference: { library: "vmsnap_guest", retType: I32, paramsType: [EXT] },
+  vg_reference_hva: { library: "vmsnap_guest", retType: BIG, paramsType: [EXT] },
+  vg_count_written_unpopulated: { library: "vmsnap_guest", retType: BIG, paramsType: [EXT] },
+  vg_latency: { library: "vmsnap_guest", retType: I32, paramsType: [EXT, U32, B, B] },
+  vg_stop: { library: "vmsnap_guest", retType: I32, paramsType: [EXT] },
+  vg_destroy: { library: "vmsnap_guest", retType: I32, paramsType: [EXT] },
+  vg_map: { library: "vmsnap_guest", retType: BIG, paramsType: [BIG] },
+  vg_unmap: { library: "vmsnap_guest", retType: I32, paramsType: [BIG, BIG] },
+  vg_compare: { library: "vmsnap_guest", retType: BIG, paramsType: [BIG, BIG, BIG] }
+} as const
+
+type Table<T> = { [K in keyof T]: (args: Array<unknown>) => any }
+
+let wp: Table<typeof wpTable> | undefined
+let guest: Table<typeof guestTable> | undefined
+
+/** Loads libvmsnap_wp.so once; throws an Error naming the missing file. */
+export const loadWp = (): Table<typeof wpTable> => {
+  if (wp) return wp
+  const path = libraryPath("libvmsnap_wp.so")
+  if (!existsSync(path)) throw new Error(`native engine not built: ${path} is missing`)
+  open({ library: "vmsnap_wp", path })
+  wp = define(wpTable as any) as Table<typeof wpTable>
+  return wp
+}
+
+export const loadGuest = (): Table<typeof guestTable> => {
+  if (guest) return guest
+  const path = libraryPath("libvmsnap_guest.so")
+  if (!existsSync(path)) throw new Error(`demo guest not built: ${path} is missing`)
+  open({ library: "vmsnap_guest", path })
+  guest = define(guestTable as any) as Table<typeof guestTable>
+  return guest
+}
+
+/** Size of `wp_stats` in u64 words: 14 scalars + 64 histogram buckets. */
+export const WP_STATS_WORDS = 14 + 64
+export const WP_ABI_VERSION = 1
+export const VG_HIST_BUCKETS = 512
