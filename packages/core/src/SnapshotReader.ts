@@ -36,6 +36,27 @@ const formatError = (path: string, e: unknown): SnapshotFormatError | SnapshotIo
   return ioError(path, "read", e)
 }
 
+/**
+ * Sequential read-ahead over the record area: records are walked in file
+ * order, so one large read serves many small records.
+ */
+class ReadAhead {
+  private buf: Buffer = Buffer.alloc(0)
+  private start = 0
+  constructor(private readonly file: FileHandle, private readonly end: number, private readonly chunk = 8 * 1024 * 1024) {}
+
+  async read(position: number, length: number): Promise<Buffer> {
+    if (position >= this.start && position + length <= this.start + this.buf.length)
+      return this.buf.subarray(position - this.start, position - this.start + length)
+    if (length > this.chunk) return readAt(this.file, position, length)
+    const want = Math.min(Math.max(this.chunk, length), this.end - position)
+    if (want < length) throw new FormatViolation("Truncated", "unexpected end of the record area", position)
+    this.buf = await readAt(this.file, position, want)
+    this.start = position
+    return this.buf.subarray(0, length)
+  }
+}
+
 const readAt = async (file: FileHandle, position: number, length: number): Promise<Buffer> => {
   const b = Buffer.allocUnsafe(length)
   let done = 0
@@ -74,13 +95,17 @@ export const openSnapshot = (path: string) =>
   )
 
 /** Reads one record at `entry`, checking it against the index, the header and its checksum. */
-export const readRecord = (s: OpenSnapshot, entry: IndexEntry): Effect.Effect<DecodedRecord, SnapshotFormatError | SnapshotIoError> =>
+export const readRecord = (
+  s: OpenSnapshot,
+  entry: IndexEntry,
+  source: { read: (position: number, length: number) => Promise<Buffer> } = { read: (p, l) => readAt(s.file, p, l) }
+): Effect.Effect<DecodedRecord, SnapshotFormatError | SnapshotIoError> =>
   Effect.tryPromise({
     try: async () => {
       const at = entry.fileOffset
       if (at < s.header.headerBytes || at + RECORD_HEADER_BYTES > s.trailer.indexOffset)
         throw new FormatViolation("BadIndex", "index entry points outside the record area", at)
-      const raw = await readAt(s.file, at, RECORD_HEADER_BYTES)
+      const raw = await source.read(at, RECORD_HEADER_BYTES)
       const h = decodeRecordHeader(raw, at)
       if (h.region !== entry.region || h.firstPage !== entry.firstPage || h.pageCount !== entry.pageCount)
         throw new FormatViolation("BadIndex", "index entry and record disagree", at)
@@ -95,7 +120,7 @@ export const readRecord = (s: OpenSnapshot, entry: IndexEntry): Effect.Effect<De
         throw new FormatViolation("BadRecord", `record stores ${h.storedBytes} bytes, impossible for ${h.pageCount} ${h.encoding} pages`, at + 24)
       if (at + RECORD_HEADER_BYTES + h.storedBytes > s.trailer.indexOffset)
         throw new FormatViolation("Truncated", "record runs past the end of the record area", at)
-      const payload = h.storedBytes > 0 ? await readAt(s.file, at + RECORD_HEADER_BYTES, h.storedBytes) : undefined
+      const payload = h.storedBytes > 0 ? await source.read(at + RECORD_HEADER_BYTES, h.storedBytes) : undefined
       if (recordChecksum(raw, payload) !== h.crc) throw new FormatViolation("ChecksumMismatch", "record checksum mismatch", at)
       let pages: Buffer | undefined
       if (h.encoding === "raw") pages = payload
@@ -139,10 +164,11 @@ export const walkRecords = (
     let dataPages = 0
     let zeroPages = 0
     let storedBytes = 0
+    const source = new ReadAhead(s.file, s.trailer.indexOffset)
     for (const entry of s.index) {
       if (entry.fileOffset !== expectedOffset)
         return yield* Effect.fail(new SnapshotFormatError({ path: s.path, kind: "BadIndex", reason: "records do not follow each other as the index says", fileOffset: entry.fileOffset }))
-      const rec = yield* readRecord(s, entry)
+      const rec = yield* readRecord(s, entry, source)
       const cover = covered[rec.header.region]!
       for (let p = rec.header.firstPage; p < rec.header.firstPage + rec.header.pageCount; p++) {
         if (cover[p]) return yield* Effect.fail(new SnapshotFormatError({ path: s.path, kind: "Coverage", reason: `page ${p} of region ${rec.header.region} is stored twice`, fileOffset: rec.fileOffset }))

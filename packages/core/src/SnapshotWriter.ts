@@ -186,21 +186,29 @@ export const writeSnapshotBody = (
     const totalPages = regions.reduce((s, r) => s + regionPages(r), 0)
     const drainBuf = Buffer.allocUnsafeSlow(DRAIN_PAGES * PAGE_SIZE)
     const drainKeys = new BigUint64Array(DRAIN_PAGES)
-    const inflight: Array<Promise<Array<PendingRecord>>> = []
+    const sweepIndex = new BigUint64Array(sweepPages)
+    const sweepFlags = new Uint8Array(sweepPages)
+    // Staging buffers are reused once their records are on disk: the writer's
+    // memory stays bounded by inFlight runs, whatever the guest's size.
+    const staging: Array<Buffer> = []
+    const takeStaging = () => staging.pop() ?? Buffer.allocUnsafeSlow(sweepPages * PAGE_SIZE)
+    const inflight: Array<{ records: Promise<Array<PendingRecord>>; staging?: Buffer }> = []
     let region = 0
     let cursor = 0
     let saved = 0
 
     const flushOldest = Effect.gen(function* () {
-      const batch = yield* Effect.promise(() => inflight.shift()!)
+      const next = inflight.shift()!
+      const batch = yield* Effect.promise(() => next.records)
       yield* sink.append(batch)
+      if (next.staging) staging.push(next.staging)
     })
 
     const turn = Effect.try({
       try: () => {
         const drained = engine.drainSync(drainBuf, drainKeys)
         if (drained > 0) {
-          inflight.push(recordsFromPool(drainBuf, drainKeys, drained, useLz4))
+          inflight.push({ records: recordsFromPool(drainBuf, drainKeys, drained, useLz4) })
           saved += drained
           return true
         }
@@ -211,18 +219,16 @@ export const writeSnapshotBody = (
             cursor = 0
             continue
           }
-          const out = {
-            data: Buffer.allocUnsafeSlow(sweepPages * PAGE_SIZE),
-            pages: new BigUint64Array(sweepPages),
-            flags: new Uint8Array(sweepPages)
-          }
+          const out = { data: takeStaging(), pages: sweepIndex, flags: sweepFlags }
           const n = engine.sweepSync(region, cursor, sweepPages, out)
           cursor += sweepPages
           if (n > 0) {
-            inflight.push(recordsFromSweep(region, out.data, out.pages, out.flags, n, useLz4))
+            // recordsFromSweep reads pages/flags synchronously; data stays in use until appended.
+            inflight.push({ records: recordsFromSweep(region, out.data, out.pages, out.flags, n, useLz4), staging: out.data })
             saved += n
             return true
           }
+          staging.push(out.data)
         }
         return false
       },
