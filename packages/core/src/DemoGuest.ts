@@ -8,7 +8,7 @@ import { isNullPointer } from "ffi-rs"
 import { InvalidInput, NativeError } from "./Errors.js"
 import { gpa, hva, type Hva, type MemoryKind, type MemoryRegion, PAGE_SIZE } from "./GuestMemory.js"
 import { errnoReason } from "./internal/errno.js"
-import { type JsExternal, loadGuest, VG_HIST_BUCKETS } from "./internal/ffi.js"
+import { type JsExternal, loadGuest, loadWp, VG_HIST_BUCKETS } from "./internal/ffi.js"
 import { guestBucketLowerNs, type LatencySummary, summarizeUs } from "./LatencyHistogram.js"
 
 const kindCode: Partial<Record<MemoryKind, number>> = { anon: 0, "anon-thp": 1, memfd: 2 }
@@ -77,6 +77,11 @@ export class DemoGuest {
 
   readonly thaw: Effect.Effect<void> = Effect.sync(() => void loadGuest().vg_thaw([this.handle]))
 
+  /** Allocates the reference copy now, so taking it does not lengthen the freeze. */
+  prepareReference() {
+    check("reference copy", loadGuest().vg_prepare_reference([this.handle]))
+  }
+
   /** While frozen: copy memory to the reference (unpopulated pages stay zero). */
   readonly takeReference: Effect.Effect<void, NativeError> = Effect.try({
     try: () => void check("reference copy", loadGuest().vg_take_reference([this.handle])),
@@ -119,3 +124,8 @@ export const scratchMemory = (size: number) =>
 
 /** Index of the first differing page, or -1 when equal. */
 export const comparePages = (a: Hva, b: Hva, size: number): number => Number(loadGuest().vg_compare([a, b, BigInt(size)]))
+
+/** Copies `dst.length` bytes from host-virtual address `from` of this process. */
+export const copyFromHva = (dst: Buffer, from: bigint): void => {
+  loadWp().wp_copy_from_hva([dst, from, BigInt(dst.length)])
+}

@@ -51,6 +51,9 @@ int32_t vg_set_phase(vg_guest *g, uint32_t phase);
 int32_t vg_freeze(vg_guest *g, uint32_t timeout_ms);
 int32_t vg_thaw(vg_guest *g);
 
+/* Allocate the reference copy ahead of the freeze (optional). */
+int32_t vg_prepare_reference(vg_guest *g);
+
 /* While frozen: copy guest memory into the reference copy (pages not
  * resident stay zero there and are remembered as unpopulated at the cut). */
 int32_t vg_take_reference(vg_guest *g);

@@ -43,6 +43,8 @@ struct vg_guest {
     _Atomic uint32_t parked;
     uint64_t interval_ns; /* per writer; 0 = flat out */
     uint32_t writer_count;
+    bool joined;
+    uint64_t stopped_ns;
     struct vg_writer *writers;
 };
 
@@ -200,6 +202,8 @@ int32_t vg_start(vg_guest *g, uint32_t writers, uint64_t rate_pages_per_s, uint6
         return -ENOMEM;
     memset(g->writers, 0, sizeof *g->writers * writers);
     g->interval_ns = rate_pages_per_s ? (uint64_t)writers * 1000000000ull / rate_pages_per_s : 0;
+    /* Phase wall time counts from the writers' start. */
+    memset(g->phase_ns, 0, sizeof g->phase_ns);
     g->phase_start_ns = now_ns();
     for (uint32_t i = 0; i < writers; i++) {
         struct vg_writer *w = &g->writers[i];
@@ -222,7 +226,8 @@ int32_t vg_set_phase(vg_guest *g, uint32_t phase)
         return -EINVAL;
     uint64_t now = now_ns();
     uint32_t old = atomic_exchange(&g->phase, phase);
-    g->phase_ns[old] += now - g->phase_start_ns;
+    if (g->phase_start_ns && !g->joined)
+        g->phase_ns[old] += now - g->phase_start_ns;
     g->phase_start_ns = now;
     return 0;
 }
@@ -245,10 +250,11 @@ int32_t vg_thaw(vg_guest *g)
     return 0;
 }
 
-int32_t vg_take_reference(vg_guest *g)
+int32_t vg_prepare_reference(vg_guest *g)
 {
     if (!g->reference) {
-        void *m = mmap(NULL, g->size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        /* MAP_POPULATE: allocating it page by page would lengthen the freeze. */
+        void *m = mmap(NULL, g->size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
         if (m == MAP_FAILED)
             return -errno;
         g->reference = m;
@@ -256,6 +262,14 @@ int32_t vg_take_reference(vg_guest *g)
         if (!g->unpopulated)
             return -ENOMEM;
     }
+    return 0;
+}
+
+int32_t vg_take_reference(vg_guest *g)
+{
+    int32_t rc = vg_prepare_reference(g);
+    if (rc < 0)
+        return rc;
     /* mincore rather than reading: a read would populate the page. */
     const uint64_t chunk = 16384;
     unsigned char vec[16384];
@@ -306,8 +320,8 @@ int32_t vg_latency(vg_guest *g, uint32_t phase, uint64_t *hist_out, uint64_t *su
             max_ns = w->max_ns[phase];
     }
     uint64_t phase_ns = g->phase_ns[phase];
-    if (atomic_load(&g->phase) == phase)
-        phase_ns += now_ns() - g->phase_start_ns;
+    if (atomic_load(&g->phase) == phase && g->phase_start_ns)
+        phase_ns += (g->joined ? g->stopped_ns : now_ns()) - g->phase_start_ns;
     summary_out[0] = writes;
     summary_out[1] = max_ns;
     summary_out[2] = total;
@@ -317,10 +331,13 @@ int32_t vg_latency(vg_guest *g, uint32_t phase, uint64_t *hist_out, uint64_t *su
 
 int32_t vg_stop(vg_guest *g)
 {
+    if (g->joined)
+        return 0;
     atomic_store(&g->stopping, true);
     for (uint32_t i = 0; i < g->writer_count; i++)
         pthread_join(g->writers[i].thread, NULL);
-    g->writer_count = 0;
+    g->stopped_ns = now_ns();
+    g->joined = true; /* writer_count stays: their counters remain readable */
     return 0;
 }
 

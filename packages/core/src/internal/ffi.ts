@@ -51,6 +51,7 @@ const guestTable = {
   vg_set_phase: { library: "vmsnap_guest", retType: I32, paramsType: [EXT, U32] },
   vg_freeze: { library: "vmsnap_guest", retType: I32, paramsType: [EXT, U32] },
   vg_thaw: { library: "vmsnap_guest", retType: I32, paramsType: [EXT] },
+  vg_prepare_reference: { library: "vmsnap_guest", retType: I32, paramsType: [EXT] },
   vg_take_reference: { library: "vmsnap_guest", retType: I32, paramsType: [EXT] },
   vg_reference_hva: { library: "vmsnap_guest", retType: BIG, paramsType: [EXT] },
   vg_count_written_unpopulated: { library: "vmsnap_guest", retType: BIG, paramsType: [EXT] },

@@ -1,0 +1,19 @@
+/** `vmsnap inspect FILE`: header, regions, page counts, compression ratio. */
+import { formatBytes, inspectSnapshot } from "@vmsnap/core"
+import type { Io } from "../Io.js"
+import { type CommonFlags, runCommand } from "../Run.js"
+
+export const inspectCommand = (io: Io, flags: CommonFlags & { file: string }) =>
+  runCommand(io, flags, inspectSnapshot(flags.file), (r) => ({
+    json: { ok: true, ...r },
+    human: [
+      `${r.path}: vmsnap snapshot v${r.version}`,
+      `  id          ${r.snapshotId}${r.parentId ? ` (parent ${r.parentId})` : ""}`,
+      `  created     ${r.createdAt}`,
+      `  file        ${formatBytes(r.fileBytes)} in ${r.records} records, compression ${r.compressionRatio.toFixed(2)}x`,
+      `  pages       ${r.dataPages} data, ${r.zeroPages} zero`,
+      ...r.regions.map(
+        (g, i) => `  region ${i}    guest ${g.guestBase}  ${formatBytes(g.sizeBytes)}  ${g.kind}  ${g.dataPages} data / ${g.zeroPages} zero pages`
+      )
+    ].join("\n")
+  }))

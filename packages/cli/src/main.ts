@@ -1,0 +1,129 @@
+/**
+ * vmsnap's command line. `main(argv)` parses, runs one command and returns
+ * its exit code; it never calls process.exit, so tests call it in-process.
+ */
+import { formatBytes, type MemoryKind, parseSize, type RawLayout } from "@vmsnap/core"
+import yargs from "yargs"
+import { demoCommand } from "./commands/demo.js"
+import { inspectCommand } from "./commands/inspect.js"
+import { restoreCommand } from "./commands/restore.js"
+import { verifyCommand } from "./commands/verify.js"
+import { ExitCode } from "./ExitCode.js"
+import { type Io, processIo } from "./Io.js"
+
+class UsageError extends Error {}
+
+const sizeOption = (name: string, value: unknown, min: number): number => {
+  const bytes = parseSize(String(value))
+  if (bytes === undefined) throw new UsageError(`--${name} ${String(value)}: not a size (examples: 4096, 256MiB, 1GiB)`)
+  if (bytes < min) throw new UsageError(`--${name} ${String(value)}: must be at least ${formatBytes(min)}`)
+  if (bytes % 4096 !== 0) throw new UsageError(`--${name} ${String(value)}: must be a multiple of 4 KiB`)
+  return bytes
+}
+
+const EXIT_CODES = `Exit codes: 0 ok, 1 failure, 2 usage error, 3 not a valid snapshot (corrupt, truncated, not ours),
+4 the kernel or permissions lack userfaultfd support, 130 interrupted (SIGINT), 143 terminated (SIGTERM).`
+
+export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Promise<number> => {
+  let run: (() => Promise<number>) | undefined
+  const common = (a: { json?: boolean; verbose?: boolean }) => ({ json: a.json === true, verbose: a.verbose === true })
+  const parser = yargs()
+    .scriptName("vmsnap")
+    .usage("vmsnap: live, point-in-time snapshots of VM guest memory (userfaultfd write-protect)\n\nUsage: $0 <command> [options]")
+    .option("json", { type: "boolean", default: false, describe: "print one JSON object on stdout and nothing else there" })
+    .option("verbose", { type: "boolean", default: false, describe: "print stack traces on errors" })
+    .command(
+      "demo",
+      "take a live snapshot of the built-in demo guest while it writes, verify it against a reference copy taken at the cut, restore it and compare",
+      (y) =>
+        y
+          .option("size", { type: "string", default: "1GiB", describe: "guest memory size (KiB/MiB/GiB)" })
+          .option("writers", { type: "number", default: 2, describe: "guest writer threads (the vCPUs)" })
+          .option("rate", { type: "number", default: 50000, describe: "guest writes in pages/s over all writers (0: as fast as they can)" })
+          .option("buffer", { type: "string", default: "64MiB", describe: "copy pool: pages written before being saved wait here (0: synchronous, like QEMU)" })
+          .option("memory", { choices: ["anon", "anon-thp", "memfd"] as const, default: "anon" as const, describe: "how guest memory is backed" })
+          .option("output", { alias: "o", type: "string", describe: "snapshot file to write (kept); default: a temporary file" })
+          .option("keep", { type: "boolean", default: false, describe: "keep the temporary snapshot file" })
+          .option("warmup", { type: "number", default: 1000, describe: "ms of guest writes measured before the snapshot" })
+          .example("$0 demo", "1 GiB guest, 2 writers at 50k pages/s, 64 MiB pool")
+          .example("$0 demo --size 256MiB --rate 0 --buffer 0", "a small guest writing flat out, no pool (synchronous)")
+          .example("$0 demo --json -o /tmp/guest.vmsnap", "keep the snapshot, print the report as JSON"),
+      (a) => {
+        const size = sizeOption("size", a.size, 2 * 1024 * 1024)
+        const buffer = String(a.buffer).trim() === "0" ? 0 : sizeOption("buffer", a.buffer, 4096)
+        if (!Number.isInteger(a.writers) || a.writers < 1 || a.writers > 64) throw new UsageError(`--writers ${a.writers}: must be a whole number from 1 to 64`)
+        if (!Number.isFinite(a.rate) || a.rate < 0) throw new UsageError(`--rate ${a.rate}: must be 0 (flat out) or a positive number of pages/s`)
+        if (!Number.isFinite(a.warmup) || a.warmup < 0 || a.warmup > 60000) throw new UsageError(`--warmup ${a.warmup}: must be 0 to 60000 ms`)
+        if (a.output !== undefined && a.output.trim() === "") throw new UsageError("--output: give a file path")
+        run = () =>
+          demoCommand(io, {
+            ...common(a), size, buffer, writers: a.writers, rate: Math.round(a.rate), memory: a.memory as MemoryKind,
+            output: a.output, keep: a.keep === true, warmupMs: a.warmup
+          })
+      }
+    )
+    .command(
+      "inspect <file>",
+      "show a snapshot's header, regions, page counts and compression ratio",
+      (y) => y.positional("file", { type: "string", demandOption: true, describe: "snapshot file" }).example("$0 inspect guest.vmsnap --json", ""),
+      (a) => {
+        run = () => inspectCommand(io, { ...common(a), file: a.file })
+      }
+    )
+    .command(
+      "verify <file>",
+      "check a snapshot's structure and every checksum, and that every page is stored exactly once",
+      (y) => y.positional("file", { type: "string", demandOption: true, describe: "snapshot file" }).example("$0 verify guest.vmsnap", ""),
+      (a) => {
+        run = () => verifyCommand(io, { ...common(a), file: a.file })
+      }
+    )
+    .command(
+      "restore <file>",
+      "restore a snapshot into a raw memory image (zero pages stay sparse holes)",
+      (y) =>
+        y
+          .positional("file", { type: "string", demandOption: true, describe: "snapshot file" })
+          .option("raw", { type: "string", demandOption: true, describe: "raw image to write" })
+          .option("layout", {
+            choices: ["concat", "per-region"] as const,
+            default: "concat" as const,
+            describe: "concat: region i at the sum of the sizes before it in one file; per-region: OUT.0, OUT.1, ..."
+          })
+          .example("$0 restore guest.vmsnap --raw guest.img", "")
+          .example("$0 restore guest.vmsnap --raw guest.img --layout per-region", "writes guest.img.0, guest.img.1, ..."),
+      (a) => {
+        if (a.raw.trim() === "") throw new UsageError("--raw: give a file path")
+        run = () => restoreCommand(io, { ...common(a), file: a.file, raw: a.raw, layout: a.layout as RawLayout })
+      }
+    )
+    .demandCommand(1, "name a command (demo, inspect, verify, restore)")
+    .strict()
+    .recommendCommands()
+    .epilogue(EXIT_CODES)
+    .help()
+    .version("0.1.0")
+    .wrap(Math.min(110, process.stdout.columns ?? 100))
+    .exitProcess(false)
+    .fail((msg, err) => {
+      throw err instanceof UsageError ? err : new UsageError(msg ?? err?.message ?? "invalid usage")
+    })
+
+  let helpText = ""
+  try {
+    await parser.parseAsync([...argv], {}, (_err, _args, output) => {
+      helpText = output
+    })
+  } catch (e) {
+    const message = e instanceof Error ? e.message : String(e)
+    if (argv.includes("--json")) io.stdout(JSON.stringify({ ok: false, error: { tag: "UsageError", message }, exitCode: ExitCode.usage }) + "\n")
+    else io.stderr(`vmsnap: ${message}\nRun \`vmsnap --help\` for usage.\n`)
+    return ExitCode.usage
+  }
+  if (run === undefined) {
+    // --help or --version: yargs produced the text instead of running a command.
+    if (helpText) io.stdout(helpText + "\n")
+    return ExitCode.ok
+  }
+  return run()
+}

@@ -1,0 +1,176 @@
+/**
+ * The CLI in-process: each command's success path, its --json shape, and
+ * each bad-input case with its exit code and one clear line.
+ */
+import { execFileSync } from "node:child_process"
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs"
+import { tmpdir } from "node:os"
+import { join } from "node:path"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { memoryIo } from "../src/Io.js"
+import { main } from "../src/main.js"
+import { Vmsnap } from "@vmsnap/core"
+
+const dir = mkdtempSync(join(tmpdir(), "vmsnap-cli-"))
+afterAll(() => rmSync(dir, { recursive: true, force: true }))
+
+const cli = async (...argv: Array<string>) => {
+  const m = memoryIo()
+  const code = await main(argv, m.io)
+  return { code, stdout: m.stdout(), stderr: m.stderr() }
+}
+
+let unavailable: string | undefined
+try {
+  await Vmsnap.probe()
+} catch (e) {
+  unavailable = (e as Error).message
+  console.warn(`SKIP snapshot-taking CLI tests: ${unavailable}`)
+}
+
+describe("usage", () => {
+  it("--help lists the commands, examples and exit codes", async () => {
+    const r = await cli("--help")
+    expect(r.code).toBe(0)
+    for (const word of ["demo", "inspect", "verify", "restore", "Exit codes"]) expect(r.stdout).toContain(word)
+    const demo = await cli("demo", "--help")
+    expect(demo.code).toBe(0)
+    expect(demo.stdout).toContain("Examples:")
+    expect(demo.stdout).toContain("--buffer")
+  })
+
+  it.each([
+    [["demo", "--no-such-flag"], /Unknown argument/],
+    [["demo", "--size", "lots"], /--size lots: not a size/],
+    [["demo", "--size", "1000"], /must be at least/],
+    [["demo", "--buffer", "4097"], /multiple of 4 KiB/],
+    [["demo", "--writers", "0"], /--writers 0/],
+    [["restore", "x.vmsnap"], /Missing required argument: raw/],
+    [[], /name a command/],
+    [["frobnicate"], /Unknown argument|name a command/]
+  ])("%j is a usage error (exit 2, one clear line)", async (argv, pattern) => {
+    const r = await cli(...argv)
+    expect(r.code).toBe(2)
+    expect(r.stderr).toMatch(pattern)
+    expect(r.stderr).not.toMatch(/\n\s+at /) // no stack trace
+    expect(r.stdout).toBe("")
+  })
+
+  it("usage errors with --json print one JSON object", async () => {
+    const r = await cli("demo", "--size", "lots", "--json")
+    expect(r.code).toBe(2)
+    expect(JSON.parse(r.stdout)).toMatchObject({ ok: false, exitCode: 2, error: { tag: "UsageError" } })
+  })
+})
+
+describe("files that are missing or not snapshots", () => {
+  it("a missing file: exit 1, names the file", async () => {
+    const r = await cli("verify", join(dir, "missing.vmsnap"))
+    expect(r.code).toBe(1)
+    expect(r.stderr).toMatch(/missing\.vmsnap.*no such file or directory/)
+  })
+
+  it("a file that is not a snapshot: exit 3 for verify, inspect and restore", async () => {
+    const other = join(dir, "notes.txt")
+    writeFileSync(other, "not a snapshot at all\n".repeat(20))
+    for (const argv of [["verify", other], ["inspect", other], ["restore", other, "--raw", join(dir, "out.img")]]) {
+      const r = await cli(...argv)
+      expect(r.code).toBe(3)
+      expect(r.stderr).toMatch(/not a vmsnap snapshot file/)
+    }
+    expect(readdirSync(dir).filter((n) => n.includes("out.img"))).toEqual([])
+  })
+})
+
+describe.skipIf(unavailable)("commands against the real kernel", () => {
+  const kept = join(dir, "demo.vmsnap")
+  let demoJson: any
+
+  beforeAll(async () => {
+    const r = await cli("demo", "--size", "64MiB", "--warmup", "200", "--rate", "20000", "-o", kept, "--json")
+    expect(r.stderr).toBe("")
+    expect(r.code).toBe(0)
+    expect(r.stdout.trim().split("\n")).toHaveLength(1)
+    demoJson = JSON.parse(r.stdout)
+  })
+
+  it("demo --json has the documented shape and is consistent", () => {
+    expect(demoJson.consistent).toBe(true)
+    expect(demoJson.sizeBytes).toBe(64 * 1024 * 1024)
+    for (const key of ["pauseMs", "durationMs", "throughputMBps", "fileBytes", "faults", "fallbacks", "poolHighWater"])
+      expect(typeof demoJson[key], key).toBe("number")
+    for (const phase of ["before", "during"])
+      for (const q of ["p50", "p99", "max"]) expect(typeof demoJson.guest.writeLatencyUs[phase][q], `${phase}.${q}`).toBe("number")
+    expect(demoJson.guest.writeLatencyUs.during.writes).toBeGreaterThan(0)
+    expect(demoJson.guest.kind).toBe("threads")
+    expect(demoJson.path).toBe(kept)
+  })
+
+  it("demo prints a human report on stderr and nothing on stdout", async () => {
+    const r = await cli("demo", "--size", "16MiB", "--warmup", "100", "--buffer", "0")
+    expect(r.code).toBe(0)
+    expect(r.stdout).toBe("")
+    expect(r.stderr).toMatch(/CONSISTENT/)
+    expect(r.stderr).toMatch(/snapshot file removed/)
+    expect(readdirSync(tmpdir()).filter((n) => n.startsWith(`vmsnap-demo-${process.pid}-`))).toEqual([])
+  })
+
+  it("inspect, verify and restore a kept snapshot", async () => {
+    const inspect = await cli("inspect", kept, "--json")
+    expect(inspect.code).toBe(0)
+    const info = JSON.parse(inspect.stdout)
+    expect(info.regions).toHaveLength(1)
+    expect(info.regions[0].pages).toBe(16384)
+    expect(info.dataPages + info.zeroPages).toBe(16384)
+
+    const verify = await cli("verify", kept)
+    expect(verify.code).toBe(0)
+    expect(verify.stderr).toMatch(/OK: 16384 pages/)
+
+    const img = join(dir, "guest.img")
+    const restore = await cli("restore", kept, "--raw", img, "--json")
+    expect(restore.code).toBe(0)
+    expect(JSON.parse(restore.stdout).outputs).toEqual([img])
+    expect(readFileSync(img).length).toBe(64 * 1024 * 1024)
+
+    const split = await cli("restore", kept, "--raw", join(dir, "split.img"), "--layout", "per-region")
+    expect(split.code).toBe(0)
+    expect(readFileSync(join(dir, "split.img.0")).equals(readFileSync(img))).toBe(true)
+  })
+
+  it("a corrupt snapshot: exit 3 with the reason", async () => {
+    const bad = join(dir, "bad.vmsnap")
+    const bytes = readFileSync(kept)
+    bytes[Math.floor(bytes.length / 2)] ^= 0xff
+    writeFileSync(bad, bytes)
+    const r = await cli("verify", bad)
+    expect(r.code).toBe(3)
+    expect(r.stderr).toMatch(/bad\.vmsnap: not a valid snapshot: .*(checksum|magic|record)/)
+  })
+
+  it("a directory as output: exit 1, one line, nothing written", async () => {
+    const r = await cli("demo", "--size", "4MiB", "--warmup", "0", "-o", dir)
+    expect(r.code).toBe(1)
+    expect(r.stderr.trim().split("\n")).toHaveLength(1)
+    expect(r.stderr).toMatch(/is a directory/)
+  })
+
+  it("a full disk: exit 1 naming it, no partial file", async () => {
+    const small = join(dir, "small")
+    mkdirSync(small)
+    try {
+      execFileSync("mount", ["-t", "tmpfs", "-o", "size=2m", "vmsnap-cli-test", small], { stdio: "pipe" })
+    } catch (e) {
+      console.warn(`SKIP full-disk CLI test: cannot mount a small tmpfs: ${String(e).split("\n")[0]}`)
+      return
+    }
+    try {
+      const r = await cli("demo", "--size", "32MiB", "--warmup", "0", "-o", join(small, "snap.vmsnap"), "--json")
+      expect(r.code).toBe(1)
+      expect(JSON.parse(r.stdout).error.message).toMatch(/no space left/)
+      expect(readdirSync(small)).toEqual([])
+    } finally {
+      execFileSync("umount", ["-l", small])
+    }
+  })
+})
