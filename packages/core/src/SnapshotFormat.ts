@@ -212,6 +212,36 @@ export const encodeIndex = (entries: ReadonlyArray<IndexEntry>): Buffer => {
   return b
 }
 
+/** Builds the index in place, 24 bytes an entry: millions of records stay cheap. */
+export class IndexBuilder {
+  private buf = Buffer.alloc(8 + 4096 * INDEX_ENTRY_BYTES + 4)
+  count = 0
+
+  add(e: IndexEntry): void {
+    const o = 8 + this.count * INDEX_ENTRY_BYTES
+    if (o + INDEX_ENTRY_BYTES + 4 > this.buf.length) {
+      const bigger = Buffer.alloc(this.buf.length * 2)
+      this.buf.copy(bigger, 0, 0, o)
+      this.buf = bigger
+    }
+    this.buf.writeUInt32LE(e.region, o)
+    this.buf.writeUInt32LE(e.pageCount, o + 4)
+    this.buf.writeBigUInt64LE(BigInt(e.firstPage), o + 8)
+    this.buf.writeBigUInt64LE(BigInt(e.fileOffset), o + 16)
+    this.count++
+  }
+
+  /** The encoded index block (same bytes as encodeIndex of the same entries). */
+  encode(): Buffer {
+    const end = 8 + this.count * INDEX_ENTRY_BYTES
+    const b = this.buf.subarray(0, end + 4)
+    b.writeUInt32LE(INDEX_MAGIC, 0)
+    b.writeUInt32LE(this.count, 4)
+    b.writeUInt32LE(crc32(b.subarray(0, end)), end)
+    return b
+  }
+}
+
 export const decodeIndex = (b: Buffer, fileOffset: number): Array<IndexEntry> => {
   if (b.length < 12 || b.readUInt32LE(0) !== INDEX_MAGIC) throw new FormatViolation("BadIndex", "index magic missing", fileOffset)
   const count = b.readUInt32LE(4)

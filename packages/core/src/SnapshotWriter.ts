@@ -12,7 +12,8 @@ import { compress, compressSync } from "lz4-napi"
 import type { FileHandle } from "node:fs/promises"
 import { ioError, type NativeError, type SnapshotIoError } from "./Errors.js"
 import { PAGE_SIZE, regionPages } from "./GuestMemory.js"
-import { encodeIndex, encodeRecord, encodeTrailer, type Encoding, type IndexEntry } from "./SnapshotFormat.js"
+import { encodeRecord, encodeTrailer, type Encoding, IndexBuilder } from "./SnapshotFormat.js"
+import { collectYoungGarbage } from "./internal/gc.js"
 import { PAGE_ZERO, type WpEngine } from "./WpNative.js"
 
 /** A record ready to append. */
@@ -26,7 +27,7 @@ interface PendingRecord {
 
 /** Appends records at the end of the file and remembers where each went. */
 export class RecordSink {
-  readonly index: Array<IndexEntry> = []
+  readonly index = new IndexBuilder()
   bytesWritten = 0
   storedPages = 0
   rawBytes = 0
@@ -38,7 +39,7 @@ export class RecordSink {
       const buffers: Array<Buffer> = []
       const start = this.offset
       for (const r of records) {
-        this.index.push({ region: r.region, firstPage: r.firstPage, pageCount: r.pageCount, fileOffset: this.offset })
+        this.index.add({ region: r.region, firstPage: r.firstPage, pageCount: r.pageCount, fileOffset: this.offset })
         const h = encodeRecord(r, r.payload)
         buffers.push(h)
         this.offset += h.length
@@ -57,8 +58,8 @@ export class RecordSink {
   /** Index and trailer: after this the file is complete (but not yet durable). */
   finish(): Effect.Effect<number, SnapshotIoError> {
     return Effect.suspend(() => {
-      const index = encodeIndex(this.index)
-      const trailer = encodeTrailer({ indexOffset: this.offset, indexBytes: index.length, recordCount: this.index.length })
+      const index = this.index.encode()
+      const trailer = encodeTrailer({ indexOffset: this.offset, indexBytes: index.length, recordCount: this.index.count })
       const start = this.offset
       this.offset += index.length + trailer.length
       this.bytesWritten = this.offset
@@ -106,6 +107,8 @@ export interface WriterOptions {
 }
 
 const DRAIN_PAGES = 256
+/** Written bytes between young-generation collections (see internal/gc.ts). */
+const GC_EVERY_BYTES = 8 * 1024 * 1024
 /** Runs shorter than this are compressed inline; a thread-pool hop costs more. */
 const INLINE_COMPRESS_PAGES = 8
 
@@ -125,10 +128,18 @@ const recordsFromPool = (buf: Buffer, keys: BigUint64Array, n: number, useLz4: b
     const first = Number(keys[i]! & 0xffffffffffffn)
     let j = i + 1
     while (j < n && Number(keys[j]! >> 48n) === region && Number(keys[j]! & 0xffffffffffffn) === first + (j - i)) j++
-    // Copy out: the drain buffer is reused next turn.
-    const raw = Buffer.from(buf.subarray(i * PAGE_SIZE, j * PAGE_SIZE))
+    const view = buf.subarray(i * PAGE_SIZE, j * PAGE_SIZE)
     const count = j - i
-    out.push(encodePayload(raw, count, useLz4).then((p) => ({ region, firstPage: first, pageCount: count, ...p })))
+    if (useLz4 && count < INLINE_COMPRESS_PAGES) {
+      // Compressed now, so the drain buffer may be reused; copied only if kept raw.
+      const c = compressSync(view)
+      const p = c.length < view.length ? { encoding: "lz4" as const, payload: c } : { encoding: "raw" as const, payload: Buffer.from(view) }
+      out.push(Promise.resolve({ region, firstPage: first, pageCount: count, ...p }))
+    } else {
+      // Copy out: the drain buffer is reused next turn.
+      const raw = Buffer.from(view)
+      out.push(encodePayload(raw, count, useLz4).then((p) => ({ region, firstPage: first, pageCount: count, ...p })))
+    }
     i = j
   }
   return Promise.all(out)
@@ -196,12 +207,17 @@ export const writeSnapshotBody = (
     let region = 0
     let cursor = 0
     let saved = 0
+    let lastCollect = 0
 
     const flushOldest = Effect.gen(function* () {
       const next = inflight.shift()!
       const batch = yield* Effect.promise(() => next.records)
       yield* sink.append(batch)
       if (next.staging) staging.push(next.staging)
+      if (sink.bytesWritten - lastCollect > GC_EVERY_BYTES) {
+        lastCollect = sink.bytesWritten
+        collectYoungGarbage()
+      }
     })
 
     const turn = Effect.try({
@@ -246,5 +262,5 @@ export const writeSnapshotBody = (
       if (inflight.length > 0) yield* flushOldest
       else yield* Effect.sleep(0)
     }
-    return { records: sink.index.length, storedPages: sink.storedPages }
+    return { records: sink.index.count, storedPages: sink.storedPages }
   })

@@ -24,7 +24,8 @@ describe.skipIf(unavailable)("memory bound", () => {
   it("peak extra RSS stays within the pool plus a small constant", async () => {
     const size = 768 * MiB
     const poolPages = 4096 // 16 MiB
-    const constantBytes = 48 * MiB
+    // V8 grows its young generation (up to ~32 MiB) under the writer's allocation rate.
+    const constantBytes = 64 * MiB
     const { extra, result } = await runTest(
       Effect.gen(function* () {
         const guest = yield* DemoGuest.make(size, "anon")
