@@ -41,6 +41,7 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
           .option("writers", { type: "number", default: 2, describe: "guest writer threads (the vCPUs)" })
           .option("rate", { type: "number", default: 50000, describe: "guest writes in pages/s over all writers (0: as fast as they can)" })
           .option("buffer", { type: "string", default: "64MiB", describe: "copy pool: pages written before being saved wait here (0: synchronous, like QEMU)" })
+          .option("fault-around", { type: "number", default: 16, describe: "pages saved with each faulting page (power of two, 1 = off)" })
           .option("memory", { choices: ["anon", "anon-thp", "memfd"] as const, default: "anon" as const, describe: "how guest memory is backed" })
           .option("output", { alias: "o", type: "string", describe: "snapshot file to write (kept); default: a temporary file" })
           .option("keep", { type: "boolean", default: false, describe: "keep the temporary snapshot file" })
@@ -54,11 +55,14 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
         if (!Number.isInteger(a.writers) || a.writers < 1 || a.writers > 64) throw new UsageError(`--writers ${a.writers}: must be a whole number from 1 to 64`)
         if (!Number.isFinite(a.rate) || a.rate < 0) throw new UsageError(`--rate ${a.rate}: must be 0 (flat out) or a positive number of pages/s`)
         if (!Number.isFinite(a.warmup) || a.warmup < 0 || a.warmup > 60000) throw new UsageError(`--warmup ${a.warmup}: must be 0 to 60000 ms`)
+        const around = a["fault-around"]
+        if (!Number.isInteger(around) || around < 1 || around > 512 || (around & (around - 1)) !== 0)
+          throw new UsageError(`--fault-around ${around}: must be a power of two from 1 to 512`)
         if (a.output !== undefined && a.output.trim() === "") throw new UsageError("--output: give a file path")
         run = () =>
           demoCommand(io, {
             ...common(a), size, buffer, writers: a.writers, rate: Math.round(a.rate), memory: a.memory as MemoryKind,
-            output: a.output, keep: a.keep === true, warmupMs: a.warmup
+            output: a.output, keep: a.keep === true, warmupMs: a.warmup, faultAroundPages: around
           })
       }
     )

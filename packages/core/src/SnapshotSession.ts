@@ -26,6 +26,8 @@ export interface SnapshotOptions extends WriterOptions {
   readonly path: string
   /** Pool capacity in 4 KiB pages; 0 = synchronous. Default 16384 (64 MiB). */
   readonly poolPages?: number
+  /** Pages saved per write fault (power of two up to 512; 1 = off). Default 16. */
+  readonly faultAroundPages?: number
   /** Pause the guest's vCPUs: runs right before the cut. */
   readonly freeze?: Effect.Effect<void, VmsnapError>
   /** Resume them: runs right after the cut, also when the cut fails. */
@@ -105,7 +107,11 @@ export const takeSnapshot = (options: SnapshotOptions): Effect.Effect<SnapshotRe
       yield* validate(options)
       const native = yield* WpNative
       const out = yield* acquireOutput(options.path)
-      const engine = yield* native.engine({ regions: options.regions, poolPages: options.poolPages ?? DEFAULT_POOL_PAGES })
+      const engine = yield* native.engine({
+        regions: options.regions,
+        poolPages: options.poolPages ?? DEFAULT_POOL_PAGES,
+        faultAroundPages: options.faultAroundPages
+      })
       const snapshotId = randomUUID()
       const header = encodeHeader({
         snapshotId,

@@ -107,6 +107,7 @@ export interface WriterOptions {
 }
 
 const DRAIN_PAGES = 256
+const ZERO_PAGE = Buffer.alloc(PAGE_SIZE)
 /** Written bytes between young-generation collections (see internal/gc.ts). */
 const GC_EVERY_BYTES = 8 * 1024 * 1024
 /** Runs shorter than this are compressed inline; a thread-pool hop costs more. */
@@ -123,11 +124,19 @@ const encodePayload = (raw: Buffer, pages: number, useLz4: boolean): Promise<{ e
 const recordsFromPool = (buf: Buffer, keys: BigUint64Array, n: number, useLz4: boolean): Promise<Array<PendingRecord>> => {
   const out: Array<Promise<PendingRecord>> = []
   let i = 0
+  const isZero = (k: number) => buf.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE).equals(ZERO_PAGE)
   while (i < n) {
     const region = Number(keys[i]! >> 48n)
     const first = Number(keys[i]! & 0xffffffffffffn)
+    const zero = isZero(i)
     let j = i + 1
-    while (j < n && Number(keys[j]! >> 48n) === region && Number(keys[j]! & 0xffffffffffffn) === first + (j - i)) j++
+    while (j < n && Number(keys[j]! >> 48n) === region && Number(keys[j]! & 0xffffffffffffn) === first + (j - i) && isZero(j) === zero) j++
+    if (zero) {
+      // Fault-around saves untouched neighbours too: keep them as zero records.
+      out.push(Promise.resolve({ region, firstPage: first, pageCount: j - i, encoding: "zero" as const, payload: undefined }))
+      i = j
+      continue
+    }
     const view = buf.subarray(i * PAGE_SIZE, j * PAGE_SIZE)
     const count = j - i
     if (useLz4 && count < INLINE_COMPRESS_PAGES) {

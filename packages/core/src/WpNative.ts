@@ -40,11 +40,16 @@ export interface EngineStats {
   readonly pagesZero: number
   readonly faultNsMax: number
   readonly faultNsTotal: number
+  /** Neighbours saved along with a faulting page (fault-around). */
+  readonly pagesFaultAround: number
   /** Bucket 2k: [2^k, 1.5*2^k) ns; bucket 2k+1: [1.5*2^k, 2^(k+1)) ns. */
   readonly faultHistogram: ReadonlyArray<number>
 }
 
 export const PAGE_ZERO = 1
+
+/** Default fault-around window: 16 pages (64 KiB) saved per write fault. */
+export const DEFAULT_FAULT_AROUND_PAGES = 16
 
 /** One sweep's output: `count` entries; data pages packed in `data` in entry order. */
 export interface SweepResult {
@@ -99,7 +104,8 @@ export class WpEngine {
       faults: n(0), faultsSpurious: n(1), fallbacks: n(2), fallbackNs: n(3), overflowPages: n(4),
       poolSlots: n(5), poolHighWater: n(6), poolUsed: n(7), pagesTotal: n(8), pagesSaved: n(9),
       pagesSwept: n(10), pagesZero: n(11), faultNsMax: n(12), faultNsTotal: n(13),
-      faultHistogram: Array.from(words.subarray(14), Number)
+      pagesFaultAround: n(14),
+      faultHistogram: Array.from(words.subarray(15), Number)
     }
   }
 
@@ -165,6 +171,8 @@ export interface EngineOptions {
   readonly regions: ReadonlyArray<MemoryRegion>
   /** Pool capacity in 4 KiB pages; 0 = synchronous (a faulting write waits for the writer). */
   readonly poolPages: number
+  /** Fault-around window in pages (power of two, 1 = off). */
+  readonly faultAroundPages?: number
 }
 
 export class WpNative extends Context.Service<WpNative, {
@@ -195,6 +203,11 @@ export class WpNative extends Context.Service<WpNative, {
                 engine.destroySync()
                 return Effect.fail(nativeError("register", rc))
               }
+            }
+            const around: number = lib.wp_engine_set_fault_around([handle, options.faultAroundPages ?? DEFAULT_FAULT_AROUND_PAGES])
+            if (around < 0) {
+              engine.destroySync()
+              return Effect.fail(nativeError("fault-around", around))
             }
             const rc: number = lib.wp_engine_start([handle])
             if (rc < 0) {

@@ -18,7 +18,7 @@ const MiB = 1024 * 1024
 const unavailable = await skipReason("snapshot consistency")
 const dir = tempDir()
 
-const snapshotWhileWriting = (kind: MemoryKind, options: { size: number; poolPages: number; writerDelayMs?: number }) =>
+const snapshotWhileWriting = (kind: MemoryKind, options: { size: number; poolPages: number; writerDelayMs?: number; faultAroundPages?: number }) =>
   Effect.gen(function* () {
     const guest = yield* DemoGuest.make(options.size, kind)
     const pages = guest.pages
@@ -32,6 +32,7 @@ const snapshotWhileWriting = (kind: MemoryKind, options: { size: number; poolPag
       regions: [guest.region],
       path,
       poolPages: options.poolPages,
+      faultAroundPages: options.faultAroundPages,
       writerDelayMs: options.writerDelayMs,
       freeze: guest.freeze,
       thaw: guest.thaw,
@@ -67,8 +68,17 @@ describe.skipIf(unavailable)("live snapshot consistency", () => {
       // ...including into pages never touched before the cut, which the snapshot holds as zero.
       expect(writtenUnpopulated).toBeGreaterThan(0)
       expect(result.engine.pagesSaved).toBe(report.pages)
+      // Fault-around (default 16 pages) saved neighbours of faulting pages.
+      expect(result.engine.pagesFaultAround).toBeGreaterThan(0)
     })
   }
+
+  it("fault-around off: exact snapshot, every captured page accounted to a fault or the sweep", async () => {
+    const { result, restoredDiff } = await runTest(snapshotWhileWriting("anon", { size: 32 * MiB, poolPages: 1024, faultAroundPages: 1 }))
+    expect(restoredDiff).toBe(-1)
+    expect(result.engine.pagesFaultAround).toBe(0)
+    expect(result.engine.faults + result.engine.pagesSwept).toBe((32 * MiB) / 4096)
+  })
 
   it("synchronous fallback: a 4-slot pool and a slow writer still give an exact snapshot", async () => {
     const { result, restoredDiff } = await runTest(snapshotWhileWriting("anon", { size: 16 * MiB, poolPages: 4, writerDelayMs: 2 }))

@@ -62,6 +62,7 @@ typedef struct wp_stats {
     uint64_t pages_zero;       /* swept pages found zero or unpopulated */
     uint64_t fault_ns_max;     /* slowest fault service */
     uint64_t fault_ns_total;   /* sum of fault service times */
+    uint64_t pages_fault_around; /* neighbours saved along with a faulting page */
     uint64_t hist[WP_HIST_BUCKETS];
 } wp_stats;
 
@@ -84,6 +85,12 @@ wp_engine *wp_engine_create(uint32_t pool_slots, int32_t *err_out);
 /* Register [hva, hva + size) for write-protect. hva and size must be page
  * aligned. Returns the region index. Must be called before wp_engine_start. */
 int32_t wp_engine_add_region(wp_engine *e, uint64_t hva, uint64_t size);
+
+/* Fault-around window in pages (a power of two, 1..512; default 1 = off):
+ * after serving a write fault, also save the not-yet-saved pages of the
+ * aligned window around it, as far as the pool has free slots. Ignored in
+ * synchronous mode. Must be called before wp_engine_start. */
+int32_t wp_engine_set_fault_around(wp_engine *e, uint32_t pages);
 
 /* Start the fault-service thread. */
 int32_t wp_engine_start(wp_engine *e);

@@ -25,6 +25,7 @@ export interface DemoFlags extends CommonFlags {
   readonly keep: boolean
   readonly memory: MemoryKind
   readonly warmupMs: number
+  readonly faultAroundPages: number
 }
 
 /** Compares every record of the file with the reference copy, page range by page range. */
@@ -77,6 +78,7 @@ export const demoProgram = (flags: DemoFlags, onProgress: (done: number, total: 
         regions: [guest.region],
         path,
         poolPages: Math.floor(flags.buffer / PAGE_SIZE),
+        faultAroundPages: flags.faultAroundPages,
         freeze: guest.freeze,
         thaw: Effect.andThen(guest.thaw, Effect.sync(() => guest.setPhase(Phase.during))),
         atCut: Effect.gen(function* () {
@@ -126,6 +128,8 @@ export const demoCommand = (io: Io, flags: DemoFlags) => {
       compressionRatio: round(d.verified.dataPages * PAGE_SIZE / Math.max(1, d.verified.storedBytes), 2),
       records: r.records,
       faults: r.engine.faults,
+      faultAroundPages: flags.faultAroundPages,
+      pagesSavedAround: r.engine.pagesFaultAround,
       fallbacks: r.engine.fallbacks,
       fallbackMs: round(r.engine.fallbackNs / 1e6, 2),
       poolPages: r.engine.poolSlots,
@@ -149,7 +153,7 @@ export const demoCommand = (io: Io, flags: DemoFlags) => {
       `  result      ${consistent ? "CONSISTENT: snapshot and restore equal the reference copy taken at the cut" : "INCONSISTENT: the snapshot differs from the reference copy"}`,
       `  pause       ${r.pauseMs.toFixed(2)} ms (write-protect at the cut; reference copy for this check took another ${d.referenceMs.toFixed(0)} ms)`,
       `  snapshot    ${(r.durationMs / 1000).toFixed(2)} s, ${throughputMBps.toFixed(0)} MB/s, file ${formatBytes(r.fileBytes)} (${json.compressionRatio}x on data pages)`,
-      `  faults      ${r.engine.faults} served (p50 ${d.fault.p50} us, p99 ${d.fault.p99} us), ${r.engine.fallbacks} fallbacks, pool high water ${r.engine.poolHighWater}/${r.engine.poolSlots} pages`,
+      `  faults      ${r.engine.faults} served (p50 ${d.fault.p50} us, p99 ${d.fault.p99} us), ${r.engine.pagesFaultAround} neighbours saved with them, ${r.engine.fallbacks} fallbacks, pool high water ${r.engine.poolHighWater}/${r.engine.poolSlots} pages`,
       `  guest write latency`,
       `    before    ${lat(d.before)}`,
       `    during    ${lat(d.during)}`,

@@ -30,6 +30,7 @@ const wpTable = {
   wp_probe: { library: "vmsnap_wp", retType: I32, paramsType: [B, B] },
   wp_engine_create: { library: "vmsnap_wp", retType: EXT, paramsType: [U32, B] },
   wp_engine_add_region: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, BIG, BIG] },
+  wp_engine_set_fault_around: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, U32] },
   wp_engine_start: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_engine_protect: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_engine_drain: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B, B, U32] },
@@ -87,7 +88,7 @@ export const loadGuest = (): Table<typeof guestTable> => {
   return guest
 }
 
-/** Size of `wp_stats` in u64 words: 14 scalars + 64 histogram buckets. */
-export const WP_STATS_WORDS = 14 + 64
+/** Size of `wp_stats` in u64 words: 15 scalars + 64 histogram buckets. */
+export const WP_STATS_WORDS = 15 + 64
 export const WP_ABI_VERSION = 1
 export const VG_HIST_BUCKETS = 512
