@@ -66,27 +66,21 @@ const guestTable = {
 
 type Table<T> = { [K in keyof T]: (args: Array<unknown>) => any }
 
-let wp: Table<typeof wpTable> | undefined
-let guest: Table<typeof guestTable> | undefined
-
-/** Loads libvmsnap_wp.so once; throws an Error naming the missing file. */
-export const loadWp = (): Table<typeof wpTable> => {
-  if (wp) return wp
-  const path = libraryPath("libvmsnap_wp.so")
-  if (!existsSync(path)) throw new Error(`native engine not built: ${path} is missing`)
-  open({ library: "vmsnap_wp", path })
-  wp = define(wpTable as any) as Table<typeof wpTable>
-  return wp
+/** Opens a library once, on first use; throws an Error naming a missing file. */
+const lazyLibrary = <T extends object>(library: string, file: "libvmsnap_wp.so" | "libvmsnap_guest.so", table: T): (() => Table<T>) => {
+  let bound: Table<T> | undefined
+  return () => {
+    if (bound) return bound
+    const path = libraryPath(file)
+    if (!existsSync(path)) throw new Error(`${library} is not built: ${path} is missing (run \`pnpm install\`)`)
+    open({ library, path })
+    bound = define(table as any) as Table<T>
+    return bound
+  }
 }
 
-export const loadGuest = (): Table<typeof guestTable> => {
-  if (guest) return guest
-  const path = libraryPath("libvmsnap_guest.so")
-  if (!existsSync(path)) throw new Error(`demo guest not built: ${path} is missing`)
-  open({ library: "vmsnap_guest", path })
-  guest = define(guestTable as any) as Table<typeof guestTable>
-  return guest
-}
+export const loadWp = lazyLibrary("vmsnap_wp", "libvmsnap_wp.so", wpTable)
+export const loadGuest = lazyLibrary("vmsnap_guest", "libvmsnap_guest.so", guestTable)
 
 /** Size of `wp_stats` in u64 words: 15 scalars + 64 histogram buckets. */
 export const WP_STATS_WORDS = 15 + 64
