@@ -25,7 +25,7 @@ extern "C" {
 /* The library is built with -fvisibility=hidden: only this header is exported. */
 #pragma GCC visibility push(default)
 
-#define WP_ABI_VERSION 1
+#define WP_ABI_VERSION 2
 #define WP_PAGE_SIZE 4096u
 
 /* userfaultfd feature bits reported by wp_probe (kernel UFFD_FEATURE_*). */
@@ -82,9 +82,38 @@ int32_t wp_probe(uint64_t *features_out, int32_t *open_path_out);
  * Returns NULL and sets *err_out to -errno on failure. */
 wp_engine *wp_engine_create(uint32_t pool_slots, int32_t *err_out);
 
-/* Register [hva, hva + size) for write-protect. hva and size must be page
- * aligned. Returns the region index. Must be called before wp_engine_start. */
+/* Register [hva, hva + size) of this process for write-protect: a region
+ * read through that same mapping. hva and size must be page aligned.
+ * Returns the region index. Must be called before wp_engine_start. */
 int32_t wp_engine_add_region(wp_engine *e, uint64_t hva, uint64_t size);
+
+/* Other processes (a VMM, a device process): the translation-table model.
+ * A region is guest memory; each process that maps it has its own uffd and
+ * host-virtual base. A page is protected in every mapping at the cut and,
+ * once saved, unprotected in every mapping.
+ *
+ * wp_engine_add_process: adopt a userfaultfd created by process `pid` (for
+ * example received with SCM_RIGHTS). The engine dups it and issues
+ * UFFDIO_API on it, so the creator must not have. Returns the process index
+ * (0 is this process). -EINVAL: not a uffd, or its API was already issued.
+ *
+ * wp_engine_add_shared_region: a region of `size` bytes, read through this
+ * process's mapping at view_hva (e.g. an mmap of the guest memfd), or with
+ * view_hva 0 through process_vm_readv of its first mapping. Returns its index.
+ *
+ * wp_engine_map_region: `process` maps `region` at `hva`; registers it for
+ * write-protect on that process's uffd. Returns the mapping index.
+ *
+ * All three must be called before wp_engine_start. */
+int32_t wp_engine_add_process(wp_engine *e, int32_t uffd, int32_t pid);
+int32_t wp_engine_add_shared_region(wp_engine *e, uint64_t view_hva, uint64_t size);
+int32_t wp_engine_map_region(wp_engine *e, uint32_t region, uint32_t process, uint64_t hva);
+
+/* The first failure seen by the fault thread or the sweep (-errno, e.g.
+ * -ESRCH when a process exited mid-snapshot), 0 if none; *process_out gets
+ * the process index it concerns, or -1. A failed process is skipped from
+ * then on, so the others keep running unprotected. */
+int32_t wp_engine_error(wp_engine *e, int32_t *process_out);
 
 /* Fault-around window in pages (a power of two, 1..512; default 1 = off):
  * after serving a write fault, also save the not-yet-saved pages of the

@@ -84,5 +84,5 @@ export const loadGuest = lazyLibrary("vmsnap_guest", "libvmsnap_guest.so", guest
 
 /** Size of `wp_stats` in u64 words: 15 scalars + 64 histogram buckets. */
 export const WP_STATS_WORDS = 15 + 64
-export const WP_ABI_VERSION = 1
+export const WP_ABI_VERSION = 2
 export const VG_HIST_BUCKETS = 512
