@@ -1,0 +1,110 @@
+/*
+ * The toy guest's vCPU loop: 64-bit, position independent, no stack, no
+ * memory but the control block (rdi) and the work area it names. The toy
+ * VMM copies the bytes between toy_guest_start and toy_guest_end into guest
+ * memory and runs them in ring 3 under KVM, or calls them on a host thread
+ * (the fallback without KVM). Each write is timed with rdtsc.
+ *
+ * Control block (struct toy_ctl in toyvmm.c), offsets in bytes:
+ *   0 seed, 8 area_base, 16 area_pages, 24 interval_tsc, 32 writes,
+ *   40 command (0 run, 1 freeze, 2 return), 48 parked, 56 max_tsc,
+ *   64 total_tsc, 72 next_tsc, 128 hist[64] (bucket 2k: [2^k, 1.5*2^k) cycles)
+ */
+    .text
+    .globl toy_guest_start
+    .globl toy_guest_end
+toy_guest_start:
+loop:
+    movq 40(%rdi), %rax
+    testq %rax, %rax
+    jnz command
+    /* xorshift64 */
+    movq (%rdi), %rax
+    movq %rax, %rdx
+    shlq $13, %rdx
+    xorq %rdx, %rax
+    movq %rax, %rdx
+    shrq $7, %rdx
+    xorq %rdx, %rax
+    movq %rax, %rdx
+    shlq $17, %rdx
+    xorq %rdx, %rax
+    movq %rax, (%rdi)
+    movq %rax, %r8
+    /* target = area_base + ((r >> 12) % area_pages) * 4096 + (r & 0xff8) */
+    shrq $12, %rax
+    xorl %edx, %edx
+    divq 16(%rdi)
+    shlq $12, %rdx
+    addq 8(%rdi), %rdx
+    movq %r8, %rax
+    andq $0xff8, %rax
+    addq %rax, %rdx
+    movq %rdx, %r9
+    rdtsc
+    shlq $32, %rdx
+    orq %rax, %rdx
+    movq %rdx, %r10
+    movq %r8, (%r9)                 /* the timed write */
+    rdtsc
+    shlq $32, %rdx
+    orq %rax, %rdx
+    subq %r10, %rdx                 /* rdx = cycles */
+    incq 32(%rdi)
+    addq %rdx, 64(%rdi)
+    cmpq 56(%rdi), %rdx
+    jbe 1f
+    movq %rdx, 56(%rdi)
+1:
+    movq %rdx, %rax
+    orq $1, %rax
+    bsrq %rax, %rcx                 /* rcx = msb */
+    movq %rcx, %r11
+    shlq $1, %r11
+    testq %rcx, %rcx
+    jz 2f
+    decq %rcx
+    btq %rcx, %rdx                  /* CF = the bit below the msb */
+    adcq $0, %r11
+2:
+    cmpq $63, %r11
+    jbe 3f
+    movq $63, %r11
+3:
+    incq 128(%rdi,%r11,8)
+    /* pacing: spin until next_tsc, then next_tsc += interval */
+    movq 24(%rdi), %rcx
+    testq %rcx, %rcx
+    jz loop
+    addq %rcx, 72(%rdi)
+4:
+    rdtsc
+    shlq $32, %rdx
+    orq %rax, %rdx
+    movq 72(%rdi), %rax
+    subq %rdx, %rax
+    jle loop
+    movq 40(%rdi), %rax              /* a command ends the wait */
+    testq %rax, %rax
+    jnz command
+    pause
+    jmp 4b
+command:
+    cmpq $2, %rax
+    je done
+    movq $1, 48(%rdi)               /* parked */
+5:
+    pause
+    movq 40(%rdi), %rax
+    cmpq $1, %rax
+    je 5b
+    movq $0, 48(%rdi)
+    rdtsc                            /* pacing restarts after a freeze */
+    shlq $32, %rdx
+    orq %rax, %rdx
+    movq %rdx, 72(%rdi)
+    jmp loop
+done:
+    ret
+toy_guest_end:
+    .section .note.GNU-stack,"",@progbits
