@@ -68,7 +68,14 @@ export class InvalidInput extends Data.TaggedError("InvalidInput")<{
   }
 }
 
-export type VmsnapError = NativeError | CapabilityError | SnapshotFormatError | SnapshotIoError | InvalidInput
+/** An agent peer broke the protocol, or an agent request could not be served. */
+export class ProtocolError extends Data.TaggedError("ProtocolError")<{ readonly reason: string }> {
+  override get message() {
+    return `protocol error: ${this.reason}`
+  }
+}
+
+export type VmsnapError = NativeError | CapabilityError | SnapshotFormatError | SnapshotIoError | InvalidInput | ProtocolError
 
 const ioReasons: Record<string, string> = {
   ENOSPC: "no space left on the device: free space or choose another output directory",

@@ -18,7 +18,7 @@ import { InvalidInput, ioError, type VmsnapError } from "./Errors.js"
 import { PAGE_SIZE, regionPages, type MemoryRegion } from "./GuestMemory.js"
 import { encodeHeader } from "./SnapshotFormat.js"
 import { RecordSink, writeSnapshotBody, type WriterOptions } from "./SnapshotWriter.js"
-import { type EngineStats, WpNative } from "./WpNative.js"
+import { type EngineStats, type RemoteProcess, WpNative } from "./WpNative.js"
 
 export interface SnapshotOptions extends WriterOptions {
   readonly regions: ReadonlyArray<MemoryRegion>
@@ -26,6 +26,8 @@ export interface SnapshotOptions extends WriterOptions {
   readonly path: string
   /** Pool capacity in 4 KiB pages; 0 = synchronous. Default 16384 (64 MiB). */
   readonly poolPages?: number
+  /** Remote mode: protect these processes (a VMM and its devices) instead of this one. */
+  readonly processes?: ReadonlyArray<RemoteProcess>
   /** Pages saved per write fault (power of two up to 512; 1 = off). Default 16. */
   readonly faultAroundPages?: number
   /** Pause the guest's vCPUs: runs right before the cut. */
@@ -91,7 +93,7 @@ const commit = (out: { file: FileHandle; tmp: string; committed: boolean }, path
 const validate = (options: SnapshotOptions) => {
   if (options.regions.length === 0) return Effect.fail(new InvalidInput({ reason: "no memory regions to snapshot" }))
   for (const r of options.regions) {
-    if (r.size <= 0 || r.size % PAGE_SIZE !== 0)
+    if (r.size <= 0 || r.size % PAGE_SIZE !== 0 || !Number.isSafeInteger(r.size))
       return Effect.fail(new InvalidInput({ reason: `region at guest ${r.guestBase} has size ${r.size}: must be a positive multiple of ${PAGE_SIZE}` }))
   }
   const pool = options.poolPages ?? DEFAULT_POOL_PAGES
@@ -110,7 +112,8 @@ export const takeSnapshot = (options: SnapshotOptions): Effect.Effect<SnapshotRe
       const engine = yield* native.engine({
         regions: options.regions,
         poolPages: options.poolPages ?? DEFAULT_POOL_PAGES,
-        faultAroundPages: options.faultAroundPages
+        faultAroundPages: options.faultAroundPages,
+        processes: options.processes
       })
       const snapshotId = randomUUID()
       const header = encodeHeader({

@@ -261,6 +261,8 @@ export const writeSnapshotBody = (
     })
 
     while (true) {
+      const failure = engine.errorSync()
+      if (failure) return yield* Effect.fail(failure)
       const progressed = yield* turn
       if (options.writerDelayMs) yield* Effect.sleep(options.writerDelayMs)
       while (inflight.length >= maxInFlight) yield* flushOldest

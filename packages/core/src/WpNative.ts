@@ -92,6 +92,16 @@ export class WpEngine {
     return rc
   }
 
+  /** The first failure the fault thread or sweep saw (e.g. a process exited), if any. */
+  errorSync(): NativeError | undefined {
+    const process = new Int32Array(1)
+    const rc: number = loadWp().wp_engine_error([this.handle, Buffer.from(process.buffer)])
+    if (rc >= 0) return undefined
+    const who = process[0]! > 0 ? `process ${process[0]} of the VM` : "this process"
+    const reason = -rc === 3 ? `${who} exited during the snapshot` : `${who}: ${errnoReason("snapshot", -rc)}`
+    return new NativeError({ op: "snapshot", errno: -rc, reason })
+  }
+
   doneSync(): boolean {
     return loadWp().wp_engine_done([this.handle]) === 1
   }
@@ -167,8 +177,23 @@ const requireCapabilities = (caps: Capabilities, regions: ReadonlyArray<MemoryRe
   return Effect.void
 }
 
+/**
+ * Another process whose page tables hold guest memory (a VMM, a device
+ * process): its userfaultfd (already negotiated with wp_uffd_negotiate) and
+ * where it maps each region. With remote processes, `MemoryRegion.hostBase`
+ * is this process's read-only view of the region (0: read the first
+ * mapping with process_vm_readv).
+ */
+export interface RemoteProcess {
+  readonly uffd: number
+  readonly pid: number
+  readonly mappings: ReadonlyArray<{ readonly region: number; readonly hva: bigint }>
+}
+
 export interface EngineOptions {
   readonly regions: ReadonlyArray<MemoryRegion>
+  /** Remote mode: protect these processes instead of this one. */
+  readonly processes?: ReadonlyArray<RemoteProcess>
   /** Pool capacity in 4 KiB pages; 0 = synchronous (a faulting write waits for the writer). */
   readonly poolPages: number
   /** Fault-around window in pages (power of two, 1 = off). */
@@ -193,15 +218,23 @@ export class WpNative extends Context.Service<WpNative, {
             const handle: JsExternal = lib.wp_engine_create([options.poolPages, Buffer.from(err.buffer)])
             if (isNullPointer(handle)) return Effect.fail(nativeError("userfaultfd", err[0]!))
             const engine = new WpEngine(handle, options.regions)
+            const failed = (op: string, rc: number) => {
+              engine.destroySync()
+              return Effect.fail(nativeError(op, rc))
+            }
             for (const r of options.regions) {
-              if (r.size % PAGE_SIZE !== 0 || r.hostBase % BigInt(PAGE_SIZE) !== 0n) {
-                engine.destroySync()
-                return Effect.fail(nativeError("register", -22))
-              }
-              const rc: number = lib.wp_engine_add_region([handle, r.hostBase, BigInt(r.size)])
-              if (rc < 0) {
-                engine.destroySync()
-                return Effect.fail(nativeError("register", rc))
+              if (r.size % PAGE_SIZE !== 0 || r.hostBase % BigInt(PAGE_SIZE) !== 0n) return failed("register", -22)
+              const rc: number = options.processes
+                ? lib.wp_engine_add_shared_region([handle, r.hostBase, BigInt(r.size)])
+                : lib.wp_engine_add_region([handle, r.hostBase, BigInt(r.size)])
+              if (rc < 0) return failed("register", rc)
+            }
+            for (const p of options.processes ?? []) {
+              const index: number = lib.wp_engine_add_process([handle, p.uffd, p.pid])
+              if (index < 0) return failed("adopt userfaultfd", index)
+              for (const m of p.mappings) {
+                const rc: number = lib.wp_engine_map_region([handle, m.region, index, m.hva])
+                if (rc < 0) return failed("register", rc)
               }
             }
             const around: number = lib.wp_engine_set_fault_around([handle, options.faultAroundPages ?? DEFAULT_FAULT_AROUND_PAGES])

@@ -92,10 +92,13 @@ int32_t wp_engine_add_region(wp_engine *e, uint64_t hva, uint64_t size);
  * host-virtual base. A page is protected in every mapping at the cut and,
  * once saved, unprotected in every mapping.
  *
- * wp_engine_add_process: adopt a userfaultfd created by process `pid` (for
- * example received with SCM_RIGHTS). The engine dups it and issues
- * UFFDIO_API on it, so the creator must not have. Returns the process index
- * (0 is this process). -EINVAL: not a uffd, or its API was already issued.
+ * wp_uffd_negotiate: issue UFFDIO_API on a userfaultfd received from another
+ * process (once per uffd, so its creator must not have): -EINVAL if it is
+ * not a uffd or its API was already issued.
+ *
+ * wp_engine_add_process: adopt such a negotiated userfaultfd, created by
+ * process `pid`; the engine keeps a dup of it. Returns the process index
+ * (0 is this process).
  *
  * wp_engine_add_shared_region: a region of `size` bytes, read through this
  * process's mapping at view_hva (e.g. an mmap of the guest memfd), or with
@@ -105,6 +108,7 @@ int32_t wp_engine_add_region(wp_engine *e, uint64_t hva, uint64_t size);
  * write-protect on that process's uffd. Returns the mapping index.
  *
  * All three must be called before wp_engine_start. */
+int32_t wp_uffd_negotiate(int32_t uffd);
 int32_t wp_engine_add_process(wp_engine *e, int32_t uffd, int32_t pid);
 int32_t wp_engine_add_shared_region(wp_engine *e, uint64_t view_hva, uint64_t size);
 int32_t wp_engine_map_region(wp_engine *e, uint32_t region, uint32_t process, uint64_t hva);
@@ -153,6 +157,18 @@ int32_t wp_engine_unprotect_all(wp_engine *e);
 
 /* Stop the fault thread, remove all protection, unregister, close, free. */
 int32_t wp_engine_destroy(wp_engine *e);
+
+/* Transport helpers for the agent (Node has no SCM_RIGHTS):
+ * wp_recv_fds: one recvmsg on a non-blocking stream socket; returns bytes
+ * read (0 at EOF, -EAGAIN if nothing yet) and the received fds in fds_out
+ * (their count in *nfds_out; extra fds beyond max_fds are closed).
+ * wp_peer_pid: the pid of the socket's peer (SO_PEERCRED).
+ * wp_map_fd: map [offset, offset + size) of fd shared and read-only; returns
+ * the hva or 0 with *err_out = -errno. wp_unmap undoes it. */
+int32_t wp_recv_fds(int32_t sock, uint8_t *buf, uint32_t cap, int32_t *fds_out, uint32_t max_fds, int32_t *nfds_out);
+int32_t wp_peer_pid(int32_t sock);
+uint64_t wp_map_fd(int32_t fd, uint64_t offset, uint64_t size, int32_t *err_out);
+int32_t wp_unmap(uint64_t hva, uint64_t size);
 
 /* Copy len bytes from src to the host-virtual address hva of this process
  * (eager restore into a live region). */

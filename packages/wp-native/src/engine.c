@@ -103,6 +103,32 @@ static int negotiate(int uffd, uint64_t features)
     return uffd_handshake(uffd, features, &offered);
 }
 
+/* The features every engine asks for: write-protect, including never
+ * populated pages, and shmem when the kernel has it. */
+static int wanted_features(uint64_t *features)
+{
+    int32_t how;
+    uint64_t offered = 0;
+    int fd = uffd_open_fd(O_CLOEXEC | O_NONBLOCK, &how);
+    int rc = fd < 0 ? fd : uffd_handshake(fd, 0, &offered);
+    if (fd >= 0)
+        close(fd);
+    if (rc < 0)
+        return rc;
+    uint64_t need = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED;
+    if ((offered & need) != need)
+        return -EOPNOTSUPP;
+    *features = need | (offered & UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
+    return 0;
+}
+
+int32_t wp_uffd_negotiate(int32_t uffd)
+{
+    uint64_t features;
+    int rc = wanted_features(&features);
+    return rc < 0 ? rc : negotiate(uffd, features);
+}
+
 wp_engine *wp_engine_create(uint32_t pool_slots, int32_t *err_out)
 {
     int32_t how;
@@ -122,21 +148,11 @@ wp_engine *wp_engine_create(uint32_t pool_slots, int32_t *err_out)
     e->overflow_tail = &e->overflow_head;
 
     /* Probe on a throw-away fd: UFFDIO_API can be issued once per fd. */
-    uint64_t offered = 0;
-    int fd = uffd_open_fd(O_CLOEXEC | O_NONBLOCK, &how);
-    int rc = fd < 0 ? fd : uffd_handshake(fd, 0, &offered);
-    if (fd >= 0)
-        close(fd);
+    int rc = wanted_features(&e->uffd_features);
     if (rc < 0) {
         *err_out = rc;
         goto fail;
     }
-    uint64_t need = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED;
-    if ((offered & need) != need) {
-        *err_out = -EOPNOTSUPP;
-        goto fail;
-    }
-    e->uffd_features = need | (offered & UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
     e->processes[0].uffd = uffd_open_fd(O_CLOEXEC | O_NONBLOCK, &how);
     if (e->processes[0].uffd < 0) {
         *err_out = e->processes[0].uffd;
@@ -191,12 +207,6 @@ int32_t wp_engine_add_process(wp_engine *e, int32_t uffd, int32_t pid)
         int err = -errno;
         close(fd);
         return err;
-    }
-    /* EINVAL here: not a userfaultfd, or its UFFDIO_API was already issued. */
-    int rc = negotiate(fd, e->uffd_features);
-    if (rc < 0) {
-        close(fd);
-        return rc;
     }
     struct wp_process *p = &e->processes[e->process_count];
     p->uffd = fd;

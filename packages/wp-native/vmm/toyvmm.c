@@ -86,7 +86,7 @@ static struct {
     double tsc_hz;
     _Atomic bool stopping;
     pid_t device_pid;
-    struct phase snap[3]; /* cumulative counters at phase starts */
+    struct phase snap[4]; /* cumulative counters at phase starts */
     struct phase phases[3];
     int phase;
     uint64_t phase_start_ns;
@@ -291,8 +291,10 @@ static void start_guest(void)
 static void stop_guest(void)
 {
     atomic_store(&vmm.stopping, true);
-    for (uint32_t i = 0; i < vmm.vcpus; i++)
-        vmm.ctl[i]->command = CMD_RETURN;
+    /* Host threads return from the guest loop; vCPUs are kicked out of KVM_RUN. */
+    if (!vmm.kvm_mode)
+        for (uint32_t i = 0; i < vmm.vcpus; i++)
+            vmm.ctl[i]->command = CMD_RETURN;
     for (uint32_t i = 0; i < vmm.vcpus; i++) {
         if (vmm.kvm_mode)
             for (int k = 0; k < 100 && pthread_tryjoin_np(vmm.threads[i], NULL) == EBUSY; k++) {
@@ -337,9 +339,10 @@ static void read_counters(struct phase *out)
     }
 }
 
+/* Close the current phase (0 before, 1 during, 2 after) and start the next. */
 static void next_phase(void)
 {
-    if (vmm.phase >= 2)
+    if (vmm.phase > 2)
         return;
     struct phase now;
     read_counters(&now);
@@ -397,7 +400,7 @@ static void print_phase(const char *name, const struct phase *p, bool last)
 
 static void report(void)
 {
-    while (vmm.phase < 2)
+    while (vmm.phase <= 2)
         next_phase();
     printf("{\"role\":\"%s\",\"kind\":\"%s\",\"whyThreads\":\"%s\",\"vcpus\":%u,\"memBytes\":%llu,\"memory\":\"%s\","
            "\"tscHz\":%.0f,\"snapshots\":%u,\"snapshotsFailed\":%u,\"phases\":{",
@@ -486,6 +489,8 @@ static bool has_type(const char *line, const char *type)
     return strstr(line, want) != NULL;
 }
 
+static void spawn_device(int vmm_sock);
+
 /* Serve the agent's messages until it goes away or we are told to stop. */
 static void agent_loop(int sock)
 {
@@ -511,6 +516,8 @@ static void agent_loop(int sock)
             if (has_type(line, "welcome")) {
                 fprintf(stderr, "toyvmm: ready pid=%d kind=%s role=%s\n", getpid(), vmm.kvm_mode ? "kvm" : "threads",
                         vmm.is_device ? "device" : "vmm");
+                if (vmm.device && vmm.device_pid == 0)
+                    spawn_device(sock);
             } else if (has_type(line, "freeze")) {
                 int rc = freeze_guest();
                 if (vmm.phase == 0)
@@ -541,6 +548,45 @@ static void agent_loop(int sock)
     if (deadline)
         while (!atomic_load(&vmm.stopping) && now_ns() < deadline)
             usleep(10000);
+}
+
+static void agent_session(void);
+
+/* The device process: same memfd, its own writer thread, uffd and agent
+ * connection. Forked once the VMM is welcomed (a device must join a VMM). */
+static void spawn_device(int vmm_sock)
+{
+    vmm.device_pid = fork();
+    if (vmm.device_pid < 0)
+        die("fork");
+    if (vmm.device_pid > 0)
+        return;
+    close(vmm_sock);
+    vmm.is_device = true;
+    vmm.device = false;
+    vmm.vcpus = 1;
+    vmm.kvm_mode = false;
+    vmm.phase = 0;
+    vmm.phase_start_ns = now_ns();
+    snprintf(vmm.why_threads, sizeof vmm.why_threads, "device process");
+    struct toy_ctl *c = aligned_alloc(PAGE, PAGE);
+    vmm.ctl[0] = c;
+    init_ctl(c, 7, (uint64_t)(uintptr_t)(vmm.mem + SYSTEM_AREA), 1);
+    pthread_create(&vmm.threads[0], NULL, thread_main, c);
+    agent_session();
+    stop_guest();
+    /* The device's report goes to stderr: stdout belongs to the VMM. */
+    if (freopen("/dev/stderr", "w", stdout))
+        report();
+    exit(0);
+}
+
+static void agent_session(void)
+{
+    int sock = agent_connect();
+    send_hello(sock);
+    agent_loop(sock);
+    close(sock);
 }
 
 static void usage(void)
@@ -584,34 +630,11 @@ int main(int argc, char **argv)
     map_memory();
     vmm.phase_start_ns = now_ns();
 
-    if (vmm.device) {
-        /* The device process: same memfd, its own writer threads and uffd. */
-        vmm.device_pid = fork();
-        if (vmm.device_pid < 0)
-            die("fork");
-        if (vmm.device_pid == 0) {
-            vmm.is_device = true;
-            vmm.device = false;
-            vmm.force_threads = true;
-            vmm.vcpus = 1;
-            struct toy_ctl *c = aligned_alloc(PAGE, PAGE);
-            vmm.ctl[0] = c;
-            init_ctl(c, 7, (uint64_t)(uintptr_t)(vmm.mem + SYSTEM_AREA), 1);
-            vmm.kvm_mode = false;
-            snprintf(vmm.why_threads, sizeof vmm.why_threads, "device process");
-            pthread_create(&vmm.threads[0], NULL, thread_main, c);
-            goto connected;
-        }
-    }
     start_guest();
     if (!vmm.kvm_mode)
         fprintf(stderr, "toyvmm: running the guest on host threads (%s)\n", vmm.why_threads);
-connected:
     if (vmm.agent) {
-        int sock = agent_connect();
-        send_hello(sock);
-        agent_loop(sock);
-        close(sock);
+        agent_session();
     } else {
         fprintf(stderr, "toyvmm: ready pid=%d kind=%s role=vmm\n", getpid(), vmm.kvm_mode ? "kvm" : "threads");
         uint64_t deadline = vmm.run_ms ? now_ns() + vmm.run_ms * 1000000ull : UINT64_MAX;
@@ -622,11 +645,6 @@ connected:
     if (vmm.device_pid > 0) {
         kill(vmm.device_pid, SIGTERM);
         waitpid(vmm.device_pid, NULL, 0);
-    }
-    if (vmm.is_device) {
-        /* The device's report goes to stderr: stdout belongs to the VMM. */
-        if (!freopen("/dev/stderr", "w", stdout))
-            return 0;
     }
     report();
     return 0;

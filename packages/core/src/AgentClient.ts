@@ -1,0 +1,64 @@
+/**
+ * Asking a running agent for work: a snapshot of a connected VM, or the list
+ * of VMs. Plain Unix-socket JSON lines; no fds travel this way.
+ */
+import { Effect } from "effect"
+import { createConnection } from "node:net"
+import { resolve as resolvePath } from "node:path"
+import { encodeMessage, LineReader, parseMessage } from "./AgentProtocol.js"
+import { ProtocolError, SnapshotIoError } from "./Errors.js"
+
+export interface AgentSnapshotResult {
+  readonly path: string
+  readonly snapshotId: string
+  readonly sizeBytes: number
+  readonly fileBytes: number
+  readonly pauseMs: number
+  readonly durationMs: number
+  readonly records: number
+  readonly faults: number
+}
+
+/** Sends one request and collects lines until the agent closes the connection. */
+const exchange = (socketPath: string, request: Record<string, unknown>, onLine: (m: Record<string, unknown>) => void) =>
+  Effect.callback<Record<string, unknown>, ProtocolError | SnapshotIoError>((resume, signal) => {
+    const socket = createConnection(socketPath)
+    const lines = new LineReader()
+    let final: Record<string, unknown> | undefined
+    signal.addEventListener("abort", () => socket.destroy())
+    socket.on("connect", () => socket.write(encodeMessage(request)))
+    socket.on("data", (chunk) => {
+      try {
+        for (const line of lines.push(chunk)) {
+          const m = parseMessage(line)
+          if (m.type === "progress") onLine(m)
+          else final = m
+        }
+      } catch (e) {
+        socket.destroy()
+        resume(Effect.fail(e as ProtocolError))
+      }
+    })
+    socket.on("error", (e: NodeJS.ErrnoException) =>
+      resume(Effect.fail(new SnapshotIoError({ path: socketPath, op: "connect to agent", code: e.code ?? "EIO", reason: e.code === "ENOENT" || e.code === "ECONNREFUSED" ? "no agent is listening there: start one with `vmsnap agent --listen SOCK`" : e.message })))
+    )
+    socket.on("close", () => {
+      if (!final) return resume(Effect.fail(new ProtocolError({ reason: "the agent closed the connection without an answer" })))
+      if (final.type === "error") return resume(Effect.fail(new ProtocolError({ reason: String(final.message) })))
+      resume(Effect.succeed(final))
+    })
+  })
+
+/** Asks the agent at `socketPath` for a live snapshot of `vm` into `path`. */
+export const requestSnapshot = (
+  socketPath: string,
+  request: { vm: string; path: string; poolPages?: number; faultAroundPages?: number },
+  onProgress?: (savedBytes: number, totalBytes: number) => void
+): Effect.Effect<AgentSnapshotResult, ProtocolError | SnapshotIoError> =>
+  Effect.map(
+    exchange(socketPath, { type: "snapshot", ...request, path: resolvePath(request.path) }, (m) => onProgress?.(Number(m.savedBytes), Number(m.totalBytes))),
+    (m) => m as unknown as AgentSnapshotResult
+  )
+
+export const listVms = (socketPath: string) =>
+  Effect.map(exchange(socketPath, { type: "list" }, () => {}), (m) => (m.vms ?? []) as Array<{ id: string; processes: number; sizeBytes: number; busy: boolean }>)

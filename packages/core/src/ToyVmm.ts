@@ -1,0 +1,96 @@
+/**
+ * Driving the toy VMM (packages/wp-native/vmm): a real KVM guest when
+ * /dev/kvm works, host threads otherwise. Used by `vmsnap demo`, the tests
+ * and the benchmarks. Its report (one JSON object on stdout at exit) has the
+ * guest's own write latency before, during and after a snapshot.
+ */
+import { type ChildProcess, spawn } from "node:child_process"
+import { existsSync } from "node:fs"
+import { dirname, join } from "node:path"
+import { libraryPath } from "./internal/ffi.js"
+
+export const toyVmmPath = (): string => join(dirname(libraryPath("libvmsnap_wp.so")), "vmsnap-toyvmm")
+
+export interface ToyVmmOptions {
+  readonly memMiB: number
+  readonly vcpus?: number
+  /** Guest writes in pages/s over all vCPUs; 0 = as fast as they can. */
+  readonly rate?: number
+  readonly anon?: boolean
+  readonly threads?: boolean
+  readonly agent?: string
+  readonly vm?: string
+  readonly device?: boolean
+  readonly reference?: string
+  readonly runMs?: number
+}
+
+export interface PhaseReport {
+  readonly writes: number
+  readonly seconds: number
+  readonly writesPerSecond: number
+  readonly latencyUs: { readonly p50: number; readonly p99: number; readonly p999: number; readonly max: number }
+}
+
+export interface ToyVmmReport {
+  readonly role: "vmm" | "device"
+  readonly kind: "kvm" | "threads"
+  readonly whyThreads: string
+  readonly vcpus: number
+  readonly memBytes: number
+  readonly snapshots: number
+  readonly snapshotsFailed: number
+  readonly phases: { readonly before: PhaseReport; readonly during: PhaseReport; readonly after: PhaseReport }
+}
+
+export class ToyVmm {
+  readonly child: ChildProcess
+  /** Resolves when every process (the VMM, and the device if asked) is running (and connected). */
+  readonly ready: Promise<{ kind: "kvm" | "threads"; pids: Array<number> }>
+  readonly exited: Promise<number | null>
+  stderr = ""
+  private stdout = ""
+
+  constructor(readonly options: ToyVmmOptions) {
+    const path = toyVmmPath()
+    if (!existsSync(path)) throw new Error(`the toy VMM is not built: ${path} is missing (run \`pnpm install\`)`)
+    const args = ["--mem", String(options.memMiB), "--vcpus", String(options.vcpus ?? 1), "--rate", String(options.rate ?? 0)]
+    if (options.anon) args.push("--anon")
+    if (options.threads) args.push("--threads")
+    if (options.agent) args.push("--agent", options.agent)
+    if (options.vm) args.push("--vm", options.vm)
+    if (options.device) args.push("--device")
+    if (options.reference) args.push("--reference", options.reference)
+    if (options.runMs) args.push("--run-ms", String(options.runMs))
+    this.child = spawn(path, args, { stdio: ["ignore", "pipe", "pipe"] })
+    this.child.stdout!.on("data", (d) => (this.stdout += d))
+    const expected = options.device ? 2 : 1
+    this.ready = new Promise((resolve, reject) => {
+      const pids: Array<number> = []
+      let kind: "kvm" | "threads" = "threads"
+      this.child.stderr!.on("data", (d) => {
+        this.stderr += d
+        for (const m of String(d).matchAll(/toyvmm: ready pid=(\d+) kind=(\w+) role=(\w+)/g)) {
+          pids.push(Number(m[1]))
+          if (m[3] === "vmm") kind = m[2] as "kvm" | "threads"
+          if (pids.length === expected) resolve({ kind, pids })
+        }
+      })
+      this.child.on("exit", (code) => reject(new Error(`the toy VMM exited (${code}) before it was ready: ${this.stderr.trim()}`)))
+    })
+    this.ready.catch(() => undefined)
+    this.exited = new Promise((resolve) => this.child.on("exit", (code) => resolve(code)))
+  }
+
+  /** SIGTERM, then the report it prints on the way out. */
+  async stop(): Promise<ToyVmmReport> {
+    this.child.kill("SIGTERM")
+    await this.exited
+    const line = this.stdout.trim().split("\n").pop() ?? ""
+    try {
+      return JSON.parse(line) as ToyVmmReport
+    } catch {
+      throw new Error(`the toy VMM printed no report: ${this.stderr.trim()}`)
+    }
+  }
+}
