@@ -38,15 +38,19 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
       (y) =>
         y
           .option("size", { type: "string", default: "1GiB", describe: "guest memory size (KiB/MiB/GiB)" })
-          .option("writers", { type: "number", default: 2, describe: "guest writer threads (the vCPUs)" })
+          .option("writers", { type: "number", default: 2, describe: "guest vCPUs (or writer threads) writing memory" })
           .option("rate", { type: "number", default: 50000, describe: "guest writes in pages/s over all writers (0: as fast as they can)" })
           .option("buffer", { type: "string", default: "64MiB", describe: "copy pool: pages written before being saved wait here (0: synchronous, like QEMU)" })
           .option("fault-around", { type: "number", default: 16, describe: "pages saved with each faulting page (power of two, 1 = off)" })
-          .option("memory", { choices: ["anon", "anon-thp", "memfd"] as const, default: "anon" as const, describe: "how guest memory is backed" })
+          .option("guest", { choices: ["vmm", "threads"] as const, default: "vmm" as const, describe: "vmm: the toy VMM in its own process (KVM when /dev/kvm works) through the agent; threads: writer threads in this process" })
+          .option("device", { type: "boolean", default: false, describe: "with --guest vmm: a second (device) process writes the same guest memory" })
+          .option("memory", { choices: ["memfd", "anon", "anon-thp"] as const, default: "memfd" as const, describe: "how guest memory is backed (anon-thp: --guest threads only)" })
           .option("output", { alias: "o", type: "string", describe: "snapshot file to write (kept); default: a temporary file" })
           .option("keep", { type: "boolean", default: false, describe: "keep the temporary snapshot file" })
           .option("warmup", { type: "number", default: 1000, describe: "ms of guest writes measured before the snapshot" })
-          .example("$0 demo", "1 GiB guest, 2 writers at 50k pages/s, 64 MiB pool")
+          .example("$0 demo", "1 GiB KVM guest (toy VMM), 2 vCPUs writing 50k pages/s, 64 MiB pool")
+          .example("$0 demo --device", "a second process writes the same guest memory during the snapshot")
+          .example("$0 demo --guest threads --memory anon-thp", "writer threads in this process over THP memory")
           .example("$0 demo --size 256MiB --rate 0 --buffer 0", "a small guest writing flat out, no pool (synchronous)")
           .example("$0 demo --json -o /tmp/guest.vmsnap", "keep the snapshot, print the report as JSON"),
       (a) => {
@@ -58,11 +62,17 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
         const around = a["fault-around"]
         if (!Number.isInteger(around) || around < 1 || around > 512 || (around & (around - 1)) !== 0)
           throw new UsageError(`--fault-around ${around}: must be a power of two from 1 to 512`)
+        if (a.guest === "vmm" && a.memory === "anon-thp") throw new UsageError("--memory anon-thp needs --guest threads (the toy VMM maps memfd or anon memory)")
+        if (a.guest === "vmm" && size % (2 * 1024 * 1024) !== 0) throw new UsageError(`--size ${a.size}: the toy VMM needs a multiple of 2 MiB`)
+        if (a.guest === "vmm" && a.writers > 32) throw new UsageError(`--writers ${a.writers}: the toy VMM runs at most 32 vCPUs`)
+        if (a.device && a.guest !== "vmm") throw new UsageError("--device needs --guest vmm")
+        if (a.device && a.memory !== "memfd") throw new UsageError("--device shares guest memory through a memfd: use --memory memfd")
         if (a.output !== undefined && a.output.trim() === "") throw new UsageError("--output: give a file path")
         run = () =>
           demoCommand(io, {
             ...common(a), size, buffer, writers: a.writers, rate: Math.round(a.rate), memory: a.memory as MemoryKind,
-            output: a.output, keep: a.keep === true, warmupMs: a.warmup, faultAroundPages: around
+            output: a.output, keep: a.keep === true, warmupMs: a.warmup, faultAroundPages: around,
+            guest: a.guest as "vmm" | "threads", device: a.device === true
           })
       }
     )

@@ -27,7 +27,8 @@ import { type RemoteProcess, WpNative } from "./WpNative.js"
 
 const MAX_FDS = 64
 const HELLO_TIMEOUT_MS = 5000
-const FREEZE_TIMEOUT_MS = 5000
+/** A VMM may copy a reference of all its memory before answering a freeze. */
+const FREEZE_TIMEOUT_MS = 30000
 
 /** One VMM or device process connected to the agent. */
 class Peer {

@@ -23,6 +23,8 @@ export interface ToyVmmOptions {
   readonly device?: boolean
   readonly reference?: string
   readonly runMs?: number
+  /** Percent of guest memory filled with data before the guest starts. */
+  readonly fillPercent?: number
 }
 
 export interface PhaseReport {
@@ -62,6 +64,7 @@ export class ToyVmm {
     if (options.device) args.push("--device")
     if (options.reference) args.push("--reference", options.reference)
     if (options.runMs) args.push("--run-ms", String(options.runMs))
+    if (options.fillPercent) args.push("--fill", String(options.fillPercent))
     this.child = spawn(path, args, { stdio: ["ignore", "pipe", "pipe"] })
     this.child.stdout!.on("data", (d) => (this.stdout += d))
     const expected = options.device ? 2 : 1
