@@ -4,7 +4,9 @@
  */
 import { formatBytes, type MemoryKind, parseSize, type RawLayout } from "@vmsnap/core"
 import yargs from "yargs"
+import { agentCommand } from "./commands/agent.js"
 import { demoCommand } from "./commands/demo.js"
+import { snapshotCommand } from "./commands/snapshot.js"
 import { inspectCommand } from "./commands/inspect.js"
 import { restoreCommand } from "./commands/restore.js"
 import { verifyCommand } from "./commands/verify.js"
@@ -77,6 +79,48 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
       }
     )
     .command(
+      "agent",
+      "serve VMMs on a Unix socket: they hand over their userfaultfd and guest memory, and snapshots are taken on request",
+      (y) =>
+        y
+          .option("listen", { type: "string", demandOption: true, describe: "Unix socket path to listen on" })
+          .example("$0 agent --listen /run/vmsnap.sock", "then start VMMs with that socket, and ask: vmsnap snapshot --agent /run/vmsnap.sock --vm ID -o FILE"),
+      (a) => {
+        if (a.listen.trim() === "") throw new UsageError("--listen: give a socket path")
+        run = () => agentCommand(io, { ...common(a), listen: a.listen })
+      }
+    )
+    .command(
+      "snapshot",
+      "take a live snapshot of a VM connected to an agent (--agent SOCK --vm ID), or of the first VMM that connects to --listen SOCK",
+      (y) =>
+        y
+          .option("output", { alias: "o", type: "string", demandOption: true, describe: "snapshot file to write" })
+          .option("agent", { type: "string", describe: "socket of a running `vmsnap agent`" })
+          .option("vm", { type: "string", describe: "VM id (required with --agent)" })
+          .option("listen", { type: "string", describe: "one-shot: listen here, wait for a VMM, snapshot it, exit" })
+          .option("processes", { type: "number", default: 1, describe: "one-shot: wait until the VM has this many processes (VMM + devices)" })
+          .option("wait", { type: "number", default: 60000, describe: "one-shot: ms to wait for the VMM" })
+          .option("buffer", { type: "string", default: "64MiB", describe: "copy pool size (0: synchronous)" })
+          .option("fault-around", { type: "number", default: 16, describe: "pages saved with each faulting page (power of two, 1 = off)" })
+          .example("$0 snapshot --agent /run/vmsnap.sock --vm web-1 -o web-1.vmsnap", "")
+          .example("$0 snapshot --listen /tmp/vmsnap.sock -o guest.vmsnap", "then start the VMM with --agent /tmp/vmsnap.sock"),
+      (a) => {
+        if ((a.agent === undefined) === (a.listen === undefined)) throw new UsageError("give exactly one of --agent SOCK (a running agent) or --listen SOCK (one-shot)")
+        if (a.agent !== undefined && a.vm === undefined) throw new UsageError("--agent needs --vm ID (see the agent's log for connected VMs)")
+        if (!Number.isInteger(a.processes) || a.processes < 1 || a.processes > 16) throw new UsageError(`--processes ${a.processes}: must be 1 to 16`)
+        const buffer = String(a.buffer).trim() === "0" ? 0 : sizeOption("buffer", a.buffer, 4096)
+        const around = a["fault-around"]
+        if (!Number.isInteger(around) || around < 1 || around > 512 || (around & (around - 1)) !== 0)
+          throw new UsageError(`--fault-around ${around}: must be a power of two from 1 to 512`)
+        run = () =>
+          snapshotCommand(io, {
+            ...common(a), output: a.output, agent: a.agent, listen: a.listen, vm: a.vm, processes: a.processes,
+            waitMs: a.wait, poolPages: buffer / 4096, faultAroundPages: around
+          })
+      }
+    )
+    .command(
       "inspect <file>",
       "show a snapshot's header, regions, page counts and compression ratio",
       (y) => y.positional("file", { type: "string", demandOption: true, describe: "snapshot file" }).example("$0 inspect guest.vmsnap --json", ""),
@@ -111,7 +155,7 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
         run = () => restoreCommand(io, { ...common(a), file: a.file, raw: a.raw, layout: a.layout as RawLayout })
       }
     )
-    .demandCommand(1, "name a command (demo, inspect, verify, restore)")
+    .demandCommand(1, "name a command (demo, agent, snapshot, inspect, verify, restore)")
     .strict()
     .recommendCommands()
     .epilogue(EXIT_CODES)

@@ -12,7 +12,7 @@
  * a reference at its freeze sees every writer stopped.
  */
 import { Deferred, Effect } from "effect"
-import { closeSync, existsSync, fstatSync, unlinkSync } from "node:fs"
+import { closeSync, existsSync, fstatSync, readFileSync, unlinkSync } from "node:fs"
 import { createServer, type Server, type Socket } from "node:net"
 import { NativeError, ProtocolError, type VmsnapError } from "./Errors.js"
 import { gpa, hva, type MemoryRegion } from "./GuestMemory.js"
@@ -110,6 +110,16 @@ export interface VmInfo {
   readonly busy: boolean
 }
 
+/** Still running: neither gone nor a zombie waiting for its parent. */
+const isAlive = (pid: number): boolean => {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8")
+    return stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3) !== "Z"
+  } catch {
+    return false
+  }
+}
+
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
 
 /** Reads the first message of a paused socket with recvmsg, collecting fds. */
@@ -157,6 +167,7 @@ export class Agent {
   private readonly vms = new Map<string, Vm>()
   private server: Server | undefined
   private readonly arrivals = new Set<() => void>()
+  private readonly sockets = new Set<Socket>()
 
   constructor(readonly socketPath: string, private readonly events: AgentEvents = {}) {}
 
@@ -184,6 +195,7 @@ export class Agent {
       vm.devices.forEach((d) => d.close())
     }
     this.vms.clear()
+    for (const socket of this.sockets) socket.destroy()
     return new Promise((resolve) => {
       if (!this.server) return resolve()
       this.server.close(() => resolve())
@@ -227,6 +239,8 @@ export class Agent {
   }
 
   private async accept(socket: Socket) {
+    this.sockets.add(socket)
+    socket.on("close", () => this.sockets.delete(socket))
     const fd: number | undefined = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd
     if (fd === undefined || fd < 0) return void socket.destroy()
     let first: Awaited<ReturnType<typeof receiveFirst>>
@@ -282,7 +296,7 @@ export class Agent {
     const rc: number = lib.wp_uffd_negotiate([fds[hello.uffd]!])
     if (rc < 0)
       throw new ProtocolError({
-        reason: rc === -22 ? `fd ${hello.uffd} is not a fresh userfaultfd (not a uffd, or UFFDIO_API was already issued on it)` : `userfaultfd: ${errnoReason("userfaultfd", -rc)}`
+        reason: rc === -22 || rc === -25 ? `fd ${hello.uffd} is not a fresh userfaultfd (not a uffd, or UFFDIO_API was already issued on it)` : `userfaultfd: ${errnoReason("userfaultfd", -rc)}`
       })
     const pid: number = lib.wp_peer_pid([(socket as unknown as { _handle: { fd: number } })._handle.fd])
     const peer = new Peer(socket, hello, fds, pid)
@@ -417,6 +431,11 @@ export class Agent {
         }),
         Deferred.await(lost)
       ).pipe(
+        // A process that went away explains whatever else failed.
+        Effect.mapError((e) => {
+          const gone = peers.find((p) => p.closed || !isAlive(p.pid))
+          return gone ? new NativeError({ op: "snapshot", errno: 3, reason: `vm ${vm.id}: ${gone.hello.role} pid ${gone.pid} disconnected during the snapshot` }) : e
+        }),
         Effect.tapError((e) => Effect.sync(() => {
           agent.log(`vm ${vm.id}: snapshot failed: ${e.message}`)
           peers.forEach((p) => p.send({ type: "failed", message: e.message }))

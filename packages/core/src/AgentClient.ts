@@ -44,7 +44,7 @@ const exchange = (socketPath: string, request: Record<string, unknown>, onLine: 
     )
     socket.on("close", () => {
       if (!final) return resume(Effect.fail(new ProtocolError({ reason: "the agent closed the connection without an answer" })))
-      if (final.type === "error") return resume(Effect.fail(new ProtocolError({ reason: String(final.message) })))
+      if (final.type === "error") return resume(Effect.fail(new ProtocolError({ reason: `the agent refused: ${String(final.message).replace(/^protocol error: /, "")}` })))
       resume(Effect.succeed(final))
     })
   })

@@ -25,6 +25,8 @@ export interface ToyVmmOptions {
   readonly runMs?: number
   /** Percent of guest memory filled with data before the guest starts. */
   readonly fillPercent?: number
+  /** Print the guest's total writes this often (see `progress`). */
+  readonly progressMs?: number
 }
 
 export interface PhaseReport {
@@ -51,6 +53,8 @@ export class ToyVmm {
   readonly ready: Promise<{ kind: "kvm" | "threads"; pids: Array<number> }>
   readonly exited: Promise<number | null>
   stderr = ""
+  /** Latest total guest writes per pid, from --progress-ms lines. */
+  readonly progress = new Map<number, number>()
   private stdout = ""
 
   constructor(readonly options: ToyVmmOptions) {
@@ -65,6 +69,7 @@ export class ToyVmm {
     if (options.reference) args.push("--reference", options.reference)
     if (options.runMs) args.push("--run-ms", String(options.runMs))
     if (options.fillPercent) args.push("--fill", String(options.fillPercent))
+    if (options.progressMs) args.push("--progress-ms", String(options.progressMs))
     this.child = spawn(path, args, { stdio: ["ignore", "pipe", "pipe"] })
     this.child.stdout!.on("data", (d) => (this.stdout += d))
     const expected = options.device ? 2 : 1
@@ -73,6 +78,7 @@ export class ToyVmm {
       let kind: "kvm" | "threads" = "threads"
       this.child.stderr!.on("data", (d) => {
         this.stderr += d
+        for (const m of String(d).matchAll(/toyvmm: progress pid=(\d+) writes=(\d+)/g)) this.progress.set(Number(m[1]), Number(m[2]))
         for (const m of String(d).matchAll(/toyvmm: ready pid=(\d+) kind=(\w+) role=(\w+)/g)) {
           pids.push(Number(m[1]))
           if (m[3] === "vmm") kind = m[2] as "kvm" | "threads"
@@ -82,7 +88,8 @@ export class ToyVmm {
       this.child.on("exit", (code) => reject(new Error(`the toy VMM exited (${code}) before it was ready: ${this.stderr.trim()}`)))
     })
     this.ready.catch(() => undefined)
-    this.exited = new Promise((resolve) => this.child.on("exit", (code) => resolve(code)))
+    // "close", not "exit": the report may still be in the pipes when the process exits.
+    this.exited = new Promise((resolve) => this.child.on("close", (code) => resolve(code)))
   }
 
   /** SIGTERM, then the report it prints on the way out. */

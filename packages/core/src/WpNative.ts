@@ -88,7 +88,7 @@ export class WpEngine {
       Buffer.from(out.pages.buffer, out.pages.byteOffset, out.pages.byteLength),
       Buffer.from(out.flags.buffer, out.flags.byteOffset, out.flags.byteLength)
     ])
-    if (rc < 0) throw nativeError("sweep", rc)
+    if (rc < 0) throw this.errorSync() ?? nativeError("sweep", rc)
     return rc
   }
 

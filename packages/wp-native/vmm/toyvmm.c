@@ -75,6 +75,8 @@ static struct {
     const char *agent, *vm_id, *reference;
     uint64_t run_ms;
     uint32_t fill_percent;
+    uint64_t progress_ms;
+    uint64_t last_progress_ns;
     uint8_t *mem;
     int memfd;
     int kvm, vm;
@@ -406,30 +408,30 @@ static double quantile_us(const struct phase *p, double q)
     return 0;
 }
 
-static void print_phase(const char *name, const struct phase *p, bool last)
+static void print_phase(FILE *out, const char *name, const struct phase *p, bool last)
 {
-    printf("\"%s\":{\"writes\":%llu,\"seconds\":%.3f,\"writesPerSecond\":%.0f,\"latencyUs\":{\"p50\":%.2f,\"p99\":%.2f,"
+    fprintf(out, "\"%s\":{\"writes\":%llu,\"seconds\":%.3f,\"writesPerSecond\":%.0f,\"latencyUs\":{\"p50\":%.2f,\"p99\":%.2f,"
            "\"p999\":%.2f,\"max\":%.2f}}%s",
            name, (unsigned long long)p->writes, p->seconds, p->seconds > 0 ? (double)p->writes / p->seconds : 0,
            quantile_us(p, 0.5), quantile_us(p, 0.99), quantile_us(p, 0.999), (double)p->max_tsc * 1e6 / vmm.tsc_hz,
            last ? "" : ",");
 }
 
-static void report(void)
+static void report(FILE *out)
 {
     while (vmm.phase <= 2)
         next_phase();
-    printf("{\"role\":\"%s\",\"kind\":\"%s\",\"whyThreads\":\"%s\",\"vcpus\":%u,\"memBytes\":%llu,\"memory\":\"%s\","
+    fprintf(out, "{\"role\":\"%s\",\"kind\":\"%s\",\"whyThreads\":\"%s\",\"vcpus\":%u,\"memBytes\":%llu,\"memory\":\"%s\","
            "\"tscHz\":%.0f,\"snapshots\":%u,\"snapshotsFailed\":%u,\"phases\":{",
            vmm.is_device ? "device" : "vmm", vmm.kvm_mode ? "kvm" : "threads", vmm.kvm_mode ? "" : vmm.why_threads,
            vmm.vcpus, (unsigned long long)vmm.mem_size, vmm.anon ? "anon" : "memfd", vmm.tsc_hz, vmm.snapshots_done,
            vmm.snapshots_failed);
     /* phases: before the first freeze, during the snapshot, after it */
-    print_phase("before", &vmm.phases[0], false);
-    print_phase("during", &vmm.phases[1], false);
-    print_phase("after", &vmm.phases[2], true);
-    printf("}}\n");
-    fflush(stdout);
+    print_phase(out, "before", &vmm.phases[0], false);
+    print_phase(out, "during", &vmm.phases[1], false);
+    print_phase(out, "after", &vmm.phases[2], true);
+    fprintf(out, "}}\n");
+    fflush(out);
 }
 
 /* ---- the agent connection (docs/agent-protocol.md) ---- */
@@ -508,6 +510,18 @@ static bool has_type(const char *line, const char *type)
 
 static void spawn_device(int vmm_sock);
 
+/* With --progress-ms: a line of total guest writes so far, for watchers. */
+static void maybe_progress(void)
+{
+    if (!vmm.progress_ms || now_ns() - vmm.last_progress_ns < vmm.progress_ms * 1000000ull)
+        return;
+    vmm.last_progress_ns = now_ns();
+    uint64_t writes = 0;
+    for (uint32_t i = 0; i < vmm.vcpus; i++)
+        writes += vmm.ctl[i]->writes;
+    fprintf(stderr, "toyvmm: progress pid=%d writes=%llu\n", getpid(), (unsigned long long)writes);
+}
+
 /* Serve the agent's messages until it goes away or we are told to stop. */
 static void agent_loop(int sock)
 {
@@ -517,8 +531,9 @@ static void agent_loop(int sock)
     while (!atomic_load(&vmm.stopping)) {
         if (deadline && now_ns() > deadline)
             break;
+        maybe_progress();
         struct pollfd pfd = {.fd = sock, .events = POLLIN};
-        if (poll(&pfd, 1, 50) <= 0)
+        if (poll(&pfd, 1, 20) <= 0)
             continue;
         ssize_t n = recv(sock, buf + used, sizeof buf - used - 1, 0);
         if (n <= 0) {
@@ -562,9 +577,10 @@ static void agent_loop(int sock)
     }
     /* Whatever happened, the guest must not stay frozen. */
     thaw_guest();
-    if (deadline)
-        while (!atomic_load(&vmm.stopping) && now_ns() < deadline)
-            usleep(10000);
+    while (!atomic_load(&vmm.stopping) && (!deadline || now_ns() < deadline)) {
+        maybe_progress();
+        usleep(10000);
+    }
 }
 
 static void agent_session(void);
@@ -593,8 +609,7 @@ static void spawn_device(int vmm_sock)
     agent_session();
     stop_guest();
     /* The device's report goes to stderr: stdout belongs to the VMM. */
-    if (freopen("/dev/stderr", "w", stdout))
-        report();
+    report(stderr);
     exit(0);
 }
 
@@ -610,7 +625,7 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: vmsnap-toyvmm [--mem MiB] [--vcpus N] [--rate pages/s] [--anon] [--threads]\n"
-            "                     [--agent SOCK] [--vm ID] [--device] [--reference FILE] [--run-ms N] [--fill PERCENT]\n");
+            "                     [--agent SOCK] [--vm ID] [--device] [--reference FILE] [--run-ms N] [--fill PERCENT] [--progress-ms N]\n");
     exit(2);
 }
 
@@ -627,6 +642,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--reference") && v) vmm.reference = v, i++;
         else if (!strcmp(a, "--run-ms") && v) vmm.run_ms = strtoull(v, NULL, 0), i++;
         else if (!strcmp(a, "--fill") && v) vmm.fill_percent = (uint32_t)atoi(v), i++;
+        else if (!strcmp(a, "--progress-ms") && v) vmm.progress_ms = strtoull(v, NULL, 0), i++;
         else if (!strcmp(a, "--anon")) vmm.anon = true;
         else if (!strcmp(a, "--threads")) vmm.force_threads = true;
         else if (!strcmp(a, "--device")) vmm.device = true;
@@ -657,14 +673,16 @@ int main(int argc, char **argv)
     } else {
         fprintf(stderr, "toyvmm: ready pid=%d kind=%s role=vmm\n", getpid(), vmm.kvm_mode ? "kvm" : "threads");
         uint64_t deadline = vmm.run_ms ? now_ns() + vmm.run_ms * 1000000ull : UINT64_MAX;
-        while (!atomic_load(&vmm.stopping) && now_ns() < deadline)
+        while (!atomic_load(&vmm.stopping) && now_ns() < deadline) {
+            maybe_progress();
             usleep(10000);
+        }
     }
     stop_guest();
     if (vmm.device_pid > 0) {
         kill(vmm.device_pid, SIGTERM);
         waitpid(vmm.device_pid, NULL, 0);
     }
-    report();
+    report(stdout);
     return 0;
 }

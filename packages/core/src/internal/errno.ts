@@ -35,6 +35,8 @@ export const errnoReason = (op: string, errno: number): string => {
       return "the engine is already running"
     case 110:
       return "timed out"
+    case 3:
+      return "the process is gone (ESRCH): it exited or was killed"
     case 28:
       return "no space left on the device"
     default:

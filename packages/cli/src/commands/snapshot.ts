@@ -1,0 +1,69 @@
+/**
+ * `vmsnap snapshot -o FILE`: a live snapshot of a VM connected to an agent
+ * (`--agent SOCK --vm ID`), or, one-shot, of the first VMM that connects to
+ * `--listen SOCK` (with `--processes N`: once N of its processes are there).
+ */
+import { agentScoped, formatBytes, InvalidInput, requestSnapshot } from "@vmsnap/core"
+import { Effect } from "effect"
+import { resolve } from "node:path"
+import type { Io } from "../Io.js"
+import { progressBar } from "../Progress.js"
+import { type CommonFlags, runCommand } from "../Run.js"
+
+export interface SnapshotFlags extends CommonFlags {
+  readonly output: string
+  readonly agent: string | undefined
+  readonly listen: string | undefined
+  readonly vm: string | undefined
+  readonly processes: number
+  readonly waitMs: number
+  readonly poolPages: number
+  readonly faultAroundPages: number
+}
+
+interface Summary {
+  readonly vm: string
+  readonly path: string
+  readonly sizeBytes: number
+  readonly fileBytes: number
+  readonly pauseMs: number
+  readonly durationMs: number
+  readonly faults: number
+}
+
+const oneShot = (flags: SnapshotFlags, io: Io, onProgress: (d: number, t: number) => void) =>
+  Effect.scoped(
+    Effect.gen(function* () {
+      const agent = yield* agentScoped(flags.listen!, { log: (l) => flags.verbose && io.stderr(`vmsnap agent: ${l}\n`) })
+      if (!flags.json) io.stderr(`vmsnap: waiting on ${flags.listen} for ${flags.vm ? `vm ${flags.vm}` : "a VMM"}${flags.processes > 1 ? ` with ${flags.processes} processes` : ""}...\n`)
+      const vm = yield* Effect.tryPromise({
+        try: (signal) => agent.waitForVm(flags.vm, flags.processes, signal),
+        catch: () => new InvalidInput({ reason: "interrupted while waiting for a VMM" })
+      }).pipe(
+        Effect.timeoutOrElse({
+          duration: flags.waitMs,
+          orElse: () => Effect.fail(new InvalidInput({ reason: `no VMM connected to ${flags.listen} within ${flags.waitMs} ms` }))
+        })
+      )
+      const r = yield* agent.snapshot({ vm, path: resolve(flags.output), poolPages: flags.poolPages, faultAroundPages: flags.faultAroundPages }, onProgress)
+      return { vm, path: r.path, sizeBytes: r.sizeBytes, fileBytes: r.fileBytes, pauseMs: r.pauseMs, durationMs: r.durationMs, faults: r.engine.faults } satisfies Summary
+    })
+  )
+
+const viaAgent = (flags: SnapshotFlags, onProgress: (d: number, t: number) => void) =>
+  Effect.map(
+    requestSnapshot(flags.agent!, { vm: flags.vm!, path: flags.output, poolPages: flags.poolPages, faultAroundPages: flags.faultAroundPages }, onProgress),
+    (r): Summary => ({ vm: flags.vm!, path: r.path, sizeBytes: r.sizeBytes, fileBytes: r.fileBytes, pauseMs: r.pauseMs, durationMs: r.durationMs, faults: r.faults })
+  )
+
+export const snapshotCommand = (io: Io, flags: SnapshotFlags) => {
+  const bar = progressBar(io, "snapshot", !flags.json)
+  const program = flags.agent ? viaAgent(flags, bar.update) : oneShot(flags, io, bar.update)
+  return runCommand(io, flags, program, (s) => {
+    bar.done()
+    return {
+      json: { ok: true, ...s },
+      human: `vm ${s.vm}: ${formatBytes(s.sizeBytes)} saved to ${s.path} (${formatBytes(s.fileBytes)}) in ${(s.durationMs / 1000).toFixed(2)} s, paused ${s.pauseMs.toFixed(2)} ms, ${s.faults} faults`
+    }
+  })
+}

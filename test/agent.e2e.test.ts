@@ -1,0 +1,190 @@
+/**
+ * Agent mode end to end: the toy VMM (a KVM guest when /dev/kvm works) runs
+ * in its own process and hands its uffd and guest memory to the agent.
+ */
+import { Cause, Effect, Exit } from "effect"
+import { execFile, spawn } from "node:child_process"
+import { promisify } from "node:util"
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs"
+import { tmpdir } from "node:os"
+import { dirname, join } from "node:path"
+import { fileURLToPath } from "node:url"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { Agent, listVms, requestSnapshot, restoreToRawFile, ToyVmm, toyVmmPath, Vmsnap, WpNative } from "../packages/core/src/index.js"
+
+const here = dirname(fileURLToPath(import.meta.url))
+const bin = join(here, "..", "packages", "cli", "dist", "bin.js")
+const dir = mkdtempSync(join(existsSync("/dev/shm") ? "/dev/shm" : tmpdir(), "vmsnap-agent-"))
+afterAll(() => rmSync(dir, { recursive: true, force: true }))
+
+// Every toy VMM a test starts is killed when the file ends, whatever failed.
+const vmms: Array<ToyVmm> = []
+const startVmm = (options: ConstructorParameters<typeof ToyVmm>[0]) => {
+  const vmm = new ToyVmm(options)
+  vmms.push(vmm)
+  return vmm
+}
+afterAll(() => vmms.forEach((v) => v.child.exitCode === null && v.child.kill("SIGKILL")))
+
+let skip: string | undefined
+try {
+  await Vmsnap.probe()
+  if (!existsSync(toyVmmPath())) skip = `the toy VMM is not built (${toyVmmPath()})`
+} catch (e) {
+  skip = `userfaultfd unavailable: ${(e as Error).message}`
+}
+if (skip) console.warn(`SKIP agent tests: ${skip}`)
+
+const run = <A, E>(effect: Effect.Effect<A, E, WpNative>) => Effect.runPromiseExit(Effect.provide(effect, WpNative.layer))
+const execFileAsync = promisify(execFile)
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+const messageOf = (exit: Exit.Exit<unknown, unknown>) => (Exit.isFailure(exit) ? String((Cause.squash(exit.cause) as Error).message) : "(succeeded)")
+
+/** Restores a snapshot to a raw image and compares it with the VMM's reference copy. */
+const equalsReference = async (snapshot: string, reference: string) => {
+  const raw = `${snapshot}.raw`
+  const exit = await Effect.runPromiseExit(restoreToRawFile(snapshot, raw))
+  expect(Exit.isSuccess(exit), messageOf(exit)).toBe(true)
+  const same = readFileSync(raw).equals(readFileSync(reference))
+  rmSync(raw)
+  return same
+}
+
+describe.skipIf(skip)("agent with the toy VMM", () => {
+  const socket = join(dir, "agent.sock")
+  const log: Array<string> = []
+  const agent = new Agent(socket, { log: (l) => log.push(l) })
+  beforeAll(() => agent.listen())
+  afterAll(() => agent.close())
+
+  it("a KVM guest keeps writing during the snapshot; the snapshot equals the reference at the cut", async () => {
+    const reference = join(dir, "kvm.ref")
+    const vmm = startVmm({ memMiB: 128, vcpus: 2, rate: 0, agent: socket, vm: "kvm", reference, fillPercent: 50 })
+    const ready = await vmm.ready
+    if (ready.kind !== "kvm") console.warn(`SKIP the KVM part: the toy VMM ran on host threads (${vmm.stderr.trim()})`)
+    await sleep(200)
+    const path = join(dir, "kvm.vmsnap")
+    const exit = await run(agent.snapshot({ vm: "kvm", path, poolPages: 1024 }))
+    await sleep(100)
+    const report = await vmm.stop()
+    expect(Exit.isSuccess(exit), messageOf(exit)).toBe(true)
+    if (Exit.isSuccess(exit)) expect(exit.value.engine.faults).toBeGreaterThan(0)
+    expect(report.kind).toBe(ready.kind)
+    expect(report.phases.during.writes).toBeGreaterThan(0)
+    expect(report.snapshots).toBe(1)
+    expect(await equalsReference(path, reference)).toBe(true)
+  })
+
+  it("two processes write the same memfd during the snapshot; no write of the device leaks in", async () => {
+    const reference = join(dir, "dev.ref")
+    const vmm = startVmm({ memMiB: 64, vcpus: 1, rate: 0, agent: socket, vm: "dev", reference, device: true })
+    const ready = await vmm.ready
+    expect(ready.pids).toHaveLength(2)
+    await sleep(200)
+    expect(agent.list().find((v) => v.id === "dev")?.processes).toBe(2)
+    const path = join(dir, "dev.vmsnap")
+    const exit = await run(agent.snapshot({ vm: "dev", path, poolPages: 256 }))
+    await sleep(100)
+    const report = await vmm.stop()
+    expect(Exit.isSuccess(exit), messageOf(exit)).toBe(true)
+    const device = JSON.parse(vmm.stderr.split("\n").find((l) => l.startsWith('{"role":"device"')) ?? "{}")
+    expect(device.phases?.during?.writes).toBeGreaterThan(0)
+    expect(report.phases.during.writes).toBeGreaterThan(0)
+    expect(await equalsReference(path, reference)).toBe(true)
+  })
+
+  it("anonymous guest memory (no fd) is read with process_vm_readv", async () => {
+    const reference = join(dir, "anon.ref")
+    const vmm = startVmm({ memMiB: 64, vcpus: 1, rate: 0, anon: true, agent: socket, vm: "anon", reference, fillPercent: 30 })
+    await vmm.ready
+    await sleep(100)
+    const path = join(dir, "anon.vmsnap")
+    const exit = await run(agent.snapshot({ vm: "anon", path }))
+    await vmm.stop()
+    expect(Exit.isSuccess(exit), messageOf(exit)).toBe(true)
+    expect(await equalsReference(path, reference)).toBe(true)
+  })
+
+  it("a VMM killed mid-snapshot: that snapshot fails and is cleaned up, the agent serves the others", async () => {
+    const victim = startVmm({ memMiB: 512, vcpus: 2, rate: 0, agent: socket, vm: "victim", fillPercent: 100 })
+    const other = startVmm({ memMiB: 32, vcpus: 1, rate: 1000, agent: socket, vm: "other" })
+    await Promise.all([victim.ready, other.ready])
+    const path = join(dir, "victim.vmsnap")
+    // A 4-page pool with no fault-around keeps the victim's snapshot slow.
+    const pending = run(agent.snapshot({ vm: "victim", path, poolPages: 4, faultAroundPages: 1 }))
+    while (!readdirSync(dir).some((n) => n.startsWith(".victim.vmsnap.tmp-"))) await sleep(2)
+    await sleep(50)
+    victim.child.kill("SIGKILL")
+    const exit = await pending
+    expect(Exit.isFailure(exit)).toBe(true)
+    expect(messageOf(exit)).toMatch(/victim.*(disconnected|exited)/)
+    expect(existsSync(path)).toBe(false)
+    expect(readdirSync(dir).filter((n) => n.includes("victim.vmsnap"))).toEqual([])
+    await sleep(50)
+    expect(agent.list().map((v) => v.id)).not.toContain("victim")
+    const ok = await run(agent.snapshot({ vm: "other", path: join(dir, "other.vmsnap") }))
+    expect(Exit.isSuccess(ok), messageOf(ok)).toBe(true)
+    await other.stop()
+  })
+
+  describe("malformed peers get a clear protocol error and disturb nothing", () => {
+    // Async: the agent under test runs in this process's event loop.
+    const peer = async (body: string, fds: string) => {
+      const { stdout } = await execFileAsync("python3", [join(here, "fixtures", "bad_peer.py"), socket, body, fds], { encoding: "utf8" })
+      return JSON.parse(stdout) as { type: string; message: string }
+    }
+    const hello = (extra: Record<string, unknown> = {}, size = 1 << 20) =>
+      JSON.stringify({ type: "hello", version: 1, vm: "bad", role: "vmm", uffd: 0, regions: [{ gpa: "0x0", size, pageSize: 4096, fd: 1, offset: 0, hva: "0x7f0000000000" }], ...extra })
+
+    it.each([
+      ["not JSON", "{this is not json", "none", /not valid JSON/],
+      ["an unknown message", JSON.stringify({ type: "frobnicate" }), "none", /unknown message type/],
+      ["a hello without fds", hello(), "none", /without file descriptors/],
+      ["a wrong protocol version", hello({ version: 7 }), "uffd,memfd:1048576", /unsupported protocol version 7/],
+      ["an fd that is not a userfaultfd", hello(), "devnull,memfd:1048576", /not a fresh userfaultfd/],
+      ["a userfaultfd already negotiated", hello(), "uffd-used,memfd:1048576", /not a fresh userfaultfd/],
+      ["a region larger than its fd", hello({}, 8 << 20), "uffd,memfd:1048576", /holds 1048576 bytes, fewer than/],
+      ["a region naming a missing fd", hello(), "uffd", /names fd index 1/],
+      ["a device before its VMM", hello({ role: "device", vm: "lonely" }), "uffd,memfd:1048576", /no VMM connected yet/],
+      ["a bad vm id", hello({ vm: "no spaces allowed" }), "uffd,memfd:1048576", /"vm" must be/]
+    ])("%s", async (_what, body, fds, pattern) => {
+      const answer = await peer(body, fds)
+      expect(answer.type).toBe("error")
+      expect(answer.message).toMatch(pattern)
+      // The agent is still up and still serves.
+      const vms = await Effect.runPromise(listVms(socket))
+      expect(vms.map((v) => v.id)).not.toContain("bad")
+    })
+
+    it("the agent still takes snapshots after all of that", async () => {
+      const vmm = startVmm({ memMiB: 16, rate: 1000, agent: socket, vm: "after" })
+      await vmm.ready
+      const exit = await Effect.runPromiseExit(requestSnapshot(socket, { vm: "after", path: join(dir, "after.vmsnap") }))
+      await vmm.stop()
+      expect(Exit.isSuccess(exit), messageOf(exit)).toBe(true)
+    })
+  })
+})
+
+describe.skipIf(skip || !existsSync(bin))("the agent process killed mid-snapshot", () => {
+  it("the VMM's vCPUs are not left blocked", async () => {
+    const socket = join(dir, "doomed.sock")
+    const agentProcess = spawn(process.execPath, [bin, "agent", "--listen", socket], { stdio: ["ignore", "ignore", "pipe"] })
+    while (!existsSync(socket)) await sleep(10)
+    const vmm = startVmm({ memMiB: 512, vcpus: 2, rate: 0, agent: socket, vm: "doomed", fillPercent: 100, progressMs: 20 })
+    const ready = await vmm.ready
+    const client = Effect.runPromiseExit(requestSnapshot(socket, { vm: "doomed", path: join(dir, "doomed.vmsnap"), poolPages: 4, faultAroundPages: 1 }))
+    while (!readdirSync(dir).some((n) => n.startsWith(".doomed.vmsnap.tmp-"))) await sleep(2)
+    await sleep(50)
+    agentProcess.kill("SIGKILL")
+    expect(Exit.isFailure(await client)).toBe(true)
+    // The agent held the only reference to the uffd: its death removed all protection.
+    await sleep(300)
+    const before = vmm.progress.get(ready.pids[0]!) ?? 0
+    await sleep(500)
+    const after = vmm.progress.get(ready.pids[0]!) ?? 0
+    expect(vmm.stderr).toMatch(/agent connection closed; guest keeps running/)
+    const report = await vmm.stop()
+    expect(after - before, `guest writes stalled after the agent died (${report.kind})`).toBeGreaterThan(1000)
+  })
+})
