@@ -23,6 +23,15 @@ const sizeOption = (name: string, value: unknown, min: number): number => {
   return bytes
 }
 
+/** --buffer: a size, or 0 for the synchronous mode. Returns pages. */
+const poolPagesOption = (value: unknown): number => (String(value).trim() === "0" ? 0 : sizeOption("buffer", value, 4096) / 4096)
+
+const faultAroundOption = (value: number): number => {
+  if (!Number.isInteger(value) || value < 1 || value > 512 || (value & (value - 1)) !== 0)
+    throw new UsageError(`--fault-around ${value}: must be a power of two from 1 to 512`)
+  return value
+}
+
 const EXIT_CODES = `Exit codes: 0 ok, 1 failure, 2 usage error, 3 not a valid snapshot (corrupt, truncated, not ours),
 4 the kernel or permissions lack userfaultfd support, 130 interrupted (SIGINT), 143 terminated (SIGTERM).`
 
@@ -57,13 +66,11 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
           .example("$0 demo --json -o /tmp/guest.vmsnap", "keep the snapshot, print the report as JSON"),
       (a) => {
         const size = sizeOption("size", a.size, 2 * 1024 * 1024)
-        const buffer = String(a.buffer).trim() === "0" ? 0 : sizeOption("buffer", a.buffer, 4096)
+        const buffer = poolPagesOption(a.buffer) * 4096
         if (!Number.isInteger(a.writers) || a.writers < 1 || a.writers > 64) throw new UsageError(`--writers ${a.writers}: must be a whole number from 1 to 64`)
         if (!Number.isFinite(a.rate) || a.rate < 0) throw new UsageError(`--rate ${a.rate}: must be 0 (flat out) or a positive number of pages/s`)
         if (!Number.isFinite(a.warmup) || a.warmup < 0 || a.warmup > 60000) throw new UsageError(`--warmup ${a.warmup}: must be 0 to 60000 ms`)
-        const around = a["fault-around"]
-        if (!Number.isInteger(around) || around < 1 || around > 512 || (around & (around - 1)) !== 0)
-          throw new UsageError(`--fault-around ${around}: must be a power of two from 1 to 512`)
+        const around = faultAroundOption(a["fault-around"])
         if (a.guest === "vmm" && a.memory === "anon-thp") throw new UsageError("--memory anon-thp needs --guest threads (the toy VMM maps memfd or anon memory)")
         if (a.guest === "vmm" && size % (2 * 1024 * 1024) !== 0) throw new UsageError(`--size ${a.size}: the toy VMM needs a multiple of 2 MiB`)
         if (a.guest === "vmm" && a.writers > 32) throw new UsageError(`--writers ${a.writers}: the toy VMM runs at most 32 vCPUs`)
@@ -109,14 +116,12 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
         if ((a.agent === undefined) === (a.listen === undefined)) throw new UsageError("give exactly one of --agent SOCK (a running agent) or --listen SOCK (one-shot)")
         if (a.agent !== undefined && a.vm === undefined) throw new UsageError("--agent needs --vm ID (see the agent's log for connected VMs)")
         if (!Number.isInteger(a.processes) || a.processes < 1 || a.processes > 16) throw new UsageError(`--processes ${a.processes}: must be 1 to 16`)
-        const buffer = String(a.buffer).trim() === "0" ? 0 : sizeOption("buffer", a.buffer, 4096)
-        const around = a["fault-around"]
-        if (!Number.isInteger(around) || around < 1 || around > 512 || (around & (around - 1)) !== 0)
-          throw new UsageError(`--fault-around ${around}: must be a power of two from 1 to 512`)
+        const poolPages = poolPagesOption(a.buffer)
+        const around = faultAroundOption(a["fault-around"])
         run = () =>
           snapshotCommand(io, {
             ...common(a), output: a.output, agent: a.agent, listen: a.listen, vm: a.vm, processes: a.processes,
-            waitMs: a.wait, poolPages: buffer / 4096, faultAroundPages: around
+            waitMs: a.wait, poolPages, faultAroundPages: around
           })
       }
     )

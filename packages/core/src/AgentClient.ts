@@ -7,17 +7,10 @@ import { createConnection } from "node:net"
 import { resolve as resolvePath } from "node:path"
 import { encodeMessage, LineReader, parseMessage } from "./AgentProtocol.js"
 import { ProtocolError, SnapshotIoError } from "./Errors.js"
+import type { SnapshotResult } from "./SnapshotSession.js"
 
-export interface AgentSnapshotResult {
-  readonly path: string
-  readonly snapshotId: string
-  readonly sizeBytes: number
-  readonly fileBytes: number
-  readonly pauseMs: number
-  readonly durationMs: number
-  readonly records: number
-  readonly faults: number
-}
+/** What the agent reports of a snapshot: the session's result, with the fault count for the engine counters. */
+export type AgentSnapshotResult = Omit<SnapshotResult, "engine"> & { readonly faults: number }
 
 /** Sends one request and collects lines until the agent closes the connection. */
 const exchange = (socketPath: string, request: Record<string, unknown>, onLine: (m: Record<string, unknown>) => void) =>
