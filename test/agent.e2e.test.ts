@@ -93,9 +93,9 @@ describe.skipIf(skip)("agent with the toy VMM", () => {
     expect(await equalsReference(path, reference)).toBe(true)
   })
 
-  it("anonymous guest memory (no fd) is read with process_vm_readv", async () => {
+  it("anonymous guest memory (no fd), a sequential writer: read with process_vm_readv", async () => {
     const reference = join(dir, "anon.ref")
-    const vmm = startVmm({ memMiB: 64, vcpus: 1, rate: 0, anon: true, agent: socket, vm: "anon", reference, fillPercent: 30 })
+    const vmm = startVmm({ memMiB: 64, vcpus: 1, rate: 0, pattern: "sequential", anon: true, agent: socket, vm: "anon", reference, fillPercent: 30 })
     await vmm.ready
     await sleep(100)
     const path = join(dir, "anon.vmsnap")

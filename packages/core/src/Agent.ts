@@ -418,6 +418,7 @@ export class Agent {
           Effect.runFork(Deferred.fail(lost, new NativeError({ op: "snapshot", errno: 3, reason: `vm ${vm.id}: ${p.hello.role} pid ${p.pid} disconnected during the snapshot` })))
         )
       agent.log(`vm ${vm.id}: snapshot to ${request.path} started`)
+      let lastProgress = 0
       const result = yield* Effect.raceFirst(
         takeSnapshot({
           regions: memory,
@@ -427,7 +428,13 @@ export class Agent {
           faultAroundPages: request.faultAroundPages,
           freeze,
           thaw,
-          onProgress: (saved, total) => onProgress?.(saved * 4096, total * 4096)
+          onProgress: (saved, total) => {
+            onProgress?.(saved * 4096, total * 4096)
+            const now = Date.now()
+            if (now - lastProgress < 200) return
+            lastProgress = now
+            peers.forEach((p) => p.send({ type: "progress", savedBytes: saved * 4096, totalBytes: total * 4096 }))
+          }
         }),
         Deferred.await(lost)
       ).pipe(

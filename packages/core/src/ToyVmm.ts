@@ -16,6 +16,8 @@ export interface ToyVmmOptions {
   readonly vcpus?: number
   /** Guest writes in pages/s over all vCPUs; 0 = as fast as they can. */
   readonly rate?: number
+  /** Which pages the guest writes: random (default) or sequential. */
+  readonly pattern?: "random" | "sequential"
   readonly anon?: boolean
   readonly threads?: boolean
   readonly agent?: string
@@ -61,6 +63,7 @@ export class ToyVmm {
     const path = toyVmmPath()
     if (!existsSync(path)) throw new Error(`the toy VMM is not built: ${path} is missing (run \`pnpm install\`)`)
     const args = ["--mem", String(options.memMiB), "--vcpus", String(options.vcpus ?? 1), "--rate", String(options.rate ?? 0)]
+    if (options.pattern) args.push("--pattern", options.pattern)
     if (options.anon) args.push("--anon")
     if (options.threads) args.push("--threads")
     if (options.agent) args.push("--agent", options.agent)

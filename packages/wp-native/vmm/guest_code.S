@@ -8,7 +8,8 @@
  * Control block (struct toy_ctl in toyvmm.c), offsets in bytes:
  *   0 seed, 8 area_base, 16 area_pages, 24 interval_tsc, 32 writes,
  *   40 command (0 run, 1 freeze, 2 return), 48 parked, 56 max_tsc,
- *   64 total_tsc, 72 next_tsc, 128 hist[64] (bucket 2k: [2^k, 1.5*2^k) cycles)
+ *   64 total_tsc, 72 next_tsc, 80 pattern (0 random, 1 sequential),
+ *   128 hist[64] (bucket 2k: [2^k, 1.5*2^k) cycles)
  */
     .text
     .globl toy_guest_start
@@ -31,8 +32,13 @@ loop:
     xorq %rdx, %rax
     movq %rax, (%rdi)
     movq %rax, %r8
-    /* target = area_base + ((r >> 12) % area_pages) * 4096 + (r & 0xff8) */
+    /* target = area_base + (page % area_pages) * 4096 + (r & 0xff8), where
+     * page is r >> 12 (pattern 0, random) or the write count (1, sequential) */
     shrq $12, %rax
+    cmpq $1, 80(%rdi)
+    jne 6f
+    movq 32(%rdi), %rax
+6:
     xorl %edx, %edx
     divq 16(%rdi)
     shlq $12, %rdx

@@ -54,10 +54,12 @@ extern const uint8_t toy_guest_start[], toy_guest_end[];
 /* Shared with guest_code.S: keep the offsets in step. */
 struct toy_ctl {
     uint64_t seed, area_base, area_pages, interval_tsc, writes, command, parked, max_tsc, total_tsc, next_tsc;
-    uint64_t pad[6];
+    uint64_t pattern; /* 0 random pages, 1 sequential */
+    uint64_t pad[5];
     uint64_t hist[HIST];
 };
 _Static_assert(__builtin_offsetof(struct toy_ctl, command) == 40, "ctl layout");
+_Static_assert(__builtin_offsetof(struct toy_ctl, pattern) == 80, "ctl layout");
 _Static_assert(__builtin_offsetof(struct toy_ctl, hist) == 128, "ctl layout");
 
 enum { CMD_RUN = 0, CMD_FREEZE = 1, CMD_RETURN = 2 };
@@ -71,7 +73,7 @@ static struct {
     uint64_t mem_size;
     uint32_t vcpus;
     uint64_t rate;
-    bool anon, force_threads, device, is_device;
+    bool anon, force_threads, device, is_device, sequential;
     const char *agent, *vm_id, *reference;
     uint64_t run_ms;
     uint32_t fill_percent;
@@ -264,6 +266,7 @@ static void init_ctl(struct toy_ctl *c, uint32_t i, uint64_t area_base, uint32_t
     c->area_pages = (vmm.mem_size - SYSTEM_AREA) / PAGE;
     c->interval_tsc = vmm.rate ? (uint64_t)(vmm.tsc_hz * writers / (double)vmm.rate) : 0;
     c->next_tsc = rdtsc();
+    c->pattern = vmm.sequential ? 1 : 0;
 }
 
 static void measure_tsc(void)
@@ -624,7 +627,7 @@ static void agent_session(void)
 static void usage(void)
 {
     fprintf(stderr,
-            "usage: vmsnap-toyvmm [--mem MiB] [--vcpus N] [--rate pages/s] [--anon] [--threads]\n"
+            "usage: vmsnap-toyvmm [--mem MiB] [--vcpus N] [--rate pages/s] [--pattern random|sequential] [--anon] [--threads]\n"
             "                     [--agent SOCK] [--vm ID] [--device] [--reference FILE] [--run-ms N] [--fill PERCENT] [--progress-ms N]\n");
     exit(2);
 }
@@ -643,6 +646,11 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--run-ms") && v) vmm.run_ms = strtoull(v, NULL, 0), i++;
         else if (!strcmp(a, "--fill") && v) vmm.fill_percent = (uint32_t)atoi(v), i++;
         else if (!strcmp(a, "--progress-ms") && v) vmm.progress_ms = strtoull(v, NULL, 0), i++;
+        else if (!strcmp(a, "--pattern") && v) {
+            if (strcmp(v, "random") && strcmp(v, "sequential"))
+                usage();
+            vmm.sequential = !strcmp(v, "sequential"), i++;
+        }
         else if (!strcmp(a, "--anon")) vmm.anon = true;
         else if (!strcmp(a, "--threads")) vmm.force_threads = true;
         else if (!strcmp(a, "--device")) vmm.device = true;
