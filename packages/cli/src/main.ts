@@ -49,7 +49,7 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
       (y) =>
         y
           .option("size", { type: "string", default: "1GiB", describe: "guest memory size (KiB/MiB/GiB)" })
-          .option("writers", { type: "number", default: 2, describe: "guest vCPUs (or writer threads) writing memory" })
+          .option("writers", { type: "number", default: 1, describe: "guest vCPUs (or writer threads) writing memory; each spins at 100% of a core (ring 3 cannot halt)" })
           .option("rate", { type: "number", default: 50000, describe: "guest writes in pages/s over all writers (0: as fast as they can)" })
           .option("buffer", { type: "string", default: "64MiB", describe: "copy pool: pages written before being saved wait here (0: synchronous, like QEMU)" })
           .option("fault-around", { type: "number", default: 16, describe: "pages saved with each faulting page (power of two, 1 = off)" })
@@ -59,7 +59,7 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
           .option("output", { alias: "o", type: "string", describe: "snapshot file to write (kept); default: a temporary file" })
           .option("keep", { type: "boolean", default: false, describe: "keep the temporary snapshot file" })
           .option("warmup", { type: "number", default: 1000, describe: "ms of guest writes measured before the snapshot" })
-          .example("$0 demo", "1 GiB KVM guest (toy VMM), 2 vCPUs writing 50k pages/s, 64 MiB pool")
+          .example("$0 demo", "1 GiB KVM guest (toy VMM), 1 vCPU writing 50k random pages/s, 64 MiB pool")
           .example("$0 demo --device", "a second process writes the same guest memory during the snapshot")
           .example("$0 demo --guest threads --memory anon-thp", "writer threads in this process over THP memory")
           .example("$0 demo --size 256MiB --rate 0 --buffer 0", "a small guest writing flat out, no pool (synchronous)")
