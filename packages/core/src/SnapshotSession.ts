@@ -37,6 +37,11 @@ export interface SnapshotOptions extends WriterOptions {
   /** Runs while frozen, after the cut (tests take their reference copy here). */
   readonly atCut?: Effect.Effect<void, VmsnapError>
   readonly parentId?: string
+  /**
+   * Arm the protection while the guest runs, so the cut re-protects only
+   * what was written since: a pause independent of guest size. Default true.
+   */
+  readonly arm?: boolean
 }
 
 export interface SnapshotResult {
@@ -46,6 +51,8 @@ export interface SnapshotResult {
   readonly fileBytes: number
   /** Time the guest was frozen for the cut (protect only, hooks excluded). */
   readonly pauseMs: number
+  /** Time spent arming the protection before the freeze (the guest runs meanwhile). */
+  readonly armMs: number
   /** From the cut to the file being durable under its final name. */
   readonly durationMs: number
   readonly records: number
@@ -126,6 +133,12 @@ export const takeSnapshot = (options: SnapshotOptions): Effect.Effect<SnapshotRe
       const sink = new RecordSink(out.file, options.path, header.length)
       yield* Effect.tryPromise({ try: () => out.file.write(header, 0, header.length, 0), catch: (e) => ioError(options.path, "write", e) })
 
+      let armMs = 0
+      if (options.arm ?? true) {
+        const t0 = nowMs()
+        yield* engine.arm()
+        armMs = nowMs() - t0
+      }
       // The cut. thaw runs whatever happens between freeze and it.
       let pauseMs = 0
       yield* Effect.acquireUseRelease(
@@ -153,6 +166,7 @@ export const takeSnapshot = (options: SnapshotOptions): Effect.Effect<SnapshotRe
         sizeBytes: options.regions.reduce((s, r) => s + r.size, 0),
         fileBytes,
         pauseMs,
+        armMs,
         durationMs: nowMs() - cutAt,
         records: body.records,
         engine: stats

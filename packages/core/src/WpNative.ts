@@ -42,6 +42,10 @@ export interface EngineStats {
   readonly faultNsTotal: number
   /** Neighbours saved along with a faulting page (fault-around). */
   readonly pagesFaultAround: number
+  /** Writes let through while armed, before the cut. */
+  readonly armFaults: number
+  /** Pages re-protected at the cut: written since arming. */
+  readonly cutPages: number
   /** Bucket 2k: [2^k, 1.5*2^k) ns; bucket 2k+1: [1.5*2^k, 2^(k+1)) ns. */
   readonly faultHistogram: ReadonlyArray<number>
 }
@@ -69,7 +73,12 @@ export class WpEngine {
     return rc < 0 ? Effect.fail(nativeError(op, rc)) : Effect.succeed(rc)
   }
 
-  /** The cut: write-protect every region. Callers pause vCPUs around it. */
+  /** Ahead of the cut, while the guest runs: protect everything, only noting writes. */
+  arm(): Effect.Effect<void, NativeError> {
+    return Effect.suspend(() => this.call("arm", loadWp().wp_engine_arm([this.handle])))
+  }
+
+  /** The cut: write-protect every region (after `arm`: only what was written since). Callers pause vCPUs around it. */
   protect(): Effect.Effect<void, NativeError> {
     return Effect.suspend(() => this.call("protect", loadWp().wp_engine_protect([this.handle])))
   }
@@ -115,7 +124,9 @@ export class WpEngine {
       poolSlots: n(5), poolHighWater: n(6), poolUsed: n(7), pagesTotal: n(8), pagesSaved: n(9),
       pagesSwept: n(10), pagesZero: n(11), faultNsMax: n(12), faultNsTotal: n(13),
       pagesFaultAround: n(14),
-      faultHistogram: Array.from(words.subarray(15), Number)
+      armFaults: n(15),
+      cutPages: n(16),
+      faultHistogram: Array.from(words.subarray(17), Number)
     }
   }
 

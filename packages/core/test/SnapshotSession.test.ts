@@ -18,7 +18,7 @@ const MiB = 1024 * 1024
 const unavailable = await skipReason("snapshot consistency")
 const dir = tempDir()
 
-const snapshotWhileWriting = (kind: MemoryKind, options: { size: number; poolPages: number; writerDelayMs?: number; faultAroundPages?: number }) =>
+const snapshotWhileWriting = (kind: MemoryKind, options: { size: number; poolPages: number; writerDelayMs?: number; faultAroundPages?: number; arm?: boolean }) =>
   Effect.gen(function* () {
     const guest = yield* DemoGuest.make(options.size, kind)
     const pages = guest.pages
@@ -33,6 +33,7 @@ const snapshotWhileWriting = (kind: MemoryKind, options: { size: number; poolPag
       path,
       poolPages: options.poolPages,
       faultAroundPages: options.faultAroundPages,
+      arm: options.arm,
       writerDelayMs: options.writerDelayMs,
       freeze: guest.freeze,
       thaw: guest.thaw,
@@ -72,6 +73,20 @@ describe.skipIf(unavailable)("live snapshot consistency", () => {
       expect(result.engine.pagesFaultAround).toBeGreaterThan(0)
     })
   }
+
+  it("armed ahead of the cut (the default): only pages written since arming are re-protected", async () => {
+    const { result, restoredDiff } = await runTest(snapshotWhileWriting("anon", { size: 64 * MiB, poolPages: 1024 }))
+    expect(restoredDiff).toBe(-1)
+    expect(result.engine.cutPages).toBeGreaterThan(0) // the writers did write while armed
+    expect(result.engine.cutPages).toBeLessThan((64 * MiB) / 4096 / 2)
+  })
+
+  it("not armed: the cut protects everything, still exact", async () => {
+    const { result, restoredDiff } = await runTest(snapshotWhileWriting("memfd", { size: 32 * MiB, poolPages: 1024, arm: false }))
+    expect(restoredDiff).toBe(-1)
+    expect(result.engine.armFaults).toBe(0)
+    expect(result.engine.cutPages).toBe(0)
+  })
 
   it("fault-around off: exact snapshot, every captured page accounted to a fault or the sweep", async () => {
     const { result, restoredDiff } = await runTest(snapshotWhileWriting("anon", { size: 32 * MiB, poolPages: 1024, faultAroundPages: 1 }))

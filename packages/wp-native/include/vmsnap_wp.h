@@ -63,6 +63,8 @@ typedef struct wp_stats {
     uint64_t fault_ns_max;     /* slowest fault service */
     uint64_t fault_ns_total;   /* sum of fault service times */
     uint64_t pages_fault_around; /* neighbours saved along with a faulting page */
+    uint64_t arm_faults;       /* writes let through while armed (before the cut) */
+    uint64_t cut_pages;        /* pages re-protected at the cut (written since arming) */
     uint64_t hist[WP_HIST_BUCKETS];
 } wp_stats;
 
@@ -128,8 +130,15 @@ int32_t wp_engine_set_fault_around(wp_engine *e, uint32_t pages);
 /* Start the fault-service thread. */
 int32_t wp_engine_start(wp_engine *e);
 
-/* The cut: write-protect every registered region, including pages never
- * populated. From here on every page is captured with its content now. */
+/* Optional, while the guest runs: write-protect every region ahead of the
+ * cut. Until wp_engine_protect, a write fault only notes its page and lets
+ * the writer go. Makes the cut's pause independent of guest size. */
+int32_t wp_engine_arm(wp_engine *e);
+
+/* The cut (the caller's vCPUs are paused): without arming, write-protect
+ * every registered region, including pages never populated; after
+ * wp_engine_arm, re-protect only the pages written since arming. From here
+ * on every page is captured with its content now. */
 int32_t wp_engine_protect(wp_engine *e);
 
 /* Take up to max_pages pages out of the pool, oldest first: their content is

@@ -309,10 +309,8 @@ int32_t wp_engine_start(wp_engine *e)
     return 0;
 }
 
-int32_t wp_engine_protect(wp_engine *e)
+static int32_t protect_all(wp_engine *e)
 {
-    if (!e->thread_started)
-        return -EINVAL; /* nobody would serve the faults */
     for (uint32_t i = 0; i < e->mapping_count; i++) {
         const struct wp_mapping *m = &e->mappings[i];
         int rc = wp_writeprotect(e->processes[m->process].uffd, m->hva, e->regions[m->region].size, true);
@@ -323,6 +321,83 @@ int32_t wp_engine_protect(wp_engine *e)
         }
     }
     return 0;
+}
+
+int32_t wp_engine_arm(wp_engine *e)
+{
+    if (!e->thread_started)
+        return -EINVAL; /* nobody would serve the faults */
+    if (atomic_load(&e->mode) != MODE_IDLE)
+        return -EBUSY;
+    for (uint32_t i = 0; i < e->region_count; i++) {
+        e->regions[i].written = calloc(e->regions[i].pages, 1);
+        if (!e->regions[i].written)
+            return -ENOMEM;
+    }
+    /* Arming before protecting: a write during the sweep is only noted. */
+    atomic_store(&e->mode, MODE_ARMING);
+    int32_t rc = protect_all(e);
+    if (rc < 0)
+        atomic_store(&e->mode, MODE_IDLE);
+    return rc;
+}
+
+static int compare_keys(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Re-protect what was written since arming: runs of consecutive pages of a
+ * region, one ioctl per run per process. */
+static int32_t reprotect_written(wp_engine *e)
+{
+    uint64_t *keys = e->written_keys;
+    size_t n = e->written_count;
+    qsort(keys, n, sizeof *keys, compare_keys);
+    for (size_t i = 0; i < n;) {
+        size_t j = i + 1;
+        while (j < n && keys[j] == keys[j - 1] + 1)
+            j++;
+        uint32_t region = (uint32_t)(keys[i] >> 48);
+        uint64_t page = keys[i] & 0xffffffffffffull;
+        for (uint32_t k = 0; k < e->mapping_count; k++) {
+            const struct wp_mapping *m = &e->mappings[k];
+            struct wp_process *p = &e->processes[m->process];
+            if (m->region != region || atomic_load(&p->dead))
+                continue;
+            int rc = wp_writeprotect(p->uffd, m->hva + page * WP_PAGE_SIZE, (j - i) * WP_PAGE_SIZE, true);
+            if (rc < 0)
+                return rc;
+        }
+        i = j;
+    }
+    e->cut_pages = n;
+    return 0;
+}
+
+int32_t wp_engine_protect(wp_engine *e)
+{
+    if (!e->thread_started)
+        return -EINVAL; /* nobody would serve the faults */
+    int mode = atomic_load(&e->mode);
+    if (mode == MODE_SNAPSHOT || mode == MODE_CUTTING)
+        return -EBUSY;
+    if (mode == MODE_IDLE) {
+        atomic_store(&e->mode, MODE_SNAPSHOT);
+        return protect_all(e);
+    }
+    /* Armed: the pause costs only the pages written since arming. */
+    atomic_store(&e->mode, MODE_CUTTING);
+    while (atomic_load(&e->batch_seq) & 1) /* a batch that saw ARMING finishes first */
+        __builtin_ia32_pause();
+    int32_t rc = reprotect_written(e);
+    atomic_store(&e->mode, MODE_SNAPSHOT);
+    if (rc < 0) {
+        wp_engine_unprotect_all(e);
+        wp_record_error(e, rc, -1);
+    }
+    return rc;
 }
 
 int32_t wp_engine_done(wp_engine *e)
@@ -357,6 +432,8 @@ int32_t wp_engine_stats(wp_engine *e, wp_stats *out)
     out->fault_ns_max = e->fault_ns_max;
     out->fault_ns_total = e->fault_ns_total;
     out->pages_fault_around = e->pages_fault_around;
+    out->arm_faults = e->arm_faults;
+    out->cut_pages = e->cut_pages;
     memcpy(out->hist, e->hist, sizeof out->hist);
     return 0;
 }
@@ -401,8 +478,11 @@ int32_t wp_engine_destroy(wp_engine *e)
         if (e->processes[m->process].uffd >= 0)
             ioctl(e->processes[m->process].uffd, UFFDIO_UNREGISTER, &range);
     }
-    for (uint32_t i = 0; i < e->region_count; i++)
+    for (uint32_t i = 0; i < e->region_count; i++) {
         free(e->regions[i].state);
+        free(e->regions[i].written);
+    }
+    free(e->written_keys);
     /* Closing a uffd also clears whatever protection is left in its process. */
     for (uint32_t i = 0; i < e->process_count; i++)
         if (e->processes[i].uffd >= 0)

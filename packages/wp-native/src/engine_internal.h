@@ -29,11 +29,18 @@
 
 enum { PAGE_PENDING = 0, PAGE_COPYING = 1, PAGE_SAVED = 2 };
 
+/* What a write fault means. ARMING: protection is on but the cut has not
+ * happened: remember the page as written and let the writer go. CUTTING: the
+ * guest is frozen and written pages are being re-protected; faults wait.
+ * SNAPSHOT: save the page, then let the writer go. */
+enum { MODE_IDLE = 0, MODE_ARMING = 1, MODE_CUTTING = 2, MODE_SNAPSHOT = 3 };
+
 /* A range of guest memory; its pages are captured once, whoever maps them. */
 struct wp_region {
     uint64_t size;
     uint64_t pages;
     uint8_t *state;      /* one PAGE_* per page, accessed atomically */
+    uint8_t *written;    /* while arming: 1 if unprotected since arming (fault thread only) */
     const uint8_t *view; /* a mapping in this process for reading, or NULL */
     int32_t read_via;    /* with no view: mapping read with process_vm_readv; -1 none yet */
 };
@@ -67,6 +74,10 @@ struct wp_engine {
     _Atomic bool stopping;
     _Atomic int32_t error;         /* first failure (-errno), 0 if none */
     _Atomic int32_t error_process; /* the process it concerns, -1 if none */
+    _Atomic int mode;              /* MODE_* */
+    _Atomic uint64_t batch_seq;    /* odd while the fault thread serves a batch */
+    uint64_t *written_keys;        /* pages unprotected while arming (fault thread only) */
+    size_t written_count, written_cap;
 
     uint32_t process_count;
     struct wp_process processes[WP_MAX_PROCESSES]; /* [0] is this process */
@@ -99,6 +110,7 @@ struct wp_engine {
     _Atomic uint64_t pages_saved;
     uint64_t faults, faults_spurious, fallbacks, fallback_ns, overflow_pages;
     uint64_t pool_high_water, pages_swept, pages_zero, fault_ns_max, fault_ns_total, pages_fault_around;
+    uint64_t arm_faults, cut_pages;
     uint32_t fault_around; /* pages per fault-around window; 1 = off */
     uint64_t hist[WP_HIST_BUCKETS];
 };

@@ -9,6 +9,7 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <stdlib.h>
 #include <unistd.h>
 
 static unsigned hist_bucket(uint64_t ns)
@@ -65,6 +66,30 @@ static void save_neighbours(wp_engine *e, uint32_t ri, uint64_t page)
     }
 }
 
+/* Before the cut: let the writer go and remember the page, which the cut
+ * re-protects. Costs one fault per page written while arming. */
+static void note_written(wp_engine *e, uint32_t ri, uint64_t page)
+{
+    struct wp_region *r = &e->regions[ri];
+    if (!r->written[page]) {
+        if (e->written_count == e->written_cap) {
+            size_t cap = e->written_cap ? e->written_cap * 2 : 4096;
+            uint64_t *keys = realloc(e->written_keys, cap * sizeof *keys);
+            if (!keys) {
+                /* Cannot remember it: keep it protected and let the cut find it saved later. */
+                wp_record_error(e, -ENOMEM, -1);
+                return;
+            }
+            e->written_keys = keys;
+            e->written_cap = cap;
+        }
+        r->written[page] = 1;
+        e->written_keys[e->written_count++] = wp_page_key(ri, page);
+    }
+    e->arm_faults++;
+    wp_unprotect_pages(e, ri, page, 1);
+}
+
 static void serve_write_fault(wp_engine *e, uint32_t process, uint64_t fault_hva)
 {
     uint64_t start = monotonic_ns();
@@ -74,6 +99,12 @@ static void serve_write_fault(wp_engine *e, uint32_t process, uint64_t fault_hva
     uint32_t ri = m->region;
     struct wp_region *r = &e->regions[ri];
     uint64_t page = (fault_hva - m->hva) / WP_PAGE_SIZE;
+    int mode = atomic_load(&e->mode);
+    if (mode == MODE_ARMING)
+        return note_written(e, ri, page);
+    /* A fault during the cut (a writer that was not frozen) waits for it. */
+    while (mode == MODE_CUTTING && !atomic_load(&e->stopping))
+        mode = atomic_load(&e->mode);
     if (wp_claim_page(r, page)) {
         wp_pool_store(e, ri, page);
         e->faults++; /* before SAVED: counters add up once wp_engine_done says so */
@@ -106,10 +137,13 @@ static bool serve_process(wp_engine *e, uint32_t process)
     ssize_t n = read(p->uffd, msgs, sizeof msgs);
     if (n <= 0)
         return false;
+    /* Odd while serving: the cut waits for an even count before re-protecting. */
+    atomic_fetch_add(&e->batch_seq, 1);
     for (size_t i = 0; i < (size_t)n / sizeof msgs[0]; i++) {
         if (msgs[i].event == UFFD_EVENT_PAGEFAULT && (msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP))
             serve_write_fault(e, process, msgs[i].arg.pagefault.address);
     }
+    atomic_fetch_add(&e->batch_seq, 1);
     return true;
 }
 

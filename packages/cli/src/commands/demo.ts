@@ -230,6 +230,8 @@ export const demoCommand = (io: Io, flags: DemoFlags) => {
       restoreMatchesReference: d.restoreMatches,
       sizeBytes: r.sizeBytes,
       pauseMs: round(r.pauseMs, 3),
+      armMs: round(r.armMs, 1),
+      pagesWrittenWhileArmed: r.engine.cutPages,
       referenceCopyMs: d.referenceMs === undefined ? null : round(d.referenceMs, 1),
       durationMs: round(r.durationMs, 1),
       throughputMBps: round(throughputMBps, 1),
@@ -267,7 +269,7 @@ export const demoCommand = (io: Io, flags: DemoFlags) => {
     const human = [
       `vmsnap demo: live snapshot of ${formatBytes(r.sizeBytes)} of ${flags.memory} memory of ${who}, writing ${flags.rate ? `${flags.rate} pages/s` : "as fast as it can"}`,
       `  result      ${consistent ? "CONSISTENT: snapshot and restore equal the reference copy taken at the cut" : "INCONSISTENT: the snapshot differs from the reference copy"}`,
-      `  pause       ${r.pauseMs.toFixed(2)} ms (write-protect at the cut${d.referenceMs === undefined ? "" : `; the reference copy for this check took another ${d.referenceMs.toFixed(0)} ms`})`,
+      `  pause       ${r.pauseMs.toFixed(2)} ms at the cut (re-protecting ${r.engine.cutPages} pages written since arming, which took ${r.armMs.toFixed(0)} ms while the guest ran${d.referenceMs === undefined ? "" : `; the reference copy for this check took another ${d.referenceMs.toFixed(0)} ms`})`,
       `  snapshot    ${(r.durationMs / 1000).toFixed(2)} s, ${throughputMBps.toFixed(0)} MB/s, file ${formatBytes(r.fileBytes)} (${json.compressionRatio}x on data pages)`,
       `  faults      ${r.engine.faults} served (p50 ${d.fault.p50} us, p99 ${d.fault.p99} us), ${r.engine.pagesFaultAround} neighbours saved with them, ${r.engine.fallbacks} fallbacks, pool high water ${r.engine.poolHighWater}/${r.engine.poolSlots} pages`,
       `  guest write latency, as the guest measured it`,

@@ -41,6 +41,7 @@ const wpTable = {
   wp_unmap: { library: "vmsnap_wp", retType: I32, paramsType: [BIG, BIG] },
   wp_engine_set_fault_around: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, U32] },
   wp_engine_start: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
+  wp_engine_arm: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_engine_protect: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_engine_drain: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B, B, U32] },
   wp_engine_sweep: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, U32, BIG, U32, B, B, B] },
@@ -91,7 +92,7 @@ const lazyLibrary = <T extends object>(library: string, file: "libvmsnap_wp.so" 
 export const loadWp = lazyLibrary("vmsnap_wp", "libvmsnap_wp.so", wpTable)
 export const loadGuest = lazyLibrary("vmsnap_guest", "libvmsnap_guest.so", guestTable)
 
-/** Size of `wp_stats` in u64 words: 15 scalars + 64 histogram buckets. */
-export const WP_STATS_WORDS = 15 + 64
+/** Size of `wp_stats` in u64 words: 17 scalars + 64 histogram buckets. */
+export const WP_STATS_WORDS = 17 + 64
 export const WP_ABI_VERSION = 2
 export const VG_HIST_BUCKETS = 512
