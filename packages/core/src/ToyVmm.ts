@@ -29,12 +29,21 @@ export interface ToyVmmOptions {
   readonly fillPercent?: number
   /** Print the guest's total writes this often (see `progress`). */
   readonly progressMs?: number
+  /** A baseline snapshot method run by the VMM itself (benchmarks), at snapshotAtMs, into output. */
+  readonly local?: "floor" | "fork" | "stop-the-world" | "none"
+  readonly output?: string
+  readonly snapshotAtMs?: number
+  /** After a snapshot (local or through the agent): keep running this long, then exit and report. */
+  readonly afterMs?: number
 }
 
 export interface PhaseReport {
   readonly writes: number
   readonly seconds: number
   readonly writesPerSecond: number
+  /** Sum of the guest's write times in the phase. */
+  readonly blockedMs: number
+  readonly stallsOver1ms: number
   readonly latencyUs: { readonly p50: number; readonly p99: number; readonly p999: number; readonly max: number }
 }
 
@@ -47,6 +56,17 @@ export interface ToyVmmReport {
   readonly snapshots: number
   readonly snapshotsFailed: number
   readonly phases: { readonly before: PhaseReport; readonly during: PhaseReport; readonly after: PhaseReport }
+  /** With `local`: what the VMM measured of its own snapshot. */
+  readonly snapshot?: {
+    readonly method: string
+    readonly ok: boolean
+    readonly error: string
+    readonly pauseMs: number
+    readonly durationMs: number
+    readonly outputBytes: number
+    readonly faults: number
+    readonly extraMemoryBytes: number
+  }
 }
 
 export class ToyVmm {
@@ -73,6 +93,9 @@ export class ToyVmm {
     if (options.runMs) args.push("--run-ms", String(options.runMs))
     if (options.fillPercent) args.push("--fill", String(options.fillPercent))
     if (options.progressMs) args.push("--progress-ms", String(options.progressMs))
+    if (options.local) args.push("--local", options.local, "--snapshot-at-ms", String(options.snapshotAtMs ?? 1000))
+    if (options.output) args.push("--output", options.output)
+    if (options.afterMs) args.push("--after-ms", String(options.afterMs))
     this.child = spawn(path, args, { stdio: ["ignore", "pipe", "pipe"] })
     this.child.stdout!.on("data", (d) => (this.stdout += d))
     const expected = options.device ? 2 : 1
@@ -97,7 +120,12 @@ export class ToyVmm {
 
   /** SIGTERM, then the report it prints on the way out. */
   async stop(): Promise<ToyVmmReport> {
-    this.child.kill("SIGTERM")
+    if (this.child.exitCode === null) this.child.kill("SIGTERM")
+    return this.report()
+  }
+
+  /** The report, once the VMM has exited by itself (--after-ms). */
+  async report(): Promise<ToyVmmReport> {
     await this.exited
     const line = this.stdout.trim().split("\n").pop() ?? ""
     try {

@@ -38,6 +38,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "baselines.h"
+
 #define PAGE 4096ull
 #define HUGE (2ull << 20)
 #define SYSTEM_AREA HUGE /* page tables, code, control blocks */
@@ -78,6 +80,10 @@ static struct {
     uint64_t run_ms;
     uint32_t fill_percent;
     uint64_t progress_ms;
+    const char *local_method, *output;
+    uint64_t snapshot_at_ms, after_ms;
+    bool have_local;
+    struct baseline_result local;
     uint64_t last_progress_ns;
     uint8_t *mem;
     int memfd;
@@ -411,13 +417,25 @@ static double quantile_us(const struct phase *p, double q)
     return 0;
 }
 
+/* Writes that took at least 1 ms (buckets wholly above 1 ms). */
+static uint64_t stalls_over_1ms(const struct phase *p)
+{
+    uint64_t n = 0;
+    for (int b = 0; b < HIST; b++) {
+        double lower_ns = (double)(1ull << (b / 2)) * (b % 2 ? 1.5 : 1.0) * 1e9 / vmm.tsc_hz;
+        if (lower_ns >= 1e6)
+            n += p->hist[b];
+    }
+    return n;
+}
+
 static void print_phase(FILE *out, const char *name, const struct phase *p, bool last)
 {
-    fprintf(out, "\"%s\":{\"writes\":%llu,\"seconds\":%.3f,\"writesPerSecond\":%.0f,\"latencyUs\":{\"p50\":%.2f,\"p99\":%.2f,"
-           "\"p999\":%.2f,\"max\":%.2f}}%s",
+    fprintf(out, "\"%s\":{\"writes\":%llu,\"seconds\":%.3f,\"writesPerSecond\":%.0f,\"blockedMs\":%.1f,"
+           "\"stallsOver1ms\":%llu,\"latencyUs\":{\"p50\":%.2f,\"p99\":%.2f,\"p999\":%.2f,\"max\":%.2f}}%s",
            name, (unsigned long long)p->writes, p->seconds, p->seconds > 0 ? (double)p->writes / p->seconds : 0,
-           quantile_us(p, 0.5), quantile_us(p, 0.99), quantile_us(p, 0.999), (double)p->max_tsc * 1e6 / vmm.tsc_hz,
-           last ? "" : ",");
+           (double)p->total_tsc * 1e3 / vmm.tsc_hz, (unsigned long long)stalls_over_1ms(p), quantile_us(p, 0.5),
+           quantile_us(p, 0.99), quantile_us(p, 0.999), (double)p->max_tsc * 1e6 / vmm.tsc_hz, last ? "" : ",");
 }
 
 static void report(FILE *out)
@@ -433,7 +451,14 @@ static void report(FILE *out)
     print_phase(out, "before", &vmm.phases[0], false);
     print_phase(out, "during", &vmm.phases[1], false);
     print_phase(out, "after", &vmm.phases[2], true);
-    fprintf(out, "}}\n");
+    fprintf(out, "}");
+    if (vmm.have_local)
+        fprintf(out, ",\"snapshot\":{\"method\":\"%s\",\"ok\":%s,\"error\":\"%s\",\"pauseMs\":%.3f,\"durationMs\":%.1f,"
+                "\"outputBytes\":%llu,\"faults\":%llu,\"extraMemoryBytes\":%llu}",
+                vmm.local_method, vmm.local.error[0] ? "false" : "true", vmm.local.error, vmm.local.pause_ms,
+                vmm.local.duration_ms, (unsigned long long)vmm.local.output_bytes, (unsigned long long)vmm.local.faults,
+                (unsigned long long)vmm.local.extra_memory_bytes);
+    fprintf(out, "}\n");
     fflush(out);
 }
 
@@ -570,6 +595,8 @@ static void agent_loop(int sock)
                     vmm.snapshots_failed++;
                 if (vmm.phase == 1)
                     next_phase();
+                if (vmm.after_ms) /* measure the after phase, then exit */
+                    deadline = now_ns() + vmm.after_ms * 1000000ull;
             } else if (has_type(line, "error")) {
                 fprintf(stderr, "toyvmm: agent refused us: %s\n", line);
             }
@@ -624,11 +651,30 @@ static void agent_session(void)
     close(sock);
 }
 
+static int freeze_for_baseline(void) { return freeze_guest(); }
+
+/* A baseline method (baselines.c) at --snapshot-at-ms, then --after-ms. */
+static void run_local_snapshot(void)
+{
+    fprintf(stderr, "toyvmm: ready pid=%d kind=%s role=vmm\n", getpid(), vmm.kvm_mode ? "kvm" : "threads");
+    usleep((useconds_t)(vmm.snapshot_at_ms * 1000));
+    next_phase();
+    struct baseline_guest g = {.mem = vmm.mem, .size = vmm.mem_size, .freeze = freeze_for_baseline, .thaw = thaw_guest};
+    vmm.have_local = true;
+    if (baseline_snapshot(vmm.local_method, &g, vmm.output ? vmm.output : "/dev/null", &vmm.local) < 0)
+        fprintf(stderr, "toyvmm: %s\n", vmm.local.error);
+    next_phase();
+    uint64_t deadline = now_ns() + vmm.after_ms * 1000000ull;
+    while (!atomic_load(&vmm.stopping) && now_ns() < deadline)
+        usleep(10000);
+}
+
 static void usage(void)
 {
     fprintf(stderr,
             "usage: vmsnap-toyvmm [--mem MiB] [--vcpus N] [--rate pages/s] [--pattern random|sequential] [--anon] [--threads]\n"
-            "                     [--agent SOCK] [--vm ID] [--device] [--reference FILE] [--run-ms N] [--fill PERCENT] [--progress-ms N]\n");
+            "                     [--agent SOCK] [--vm ID] [--device] [--reference FILE] [--run-ms N] [--fill PERCENT] [--progress-ms N]\n"
+            "                     [--local floor|fork|stop-the-world --output FILE --snapshot-at-ms N] [--after-ms N]\n");
     exit(2);
 }
 
@@ -646,6 +692,10 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--run-ms") && v) vmm.run_ms = strtoull(v, NULL, 0), i++;
         else if (!strcmp(a, "--fill") && v) vmm.fill_percent = (uint32_t)atoi(v), i++;
         else if (!strcmp(a, "--progress-ms") && v) vmm.progress_ms = strtoull(v, NULL, 0), i++;
+        else if (!strcmp(a, "--local") && v) vmm.local_method = v, i++;
+        else if (!strcmp(a, "--output") && v) vmm.output = v, i++;
+        else if (!strcmp(a, "--snapshot-at-ms") && v) vmm.snapshot_at_ms = strtoull(v, NULL, 0), i++;
+        else if (!strcmp(a, "--after-ms") && v) vmm.after_ms = strtoull(v, NULL, 0), i++;
         else if (!strcmp(a, "--pattern") && v) {
             if (strcmp(v, "random") && strcmp(v, "sequential"))
                 usage();
@@ -676,7 +726,9 @@ int main(int argc, char **argv)
     start_guest();
     if (!vmm.kvm_mode)
         fprintf(stderr, "toyvmm: running the guest on host threads (%s)\n", vmm.why_threads);
-    if (vmm.agent) {
+    if (vmm.local_method) {
+        run_local_snapshot();
+    } else if (vmm.agent) {
         agent_session();
     } else {
         fprintf(stderr, "toyvmm: ready pid=%d kind=%s role=vmm\n", getpid(), vmm.kvm_mode ? "kvm" : "threads");
