@@ -2,9 +2,10 @@
  * vmsnap's command line. `main(argv)` parses, runs one command and returns
  * its exit code; it never calls process.exit, so tests call it in-process.
  */
-import { formatBytes, type MemoryKind, parseSize, type RawLayout } from "@vmsnap/core"
+import { BENCH_METHODS, type BenchMethod, formatBytes, type MemoryKind, parseSize, type RawLayout } from "@vmsnap/core"
 import yargs from "yargs"
 import { agentCommand } from "./commands/agent.js"
+import { benchCommand } from "./commands/bench.js"
 import { demoCommand } from "./commands/demo.js"
 import { snapshotCommand } from "./commands/snapshot.js"
 import { inspectCommand } from "./commands/inspect.js"
@@ -126,6 +127,36 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
       }
     )
     .command(
+      "bench",
+      "measure vmsnap against its baselines (no pool, a minimal C handler, fork, stop-the-world) on the same KVM guest",
+      (y) =>
+        y
+          .option("sizes", { type: "string", default: "1GiB", describe: "comma-separated guest sizes" })
+          .option("rate", { type: "number", default: 0, describe: "guest writes in pages/s (0: as fast as it can)" })
+          .option("methods", { type: "string", default: BENCH_METHODS.join(","), describe: "comma-separated methods" })
+          .option("vcpus", { type: "number", default: 1, describe: "guest vCPUs" })
+          .option("warmup", { type: "number", default: 2000, describe: "ms the guest runs before each snapshot" })
+          .option("after", { type: "number", default: 1000, describe: "ms measured after each snapshot" })
+          .option("buffer", { type: "string", default: "64MiB", describe: "vmsnap's pool" })
+          .option("compression", { choices: ["lz4", "none"] as const, default: "lz4" as const, describe: "vmsnap's record compression" })
+          .example("$0 bench", "1 GiB, every method, about a minute")
+          .example("$0 bench --sizes 1GiB,4GiB,8GiB --methods vmsnap,stop-the-world --json", ""),
+      (a) => {
+        const sizes = String(a.sizes).split(",").map((t) => sizeOption("sizes", t, 4 * 1024 * 1024))
+        for (const s of sizes) if (s % (2 * 1024 * 1024) !== 0) throw new UsageError(`--sizes ${formatBytes(s)}: each must be a multiple of 2 MiB`)
+        const methods = String(a.methods).split(",").map((m) => m.trim())
+        for (const m of methods) if (!(BENCH_METHODS as ReadonlyArray<string>).includes(m)) throw new UsageError(`--methods: unknown method ${m} (known: ${BENCH_METHODS.join(", ")})`)
+        if (!Number.isInteger(a.vcpus) || a.vcpus < 1 || a.vcpus > 32) throw new UsageError(`--vcpus ${a.vcpus}: must be 1 to 32`)
+        if (!Number.isFinite(a.rate) || a.rate < 0) throw new UsageError(`--rate ${a.rate}: must be 0 or more pages/s`)
+        const poolPages = poolPagesOption(a.buffer)
+        run = () =>
+          benchCommand(io, {
+            ...common(a), sizes, rate: Math.round(a.rate), methods: methods as Array<BenchMethod>, vcpus: a.vcpus,
+            warmupMs: a.warmup, afterMs: a.after, poolPages, compression: a.compression as "lz4" | "none"
+          })
+      }
+    )
+    .command(
       "inspect <file>",
       "show a snapshot's header, regions, page counts and compression ratio",
       (y) => y.positional("file", { type: "string", demandOption: true, describe: "snapshot file" }).example("$0 inspect guest.vmsnap --json", ""),
@@ -160,7 +191,7 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
         run = () => restoreCommand(io, { ...common(a), file: a.file, raw: a.raw, layout: a.layout as RawLayout })
       }
     )
-    .demandCommand(1, "name a command (demo, agent, snapshot, inspect, verify, restore)")
+    .demandCommand(1, "name a command (demo, agent, snapshot, bench, inspect, verify, restore)")
     .strict()
     .recommendCommands()
     .epilogue(EXIT_CODES)

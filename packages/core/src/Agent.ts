@@ -426,6 +426,7 @@ export class Agent {
           path: request.path,
           poolPages: request.poolPages,
           faultAroundPages: request.faultAroundPages,
+          compress: request.compression !== "none",
           freeze,
           thaw,
           onProgress: (saved, total) => {

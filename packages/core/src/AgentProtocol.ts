@@ -41,6 +41,8 @@ export interface SnapshotRequest {
   readonly path: string
   readonly poolPages?: number
   readonly faultAroundPages?: number
+  /** "lz4" (default) or "none". */
+  readonly compression?: "lz4" | "none"
 }
 
 export type ClientRequest = SnapshotRequest | { readonly type: "list" }
@@ -109,7 +111,11 @@ export const parseClientRequest = (m: Record<string, unknown>): ClientRequest =>
   if (m.type !== "snapshot") return fail(`unknown message type ${JSON.stringify(m.type)}`)
   if (typeof m.path !== "string" || m.path.length === 0) fail(`"path" must name the snapshot file`)
   const opt = (k: string) => (m[k] === undefined ? undefined : wholeNumber(m[k], `"${k}"`))
-  return { type: "snapshot", vm: vmId(m.vm), path: m.path as string, poolPages: opt("poolPages"), faultAroundPages: opt("faultAroundPages") }
+  if (m.compression !== undefined && m.compression !== "lz4" && m.compression !== "none") fail(`"compression" must be "lz4" or "none"`)
+  return {
+    type: "snapshot", vm: vmId(m.vm), path: m.path as string, poolPages: opt("poolPages"), faultAroundPages: opt("faultAroundPages"),
+    compression: m.compression as "lz4" | "none" | undefined
+  }
 }
 
 /** One message as a line. */

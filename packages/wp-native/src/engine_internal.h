@@ -23,7 +23,7 @@
 #define WP_MAX_REGIONS 64
 #define WP_MAX_PROCESSES 16
 #define WP_MAX_MAPPINGS 256
-#define WP_SPIN_NS 50000ull         /* keep polling this long after an event */
+#define WP_SPIN_NS 5000ull         /* keep polling this long after an event */
 #define WP_OVERFLOW_NS 200000000ull /* a fallback waiting longer overflows */
 #define WP_SWEEP_MAX_PAGES 16384u   /* scratch size for one sweep call */
 

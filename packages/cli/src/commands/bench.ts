@@ -1,0 +1,55 @@
+/** `vmsnap bench`: vmsnap against its baselines on the same guest, one table. */
+import { type BenchMethod, type BenchRun, formatBytes, runBenchmark } from "@vmsnap/core"
+import type { Io } from "../Io.js"
+import { type CommonFlags, runCommand } from "../Run.js"
+
+export interface BenchFlags extends CommonFlags {
+  readonly sizes: ReadonlyArray<number>
+  readonly rate: number
+  readonly methods: ReadonlyArray<BenchMethod>
+  readonly vcpus: number
+  readonly warmupMs: number
+  readonly afterMs: number
+  readonly poolPages: number
+  readonly compression: "lz4" | "none"
+}
+
+const columns: Array<[string, (r: BenchRun) => string]> = [
+  ["method", (r) => r.method],
+  ["size", (r) => formatBytes(r.sizeBytes)],
+  ["pause ms", (r) => r.pauseMs.toFixed(2)],
+  ["time s", (r) => (r.durationMs / 1000).toFixed(2)],
+  ["MB/s", (r) => String(r.throughputMBps)],
+  ["p50 us", (r) => r.latencyUs.p50.toFixed(1)],
+  ["p99 us", (r) => r.latencyUs.p99.toFixed(1)],
+  ["p99.9 us", (r) => r.latencyUs.p999.toFixed(1)],
+  ["max ms", (r) => (r.latencyUs.max / 1000).toFixed(1)],
+  ["faults", (r) => String(r.faults)],
+  [">1ms", (r) => String(r.stallsOver1ms)],
+  ["blocked ms", (r) => String(r.guestBlockedMs)],
+  ["tput", (r) => `${Math.round(r.guestThroughputRatio * 100)}%`],
+  ["after", (r) => `${Math.round(r.guestThroughputAfterRatio * 100)}%`],
+  ["extra mem", (r) => formatBytes(r.extraMemoryBytes)],
+  ["output", (r) => formatBytes(r.outputBytes)]
+]
+
+export const table = (runs: ReadonlyArray<BenchRun>): string => {
+  const rows = [columns.map(([h]) => h), ...runs.map((r) => columns.map(([, f]) => (r.ok ? f(r) : "")).map((c, i) => (i === 2 && !r.ok ? `failed: ${r.error}` : c)))]
+  const widths = columns.map((_, i) => Math.max(...rows.map((row) => row[i]!.length)))
+  return rows.map((row) => row.map((c, i) => (i < 2 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  ")).join("\n")
+}
+
+export const benchCommand = (io: Io, flags: BenchFlags) =>
+  runCommand(
+    io,
+    flags,
+    runBenchmark({
+      ...flags,
+      onStart: (method, size) => !flags.json && io.stderr(`bench: ${method} at ${formatBytes(size)}...\n`)
+    }),
+    (runs) => ({
+      json: { ok: runs.every((r) => r.ok), guestKind: runs[0]?.guestKind ?? null, runs },
+      human: `guest: ${runs[0]?.guestKind === "kvm" ? "KVM" : "host threads"}, ${flags.vcpus} vCPU, ${flags.rate ? `${flags.rate} pages/s` : "writing as fast as it can"}; latency, stalls and blocked time as the guest measured them during the snapshot; tput/after: guest writes/s during and in the ${flags.afterMs} ms after, against the same guest with no snapshot\n${table(runs)}`,
+      exitCode: runs.every((r) => r.ok) ? 0 : 1
+    })
+  )
