@@ -139,6 +139,7 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
           .option("after", { type: "number", default: 1000, describe: "ms measured after each snapshot" })
           .option("buffer", { type: "string", default: "64MiB", describe: "vmsnap's pool" })
           .option("compression", { choices: ["lz4", "none"] as const, default: "lz4" as const, describe: "vmsnap's record compression" })
+          .option("fault-around", { type: "number", default: 16, describe: "vmsnap's fault-around window in pages (1 = off)" })
           .example("$0 bench", "1 GiB, every method, about a minute")
           .example("$0 bench --sizes 1GiB,4GiB,8GiB --methods vmsnap,stop-the-world --json", ""),
       (a) => {
@@ -152,7 +153,8 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
         run = () =>
           benchCommand(io, {
             ...common(a), sizes, rate: Math.round(a.rate), methods: methods as Array<BenchMethod>, vcpus: a.vcpus,
-            warmupMs: a.warmup, afterMs: a.after, poolPages, compression: a.compression as "lz4" | "none"
+            warmupMs: a.warmup, afterMs: a.after, poolPages, compression: a.compression as "lz4" | "none",
+            faultAroundPages: faultAroundOption(a["fault-around"])
           })
       }
     )

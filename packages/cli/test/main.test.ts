@@ -212,3 +212,22 @@ describe("agent and snapshot usage", () => {
     expect(r.stderr).toMatch(/no agent is listening there: start one with `vmsnap agent --listen SOCK`/)
   })
 })
+
+describe.skipIf(unavailable)("bench", () => {
+  it("--json: one run per method with the documented fields (shape only; figures live in docs/BENCHMARKS.md)", async () => {
+    const r = await cli("bench", "--sizes", "8MiB", "--methods", "vmsnap,stop-the-world", "--warmup", "200", "--after", "200", "--json")
+    expect(r.code, r.stdout).toBe(0)
+    const j = JSON.parse(r.stdout)
+    expect(j.runs.map((x: { method: string }) => x.method)).toEqual(["vmsnap", "stop-the-world"])
+    for (const run of j.runs)
+      for (const key of ["sizeBytes", "pauseMs", "durationMs", "faults", "stallsOver1ms", "guestBlockedMs", "guestThroughputRatio", "guestThroughputAfterRatio", "throughputMBps", "extraMemoryBytes", "outputBytes"])
+        expect(typeof run[key], key).toBe("number")
+    expect(Object.keys(j.runs[0].latencyUs)).toEqual(["p50", "p99", "p999", "max"])
+  })
+
+  it("an unknown method is a usage error", async () => {
+    const r = await cli("bench", "--methods", "vmsnap,teleport")
+    expect(r.code).toBe(2)
+    expect(r.stderr).toMatch(/unknown method teleport/)
+  })
+})

@@ -35,6 +35,8 @@ export interface BenchOptions {
   readonly afterMs: number
   readonly poolPages: number
   readonly compression: "lz4" | "none"
+  /** vmsnap's fault-around window (pages; 1 = off). */
+  readonly faultAroundPages: number
   readonly onRun?: (run: BenchRun) => void
   readonly onStart?: (method: string, sizeBytes: number) => void
 }
@@ -102,7 +104,7 @@ const runAgent = (agent: Agent, sync: boolean, size: number, o: BenchOptions, di
     const baseline = kib("RssAnon")
     let peak = baseline
     const sampler = setInterval(() => (peak = Math.max(peak, kib("RssAnon"))), 10)
-    const exit = yield* Effect.exit(agent.snapshot({ vm, path, poolPages: sync ? 0 : o.poolPages, faultAroundPages: sync ? 1 : undefined, compression: o.compression }))
+    const exit = yield* Effect.exit(agent.snapshot({ vm, path, poolPages: sync ? 0 : o.poolPages, faultAroundPages: sync ? 1 : o.faultAroundPages, compression: o.compression }))
     clearInterval(sampler)
     const extra = Math.max(peak, kib("RssAnon")) - baseline
     const report = yield* Effect.promise(() => vmm.report())

@@ -12,6 +12,7 @@ export interface BenchFlags extends CommonFlags {
   readonly afterMs: number
   readonly poolPages: number
   readonly compression: "lz4" | "none"
+  readonly faultAroundPages: number
 }
 
 const columns: Array<[string, (r: BenchRun) => string]> = [
