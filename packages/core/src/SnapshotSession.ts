@@ -18,6 +18,8 @@ import { InvalidInput, ioError, type VmsnapError } from "./Errors.js"
 import { PAGE_SIZE, regionPages, type MemoryRegion } from "./GuestMemory.js"
 import { encodeHeader } from "./SnapshotFormat.js"
 import { RecordSink, writeSnapshotBody, type WriterOptions } from "./SnapshotWriter.js"
+import { errnoName } from "./internal/errno.js"
+import { loadWp } from "./internal/ffi.js"
 import { type EngineStats, type RemoteProcess, WpNative } from "./WpNative.js"
 
 export interface SnapshotOptions extends WriterOptions {
@@ -42,6 +44,8 @@ export interface SnapshotOptions extends WriterOptions {
    * what was written since: a pause independent of guest size. Default true.
    */
   readonly arm?: boolean
+  /** Rebuild huge pages of anon-thp regions afterwards (MADV_COLLAPSE). Default true. */
+  readonly collapseHugePages?: boolean
 }
 
 export interface SnapshotResult {
@@ -57,6 +61,8 @@ export interface SnapshotResult {
   readonly durationMs: number
   readonly records: number
   readonly engine: EngineStats
+  /** Rebuilding split huge pages after the snapshot (anon-thp regions); null when there were none. */
+  readonly collapse: { readonly ms: number; readonly ok: boolean; readonly error: string | null } | null
 }
 
 export const DEFAULT_POOL_PAGES = 16384
@@ -110,7 +116,35 @@ const validate = (options: SnapshotOptions) => {
 }
 
 /** Takes one live snapshot of `regions` into `path`. */
+/**
+ * 4 KiB unprotects split transparent huge pages; once the snapshot is over
+ * and the memory unregistered, rebuild them so the guest does not run slower
+ * afterwards. Best effort: the snapshot is already complete.
+ */
+const collapseHugePages = (options: SnapshotOptions) =>
+  Effect.sync((): SnapshotResult["collapse"] => {
+    const thp = options.regions.map((r, i) => ({ r, i })).filter(({ r }) => r.kind === "anon-thp")
+    if (thp.length === 0 || options.collapseHugePages === false) return null
+    const t0 = nowMs()
+    const errors: Array<string> = []
+    for (const { r, i } of thp) {
+      const targets = options.processes
+        ? options.processes.flatMap((p) => p.mappings.filter((m) => m.region === i).map((m) => ({ pid: p.pid, hva: m.hva })))
+        : [{ pid: 0, hva: r.hostBase as bigint }]
+      for (const t of targets) {
+        const rc: number = loadWp().wp_collapse([t.pid, t.hva, BigInt(r.size)])
+        if (rc < 0) errors.push(`MADV_COLLAPSE: ${errnoName(-rc)}`)
+      }
+    }
+    return { ms: nowMs() - t0, ok: errors.length === 0, error: errors[0] ?? null }
+  })
+
 export const takeSnapshot = (options: SnapshotOptions): Effect.Effect<SnapshotResult, VmsnapError, WpNative> =>
+  Effect.flatMap(takeSnapshotScoped(options), (result) =>
+    Effect.map(collapseHugePages(options), (collapse) => ({ ...result, collapse }))
+  )
+
+const takeSnapshotScoped = (options: SnapshotOptions): Effect.Effect<Omit<SnapshotResult, "collapse">, VmsnapError, WpNative> =>
   Effect.scoped(
     Effect.gen(function* () {
       yield* validate(options)
@@ -170,7 +204,7 @@ export const takeSnapshot = (options: SnapshotOptions): Effect.Effect<SnapshotRe
         durationMs: nowMs() - cutAt,
         records: body.records,
         engine: stats
-      } satisfies SnapshotResult
+      }
     })
   )
 

@@ -179,6 +179,11 @@ int32_t wp_peer_pid(int32_t sock);
 uint64_t wp_map_fd(int32_t fd, uint64_t offset, uint64_t size, int32_t *err_out);
 int32_t wp_unmap(uint64_t hva, uint64_t size);
 
+/* Rebuild transparent huge pages that 4 KiB unprotects split (MADV_COLLAPSE,
+ * Linux 6.1+) in [hva, hva + size) of process pid (0: this one, else through
+ * process_madvise). Call it once the range is no longer registered. */
+int32_t wp_collapse(int32_t pid, uint64_t hva, uint64_t size);
+
 /* Copy len bytes from src to the host-virtual address hva of this process
  * (eager restore into a live region). */
 int32_t wp_copy_to_hva(uint64_t hva, const uint8_t *src, uint64_t len);

@@ -7,6 +7,8 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #define WP_MAX_RECV_FDS 64
@@ -65,4 +67,28 @@ uint64_t wp_map_fd(int32_t fd, uint64_t offset, uint64_t size, int32_t *err_out)
 int32_t wp_unmap(uint64_t hva, uint64_t size)
 {
     return munmap((void *)(uintptr_t)hva, size) < 0 ? -errno : 0;
+}
+
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_process_madvise
+#define SYS_process_madvise 440
+#endif
+
+int32_t wp_collapse(int32_t pid, uint64_t hva, uint64_t size)
+{
+    if (pid == 0 || pid == getpid())
+        return madvise((void *)(uintptr_t)hva, size, MADV_COLLAPSE) < 0 ? -errno : 0;
+    int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    if (pidfd < 0)
+        return -errno;
+    struct iovec iov = {.iov_base = (void *)(uintptr_t)hva, .iov_len = size};
+    long rc = syscall(SYS_process_madvise, pidfd, &iov, 1, MADV_COLLAPSE, 0);
+    int err = errno;
+    close(pidfd);
+    return rc < 0 ? -err : 0;
 }

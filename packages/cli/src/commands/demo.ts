@@ -245,6 +245,7 @@ export const demoCommand = (io: Io, flags: DemoFlags) => {
       fallbackMs: round(r.engine.fallbackNs / 1e6, 2),
       poolPages: r.engine.poolSlots,
       poolHighWater: r.engine.poolHighWater,
+      hugePagesRebuilt: r.collapse,
       faultServiceUs: { p50: d.fault.p50, p99: d.fault.p99, max: d.fault.max },
       path: kept ? d.path : null,
       guest: {

@@ -39,6 +39,7 @@ const wpTable = {
   wp_peer_pid: { library: "vmsnap_wp", retType: I32, paramsType: [I32] },
   wp_map_fd: { library: "vmsnap_wp", retType: BIG, paramsType: [I32, BIG, BIG, B] },
   wp_unmap: { library: "vmsnap_wp", retType: I32, paramsType: [BIG, BIG] },
+  wp_collapse: { library: "vmsnap_wp", retType: I32, paramsType: [I32, BIG, BIG] },
   wp_engine_set_fault_around: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, U32] },
   wp_engine_start: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_engine_arm: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
