@@ -140,6 +140,8 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
           .option("buffer", { type: "string", default: "64MiB", describe: "vmsnap's pool" })
           .option("compression", { choices: ["lz4", "none"] as const, default: "lz4" as const, describe: "vmsnap's record compression" })
           .option("fault-around", { type: "number", default: 16, describe: "vmsnap's fault-around window in pages (1 = off)" })
+          .option("steer", { type: "boolean", default: true, describe: "vmsnap sweeps where the guest writes first (--no-steer: front to back)" })
+          .option("pattern", { choices: ["random", "sequential"] as const, default: "random" as const, describe: "which pages the guest writes" })
           .example("$0 bench", "1 GiB, every method, about a minute")
           .example("$0 bench --sizes 1GiB,4GiB,8GiB --methods vmsnap,stop-the-world --json", ""),
       (a) => {
@@ -154,7 +156,8 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
           benchCommand(io, {
             ...common(a), sizes, rate: Math.round(a.rate), methods: methods as Array<BenchMethod>, vcpus: a.vcpus,
             warmupMs: a.warmup, afterMs: a.after, poolPages, compression: a.compression as "lz4" | "none",
-            faultAroundPages: faultAroundOption(a["fault-around"])
+            faultAroundPages: faultAroundOption(a["fault-around"]), steer: a.steer !== false,
+            pattern: a.pattern as "random" | "sequential"
           })
       }
     )

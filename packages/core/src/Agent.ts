@@ -427,6 +427,7 @@ export class Agent {
           poolPages: request.poolPages,
           faultAroundPages: request.faultAroundPages,
           compress: request.compression !== "none",
+          steer: request.steer,
           freeze,
           thaw,
           onProgress: (saved, total) => {

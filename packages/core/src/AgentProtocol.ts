@@ -43,6 +43,8 @@ export interface SnapshotRequest {
   readonly faultAroundPages?: number
   /** "lz4" (default) or "none". */
   readonly compression?: "lz4" | "none"
+  /** Sweep where the guest writes first (default true). */
+  readonly steer?: boolean
 }
 
 export type ClientRequest = SnapshotRequest | { readonly type: "list" }
@@ -114,7 +116,8 @@ export const parseClientRequest = (m: Record<string, unknown>): ClientRequest =>
   if (m.compression !== undefined && m.compression !== "lz4" && m.compression !== "none") fail(`"compression" must be "lz4" or "none"`)
   return {
     type: "snapshot", vm: vmId(m.vm), path: m.path as string, poolPages: opt("poolPages"), faultAroundPages: opt("faultAroundPages"),
-    compression: m.compression as "lz4" | "none" | undefined
+    compression: m.compression as "lz4" | "none" | undefined,
+    steer: m.steer === undefined ? undefined : m.steer === true
   }
 }
 

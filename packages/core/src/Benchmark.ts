@@ -37,6 +37,10 @@ export interface BenchOptions {
   readonly compression: "lz4" | "none"
   /** vmsnap's fault-around window (pages; 1 = off). */
   readonly faultAroundPages: number
+  /** vmsnap sweeps where the guest writes first. */
+  readonly steer: boolean
+  /** Which pages the guest writes. */
+  readonly pattern: "random" | "sequential"
   readonly onRun?: (run: BenchRun) => void
   readonly onStart?: (method: string, sizeBytes: number) => void
 }
@@ -81,7 +85,7 @@ interface Measured {
 const runLocal = async (method: "floor" | "fork" | "stop-the-world" | "none", size: number, o: BenchOptions, dir: string): Promise<Measured> => {
   const output = join(dir, `${method}.img`)
   const vmm = new ToyVmm({
-    memMiB: size / MiB, vcpus: o.vcpus, rate: o.rate, fillPercent: 75, anon: method === "fork",
+    memMiB: size / MiB, vcpus: o.vcpus, rate: o.rate, pattern: o.pattern, fillPercent: 75, anon: method === "fork",
     local: method, output, snapshotAtMs: o.warmupMs, afterMs: o.afterMs
   })
   const report = await vmm.report()
@@ -97,14 +101,14 @@ const runLocal = async (method: "floor" | "fork" | "stop-the-world" | "none", si
 const runAgent = (agent: Agent, sync: boolean, size: number, o: BenchOptions, dir: string) =>
   Effect.gen(function* () {
     const vm = `bench-${sync ? "sync" : "pool"}-${size / MiB}`
-    const vmm = new ToyVmm({ memMiB: size / MiB, vcpus: o.vcpus, rate: o.rate, fillPercent: 75, agent: agent.socketPath, vm, afterMs: o.afterMs })
+    const vmm = new ToyVmm({ memMiB: size / MiB, vcpus: o.vcpus, rate: o.rate, pattern: o.pattern, fillPercent: 75, agent: agent.socketPath, vm, afterMs: o.afterMs })
     yield* Effect.promise(() => vmm.ready.then(() => sleep(o.warmupMs)))
     const path = join(dir, `${vm}.vmsnap`)
     // Anonymous memory only: the agent's view of the guest memfd is shared, not extra.
     const baseline = kib("RssAnon")
     let peak = baseline
     const sampler = setInterval(() => (peak = Math.max(peak, kib("RssAnon"))), 10)
-    const exit = yield* Effect.exit(agent.snapshot({ vm, path, poolPages: sync ? 0 : o.poolPages, faultAroundPages: sync ? 1 : o.faultAroundPages, compression: o.compression }))
+    const exit = yield* Effect.exit(agent.snapshot({ vm, path, poolPages: sync ? 0 : o.poolPages, faultAroundPages: sync ? 1 : o.faultAroundPages, compression: o.compression, steer: o.steer }))
     clearInterval(sampler)
     const extra = Math.max(peak, kib("RssAnon")) - baseline
     const report = yield* Effect.promise(() => vmm.report())

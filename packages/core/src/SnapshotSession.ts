@@ -60,6 +60,8 @@ export interface SnapshotResult {
   /** From the cut to the file being durable under its final name. */
   readonly durationMs: number
   readonly records: number
+  /** Pages the sweep saved where the guest had just faulted. */
+  readonly steeredPages: number
   readonly engine: EngineStats
   /** Rebuilding split huge pages after the snapshot (anon-thp regions); null when there were none. */
   readonly collapse: { readonly ms: number; readonly ok: boolean; readonly error: string | null } | null
@@ -203,6 +205,7 @@ const takeSnapshotScoped = (options: SnapshotOptions): Effect.Effect<Omit<Snapsh
         armMs,
         durationMs: nowMs() - cutAt,
         records: body.records,
+        steeredPages: body.steeredPages,
         engine: stats
       }
     })

@@ -102,6 +102,8 @@ export interface WriterOptions {
   readonly compress?: boolean
   /** Deliberately slow the writer (ms per turn): tests and benchmarks of the fallback. */
   readonly writerDelayMs?: number
+  /** Sweep where the guest writes first (default true). */
+  readonly steer?: boolean
   /** Called after every turn with pages saved so far. */
   readonly onProgress?: (savedPages: number, totalPages: number, bytesWritten: number) => void
 }
@@ -187,6 +189,8 @@ const recordsFromSweep = (
 export interface WriterResult {
   readonly records: number
   readonly storedPages: number
+  /** Pages swept where the guest had just faulted. */
+  readonly steeredPages: number
 }
 
 /**
@@ -216,6 +220,8 @@ export const writeSnapshotBody = (
     let region = 0
     let cursor = 0
     let saved = 0
+    let steered = 0
+    const steer = options.steer ?? true
     let lastCollect = 0
 
     const flushOldest = Effect.gen(function* () {
@@ -236,6 +242,20 @@ export const writeSnapshotBody = (
           inflight.push({ records: recordsFromPool(drainBuf, drainKeys, drained, useLz4) })
           saved += drained
           return true
+        }
+        // Steering: sweep first where the guest is writing, so it meets saved pages.
+        const hint = steer ? engine.hintSync() : undefined
+        if (hint) {
+          const first = hint.page - (hint.page % sweepPages)
+          const out = { data: takeStaging(), pages: sweepIndex, flags: sweepFlags }
+          const n = engine.sweepSync(hint.region, first, sweepPages, out)
+          if (n > 0) {
+            inflight.push({ records: recordsFromSweep(hint.region, out.data, out.pages, out.flags, n, useLz4), staging: out.data })
+            saved += n
+            steered += n
+            return true
+          }
+          staging.push(out.data)
         }
         while (region < regions.length) {
           const pages = regionPages(regions[region]!)
@@ -273,5 +293,5 @@ export const writeSnapshotBody = (
       if (inflight.length > 0) yield* flushOldest
       else yield* Effect.sleep(0)
     }
-    return { records: sink.index.count, storedPages: sink.storedPages }
+    return { records: sink.index.count, storedPages: sink.storedPages, steeredPages: steered }
   })

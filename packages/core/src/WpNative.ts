@@ -111,6 +111,15 @@ export class WpEngine {
     return new NativeError({ op: "snapshot", errno: -rc, reason })
   }
 
+  private readonly hintKey = new BigUint64Array(1)
+
+  /** Where the guest last faulted since the previous call, if anywhere. */
+  hintSync(): { region: number; page: number } | undefined {
+    if (loadWp().wp_engine_hint([this.handle, Buffer.from(this.hintKey.buffer)]) !== 1) return undefined
+    const key = this.hintKey[0]!
+    return { region: Number(key >> 48n), page: Number(key & 0xffffffffffffn) }
+  }
+
   doneSync(): boolean {
     return loadWp().wp_engine_done([this.handle]) === 1
   }

@@ -154,6 +154,11 @@ int32_t wp_engine_drain(wp_engine *e, uint8_t *buf, uint64_t *keys_out, uint32_t
 int32_t wp_engine_sweep(wp_engine *e, uint32_t region, uint64_t first_page, uint32_t max_pages,
                         uint8_t *buf, uint64_t *pages_out, uint8_t *flags_out);
 
+/* Where the guest last took a write fault since the previous call: 1 and
+ * *key_out = region << 48 | page, or 0 if none. The writer sweeps there
+ * next, so the guest meets saved pages instead of faulting on each. */
+int32_t wp_engine_hint(wp_engine *e, uint64_t *key_out);
+
 /* 1 when every page is saved and the pool is empty, else 0. */
 int32_t wp_engine_done(wp_engine *e);
 

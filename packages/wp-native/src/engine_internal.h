@@ -76,6 +76,7 @@ struct wp_engine {
     _Atomic int32_t error_process; /* the process it concerns, -1 if none */
     _Atomic int mode;              /* MODE_* */
     _Atomic uint64_t batch_seq;    /* odd while the fault thread serves a batch */
+    _Atomic uint64_t last_fault_key; /* where the guest last wrote (+1; 0: none), for the sweep */
     uint64_t *written_keys;        /* pages unprotected while arming (fault thread only) */
     size_t written_count, written_cap;
 

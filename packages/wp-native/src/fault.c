@@ -117,6 +117,8 @@ static void serve_write_fault(wp_engine *e, uint32_t process, uint64_t fault_hva
         e->hist[hist_bucket(ns)]++;
         if (e->fault_around > 1)
             save_neighbours(e, ri, page);
+        /* Tell the sweep where the guest writes: it goes there next. */
+        atomic_store_explicit(&e->last_fault_key, wp_page_key(ri, page) + 1, memory_order_relaxed);
         return;
     }
     /* The sweep owns it (or it is already saved): wait for SAVED, then make

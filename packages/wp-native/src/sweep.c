@@ -72,3 +72,12 @@ int32_t wp_engine_sweep(wp_engine *e, uint32_t region, uint64_t first_page, uint
     int32_t err = atomic_load(&e->error);
     return err < 0 ? err : (int32_t)n;
 }
+
+int32_t wp_engine_hint(wp_engine *e, uint64_t *key_out)
+{
+    uint64_t key = atomic_exchange_explicit(&e->last_fault_key, 0, memory_order_relaxed);
+    if (!key)
+        return 0;
+    *key_out = key - 1;
+    return 1;
+}

@@ -13,6 +13,8 @@ export interface BenchFlags extends CommonFlags {
   readonly poolPages: number
   readonly compression: "lz4" | "none"
   readonly faultAroundPages: number
+  readonly steer: boolean
+  readonly pattern: "random" | "sequential"
 }
 
 const columns: Array<[string, (r: BenchRun) => string]> = [
@@ -50,7 +52,7 @@ export const benchCommand = (io: Io, flags: BenchFlags) =>
     }),
     (runs) => ({
       json: { ok: runs.every((r) => r.ok), guestKind: runs[0]?.guestKind ?? null, runs },
-      human: `guest: ${runs[0]?.guestKind === "kvm" ? "KVM" : "host threads"}, ${flags.vcpus} vCPU, ${flags.rate ? `${flags.rate} pages/s` : "writing as fast as it can"}; latency, stalls and blocked time as the guest measured them during the snapshot; tput/after: guest writes/s during and in the ${flags.afterMs} ms after, against the same guest with no snapshot\n${table(runs)}`,
+      human: `guest: ${runs[0]?.guestKind === "kvm" ? "KVM" : "host threads"}, ${flags.vcpus} vCPU, ${flags.rate ? `${flags.rate} pages/s` : "writing as fast as it can"} (${flags.pattern} pages); latency, stalls and blocked time as the guest measured them during the snapshot; tput/after: guest writes/s during and in the ${flags.afterMs} ms after, against the same guest with no snapshot\n${table(runs)}`,
       exitCode: runs.every((r) => r.ok) ? 0 : 1
     })
   )

@@ -46,6 +46,7 @@ const wpTable = {
   wp_engine_protect: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_engine_drain: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B, B, U32] },
   wp_engine_sweep: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, U32, BIG, U32, B, B, B] },
+  wp_engine_hint: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B] },
   wp_engine_done: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_engine_stats: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B] },
   wp_engine_unprotect_all: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
