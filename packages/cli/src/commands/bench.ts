@@ -1,21 +1,10 @@
 /** `vmsnap bench`: vmsnap against its baselines on the same guest, one table. */
-import { type BenchMethod, type BenchRun, formatBytes, runBenchmark } from "@vmsnap/core"
+import { type BenchOptions, type BenchRun, formatBytes, runBenchmark } from "@vmsnap/core"
 import type { Io } from "../Io.js"
 import { type CommonFlags, runCommand } from "../Run.js"
 
-export interface BenchFlags extends CommonFlags {
-  readonly sizes: ReadonlyArray<number>
-  readonly rate: number
-  readonly methods: ReadonlyArray<BenchMethod>
-  readonly vcpus: number
-  readonly warmupMs: number
-  readonly afterMs: number
-  readonly poolPages: number
-  readonly compression: "lz4" | "none"
-  readonly faultAroundPages: number
-  readonly steer: boolean
-  readonly pattern: "random" | "sequential"
-}
+/** The bench's options as the CLI collects them (BenchOptions without the callbacks). */
+export type BenchFlags = CommonFlags & Omit<BenchOptions, "onRun" | "onStart">
 
 const columns: Array<[string, (r: BenchRun) => string]> = [
   ["method", (r) => r.method],
