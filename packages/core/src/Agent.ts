@@ -18,6 +18,7 @@ import { NativeError, ProtocolError, type VmsnapError } from "./Errors.js"
 import { gpa, hva, type MemoryRegion } from "./GuestMemory.js"
 import { errnoReason } from "./internal/errno.js"
 import { loadWp } from "./internal/ffi.js"
+import { receiveFirstMessage, socketFd } from "./internal/firstMessage.js"
 import {
   type ClientRequest, encodeMessage, type Hello, LineReader, MAX_MESSAGE_BYTES, parseClientRequest, parseHello,
   parseMessage, type SnapshotRequest
@@ -25,7 +26,6 @@ import {
 import { type SnapshotResult, takeSnapshot } from "./SnapshotSession.js"
 import { type RemoteProcess, WpNative } from "./WpNative.js"
 
-const MAX_FDS = 64
 const HELLO_TIMEOUT_MS = 5000
 /** A VMM may copy a reference of all its memory before answering a freeze. */
 const FREEZE_TIMEOUT_MS = 30000
@@ -120,47 +120,10 @@ const isAlive = (pid: number): boolean => {
   }
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
-
-/** Reads the first message of a paused socket with recvmsg, collecting fds. */
-const receiveFirst = async (fd: number): Promise<{ line: string; rest: Buffer; fds: Array<number> } | undefined> => {
-  const lib = loadWp()
-  const buf = Buffer.alloc(64 * 1024)
-  const fdBuf = new Int32Array(MAX_FDS)
-  const count = new Int32Array(1)
-  const fds: Array<number> = []
-  const chunks: Array<Buffer> = []
-  let total = 0
-  const deadline = Date.now() + HELLO_TIMEOUT_MS
-  while (true) {
-    const n: number = lib.wp_recv_fds([fd, buf, buf.length, Buffer.from(fdBuf.buffer), MAX_FDS, Buffer.from(count.buffer)])
-    for (let i = 0; i < count[0]!; i++) fds.push(fdBuf[i]!)
-    if (n === 0) {
-      fds.forEach((f) => closeSync(f))
-      return undefined
-    }
-    if (n < 0 && n !== -11) {
-      fds.forEach((f) => closeSync(f))
-      throw new ProtocolError({ reason: `receiving the first message failed: ${errnoReason("recv", -n)}` })
-    }
-    if (n > 0) {
-      chunks.push(Buffer.from(buf.subarray(0, n)))
-      total += n
-      const all = Buffer.concat(chunks)
-      const nl = all.indexOf(0x0a)
-      if (nl >= 0) return { line: all.subarray(0, nl).toString("utf8"), rest: all.subarray(nl + 1), fds }
-      if (total > MAX_MESSAGE_BYTES) {
-        fds.forEach((f) => closeSync(f))
-        throw new ProtocolError({ reason: `first message longer than ${MAX_MESSAGE_BYTES} bytes` })
-      }
-      continue
-    }
-    if (Date.now() > deadline) {
-      fds.forEach((f) => closeSync(f))
-      throw new ProtocolError({ reason: `no complete first message within ${HELLO_TIMEOUT_MS} ms` })
-    }
-    await sleep(2)
-  }
+/** A hello line (newline-terminated) and the fds that came with it. */
+const receiveFirst = async (fd: number) => {
+  const first = await receiveFirstMessage(fd, (b) => { const nl = b.indexOf(0x0a); return nl < 0 ? undefined : nl + 1 }, { maxBytes: MAX_MESSAGE_BYTES, timeoutMs: HELLO_TIMEOUT_MS })
+  return first && { line: first.message.toString("utf8").trimEnd(), rest: first.rest, fds: first.fds }
 }
 
 export class Agent {
@@ -241,8 +204,8 @@ export class Agent {
   private async accept(socket: Socket) {
     this.sockets.add(socket)
     socket.on("close", () => this.sockets.delete(socket))
-    const fd: number | undefined = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd
-    if (fd === undefined || fd < 0) return void socket.destroy()
+    const fd = socketFd(socket)
+    if (fd === undefined) return void socket.destroy()
     let first: Awaited<ReturnType<typeof receiveFirst>>
     try {
       first = await receiveFirst(fd)

@@ -35,6 +35,10 @@ export interface ToyVmmOptions {
   readonly snapshotAtMs?: number
   /** After a snapshot (local or through the agent): keep running this long, then exit and report. */
   readonly afterMs?: number
+  /** Restore mode: connect to a page-fault handler (`vmsnap serve`) and run from the memory it serves. */
+  readonly restoreFrom?: string
+  /** Restore mode: at exit, check memory against this raw image plus the guest's own writes. */
+  readonly verifyImage?: string
 }
 
 export interface PhaseReport {
@@ -56,6 +60,8 @@ export interface ToyVmmReport {
   readonly snapshots: number
   readonly snapshotsFailed: number
   readonly phases: { readonly before: PhaseReport; readonly during: PhaseReport; readonly after: PhaseReport }
+  /** In restore mode: handshake to the guest's first write, and the check against --verify-image (-1: not checked). */
+  readonly restore?: { readonly firstWriteMs: number; readonly verifyMismatches: number }
   /** With `local`: what the VMM measured of its own snapshot. */
   readonly snapshot?: {
     readonly method: string
@@ -96,6 +102,8 @@ export class ToyVmm {
     if (options.local) args.push("--local", options.local, "--snapshot-at-ms", String(options.snapshotAtMs ?? 1000))
     if (options.output) args.push("--output", options.output)
     if (options.afterMs) args.push("--after-ms", String(options.afterMs))
+    if (options.restoreFrom) args.push("--restore-from", options.restoreFrom)
+    if (options.verifyImage) args.push("--verify-image", options.verifyImage)
     this.child = spawn(path, args, { stdio: ["ignore", "pipe", "pipe"] })
     this.child.stdout!.on("data", (d) => (this.stdout += d))
     const expected = options.device ? 2 : 1

@@ -172,6 +172,41 @@ int32_t wp_engine_unprotect_all(wp_engine *e);
 /* Stop the fault thread, remove all protection, unregister, close, free. */
 int32_t wp_engine_destroy(wp_engine *e);
 
+/* ---- Lazy restore (restore.c) ----
+ * Serves a restoring guest's memory from a snapshot through its userfaultfd,
+ * which the guest's VMM created, negotiated and registered: MISSING mode for
+ * anonymous memory (resolved with UFFDIO_COPY / UFFDIO_ZEROPAGE), MISSING |
+ * MINOR for memfd memory (the page is pwritten into the memfd, then mapped
+ * with UFFDIO_CONTINUE). A fault thread serves faults first; a fill thread
+ * installs every remaining record in file order, then unregisters the
+ * ranges. A REMOVE event (the guest discarding memory) makes later faults in
+ * that range read zero. Every record's checksum is checked as it is read. */
+typedef struct wp_restorer wp_restorer;
+#define WP_RESTORE_RAW_IMAGE 1u /* snapshot_fd is a raw image: "records" are plain ranges */
+
+typedef struct wp_restore_stats {
+    uint64_t pages_total, pages_resident;
+    uint64_t faults, faults_zero;      /* faults served; of them, in discarded ranges */
+    uint64_t pages_by_fault, pages_by_fill, removed_pages;
+    uint64_t fault_ns_total, fault_ns_max;
+    uint64_t first_fault_ns, done_ns;  /* since wp_restorer_start; 0 if not yet */
+    uint64_t hist[WP_HIST_BUCKETS];
+} wp_restore_stats;
+
+wp_restorer *wp_restorer_create(int32_t uffd, int32_t snapshot_fd, uint32_t flags, int32_t *err_out);
+/* A region of the guest: where the VMM maps it, and its memfd (-1: anonymous). */
+int32_t wp_restorer_add_region(wp_restorer *r, uint64_t hva, uint64_t size, int32_t memfd, uint64_t memfd_offset);
+/* The snapshot's index (n records, in file order), validated by the caller;
+ * -ENODATA if a page of a region is covered by no record. */
+int32_t wp_restorer_set_index(wp_restorer *r, const uint32_t *regions, const uint64_t *first_pages,
+                              const uint32_t *page_counts, const uint64_t *file_offsets, uint32_t n);
+int32_t wp_restorer_start(wp_restorer *r);
+/* 1 when every page is resident (and the ranges unregistered), 0 while
+ * serving, -errno after a failure (e.g. a corrupt record, the VMM gone). */
+int32_t wp_restorer_poll(wp_restorer *r);
+int32_t wp_restorer_stats(wp_restorer *r, wp_restore_stats *out);
+int32_t wp_restorer_destroy(wp_restorer *r);
+
 /* Transport helpers for the agent (Node has no SCM_RIGHTS):
  * wp_recv_fds: one recvmsg on a non-blocking stream socket; returns bytes
  * read (0 at EOF, -EAGAIN if nothing yet) and the received fds in fds_out

@@ -84,6 +84,10 @@ static struct {
     uint64_t snapshot_at_ms, after_ms;
     bool have_local;
     struct baseline_result local;
+    const char *restore_from, *verify_image;
+    double restore_first_write_ms;
+    int64_t verify_mismatches; /* -1: not verified */
+    uint64_t initial_seed;
     uint64_t last_progress_ns;
     uint8_t *mem;
     int memfd;
@@ -268,6 +272,8 @@ static void init_ctl(struct toy_ctl *c, uint32_t i, uint64_t area_base, uint32_t
 {
     memset(c, 0, sizeof *c);
     c->seed = 0x9E3779B97F4A7C15ull * (i + 1) + (uint64_t)getpid();
+    if (i == 0)
+        vmm.initial_seed = c->seed;
     c->area_base = area_base;
     c->area_pages = (vmm.mem_size - SYSTEM_AREA) / PAGE;
     c->interval_tsc = vmm.rate ? (uint64_t)(vmm.tsc_hz * writers / (double)vmm.rate) : 0;
@@ -298,10 +304,13 @@ static void start_guest(void)
     }
     if (!kvm)
         return;
-    /* Check that the vCPUs really run guest code; fall back if they do not. */
-    usleep(50000);
-    if (vmm.ctl[0]->writes > 0)
-        return;
+    /* Check that the vCPUs really run guest code; fall back if they do not.
+     * (Generous: a lazily restored guest's first pages come from a handler.) */
+    for (int i = 0; i < 400; i++) {
+        if (__atomic_load_n(&vmm.ctl[0]->writes, __ATOMIC_ACQUIRE) > 0)
+            return;
+        usleep(5000);
+    }
     snprintf(vmm.why_threads, sizeof vmm.why_threads, "KVM vCPUs made no progress");
     atomic_store(&vmm.stopping, true);
     for (uint32_t i = 0; i < vmm.vcpus; i++) {
@@ -452,6 +461,9 @@ static void report(FILE *out)
     print_phase(out, "during", &vmm.phases[1], false);
     print_phase(out, "after", &vmm.phases[2], true);
     fprintf(out, "}");
+    if (vmm.restore_from)
+        fprintf(out, ",\"restore\":{\"firstWriteMs\":%.3f,\"verifyMismatches\":%lld}", vmm.restore_first_write_ms,
+                (long long)vmm.verify_mismatches);
     if (vmm.have_local)
         fprintf(out, ",\"snapshot\":{\"method\":\"%s\",\"ok\":%s,\"error\":\"%s\",\"pauseMs\":%.3f,\"durationMs\":%.1f,"
                 "\"outputBytes\":%llu,\"faults\":%llu,\"extraMemoryBytes\":%llu}",
@@ -651,6 +663,98 @@ static void agent_session(void)
     close(sock);
 }
 
+/* ---- restore mode: a Firecracker-style VMM whose memory a page-fault handler serves ---- */
+
+static int restore_handshake(void)
+{
+    int uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (uffd < 0)
+        die("userfaultfd");
+    const uint64_t MINOR_SHMEM = 1ull << 10, EVENT_REMOVE = 1ull << 3;
+    struct uffdio_api api = {.api = UFFD_API, .features = EVENT_REMOVE | (vmm.anon ? 0 : MINOR_SHMEM)};
+    if (ioctl(uffd, UFFDIO_API, &api) < 0)
+        die("UFFDIO_API");
+    struct uffdio_register reg = {.range = {.start = (uint64_t)(uintptr_t)vmm.mem, .len = vmm.mem_size},
+                                  .mode = UFFDIO_REGISTER_MODE_MISSING | (vmm.anon ? 0 : UFFDIO_REGISTER_MODE_MINOR)};
+    if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0)
+        die("UFFDIO_REGISTER");
+    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    snprintf(addr.sun_path, sizeof addr.sun_path, "%s", vmm.restore_from);
+    for (int attempt = 0; connect(s, (struct sockaddr *)&addr, sizeof addr) < 0; attempt++) {
+        if (attempt > 200)
+            die("connect to the page-fault handler");
+        usleep(25000);
+    }
+    /* Firecracker's handshake: one message, a JSON array of regions, the uffd
+     * as the only fd (a memfd guest adds its memfd as a second fd). */
+    char body[512];
+    int n = snprintf(body, sizeof body,
+                     "[{\"base_host_virt_addr\":%llu,\"size\":%llu,\"offset\":0,\"page_size\":4096,\"page_size_kib\":4096}]",
+                     (unsigned long long)(uintptr_t)vmm.mem, (unsigned long long)vmm.mem_size);
+    int fds[2] = {uffd, vmm.memfd};
+    int nfds = vmm.anon ? 1 : 2;
+    char control[CMSG_SPACE(sizeof fds)];
+    memset(control, 0, sizeof control);
+    struct iovec iov = {.iov_base = body, .iov_len = (size_t)n};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds)};
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+    memcpy(CMSG_DATA(cm), fds, sizeof(int) * (size_t)nfds);
+    if (sendmsg(s, &msg, MSG_NOSIGNAL) != n)
+        die("send the handshake");
+    close(uffd);
+    return s; /* kept open, as Firecracker does */
+}
+
+/* Replays vCPU 0's writes over the image it was restored from and compares
+ * the work area: every page must equal the snapshot or hold what the guest
+ * wrote since. */
+static void verify_restored(void)
+{
+    uint64_t area = vmm.mem_size - SYSTEM_AREA;
+    uint8_t *expected = malloc(area);
+    int fd = open(vmm.verify_image, O_RDONLY | O_CLOEXEC);
+    if (!expected || fd < 0 || pread(fd, expected, area, (off_t)SYSTEM_AREA) != (ssize_t)area)
+        die("read the verify image");
+    close(fd);
+    struct toy_ctl *c = vmm.ctl[0];
+    uint64_t s = vmm.initial_seed;
+    for (uint64_t w = 0; w < c->writes; w++) {
+        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+        uint64_t page = (c->pattern ? w : s >> 12) % c->area_pages;
+        memcpy(expected + page * PAGE + (s & 0xff8), &s, 8);
+    }
+    vmm.verify_mismatches = 0;
+    for (uint64_t p = 0; p < area / PAGE; p++)
+        if (memcmp(expected + p * PAGE, vmm.mem + SYSTEM_AREA + p * PAGE, PAGE))
+            vmm.verify_mismatches++;
+    free(expected);
+}
+
+static void run_restored(void)
+{
+    int sock = restore_handshake();
+    uint64_t t0 = now_ns();
+    start_guest();
+    while (__atomic_load_n(&vmm.ctl[0]->writes, __ATOMIC_ACQUIRE) == 0 && !atomic_load(&vmm.stopping))
+        __builtin_ia32_pause();
+    vmm.restore_first_write_ms = (double)(now_ns() - t0) / 1e6;
+    fprintf(stderr, "toyvmm: ready pid=%d kind=%s role=vmm\n", getpid(), vmm.kvm_mode ? "kvm" : "threads");
+    uint64_t deadline = vmm.run_ms ? now_ns() + vmm.run_ms * 1000000ull : UINT64_MAX;
+    while (!atomic_load(&vmm.stopping) && now_ns() < deadline) {
+        maybe_progress();
+        usleep(10000);
+    }
+    /* Park the vCPUs between two writes, so the count matches the memory. */
+    freeze_guest();
+    if (vmm.verify_image)
+        verify_restored();
+    close(sock);
+}
+
 static int freeze_for_baseline(void) { return freeze_guest(); }
 
 /* A baseline method (baselines.c) at --snapshot-at-ms, then --after-ms. */
@@ -674,7 +778,8 @@ static void usage(void)
     fprintf(stderr,
             "usage: vmsnap-toyvmm [--mem MiB] [--vcpus N] [--rate pages/s] [--pattern random|sequential] [--anon] [--threads]\n"
             "                     [--agent SOCK] [--vm ID] [--device] [--reference FILE] [--run-ms N] [--fill PERCENT] [--progress-ms N]\n"
-            "                     [--local floor|fork|stop-the-world --output FILE --snapshot-at-ms N] [--after-ms N]\n");
+            "                     [--local floor|fork|stop-the-world --output FILE --snapshot-at-ms N] [--after-ms N]\n"
+            "                     [--restore-from SOCK [--verify-image RAW]]\n");
     exit(2);
 }
 
@@ -696,6 +801,8 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--output") && v) vmm.output = v, i++;
         else if (!strcmp(a, "--snapshot-at-ms") && v) vmm.snapshot_at_ms = strtoull(v, NULL, 0), i++;
         else if (!strcmp(a, "--after-ms") && v) vmm.after_ms = strtoull(v, NULL, 0), i++;
+        else if (!strcmp(a, "--restore-from") && v) vmm.restore_from = v, i++;
+        else if (!strcmp(a, "--verify-image") && v) vmm.verify_image = v, i++;
         else if (!strcmp(a, "--pattern") && v) {
             if (strcmp(v, "random") && strcmp(v, "sequential"))
                 usage();
@@ -720,6 +827,15 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     measure_tsc();
     map_memory();
+    vmm.verify_mismatches = -1;
+    if (vmm.restore_from) {
+        /* Guest memory comes from the page-fault handler: touch nothing before the handshake. */
+        vmm.phase_start_ns = now_ns();
+        run_restored();
+        stop_guest();
+        report(stdout);
+        return 0;
+    }
     fill_memory();
     vmm.phase_start_ns = now_ns();
 

@@ -1,0 +1,186 @@
+/**
+ * `vmsnap serve`: a page-fault handler that speaks Firecracker's UFFD
+ * handshake, so a Firecracker-style VMM restores lazily from a vmsnap file
+ * (or a raw memory image).
+ *
+ * The VMM connects to a Unix stream socket and sends one message: a JSON
+ * array of regions `{"base_host_virt_addr", "size", "offset", "page_size"}`
+ * (older VMMs send `"page_size_kib"`, which despite its name is in bytes;
+ * either is accepted) with its userfaultfd as the only fd (SCM_RIGHTS). A
+ * memfd-backed guest may add its memfd as a second fd (a vmsnap extension:
+ * faults are then resolved with pwrite + UFFDIO_CONTINUE). The VMM keeps the
+ * socket open; its pid comes from SO_PEERCRED. Firecracker expects no reply;
+ * on a bad handshake vmsnap writes one `{"error": ...}` line and closes.
+ */
+import { Cause, Effect, Exit, Scope } from "effect"
+import { existsSync, unlinkSync } from "node:fs"
+import { createServer, type Server, type Socket } from "node:net"
+import { ProtocolError } from "./Errors.js"
+import { PAGE_SIZE } from "./GuestMemory.js"
+import { loadWp } from "./internal/ffi.js"
+import { closeFds, receiveFirstMessage, socketFd } from "./internal/firstMessage.js"
+import { type GuestRange, type LazyRestoreStats, startLazyRestore } from "./LazyRestore.js"
+
+const MAX_BODY = 1 << 20
+const HANDSHAKE_TIMEOUT_MS = 5000
+const POLL_MS = 20
+
+export interface FirecrackerRegion {
+  readonly base_host_virt_addr: number
+  readonly size: number
+  readonly offset: number
+  readonly page_size: number
+}
+
+/** The length of a complete JSON array at the start of `b`, if there is one yet. */
+const completeJson = (b: Buffer): number | undefined => {
+  const text = b.toString("utf8")
+  try {
+    JSON.parse(text)
+    return b.length
+  } catch {
+    return undefined
+  }
+}
+
+const fail = (reason: string): never => {
+  throw new ProtocolError({ reason })
+}
+
+/** Validates Firecracker's region list. */
+export const parseFirecrackerBody = (text: string): Array<FirecrackerRegion> => {
+  let v: unknown
+  try {
+    v = JSON.parse(text)
+  } catch {
+    return fail("the handshake body is not valid JSON (expected an array of regions)")
+  }
+  if (!Array.isArray(v) || v.length === 0) return fail("the handshake body must be a non-empty JSON array of regions")
+  return v.map((r: unknown, i) => {
+    if (typeof r !== "object" || r === null) return fail(`region ${i} is not an object`)
+    const o = r as Record<string, unknown>
+    const num = (k: string) => {
+      const x = o[k]
+      return typeof x === "number" && Number.isSafeInteger(x) && x >= 0 ? x : fail(`region ${i}: "${k}" must be a non-negative integer`)
+    }
+    const pageSize = o.page_size !== undefined ? num("page_size") : o.page_size_kib !== undefined ? num("page_size_kib") : fail(`region ${i}: "page_size" (or "page_size_kib") is missing`)
+    if (pageSize !== PAGE_SIZE) fail(`region ${i}: page size ${pageSize}; vmsnap serves 4096-byte pages`)
+    const region = { base_host_virt_addr: num("base_host_virt_addr"), size: num("size"), offset: num("offset"), page_size: pageSize }
+    if (region.size === 0 || region.size % PAGE_SIZE || region.offset % PAGE_SIZE || region.base_host_virt_addr % PAGE_SIZE)
+      fail(`region ${i}: address, size and offset must be multiples of ${PAGE_SIZE}`)
+    return region
+  })
+}
+
+export interface ServeEvents {
+  readonly log?: (line: string) => void
+  /** A VMM's restore finished (every page resident) or failed. */
+  readonly onFinished?: (pid: number, outcome: { ok: boolean; error?: string; stats: LazyRestoreStats }) => void
+}
+
+export class RestoreServer {
+  private server: Server | undefined
+  private readonly sessions = new Set<{ socket: Socket; scope: Scope.Closeable }>()
+
+  constructor(
+    readonly socketPath: string,
+    readonly source: { path: string; raw: boolean },
+    private readonly events: ServeEvents = {}
+  ) {}
+
+  private log(line: string) {
+    this.events.log?.(line)
+  }
+
+  listen(): Promise<void> {
+    if (existsSync(this.socketPath)) unlinkSync(this.socketPath)
+    return new Promise((resolve, reject) => {
+      const server = createServer({ pauseOnConnect: true }, (socket) => void this.accept(socket))
+      server.once("error", reject)
+      server.listen(this.socketPath, () => {
+        server.off("error", reject)
+        this.server = server
+        resolve()
+      })
+    })
+  }
+
+  async close(): Promise<void> {
+    for (const s of this.sessions) {
+      s.socket.destroy()
+      await Effect.runPromise(Scope.close(s.scope, Exit.void))
+    }
+    this.sessions.clear()
+    await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()))
+    this.server = undefined
+    try {
+      unlinkSync(this.socketPath)
+    } catch {
+      // already gone
+    }
+  }
+
+  private refuse(socket: Socket, reason: string) {
+    this.log(`refused a VMM: ${reason}`)
+    socket.end(JSON.stringify({ error: reason }) + "\n")
+  }
+
+  private async accept(socket: Socket) {
+    socket.on("error", () => undefined)
+    const fd = socketFd(socket)
+    if (fd === undefined) return void socket.destroy()
+    let first: Awaited<ReturnType<typeof receiveFirstMessage>>
+    try {
+      first = await receiveFirstMessage(fd, completeJson, { maxBytes: MAX_BODY, timeoutMs: HANDSHAKE_TIMEOUT_MS })
+    } catch (e) {
+      return this.refuse(socket, e instanceof Error ? e.message.replace(/^protocol error: /, "") : String(e))
+    }
+    if (!first) return void socket.destroy()
+    const pid: number = loadWp().wp_peer_pid([fd])
+    let regions: Array<FirecrackerRegion>
+    try {
+      regions = parseFirecrackerBody(first.message.toString("utf8"))
+      if (first.fds.length === 0) fail("the handshake carried no file descriptor: send the userfaultfd with SCM_RIGHTS")
+      if (first.fds.length > 2) fail(`the handshake carried ${first.fds.length} fds: send the userfaultfd (and, for a memfd guest, its memfd)`)
+    } catch (e) {
+      closeFds(first.fds)
+      return this.refuse(socket, (e as ProtocolError).reason ?? String(e))
+    }
+    const [uffd, memfd] = first.fds as [number, number | undefined]
+    const ranges: Array<GuestRange> = regions.map((r) => ({ hva: BigInt(r.base_host_virt_addr), size: r.size, imageOffset: r.offset, memfd }))
+    const scope = Effect.runSync(Scope.make())
+    const started = await Effect.runPromiseExit(Scope.provide(scope)(startLazyRestore(this.source, uffd, ranges)))
+    closeFds(first.fds) // the restorer keeps its own dups
+    if (Exit.isFailure(started)) {
+      await Effect.runPromise(Scope.close(scope, Exit.void))
+      const error = Cause.squash(started.cause)
+      const reason = error instanceof Error ? error.message.replace(/^protocol error: /, "") : String(error)
+      return this.refuse(socket, `VMM pid ${pid}: ${reason}`)
+    }
+    const restore = started.value
+    const session = { socket, scope }
+    this.sessions.add(session)
+    const total = regions.reduce((s, r) => s + r.size, 0)
+    this.log(`VMM pid ${pid}: serving ${regions.length} region(s), ${total} bytes, from ${this.source.path}${memfd !== undefined ? " (memfd: pwrite + UFFDIO_CONTINUE)" : ""}`)
+    let finished = false
+    const end = async (why: string, ok: boolean) => {
+      if (finished) return
+      finished = true
+      clearInterval(timer)
+      const stats = restore.stats()
+      this.sessions.delete(session)
+      await Effect.runPromise(Scope.close(scope, Exit.void))
+      this.log(`VMM pid ${pid}: ${why}`)
+      this.events.onFinished?.(pid, { ok, error: ok ? undefined : why, stats })
+    }
+    const timer = setInterval(() => {
+      const state = restore.poll()
+      if (state === "done") {
+        const s = restore.stats()
+        void end(`every page resident after ${s.doneMs?.toFixed(0)} ms (${s.faults} faults, ${s.pagesByFill} pages filled in the background)`, true)
+      } else if (state !== "serving") void end(`restore failed: ${state.message}`, false)
+    }, POLL_MS)
+    socket.on("close", () => void end("disconnected before every page was resident; cleaned up", false))
+    socket.resume()
+  }
+}

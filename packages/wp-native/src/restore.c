@@ -1,0 +1,580 @@
+/*
+ * Lazy restore: serve a restoring guest's memory from a snapshot file through
+ * the guest's userfaultfd. A fault thread resolves faults first; a fill
+ * thread streams the remaining records in file order until every page is
+ * resident, then the ranges are unregistered.
+ *
+ *   anonymous memory: MISSING faults, UFFDIO_COPY (UFFDIO_ZEROPAGE for zero
+ *                     records or ranges the guest discarded);
+ *   memfd memory:     the page contents are pwritten into the memfd (page
+ *                     cache) and mapped with UFFDIO_CONTINUE, which resolves
+ *                     MISSING and MINOR faults alike (EEXIST: already mapped).
+ *
+ * A fault resolves the whole record around it (a record is one run of up to
+ * a few hundred pages): one decode, one ioctl.
+ */
+#define _GNU_SOURCE
+#include "uffd.h"
+#include "vmsnap_wp.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#define RS_MAX_REGIONS 64
+#define RS_RECORD_HEADER 32
+#define RS_RECORD_MAGIC 0x31444352u /* "RCD1" */
+#define RS_MAX_RECORD_PAGES (1u << 20)
+
+enum { ENC_RAW = 0, ENC_LZ4 = 1, ENC_ZERO = 2 };
+
+struct rs_record {
+    uint32_t region;
+    uint32_t pages;
+    uint64_t first_page;
+    uint64_t file_offset;
+};
+
+struct rs_region {
+    uint64_t hva, size, pages;
+    int memfd; /* -1: anonymous (COPY) */
+    uint64_t memfd_offset;
+    uint8_t *resident; /* 1 byte per page; set by whoever installs it */
+    uint8_t *removed;  /* discarded by the guest (REMOVE event): zero from now on */
+    uint32_t *record_of; /* page -> index into records */
+};
+
+struct wp_restorer {
+    int uffd, file, stop_fd;
+    bool raw_image;
+    uint32_t region_count;
+    struct rs_region regions[RS_MAX_REGIONS];
+    struct rs_record *records;
+    uint32_t record_count;
+    pthread_t fault_thread, fill_thread;
+    bool started;
+    _Atomic bool stopping, done;
+    _Atomic int32_t error;
+    pthread_mutex_t install_lock; /* one installer at a time: no double decode races on EEXIST paths */
+    _Atomic uint64_t pages_resident, pages_total;
+    uint64_t faults, faults_zero, pages_by_fault, pages_by_fill, removed_pages;
+    uint64_t fault_ns_total, fault_ns_max, first_fault_ns, start_ns, done_ns;
+    uint64_t hist[WP_HIST_BUCKETS];
+    uint32_t crc_table[256];
+};
+
+static uint64_t now_ns(void) { return monotonic_ns(); }
+
+static void crc_init(wp_restorer *r)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        r->crc_table[i] = c;
+    }
+}
+
+static uint32_t crc_update(const wp_restorer *r, uint32_t crc, const uint8_t *p, size_t n)
+{
+    crc = ~crc;
+    while (n--)
+        crc = r->crc_table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    return ~crc;
+}
+
+/* Decodes one LZ4 block (sequences of literals and matches) into dst.
+ * Returns the bytes produced or -1 on malformed input. */
+static int64_t lz4_block_decode(const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_cap)
+{
+    const uint8_t *ip = src, *iend = src + src_len;
+    uint8_t *op = dst, *oend = dst + dst_cap;
+    while (ip < iend) {
+        unsigned token = *ip++;
+        size_t lit = token >> 4;
+        if (lit == 15) {
+            unsigned b;
+            do {
+                if (ip >= iend)
+                    return -1;
+                b = *ip++;
+                lit += b;
+            } while (b == 255);
+        }
+        if ((size_t)(iend - ip) < lit || (size_t)(oend - op) < lit)
+            return -1;
+        memcpy(op, ip, lit);
+        ip += lit;
+        op += lit;
+        if (ip >= iend)
+            break; /* the last sequence has literals only */
+        if (iend - ip < 2)
+            return -1;
+        size_t offset = (size_t)ip[0] | ((size_t)ip[1] << 8);
+        ip += 2;
+        if (offset == 0 || offset > (size_t)(op - dst))
+            return -1;
+        size_t len = token & 15;
+        if (len == 15) {
+            unsigned b;
+            do {
+                if (ip >= iend)
+                    return -1;
+                b = *ip++;
+                len += b;
+            } while (b == 255);
+        }
+        len += 4;
+        if ((size_t)(oend - op) < len)
+            return -1;
+        const uint8_t *match = op - offset;
+        while (len--) /* byte by byte: matches may overlap their output */
+            *op++ = *match++;
+    }
+    return op - dst;
+}
+
+static void fail(wp_restorer *r, int32_t err)
+{
+    int32_t none = 0;
+    atomic_compare_exchange_strong(&r->error, &none, err);
+}
+
+/* Reads and checks one record; fills out[pages * 4096] (zero records: memset).
+ * Returns its ENC_* encoding or -errno. */
+static int read_record(wp_restorer *r, const struct rs_record *rec, uint8_t *out, uint8_t *scratch, size_t scratch_cap)
+{
+    size_t bytes = (size_t)rec->pages * WP_PAGE_SIZE;
+    if (r->raw_image) {
+        ssize_t got = pread(r->file, out, bytes, (off_t)rec->file_offset);
+        if (got < 0)
+            return -errno;
+        if ((size_t)got < bytes)
+            memset(out + got, 0, bytes - (size_t)got);
+        return ENC_RAW;
+    }
+    uint8_t h[RS_RECORD_HEADER];
+    if (pread(r->file, h, sizeof h, (off_t)rec->file_offset) != (ssize_t)sizeof h)
+        return -EIO;
+    uint32_t magic, stored, crc;
+    memcpy(&magic, h, 4);
+    memcpy(&stored, h + 24, 4);
+    memcpy(&crc, h + 28, 4);
+    uint8_t encoding = h[20];
+    if (magic != RS_RECORD_MAGIC || stored > scratch_cap)
+        return -EBADMSG;
+    if (stored && pread(r->file, scratch, stored, (off_t)(rec->file_offset + RS_RECORD_HEADER)) != (ssize_t)stored)
+        return -EIO;
+    if (crc_update(r, crc_update(r, 0, h, 28), scratch, stored) != crc)
+        return -EBADMSG;
+    if (encoding == ENC_ZERO) {
+        memset(out, 0, bytes);
+    } else if (encoding == ENC_RAW) {
+        if (stored != bytes)
+            return -EBADMSG;
+        memcpy(out, scratch, bytes);
+    } else if (encoding == ENC_LZ4) {
+        /* lz4-napi's format: u32 uncompressed length, then one LZ4 block. */
+        uint32_t len;
+        if (stored < 4 || (memcpy(&len, scratch, 4), len != bytes) ||
+            lz4_block_decode(scratch + 4, stored - 4, out, bytes) != (int64_t)bytes)
+            return -EBADMSG;
+    } else {
+        return -EBADMSG;
+    }
+    return encoding;
+}
+
+static int install_range(wp_restorer *r, struct rs_region *g, uint64_t page, uint64_t count, const uint8_t *src, bool zero)
+{
+    uint64_t hva = g->hva + page * WP_PAGE_SIZE, len = count * WP_PAGE_SIZE;
+    if (g->memfd >= 0) {
+        /* Page cache first, then map it; CONTINUE also wakes MISSING waiters. */
+        static const uint8_t zeros[WP_PAGE_SIZE];
+        for (uint64_t i = 0; i < count; i++) {
+            const uint8_t *p = zero ? zeros : src + i * WP_PAGE_SIZE;
+            if (pwrite(g->memfd, p, WP_PAGE_SIZE, (off_t)(g->memfd_offset + (page + i) * WP_PAGE_SIZE)) != (ssize_t)WP_PAGE_SIZE)
+                return -errno;
+        }
+        struct uffdio_continue c = {.range = {.start = hva, .len = len}};
+        while (ioctl(r->uffd, UFFDIO_CONTINUE, &c) < 0) {
+            if (errno == EEXIST)
+                break; /* already mapped: what we wrote is what it sees */
+            if (errno != EAGAIN)
+                return -errno;
+            c.mapped = 0;
+        }
+        return 0;
+    }
+    for (uint64_t done = 0; done < len;) {
+        int rc;
+        int64_t got;
+        if (zero) {
+            struct uffdio_zeropage z = {.range = {.start = hva + done, .len = len - done}};
+            rc = ioctl(r->uffd, UFFDIO_ZEROPAGE, &z);
+            got = z.zeropage;
+        } else {
+            struct uffdio_copy c = {.dst = hva + done, .src = (uint64_t)(uintptr_t)(src + done), .len = len - done};
+            rc = ioctl(r->uffd, UFFDIO_COPY, &c);
+            got = c.copy;
+        }
+        if (rc == 0) {
+            done = len;
+        } else if (got > 0) {
+            done += (uint64_t)got;
+        } else if (errno == EEXIST || got == -EEXIST) {
+            done += WP_PAGE_SIZE; /* that page is already there: skip it */
+        } else if (errno != EAGAIN) { /* EAGAIN: a REMOVE event is pending; retry */
+            return -errno;
+        }
+    }
+    return 0;
+}
+
+/* Makes every page of record `index` resident. by_fault: for the counters. */
+static int resolve_record(wp_restorer *r, uint32_t index, bool by_fault, uint8_t **buf, size_t *cap, uint8_t **scratch)
+{
+    const struct rs_record *rec = &r->records[index];
+    struct rs_region *g = &r->regions[rec->region];
+    size_t bytes = (size_t)rec->pages * WP_PAGE_SIZE;
+    if (bytes > *cap) {
+        free(*buf);
+        free(*scratch);
+        *cap = bytes;
+        *buf = malloc(bytes);
+        *scratch = malloc(bytes + 1024);
+        if (!*buf || !*scratch)
+            return -ENOMEM;
+    }
+    pthread_mutex_lock(&r->install_lock);
+    uint64_t missing = 0;
+    int encoding = ENC_RAW;
+    for (uint64_t p = rec->first_page; p < rec->first_page + rec->pages; p++)
+        missing += !g->resident[p];
+    int rc = 0;
+    if (missing) {
+        rc = read_record(r, rec, *buf, *scratch, *cap + 1024);
+        encoding = rc;
+        rc = rc < 0 ? rc : 0;
+        /* Install runs of pages not yet resident; discarded ones become zero. */
+        uint64_t p = rec->first_page, end = rec->first_page + rec->pages;
+        while (rc == 0 && p < end) {
+            if (g->resident[p]) {
+                p++;
+                continue;
+            }
+            bool removed = g->removed[p];
+            uint64_t q = p + 1;
+            while (q < end && !g->resident[q] && g->removed[q] == removed)
+                q++;
+            rc = install_range(r, g, p, q - p, *buf + (p - rec->first_page) * WP_PAGE_SIZE, removed || encoding == ENC_ZERO);
+            if (rc == 0) {
+                memset(g->resident + p, 1, q - p);
+                atomic_fetch_add(&r->pages_resident, q - p);
+                if (by_fault)
+                    r->pages_by_fault += q - p;
+                else
+                    r->pages_by_fill += q - p;
+            }
+            p = q;
+        }
+    }
+    pthread_mutex_unlock(&r->install_lock);
+    return rc;
+}
+
+static int find_page(wp_restorer *r, uint64_t hva, uint32_t *region, uint64_t *page)
+{
+    for (uint32_t i = 0; i < r->region_count; i++) {
+        struct rs_region *g = &r->regions[i];
+        if (hva >= g->hva && hva - g->hva < g->size) {
+            *region = i;
+            *page = (hva - g->hva) / WP_PAGE_SIZE;
+            return 0;
+        }
+    }
+    return -EFAULT;
+}
+
+static unsigned hist_bucket(uint64_t ns)
+{
+    if (ns < 1)
+        return 0;
+    unsigned msb = 63u - (unsigned)__builtin_clzll(ns);
+    unsigned b = 2 * msb + (msb > 0 ? (unsigned)((ns >> (msb - 1)) & 1u) : 0u);
+    return b < WP_HIST_BUCKETS ? b : WP_HIST_BUCKETS - 1;
+}
+
+static void *fault_main(void *arg)
+{
+    wp_restorer *r = arg;
+    uint8_t *buf = NULL, *scratch = NULL;
+    size_t cap = 0;
+    struct uffd_msg msgs[64];
+    uint64_t last = 0;
+    while (!atomic_load(&r->stopping) && !atomic_load(&r->done)) {
+        ssize_t n = read(r->uffd, msgs, sizeof msgs);
+        if (n <= 0) {
+            if (n < 0 && errno != EAGAIN && errno != EINTR) {
+                fail(r, -errno);
+                break;
+            }
+            if (now_ns() - last < 50000) { /* poll briefly after a fault: wake-ups are slow here */
+                __builtin_ia32_pause();
+                continue;
+            }
+            struct pollfd fds[2] = {{.fd = r->uffd, .events = POLLIN}, {.fd = r->stop_fd, .events = POLLIN}};
+            poll(fds, 2, 20);
+            continue;
+        }
+        last = now_ns();
+        for (size_t i = 0; i < (size_t)n / sizeof msgs[0]; i++) {
+            struct uffd_msg *m = &msgs[i];
+            uint32_t region;
+            uint64_t page;
+            if (m->event == UFFD_EVENT_REMOVE) {
+                /* The guest discarded a range: later faults there read zero. */
+                for (uint64_t a = m->arg.remove.start; a < m->arg.remove.end; a += WP_PAGE_SIZE)
+                    if (find_page(r, a, &region, &page) == 0) {
+                        pthread_mutex_lock(&r->install_lock);
+                        r->regions[region].removed[page] = 1;
+                        if (r->regions[region].resident[page]) {
+                            r->regions[region].resident[page] = 0;
+                            atomic_fetch_sub(&r->pages_resident, 1);
+                        }
+                        pthread_mutex_unlock(&r->install_lock);
+                        r->removed_pages++;
+                    }
+                continue;
+            }
+            if (m->event != UFFD_EVENT_PAGEFAULT || find_page(r, m->arg.pagefault.address, &region, &page) < 0)
+                continue;
+            uint64_t t0 = now_ns();
+            if (!r->first_fault_ns)
+                r->first_fault_ns = t0;
+            struct rs_region *g = &r->regions[region];
+            int rc;
+            if (g->removed[page] && !g->resident[page]) {
+                pthread_mutex_lock(&r->install_lock);
+                rc = install_range(r, g, page, 1, NULL, true);
+                if (rc == 0 && !g->resident[page]) {
+                    g->resident[page] = 1;
+                    atomic_fetch_add(&r->pages_resident, 1);
+                }
+                pthread_mutex_unlock(&r->install_lock);
+                r->faults_zero++;
+            } else {
+                rc = resolve_record(r, g->record_of[page], true, &buf, &cap, &scratch);
+            }
+            if (rc == 0 && g->resident[page]) {
+                /* Resident but the fault raced us (a fill, or a MINOR fault
+                 * on a page already in the cache): make sure it is mapped and woken. */
+                struct uffdio_range wake = {.start = g->hva + page * WP_PAGE_SIZE, .len = WP_PAGE_SIZE};
+                if (g->memfd >= 0) {
+                    struct uffdio_continue c = {.range = wake};
+                    ioctl(r->uffd, UFFDIO_CONTINUE, &c);
+                }
+                ioctl(r->uffd, UFFDIO_WAKE, &wake);
+            }
+            if (rc < 0) {
+                fail(r, rc);
+                continue;
+            }
+            uint64_t ns = now_ns() - t0;
+            r->faults++;
+            r->fault_ns_total += ns;
+            if (ns > r->fault_ns_max)
+                r->fault_ns_max = ns;
+            r->hist[hist_bucket(ns)]++;
+        }
+    }
+    free(buf);
+    free(scratch);
+    return NULL;
+}
+
+static void *fill_main(void *arg)
+{
+    wp_restorer *r = arg;
+    uint8_t *buf = NULL, *scratch = NULL;
+    size_t cap = 0;
+    for (uint32_t i = 0; i < r->record_count && !atomic_load(&r->stopping); i++) {
+        int rc = resolve_record(r, i, false, &buf, &cap, &scratch);
+        if (rc < 0) {
+            fail(r, rc);
+            break;
+        }
+    }
+    free(buf);
+    free(scratch);
+    if (atomic_load(&r->error) == 0 && !atomic_load(&r->stopping)) {
+        /* Every page is resident: nothing left to serve. */
+        for (uint32_t i = 0; i < r->region_count; i++) {
+            struct uffdio_range range = {.start = r->regions[i].hva, .len = r->regions[i].size};
+            ioctl(r->uffd, UFFDIO_UNREGISTER, &range);
+        }
+        r->done_ns = now_ns();
+        atomic_store(&r->done, true);
+    }
+    return NULL;
+}
+
+wp_restorer *wp_restorer_create(int32_t uffd, int32_t snapshot_fd, uint32_t flags, int32_t *err_out)
+{
+    *err_out = 0;
+    wp_restorer *r = calloc(1, sizeof *r);
+    if (!r) {
+        *err_out = -ENOMEM;
+        return NULL;
+    }
+    r->uffd = dup(uffd);
+    r->file = dup(snapshot_fd);
+    r->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    r->raw_image = flags & WP_RESTORE_RAW_IMAGE;
+    pthread_mutex_init(&r->install_lock, NULL);
+    crc_init(r);
+    if (r->uffd < 0 || r->file < 0 || r->stop_fd < 0) {
+        *err_out = -errno;
+        wp_restorer_destroy(r);
+        return NULL;
+    }
+    return r;
+}
+
+int32_t wp_restorer_add_region(wp_restorer *r, uint64_t hva, uint64_t size, int32_t memfd, uint64_t memfd_offset)
+{
+    if (r->started)
+        return -EBUSY;
+    if (r->region_count >= RS_MAX_REGIONS)
+        return -E2BIG;
+    if (!size || size % WP_PAGE_SIZE || hva % WP_PAGE_SIZE || memfd_offset % WP_PAGE_SIZE)
+        return -EINVAL;
+    struct rs_region *g = &r->regions[r->region_count];
+    g->hva = hva;
+    g->size = size;
+    g->pages = size / WP_PAGE_SIZE;
+    g->memfd = memfd >= 0 ? dup(memfd) : -1;
+    g->memfd_offset = memfd_offset;
+    g->resident = calloc(g->pages, 1);
+    g->removed = calloc(g->pages, 1);
+    g->record_of = malloc(g->pages * sizeof *g->record_of);
+    if (!g->resident || !g->removed || !g->record_of || (memfd >= 0 && g->memfd < 0))
+        return -ENOMEM;
+    memset(g->record_of, 0xff, g->pages * sizeof *g->record_of);
+    atomic_fetch_add(&r->pages_total, g->pages);
+    return (int32_t)r->region_count++;
+}
+
+int32_t wp_restorer_set_index(wp_restorer *r, const uint32_t *regions, const uint64_t *first_pages,
+                              const uint32_t *page_counts, const uint64_t *file_offsets, uint32_t n)
+{
+    if (r->started)
+        return -EBUSY;
+    r->records = calloc(n ? n : 1, sizeof *r->records);
+    if (!r->records)
+        return -ENOMEM;
+    for (uint32_t i = 0; i < n; i++) {
+        struct rs_record *rec = &r->records[i];
+        *rec = (struct rs_record){.region = regions[i], .pages = page_counts[i], .first_page = first_pages[i], .file_offset = file_offsets[i]};
+        if (rec->region >= r->region_count || !rec->pages || rec->pages > RS_MAX_RECORD_PAGES)
+            return -EINVAL;
+        struct rs_region *g = &r->regions[rec->region];
+        if (rec->first_page + rec->pages > g->pages)
+            return -EINVAL;
+        for (uint64_t p = rec->first_page; p < rec->first_page + rec->pages; p++)
+            g->record_of[p] = i;
+    }
+    r->record_count = n;
+    for (uint32_t i = 0; i < r->region_count; i++)
+        for (uint64_t p = 0; p < r->regions[i].pages; p++)
+            if (r->regions[i].record_of[p] == UINT32_MAX)
+                return -ENODATA; /* a page no record covers */
+    return 0;
+}
+
+int32_t wp_restorer_start(wp_restorer *r)
+{
+    if (r->started || !r->records)
+        return -EINVAL;
+    r->start_ns = now_ns();
+    if (pthread_create(&r->fault_thread, NULL, fault_main, r))
+        return -EAGAIN;
+    if (pthread_create(&r->fill_thread, NULL, fill_main, r)) {
+        atomic_store(&r->stopping, true);
+        pthread_join(r->fault_thread, NULL);
+        return -EAGAIN;
+    }
+    r->started = true;
+    return 0;
+}
+
+int32_t wp_restorer_poll(wp_restorer *r)
+{
+    int32_t err = atomic_load(&r->error);
+    if (err < 0)
+        return err;
+    return atomic_load(&r->done) ? 1 : 0;
+}
+
+int32_t wp_restorer_stats(wp_restorer *r, wp_restore_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    out->pages_total = atomic_load(&r->pages_total);
+    out->pages_resident = atomic_load(&r->pages_resident);
+    out->faults = r->faults;
+    out->faults_zero = r->faults_zero;
+    out->pages_by_fault = r->pages_by_fault;
+    out->pages_by_fill = r->pages_by_fill;
+    out->removed_pages = r->removed_pages;
+    out->fault_ns_total = r->fault_ns_total;
+    out->fault_ns_max = r->fault_ns_max;
+    out->first_fault_ns = r->first_fault_ns ? r->first_fault_ns - r->start_ns : 0;
+    out->done_ns = r->done_ns ? r->done_ns - r->start_ns : 0;
+    memcpy(out->hist, r->hist, sizeof out->hist);
+    return 0;
+}
+
+int32_t wp_restorer_destroy(wp_restorer *r)
+{
+    if (!r)
+        return 0;
+    atomic_store(&r->stopping, true);
+    if (r->stop_fd >= 0) {
+        uint64_t one = 1;
+        ssize_t ignored = write(r->stop_fd, &one, sizeof one);
+        (void)ignored;
+    }
+    if (r->started) {
+        pthread_join(r->fill_thread, NULL);
+        pthread_join(r->fault_thread, NULL);
+    }
+    for (uint32_t i = 0; i < r->region_count; i++) {
+        struct rs_region *g = &r->regions[i];
+        if (!atomic_load(&r->done) && r->uffd >= 0) {
+            struct uffdio_range range = {.start = g->hva, .len = g->size};
+            ioctl(r->uffd, UFFDIO_UNREGISTER, &range);
+        }
+        if (g->memfd >= 0)
+            close(g->memfd);
+        free(g->resident);
+        free(g->removed);
+        free(g->record_of);
+    }
+    free(r->records);
+    if (r->uffd >= 0)
+        close(r->uffd);
+    if (r->file >= 0)
+        close(r->file);
+    if (r->stop_fd >= 0)
+        close(r->stop_fd);
+    pthread_mutex_destroy(&r->install_lock);
+    free(r);
+    return 0;
+}
