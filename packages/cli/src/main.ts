@@ -7,6 +7,7 @@ import yargs from "yargs"
 import { agentCommand } from "./commands/agent.js"
 import { benchCommand } from "./commands/bench.js"
 import { demoCommand } from "./commands/demo.js"
+import { serveCommand } from "./commands/serve.js"
 import { snapshotCommand } from "./commands/snapshot.js"
 import { inspectCommand } from "./commands/inspect.js"
 import { restoreCommand } from "./commands/restore.js"
@@ -162,6 +163,21 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
       }
     )
     .command(
+      "serve <file>",
+      "lazy restore: serve VMMs' guest memory from a snapshot on demand (Firecracker's UFFD handshake)",
+      (y) =>
+        y
+          .positional("file", { type: "string", demandOption: true, describe: "snapshot file (or raw image with --raw)" })
+          .option("socket", { type: "string", demandOption: true, describe: "Unix socket the VMMs connect to" })
+          .option("raw", { type: "boolean", default: false, describe: "FILE is a raw memory image, not a vmsnap file" })
+          .option("once", { type: "boolean", default: false, describe: "exit once the first VMM's memory is all resident" })
+          .example("$0 serve --socket /tmp/uffd.sock guest.vmsnap", "then start the VMM with its UFFD handler socket set to /tmp/uffd.sock"),
+      (a) => {
+        if (a.socket.trim() === "") throw new UsageError("--socket: give a socket path")
+        run = () => serveCommand(io, { ...common(a), file: a.file, socket: a.socket, raw: a.raw === true, once: a.once === true })
+      }
+    )
+    .command(
       "inspect <file>",
       "show a snapshot's header, regions, page counts and compression ratio",
       (y) => y.positional("file", { type: "string", demandOption: true, describe: "snapshot file" }).example("$0 inspect guest.vmsnap --json", ""),
@@ -196,7 +212,7 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
         run = () => restoreCommand(io, { ...common(a), file: a.file, raw: a.raw, layout: a.layout as RawLayout })
       }
     )
-    .demandCommand(1, "name a command (demo, agent, snapshot, bench, inspect, verify, restore)")
+    .demandCommand(1, "name a command (demo, agent, snapshot, serve, bench, inspect, verify, restore)")
     .strict()
     .recommendCommands()
     .epilogue(EXIT_CODES)

@@ -81,6 +81,7 @@ export interface ServeEvents {
 export class RestoreServer {
   private server: Server | undefined
   private readonly sessions = new Set<{ socket: Socket; scope: Scope.Closeable }>()
+  private readonly sockets = new Set<Socket>()
 
   constructor(
     readonly socketPath: string,
@@ -111,6 +112,7 @@ export class RestoreServer {
       await Effect.runPromise(Scope.close(s.scope, Exit.void))
     }
     this.sessions.clear()
+    for (const socket of this.sockets) socket.destroy()
     await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()))
     this.server = undefined
     try {
@@ -127,11 +129,14 @@ export class RestoreServer {
 
   private async accept(socket: Socket) {
     socket.on("error", () => undefined)
+    this.sockets.add(socket)
+    socket.on("close", () => this.sockets.delete(socket))
     const fd = socketFd(socket)
     if (fd === undefined) return void socket.destroy()
     let first: Awaited<ReturnType<typeof receiveFirstMessage>>
     try {
-      first = await receiveFirstMessage(fd, completeJson, { maxBytes: MAX_BODY, timeoutMs: HANDSHAKE_TIMEOUT_MS })
+      // Firecracker sends one message and no terminator: a body that stops arriving is complete.
+      first = await receiveFirstMessage(fd, completeJson, { maxBytes: MAX_BODY, timeoutMs: HANDSHAKE_TIMEOUT_MS, idleMs: 200 })
     } catch (e) {
       return this.refuse(socket, e instanceof Error ? e.message.replace(/^protocol error: /, "") : String(e))
     }

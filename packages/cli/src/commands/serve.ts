@@ -1,0 +1,53 @@
+/**
+ * `vmsnap serve --socket PATH FILE`: a page-fault handler for lazy restore
+ * that speaks Firecracker's UFFD handshake. Serves VMMs until SIGINT/SIGTERM
+ * (or, with --once, until the first VMM's memory is all resident).
+ */
+import { RestoreServer } from "@vmsnap/core"
+import { Effect } from "effect"
+import { existsSync } from "node:fs"
+import { InvalidInput } from "@vmsnap/core"
+import type { Io } from "../Io.js"
+import { type CommonFlags, runCommand } from "../Run.js"
+
+export interface ServeFlags extends CommonFlags {
+  readonly socket: string
+  readonly file: string
+  readonly raw: boolean
+  readonly once: boolean
+}
+
+export const serveCommand = (io: Io, flags: ServeFlags) =>
+  runCommand(
+    io,
+    flags,
+    Effect.scoped(
+      Effect.gen(function* () {
+        if (!existsSync(flags.file)) return yield* Effect.fail(new InvalidInput({ reason: `${flags.file}: no such file` }))
+        if (!flags.raw) {
+          // Reject a corrupt or foreign file before any VMM depends on it.
+          const { openSnapshot } = yield* Effect.promise(() => import("@vmsnap/core"))
+          yield* Effect.scoped(openSnapshot(flags.file))
+        }
+        const emit = (event: Record<string, unknown>, human: string) =>
+          flags.json ? io.stdout(JSON.stringify({ time: new Date().toISOString(), ...event }) + "\n") : io.stderr(`vmsnap serve: ${human}\n`)
+        let finish: ((pid: number) => void) | undefined
+        const firstDone = new Promise<number>((resolve) => (finish = resolve))
+        const server = new RestoreServer(flags.socket, { path: flags.file, raw: flags.raw }, {
+          log: (line) => emit({ type: "log", message: line }, line),
+          onFinished: (pid, outcome) => {
+            emit({ type: "finished", pid, ok: outcome.ok, error: outcome.error ?? null, ...outcome.stats }, `VMM pid ${pid}: ${outcome.ok ? "done" : "failed"}`)
+            if (outcome.ok) finish?.(pid)
+          }
+        })
+        yield* Effect.acquireRelease(
+          Effect.tryPromise({ try: () => server.listen(), catch: (e) => new InvalidInput({ reason: `cannot listen on ${flags.socket}: ${String(e)}` }) }),
+          () => Effect.promise(() => server.close())
+        )
+        emit({ type: "listening", socket: flags.socket, file: flags.file }, `listening on ${flags.socket}, serving ${flags.file}${flags.raw ? " (raw image)" : ""} (Ctrl-C to stop)`)
+        if (flags.once) return yield* Effect.promise(() => firstDone)
+        return yield* Effect.never
+      })
+    ),
+    (pid) => ({ human: `vmsnap serve: VMM pid ${pid} restored; exiting (--once)`, json: { type: "exit", pid } })
+  )
