@@ -5,7 +5,7 @@
 import { BENCH_METHODS, type BenchMethod, formatBytes, type MemoryKind, parseSize, type RawLayout } from "@vmsnap/core"
 import yargs from "yargs"
 import { agentCommand } from "./commands/agent.js"
-import { benchCommand } from "./commands/bench.js"
+import { benchCommand, restoreBenchCommand } from "./commands/bench.js"
 import { demoCommand } from "./commands/demo.js"
 import { serveCommand } from "./commands/serve.js"
 import { snapshotCommand } from "./commands/snapshot.js"
@@ -143,8 +143,10 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
           .option("fault-around", { type: "number", default: 16, describe: "vmsnap's fault-around window in pages (1 = off)" })
           .option("steer", { type: "boolean", default: true, describe: "vmsnap sweeps where the guest writes first (--no-steer: front to back)" })
           .option("pattern", { choices: ["random", "sequential"] as const, default: "random" as const, describe: "which pages the guest writes" })
+          .option("restore", { type: "boolean", default: false, describe: "benchmark restore instead: lazy vs eager time to the guest's first write per size, and COPY / CONTINUE / MOVE at 512 MiB" })
           .example("$0 bench", "1 GiB, every method, about a minute")
-          .example("$0 bench --sizes 1GiB,4GiB,8GiB --methods vmsnap,stop-the-world --json", ""),
+          .example("$0 bench --sizes 1GiB,4GiB,8GiB --methods vmsnap,stop-the-world --json", "")
+          .example("$0 bench --restore --sizes 1GiB,4GiB,8GiB", "lazy restore: first write must stay flat"),
       (a) => {
         const sizes = String(a.sizes).split(",").map((t) => sizeOption("sizes", t, 4 * 1024 * 1024))
         for (const s of sizes) if (s % (2 * 1024 * 1024) !== 0) throw new UsageError(`--sizes ${formatBytes(s)}: each must be a multiple of 2 MiB`)
@@ -153,6 +155,10 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
         if (!Number.isInteger(a.vcpus) || a.vcpus < 1 || a.vcpus > 32) throw new UsageError(`--vcpus ${a.vcpus}: must be 1 to 32`)
         if (!Number.isFinite(a.rate) || a.rate < 0) throw new UsageError(`--rate ${a.rate}: must be 0 or more pages/s`)
         const poolPages = poolPagesOption(a.buffer)
+        if (a.restore) {
+          run = () => restoreBenchCommand(io, { ...common(a), sizes })
+          return
+        }
         run = () =>
           benchCommand(io, {
             ...common(a), sizes, rate: Math.round(a.rate), methods: methods as Array<BenchMethod>, vcpus: a.vcpus,

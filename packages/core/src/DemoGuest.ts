@@ -48,6 +48,11 @@ export class DemoGuest {
     )
   }
 
+  /** The memfd of a memfd guest. */
+  get memfd(): number {
+    return loadGuest().vg_memfd([this.handle])
+  }
+
   get pages() {
     return this.region.size / PAGE_SIZE
   }
@@ -128,4 +133,9 @@ export const comparePages = (a: Hva, b: Hva, size: number): number => Number(loa
 /** Copies `dst.length` bytes from host-virtual address `from` of this process. */
 export const copyFromHva = (dst: Buffer, from: bigint): void => {
   loadWp().wp_copy_from_hva([dst, from, BigInt(dst.length)])
+}
+
+/** Reads a byte of every page of a range, in order (each missing page faults in). */
+export const touchPages = (base: bigint, size: number): void => {
+  loadGuest().vg_touch([base, BigInt(size)])
 }

@@ -137,10 +137,18 @@ export class LazyRestore {
 }
 
 /** Starts serving; the scope's end stops serving and unregisters what is left. */
+export interface LazyRestoreOptions {
+  /** Move decoded pages in with UFFDIO_MOVE instead of copying (anonymous memory of this process only). */
+  readonly move?: boolean
+  /** Stream the remaining pages in the background (default true); false: faults only. */
+  readonly fill?: boolean
+}
+
 export const startLazyRestore = (
   source: { path: string; raw: boolean },
   uffd: number,
-  ranges: ReadonlyArray<GuestRange>
+  ranges: ReadonlyArray<GuestRange>,
+  options: LazyRestoreOptions = {}
 ): Effect.Effect<LazyRestore, NativeError | ProtocolError | InvalidInput | SnapshotFormatError | SnapshotIoError, import("effect").Scope.Scope> =>
   Effect.gen(function* () {
     if (ranges.length === 0) return yield* Effect.fail(new InvalidInput({ reason: "no memory regions to restore" }))
@@ -150,7 +158,8 @@ export const startLazyRestore = (
     return yield* Effect.acquireRelease(
       Effect.suspend(() => {
         const err = new Int32Array(1)
-        const handle: JsExternal = lib.wp_restorer_create([uffd, fd, source.raw ? 1 : 0, Buffer.from(err.buffer)])
+        const flags = (source.raw ? 1 : 0) | (options.fill === false ? 2 : 0) | (options.move ? 4 : 0)
+        const handle: JsExternal = lib.wp_restorer_create([uffd, fd, flags, Buffer.from(err.buffer)])
         if (isNullPointer(handle)) return Effect.fail(new NativeError({ op: "lazy restore", errno: -err[0]!, reason: errnoReason("restore", -err[0]!) }))
         const restore = new LazyRestore(handle)
         const failed = (op: string, rc: number) => {
@@ -172,3 +181,15 @@ export const startLazyRestore = (
       (r) => Effect.sync(() => r.destroySync())
     )
   })
+
+/** A userfaultfd of this process registered to restore [hva, hva + size) (in-process restores). */
+export const restoreUffd = (hva: bigint, size: number, options: { memfd?: boolean; move?: boolean } = {}) =>
+  Effect.acquireRelease(
+    Effect.suspend(() => {
+      const fd: number = loadWp().wp_restore_uffd_create([hva, BigInt(size), (options.memfd ? 8 : 0) | (options.move ? 4 : 0)])
+      return fd < 0
+        ? Effect.fail(new NativeError({ op: "userfaultfd", errno: -fd, reason: errnoReason("userfaultfd", -fd) }))
+        : Effect.succeed(fd)
+    }),
+    (fd) => Effect.sync(() => closeSync(fd))
+  )

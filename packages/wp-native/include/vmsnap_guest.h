@@ -31,6 +31,11 @@ typedef struct vg_guest vg_guest;
 /* Map size bytes of guest memory (page aligned) of the given VG_MEM_* kind. */
 vg_guest *vg_create(uint64_t size, uint32_t kind, int32_t *err_out);
 uint64_t vg_hva(vg_guest *g);
+/* The memfd of a VG_MEM_MEMFD guest, -1 otherwise. */
+int32_t vg_memfd(vg_guest *g);
+/* Read one byte of every page of [hva, hva + size), in order: each missing
+ * page faults in (restore benchmarks). Returns a checksum of what it read. */
+uint64_t vg_touch(uint64_t hva, uint64_t size);
 uint64_t vg_size(vg_guest *g);
 
 /* Fill pages [first_page, first_page + pages) with half-compressible data. */

@@ -183,6 +183,9 @@ int32_t wp_engine_destroy(wp_engine *e);
  * that range read zero. Every record's checksum is checked as it is read. */
 typedef struct wp_restorer wp_restorer;
 #define WP_RESTORE_RAW_IMAGE 1u /* snapshot_fd is a raw image: "records" are plain ranges */
+#define WP_RESTORE_NO_FILL 2u   /* serve faults only, no background fill (benchmarks) */
+#define WP_RESTORE_MOVE 4u      /* anonymous memory in this process: UFFDIO_MOVE decoded pages (Linux 6.8) */
+#define WP_RESTORE_UFFD_MINOR 8u /* wp_restore_uffd_create: memfd memory (MISSING | MINOR) */
 
 typedef struct wp_restore_stats {
     uint64_t pages_total, pages_resident;
@@ -206,6 +209,13 @@ int32_t wp_restorer_start(wp_restorer *r);
 int32_t wp_restorer_poll(wp_restorer *r);
 int32_t wp_restorer_stats(wp_restorer *r, wp_restore_stats *out);
 int32_t wp_restorer_destroy(wp_restorer *r);
+
+/* A userfaultfd of this process registered for restoring [hva, hva + size)
+ * (in-process restores and benchmarks): MISSING, plus MINOR with
+ * WP_RESTORE_UFFD_MINOR; asks for UFFD_FEATURE_MOVE with WP_RESTORE_MOVE.
+ * Returns the fd or -errno. UFFDIO_MOVE moves pages within the uffd's own
+ * process, so the MOVE mode serves memory of this process only. */
+int32_t wp_restore_uffd_create(uint64_t hva, uint64_t size, uint32_t flags);
 
 /* Transport helpers for the agent (Node has no SCM_RIGHTS):
  * wp_recv_fds: one recvmsg on a non-blocking stream socket; returns bytes

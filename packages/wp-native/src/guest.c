@@ -122,6 +122,15 @@ fail:
 
 uint64_t vg_hva(vg_guest *g) { return (uint64_t)(uintptr_t)g->mem; }
 uint64_t vg_size(vg_guest *g) { return g->size; }
+int32_t vg_memfd(vg_guest *g) { return g->memfd; }
+
+uint64_t vg_touch(uint64_t hva, uint64_t size)
+{
+    uint64_t sum = 0;
+    for (uint64_t off = 0; off < size; off += VG_PAGE)
+        sum += *(volatile const uint8_t *)(uintptr_t)(hva + off);
+    return sum;
+}
 
 int32_t vg_fill(vg_guest *g, uint64_t first_page, uint64_t pages, uint64_t seed)
 {

@@ -25,10 +25,19 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <fcntl.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #define RS_MAX_REGIONS 64
+
+/* UFFDIO_MOVE (Linux 6.8) is not in the 6.1 headers. */
+struct uffdio_move {
+    uint64_t dst, src, len, mode;
+    int64_t move;
+};
+#define UFFDIO_MOVE_IOCTL _IOWR(UFFDIO, 0x05, struct uffdio_move)
 #define RS_RECORD_HEADER 32
 #define RS_RECORD_MAGIC 0x31444352u /* "RCD1" */
 #define RS_MAX_RECORD_PAGES (1u << 20)
@@ -53,7 +62,7 @@ struct rs_region {
 
 struct wp_restorer {
     int uffd, file, stop_fd;
-    bool raw_image;
+    bool raw_image, move, no_fill;
     uint32_t region_count;
     struct rs_region regions[RS_MAX_REGIONS];
     struct rs_record *records;
@@ -67,7 +76,7 @@ struct wp_restorer {
     uint64_t faults, faults_zero, pages_by_fault, pages_by_fill, removed_pages;
     uint64_t fault_ns_total, fault_ns_max, first_fault_ns, start_ns, done_ns;
     uint64_t hist[WP_HIST_BUCKETS];
-    uint32_t crc_table[256];
+    uint32_t crc_table[8][256]; /* slicing-by-8 */
 };
 
 static uint64_t now_ns(void) { return monotonic_ns(); }
@@ -78,15 +87,30 @@ static void crc_init(wp_restorer *r)
         uint32_t c = i;
         for (int k = 0; k < 8; k++)
             c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-        r->crc_table[i] = c;
+        r->crc_table[0][i] = c;
     }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            r->crc_table[t][i] = (r->crc_table[t - 1][i] >> 8) ^ r->crc_table[0][r->crc_table[t - 1][i] & 0xff];
 }
 
+/* CRC-32 (zlib's), eight bytes per step. */
 static uint32_t crc_update(const wp_restorer *r, uint32_t crc, const uint8_t *p, size_t n)
 {
+    const uint32_t(*t)[256] = r->crc_table;
     crc = ~crc;
+    while (n >= 8) {
+        uint32_t lo, hi;
+        memcpy(&lo, p, 4);
+        memcpy(&hi, p + 4, 4);
+        lo ^= crc;
+        crc = t[7][lo & 0xff] ^ t[6][(lo >> 8) & 0xff] ^ t[5][(lo >> 16) & 0xff] ^ t[4][lo >> 24] ^ t[3][hi & 0xff] ^
+              t[2][(hi >> 8) & 0xff] ^ t[1][(hi >> 16) & 0xff] ^ t[0][hi >> 24];
+        p += 8;
+        n -= 8;
+    }
     while (n--)
-        crc = r->crc_table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
+        crc = t[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
     return ~crc;
 }
 
@@ -135,7 +159,14 @@ static int64_t lz4_block_decode(const uint8_t *src, size_t src_len, uint8_t *dst
         if ((size_t)(oend - op) < len)
             return -1;
         const uint8_t *match = op - offset;
-        while (len--) /* byte by byte: matches may overlap their output */
+        if (offset >= 8) {
+            /* 8 bytes at a time: the source stays at least 8 bytes behind. */
+            while (len >= 8) {
+                memcpy(op, match, 8);
+                op += 8, match += 8, len -= 8;
+            }
+        }
+        while (len--) /* byte by byte: short offsets overlap their own output */
             *op++ = *match++;
     }
     return op - dst;
@@ -197,11 +228,15 @@ static int install_range(wp_restorer *r, struct rs_region *g, uint64_t page, uin
     uint64_t hva = g->hva + page * WP_PAGE_SIZE, len = count * WP_PAGE_SIZE;
     if (g->memfd >= 0) {
         /* Page cache first, then map it; CONTINUE also wakes MISSING waiters. */
-        static const uint8_t zeros[WP_PAGE_SIZE];
-        for (uint64_t i = 0; i < count; i++) {
-            const uint8_t *p = zero ? zeros : src + i * WP_PAGE_SIZE;
-            if (pwrite(g->memfd, p, WP_PAGE_SIZE, (off_t)(g->memfd_offset + (page + i) * WP_PAGE_SIZE)) != (ssize_t)WP_PAGE_SIZE)
-                return -errno;
+        static const uint8_t zeros[64 * WP_PAGE_SIZE];
+        off_t at = (off_t)(g->memfd_offset + page * WP_PAGE_SIZE);
+        for (uint64_t done = 0; done < len;) {
+            /* One pwrite per run (zeros: per 256 KiB); short writes continue. */
+            size_t n = zero ? (len - done < sizeof zeros ? len - done : sizeof zeros) : len - done;
+            ssize_t w = pwrite(g->memfd, zero ? zeros : src + done, n, at + (off_t)done);
+            if (w <= 0)
+                return w < 0 ? -errno : -EIO;
+            done += (uint64_t)w;
         }
         struct uffdio_continue c = {.range = {.start = hva, .len = len}};
         while (ioctl(r->uffd, UFFDIO_CONTINUE, &c) < 0) {
@@ -216,7 +251,12 @@ static int install_range(wp_restorer *r, struct rs_region *g, uint64_t page, uin
     for (uint64_t done = 0; done < len;) {
         int rc;
         int64_t got;
-        if (zero) {
+        if (r->move && !zero) {
+            /* Hand the decoded pages over instead of copying them. */
+            struct uffdio_move mv = {.dst = hva + done, .src = (uint64_t)(uintptr_t)(src + done), .len = len - done};
+            rc = ioctl(r->uffd, UFFDIO_MOVE_IOCTL, &mv);
+            got = mv.move;
+        } else if (zero) {
             struct uffdio_zeropage z = {.range = {.start = hva + done, .len = len - done}};
             rc = ioctl(r->uffd, UFFDIO_ZEROPAGE, &z);
             got = z.zeropage;
@@ -238,6 +278,25 @@ static int install_range(wp_restorer *r, struct rs_region *g, uint64_t page, uin
     return 0;
 }
 
+/* Decode buffers: page-aligned anonymous memory when pages are moved out of them. */
+static uint8_t *alloc_buffer(wp_restorer *r, size_t bytes)
+{
+    if (!r->move)
+        return malloc(bytes);
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+static void release_buffer(wp_restorer *r, uint8_t *buf, size_t bytes)
+{
+    if (!buf)
+        return;
+    if (r->move)
+        munmap(buf, bytes);
+    else
+        free(buf);
+}
+
 /* Makes every page of record `index` resident. by_fault: for the counters. */
 static int resolve_record(wp_restorer *r, uint32_t index, bool by_fault, uint8_t **buf, size_t *cap, uint8_t **scratch)
 {
@@ -245,10 +304,10 @@ static int resolve_record(wp_restorer *r, uint32_t index, bool by_fault, uint8_t
     struct rs_region *g = &r->regions[rec->region];
     size_t bytes = (size_t)rec->pages * WP_PAGE_SIZE;
     if (bytes > *cap) {
-        free(*buf);
+        release_buffer(r, *buf, *cap);
         free(*scratch);
         *cap = bytes;
-        *buf = malloc(bytes);
+        *buf = alloc_buffer(r, bytes);
         *scratch = malloc(bytes + 1024);
         if (!*buf || !*scratch)
             return -ENOMEM;
@@ -395,7 +454,7 @@ static void *fault_main(void *arg)
             r->hist[hist_bucket(ns)]++;
         }
     }
-    free(buf);
+    release_buffer(r, buf, cap);
     free(scratch);
     return NULL;
 }
@@ -406,13 +465,18 @@ static void *fill_main(void *arg)
     uint8_t *buf = NULL, *scratch = NULL;
     size_t cap = 0;
     for (uint32_t i = 0; i < r->record_count && !atomic_load(&r->stopping); i++) {
+        if (r->no_fill) { /* faults only (benchmarks): wait until every page faulted in */
+            while (atomic_load(&r->pages_resident) < atomic_load(&r->pages_total) && !atomic_load(&r->stopping))
+                usleep(1000);
+            break;
+        }
         int rc = resolve_record(r, i, false, &buf, &cap, &scratch);
         if (rc < 0) {
             fail(r, rc);
             break;
         }
     }
-    free(buf);
+    release_buffer(r, buf, cap);
     free(scratch);
     if (atomic_load(&r->error) == 0 && !atomic_load(&r->stopping)) {
         /* Every page is resident: nothing left to serve. */
@@ -438,6 +502,8 @@ wp_restorer *wp_restorer_create(int32_t uffd, int32_t snapshot_fd, uint32_t flag
     r->file = dup(snapshot_fd);
     r->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     r->raw_image = flags & WP_RESTORE_RAW_IMAGE;
+    r->move = flags & WP_RESTORE_MOVE;
+    r->no_fill = flags & WP_RESTORE_NO_FILL;
     pthread_mutex_init(&r->install_lock, NULL);
     crc_init(r);
     if (r->uffd < 0 || r->file < 0 || r->stop_fd < 0) {
@@ -577,4 +643,25 @@ int32_t wp_restorer_destroy(wp_restorer *r)
     pthread_mutex_destroy(&r->install_lock);
     free(r);
     return 0;
+}
+
+int32_t wp_restore_uffd_create(uint64_t hva, uint64_t size, uint32_t flags)
+{
+    int32_t how;
+    int fd = uffd_open_fd(O_CLOEXEC | O_NONBLOCK, &how);
+    if (fd < 0)
+        return fd;
+    bool shmem = flags & WP_RESTORE_UFFD_MINOR;
+    uint64_t features = (shmem ? (1ull << 10) /* MINOR_SHMEM */ : 0) | ((flags & WP_RESTORE_MOVE) ? (1ull << 16) /* MOVE */ : 0);
+    uint64_t offered;
+    int rc = uffd_handshake(fd, features, &offered);
+    struct uffdio_register reg = {.range = {.start = hva, .len = size},
+                                  .mode = UFFDIO_REGISTER_MODE_MISSING | (shmem ? UFFDIO_REGISTER_MODE_MINOR : 0)};
+    if (rc == 0 && ioctl(fd, UFFDIO_REGISTER, &reg) < 0)
+        rc = -errno;
+    if (rc < 0) {
+        close(fd);
+        return rc;
+    }
+    return fd;
 }

@@ -1,5 +1,5 @@
 /** `vmsnap bench`: vmsnap against its baselines on the same guest, one table. */
-import { type BenchOptions, type BenchRun, formatBytes, runBenchmark } from "@vmsnap/core"
+import { type BenchOptions, type BenchRun, formatBytes, type RestoreBenchResult, runBenchmark, runRestoreBenchmark } from "@vmsnap/core"
 import type { Io } from "../Io.js"
 import { type CommonFlags, runCommand } from "../Run.js"
 
@@ -44,4 +44,27 @@ export const benchCommand = (io: Io, flags: BenchFlags) =>
       human: `guest: ${runs[0]?.guestKind === "kvm" ? "KVM" : "host threads"}, ${flags.vcpus} vCPU, ${flags.rate ? `${flags.rate} pages/s` : "writing as fast as it can"} (${flags.pattern} pages); latency, stalls and blocked time as the guest measured them during the snapshot; tput/after: guest writes/s during and in the ${flags.afterMs} ms after, against the same guest with no snapshot\n${table(runs)}`,
       exitCode: runs.every((r) => r.ok) ? 0 : 1
     })
+  )
+
+const restoreTable = (r: RestoreBenchResult): string => {
+  const lines = ["handshake to the guest's first write (lazy) vs every page decoded first (eager):", "  size       guest    lazy ms   eager ms"]
+  for (const f of r.firstWrite)
+    lines.push(`  ${formatBytes(f.sizeBytes).padEnd(9)}  ${f.guestKind.padEnd(7)}  ${f.lazyMs.toFixed(2).padStart(7)}  ${String(f.eagerMs).padStart(9)}`)
+  lines.push("", "resolving faults, in this process (faults only: every page touched in order; fill only: the background fill):")
+  lines.push("  mode      size      faults  p50 us  p99 us  faults-only ms  fill-only ms")
+  for (const m of r.modes)
+    lines.push(
+      m.error
+        ? `  ${m.mode.padEnd(8)}  failed: ${m.error}`
+        : `  ${m.mode.padEnd(8)}  ${formatBytes(m.sizeBytes).padEnd(8)}  ${String(m.faults).padStart(6)}  ${m.faultServiceUs.p50.toFixed(1).padStart(6)}  ${m.faultServiceUs.p99.toFixed(1).padStart(6)}  ${String(m.faultInMs).padStart(14)}  ${String(m.residentMs).padStart(12)}`
+    )
+  return lines.join("\n")
+}
+
+export const restoreBenchCommand = (io: Io, flags: CommonFlags & { sizes: ReadonlyArray<number> }) =>
+  runCommand(
+    io,
+    flags,
+    runRestoreBenchmark({ sizes: flags.sizes, modeSize: 512 * 1024 * 1024, onStart: (what) => !flags.json && io.stderr(`bench: ${what}...\n`) }),
+    (r) => ({ json: { ok: r.modes.every((m) => m.error === null), restore: r }, human: restoreTable(r), exitCode: r.modes.every((m) => m.error === null) ? 0 : 1 })
   )

@@ -46,6 +46,7 @@ const wpTable = {
   wp_restorer_poll: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_restorer_stats: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B] },
   wp_restorer_destroy: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
+  wp_restore_uffd_create: { library: "vmsnap_wp", retType: I32, paramsType: [BIG, BIG, U32] },
   wp_collapse: { library: "vmsnap_wp", retType: I32, paramsType: [I32, BIG, BIG] },
   wp_engine_set_fault_around: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, U32] },
   wp_engine_start: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
@@ -65,6 +66,8 @@ const wpTable = {
 const guestTable = {
   vg_create: { library: "vmsnap_guest", retType: EXT, paramsType: [BIG, U32, B] },
   vg_hva: { library: "vmsnap_guest", retType: BIG, paramsType: [EXT] },
+  vg_memfd: { library: "vmsnap_guest", retType: I32, paramsType: [EXT] },
+  vg_touch: { library: "vmsnap_guest", retType: BIG, paramsType: [BIG, BIG] },
   vg_fill: { library: "vmsnap_guest", retType: I32, paramsType: [EXT, BIG, BIG, BIG] },
   vg_set_target: { library: "vmsnap_guest", retType: I32, paramsType: [EXT, BIG, BIG] },
   vg_start: { library: "vmsnap_guest", retType: I32, paramsType: [EXT, U32, BIG, BIG] },

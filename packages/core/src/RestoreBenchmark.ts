@@ -1,0 +1,163 @@
+/**
+ * `vmsnap bench --restore`: what lazy restore buys.
+ *
+ *   first write   handshake to the guest's first write (the toy VMM restoring
+ *                 lazily through `vmsnap serve`'s code) against an eager
+ *                 restore, which decodes every page into memory before the
+ *                 guest may run; per guest size.
+ *   modes         in this process, a 512 MiB snapshot served three ways:
+ *                 UFFDIO_COPY (anonymous), pwrite + UFFDIO_CONTINUE (memfd),
+ *                 UFFDIO_MOVE (anonymous): fault service time when every page
+ *                 is touched in order with no background fill, and the time
+ *                 the background fill alone takes to make it all resident.
+ */
+import { Effect } from "effect"
+import { mkdtempSync, rmSync } from "node:fs"
+import { tmpdir } from "node:os"
+import { join } from "node:path"
+import { Agent } from "./Agent.js"
+import { DemoGuest, scratchMemory, touchPages } from "./DemoGuest.js"
+import type { VmsnapError } from "./Errors.js"
+import { type LatencySummary } from "./LatencyHistogram.js"
+import { restoreUffd, startLazyRestore } from "./LazyRestore.js"
+import { RestoreServer } from "./RestoreServer.js"
+import { restoreToMemory } from "./SnapshotRestore.js"
+import { takeSnapshot } from "./SnapshotSession.js"
+import { ToyVmm } from "./ToyVmm.js"
+import type { WpNative } from "./WpNative.js"
+
+const MiB = 1024 * 1024
+
+export interface FirstWriteRun {
+  readonly sizeBytes: number
+  readonly guestKind: "kvm" | "threads"
+  /** Handshake to the guest's first write, restoring lazily. */
+  readonly lazyMs: number
+  /** Every page decoded into memory, before the guest could run. */
+  readonly eagerMs: number
+}
+
+export interface ModeRun {
+  readonly mode: "copy" | "continue" | "move"
+  readonly sizeBytes: number
+  readonly faults: number
+  readonly faultServiceUs: LatencySummary
+  /** Touching every page in order, faults only. */
+  readonly faultInMs: number
+  /** The background fill alone. */
+  readonly residentMs: number
+  readonly error: string | null
+}
+
+export interface RestoreBenchResult {
+  readonly firstWrite: Array<FirstWriteRun>
+  readonly modes: Array<ModeRun>
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+
+const waitDone = (restore: { poll: () => unknown }) =>
+  Effect.promise(async () => {
+    for (;;) {
+      const state = restore.poll()
+      if (state !== "serving") return state
+      await sleep(2)
+    }
+  })
+
+/** One mode at `size`: faults-only pass, then fill-only pass. */
+const measureMode = (mode: ModeRun["mode"], snapshot: string, size: number) =>
+  Effect.gen(function* () {
+    const pass = (fill: boolean) =>
+      Effect.scoped(
+        Effect.gen(function* () {
+          const memfdGuest = mode === "continue" ? yield* DemoGuest.make(size, "memfd") : undefined
+          const base = memfdGuest ? memfdGuest.region.hostBase : yield* scratchMemory(size)
+          const uffd = yield* restoreUffd(base, size, { memfd: mode === "continue", move: mode === "move" })
+          const t0 = performance.now()
+          const restore = yield* startLazyRestore(
+            { path: snapshot, raw: false },
+            uffd,
+            [{ hva: base, size, imageOffset: 0, memfd: memfdGuest?.memfd }],
+            { move: mode === "move", fill }
+          )
+          if (!fill) touchPages(base, size)
+          const state = yield* waitDone(restore)
+          const ms = performance.now() - t0
+          return { stats: restore.stats(), ms, error: state === "done" ? null : String((state as Error).message ?? state) }
+        })
+      )
+    const faulted = yield* pass(false)
+    const filled = yield* pass(true)
+    return {
+      mode, sizeBytes: size, faults: faulted.stats.faults, faultServiceUs: faulted.stats.faultServiceUs,
+      faultInMs: Math.round(faulted.ms), residentMs: Math.round(filled.stats.doneMs ?? filled.ms), error: faulted.error ?? filled.error
+    } satisfies ModeRun
+  }).pipe(
+    Effect.catch((e: unknown) =>
+      Effect.succeed({
+        mode, sizeBytes: size, faults: 0, faultServiceUs: { count: 0, p50: 0, p99: 0, p999: 0, max: 0 }, faultInMs: 0, residentMs: 0,
+        error: e instanceof Error ? e.message : String(e)
+      } satisfies ModeRun)
+    )
+  )
+
+export const runRestoreBenchmark = (options: {
+  readonly sizes: ReadonlyArray<number>
+  readonly modeSize: number
+  readonly onStart?: (what: string) => void
+}): Effect.Effect<RestoreBenchResult, VmsnapError, WpNative> =>
+  Effect.scoped(
+    Effect.gen(function* () {
+      const dir = yield* Effect.acquireRelease(
+        Effect.sync(() => mkdtempSync(join(tmpdir(), "vmsnap-restore-bench-"))),
+        (d) => Effect.sync(() => rmSync(d, { recursive: true, force: true }))
+      )
+      // Modes: a half-random, 75 % filled region snapshotted in this process.
+      options.onStart?.(`restore modes at ${options.modeSize / MiB} MiB`)
+      const modeSnapshot = join(dir, "modes.vmsnap")
+      yield* Effect.scoped(
+        Effect.gen(function* () {
+          const guest = yield* DemoGuest.make(options.modeSize, "anon")
+          guest.fill(0, Math.floor((guest.pages * 3) / 4), 3)
+          yield* takeSnapshot({ regions: [guest.region], path: modeSnapshot })
+        })
+      )
+      const modes: Array<ModeRun> = []
+      for (const mode of ["copy", "continue", "move"] as const) modes.push(yield* measureMode(mode, modeSnapshot, options.modeSize))
+
+      const agent = yield* Effect.acquireRelease(
+        Effect.promise(async () => {
+          const a = new Agent(join(dir, "agent.sock"))
+          await a.listen()
+          return a
+        }),
+        (a) => Effect.promise(() => a.close())
+      )
+      const firstWrite: Array<FirstWriteRun> = []
+      for (const size of options.sizes) {
+        options.onStart?.(`first write, lazy vs eager, at ${size / MiB} MiB`)
+        const path = join(dir, `guest-${size}.vmsnap`)
+        const source = new ToyVmm({ memMiB: size / MiB, rate: 1, agent: agent.socketPath, vm: `src-${size}`, fillPercent: 75 })
+        yield* Effect.promise(() => source.ready)
+        yield* agent.snapshot({ vm: `src-${size}`, path })
+        yield* Effect.promise(() => source.stop())
+        const server = new RestoreServer(join(dir, `serve-${size}.sock`), { path, raw: false })
+        yield* Effect.promise(() => server.listen())
+        const vmm = new ToyVmm({ memMiB: size / MiB, rate: 0, anon: true, restoreFrom: server.socketPath, runMs: 200 })
+        const report = yield* Effect.promise(() => vmm.report())
+        yield* Effect.promise(() => server.close())
+        const eagerMs = yield* Effect.scoped(
+          Effect.gen(function* () {
+            const target = yield* scratchMemory(size)
+            const t0 = performance.now()
+            yield* restoreToMemory(path, { hostBases: [target], targetIsZero: true })
+            return performance.now() - t0
+          })
+        )
+        rmSync(path, { force: true })
+        firstWrite.push({ sizeBytes: size, guestKind: report.kind, lazyMs: Math.round((report.restore?.firstWriteMs ?? 0) * 100) / 100, eagerMs: Math.round(eagerMs) })
+      }
+      return { firstWrite, modes }
+    })
+  )
