@@ -211,8 +211,11 @@ static bool setup_kvm(void)
         snprintf(vmm.why_threads, sizeof vmm.why_threads, "KVM_SET_USER_MEMORY_REGION: %s", strerror(errno));
         return false;
     }
-    build_page_tables();
-    memcpy(vmm.mem + CODE_GPA, toy_guest_start, (size_t)(toy_guest_end - toy_guest_start));
+    /* A restored guest's page tables and code come with its memory. */
+    if (!vmm.restore_from) {
+        build_page_tables();
+        memcpy(vmm.mem + CODE_GPA, toy_guest_start, (size_t)(toy_guest_end - toy_guest_start));
+    }
     int run_size = ioctl(vmm.kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
     for (uint32_t i = 0; i < vmm.vcpus; i++) {
         vmm.vcpu_fd[i] = ioctl(vmm.vm, KVM_CREATE_VCPU, i);
@@ -288,11 +291,22 @@ static void measure_tsc(void)
     vmm.tsc_hz = (double)(rdtsc() - c0) * 1e9 / (double)(now_ns() - t0);
 }
 
-static void start_guest(void)
+/* The VM and its vCPUs, touching no guest memory when restoring: like
+ * Firecracker, set up before the page-fault handler's handshake. */
+static bool prepared, prepared_kvm;
+static void prepare_guest(void)
 {
-    bool kvm = !vmm.force_threads && setup_kvm();
+    prepared_kvm = !vmm.force_threads && setup_kvm();
     if (vmm.force_threads)
         snprintf(vmm.why_threads, sizeof vmm.why_threads, "--threads");
+    prepared = true;
+}
+
+static void start_guest(void)
+{
+    if (!prepared)
+        prepare_guest();
+    bool kvm = prepared_kvm;
     vmm.kvm_mode = kvm;
     for (uint32_t i = 0; i < vmm.vcpus; i++) {
         vmm.ctl[i] = (struct toy_ctl *)(vmm.mem + CTL_GPA + i * PAGE);
@@ -736,6 +750,7 @@ static void verify_restored(void)
 
 static void run_restored(void)
 {
+    prepare_guest();
     int sock = restore_handshake();
     uint64_t t0 = now_ns();
     start_guest();
