@@ -231,3 +231,49 @@ describe.skipIf(unavailable)("bench", () => {
     expect(r.stderr).toMatch(/unknown method teleport/)
   })
 })
+
+describe("serve", () => {
+  it("needs --socket and a snapshot", async () => {
+    const r = await cli("serve", join(dir, "x.vmsnap"))
+    expect(r.code).toBe(2)
+    expect(r.stderr).toMatch(/Missing required argument: socket/)
+  })
+
+  it("refuses a file that is not a snapshot before serving anyone (exit 3)", async () => {
+    const other = join(dir, "not-a-snapshot.bin")
+    writeFileSync(other, Buffer.alloc(8192, 7))
+    const r = await cli("serve", other, "--socket", join(dir, "serve.sock"))
+    expect(r.code).toBe(3)
+    expect(r.stderr).toMatch(/not a vmsnap snapshot file/)
+  })
+})
+
+describe.skipIf(unavailable)("serve --once with the toy VMM", () => {
+  it("restores a KVM guest lazily and exits once every page is resident", async () => {
+    const { ToyVmm } = await import("@vmsnap/core")
+    const snap = join(dir, "serve-src.vmsnap")
+    const made = await cli("demo", "--size", "16MiB", "--warmup", "100", "-o", snap, "--json")
+    expect(made.code).toBe(0)
+    const socket = join(dir, "serve-once.sock")
+    const serving = cli("serve", snap, "--socket", socket, "--once", "--json")
+    const vmm = new ToyVmm({ memMiB: 16, rate: 1000, restoreFrom: socket, runMs: 300 })
+    const report = await vmm.report()
+    const r = await serving
+    expect(r.code, r.stdout).toBe(0)
+    const events = r.stdout.trim().split("\n").map((l) => JSON.parse(l))
+    expect(events.find((e) => e.type === "finished")?.ok).toBe(true)
+    expect(report.phases.before.writes).toBeGreaterThan(0)
+  })
+})
+
+describe.skipIf(unavailable)("bench --restore", () => {
+  it("--json has first-write and mode runs (shape only)", async () => {
+    const r = await cli("bench", "--restore", "--sizes", "8MiB", "--json")
+    expect(r.code, r.stdout).toBe(0)
+    const j = JSON.parse(r.stdout)
+    expect(j.restore.firstWrite[0]).toMatchObject({ sizeBytes: 8 * 1024 * 1024 })
+    expect(typeof j.restore.firstWrite[0].lazyMs).toBe("number")
+    expect(j.restore.modes.map((m: { mode: string }) => m.mode)).toEqual(["copy", "continue", "move"])
+    for (const m of j.restore.modes) expect(m.error).toBeNull()
+  })
+})
