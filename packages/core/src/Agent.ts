@@ -12,13 +12,14 @@
  * a reference at its freeze sees every writer stopped.
  */
 import { Deferred, Effect } from "effect"
-import { closeSync, existsSync, fstatSync, readFileSync, unlinkSync } from "node:fs"
-import { createServer, type Server, type Socket } from "node:net"
+import { closeSync, fstatSync, readFileSync } from "node:fs"
+import type { Socket } from "node:net"
 import { NativeError, ProtocolError, type VmsnapError } from "./Errors.js"
 import { gpa, hva, type MemoryRegion } from "./GuestMemory.js"
 import { errnoReason } from "./internal/errno.js"
 import { loadWp } from "./internal/ffi.js"
 import { receiveFirstMessage, socketFd } from "./internal/firstMessage.js"
+import { listenUnix, type UnixServer } from "./internal/unixServer.js"
 import {
   type ClientRequest, encodeMessage, type Hello, LineReader, MAX_MESSAGE_BYTES, parseClientRequest, parseHello,
   parseMessage, type SnapshotRequest
@@ -128,9 +129,8 @@ const receiveFirst = async (fd: number) => {
 
 export class Agent {
   private readonly vms = new Map<string, Vm>()
-  private server: Server | undefined
+  private server: UnixServer | undefined
   private readonly arrivals = new Set<() => void>()
-  private readonly sockets = new Set<Socket>()
 
   constructor(readonly socketPath: string, private readonly events: AgentEvents = {}) {}
 
@@ -139,36 +139,18 @@ export class Agent {
   }
 
   /** Listens on the socket path (replacing a stale socket file). */
-  listen(): Promise<void> {
-    if (existsSync(this.socketPath)) unlinkSync(this.socketPath)
-    return new Promise((resolve, reject) => {
-      const server = createServer({ pauseOnConnect: true }, (socket) => void this.accept(socket))
-      server.once("error", reject)
-      server.listen(this.socketPath, () => {
-        server.off("error", reject)
-        this.server = server
-        resolve()
-      })
-    })
+  async listen(): Promise<void> {
+    this.server = await listenUnix(this.socketPath, (socket) => void this.accept(socket))
   }
 
-  close(): Promise<void> {
+  async close(): Promise<void> {
     for (const vm of this.vms.values()) {
       vm.vmm?.close()
       vm.devices.forEach((d) => d.close())
     }
     this.vms.clear()
-    for (const socket of this.sockets) socket.destroy()
-    return new Promise((resolve) => {
-      if (!this.server) return resolve()
-      this.server.close(() => resolve())
-      this.server = undefined
-      try {
-        unlinkSync(this.socketPath)
-      } catch {
-        // already gone
-      }
-    })
+    await this.server?.close()
+    this.server = undefined
   }
 
   list(): Array<VmInfo> {
@@ -202,8 +184,6 @@ export class Agent {
   }
 
   private async accept(socket: Socket) {
-    this.sockets.add(socket)
-    socket.on("close", () => this.sockets.delete(socket))
     const fd = socketFd(socket)
     if (fd === undefined) return void socket.destroy()
     let first: Awaited<ReturnType<typeof receiveFirst>>
@@ -419,6 +399,17 @@ export class Agent {
     }).pipe(Effect.scoped)
   }
 }
+
+/** An agent without events in a scope, for benchmarks: listening until the scope closes. */
+export const quietAgentScoped = (socketPath: string) =>
+  Effect.acquireRelease(
+    Effect.promise(async () => {
+      const agent = new Agent(socketPath)
+      await agent.listen()
+      return agent
+    }),
+    (agent) => Effect.promise(() => agent.close())
+  )
 
 /** The agent as a scoped resource: listening until the scope closes. */
 export const agentScoped = (socketPath: string, events?: AgentEvents) =>

@@ -17,7 +17,7 @@ import { Effect } from "effect"
 import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
-import { Agent } from "./Agent.js"
+import { type Agent, quietAgentScoped } from "./Agent.js"
 import { InvalidInput, type VmsnapError } from "./Errors.js"
 import { type PhaseReport, ToyVmm, type ToyVmmReport } from "./ToyVmm.js"
 import type { WpNative } from "./WpNative.js"
@@ -154,14 +154,7 @@ export const runBenchmark = (o: BenchOptions): Effect.Effect<Array<BenchRun>, Vm
         Effect.sync(() => mkdtempSync(join(tmpdir(), "vmsnap-bench-"))),
         (d) => Effect.sync(() => rmSync(d, { recursive: true, force: true }))
       )
-      const agent = yield* Effect.acquireRelease(
-        Effect.promise(async () => {
-          const a = new Agent(join(dir, "agent.sock"))
-          await a.listen()
-          return a
-        }),
-        (a) => Effect.promise(() => a.close())
-      )
+      const agent = yield* quietAgentScoped(join(dir, "agent.sock"))
       const runs: Array<BenchRun> = []
       for (const size of o.sizes) {
         o.onStart?.("none", size)

@@ -15,7 +15,7 @@ import { Effect } from "effect"
 import { mkdtempSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
-import { Agent } from "./Agent.js"
+import { quietAgentScoped } from "./Agent.js"
 import { DemoGuest, scratchMemory, touchPages } from "./DemoGuest.js"
 import type { VmsnapError } from "./Errors.js"
 import { type LatencySummary } from "./LatencyHistogram.js"
@@ -126,14 +126,7 @@ export const runRestoreBenchmark = (options: {
       const modes: Array<ModeRun> = []
       for (const mode of ["copy", "continue", "move"] as const) modes.push(yield* measureMode(mode, modeSnapshot, options.modeSize))
 
-      const agent = yield* Effect.acquireRelease(
-        Effect.promise(async () => {
-          const a = new Agent(join(dir, "agent.sock"))
-          await a.listen()
-          return a
-        }),
-        (a) => Effect.promise(() => a.close())
-      )
+      const agent = yield* quietAgentScoped(join(dir, "agent.sock"))
       const firstWrite: Array<FirstWriteRun> = []
       for (const size of options.sizes) {
         options.onStart?.(`first write, lazy vs eager, at ${size / MiB} MiB`)

@@ -13,12 +13,12 @@
  * on a bad handshake vmsnap writes one `{"error": ...}` line and closes.
  */
 import { Cause, Effect, Exit, Scope } from "effect"
-import { existsSync, unlinkSync } from "node:fs"
-import { createServer, type Server, type Socket } from "node:net"
+import type { Socket } from "node:net"
 import { ProtocolError } from "./Errors.js"
 import { PAGE_SIZE } from "./GuestMemory.js"
 import { loadWp } from "./internal/ffi.js"
 import { closeFds, receiveFirstMessage, socketFd } from "./internal/firstMessage.js"
+import { listenUnix, type UnixServer } from "./internal/unixServer.js"
 import { type GuestRange, type LazyRestoreStats, startLazyRestore } from "./LazyRestore.js"
 
 const MAX_BODY = 1 << 20
@@ -79,9 +79,8 @@ export interface ServeEvents {
 }
 
 export class RestoreServer {
-  private server: Server | undefined
+  private server: UnixServer | undefined
   private readonly sessions = new Set<{ socket: Socket; scope: Scope.Closeable }>()
-  private readonly sockets = new Set<Socket>()
 
   constructor(
     readonly socketPath: string,
@@ -93,33 +92,15 @@ export class RestoreServer {
     this.events.log?.(line)
   }
 
-  listen(): Promise<void> {
-    if (existsSync(this.socketPath)) unlinkSync(this.socketPath)
-    return new Promise((resolve, reject) => {
-      const server = createServer({ pauseOnConnect: true }, (socket) => void this.accept(socket))
-      server.once("error", reject)
-      server.listen(this.socketPath, () => {
-        server.off("error", reject)
-        this.server = server
-        resolve()
-      })
-    })
+  async listen(): Promise<void> {
+    this.server = await listenUnix(this.socketPath, (socket) => void this.accept(socket))
   }
 
   async close(): Promise<void> {
-    for (const s of this.sessions) {
-      s.socket.destroy()
-      await Effect.runPromise(Scope.close(s.scope, Exit.void))
-    }
+    for (const s of this.sessions) await Effect.runPromise(Scope.close(s.scope, Exit.void))
     this.sessions.clear()
-    for (const socket of this.sockets) socket.destroy()
-    await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()))
+    await this.server?.close()
     this.server = undefined
-    try {
-      unlinkSync(this.socketPath)
-    } catch {
-      // already gone
-    }
   }
 
   private refuse(socket: Socket, reason: string) {
@@ -129,8 +110,6 @@ export class RestoreServer {
 
   private async accept(socket: Socket) {
     socket.on("error", () => undefined)
-    this.sockets.add(socket)
-    socket.on("close", () => this.sockets.delete(socket))
     const fd = socketFd(socket)
     if (fd === undefined) return void socket.destroy()
     let first: Awaited<ReturnType<typeof receiveFirstMessage>>

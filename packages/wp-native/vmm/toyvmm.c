@@ -503,6 +503,22 @@ static int agent_connect(void)
     return s;
 }
 
+/* One message with fds attached (SCM_RIGHTS). */
+static int send_with_fds(int sock, const char *body, size_t len, const int *fds, int nfds)
+{
+    char control[CMSG_SPACE(sizeof(int) * 4)];
+    memset(control, 0, sizeof control);
+    struct iovec iov = {.iov_base = (void *)body, .iov_len = len};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
+                         .msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds)};
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+    memcpy(CMSG_DATA(cm), fds, sizeof(int) * (size_t)nfds);
+    return sendmsg(sock, &msg, MSG_NOSIGNAL) == (ssize_t)len ? 0 : -1;
+}
+
 static void send_hello(int sock)
 {
     int uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
@@ -517,17 +533,7 @@ static void send_hello(int sock)
                      "\"hva\":\"0x%llx\"}]}\n",
                      vmm.vm_id, vmm.is_device ? "device" : "vmm", getpid(), (unsigned long long)vmm.mem_size,
                      vmm.anon ? "null" : "1", (unsigned long long)(uintptr_t)vmm.mem);
-    char control[CMSG_SPACE(sizeof fds)];
-    memset(control, 0, sizeof control);
-    struct iovec iov = {.iov_base = body, .iov_len = (size_t)n};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
-                         .msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds)};
-    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
-    memcpy(CMSG_DATA(cm), fds, sizeof(int) * (size_t)nfds);
-    if (sendmsg(sock, &msg, MSG_NOSIGNAL) != n)
+    if (send_with_fds(sock, body, (size_t)n, fds, nfds) < 0)
         die("send hello");
     /* The agent now holds the only reference: if it dies, the uffd is
      * released, which removes all protection and wakes every vCPU. */
@@ -708,16 +714,7 @@ static int restore_handshake(void)
                      (unsigned long long)(uintptr_t)vmm.mem, (unsigned long long)vmm.mem_size);
     int fds[2] = {uffd, vmm.memfd};
     int nfds = vmm.anon ? 1 : 2;
-    char control[CMSG_SPACE(sizeof fds)];
-    memset(control, 0, sizeof control);
-    struct iovec iov = {.iov_base = body, .iov_len = (size_t)n};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds)};
-    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
-    memcpy(CMSG_DATA(cm), fds, sizeof(int) * (size_t)nfds);
-    if (sendmsg(s, &msg, MSG_NOSIGNAL) != n)
+    if (send_with_fds(s, body, (size_t)n, fds, nfds) < 0)
         die("send the handshake");
     close(uffd);
     return s; /* kept open, as Firecracker does */
