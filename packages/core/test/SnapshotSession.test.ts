@@ -18,7 +18,10 @@ const MiB = 1024 * 1024
 const unavailable = await skipReason("snapshot consistency")
 const dir = tempDir()
 
-const snapshotWhileWriting = (kind: MemoryKind, options: { size: number; poolPages: number; writerDelayMs?: number; faultAroundPages?: number; arm?: boolean }) =>
+const snapshotWhileWriting = (
+  kind: MemoryKind,
+  options: { size: number; poolPages: number; writerDelayMs?: number; faultAroundPages?: number; arm?: boolean; freezeDelayMs?: number }
+) =>
   Effect.gen(function* () {
     const guest = yield* DemoGuest.make(options.size, kind)
     const pages = guest.pages
@@ -35,7 +38,7 @@ const snapshotWhileWriting = (kind: MemoryKind, options: { size: number; poolPag
       faultAroundPages: options.faultAroundPages,
       arm: options.arm,
       writerDelayMs: options.writerDelayMs,
-      freeze: guest.freeze,
+      freeze: Effect.andThen(Effect.sleep(options.freezeDelayMs ?? 0), guest.freeze),
       thaw: guest.thaw,
       atCut: Effect.andThen(guest.takeReference, Effect.sync(() => guest.setTarget(0, pages)))
     })
@@ -75,7 +78,8 @@ describe.skipIf(unavailable)("live snapshot consistency", () => {
   }
 
   it("armed ahead of the cut (the default): only pages written since arming are re-protected", async () => {
-    const { result, restoredDiff } = await runTest(snapshotWhileWriting("anon", { size: 64 * MiB, poolPages: 1024 }))
+    // The freeze waits 20 ms after arming, so the writers certainly write while armed.
+    const { result, restoredDiff } = await runTest(snapshotWhileWriting("anon", { size: 64 * MiB, poolPages: 1024, freezeDelayMs: 20 }))
     expect(restoredDiff).toBe(-1)
     expect(result.engine.cutPages).toBeGreaterThan(0) // the writers did write while armed
     expect(result.engine.cutPages).toBeLessThan((64 * MiB) / 4096 / 2)
