@@ -15,12 +15,14 @@ export const noProgress: Progress = { update: () => {}, done: () => {} }
 
 export const progressBar = (io: Io, label: string, enabled: boolean): Progress => {
   if (!enabled || !io.isTTY) return noProgress
-  const start = performance.now()
+  // The clock starts at the first update: setup before the work is not its rate.
+  let start = 0
   let last = 0
   let drawn = false
   return {
     update: (done, total) => {
       const now = performance.now()
+      if (start === 0) start = now
       if (now - last < 100 && done < total) return
       last = now
       const secs = (now - start) / 1000
