@@ -312,16 +312,20 @@ static int resolve_record(wp_restorer *r, uint32_t index, bool by_fault, uint8_t
         if (!*buf || !*scratch)
             return -ENOMEM;
     }
-    pthread_mutex_lock(&r->install_lock);
     uint64_t missing = 0;
     int encoding = ENC_RAW;
     for (uint64_t p = rec->first_page; p < rec->first_page + rec->pages; p++)
-        missing += !g->resident[p];
-    int rc = 0;
-    if (missing) {
-        rc = read_record(r, rec, *buf, *scratch, *cap + 1024);
-        encoding = rc;
-        rc = rc < 0 ? rc : 0;
+        missing += !__atomic_load_n(&g->resident[p], __ATOMIC_ACQUIRE);
+    if (!missing)
+        return 0;
+    /* Read and decode outside the lock: a fault never waits for the fill's
+     * decode, only for an install in progress. Both may decode the same
+     * record; whoever installs second finds the pages resident. */
+    int rc = read_record(r, rec, *buf, *scratch, *cap + 1024);
+    encoding = rc;
+    rc = rc < 0 ? rc : 0;
+    pthread_mutex_lock(&r->install_lock);
+    {
         /* Install runs of pages not yet resident; discarded ones become zero. */
         uint64_t p = rec->first_page, end = rec->first_page + rec->pages;
         while (rc == 0 && p < end) {
