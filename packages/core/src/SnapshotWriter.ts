@@ -144,12 +144,11 @@ const recordsFromPool = (buf: Buffer, keys: BigUint64Array, n: number, useLz4: b
     if (useLz4 && count < INLINE_COMPRESS_PAGES) {
       // Compressed now, so the drain buffer may be reused; copied only if kept raw.
       const c = compressSync(view)
-      const p = c.length < view.length ? { encoding: "lz4" as const, payload: c } : { encoding: "raw" as const, payload: Buffer.from(view) }
+      const p = c.length < view.length ? { encoding: "lz4" as const, payload: c } : { encoding: "raw" as const, payload: view }
       out.push(Promise.resolve({ region, firstPage: first, pageCount: count, ...p }))
     } else {
-      // Copy out: the drain buffer is reused next turn.
-      const raw = Buffer.from(view)
-      out.push(encodePayload(raw, count, useLz4).then((p) => ({ region, firstPage: first, pageCount: count, ...p })))
+      // No copy: this drain buffer is not reused until these records are on disk.
+      out.push(encodePayload(view, count, useLz4).then((p) => ({ region, firstPage: first, pageCount: count, ...p })))
     }
     i = j
   }
@@ -208,7 +207,9 @@ export const writeSnapshotBody = (
     const useLz4 = options.compress ?? true
     const regions = engine.regions
     const totalPages = regions.reduce((s, r) => s + regionPages(r), 0)
-    const drainBuf = Buffer.allocUnsafeSlow(DRAIN_PAGES * PAGE_SIZE)
+    // Drain buffers, like staging buffers, go back to their pool once their records are on disk.
+    const drainBuffers: Array<Buffer> = []
+    const takeDrainBuffer = () => drainBuffers.pop() ?? Buffer.allocUnsafeSlow(DRAIN_PAGES * PAGE_SIZE)
     const drainKeys = new BigUint64Array(DRAIN_PAGES)
     const sweepIndex = new BigUint64Array(sweepPages)
     const sweepFlags = new Uint8Array(sweepPages)
@@ -216,7 +217,7 @@ export const writeSnapshotBody = (
     // memory stays bounded by inFlight runs, whatever the guest's size.
     const staging: Array<Buffer> = []
     const takeStaging = () => staging.pop() ?? Buffer.allocUnsafeSlow(sweepPages * PAGE_SIZE)
-    const inflight: Array<{ records: Promise<Array<PendingRecord>>; staging?: Buffer }> = []
+    const inflight: Array<{ records: Promise<Array<PendingRecord>>; staging?: Buffer; drain?: Buffer }> = []
     let region = 0
     let cursor = 0
     let saved = 0
@@ -229,6 +230,7 @@ export const writeSnapshotBody = (
       const batch = yield* Effect.promise(() => next.records)
       yield* sink.append(batch)
       if (next.staging) staging.push(next.staging)
+      if (next.drain) drainBuffers.push(next.drain)
       if (sink.bytesWritten - lastCollect > GC_EVERY_BYTES) {
         lastCollect = sink.bytesWritten
         collectYoungGarbage()
@@ -237,9 +239,11 @@ export const writeSnapshotBody = (
 
     const turn = Effect.try({
       try: () => {
+        const drainBuf = takeDrainBuffer()
         const drained = engine.drainSync(drainBuf, drainKeys)
+        if (drained === 0) drainBuffers.push(drainBuf)
         if (drained > 0) {
-          inflight.push({ records: recordsFromPool(drainBuf, drainKeys, drained, useLz4) })
+          inflight.push({ records: recordsFromPool(drainBuf, drainKeys, drained, useLz4), drain: drainBuf })
           saved += drained
           return true
         }
