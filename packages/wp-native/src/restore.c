@@ -239,13 +239,8 @@ static int install_range(wp_restorer *r, struct rs_region *g, uint64_t page, uin
             done += (uint64_t)w;
         }
         struct uffdio_continue c = {.range = {.start = hva, .len = len}};
-        while (ioctl(r->uffd, UFFDIO_CONTINUE, &c) < 0) {
-            if (errno == EEXIST)
-                break; /* already mapped: what we wrote is what it sees */
-            if (errno != EAGAIN)
-                return -errno;
-            c.mapped = 0;
-        }
+        if (ioctl(r->uffd, UFFDIO_CONTINUE, &c) < 0 && errno != EEXIST) /* EEXIST: already mapped */
+            return -errno; /* -EAGAIN: a REMOVE event is pending; the caller retries after reading it */
         return 0;
     }
     for (uint64_t done = 0; done < len;) {
@@ -271,7 +266,10 @@ static int install_range(wp_restorer *r, struct rs_region *g, uint64_t page, uin
             done += (uint64_t)got;
         } else if (errno == EEXIST || got == -EEXIST) {
             done += WP_PAGE_SIZE; /* that page is already there: skip it */
-        } else if (errno != EAGAIN) { /* EAGAIN: a REMOVE event is pending; retry */
+        } else {
+            /* -EAGAIN: a REMOVE event is pending. Never retry here, holding
+             * the install lock: the event must be read first (by the fault
+             * thread, which needs that lock), or neither side moves. */
             return -errno;
         }
     }
@@ -375,18 +373,106 @@ static unsigned hist_bucket(uint64_t ns)
     return b < WP_HIST_BUCKETS ? b : WP_HIST_BUCKETS - 1;
 }
 
+/* The guest discarded [start, end): later faults and the fill put zero pages
+ * there. Called with install_lock held. */
+static void mark_removed(wp_restorer *r, uint64_t start, uint64_t end)
+{
+    uint32_t region;
+    uint64_t page;
+    for (uint64_t a = start; a < end; a += WP_PAGE_SIZE) {
+        if (find_page(r, a, &region, &page) < 0)
+            continue;
+        struct rs_region *g = &r->regions[region];
+        g->removed[page] = 1;
+        if (g->resident[page]) {
+            g->resident[page] = 0;
+            atomic_fetch_sub(&r->pages_resident, 1);
+        }
+        r->removed_pages++;
+    }
+}
+
+/* Serves one fault; -EAGAIN if a discard is pending (retry after reading it). */
+static int serve_fault(wp_restorer *r, uint64_t address, uint8_t **buf, size_t *cap, uint8_t **scratch)
+{
+    uint32_t region;
+    uint64_t page;
+    if (find_page(r, address, &region, &page) < 0)
+        return 0;
+    uint64_t t0 = now_ns();
+    if (!r->first_fault_ns)
+        r->first_fault_ns = t0;
+    struct rs_region *g = &r->regions[region];
+    int rc;
+    if (g->removed[page] && !g->resident[page]) {
+        pthread_mutex_lock(&r->install_lock);
+        rc = install_range(r, g, page, 1, NULL, true);
+        if (rc == 0 && !g->resident[page]) {
+            g->resident[page] = 1;
+            atomic_fetch_add(&r->pages_resident, 1);
+        }
+        pthread_mutex_unlock(&r->install_lock);
+        r->faults_zero++;
+    } else {
+        rc = resolve_record(r, g->record_of[page], true, buf, cap, scratch);
+    }
+    if (rc == -EAGAIN)
+        return rc;
+    if (rc == 0 && g->resident[page]) {
+        /* Resident but the fault raced us (a fill, or a MINOR fault on a
+         * page already in the cache): make sure it is mapped and woken. */
+        struct uffdio_range wake = {.start = g->hva + page * WP_PAGE_SIZE, .len = WP_PAGE_SIZE};
+        if (g->memfd >= 0) {
+            struct uffdio_continue c = {.range = wake};
+            ioctl(r->uffd, UFFDIO_CONTINUE, &c);
+        }
+        ioctl(r->uffd, UFFDIO_WAKE, &wake);
+    }
+    if (rc < 0) {
+        fail(r, rc);
+        return rc;
+    }
+    uint64_t ns = now_ns() - t0;
+    r->faults++;
+    r->fault_ns_total += ns;
+    if (ns > r->fault_ns_max)
+        r->fault_ns_max = ns;
+    r->hist[hist_bucket(ns)]++;
+    return 0;
+}
+
 static void *fault_main(void *arg)
 {
     wp_restorer *r = arg;
     uint8_t *buf = NULL, *scratch = NULL;
     size_t cap = 0;
     struct uffd_msg msgs[64];
+    /* Faults that met EAGAIN (a discard pending): served again after the next read. */
+    uint64_t retry[256];
+    size_t retry_count = 0;
     uint64_t last = 0;
     while (!atomic_load(&r->stopping) && !atomic_load(&r->done)) {
+        /* Read under the install lock, and mark discarded ranges before
+         * releasing it: once a REMOVE event is read the kernel lets the
+         * discard proceed, so no install may slip in between (it would leave
+         * snapshot data where the guest expects zeros). */
+        pthread_mutex_lock(&r->install_lock);
         ssize_t n = read(r->uffd, msgs, sizeof msgs);
+        int read_errno = n < 0 ? errno : 0;
+        for (ssize_t i = 0; n > 0 && i < n / (ssize_t)sizeof msgs[0]; i++)
+            if (msgs[i].event == UFFD_EVENT_REMOVE)
+                mark_removed(r, msgs[i].arg.remove.start, msgs[i].arg.remove.end);
+        pthread_mutex_unlock(&r->install_lock);
+        size_t retrying = retry_count;
+        retry_count = 0;
+        for (size_t i = 0; i < retrying; i++)
+            if (serve_fault(r, retry[i], &buf, &cap, &scratch) == -EAGAIN && retry_count < 256)
+                retry[retry_count++] = retry[i];
         if (n <= 0) {
-            if (n < 0 && errno != EAGAIN && errno != EINTR) {
-                fail(r, -errno);
+            if (retry_count)
+                continue;
+            if (n < 0 && read_errno != EAGAIN && read_errno != EINTR) {
+                fail(r, -read_errno);
                 break;
             }
             if (now_ns() - last < 50000) { /* poll briefly after a fault: wake-ups are slow here */
@@ -402,60 +488,12 @@ static void *fault_main(void *arg)
             struct uffd_msg *m = &msgs[i];
             uint32_t region;
             uint64_t page;
-            if (m->event == UFFD_EVENT_REMOVE) {
-                /* The guest discarded a range: later faults there read zero. */
-                for (uint64_t a = m->arg.remove.start; a < m->arg.remove.end; a += WP_PAGE_SIZE)
-                    if (find_page(r, a, &region, &page) == 0) {
-                        pthread_mutex_lock(&r->install_lock);
-                        r->regions[region].removed[page] = 1;
-                        if (r->regions[region].resident[page]) {
-                            r->regions[region].resident[page] = 0;
-                            atomic_fetch_sub(&r->pages_resident, 1);
-                        }
-                        pthread_mutex_unlock(&r->install_lock);
-                        r->removed_pages++;
-                    }
-                continue;
-            }
+            if (m->event == UFFD_EVENT_REMOVE)
+                continue; /* marked above */
             if (m->event != UFFD_EVENT_PAGEFAULT || find_page(r, m->arg.pagefault.address, &region, &page) < 0)
                 continue;
-            uint64_t t0 = now_ns();
-            if (!r->first_fault_ns)
-                r->first_fault_ns = t0;
-            struct rs_region *g = &r->regions[region];
-            int rc;
-            if (g->removed[page] && !g->resident[page]) {
-                pthread_mutex_lock(&r->install_lock);
-                rc = install_range(r, g, page, 1, NULL, true);
-                if (rc == 0 && !g->resident[page]) {
-                    g->resident[page] = 1;
-                    atomic_fetch_add(&r->pages_resident, 1);
-                }
-                pthread_mutex_unlock(&r->install_lock);
-                r->faults_zero++;
-            } else {
-                rc = resolve_record(r, g->record_of[page], true, &buf, &cap, &scratch);
-            }
-            if (rc == 0 && g->resident[page]) {
-                /* Resident but the fault raced us (a fill, or a MINOR fault
-                 * on a page already in the cache): make sure it is mapped and woken. */
-                struct uffdio_range wake = {.start = g->hva + page * WP_PAGE_SIZE, .len = WP_PAGE_SIZE};
-                if (g->memfd >= 0) {
-                    struct uffdio_continue c = {.range = wake};
-                    ioctl(r->uffd, UFFDIO_CONTINUE, &c);
-                }
-                ioctl(r->uffd, UFFDIO_WAKE, &wake);
-            }
-            if (rc < 0) {
-                fail(r, rc);
-                continue;
-            }
-            uint64_t ns = now_ns() - t0;
-            r->faults++;
-            r->fault_ns_total += ns;
-            if (ns > r->fault_ns_max)
-                r->fault_ns_max = ns;
-            r->hist[hist_bucket(ns)]++;
+            if (serve_fault(r, m->arg.pagefault.address, &buf, &cap, &scratch) == -EAGAIN && retry_count < 256)
+                retry[retry_count++] = m->arg.pagefault.address;
         }
     }
     release_buffer(r, buf, cap);
@@ -475,6 +513,11 @@ static void *fill_main(void *arg)
             break;
         }
         int rc = resolve_record(r, i, false, &buf, &cap, &scratch);
+        if (rc == -EAGAIN) { /* a discard is in flight: let the fault thread read it */
+            usleep(100);
+            i--;
+            continue;
+        }
         if (rc < 0) {
             fail(r, rc);
             break;
