@@ -32,10 +32,6 @@ export const pagesIn = (size: number): number => Math.ceil(size / PAGE_SIZE)
 
 export const regionPages = (r: { readonly size: number }): number => pagesIn(r.size)
 
-/** Host-virtual address of a region-relative page index. */
-export const pageHva = (r: MemoryRegion, pageIndex: number): Hva =>
-  hva(r.hostBase + BigInt(pageIndex) * BigInt(PAGE_SIZE))
-
 const units: Record<string, number> = {
   "": 1, b: 1, k: 1024, kb: 1024, kib: 1024, m: 1024 ** 2, mb: 1024 ** 2, mib: 1024 ** 2,
   g: 1024 ** 3, gb: 1024 ** 3, gib: 1024 ** 3, t: 1024 ** 4, tb: 1024 ** 4, tib: 1024 ** 4

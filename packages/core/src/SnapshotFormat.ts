@@ -197,21 +197,6 @@ export const recordChecksum = (h: Buffer, payload: Buffer | undefined): number =
   return payload && payload.length > 0 ? crc32(payload, c) : c
 }
 
-export const encodeIndex = (entries: ReadonlyArray<IndexEntry>): Buffer => {
-  const b = Buffer.alloc(8 + entries.length * INDEX_ENTRY_BYTES + 4)
-  b.writeUInt32LE(INDEX_MAGIC, 0)
-  b.writeUInt32LE(entries.length, 4)
-  entries.forEach((e, i) => {
-    const o = 8 + i * INDEX_ENTRY_BYTES
-    b.writeUInt32LE(e.region, o)
-    b.writeUInt32LE(e.pageCount, o + 4)
-    b.writeBigUInt64LE(BigInt(e.firstPage), o + 8)
-    b.writeBigUInt64LE(BigInt(e.fileOffset), o + 16)
-  })
-  b.writeUInt32LE(crc32(b.subarray(0, b.length - 4)), b.length - 4)
-  return b
-}
-
 /** Builds the index in place, 24 bytes an entry: millions of records stay cheap. */
 export class IndexBuilder {
   private buf = Buffer.alloc(8 + 4096 * INDEX_ENTRY_BYTES + 4)
@@ -231,7 +216,7 @@ export class IndexBuilder {
     this.count++
   }
 
-  /** The encoded index block (same bytes as encodeIndex of the same entries). */
+  /** The encoded index block: magic, count, the entries, crc32 (docs/format.md). */
   encode(): Buffer {
     const end = 8 + this.count * INDEX_ENTRY_BYTES
     const b = this.buf.subarray(0, end + 4)

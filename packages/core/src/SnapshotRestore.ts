@@ -8,11 +8,8 @@
  * the sizes of regions 0..i-1 in one file; "per-region" writes OUT.<i>.
  */
 import { Effect } from "effect"
-import { randomUUID } from "node:crypto"
-import { constants as fsConstants } from "node:fs"
-import { open, rename, stat, unlink, type FileHandle } from "node:fs/promises"
-import { basename, dirname, join } from "node:path"
-import { InvalidInput, ioError, SnapshotFormatError, type SnapshotIoError } from "./Errors.js"
+import { type AtomicFile, atomicFile } from "./AtomicFile.js"
+import { InvalidInput, ioError, type SnapshotFormatError, type SnapshotIoError } from "./Errors.js"
 import { PAGE_SIZE, type Hva } from "./GuestMemory.js"
 import { loadWp } from "./internal/ffi.js"
 import { openSnapshot, walkRecords, type DecodedRecord, type VerifyReport } from "./SnapshotReader.js"
@@ -82,21 +79,9 @@ export const restoreToRawFile = (
         regionBase.push(layout === "concat" ? acc : 0)
         acc += r.size
       }
-      const outs: Array<{ file: FileHandle; tmp: string; final: string; committed: boolean }> = []
+      const outs: Array<AtomicFile> = []
       for (const [i, name] of names.entries()) {
-        const existing = yield* Effect.promise(() => stat(name).catch(() => undefined))
-        if (existing?.isDirectory()) return yield* Effect.fail(ioError(name, "create", Object.assign(new Error("EISDIR"), { code: "EISDIR" })))
-        const tmp = join(dirname(name), `.${basename(name)}.tmp-${process.pid}-${randomUUID().slice(0, 8)}`)
-        const out = yield* Effect.acquireRelease(
-          Effect.tryPromise({
-            try: async () => ({ file: await open(tmp, fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_RDWR, 0o644), tmp, final: name, committed: false }),
-            catch: (e) => ioError(name, "create", e)
-          }),
-          (o) => Effect.promise(async () => {
-            await o.file.close().catch(() => undefined)
-            if (!o.committed) await unlink(o.tmp).catch(() => undefined)
-          })
-        )
+        const out = yield* atomicFile(name, "read-write")
         const size = layout === "concat" ? acc : regions[i]!.size
         yield* Effect.tryPromise({ try: () => out.file.truncate(size), catch: (e) => ioError(name, "truncate", e) })
         outs.push(out)
@@ -117,20 +102,11 @@ export const restoreToRawFile = (
                     pos += bytesWritten
                   }
                 },
-                catch: (e) => ioError(outs[regionFile[rec.header.region]!]!.final, "write", e)
+                catch: (e) => ioError(outs[regionFile[rec.header.region]!]!.path, "write", e)
               }),
         onProgress
       )
-      for (const o of outs) {
-        yield* Effect.tryPromise({
-          try: async () => {
-            await o.file.sync()
-            await rename(o.tmp, o.final)
-            o.committed = true
-          },
-          catch: (e) => ioError(o.final, "commit", e)
-        })
-      }
+      for (const o of outs) yield* o.commit
       return { ...report, outputs: names }
     })
   )

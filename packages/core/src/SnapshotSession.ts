@@ -11,11 +11,9 @@
  */
 import { Effect, Fiber } from "effect"
 import { randomUUID } from "node:crypto"
-import { constants as fsConstants } from "node:fs"
-import { open, rename, stat, unlink, type FileHandle } from "node:fs/promises"
-import { basename, dirname, join } from "node:path"
+import { atomicFile } from "./AtomicFile.js"
 import { InvalidInput, ioError, type VmsnapError } from "./Errors.js"
-import { PAGE_SIZE, regionPages, type MemoryRegion } from "./GuestMemory.js"
+import { PAGE_SIZE, type MemoryRegion } from "./GuestMemory.js"
 import { encodeHeader } from "./SnapshotFormat.js"
 import { RecordSink, writeSnapshotBody, type WriterOptions } from "./SnapshotWriter.js"
 import { errnoName } from "./internal/errno.js"
@@ -71,40 +69,6 @@ export const DEFAULT_POOL_PAGES = 16384
 
 const nowMs = () => performance.now()
 
-/** The temporary output: deleted on release unless `commit` ran. */
-const acquireOutput = (path: string) =>
-  Effect.acquireRelease(
-    Effect.gen(function* () {
-      const existing = yield* Effect.promise(() => stat(path).catch(() => undefined))
-      if (existing?.isDirectory())
-        return yield* Effect.fail(ioError(path, "create", Object.assign(new Error("is a directory"), { code: "EISDIR" })))
-      const tmp = join(dirname(path), `.${basename(path)}.tmp-${process.pid}-${randomUUID().slice(0, 8)}`)
-      const file = yield* Effect.tryPromise({
-        try: () => open(tmp, fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_WRONLY, 0o644),
-        catch: (e) => ioError(path, "create", e)
-      })
-      return { file, tmp, committed: false }
-    }),
-    (out) =>
-      Effect.promise(async () => {
-        await out.file.close().catch(() => undefined)
-        if (!out.committed) await unlink(out.tmp).catch(() => undefined)
-      })
-  )
-
-/** fsync the file, rename it into place, fsync the directory. */
-const commit = (out: { file: FileHandle; tmp: string; committed: boolean }, path: string) =>
-  Effect.tryPromise({
-    try: async () => {
-      await out.file.sync()
-      await rename(out.tmp, path)
-      out.committed = true
-      const dir = await open(dirname(path), fsConstants.O_RDONLY)
-      await dir.sync().finally(() => dir.close())
-    },
-    catch: (e) => ioError(path, "commit", e)
-  })
-
 const validate = (options: SnapshotOptions) => {
   if (options.regions.length === 0) return Effect.fail(new InvalidInput({ reason: "no memory regions to snapshot" }))
   for (const r of options.regions) {
@@ -117,7 +81,6 @@ const validate = (options: SnapshotOptions) => {
   return Effect.void
 }
 
-/** Takes one live snapshot of `regions` into `path`. */
 /**
  * 4 KiB unprotects split transparent huge pages; once the snapshot is over
  * and the memory unregistered, rebuild them so the guest does not run slower
@@ -125,8 +88,9 @@ const validate = (options: SnapshotOptions) => {
  */
 const collapseHugePages = (options: SnapshotOptions) =>
   Effect.sync((): SnapshotResult["collapse"] => {
+    if (options.collapseHugePages === false) return null
     const thp = options.regions.map((r, i) => ({ r, i })).filter(({ r }) => r.kind === "anon-thp")
-    if (thp.length === 0 || options.collapseHugePages === false) return null
+    if (thp.length === 0) return null
     const t0 = nowMs()
     const errors: Array<string> = []
     for (const { r, i } of thp) {
@@ -141,6 +105,7 @@ const collapseHugePages = (options: SnapshotOptions) =>
     return { ms: nowMs() - t0, ok: errors.length === 0, error: errors[0] ?? null }
   })
 
+/** Takes one live snapshot of `regions` into `path`. */
 export const takeSnapshot = (options: SnapshotOptions): Effect.Effect<SnapshotResult, VmsnapError, WpNative> =>
   Effect.flatMap(takeSnapshotScoped(options), (result) =>
     Effect.map(collapseHugePages(options), (collapse) => ({ ...result, collapse }))
@@ -151,7 +116,7 @@ const takeSnapshotScoped = (options: SnapshotOptions): Effect.Effect<Omit<Snapsh
     Effect.gen(function* () {
       yield* validate(options)
       const native = yield* WpNative
-      const out = yield* acquireOutput(options.path)
+      const out = yield* atomicFile(options.path)
       const engine = yield* native.engine({
         regions: options.regions,
         poolPages: options.poolPages ?? DEFAULT_POOL_PAGES,
@@ -194,7 +159,7 @@ const takeSnapshotScoped = (options: SnapshotOptions): Effect.Effect<Omit<Snapsh
       const writer = yield* Effect.forkIn(writeSnapshotBody(engine, sink, options), scope)
       const body = yield* Fiber.join(writer)
       const fileBytes = yield* sink.finish()
-      yield* commit(out, options.path)
+      yield* out.commit
       const stats = engine.statsSync()
       return {
         path: options.path,
@@ -210,5 +175,3 @@ const takeSnapshotScoped = (options: SnapshotOptions): Effect.Effect<Omit<Snapsh
       }
     })
   )
-
-export const totalPages = (regions: ReadonlyArray<MemoryRegion>) => regions.reduce((s, r) => s + regionPages(r), 0)

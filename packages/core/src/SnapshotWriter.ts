@@ -29,8 +29,6 @@ interface PendingRecord {
 export class RecordSink {
   readonly index = new IndexBuilder()
   bytesWritten = 0
-  storedPages = 0
-  rawBytes = 0
 
   constructor(private readonly file: FileHandle, private readonly path: string, private offset: number) {}
 
@@ -47,8 +45,6 @@ export class RecordSink {
           buffers.push(r.payload)
           this.offset += r.payload.length
         }
-        this.storedPages += r.pageCount
-        if (r.encoding !== "zero") this.rawBytes += r.pageCount * PAGE_SIZE
       }
       this.bytesWritten = this.offset
       return this.writeAll(buffers, start)
@@ -122,72 +118,67 @@ const encodePayload = (raw: Buffer, pages: number, useLz4: boolean): Promise<{ e
   return compress(raw).then(pick)
 }
 
-/** Splits drained pages (keys: region << 48 | page) into runs of consecutive pages. */
-const recordsFromPool = (buf: Buffer, keys: BigUint64Array, n: number, useLz4: boolean): Promise<Array<PendingRecord>> => {
+/**
+ * Cuts entries 0..n-1 into records: maximal runs of consecutive pages of one
+ * region that are all zero (a zero record) or all data (one payload).
+ * `dataOf(i, j)` gives the bytes of data entries i..j-1; it is called in order.
+ */
+const recordsFromRuns = (
+  n: number,
+  regionOf: (i: number) => number,
+  pageOf: (i: number) => number,
+  zeroAt: (i: number) => boolean,
+  dataOf: (i: number, j: number) => Buffer,
+  useLz4: boolean
+): Promise<Array<PendingRecord>> => {
   const out: Array<Promise<PendingRecord>> = []
-  let i = 0
-  const isZero = (k: number) => buf.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE).equals(ZERO_PAGE)
-  while (i < n) {
-    const region = Number(keys[i]! >> 48n)
-    const first = Number(keys[i]! & 0xffffffffffffn)
-    const zero = isZero(i)
+  for (let i = 0; i < n; ) {
+    const region = regionOf(i)
+    const first = pageOf(i)
+    const zero = zeroAt(i)
     let j = i + 1
-    while (j < n && Number(keys[j]! >> 48n) === region && Number(keys[j]! & 0xffffffffffffn) === first + (j - i) && isZero(j) === zero) j++
-    if (zero) {
-      // Fault-around saves untouched neighbours too: keep them as zero records.
-      out.push(Promise.resolve({ region, firstPage: first, pageCount: j - i, encoding: "zero" as const, payload: undefined }))
-      i = j
-      continue
-    }
-    const view = buf.subarray(i * PAGE_SIZE, j * PAGE_SIZE)
-    const count = j - i
-    if (useLz4 && count < INLINE_COMPRESS_PAGES) {
-      // Compressed now, so the drain buffer may be reused; copied only if kept raw.
-      const c = compressSync(view)
-      const p = c.length < view.length ? { encoding: "lz4" as const, payload: c } : { encoding: "raw" as const, payload: view }
-      out.push(Promise.resolve({ region, firstPage: first, pageCount: count, ...p }))
-    } else {
-      // No copy: this drain buffer is not reused until these records are on disk.
-      out.push(encodePayload(view, count, useLz4).then((p) => ({ region, firstPage: first, pageCount: count, ...p })))
-    }
+    while (j < n && regionOf(j) === region && pageOf(j) === first + (j - i) && zeroAt(j) === zero) j++
+    const pageCount = j - i
+    out.push(
+      zero
+        ? Promise.resolve({ region, firstPage: first, pageCount, encoding: "zero" as const, payload: undefined })
+        : encodePayload(dataOf(i, j), pageCount, useLz4).then((p) => ({ region, firstPage: first, pageCount, ...p }))
+    )
     i = j
   }
   return Promise.all(out)
 }
 
-/** Splits one sweep's entries into zero runs and data runs of consecutive pages. */
-const recordsFromSweep = (
-  region: number,
-  data: Buffer,
-  pages: BigUint64Array,
-  flags: Uint8Array,
-  n: number,
-  useLz4: boolean
-): Promise<Array<PendingRecord>> => {
-  const out: Array<Promise<PendingRecord>> = []
-  let i = 0
-  let dataIndex = 0
-  while (i < n) {
-    const zero = flags[i] === PAGE_ZERO
-    const first = Number(pages[i]!)
-    let j = i + 1
-    while (j < n && (flags[j] === PAGE_ZERO) === zero && Number(pages[j]!) === first + (j - i)) j++
-    const count = j - i
-    if (zero) {
-      out.push(Promise.resolve({ region, firstPage: first, pageCount: count, encoding: "zero", payload: undefined }))
-    } else {
-      const raw = data.subarray(dataIndex * PAGE_SIZE, (dataIndex + count) * PAGE_SIZE)
-      dataIndex += count
-      out.push(encodePayload(raw, count, useLz4).then((p) => ({ region, firstPage: first, pageCount: count, ...p })))
-    }
-    i = j
-  }
-  return Promise.all(out)
+/**
+ * Drained pool pages (keys: region << 48 | page). Fault-around saves
+ * untouched neighbours too: all-zero pages become zero records. The drain
+ * buffer is not reused until these records are on disk, so no copy.
+ */
+const recordsFromPool = (buf: Buffer, keys: BigUint64Array, n: number, useLz4: boolean) =>
+  recordsFromRuns(
+    n,
+    (i) => Number(keys[i]! >> 48n),
+    (i) => Number(keys[i]! & 0xffffffffffffn),
+    (i) => buf.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE).equals(ZERO_PAGE),
+    (i, j) => buf.subarray(i * PAGE_SIZE, j * PAGE_SIZE),
+    useLz4
+  )
+
+/** One sweep's entries; the data of non-zero pages is packed in entry order. */
+const recordsFromSweep = (region: number, data: Buffer, pages: BigUint64Array, flags: Uint8Array, n: number, useLz4: boolean) => {
+  let packed = 0
+  return recordsFromRuns(
+    n,
+    () => region,
+    (i) => Number(pages[i]!),
+    (i) => flags[i] === PAGE_ZERO,
+    (i, j) => data.subarray(packed * PAGE_SIZE, (packed += j - i) * PAGE_SIZE),
+    useLz4
+  )
 }
 
 export interface WriterResult {
   readonly records: number
-  readonly storedPages: number
   /** Pages swept where the guest had just faulted. */
   readonly steeredPages: number
 }
@@ -207,17 +198,15 @@ export const writeSnapshotBody = (
     const useLz4 = options.compress ?? true
     const regions = engine.regions
     const totalPages = regions.reduce((s, r) => s + regionPages(r), 0)
-    // Drain buffers, like staging buffers, go back to their pool once their records are on disk.
-    const drainBuffers: Array<Buffer> = []
-    const takeDrainBuffer = () => drainBuffers.pop() ?? Buffer.allocUnsafeSlow(DRAIN_PAGES * PAGE_SIZE)
     const drainKeys = new BigUint64Array(DRAIN_PAGES)
     const sweepIndex = new BigUint64Array(sweepPages)
     const sweepFlags = new Uint8Array(sweepPages)
-    // Staging buffers are reused once their records are on disk: the writer's
-    // memory stays bounded by inFlight runs, whatever the guest's size.
-    const staging: Array<Buffer> = []
-    const takeStaging = () => staging.pop() ?? Buffer.allocUnsafeSlow(sweepPages * PAGE_SIZE)
-    const inflight: Array<{ records: Promise<Array<PendingRecord>>; staging?: Buffer; drain?: Buffer }> = []
+    // Buffers for drained and swept pages go back to this pool once their
+    // records are on disk: the writer's memory stays bounded by inFlight
+    // batches, whatever the guest's size, and payloads need no copy.
+    const buffers: Array<Buffer> = []
+    const takeBuffer = () => buffers.pop() ?? Buffer.allocUnsafeSlow(Math.max(DRAIN_PAGES, sweepPages) * PAGE_SIZE)
+    const inflight: Array<{ records: Promise<Array<PendingRecord>>; buffer: Buffer }> = []
     let region = 0
     let cursor = 0
     let saved = 0
@@ -229,55 +218,53 @@ export const writeSnapshotBody = (
       const next = inflight.shift()!
       const batch = yield* Effect.promise(() => next.records)
       yield* sink.append(batch)
-      if (next.staging) staging.push(next.staging)
-      if (next.drain) drainBuffers.push(next.drain)
+      buffers.push(next.buffer)
       if (sink.bytesWritten - lastCollect > GC_EVERY_BYTES) {
         lastCollect = sink.bytesWritten
         collectYoungGarbage()
       }
     })
 
+    /** Captures the unsaved pages of one run into a staging buffer; how many. */
+    const sweep = (r: number, first: number): number => {
+      const data = takeBuffer()
+      const n = engine.sweepSync(r, first, sweepPages, { data, pages: sweepIndex, flags: sweepFlags })
+      if (n === 0) {
+        buffers.push(data)
+        return 0
+      }
+      // recordsFromSweep reads pages/flags now; data stays in use until appended.
+      inflight.push({ records: recordsFromSweep(r, data, sweepIndex, sweepFlags, n, useLz4), buffer: data })
+      saved += n
+      return n
+    }
+
     const turn = Effect.try({
       try: () => {
-        const drainBuf = takeDrainBuffer()
+        const drainBuf = takeBuffer()
         const drained = engine.drainSync(drainBuf, drainKeys)
-        if (drained === 0) drainBuffers.push(drainBuf)
         if (drained > 0) {
-          inflight.push({ records: recordsFromPool(drainBuf, drainKeys, drained, useLz4), drain: drainBuf })
+          inflight.push({ records: recordsFromPool(drainBuf, drainKeys, drained, useLz4), buffer: drainBuf })
           saved += drained
           return true
         }
+        buffers.push(drainBuf)
         // Steering: sweep first where the guest is writing, so it meets saved pages.
         const hint = steer ? engine.hintSync() : undefined
         if (hint) {
-          const first = hint.page - (hint.page % sweepPages)
-          const out = { data: takeStaging(), pages: sweepIndex, flags: sweepFlags }
-          const n = engine.sweepSync(hint.region, first, sweepPages, out)
-          if (n > 0) {
-            inflight.push({ records: recordsFromSweep(hint.region, out.data, out.pages, out.flags, n, useLz4), staging: out.data })
-            saved += n
-            steered += n
-            return true
-          }
-          staging.push(out.data)
+          const n = sweep(hint.region, hint.page - (hint.page % sweepPages))
+          steered += n
+          if (n > 0) return true
         }
         while (region < regions.length) {
-          const pages = regionPages(regions[region]!)
-          if (cursor >= pages) {
+          if (cursor >= regionPages(regions[region]!)) {
             region++
             cursor = 0
             continue
           }
-          const out = { data: takeStaging(), pages: sweepIndex, flags: sweepFlags }
-          const n = engine.sweepSync(region, cursor, sweepPages, out)
+          const n = sweep(region, cursor)
           cursor += sweepPages
-          if (n > 0) {
-            // recordsFromSweep reads pages/flags synchronously; data stays in use until appended.
-            inflight.push({ records: recordsFromSweep(region, out.data, out.pages, out.flags, n, useLz4), staging: out.data })
-            saved += n
-            return true
-          }
-          staging.push(out.data)
+          if (n > 0) return true
         }
         return false
       },
@@ -297,5 +284,5 @@ export const writeSnapshotBody = (
       if (inflight.length > 0) yield* flushOldest
       else yield* Effect.sleep(0)
     }
-    return { records: sink.index.count, storedPages: sink.storedPages, steeredPages: steered }
+    return { records: sink.index.count, steeredPages: steered }
   })

@@ -55,14 +55,6 @@ export const PAGE_ZERO = 1
 /** Default fault-around window: 16 pages (64 KiB) saved per write fault. */
 export const DEFAULT_FAULT_AROUND_PAGES = 16
 
-/** One sweep's output: `count` entries; data pages packed in `data` in entry order. */
-export interface SweepResult {
-  readonly count: number
-  readonly pages: BigUint64Array
-  readonly flags: Uint8Array
-  readonly data: Buffer
-}
-
 const nativeError = (op: string, rc: number) => new NativeError({ op, errno: -rc, reason: errnoReason(op, -rc) })
 
 /** A running engine: one per snapshot. Methods are synchronous native calls. */
@@ -258,15 +250,9 @@ export class WpNative extends Context.Service<WpNative, {
               }
             }
             const around: number = lib.wp_engine_set_fault_around([handle, options.faultAroundPages ?? DEFAULT_FAULT_AROUND_PAGES])
-            if (around < 0) {
-              engine.destroySync()
-              return Effect.fail(nativeError("fault-around", around))
-            }
+            if (around < 0) return failed("fault-around", around)
             const rc: number = lib.wp_engine_start([handle])
-            if (rc < 0) {
-              engine.destroySync()
-              return Effect.fail(nativeError("start", rc))
-            }
+            if (rc < 0) return failed("start", rc)
             return Effect.succeed(engine)
           }),
           (engine) => Effect.sync(() => engine.destroySync())
