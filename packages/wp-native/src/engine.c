@@ -458,11 +458,7 @@ int32_t wp_engine_destroy(wp_engine *e)
     if (!e)
         return 0;
     atomic_store(&e->stopping, true);
-    if (e->stop_fd >= 0) {
-        uint64_t one = 1;
-        ssize_t ignored = write(e->stop_fd, &one, sizeof one);
-        (void)ignored;
-    }
+    signal_eventfd(e->stop_fd);
     pthread_mutex_lock(&e->lock);
     pthread_cond_broadcast(&e->freed);
     pthread_mutex_unlock(&e->lock);

@@ -12,16 +12,6 @@
 #include <stdlib.h>
 #include <unistd.h>
 
-static unsigned hist_bucket(uint64_t ns)
-{
-    if (ns < 1)
-        return 0;
-    unsigned msb = 63u - (unsigned)__builtin_clzll(ns);
-    unsigned half = msb > 0 ? (unsigned)((ns >> (msb - 1)) & 1u) : 0u;
-    unsigned b = 2 * msb + half;
-    return b < WP_HIST_BUCKETS ? b : WP_HIST_BUCKETS - 1;
-}
-
 static const struct wp_mapping *find_mapping(wp_engine *e, uint32_t process, uint64_t hva)
 {
     for (uint32_t i = 0; i < e->mapping_count; i++) {
@@ -114,7 +104,7 @@ static void serve_write_fault(wp_engine *e, uint32_t process, uint64_t fault_hva
         e->fault_ns_total += ns;
         if (ns > e->fault_ns_max)
             e->fault_ns_max = ns;
-        e->hist[hist_bucket(ns)]++;
+        e->hist[hist_bucket(ns, WP_HIST_BUCKETS)]++;
         if (e->fault_around > 1)
             save_neighbours(e, ri, page);
         /* Tell the sweep where the guest writes: it goes there next. */

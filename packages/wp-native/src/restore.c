@@ -14,6 +14,7 @@
  * a few hundred pages): one decode, one ioctl.
  */
 #define _GNU_SOURCE
+#include "record.h"
 #include "uffd.h"
 #include "vmsnap_wp.h"
 
@@ -38,11 +39,6 @@ struct uffdio_move {
     int64_t move;
 };
 #define UFFDIO_MOVE_IOCTL _IOWR(UFFDIO, 0x05, struct uffdio_move)
-#define RS_RECORD_HEADER 32
-#define RS_RECORD_MAGIC 0x31444352u /* "RCD1" */
-#define RS_MAX_RECORD_PAGES (1u << 20)
-
-enum { ENC_RAW = 0, ENC_LZ4 = 1, ENC_ZERO = 2 };
 
 struct rs_record {
     uint32_t region;
@@ -76,151 +72,13 @@ struct wp_restorer {
     uint64_t faults, faults_zero, pages_by_fault, pages_by_fill, removed_pages;
     uint64_t fault_ns_total, fault_ns_max, first_fault_ns, start_ns, done_ns;
     uint64_t hist[WP_HIST_BUCKETS];
-    uint32_t crc_table[8][256]; /* slicing-by-8 */
+    struct record_codec codec;
 };
-
-static uint64_t now_ns(void) { return monotonic_ns(); }
-
-static void crc_init(wp_restorer *r)
-{
-    for (uint32_t i = 0; i < 256; i++) {
-        uint32_t c = i;
-        for (int k = 0; k < 8; k++)
-            c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-        r->crc_table[0][i] = c;
-    }
-    for (uint32_t i = 0; i < 256; i++)
-        for (int t = 1; t < 8; t++)
-            r->crc_table[t][i] = (r->crc_table[t - 1][i] >> 8) ^ r->crc_table[0][r->crc_table[t - 1][i] & 0xff];
-}
-
-/* CRC-32 (zlib's), eight bytes per step. */
-static uint32_t crc_update(const wp_restorer *r, uint32_t crc, const uint8_t *p, size_t n)
-{
-    const uint32_t(*t)[256] = r->crc_table;
-    crc = ~crc;
-    while (n >= 8) {
-        uint32_t lo, hi;
-        memcpy(&lo, p, 4);
-        memcpy(&hi, p + 4, 4);
-        lo ^= crc;
-        crc = t[7][lo & 0xff] ^ t[6][(lo >> 8) & 0xff] ^ t[5][(lo >> 16) & 0xff] ^ t[4][lo >> 24] ^ t[3][hi & 0xff] ^
-              t[2][(hi >> 8) & 0xff] ^ t[1][(hi >> 16) & 0xff] ^ t[0][hi >> 24];
-        p += 8;
-        n -= 8;
-    }
-    while (n--)
-        crc = t[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
-    return ~crc;
-}
-
-/* Decodes one LZ4 block (sequences of literals and matches) into dst.
- * Returns the bytes produced or -1 on malformed input. */
-static int64_t lz4_block_decode(const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_cap)
-{
-    const uint8_t *ip = src, *iend = src + src_len;
-    uint8_t *op = dst, *oend = dst + dst_cap;
-    while (ip < iend) {
-        unsigned token = *ip++;
-        size_t lit = token >> 4;
-        if (lit == 15) {
-            unsigned b;
-            do {
-                if (ip >= iend)
-                    return -1;
-                b = *ip++;
-                lit += b;
-            } while (b == 255);
-        }
-        if ((size_t)(iend - ip) < lit || (size_t)(oend - op) < lit)
-            return -1;
-        memcpy(op, ip, lit);
-        ip += lit;
-        op += lit;
-        if (ip >= iend)
-            break; /* the last sequence has literals only */
-        if (iend - ip < 2)
-            return -1;
-        size_t offset = (size_t)ip[0] | ((size_t)ip[1] << 8);
-        ip += 2;
-        if (offset == 0 || offset > (size_t)(op - dst))
-            return -1;
-        size_t len = token & 15;
-        if (len == 15) {
-            unsigned b;
-            do {
-                if (ip >= iend)
-                    return -1;
-                b = *ip++;
-                len += b;
-            } while (b == 255);
-        }
-        len += 4;
-        if ((size_t)(oend - op) < len)
-            return -1;
-        const uint8_t *match = op - offset;
-        if (offset >= 8) {
-            /* 8 bytes at a time: the source stays at least 8 bytes behind. */
-            while (len >= 8) {
-                memcpy(op, match, 8);
-                op += 8, match += 8, len -= 8;
-            }
-        }
-        while (len--) /* byte by byte: short offsets overlap their own output */
-            *op++ = *match++;
-    }
-    return op - dst;
-}
 
 static void fail(wp_restorer *r, int32_t err)
 {
     int32_t none = 0;
     atomic_compare_exchange_strong(&r->error, &none, err);
-}
-
-/* Reads and checks one record; fills out[pages * 4096] (zero records: memset).
- * Returns its ENC_* encoding or -errno. */
-static int read_record(wp_restorer *r, const struct rs_record *rec, uint8_t *out, uint8_t *scratch, size_t scratch_cap)
-{
-    size_t bytes = (size_t)rec->pages * WP_PAGE_SIZE;
-    if (r->raw_image) {
-        ssize_t got = pread(r->file, out, bytes, (off_t)rec->file_offset);
-        if (got < 0)
-            return -errno;
-        if ((size_t)got < bytes)
-            memset(out + got, 0, bytes - (size_t)got);
-        return ENC_RAW;
-    }
-    uint8_t h[RS_RECORD_HEADER];
-    if (pread(r->file, h, sizeof h, (off_t)rec->file_offset) != (ssize_t)sizeof h)
-        return -EIO;
-    uint32_t magic, stored, crc;
-    memcpy(&magic, h, 4);
-    memcpy(&stored, h + 24, 4);
-    memcpy(&crc, h + 28, 4);
-    uint8_t encoding = h[20];
-    if (magic != RS_RECORD_MAGIC || stored > scratch_cap)
-        return -EBADMSG;
-    if (stored && pread(r->file, scratch, stored, (off_t)(rec->file_offset + RS_RECORD_HEADER)) != (ssize_t)stored)
-        return -EIO;
-    if (crc_update(r, crc_update(r, 0, h, 28), scratch, stored) != crc)
-        return -EBADMSG;
-    if (encoding == ENC_ZERO) {
-        memset(out, 0, bytes);
-    } else if (encoding == ENC_RAW) {
-        if (stored != bytes)
-            return -EBADMSG;
-        memcpy(out, scratch, bytes);
-    } else if (encoding == ENC_LZ4) {
-        /* lz4-napi's format: u32 uncompressed length, then one LZ4 block. */
-        uint32_t len;
-        if (stored < 4 || (memcpy(&len, scratch, 4), len != bytes) ||
-            lz4_block_decode(scratch + 4, stored - 4, out, bytes) != (int64_t)bytes)
-            return -EBADMSG;
-    } else {
-        return -EBADMSG;
-    }
-    return encoding;
 }
 
 static int install_range(wp_restorer *r, struct rs_region *g, uint64_t page, uint64_t count, const uint8_t *src, bool zero)
@@ -311,7 +169,7 @@ static int resolve_record(wp_restorer *r, uint32_t index, bool by_fault, uint8_t
             return -ENOMEM;
     }
     uint64_t missing = 0;
-    int encoding = ENC_RAW;
+    int encoding = RECORD_RAW;
     for (uint64_t p = rec->first_page; p < rec->first_page + rec->pages; p++)
         missing += !__atomic_load_n(&g->resident[p], __ATOMIC_ACQUIRE);
     if (!missing)
@@ -319,7 +177,7 @@ static int resolve_record(wp_restorer *r, uint32_t index, bool by_fault, uint8_t
     /* Read and decode outside the lock: a fault never waits for the fill's
      * decode, only for an install in progress. Both may decode the same
      * record; whoever installs second finds the pages resident. */
-    int rc = read_record(r, rec, *buf, *scratch, *cap + 1024);
+    int rc = record_read(&r->codec, r->file, r->raw_image, rec->file_offset, rec->first_page, rec->pages, *buf, *scratch, *cap + 1024);
     encoding = rc;
     rc = rc < 0 ? rc : 0;
     pthread_mutex_lock(&r->install_lock);
@@ -335,7 +193,7 @@ static int resolve_record(wp_restorer *r, uint32_t index, bool by_fault, uint8_t
             uint64_t q = p + 1;
             while (q < end && !g->resident[q] && g->removed[q] == removed)
                 q++;
-            rc = install_range(r, g, p, q - p, *buf + (p - rec->first_page) * WP_PAGE_SIZE, removed || encoding == ENC_ZERO);
+            rc = install_range(r, g, p, q - p, *buf + (p - rec->first_page) * WP_PAGE_SIZE, removed || encoding == RECORD_ZERO);
             if (rc == 0) {
                 memset(g->resident + p, 1, q - p);
                 atomic_fetch_add(&r->pages_resident, q - p);
@@ -364,14 +222,6 @@ static int find_page(wp_restorer *r, uint64_t hva, uint32_t *region, uint64_t *p
     return -EFAULT;
 }
 
-static unsigned hist_bucket(uint64_t ns)
-{
-    if (ns < 1)
-        return 0;
-    unsigned msb = 63u - (unsigned)__builtin_clzll(ns);
-    unsigned b = 2 * msb + (msb > 0 ? (unsigned)((ns >> (msb - 1)) & 1u) : 0u);
-    return b < WP_HIST_BUCKETS ? b : WP_HIST_BUCKETS - 1;
-}
 
 /* The guest discarded [start, end): later faults and the fill put zero pages
  * there. Called with install_lock held. */
@@ -399,7 +249,7 @@ static int serve_fault(wp_restorer *r, uint64_t address, uint8_t **buf, size_t *
     uint64_t page;
     if (find_page(r, address, &region, &page) < 0)
         return 0;
-    uint64_t t0 = now_ns();
+    uint64_t t0 = monotonic_ns();
     if (!r->first_fault_ns)
         r->first_fault_ns = t0;
     struct rs_region *g = &r->regions[region];
@@ -432,12 +282,12 @@ static int serve_fault(wp_restorer *r, uint64_t address, uint8_t **buf, size_t *
         fail(r, rc);
         return rc;
     }
-    uint64_t ns = now_ns() - t0;
+    uint64_t ns = monotonic_ns() - t0;
     r->faults++;
     r->fault_ns_total += ns;
     if (ns > r->fault_ns_max)
         r->fault_ns_max = ns;
-    r->hist[hist_bucket(ns)]++;
+    r->hist[hist_bucket(ns, WP_HIST_BUCKETS)]++;
     return 0;
 }
 
@@ -475,7 +325,7 @@ static void *fault_main(void *arg)
                 fail(r, -read_errno);
                 break;
             }
-            if (now_ns() - last < 50000) { /* poll briefly after a fault: wake-ups are slow here */
+            if (monotonic_ns() - last < 50000) { /* poll briefly after a fault: wake-ups are slow here */
                 __builtin_ia32_pause();
                 continue;
             }
@@ -483,7 +333,7 @@ static void *fault_main(void *arg)
             poll(fds, 2, 20);
             continue;
         }
-        last = now_ns();
+        last = monotonic_ns();
         for (size_t i = 0; i < (size_t)n / sizeof msgs[0]; i++) {
             struct uffd_msg *m = &msgs[i];
             uint32_t region;
@@ -531,7 +381,7 @@ static void *fill_main(void *arg)
             struct uffdio_range range = {.start = r->regions[i].hva, .len = r->regions[i].size};
             ioctl(r->uffd, UFFDIO_UNREGISTER, &range);
         }
-        r->done_ns = now_ns();
+        r->done_ns = monotonic_ns();
         atomic_store(&r->done, true);
     }
     return NULL;
@@ -552,7 +402,7 @@ wp_restorer *wp_restorer_create(int32_t uffd, int32_t snapshot_fd, uint32_t flag
     r->move = flags & WP_RESTORE_MOVE;
     r->no_fill = flags & WP_RESTORE_NO_FILL;
     pthread_mutex_init(&r->install_lock, NULL);
-    crc_init(r);
+    record_codec_init(&r->codec);
     if (r->uffd < 0 || r->file < 0 || r->stop_fd < 0) {
         *err_out = -errno;
         wp_restorer_destroy(r);
@@ -596,7 +446,7 @@ int32_t wp_restorer_set_index(wp_restorer *r, const uint32_t *regions, const uin
     for (uint32_t i = 0; i < n; i++) {
         struct rs_record *rec = &r->records[i];
         *rec = (struct rs_record){.region = regions[i], .pages = page_counts[i], .first_page = first_pages[i], .file_offset = file_offsets[i]};
-        if (rec->region >= r->region_count || !rec->pages || rec->pages > RS_MAX_RECORD_PAGES)
+        if (rec->region >= r->region_count || !rec->pages || rec->pages > RECORD_MAX_PAGES)
             return -EINVAL;
         struct rs_region *g = &r->regions[rec->region];
         if (rec->first_page + rec->pages > g->pages)
@@ -616,7 +466,7 @@ int32_t wp_restorer_start(wp_restorer *r)
 {
     if (r->started || !r->records)
         return -EINVAL;
-    r->start_ns = now_ns();
+    r->start_ns = monotonic_ns();
     if (pthread_create(&r->fault_thread, NULL, fault_main, r))
         return -EAGAIN;
     if (pthread_create(&r->fill_thread, NULL, fill_main, r)) {
@@ -659,11 +509,7 @@ int32_t wp_restorer_destroy(wp_restorer *r)
     if (!r)
         return 0;
     atomic_store(&r->stopping, true);
-    if (r->stop_fd >= 0) {
-        uint64_t one = 1;
-        ssize_t ignored = write(r->stop_fd, &one, sizeof one);
-        (void)ignored;
-    }
+    signal_eventfd(r->stop_fd);
     if (r->started) {
         pthread_join(r->fill_thread, NULL);
         pthread_join(r->fault_thread, NULL);

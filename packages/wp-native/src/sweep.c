@@ -19,6 +19,12 @@ static bool page_is_zero(const uint8_t *p)
     return acc == 0;
 }
 
+/* Without a residency map every page must be read. */
+static inline bool resident(const wp_engine *e, bool residency, uint64_t offset)
+{
+    return !residency || (e->residency[offset] & 1);
+}
+
 int32_t wp_engine_sweep(wp_engine *e, uint32_t region, uint64_t first_page, uint32_t max_pages, uint8_t *buf,
                         uint64_t *pages_out, uint8_t *flags_out)
 {
@@ -42,21 +48,34 @@ int32_t wp_engine_sweep(wp_engine *e, uint32_t region, uint64_t first_page, uint
     /* Pages not resident in our view were never populated: zero at the cut. */
     bool residency = r->view && e->check_residency &&
                      mincore((void *)(r->view + first_page * WP_PAGE_SIZE), count * WP_PAGE_SIZE, e->residency) == 0;
+    /* Each run of consecutive resident claimed pages is read with one call
+     * (for a remote process, one process_vm_readv), into buf at the end of
+     * the data kept so far; zero pages are then dropped and the rest packed. */
     size_t data_pages = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        uint64_t p = pages_out[i];
-        uint8_t *dst = buf + data_pages * WP_PAGE_SIZE;
-        if (residency && !(e->residency[p - first_page] & 1)) {
-            flags_out[i] = WP_PAGE_ZERO;
-        } else {
-            /* Copy, then test the copy: remote pages can only be read this way. */
-            wp_read_pages(e, region, p, 1, dst);
-            flags_out[i] = page_is_zero(dst) ? WP_PAGE_ZERO : WP_PAGE_DATA;
-        }
-        if (flags_out[i] == WP_PAGE_ZERO)
+    for (uint32_t i = 0; i < n;) {
+        if (!resident(e, residency, pages_out[i] - first_page)) {
+            flags_out[i++] = WP_PAGE_ZERO;
             e->pages_zero++;
-        else
-            data_pages++;
+            continue;
+        }
+        uint32_t j = i + 1;
+        while (j < n && pages_out[j] == pages_out[j - 1] + 1 && resident(e, residency, pages_out[j] - first_page))
+            j++;
+        uint8_t *run = buf + data_pages * WP_PAGE_SIZE;
+        wp_read_pages(e, region, pages_out[i], j - i, run);
+        for (uint32_t k = i; k < j; k++) {
+            const uint8_t *src = run + (size_t)(k - i) * WP_PAGE_SIZE;
+            if (page_is_zero(src)) {
+                flags_out[k] = WP_PAGE_ZERO;
+                e->pages_zero++;
+                continue;
+            }
+            flags_out[k] = WP_PAGE_DATA;
+            uint8_t *dst = buf + data_pages++ * WP_PAGE_SIZE;
+            if (dst != src)
+                memmove(dst, src, WP_PAGE_SIZE);
+        }
+        i = j;
     }
     for (uint32_t i = 0; i < n; i++)
         wp_mark_saved(e, r, pages_out[i]);

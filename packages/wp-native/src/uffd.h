@@ -6,6 +6,7 @@
 #include <linux/userfaultfd.h>
 #include <stdint.h>
 #include <time.h>
+#include <unistd.h>
 
 #ifndef UFFD_FEATURE_WP_HUGETLBFS_SHMEM
 #define UFFD_FEATURE_WP_HUGETLBFS_SHMEM (1ull << 12)
@@ -32,11 +33,33 @@ int uffd_open_fd(int flags, int32_t *how);
  * features the kernel offers to *offered. */
 int uffd_handshake(int fd, uint64_t want, uint64_t *offered);
 
+/* ---- shared by the snapshot engine and the restorer ---- */
+
 static inline uint64_t monotonic_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Service-time histogram bucket: 2k for [2^k, 1.5 * 2^k) ns, 2k + 1 for
+ * [1.5 * 2^k, 2^(k+1)) ns (WP_HIST_BUCKETS of them). */
+static inline unsigned hist_bucket(uint64_t ns, unsigned buckets)
+{
+    if (ns < 1)
+        return 0;
+    unsigned msb = 63u - (unsigned)__builtin_clzll(ns);
+    unsigned b = 2 * msb + (msb > 0 ? (unsigned)((ns >> (msb - 1)) & 1u) : 0u);
+    return b < buckets ? b : buckets - 1;
+}
+
+/* Wake a worker thread out of poll() through its eventfd. */
+static inline void signal_eventfd(int fd)
+{
+    uint64_t one = 1;
+    if (fd >= 0 && write(fd, &one, sizeof one) < 0) {
+        /* full counter: it is readable already */
+    }
 }
 
 #endif

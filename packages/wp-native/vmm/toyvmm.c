@@ -582,6 +582,23 @@ static void maybe_progress(void)
     fprintf(stderr, "toyvmm: progress pid=%d writes=%llu\n", getpid(), (unsigned long long)writes);
 }
 
+/* Keep the guest running until SIGTERM/SIGINT or deadline_ns (0: none),
+ * printing --progress-ms lines. */
+static void run_until(uint64_t deadline_ns)
+{
+    while (!atomic_load(&vmm.stopping) && (!deadline_ns || now_ns() < deadline_ns)) {
+        maybe_progress();
+        usleep(10000);
+    }
+}
+
+/* The line drivers (ToyVmm.ts, tests) wait for. */
+static void announce_ready(void)
+{
+    fprintf(stderr, "toyvmm: ready pid=%d kind=%s role=%s\n", getpid(), vmm.kvm_mode ? "kvm" : "threads",
+            vmm.is_device ? "device" : "vmm");
+}
+
 /* Serve the agent's messages until it goes away or we are told to stop. */
 static void agent_loop(int sock)
 {
@@ -606,8 +623,7 @@ static void agent_loop(int sock)
         while ((nl = strchr(line, '\n'))) {
             *nl = 0;
             if (has_type(line, "welcome")) {
-                fprintf(stderr, "toyvmm: ready pid=%d kind=%s role=%s\n", getpid(), vmm.kvm_mode ? "kvm" : "threads",
-                        vmm.is_device ? "device" : "vmm");
+                announce_ready();
                 if (vmm.device && vmm.device_pid == 0)
                     spawn_device(sock);
             } else if (has_type(line, "freeze")) {
@@ -639,10 +655,7 @@ static void agent_loop(int sock)
     }
     /* Whatever happened, the guest must not stay frozen. */
     thaw_guest();
-    while (!atomic_load(&vmm.stopping) && (!deadline || now_ns() < deadline)) {
-        maybe_progress();
-        usleep(10000);
-    }
+    run_until(deadline);
 }
 
 static void agent_session(void);
@@ -754,12 +767,8 @@ static void run_restored(void)
     while (__atomic_load_n(&vmm.ctl[0]->writes, __ATOMIC_ACQUIRE) == 0 && !atomic_load(&vmm.stopping))
         __builtin_ia32_pause();
     vmm.restore_first_write_ms = (double)(now_ns() - t0) / 1e6;
-    fprintf(stderr, "toyvmm: ready pid=%d kind=%s role=vmm\n", getpid(), vmm.kvm_mode ? "kvm" : "threads");
-    uint64_t deadline = vmm.run_ms ? now_ns() + vmm.run_ms * 1000000ull : UINT64_MAX;
-    while (!atomic_load(&vmm.stopping) && now_ns() < deadline) {
-        maybe_progress();
-        usleep(10000);
-    }
+    announce_ready();
+    run_until(vmm.run_ms ? now_ns() + vmm.run_ms * 1000000ull : 0);
     /* Park the vCPUs between two writes, so the count matches the memory. */
     freeze_guest();
     if (vmm.verify_image)
@@ -772,7 +781,7 @@ static int freeze_for_baseline(void) { return freeze_guest(); }
 /* A baseline method (baselines.c) at --snapshot-at-ms, then --after-ms. */
 static void run_local_snapshot(void)
 {
-    fprintf(stderr, "toyvmm: ready pid=%d kind=%s role=vmm\n", getpid(), vmm.kvm_mode ? "kvm" : "threads");
+    announce_ready();
     usleep((useconds_t)(vmm.snapshot_at_ms * 1000));
     next_phase();
     struct baseline_guest g = {.mem = vmm.mem, .size = vmm.mem_size, .freeze = freeze_for_baseline, .thaw = thaw_guest};
@@ -780,9 +789,7 @@ static void run_local_snapshot(void)
     if (baseline_snapshot(vmm.local_method, &g, vmm.output ? vmm.output : "/dev/null", &vmm.local) < 0)
         fprintf(stderr, "toyvmm: %s\n", vmm.local.error);
     next_phase();
-    uint64_t deadline = now_ns() + vmm.after_ms * 1000000ull;
-    while (!atomic_load(&vmm.stopping) && now_ns() < deadline)
-        usleep(10000);
+    run_until(now_ns() + vmm.after_ms * 1000000ull);
 }
 
 static void usage(void)
@@ -859,12 +866,8 @@ int main(int argc, char **argv)
     } else if (vmm.agent) {
         agent_session();
     } else {
-        fprintf(stderr, "toyvmm: ready pid=%d kind=%s role=vmm\n", getpid(), vmm.kvm_mode ? "kvm" : "threads");
-        uint64_t deadline = vmm.run_ms ? now_ns() + vmm.run_ms * 1000000ull : UINT64_MAX;
-        while (!atomic_load(&vmm.stopping) && now_ns() < deadline) {
-            maybe_progress();
-            usleep(10000);
-        }
+        announce_ready();
+        run_until(vmm.run_ms ? now_ns() + vmm.run_ms * 1000000ull : 0);
     }
     stop_guest();
     if (vmm.device_pid > 0) {

@@ -1,0 +1,36 @@
+/* Internal: reading one snapshot record (docs/format.md) — its header,
+ * CRC-32 and LZ4 payload — for the restorer. */
+#ifndef VMSNAP_WP_RECORD_H
+#define VMSNAP_WP_RECORD_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define RECORD_HEADER_BYTES 32
+#define RECORD_MAGIC 0x31444352u /* "RCD1" */
+#define RECORD_MAX_PAGES (1u << 20)
+
+enum { RECORD_RAW = 0, RECORD_LZ4 = 1, RECORD_ZERO = 2 };
+
+/* Lookup tables for CRC-32 (zlib's polynomial), slicing by 8. */
+struct record_codec {
+    uint32_t crc[8][256];
+};
+
+void record_codec_init(struct record_codec *c);
+uint32_t record_crc32(const struct record_codec *c, uint32_t crc, const uint8_t *p, size_t n);
+
+/* Decodes one LZ4 block into dst; the bytes produced, or -1 if malformed. */
+int64_t lz4_block_decode(const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_cap);
+
+/* Reads the record at file_offset, which must hold `pages` pages from
+ * first_page, into out (pages * 4096 bytes; zero records are zeroed),
+ * checking magic, position, size and checksum. scratch holds a compressed
+ * payload. With raw, the file is a raw image and the "record" is just the
+ * bytes at file_offset. Returns the RECORD_* encoding or -errno (-EBADMSG:
+ * corrupt). */
+int record_read(const struct record_codec *c, int file, bool raw, uint64_t file_offset, uint64_t first_page,
+                uint32_t pages, uint8_t *out, uint8_t *scratch, size_t scratch_cap);
+
+#endif
