@@ -5,35 +5,17 @@
 import { Cause, Effect, Exit } from "effect"
 import { execFile, spawn } from "node:child_process"
 import { promisify } from "node:util"
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs"
-import { tmpdir } from "node:os"
+import { existsSync, readdirSync, readFileSync, rmSync } from "node:fs"
 import { dirname, join } from "node:path"
 import { fileURLToPath } from "node:url"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
-import { Agent, listVms, requestSnapshot, restoreToRawFile, ToyVmm, toyVmmPath, Vmsnap, WpNative } from "../packages/core/src/index.js"
+import { Agent, listVms, requestSnapshot, restoreToRawFile, WpNative } from "../packages/core/src/index.js"
+import { scratchDir, startVmm, toyVmmSkipReason } from "./toyVmmTests.js"
 
 const here = dirname(fileURLToPath(import.meta.url))
 const bin = join(here, "..", "packages", "cli", "dist", "bin.js")
-const dir = mkdtempSync(join(existsSync("/dev/shm") ? "/dev/shm" : tmpdir(), "vmsnap-agent-"))
-afterAll(() => rmSync(dir, { recursive: true, force: true }))
-
-// Every toy VMM a test starts is killed when the file ends, whatever failed.
-const vmms: Array<ToyVmm> = []
-const startVmm = (options: ConstructorParameters<typeof ToyVmm>[0]) => {
-  const vmm = new ToyVmm(options)
-  vmms.push(vmm)
-  return vmm
-}
-afterAll(() => vmms.forEach((v) => v.child.exitCode === null && v.child.kill("SIGKILL")))
-
-let skip: string | undefined
-try {
-  await Vmsnap.probe()
-  if (!existsSync(toyVmmPath())) skip = `the toy VMM is not built (${toyVmmPath()})`
-} catch (e) {
-  skip = `userfaultfd unavailable: ${(e as Error).message}`
-}
-if (skip) console.warn(`SKIP agent tests: ${skip}`)
+const dir = scratchDir("vmsnap-agent-")
+const skip = await toyVmmSkipReason("agent tests")
 
 const run = <A, E>(effect: Effect.Effect<A, E, WpNative>) => Effect.runPromiseExit(Effect.provide(effect, WpNative.layer))
 const execFileAsync = promisify(execFile)

@@ -5,36 +5,22 @@
  */
 import { Effect, Exit } from "effect"
 import { execFile } from "node:child_process"
-import { existsSync, mkdtempSync, rmSync } from "node:fs"
-import { tmpdir } from "node:os"
 import { dirname, join } from "node:path"
 import { fileURLToPath } from "node:url"
 import { promisify } from "node:util"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import {
-  Agent, DemoGuest, gpa, hva, restoreToRawFile, RestoreServer, takeSnapshot, ToyVmm, toyVmmPath, Vmsnap, WpNative
+  Agent, DemoGuest, gpa, hva, restoreToRawFile, RestoreServer, takeSnapshot, WpNative
 } from "../packages/core/src/index.js"
+import { scratchDir, startVmm, toyVmmSkipReason } from "./toyVmmTests.js"
 
 const here = dirname(fileURLToPath(import.meta.url))
 const execFileAsync = promisify(execFile)
-const dir = mkdtempSync(join(existsSync("/dev/shm") ? "/dev/shm" : tmpdir(), "vmsnap-restore-"))
+const dir = scratchDir("vmsnap-restore-")
 const MiB = 1024 * 1024
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
 
-let skip: string | undefined
-try {
-  await Vmsnap.probe()
-  if (!existsSync(toyVmmPath())) skip = `the toy VMM is not built (${toyVmmPath()})`
-} catch (e) {
-  skip = `userfaultfd unavailable: ${(e as Error).message}`
-}
-if (skip) console.warn(`SKIP lazy restore tests: ${skip}`)
-
-const vmms: Array<ToyVmm> = []
-afterAll(() => {
-  vmms.forEach((v) => v.child.exitCode === null && v.child.kill("SIGKILL"))
-  rmSync(dir, { recursive: true, force: true })
-})
+const skip = await toyVmmSkipReason("lazy restore tests")
 
 const snapshotPath = join(dir, "guest.vmsnap")
 const imagePath = join(dir, "guest.img")
@@ -55,8 +41,7 @@ describe.skipIf(skip)("lazy restore", () => {
     const agentSocket = join(dir, "agent.sock")
     const agent = new Agent(agentSocket)
     await agent.listen()
-    const source = new ToyVmm({ memMiB: 64, rate: 0, agent: agentSocket, vm: "source", fillPercent: 75 })
-    vmms.push(source)
+    const source = startVmm({ memMiB: 64, rate: 0, agent: agentSocket, vm: "source", fillPercent: 75 })
     await source.ready
     await sleep(200)
     const exit = await Effect.runPromiseExit(Effect.provide(agent.snapshot({ vm: "source", path: snapshotPath }), WpNative.layer))
@@ -88,8 +73,7 @@ describe.skipIf(skip)("lazy restore", () => {
 
   for (const memory of ["anon", "memfd"] as const) {
     it(`a ${memory} guest runs at once and keeps writing; its memory ends as the snapshot plus its own writes`, async () => {
-      const vmm = new ToyVmm({ memMiB: 64, rate: 0, anon: memory === "anon", restoreFrom: socket, verifyImage: imagePath, runMs: 1000 })
-      vmms.push(vmm)
+      const vmm = startVmm({ memMiB: 64, rate: 0, anon: memory === "anon", restoreFrom: socket, verifyImage: imagePath, runMs: 1000 })
       const ready = await vmm.ready
       const report = await vmm.report()
       expect(report.restore?.verifyMismatches).toBe(0)
@@ -154,8 +138,7 @@ describe.skipIf(skip)("lazy restore", () => {
   })
 
   it("a VMM that exits mid-restore is cleaned up; the next one is served", async () => {
-    const vmm = new ToyVmm({ memMiB: 64, rate: 0, restoreFrom: socket })
-    vmms.push(vmm)
+    const vmm = startVmm({ memMiB: 64, rate: 0, restoreFrom: socket })
     const ready = await vmm.ready
     vmm.child.kill("SIGKILL")
     await vmm.exited

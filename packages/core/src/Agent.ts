@@ -12,13 +12,13 @@
  * a reference at its freeze sees every writer stopped.
  */
 import { Deferred, Effect } from "effect"
-import { closeSync, fstatSync, readFileSync } from "node:fs"
+import { fstatSync, readFileSync } from "node:fs"
 import type { Socket } from "node:net"
-import { NativeError, ProtocolError, type VmsnapError } from "./Errors.js"
+import { describeError, NativeError, ProtocolError, type VmsnapError } from "./Errors.js"
 import { gpa, hva, type MemoryRegion } from "./GuestMemory.js"
 import { errnoReason } from "./internal/errno.js"
 import { loadWp } from "./internal/ffi.js"
-import { receiveFirstMessage, socketFd } from "./internal/firstMessage.js"
+import { closeFds, receiveFirstMessage, socketFd } from "./internal/firstMessage.js"
 import { listenUnix, type UnixServer } from "./internal/unixServer.js"
 import {
   type ClientRequest, encodeMessage, type Hello, LineReader, MAX_MESSAGE_BYTES, parseClientRequest, parseHello,
@@ -81,13 +81,7 @@ class Peer {
     this.closed = true
     for (const w of this.waiters) w.reject(new Error(`${this.hello.role} pid ${this.pid} disconnected`))
     this.waiters = []
-    for (const fd of this.fds) {
-      try {
-        closeSync(fd)
-      } catch {
-        // already closed
-      }
-    }
+    closeFds(this.fds)
     this.socket.destroy()
     this.markLost()
   }
@@ -196,7 +190,7 @@ export class Agent {
     try {
       const m = parseMessage(first.line)
       if (m.type === "hello") return this.admit(socket, parseHello(m, first.fds.length), first.fds, first.rest)
-      first.fds.forEach((f) => closeSync(f))
+      closeFds(first.fds)
       first.fds.length = 0
       return this.serveClient(socket, parseClientRequest(m))
     } catch (e) {
@@ -205,15 +199,9 @@ export class Agent {
   }
 
   private refuse(socket: Socket, e: unknown, fds: ReadonlyArray<number>) {
-    const message = e instanceof Error ? e.message : String(e)
+    const message = describeError(e)
     this.log(`refused a connection: ${message}`)
-    for (const f of fds) {
-      try {
-        closeSync(f)
-      } catch {
-        // ignore
-      }
-    }
+    closeFds(fds)
     socket.end(encodeMessage({ type: "error", message }))
   }
 
@@ -260,7 +248,7 @@ export class Agent {
     try {
       for (const line of peer.lines.push(chunk)) peer.receive(parseMessage(line))
     } catch (e) {
-      peer.send({ type: "error", message: e instanceof Error ? e.message : String(e) })
+      peer.send({ type: "error", message: describeError(e) })
       peer.close()
     }
   }
@@ -295,7 +283,7 @@ export class Agent {
       const { Cause } = await import("effect")
       const error = Cause.squash(exit.cause)
       const tag = typeof error === "object" && error !== null && "_tag" in error ? String((error as { _tag: unknown })._tag) : "Error"
-      socket.end(encodeMessage({ type: "error", tag, message: error instanceof Error ? error.message : String(error) }))
+      socket.end(encodeMessage({ type: "error", tag, message: describeError(error) }))
     }
   }
 

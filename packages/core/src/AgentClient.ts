@@ -37,7 +37,7 @@ const exchange = (socketPath: string, request: Record<string, unknown>, onLine: 
     )
     socket.on("close", () => {
       if (!final) return resume(Effect.fail(new ProtocolError({ reason: "the agent closed the connection without an answer" })))
-      if (final.type === "error") return resume(Effect.fail(new ProtocolError({ reason: `the agent refused: ${String(final.message).replace(/^protocol error: /, "")}` })))
+      if (final.type === "error") return resume(Effect.fail(new ProtocolError({ reason: `the agent refused: ${String(final.message)}` })))
       resume(Effect.succeed(final))
     })
   })

@@ -75,6 +75,10 @@ export class ProtocolError extends Data.TaggedError("ProtocolError")<{ readonly 
   }
 }
 
+/** What went wrong, for a peer or a log line: a protocol error's reason, else the error's message. */
+export const describeError = (e: unknown): string =>
+  e instanceof ProtocolError ? e.reason : e instanceof Error ? e.message : String(e)
+
 export type VmsnapError = NativeError | CapabilityError | SnapshotFormatError | SnapshotIoError | InvalidInput | ProtocolError
 
 const ioReasons: Record<string, string> = {

@@ -17,6 +17,7 @@ import { PAGE_SIZE } from "./GuestMemory.js"
 import { errnoReason } from "./internal/errno.js"
 import { type JsExternal, loadWp } from "./internal/ffi.js"
 import { faultBucketLowerNs, summarizeUs, type LatencySummary } from "./LatencyHistogram.js"
+import { concatOffsets } from "./SnapshotFormat.js"
 import { openSnapshot } from "./SnapshotReader.js"
 
 export interface GuestRange {
@@ -74,24 +75,16 @@ const buildIndex = (source: { path: string; raw: boolean }, ranges: ReadonlyArra
         return idx
       }
       const s = yield* openSnapshot(source.path)
-      const starts: Array<number> = []
-      let acc = 0
-      for (const r of s.header.regions) {
-        starts.push(acc)
-        acc += r.size
-      }
-      const regionOf = ranges.map((r, i) => {
+      const starts = concatOffsets(s.header.regions)
+      const regionOf: Array<number> = []
+      for (const [i, r] of ranges.entries()) {
         const k = starts.findIndex((start, j) => start === r.imageOffset && s.header.regions[j]!.size === r.size)
-        return k >= 0
-          ? k
-          : (() => {
-              throw new ProtocolError({
-                reason: `region ${i} (offset ${r.imageOffset}, ${r.size} bytes) matches no region of the snapshot, which has ${s.header.regions
-                  .map((g, j) => `offset ${starts[j]} size ${g.size}`)
-                  .join("; ")}`
-              })
-            })()
-      })
+        if (k < 0) {
+          const have = s.header.regions.map((g, j) => `offset ${starts[j]} size ${g.size}`).join("; ")
+          return yield* Effect.fail(new ProtocolError({ reason: `region ${i} (offset ${r.imageOffset}, ${r.size} bytes) matches no region of the snapshot, which has ${have}` }))
+        }
+        regionOf.push(k)
+      }
       for (const e of s.index) {
         const i = regionOf.indexOf(e.region)
         if (i < 0) continue
@@ -102,7 +95,7 @@ const buildIndex = (source: { path: string; raw: boolean }, ranges: ReadonlyArra
       }
       return idx
     })
-  ).pipe(Effect.catchDefect((e) => (e instanceof ProtocolError ? Effect.fail(e) : Effect.die(e))))
+  )
 
 const toBuffer = (values: Array<number>, wide: boolean) =>
   wide ? Buffer.from(BigUint64Array.from(values, BigInt).buffer) : Buffer.from(Uint32Array.from(values).buffer)

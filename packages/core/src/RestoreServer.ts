@@ -14,7 +14,7 @@
  */
 import { Cause, Effect, Exit, Scope } from "effect"
 import type { Socket } from "node:net"
-import { ProtocolError } from "./Errors.js"
+import { describeError, ProtocolError } from "./Errors.js"
 import { PAGE_SIZE } from "./GuestMemory.js"
 import { loadWp } from "./internal/ffi.js"
 import { closeFds, receiveFirstMessage, socketFd } from "./internal/firstMessage.js"
@@ -117,7 +117,7 @@ export class RestoreServer {
       // Firecracker sends one message and no terminator: a body that stops arriving is complete.
       first = await receiveFirstMessage(fd, completeJson, { maxBytes: MAX_BODY, timeoutMs: HANDSHAKE_TIMEOUT_MS, idleMs: 200 })
     } catch (e) {
-      return this.refuse(socket, e instanceof Error ? e.message.replace(/^protocol error: /, "") : String(e))
+      return this.refuse(socket, describeError(e))
     }
     if (!first) return void socket.destroy()
     const pid: number = loadWp().wp_peer_pid([fd])
@@ -128,7 +128,7 @@ export class RestoreServer {
       if (first.fds.length > 2) fail(`the handshake carried ${first.fds.length} fds: send the userfaultfd (and, for a memfd guest, its memfd)`)
     } catch (e) {
       closeFds(first.fds)
-      return this.refuse(socket, (e as ProtocolError).reason ?? String(e))
+      return this.refuse(socket, describeError(e))
     }
     const [uffd, memfd] = first.fds as [number, number | undefined]
     const ranges: Array<GuestRange> = regions.map((r) => ({ hva: BigInt(r.base_host_virt_addr), size: r.size, imageOffset: r.offset, memfd }))
@@ -137,9 +137,7 @@ export class RestoreServer {
     closeFds(first.fds) // the restorer keeps its own dups
     if (Exit.isFailure(started)) {
       await Effect.runPromise(Scope.close(scope, Exit.void))
-      const error = Cause.squash(started.cause)
-      const reason = error instanceof Error ? error.message.replace(/^protocol error: /, "") : String(error)
-      return this.refuse(socket, `VMM pid ${pid}: ${reason}`)
+      return this.refuse(socket, `VMM pid ${pid}: ${describeError(Cause.squash(started.cause))}`)
     }
     const restore = started.value
     const session = { socket, scope }

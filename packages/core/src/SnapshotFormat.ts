@@ -88,6 +88,16 @@ const uuidText = (b: Buffer): string => {
   return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`
 }
 
+/** Where each region starts in the concatenated raw image (docs/format.md): the sum of the sizes before it. */
+export const concatOffsets = (regions: ReadonlyArray<{ readonly size: number }>): Array<number> => {
+  let acc = 0
+  return regions.map((r) => {
+    const at = acc
+    acc += r.size
+    return at
+  })
+}
+
 export const headerBytesFor = (regionCount: number) => HEADER_FIXED_BYTES + regionCount * REGION_ENTRY_BYTES + 4
 
 export const encodeHeader = (h: Omit<SnapshotHeader, "headerBytes" | "version">): Buffer => {

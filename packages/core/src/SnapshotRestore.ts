@@ -12,6 +12,7 @@ import { type AtomicFile, atomicFile } from "./AtomicFile.js"
 import { InvalidInput, ioError, type SnapshotFormatError, type SnapshotIoError } from "./Errors.js"
 import { PAGE_SIZE, type Hva } from "./GuestMemory.js"
 import { loadWp } from "./internal/ffi.js"
+import { concatOffsets } from "./SnapshotFormat.js"
 import { openSnapshot, walkRecords, type DecodedRecord, type VerifyReport } from "./SnapshotReader.js"
 
 export interface MemoryTarget {
@@ -73,16 +74,13 @@ export const restoreToRawFile = (
       const regions = s.header.regions
       const names = layout === "concat" ? [output] : regions.map((_, i) => `${output}.${i}`)
       const regionFile: Array<number> = layout === "concat" ? regions.map(() => 0) : regions.map((_, i) => i)
-      const regionBase: Array<number> = []
-      let acc = 0
-      for (const r of regions) {
-        regionBase.push(layout === "concat" ? acc : 0)
-        acc += r.size
-      }
+      const starts = concatOffsets(regions)
+      const regionBase = layout === "concat" ? starts : regions.map(() => 0)
+      const imageBytes = regions.reduce((sum, r) => sum + r.size, 0)
       const outs: Array<AtomicFile> = []
       for (const [i, name] of names.entries()) {
         const out = yield* atomicFile(name, "read-write")
-        const size = layout === "concat" ? acc : regions[i]!.size
+        const size = layout === "concat" ? imageBytes : regions[i]!.size
         yield* Effect.tryPromise({ try: () => out.file.truncate(size), catch: (e) => ioError(name, "truncate", e) })
         outs.push(out)
       }

@@ -1,0 +1,39 @@
+/**
+ * What the end-to-end tests with the toy VMM share: why they must skip (said
+ * once, printed), a scratch directory (in RAM when it can be) removed at the
+ * end, and toy VMMs that are killed when the file ends, whatever failed.
+ */
+import { existsSync, mkdtempSync, rmSync } from "node:fs"
+import { tmpdir } from "node:os"
+import { join } from "node:path"
+import { afterAll } from "vitest"
+import { ToyVmm, toyVmmPath, Vmsnap } from "../packages/core/src/index.js"
+
+/** Why these tests cannot run here (printed as SKIP), or undefined. */
+export const toyVmmSkipReason = async (what: string): Promise<string | undefined> => {
+  let reason: string | undefined
+  try {
+    await Vmsnap.probe()
+    if (!existsSync(toyVmmPath())) reason = `the toy VMM is not built (${toyVmmPath()})`
+  } catch (e) {
+    reason = `userfaultfd unavailable: ${(e as Error).message}`
+  }
+  if (reason) console.warn(`SKIP ${what}: ${reason}`)
+  return reason
+}
+
+export const scratchDir = (prefix: string): string => {
+  const dir = mkdtempSync(join(existsSync("/dev/shm") ? "/dev/shm" : tmpdir(), prefix))
+  afterAll(() => rmSync(dir, { recursive: true, force: true }))
+  return dir
+}
+
+const started: Array<ToyVmm> = []
+afterAll(() => started.forEach((v) => v.child.exitCode === null && v.child.kill("SIGKILL")))
+
+/** A toy VMM killed (if still running) when the test file ends. */
+export const startVmm = (options: ConstructorParameters<typeof ToyVmm>[0]): ToyVmm => {
+  const vmm = new ToyVmm(options)
+  started.push(vmm)
+  return vmm
+}
