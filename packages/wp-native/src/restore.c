@@ -169,7 +169,6 @@ static int resolve_record(wp_restorer *r, uint32_t index, bool by_fault, uint8_t
             return -ENOMEM;
     }
     uint64_t missing = 0;
-    int encoding = RECORD_RAW;
     for (uint64_t p = rec->first_page; p < rec->first_page + rec->pages; p++)
         missing += !__atomic_load_n(&g->resident[p], __ATOMIC_ACQUIRE);
     if (!missing)
@@ -177,33 +176,33 @@ static int resolve_record(wp_restorer *r, uint32_t index, bool by_fault, uint8_t
     /* Read and decode outside the lock: a fault never waits for the fill's
      * decode, only for an install in progress. Both may decode the same
      * record; whoever installs second finds the pages resident. */
-    int rc = record_read(&r->codec, r->file, r->raw_image, rec->file_offset, rec->first_page, rec->pages, *buf, *scratch, *cap + 1024);
-    encoding = rc;
-    rc = rc < 0 ? rc : 0;
+    int encoding = record_read(&r->codec, r->file, r->raw_image, rec->file_offset, rec->first_page, rec->pages, *buf,
+                               *scratch, *cap + 1024);
+    if (encoding < 0)
+        return encoding;
+    int rc = 0;
     pthread_mutex_lock(&r->install_lock);
-    {
-        /* Install runs of pages not yet resident; discarded ones become zero. */
-        uint64_t p = rec->first_page, end = rec->first_page + rec->pages;
-        while (rc == 0 && p < end) {
-            if (g->resident[p]) {
-                p++;
-                continue;
-            }
-            bool removed = g->removed[p];
-            uint64_t q = p + 1;
-            while (q < end && !g->resident[q] && g->removed[q] == removed)
-                q++;
-            rc = install_range(r, g, p, q - p, *buf + (p - rec->first_page) * WP_PAGE_SIZE, removed || encoding == RECORD_ZERO);
-            if (rc == 0) {
-                memset(g->resident + p, 1, q - p);
-                atomic_fetch_add(&r->pages_resident, q - p);
-                if (by_fault)
-                    r->pages_by_fault += q - p;
-                else
-                    r->pages_by_fill += q - p;
-            }
-            p = q;
+    /* Install runs of pages not yet resident; discarded ones become zero. */
+    uint64_t p = rec->first_page, end = rec->first_page + rec->pages;
+    while (rc == 0 && p < end) {
+        if (g->resident[p]) {
+            p++;
+            continue;
         }
+        bool removed = g->removed[p];
+        uint64_t q = p + 1;
+        while (q < end && !g->resident[q] && g->removed[q] == removed)
+            q++;
+        rc = install_range(r, g, p, q - p, *buf + (p - rec->first_page) * WP_PAGE_SIZE, removed || encoding == RECORD_ZERO);
+        if (rc == 0) {
+            memset(g->resident + p, 1, q - p);
+            atomic_fetch_add(&r->pages_resident, q - p);
+            if (by_fault)
+                r->pages_by_fault += q - p;
+            else
+                r->pages_by_fill += q - p;
+        }
+        p = q;
     }
     pthread_mutex_unlock(&r->install_lock);
     return rc;
@@ -221,7 +220,6 @@ static int find_page(wp_restorer *r, uint64_t hva, uint32_t *region, uint64_t *p
     }
     return -EFAULT;
 }
-
 
 /* The guest discarded [start, end): later faults and the fill put zero pages
  * there. Called with install_lock held. */
@@ -253,19 +251,9 @@ static int serve_fault(wp_restorer *r, uint64_t address, uint8_t **buf, size_t *
     if (!r->first_fault_ns)
         r->first_fault_ns = t0;
     struct rs_region *g = &r->regions[region];
-    int rc;
-    if (g->removed[page] && !g->resident[page]) {
-        pthread_mutex_lock(&r->install_lock);
-        rc = install_range(r, g, page, 1, NULL, true);
-        if (rc == 0 && !g->resident[page]) {
-            g->resident[page] = 1;
-            atomic_fetch_add(&r->pages_resident, 1);
-        }
-        pthread_mutex_unlock(&r->install_lock);
-        r->faults_zero++;
-    } else {
-        rc = resolve_record(r, g->record_of[page], true, buf, cap, scratch);
-    }
+    if (g->removed[page])
+        r->faults_zero++; /* resolve_record installs a zero page there */
+    int rc = resolve_record(r, g->record_of[page], true, buf, cap, scratch);
     if (rc == -EAGAIN)
         return rc;
     if (rc == 0 && g->resident[page]) {
