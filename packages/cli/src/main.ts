@@ -2,7 +2,7 @@
  * vmsnap's command line. `main(argv)` parses, runs one command and returns
  * its exit code; it never calls process.exit, so tests call it in-process.
  */
-import { BENCH_METHODS, type BenchMethod, formatBytes, type MemoryKind, parseSize, type RawLayout } from "@vmsnap/core"
+import { BENCH_METHODS, type BenchMethod, formatBytes, type MemoryKind, PAGE_SIZE, parseSize, type RawLayout } from "@vmsnap/core"
 import yargs from "yargs"
 import { agentCommand } from "./commands/agent.js"
 import { benchCommand, restoreBenchCommand } from "./commands/bench.js"
@@ -21,12 +21,12 @@ const sizeOption = (name: string, value: unknown, min: number): number => {
   const bytes = parseSize(String(value))
   if (bytes === undefined) throw new UsageError(`--${name} ${String(value)}: not a size (examples: 4096, 256MiB, 1GiB)`)
   if (bytes < min) throw new UsageError(`--${name} ${String(value)}: must be at least ${formatBytes(min)}`)
-  if (bytes % 4096 !== 0) throw new UsageError(`--${name} ${String(value)}: must be a multiple of 4 KiB`)
+  if (bytes % PAGE_SIZE !== 0) throw new UsageError(`--${name} ${String(value)}: must be a multiple of 4 KiB`)
   return bytes
 }
 
 /** --buffer: a size, or 0 for the synchronous mode. Returns pages. */
-const poolPagesOption = (value: unknown): number => (String(value).trim() === "0" ? 0 : sizeOption("buffer", value, 4096) / 4096)
+const poolPagesOption = (value: unknown): number => (String(value).trim() === "0" ? 0 : sizeOption("buffer", value, PAGE_SIZE) / PAGE_SIZE)
 
 const faultAroundOption = (value: number): number => {
   if (!Number.isInteger(value) || value < 1 || value > 512 || (value & (value - 1)) !== 0)
@@ -68,7 +68,7 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
           .example("$0 demo --json -o /tmp/guest.vmsnap", "keep the snapshot, print the report as JSON"),
       (a) => {
         const size = sizeOption("size", a.size, 2 * 1024 * 1024)
-        const buffer = poolPagesOption(a.buffer) * 4096
+        const poolPages = poolPagesOption(a.buffer)
         if (!Number.isInteger(a.writers) || a.writers < 1 || a.writers > 64) throw new UsageError(`--writers ${a.writers}: must be a whole number from 1 to 64`)
         if (!Number.isFinite(a.rate) || a.rate < 0) throw new UsageError(`--rate ${a.rate}: must be 0 (flat out) or a positive number of pages/s`)
         if (!Number.isFinite(a.warmup) || a.warmup < 0 || a.warmup > 60000) throw new UsageError(`--warmup ${a.warmup}: must be 0 to 60000 ms`)
@@ -81,7 +81,7 @@ export const main = async (argv: ReadonlyArray<string>, io: Io = processIo): Pro
         if (a.output !== undefined && a.output.trim() === "") throw new UsageError("--output: give a file path")
         run = () =>
           demoCommand(io, {
-            ...common(a), size, buffer, writers: a.writers, rate: Math.round(a.rate), memory: a.memory as MemoryKind,
+            ...common(a), size, poolPages, writers: a.writers, rate: Math.round(a.rate), memory: a.memory as MemoryKind,
             output: a.output, keep: a.keep === true, warmupMs: a.warmup, faultAroundPages: around,
             guest: a.guest as "vmm" | "threads", device: a.device === true
           })

@@ -15,7 +15,7 @@ import { Deferred, Effect } from "effect"
 import { fstatSync, readFileSync } from "node:fs"
 import type { Socket } from "node:net"
 import { describeError, NativeError, ProtocolError, type VmsnapError } from "./Errors.js"
-import { gpa, hva, type MemoryRegion } from "./GuestMemory.js"
+import { gpa, hva, type MemoryRegion, PAGE_SIZE } from "./GuestMemory.js"
 import { errnoReason } from "./internal/errno.js"
 import { loadWp } from "./internal/ffi.js"
 import { closeFds, receiveFirstMessage, socketFd } from "./internal/firstMessage.js"
@@ -343,11 +343,11 @@ export class Agent {
         })
       const freeze = Effect.forEach(freezeOrder, (p) => ask(p, "freeze", "frozen"), { discard: true })
       const thaw = Effect.sync(() => peers.forEach((p) => p.send({ type: "thaw" })))
+      const gone = (p: Peer) =>
+        new NativeError({ op: "snapshot", errno: 3, reason: `vm ${vm.id}: ${p.hello.role} pid ${p.pid} disconnected during the snapshot` })
+      // A process that disconnects ends the snapshot at once (its uffd may be unusable).
       const lost = yield* Deferred.make<never, NativeError>()
-      for (const p of peers)
-        void p.lost.then(() =>
-          Effect.runFork(Deferred.fail(lost, new NativeError({ op: "snapshot", errno: 3, reason: `vm ${vm.id}: ${p.hello.role} pid ${p.pid} disconnected during the snapshot` })))
-        )
+      for (const p of peers) void p.lost.then(() => Effect.runFork(Deferred.fail(lost, gone(p))))
       agent.log(`vm ${vm.id}: snapshot to ${request.path} started`)
       let lastProgress = 0
       const result = yield* Effect.raceFirst(
@@ -362,19 +362,19 @@ export class Agent {
           freeze,
           thaw,
           onProgress: (saved, total) => {
-            onProgress?.(saved * 4096, total * 4096)
+            onProgress?.(saved * PAGE_SIZE, total * PAGE_SIZE)
             const now = Date.now()
             if (now - lastProgress < 200) return
             lastProgress = now
-            peers.forEach((p) => p.send({ type: "progress", savedBytes: saved * 4096, totalBytes: total * 4096 }))
+            peers.forEach((p) => p.send({ type: "progress", savedBytes: saved * PAGE_SIZE, totalBytes: total * PAGE_SIZE }))
           }
         }),
         Deferred.await(lost)
       ).pipe(
         // A process that went away explains whatever else failed.
         Effect.mapError((e) => {
-          const gone = peers.find((p) => p.closed || !isAlive(p.pid))
-          return gone ? new NativeError({ op: "snapshot", errno: 3, reason: `vm ${vm.id}: ${gone.hello.role} pid ${gone.pid} disconnected during the snapshot` }) : e
+          const dead = peers.find((p) => p.closed || !isAlive(p.pid))
+          return dead ? gone(dead) : e
         }),
         Effect.tapError((e) => Effect.sync(() => {
           agent.log(`vm ${vm.id}: snapshot failed: ${e.message}`)

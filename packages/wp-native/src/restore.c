@@ -344,22 +344,21 @@ static void *fill_main(void *arg)
     wp_restorer *r = arg;
     uint8_t *buf = NULL, *scratch = NULL;
     size_t cap = 0;
-    for (uint32_t i = 0; i < r->record_count && !atomic_load(&r->stopping); i++) {
-        if (r->no_fill) { /* faults only (benchmarks): wait until every page faulted in */
-            while (atomic_load(&r->pages_resident) < atomic_load(&r->pages_total) && !atomic_load(&r->stopping))
-                usleep(1000);
-            break;
-        }
+    if (r->no_fill) { /* faults only (benchmarks): wait until every page faulted in */
+        while (atomic_load(&r->pages_resident) < atomic_load(&r->pages_total) && !atomic_load(&r->stopping))
+            usleep(1000);
+    }
+    for (uint32_t i = 0; !r->no_fill && i < r->record_count && !atomic_load(&r->stopping);) {
         int rc = resolve_record(r, i, false, &buf, &cap, &scratch);
-        if (rc == -EAGAIN) { /* a discard is in flight: let the fault thread read it */
+        if (rc == -EAGAIN) { /* a discard is in flight: let the fault thread read it, then retry */
             usleep(100);
-            i--;
             continue;
         }
         if (rc < 0) {
             fail(r, rc);
             break;
         }
+        i++;
     }
     release_buffer(r, buf, cap);
     free(scratch);

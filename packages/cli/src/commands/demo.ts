@@ -7,9 +7,9 @@
  * writer threads in this process instead.
  */
 import {
-  agentScoped, comparePages, copyFromHva, DemoGuest, faultBucketLowerNs, formatBytes, InvalidInput, type LatencySummary,
+  agentScoped, comparePages, copyFromHva, DemoGuest, faultBucketLowerNs, formatBytes, InvalidInput,
   type MemoryKind, openSnapshot, PAGE_SIZE, Phase, type PhaseReport, restoreToMemory, restoreToRawFile, scratchMemory,
-  type SnapshotResult, summarizeUs, takeSnapshot, ToyVmm, verifySnapshot, type VerifyReport, walkRecords, WpNative
+  type SnapshotResult, summarizeUs, takeSnapshot, ToyVmm, type VerifyReport, walkRecords, WpNative
 } from "@vmsnap/core"
 import { Effect } from "effect"
 import { closeSync, existsSync, fstatSync, mkdtempSync, openSync, readSync, rmSync } from "node:fs"
@@ -24,7 +24,8 @@ export interface DemoFlags extends CommonFlags {
   readonly size: number
   readonly writers: number
   readonly rate: number
-  readonly buffer: number
+  /** Pool capacity in 4 KiB pages (0: synchronous). */
+  readonly poolPages: number
   readonly output: string | undefined
   readonly keep: boolean
   readonly memory: MemoryKind
@@ -36,13 +37,16 @@ export interface DemoFlags extends CommonFlags {
   readonly device: boolean
 }
 
-/** Compares every record of the file with the reference copy, page range by page range. */
-const snapshotEqualsReference = (path: string, expected: (firstPage: number, bytes: number) => Buffer) =>
+/**
+ * Verifies the file (structure, every checksum, every page once) and, in the
+ * same pass, compares every record with the reference copy.
+ */
+const verifyAgainstReference = (path: string, expected: (firstPage: number, bytes: number) => Buffer) =>
   Effect.scoped(
     Effect.gen(function* () {
       const s = yield* openSnapshot(path)
       let mismatches = 0
-      yield* walkRecords(s, (rec) =>
+      const verified = yield* walkRecords(s, (rec) =>
         Effect.sync(() => {
           const bytes = rec.header.pageCount * PAGE_SIZE
           const want = expected(rec.header.firstPage, bytes)
@@ -50,7 +54,7 @@ const snapshotEqualsReference = (path: string, expected: (firstPage: number, byt
           if (!got.equals(want)) mismatches++
         })
       )
-      return mismatches === 0
+      return { verified, snapshotMatches: mismatches === 0 }
     })
   )
 
@@ -92,7 +96,6 @@ interface DemoOutcome {
   readonly restoreMatches: boolean
   readonly before: Latency
   readonly during: Latency
-  readonly fault: LatencySummary
   readonly guestKind: "kvm" | "threads"
   readonly whyThreads: string
   readonly processes: number
@@ -120,7 +123,7 @@ const threadsDemo = (flags: DemoFlags, onProgress: (done: number, total: number)
     const result = yield* takeSnapshot({
       regions: [guest.region],
       path,
-      poolPages: Math.floor(flags.buffer / PAGE_SIZE),
+      poolPages: flags.poolPages,
       faultAroundPages: flags.faultAroundPages,
       freeze: guest.freeze,
       thaw: Effect.andThen(guest.thaw, Effect.sync(() => guest.setPhase(Phase.during))),
@@ -134,9 +137,8 @@ const threadsDemo = (flags: DemoFlags, onProgress: (done: number, total: number)
     guest.setPhase(Phase.after)
     yield* Effect.sleep(Math.min(flags.warmupMs, 500))
     guest.stop()
-    const verified = yield* verifySnapshot(path)
     const reference = guest.referenceHva
-    const snapshotMatches = yield* snapshotEqualsReference(path, (firstPage, bytes) => {
+    const { verified, snapshotMatches } = yield* verifyAgainstReference(path, (firstPage, bytes) => {
       const b = Buffer.allocUnsafe(bytes)
       copyFromHva(b, reference + BigInt(firstPage * PAGE_SIZE))
       return b
@@ -144,9 +146,8 @@ const threadsDemo = (flags: DemoFlags, onProgress: (done: number, total: number)
     const target = yield* scratchMemory(flags.size)
     yield* restoreToMemory(path, { hostBases: [target], targetIsZero: true })
     const restoreMatches = comparePages(target, reference, flags.size) === -1
-    const fault = summarizeUs(result.engine.faultHistogram, result.engine.faultNsMax, faultBucketLowerNs)
     return {
-      path, result, referenceMs, verified, snapshotMatches, restoreMatches, fault,
+      path, result, referenceMs, verified, snapshotMatches, restoreMatches,
       before: guest.latency(Phase.before), during: guest.latency(Phase.during),
       guestKind: "threads", whyThreads: "--guest threads", processes: 1
     } satisfies DemoOutcome
@@ -178,15 +179,14 @@ const vmmDemo = (flags: DemoFlags, onProgress: (done: number, total: number) => 
     yield* Effect.sleep(flags.warmupMs)
     const path = yield* snapshotPath(flags)
     const result = yield* agent.snapshot(
-      { vm: "demo", path, poolPages: Math.floor(flags.buffer / PAGE_SIZE), faultAroundPages: flags.faultAroundPages },
+      { vm: "demo", path, poolPages: flags.poolPages, faultAroundPages: flags.faultAroundPages },
       onProgress
     )
     yield* Effect.sleep(Math.min(flags.warmupMs, 500))
     const report = yield* Effect.promise(() => vmm.stop())
-    const verified = yield* verifySnapshot(path)
     const ref = openSync(referencePath, "r")
     yield* Effect.addFinalizer(() => Effect.sync(() => closeSync(ref)))
-    const snapshotMatches = yield* snapshotEqualsReference(path, (firstPage, bytes) => {
+    const { verified, snapshotMatches } = yield* verifyAgainstReference(path, (firstPage, bytes) => {
       const b = Buffer.alloc(bytes)
       readSync(ref, b, 0, bytes, firstPage * PAGE_SIZE)
       return b
@@ -194,10 +194,9 @@ const vmmDemo = (flags: DemoFlags, onProgress: (done: number, total: number) => 
     const rawPath = join(work, "restored.img")
     yield* restoreToRawFile(path, rawPath)
     const restoreMatches = filesEqual(rawPath, referencePath)
-    const fault = summarizeUs(result.engine.faultHistogram, result.engine.faultNsMax, faultBucketLowerNs)
     const phase = (p: PhaseReport): Latency => ({ ...p.latencyUs, writes: p.writes, writesPerSecond: p.writesPerSecond })
     return {
-      path, result, referenceMs: undefined, verified, snapshotMatches, restoreMatches, fault,
+      path, result, referenceMs: undefined, verified, snapshotMatches, restoreMatches,
       before: phase(report.phases.before), during: phase(report.phases.during),
       guestKind: ready.kind, whyThreads: report.whyThreads, processes: ready.pids.length
     } satisfies DemoOutcome
@@ -219,6 +218,7 @@ export const demoCommand = (io: Io, flags: DemoFlags) => {
   return runCommand(io, flags, demoProgram(flags, bar.update), (d) => {
     bar.done()
     const r = d.result
+    const fault = summarizeUs(r.engine.faultHistogram, r.engine.faultNsMax, faultBucketLowerNs)
     const consistent = d.snapshotMatches && d.restoreMatches
     const throughputMBps = r.sizeBytes / 1e6 / (r.durationMs / 1000)
     const kept = flags.output !== undefined || flags.keep
@@ -246,7 +246,7 @@ export const demoCommand = (io: Io, flags: DemoFlags) => {
       poolPages: r.engine.poolSlots,
       poolHighWater: r.engine.poolHighWater,
       hugePagesRebuilt: r.collapse,
-      faultServiceUs: { p50: d.fault.p50, p99: d.fault.p99, max: d.fault.max },
+      faultServiceUs: { p50: fault.p50, p99: fault.p99, max: fault.max },
       path: kept ? d.path : null,
       guest: {
         kind: d.guestKind,
@@ -272,7 +272,7 @@ export const demoCommand = (io: Io, flags: DemoFlags) => {
       `  result      ${consistent ? "CONSISTENT: snapshot and restore equal the reference copy taken at the cut" : "INCONSISTENT: the snapshot differs from the reference copy"}`,
       `  pause       ${r.pauseMs.toFixed(2)} ms at the cut (re-protecting ${r.engine.cutPages} pages written since arming, which took ${r.armMs.toFixed(0)} ms while the guest ran${d.referenceMs === undefined ? "" : `; the reference copy for this check took another ${d.referenceMs.toFixed(0)} ms`})`,
       `  snapshot    ${(r.durationMs / 1000).toFixed(2)} s, ${throughputMBps.toFixed(0)} MB/s, file ${formatBytes(r.fileBytes)} (${json.compressionRatio}x on data pages)`,
-      `  faults      ${r.engine.faults} served (p50 ${d.fault.p50} us, p99 ${d.fault.p99} us), ${r.engine.pagesFaultAround} neighbours saved with them, ${r.engine.fallbacks} fallbacks, pool high water ${r.engine.poolHighWater}/${r.engine.poolSlots} pages`,
+      `  faults      ${r.engine.faults} served (p50 ${fault.p50} us, p99 ${fault.p99} us), ${r.engine.pagesFaultAround} neighbours saved with them, ${r.engine.fallbacks} fallbacks, pool high water ${r.engine.poolHighWater}/${r.engine.poolSlots} pages`,
       `  guest write latency, as the guest measured it`,
       `    before    ${lat(d.before)}`,
       `    during    ${lat(d.during)}`,

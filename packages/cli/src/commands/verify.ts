@@ -1,12 +1,12 @@
 /** `vmsnap verify FILE`: structure, every checksum, every page covered once. */
-import { formatBytes, verifySnapshot } from "@vmsnap/core"
+import { formatBytes, PAGE_SIZE, verifySnapshot } from "@vmsnap/core"
 import type { Io } from "../Io.js"
 import { progressBar } from "../Progress.js"
 import { type CommonFlags, runCommand } from "../Run.js"
 
 export const verifyCommand = (io: Io, flags: CommonFlags & { file: string }) => {
   const bar = progressBar(io, "verify", !flags.json)
-  return runCommand(io, flags, verifySnapshot(flags.file, (done, total) => bar.update(done * 4096, total * 4096)), (r) => {
+  return runCommand(io, flags, verifySnapshot(flags.file, (done, total) => bar.update(done * PAGE_SIZE, total * PAGE_SIZE)), (r) => {
     bar.done()
     return {
       json: { ok: true, ...r },
