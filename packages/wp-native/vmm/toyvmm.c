@@ -490,14 +490,15 @@ static void report(FILE *out)
 
 /* ---- the agent connection (docs/agent-protocol.md) ---- */
 
-static int agent_connect(void)
+/* Connect to a Unix socket, waiting up to 5 s for its server to listen. */
+static int connect_unix(const char *path, const char *what)
 {
     int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    snprintf(addr.sun_path, sizeof addr.sun_path, "%s", vmm.agent);
+    snprintf(addr.sun_path, sizeof addr.sun_path, "%s", path);
     for (int attempt = 0; connect(s, (struct sockaddr *)&addr, sizeof addr) < 0; attempt++) {
         if (attempt > 200)
-            die("connect to the agent");
+            die(what);
         usleep(25000);
     }
     return s;
@@ -690,7 +691,7 @@ static void spawn_device(int vmm_sock)
 
 static void agent_session(void)
 {
-    int sock = agent_connect();
+    int sock = connect_unix(vmm.agent, "connect to the agent");
     send_hello(sock);
     agent_loop(sock);
     close(sock);
@@ -711,14 +712,7 @@ static int restore_handshake(void)
                                   .mode = UFFDIO_REGISTER_MODE_MISSING | (vmm.anon ? 0 : UFFDIO_REGISTER_MODE_MINOR)};
     if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0)
         die("UFFDIO_REGISTER");
-    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    snprintf(addr.sun_path, sizeof addr.sun_path, "%s", vmm.restore_from);
-    for (int attempt = 0; connect(s, (struct sockaddr *)&addr, sizeof addr) < 0; attempt++) {
-        if (attempt > 200)
-            die("connect to the page-fault handler");
-        usleep(25000);
-    }
+    int s = connect_unix(vmm.restore_from, "connect to the page-fault handler");
     /* Firecracker's handshake: one message, a JSON array of regions, the uffd
      * as the only fd (a memfd guest adds its memfd as a second fd). */
     char body[512];
