@@ -126,6 +126,9 @@ void wp_unprotect_pages(wp_engine *e, uint32_t region, uint64_t page, uint64_t c
 
 /* pool.c */
 void wp_pool_store(wp_engine *e, uint32_t region, uint64_t page);
+/* `count` claimed pages from `page` into consecutive slots, reading each
+ * stretch with one call. The caller guarantees that many free slots. */
+void wp_pool_store_run(wp_engine *e, uint32_t region, uint64_t page, uint64_t count);
 uint64_t wp_pool_free_slots(wp_engine *e);
 
 /* fault.c */

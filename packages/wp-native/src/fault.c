@@ -35,24 +35,23 @@ static void save_neighbours(wp_engine *e, uint32_t ri, uint64_t page)
     uint64_t w1 = w0 + e->fault_around < r->pages ? w0 + e->fault_around : r->pages;
     uint64_t free_slots = wp_pool_free_slots(e);
     uint64_t budget = free_slots > e->slots / 2 ? free_slots - e->slots / 2 : 0;
-    uint64_t run_start = 0, run_len = 0;
-    for (uint64_t p = w0; p < w1; p++) {
-        bool claimed = p != page && budget > 0 && wp_claim_page(r, p);
-        if (claimed) {
-            wp_pool_store(e, ri, p);
-            e->pages_fault_around++;
-            wp_mark_saved(e, r, p);
-            budget--;
-            if (run_len == 0)
-                run_start = p;
-            run_len++;
+    for (uint64_t p = w0; p < w1 && budget > 0;) {
+        /* A run of pages we could claim: read into the pool in one go,
+         * marked saved, unprotected with one ioctl. */
+        uint64_t run = p;
+        while (p < w1 && p - run < budget && p != page && wp_claim_page(r, p))
+            p++;
+        uint64_t n = p - run;
+        if (n > 0) {
+            wp_pool_store_run(e, ri, run, n);
+            e->pages_fault_around += n; /* before SAVED: counters add up once the engine is done */
+            for (uint64_t q = run; q < p; q++)
+                wp_mark_saved(e, r, q);
+            wp_unprotect_pages(e, ri, run, n);
+            budget -= n;
         }
-        if (!claimed || p + 1 == w1) {
-            /* Unprotect exactly the pages we claimed, one ioctl per run. */
-            if (run_len > 0)
-                wp_unprotect_pages(e, ri, run_start, run_len);
-            run_len = 0;
-        }
+        if (p < w1 && n == 0)
+            p++; /* the faulting page, or one already taken */
     }
 }
 

@@ -103,6 +103,25 @@ void wp_pool_store(wp_engine *e, uint32_t region, uint64_t page)
     }
 }
 
+void wp_pool_store_run(wp_engine *e, uint32_t region, uint64_t page, uint64_t count)
+{
+    uint64_t head = atomic_load_explicit(&e->head, memory_order_relaxed);
+    for (uint64_t done = 0; done < count;) {
+        /* Consecutive slots up to the end of the ring: one read each. */
+        uint64_t slot = (head + done) % e->slots;
+        uint64_t n = count - done < e->slots - slot ? count - done : e->slots - slot;
+        wp_read_pages(e, region, page + done, n, e->slot_data + slot * WP_PAGE_SIZE);
+        for (uint64_t k = 0; k < n; k++)
+            e->slot_keys[slot + k] = wp_page_key(region, page + done + k);
+        done += n;
+    }
+    /* Release: slot contents and keys are visible before the consumer sees head. */
+    atomic_store_explicit(&e->head, head + count, memory_order_release);
+    uint64_t used = head + count - atomic_load_explicit(&e->tail, memory_order_acquire);
+    if (used > e->pool_high_water)
+        e->pool_high_water = used;
+}
+
 int32_t wp_engine_drain(wp_engine *e, uint8_t *buf, uint64_t *keys_out, uint32_t max_pages)
 {
     uint32_t n = 0;
