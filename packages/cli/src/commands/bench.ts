@@ -1,6 +1,8 @@
 /** `vmsnap bench`: vmsnap against its baselines on the same guest, one table. */
-import { type BenchOptions, type BenchRun, formatBytes, type RestoreBenchResult, runBenchmark, runRestoreBenchmark } from "@vmsnap/core"
+import { BENCH_METHODS, type BenchMethod, type BenchOptions, type BenchRun, formatBytes, type RestoreBenchResult, runBenchmark, runRestoreBenchmark } from "@vmsnap/core"
 import type { Io } from "../Io.js"
+import { type CliCommand, defineCommand } from "../Command.js"
+import { bufferOption, commonFlags, faultAroundOption, faultAroundOptionSpec, poolPagesOption, sizeOption, UsageError } from "../Options.js"
 import { type CommonFlags, runCommand } from "../Run.js"
 
 /** The bench's options as the CLI collects them (BenchOptions without the callbacks). */
@@ -31,7 +33,7 @@ export const table = (runs: ReadonlyArray<BenchRun>): string => {
   return rows.map((row) => row.map((c, i) => (i < 2 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  ")).join("\n")
 }
 
-export const benchCommand = (io: Io, flags: BenchFlags) =>
+export const runBench = (io: Io, flags: BenchFlags) =>
   runCommand(
     io,
     flags,
@@ -61,10 +63,54 @@ const restoreTable = (r: RestoreBenchResult): string => {
   return lines.join("\n")
 }
 
-export const restoreBenchCommand = (io: Io, flags: CommonFlags & { sizes: ReadonlyArray<number> }) =>
+export const runRestoreBench = (io: Io, flags: CommonFlags & { sizes: ReadonlyArray<number> }) =>
   runCommand(
     io,
     flags,
     runRestoreBenchmark({ sizes: flags.sizes, modeSize: 512 * 1024 * 1024, onStart: (what) => !flags.json && io.stderr(`bench: ${what}...\n`) }),
     (r) => ({ json: { ok: r.modes.every((m) => m.error === null), restore: r }, human: restoreTable(r), exitCode: r.modes.every((m) => m.error === null) ? 0 : 1 })
   )
+
+export const benchCommand: CliCommand = (io, schedule) =>
+  defineCommand({
+    command: "bench",
+    describe: "measure vmsnap against its baselines (no pool, a minimal C handler, fork, stop-the-world) on the same KVM guest",
+    builder: (y) =>
+      y
+        .option("sizes", { type: "string", default: "1GiB", describe: "comma-separated guest sizes" })
+        .option("rate", { type: "number", default: 0, describe: "guest writes in pages/s (0: as fast as it can)" })
+        .option("methods", { type: "string", default: BENCH_METHODS.join(","), describe: "comma-separated methods" })
+        .option("vcpus", { type: "number", default: 1, describe: "guest vCPUs" })
+        .option("warmup", { type: "number", default: 2000, describe: "ms the guest runs before each snapshot" })
+        .option("after", { type: "number", default: 1000, describe: "ms measured after each snapshot" })
+        .option("buffer", bufferOption("vmsnap's pool"))
+        .option("compression", { choices: ["lz4", "none"] as const, default: "lz4" as const, describe: "vmsnap's record compression" })
+        .option("fault-around", faultAroundOptionSpec("vmsnap's fault-around window in pages (1 = off)"))
+        .option("steer", { type: "boolean", default: true, describe: "vmsnap sweeps where the guest writes first (--no-steer: front to back)" })
+        .option("pattern", { choices: ["random", "sequential"] as const, default: "random" as const, describe: "which pages the guest writes" })
+        .option("restore", { type: "boolean", default: false, describe: "benchmark restore instead: lazy vs eager time to the guest's first write per size, and COPY / CONTINUE / MOVE at 512 MiB" })
+        .example("$0 bench", "1 GiB, every method, about a minute")
+        .example("$0 bench --sizes 1GiB,4GiB,8GiB --methods vmsnap,stop-the-world --json", "")
+        .example("$0 bench --restore --sizes 1GiB,4GiB,8GiB", "lazy restore: first write must stay flat"),
+    handler: (a) => {
+      const sizes = String(a.sizes).split(",").map((t) => sizeOption("sizes", t, 4 * 1024 * 1024))
+      for (const s of sizes) if (s % (2 * 1024 * 1024) !== 0) throw new UsageError(`--sizes ${formatBytes(s)}: each must be a multiple of 2 MiB`)
+      const methods = String(a.methods).split(",").map((m) => m.trim())
+      for (const m of methods) if (!(BENCH_METHODS as ReadonlyArray<string>).includes(m)) throw new UsageError(`--methods: unknown method ${m} (known: ${BENCH_METHODS.join(", ")})`)
+      if (!Number.isInteger(a.vcpus) || a.vcpus < 1 || a.vcpus > 32) throw new UsageError(`--vcpus ${a.vcpus}: must be 1 to 32`)
+      if (!Number.isFinite(a.rate) || a.rate < 0) throw new UsageError(`--rate ${a.rate}: must be 0 or more pages/s`)
+      const poolPages = poolPagesOption(a.buffer)
+      if (a.restore) {
+        schedule(() => runRestoreBench(io, { ...commonFlags(a), sizes }))
+        return
+      }
+      schedule(() =>
+        runBench(io, {
+          ...commonFlags(a), sizes, rate: Math.round(a.rate), methods: methods as Array<BenchMethod>, vcpus: a.vcpus,
+          warmupMs: a.warmup, afterMs: a.after, poolPages, compression: a.compression as "lz4" | "none",
+          faultAroundPages: faultAroundOption(a["fault-around"]), steer: a.steer !== false,
+          pattern: a.pattern as "random" | "sequential"
+        })
+      )
+    }
+  })

@@ -1,219 +1,15 @@
-/**
- * `vmsnap demo`: the main job. By default the toy VMM runs a guest in its own
- * process (a KVM guest when /dev/kvm works) and hands its memory to an agent
- * in this process, which takes a live snapshot with a freeze at the cut; the
- * snapshot is verified, compared byte for byte with the reference copy the
- * VMM took at the cut, restored, and compared again. `--guest threads` runs
- * writer threads in this process instead.
- */
-import {
-  agentScoped, comparePages, copyFromHva, DemoGuest, faultBucketLowerNs, formatBytes, InvalidInput,
-  type MemoryKind, openSnapshot, PAGE_SIZE, Phase, type PhaseReport, restoreToMemory, restoreToRawFile, scratchMemory,
-  type SnapshotResult, summarizeUs, takeSnapshot, ToyVmm, type VerifyReport, walkRecords, WpNative
-} from "@vmsnap/core"
-import { Effect } from "effect"
-import { closeSync, existsSync, fstatSync, mkdtempSync, openSync, readSync, rmSync } from "node:fs"
-import { unlink } from "node:fs/promises"
-import { tmpdir } from "node:os"
-import { join } from "node:path"
+/** `vmsnap demo`: its options, and the report of the run (the run itself is in DemoProgram.ts). */
+import { faultBucketLowerNs, formatBytes, type MemoryKind, PAGE_SIZE, summarizeUs } from "@vmsnap/core"
+import { type CliCommand, defineCommand } from "../Command.js"
+import { type DemoFlags, demoProgram, type Latency } from "../DemoProgram.js"
 import type { Io } from "../Io.js"
+import { bufferOption, commonFlags, faultAroundOption, faultAroundOptionSpec, poolPagesOption, sizeOption, UsageError } from "../Options.js"
 import { progressBar } from "../Progress.js"
-import { type CommonFlags, runCommand } from "../Run.js"
-
-export interface DemoFlags extends CommonFlags {
-  readonly size: number
-  readonly writers: number
-  readonly rate: number
-  /** Pool capacity in 4 KiB pages (0: synchronous). */
-  readonly poolPages: number
-  readonly output: string | undefined
-  readonly keep: boolean
-  readonly memory: MemoryKind
-  readonly warmupMs: number
-  readonly faultAroundPages: number
-  /** vmm: the toy VMM in its own process, through the agent; threads: writer threads in this process. */
-  readonly guest: "vmm" | "threads"
-  /** With the toy VMM: a second process writing the same memfd. */
-  readonly device: boolean
-}
-
-/**
- * Verifies the file (structure, every checksum, every page once) and, in the
- * same pass, compares every record with the reference copy.
- */
-const verifyAgainstReference = (path: string, expected: (firstPage: number, bytes: number) => Buffer) =>
-  Effect.scoped(
-    Effect.gen(function* () {
-      const s = yield* openSnapshot(path)
-      let mismatches = 0
-      const verified = yield* walkRecords(s, (rec) =>
-        Effect.sync(() => {
-          const bytes = rec.header.pageCount * PAGE_SIZE
-          const want = expected(rec.header.firstPage, bytes)
-          const got = rec.pages ?? Buffer.alloc(bytes)
-          if (!got.equals(want)) mismatches++
-        })
-      )
-      return { verified, snapshotMatches: mismatches === 0 }
-    })
-  )
-
-/** Two files hold the same bytes (a sparse raw image reads zero in its holes). */
-const filesEqual = (a: string, b: string): boolean => {
-  const fa = openSync(a, "r")
-  const fb = openSync(b, "r")
-  try {
-    if (fstatSync(fa).size !== fstatSync(fb).size) return false
-    const ba = Buffer.alloc(8 << 20)
-    const bb = Buffer.alloc(8 << 20)
-    for (let pos = 0; ; pos += ba.length) {
-      const na = readSync(fa, ba, 0, ba.length, pos)
-      const nb = readSync(fb, bb, 0, bb.length, pos)
-      if (na !== nb || !ba.subarray(0, na).equals(bb.subarray(0, nb))) return false
-      if (na === 0) return true
-    }
-  } finally {
-    closeSync(fa)
-    closeSync(fb)
-  }
-}
-
-interface Latency {
-  readonly p50: number
-  readonly p99: number
-  readonly p999: number
-  readonly max: number
-  readonly writes: number
-  readonly writesPerSecond: number
-}
-
-interface DemoOutcome {
-  readonly path: string
-  readonly result: SnapshotResult
-  readonly referenceMs: number | undefined
-  readonly verified: VerifyReport
-  readonly snapshotMatches: boolean
-  readonly restoreMatches: boolean
-  readonly before: Latency
-  readonly during: Latency
-  readonly guestKind: "kvm" | "threads"
-  readonly whyThreads: string
-  readonly processes: number
-}
-
-const snapshotPath = (flags: DemoFlags) =>
-  Effect.gen(function* () {
-    const path = flags.output ?? join(tmpdir(), `vmsnap-demo-${process.pid}-${Date.now()}.vmsnap`)
-    if (!flags.output && !flags.keep) yield* Effect.addFinalizer(() => Effect.promise(() => unlink(path).catch(() => undefined)))
-    return path
-  })
-
-/** The built-in guest in this process: writer threads over memory we map. */
-const threadsDemo = (flags: DemoFlags, onProgress: (done: number, total: number) => void) =>
-  Effect.gen(function* () {
-    const guest = yield* DemoGuest.make(flags.size, flags.memory)
-    // A quarter of the guest is never touched before the cut: zero pages.
-    guest.fill(0, Math.floor((guest.pages * 3) / 4), 0x5eed)
-    guest.prepareReference()
-    guest.setPhase(Phase.before)
-    guest.start(flags.writers, flags.rate)
-    yield* Effect.sleep(flags.warmupMs)
-    const path = yield* snapshotPath(flags)
-    let referenceMs = 0
-    const result = yield* takeSnapshot({
-      regions: [guest.region],
-      path,
-      poolPages: flags.poolPages,
-      faultAroundPages: flags.faultAroundPages,
-      freeze: guest.freeze,
-      thaw: Effect.andThen(guest.thaw, Effect.sync(() => guest.setPhase(Phase.during))),
-      atCut: Effect.gen(function* () {
-        const t = performance.now()
-        yield* guest.takeReference
-        referenceMs = performance.now() - t
-      }),
-      onProgress: (saved, total) => onProgress(saved * PAGE_SIZE, total * PAGE_SIZE)
-    })
-    guest.setPhase(Phase.after)
-    yield* Effect.sleep(Math.min(flags.warmupMs, 500))
-    guest.stop()
-    const reference = guest.referenceHva
-    const { verified, snapshotMatches } = yield* verifyAgainstReference(path, (firstPage, bytes) => {
-      const b = Buffer.allocUnsafe(bytes)
-      copyFromHva(b, reference + BigInt(firstPage * PAGE_SIZE))
-      return b
-    })
-    const target = yield* scratchMemory(flags.size)
-    yield* restoreToMemory(path, { hostBases: [target], targetIsZero: true })
-    const restoreMatches = comparePages(target, reference, flags.size) === -1
-    return {
-      path, result, referenceMs, verified, snapshotMatches, restoreMatches,
-      before: guest.latency(Phase.before), during: guest.latency(Phase.during),
-      guestKind: "threads", whyThreads: "--guest threads", processes: 1
-    } satisfies DemoOutcome
-  })
-
-/** The toy VMM in its own process (a KVM guest when /dev/kvm works), through the agent. */
-const vmmDemo = (flags: DemoFlags, onProgress: (done: number, total: number) => void) =>
-  Effect.gen(function* () {
-    const work = yield* Effect.acquireRelease(
-      // The reference copy and the restored image live in RAM when they can: writing them is not what we measure.
-      Effect.sync(() => mkdtempSync(join(existsSync("/dev/shm") ? "/dev/shm" : tmpdir(), "vmsnap-demo-"))),
-      (dir) => Effect.sync(() => rmSync(dir, { recursive: true, force: true }))
-    )
-    const socket = join(work, "agent.sock")
-    const referencePath = join(work, "reference.img")
-    const agent = yield* agentScoped(socket)
-    const vmm = yield* Effect.acquireRelease(
-      Effect.try({
-        try: () =>
-          new ToyVmm({
-            memMiB: flags.size / (1024 * 1024), vcpus: flags.writers, rate: flags.rate, anon: flags.memory === "anon",
-            agent: socket, vm: "demo", reference: referencePath, device: flags.device, fillPercent: 75
-          }),
-        catch: (e) => new InvalidInput({ reason: e instanceof Error ? e.message : String(e) })
-      }),
-      (v) => Effect.promise(() => v.stop().catch(() => undefined))
-    )
-    const ready = yield* Effect.tryPromise({ try: () => vmm.ready, catch: (e) => new InvalidInput({ reason: String(e instanceof Error ? e.message : e) }) })
-    yield* Effect.sleep(flags.warmupMs)
-    const path = yield* snapshotPath(flags)
-    const result = yield* agent.snapshot(
-      { vm: "demo", path, poolPages: flags.poolPages, faultAroundPages: flags.faultAroundPages },
-      onProgress
-    )
-    yield* Effect.sleep(Math.min(flags.warmupMs, 500))
-    const report = yield* Effect.promise(() => vmm.stop())
-    const ref = openSync(referencePath, "r")
-    yield* Effect.addFinalizer(() => Effect.sync(() => closeSync(ref)))
-    const { verified, snapshotMatches } = yield* verifyAgainstReference(path, (firstPage, bytes) => {
-      const b = Buffer.alloc(bytes)
-      readSync(ref, b, 0, bytes, firstPage * PAGE_SIZE)
-      return b
-    })
-    const rawPath = join(work, "restored.img")
-    yield* restoreToRawFile(path, rawPath)
-    const restoreMatches = filesEqual(rawPath, referencePath)
-    const phase = (p: PhaseReport): Latency => ({ ...p.latencyUs, writes: p.writes, writesPerSecond: p.writesPerSecond })
-    return {
-      path, result, referenceMs: undefined, verified, snapshotMatches, restoreMatches,
-      before: phase(report.phases.before), during: phase(report.phases.during),
-      guestKind: ready.kind, whyThreads: report.whyThreads, processes: ready.pids.length
-    } satisfies DemoOutcome
-  })
-
-export const demoProgram = (flags: DemoFlags, onProgress: (done: number, total: number) => void) =>
-  Effect.scoped(
-    Effect.gen(function* () {
-      const native = yield* WpNative
-      yield* native.probe
-      return yield* (flags.guest === "vmm" ? vmmDemo(flags, onProgress) : threadsDemo(flags, onProgress))
-    })
-  )
+import { runCommand } from "../Run.js"
 
 const latencyJson = (l: Latency) => ({ p50: l.p50, p99: l.p99, p999: l.p999, max: l.max, writes: l.writes })
 
-export const demoCommand = (io: Io, flags: DemoFlags) => {
+export const runDemo = (io: Io, flags: DemoFlags) => {
   const bar = progressBar(io, "snapshot", !flags.json)
   return runCommand(io, flags, demoProgram(flags, bar.update), (d) => {
     bar.done()
@@ -283,3 +79,48 @@ export const demoCommand = (io: Io, flags: DemoFlags) => {
 }
 
 const round = (x: number, digits: number) => Math.round(x * 10 ** digits) / 10 ** digits
+
+export const demoCommand: CliCommand = (io, schedule) =>
+  defineCommand({
+    command: "demo",
+    describe: "take a live snapshot of the built-in demo guest while it writes, verify it against a reference copy taken at the cut, restore it and compare",
+    builder: (y) =>
+      y
+        .option("size", { type: "string", default: "1GiB", describe: "guest memory size (KiB/MiB/GiB)" })
+        .option("writers", { type: "number", default: 1, describe: "guest vCPUs (or writer threads) writing memory; each spins at 100% of a core (ring 3 cannot halt)" })
+        .option("rate", { type: "number", default: 50000, describe: "guest writes in pages/s over all writers (0: as fast as they can)" })
+        .option("buffer", bufferOption("copy pool: pages written before being saved wait here (0: synchronous, like QEMU)"))
+        .option("fault-around", faultAroundOptionSpec("pages saved with each faulting page (power of two, 1 = off)"))
+        .option("guest", { choices: ["vmm", "threads"] as const, default: "vmm" as const, describe: "vmm: the toy VMM in its own process (KVM when /dev/kvm works) through the agent; threads: writer threads in this process" })
+        .option("device", { type: "boolean", default: false, describe: "with --guest vmm: a second (device) process writes the same guest memory" })
+        .option("memory", { choices: ["memfd", "anon", "anon-thp"] as const, default: "memfd" as const, describe: "how guest memory is backed (anon-thp: --guest threads only)" })
+        .option("output", { alias: "o", type: "string", describe: "snapshot file to write (kept); default: a temporary file" })
+        .option("keep", { type: "boolean", default: false, describe: "keep the temporary snapshot file" })
+        .option("warmup", { type: "number", default: 1000, describe: "ms of guest writes measured before the snapshot" })
+        .example("$0 demo", "1 GiB KVM guest (toy VMM), 1 vCPU writing 50k random pages/s, 64 MiB pool")
+        .example("$0 demo --device", "a second process writes the same guest memory during the snapshot")
+        .example("$0 demo --guest threads --memory anon-thp", "writer threads in this process over THP memory")
+        .example("$0 demo --size 256MiB --rate 0 --buffer 0", "a small guest writing flat out, no pool (synchronous)")
+        .example("$0 demo --json -o /tmp/guest.vmsnap", "keep the snapshot, print the report as JSON"),
+    handler: (a) => {
+      const size = sizeOption("size", a.size, 2 * 1024 * 1024)
+      const poolPages = poolPagesOption(a.buffer)
+      if (!Number.isInteger(a.writers) || a.writers < 1 || a.writers > 64) throw new UsageError(`--writers ${a.writers}: must be a whole number from 1 to 64`)
+      if (!Number.isFinite(a.rate) || a.rate < 0) throw new UsageError(`--rate ${a.rate}: must be 0 (flat out) or a positive number of pages/s`)
+      if (!Number.isFinite(a.warmup) || a.warmup < 0 || a.warmup > 60000) throw new UsageError(`--warmup ${a.warmup}: must be 0 to 60000 ms`)
+      const around = faultAroundOption(a["fault-around"])
+      if (a.guest === "vmm" && a.memory === "anon-thp") throw new UsageError("--memory anon-thp needs --guest threads (the toy VMM maps memfd or anon memory)")
+      if (a.guest === "vmm" && size % (2 * 1024 * 1024) !== 0) throw new UsageError(`--size ${a.size}: the toy VMM needs a multiple of 2 MiB`)
+      if (a.guest === "vmm" && a.writers > 32) throw new UsageError(`--writers ${a.writers}: the toy VMM runs at most 32 vCPUs`)
+      if (a.device && a.guest !== "vmm") throw new UsageError("--device needs --guest vmm")
+      if (a.device && a.memory !== "memfd") throw new UsageError("--device shares guest memory through a memfd: use --memory memfd")
+      if (a.output !== undefined && a.output.trim() === "") throw new UsageError("--output: give a file path")
+      schedule(() =>
+        runDemo(io, {
+          ...commonFlags(a), size, poolPages, writers: a.writers, rate: Math.round(a.rate), memory: a.memory as MemoryKind,
+          output: a.output, keep: a.keep === true, warmupMs: a.warmup, faultAroundPages: around,
+          guest: a.guest as "vmm" | "threads", device: a.device === true
+        })
+      )
+    }
+  })

@@ -1,9 +1,11 @@
 /** `vmsnap inspect FILE`: header, regions, page counts, compression ratio. */
 import { formatBytes, inspectSnapshot } from "@vmsnap/core"
 import type { Io } from "../Io.js"
+import { type CliCommand, defineCommand } from "../Command.js"
+import { commonFlags } from "../Options.js"
 import { type CommonFlags, runCommand } from "../Run.js"
 
-export const inspectCommand = (io: Io, flags: CommonFlags & { file: string }) =>
+export const runInspect = (io: Io, flags: CommonFlags & { file: string }) =>
   runCommand(io, flags, inspectSnapshot(flags.file), (r) => ({
     json: { ok: true, ...r },
     human: [
@@ -17,3 +19,11 @@ export const inspectCommand = (io: Io, flags: CommonFlags & { file: string }) =>
       )
     ].join("\n")
   }))
+
+export const inspectCommand: CliCommand = (io, schedule) =>
+  defineCommand({
+    command: "inspect <file>",
+    describe: "show a snapshot's header, regions, page counts and compression ratio",
+    builder: (y) => y.positional("file", { type: "string", demandOption: true, describe: "snapshot file" }).example("$0 inspect guest.vmsnap --json", ""),
+    handler: (a) => schedule(() => runInspect(io, { ...commonFlags(a), file: a.file }))
+  })

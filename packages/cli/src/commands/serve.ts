@@ -8,6 +8,8 @@ import { Effect } from "effect"
 import { existsSync } from "node:fs"
 import { InvalidInput } from "@vmsnap/core"
 import type { Io } from "../Io.js"
+import { type CliCommand, defineCommand } from "../Command.js"
+import { commonFlags, UsageError } from "../Options.js"
 import { type CommonFlags, runCommand } from "../Run.js"
 
 export interface ServeFlags extends CommonFlags {
@@ -17,7 +19,7 @@ export interface ServeFlags extends CommonFlags {
   readonly once: boolean
 }
 
-export const serveCommand = (io: Io, flags: ServeFlags) =>
+export const runServe = (io: Io, flags: ServeFlags) =>
   runCommand(
     io,
     flags,
@@ -51,3 +53,20 @@ export const serveCommand = (io: Io, flags: ServeFlags) =>
     ),
     (pid) => ({ human: `vmsnap serve: VMM pid ${pid} restored; exiting (--once)`, json: { type: "exit", pid } })
   )
+
+export const serveCommand: CliCommand = (io, schedule) =>
+  defineCommand({
+    command: "serve <file>",
+    describe: "lazy restore: serve VMMs' guest memory from a snapshot on demand (Firecracker's UFFD handshake)",
+    builder: (y) =>
+      y
+        .positional("file", { type: "string", demandOption: true, describe: "snapshot file (or raw image with --raw)" })
+        .option("socket", { type: "string", demandOption: true, describe: "Unix socket the VMMs connect to" })
+        .option("raw", { type: "boolean", default: false, describe: "FILE is a raw memory image, not a vmsnap file" })
+        .option("once", { type: "boolean", default: false, describe: "exit once the first VMM's memory is all resident" })
+        .example("$0 serve --socket /tmp/uffd.sock guest.vmsnap", "then start the VMM with its UFFD handler socket set to /tmp/uffd.sock"),
+    handler: (a) => {
+      if (a.socket.trim() === "") throw new UsageError("--socket: give a socket path")
+      schedule(() => runServe(io, { ...commonFlags(a), file: a.file, socket: a.socket, raw: a.raw === true, once: a.once === true }))
+    }
+  })

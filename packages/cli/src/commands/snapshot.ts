@@ -8,6 +8,8 @@ import { Effect } from "effect"
 import { resolve } from "node:path"
 import type { Io } from "../Io.js"
 import { progressBar } from "../Progress.js"
+import { type CliCommand, defineCommand } from "../Command.js"
+import { bufferOption, commonFlags, faultAroundOption, faultAroundOptionSpec, poolPagesOption, UsageError } from "../Options.js"
 import { type CommonFlags, runCommand } from "../Run.js"
 
 export interface SnapshotFlags extends CommonFlags {
@@ -56,7 +58,7 @@ const viaAgent = (flags: SnapshotFlags, onProgress: (d: number, t: number) => vo
     (r): Summary => ({ vm: flags.vm!, path: r.path, sizeBytes: r.sizeBytes, fileBytes: r.fileBytes, pauseMs: r.pauseMs, durationMs: r.durationMs, faults: r.faults })
   )
 
-export const snapshotCommand = (io: Io, flags: SnapshotFlags) => {
+export const runSnapshot = (io: Io, flags: SnapshotFlags) => {
   const bar = progressBar(io, "snapshot", !flags.json)
   const program = flags.agent ? viaAgent(flags, bar.update) : oneShot(flags, io, bar.update)
   return runCommand(io, flags, program, (s) => {
@@ -67,3 +69,34 @@ export const snapshotCommand = (io: Io, flags: SnapshotFlags) => {
     }
   })
 }
+
+export const snapshotCommand: CliCommand = (io, schedule) =>
+  defineCommand({
+    command: "snapshot",
+    describe: "take a live snapshot of a VM connected to an agent (--agent SOCK --vm ID), or of the first VMM that connects to --listen SOCK",
+    builder: (y) =>
+      y
+        .option("output", { alias: "o", type: "string", demandOption: true, describe: "snapshot file to write" })
+        .option("agent", { type: "string", describe: "socket of a running `vmsnap agent`" })
+        .option("vm", { type: "string", describe: "VM id (required with --agent)" })
+        .option("listen", { type: "string", describe: "one-shot: listen here, wait for a VMM, snapshot it, exit" })
+        .option("processes", { type: "number", default: 1, describe: "one-shot: wait until the VM has this many processes (VMM + devices)" })
+        .option("wait", { type: "number", default: 60000, describe: "one-shot: ms to wait for the VMM" })
+        .option("buffer", bufferOption("copy pool size (0: synchronous)"))
+        .option("fault-around", faultAroundOptionSpec("pages saved with each faulting page (power of two, 1 = off)"))
+        .example("$0 snapshot --agent /run/vmsnap.sock --vm web-1 -o web-1.vmsnap", "")
+        .example("$0 snapshot --listen /tmp/vmsnap.sock -o guest.vmsnap", "then start the VMM with --agent /tmp/vmsnap.sock"),
+    handler: (a) => {
+      if ((a.agent === undefined) === (a.listen === undefined)) throw new UsageError("give exactly one of --agent SOCK (a running agent) or --listen SOCK (one-shot)")
+      if (a.agent !== undefined && a.vm === undefined) throw new UsageError("--agent needs --vm ID (see the agent's log for connected VMs)")
+      if (!Number.isInteger(a.processes) || a.processes < 1 || a.processes > 16) throw new UsageError(`--processes ${a.processes}: must be 1 to 16`)
+      const poolPages = poolPagesOption(a.buffer)
+      const around = faultAroundOption(a["fault-around"])
+      schedule(() =>
+        runSnapshot(io, {
+          ...commonFlags(a), output: a.output, agent: a.agent, listen: a.listen, vm: a.vm, processes: a.processes,
+          waitMs: a.wait, poolPages, faultAroundPages: around
+        })
+      )
+    }
+  })

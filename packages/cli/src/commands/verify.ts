@@ -2,9 +2,11 @@
 import { formatBytes, PAGE_SIZE, verifySnapshot } from "@vmsnap/core"
 import type { Io } from "../Io.js"
 import { progressBar } from "../Progress.js"
+import { type CliCommand, defineCommand } from "../Command.js"
+import { commonFlags } from "../Options.js"
 import { type CommonFlags, runCommand } from "../Run.js"
 
-export const verifyCommand = (io: Io, flags: CommonFlags & { file: string }) => {
+export const runVerify = (io: Io, flags: CommonFlags & { file: string }) => {
   const bar = progressBar(io, "verify", !flags.json)
   return runCommand(io, flags, verifySnapshot(flags.file, (done, total) => bar.update(done * PAGE_SIZE, total * PAGE_SIZE)), (r) => {
     bar.done()
@@ -14,3 +16,11 @@ export const verifyCommand = (io: Io, flags: CommonFlags & { file: string }) => 
     }
   })
 }
+
+export const verifyCommand: CliCommand = (io, schedule) =>
+  defineCommand({
+    command: "verify <file>",
+    describe: "check a snapshot's structure and every checksum, and that every page is stored exactly once",
+    builder: (y) => y.positional("file", { type: "string", demandOption: true, describe: "snapshot file" }).example("$0 verify guest.vmsnap", ""),
+    handler: (a) => schedule(() => runVerify(io, { ...commonFlags(a), file: a.file }))
+  })

@@ -1,0 +1,54 @@
+/**
+ * Options and checks shared by several commands, declared once: --json and
+ * --verbose (every command), size parsing, the copy pool (--buffer) and the
+ * fault-around window. A bad value throws `UsageError`, which `main` turns
+ * into exit code 2 and one line.
+ */
+import { formatBytes, PAGE_SIZE, parseSize } from "@vmsnap/core"
+import type { Argv } from "yargs"
+import type { CommonFlags } from "./Run.js"
+
+/** Bad command-line input: exit 2, one line, no stack trace. */
+export class UsageError extends Error {}
+
+/** The options every command takes (declared once on the top-level parser). */
+export interface GlobalArgs {
+  readonly json: boolean
+  readonly verbose: boolean
+}
+
+export const globalOptions = <T>(y: Argv<T>) =>
+  y
+    .option("json", { type: "boolean", default: false, describe: "print one JSON object on stdout and nothing else there" })
+    .option("verbose", { type: "boolean", default: false, describe: "print stack traces on errors" })
+
+/** The common flags of parsed arguments. */
+export const commonFlags = (a: { json?: boolean; verbose?: boolean }): CommonFlags => ({ json: a.json === true, verbose: a.verbose === true })
+
+/**
+ * A size in bytes from "4096", "256MiB", "1GiB"...; at least `min` bytes and
+ * a multiple of 4 KiB. `name` is the option, for the message.
+ */
+export const sizeOption = (name: string, value: unknown, min: number): number => {
+  const bytes = parseSize(String(value))
+  if (bytes === undefined) throw new UsageError(`--${name} ${String(value)}: not a size (examples: 4096, 256MiB, 1GiB)`)
+  if (bytes < min) throw new UsageError(`--${name} ${String(value)}: must be at least ${formatBytes(min)}`)
+  if (bytes % PAGE_SIZE !== 0) throw new UsageError(`--${name} ${String(value)}: must be a multiple of 4 KiB`)
+  return bytes
+}
+
+/** --buffer, the copy pool: a size, default 64 MiB, or 0 for the synchronous mode. */
+export const bufferOption = (describe: string) => ({ type: "string", default: "64MiB", describe }) as const
+
+/** --buffer's value in pages (0: synchronous). */
+export const poolPagesOption = (value: unknown): number => (String(value).trim() === "0" ? 0 : sizeOption("buffer", value, PAGE_SIZE) / PAGE_SIZE)
+
+/** --fault-around: pages saved with each faulting page, default 16. */
+export const faultAroundOptionSpec = (describe: string) => ({ type: "number", default: 16, describe }) as const
+
+/** --fault-around's value: a power of two from 1 to 512. */
+export const faultAroundOption = (value: number): number => {
+  if (!Number.isInteger(value) || value < 1 || value > 512 || (value & (value - 1)) !== 0)
+    throw new UsageError(`--fault-around ${value}: must be a power of two from 1 to 512`)
+  return value
+}
