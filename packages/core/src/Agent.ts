@@ -229,7 +229,7 @@ export class Agent {
       throw new ProtocolError({
         reason: rc === -22 || rc === -25 ? `fd ${hello.uffd} is not a fresh userfaultfd (not a uffd, or UFFDIO_API was already issued on it)` : `userfaultfd: ${errnoReason("userfaultfd", -rc)}`
       })
-    const pid: number = lib.wp_peer_pid([(socket as unknown as { _handle: { fd: number } })._handle.fd])
+    const pid: number = lib.wp_transport_peer_pid([(socket as unknown as { _handle: { fd: number } })._handle.fd])
     const peer = new Peer(socket, hello, fds, pid)
     if (hello.role === "vmm") vm.vmm = peer
     else vm.devices.add(peer)
@@ -315,13 +315,13 @@ export class Agent {
             regions.map((r) => {
               if (r.fd === null) return { base: 0n, size: r.size }
               const err = new Int32Array(1)
-              const base: bigint = loadWp().wp_map_fd([vmm.fds[r.fd]!, BigInt(r.offset), BigInt(r.size), Buffer.from(err.buffer)])
+              const base: bigint = loadWp().wp_transport_map_fd([vmm.fds[r.fd]!, BigInt(r.offset), BigInt(r.size), Buffer.from(err.buffer)])
               if (base === 0n) throw new NativeError({ op: "map guest memory", errno: -err[0]!, reason: errnoReason("mmap", -err[0]!) })
               return { base, size: r.size }
             }),
           catch: (e) => e as NativeError
         }),
-        (vs) => Effect.sync(() => vs.forEach((v) => v.base !== 0n && loadWp().wp_unmap([v.base, BigInt(v.size)])))
+        (vs) => Effect.sync(() => vs.forEach((v) => v.base !== 0n && loadWp().wp_transport_unmap([v.base, BigInt(v.size)])))
       )
       const memory: Array<MemoryRegion> = regions.map((r, i) => ({
         guestBase: gpa(r.gpa),

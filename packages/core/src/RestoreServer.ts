@@ -120,7 +120,7 @@ export class RestoreServer {
       return this.refuse(socket, describeError(e))
     }
     if (!first) return void socket.destroy()
-    const pid: number = loadWp().wp_peer_pid([fd])
+    const pid: number = loadWp().wp_transport_peer_pid([fd])
     let regions: Array<FirecrackerRegion>
     try {
       regions = parseFirecrackerBody(first.message.toString("utf8"))

@@ -24,7 +24,7 @@ export interface Capabilities {
   readonly move: boolean
 }
 
-/** Engine counters (see wp_stats in vmsnap_wp.h). Times in nanoseconds. */
+/** Engine counters (see wp_stats in vmsnap_engine.h). Times in nanoseconds. */
 export interface EngineStats {
   readonly faults: number
   readonly faultsSpurious: number

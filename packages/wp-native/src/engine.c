@@ -499,15 +499,3 @@ int32_t wp_engine_destroy(wp_engine *e)
     free(e);
     return rc;
 }
-
-int32_t wp_copy_to_hva(uint64_t hva, const uint8_t *src, uint64_t len)
-{
-    memcpy((void *)(uintptr_t)hva, src, len);
-    return 0;
-}
-
-int32_t wp_copy_from_hva(uint8_t *dst, uint64_t hva, uint64_t len)
-{
-    memcpy(dst, (const void *)(uintptr_t)hva, len);
-    return 0;
-}

@@ -13,7 +13,7 @@
 #define VMSNAP_WP_ENGINE_INTERNAL_H
 
 #include "uffd.h"
-#include "vmsnap_wp.h"
+#include "vmsnap_engine.h"
 
 #include <pthread.h>
 #include <stdatomic.h>

@@ -16,7 +16,7 @@
 #define _GNU_SOURCE
 #include "record.h"
 #include "uffd.h"
-#include "vmsnap_wp.h"
+#include "vmsnap_restore.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -71,7 +71,7 @@ struct wp_restorer {
     _Atomic uint64_t pages_resident, pages_total;
     uint64_t faults, faults_zero, pages_by_fault, pages_by_fill, removed_pages;
     uint64_t fault_ns_total, fault_ns_max, first_fault_ns, start_ns, done_ns;
-    uint64_t hist[WP_HIST_BUCKETS];
+    uint64_t hist[WP_RESTORE_HIST_BUCKETS];
     struct record_codec codec;
 };
 
@@ -83,11 +83,11 @@ static void fail(wp_restorer *r, int32_t err)
 
 static int install_range(wp_restorer *r, struct rs_region *g, uint64_t page, uint64_t count, const uint8_t *src, bool zero)
 {
-    uint64_t hva = g->hva + page * WP_PAGE_SIZE, len = count * WP_PAGE_SIZE;
+    uint64_t hva = g->hva + page * WP_RESTORE_PAGE_SIZE, len = count * WP_RESTORE_PAGE_SIZE;
     if (g->memfd >= 0) {
         /* Page cache first, then map it; CONTINUE also wakes MISSING waiters. */
-        static const uint8_t zeros[64 * WP_PAGE_SIZE];
-        off_t at = (off_t)(g->memfd_offset + page * WP_PAGE_SIZE);
+        static const uint8_t zeros[64 * WP_RESTORE_PAGE_SIZE];
+        off_t at = (off_t)(g->memfd_offset + page * WP_RESTORE_PAGE_SIZE);
         for (uint64_t done = 0; done < len;) {
             /* One pwrite per run (zeros: per 256 KiB); short writes continue. */
             size_t n = zero ? (len - done < sizeof zeros ? len - done : sizeof zeros) : len - done;
@@ -123,7 +123,7 @@ static int install_range(wp_restorer *r, struct rs_region *g, uint64_t page, uin
         } else if (got > 0) {
             done += (uint64_t)got;
         } else if (errno == EEXIST || got == -EEXIST) {
-            done += WP_PAGE_SIZE; /* that page is already there: skip it */
+            done += WP_RESTORE_PAGE_SIZE; /* that page is already there: skip it */
         } else {
             /* -EAGAIN: a REMOVE event is pending. Never retry here, holding
              * the install lock: the event must be read first (by the fault
@@ -158,7 +158,7 @@ static int resolve_record(wp_restorer *r, uint32_t index, bool by_fault, uint8_t
 {
     const struct rs_record *rec = &r->records[index];
     struct rs_region *g = &r->regions[rec->region];
-    size_t bytes = (size_t)rec->pages * WP_PAGE_SIZE;
+    size_t bytes = (size_t)rec->pages * WP_RESTORE_PAGE_SIZE;
     if (bytes > *cap) {
         release_buffer(r, *buf, *cap);
         free(*scratch);
@@ -193,7 +193,7 @@ static int resolve_record(wp_restorer *r, uint32_t index, bool by_fault, uint8_t
         uint64_t q = p + 1;
         while (q < end && !g->resident[q] && g->removed[q] == removed)
             q++;
-        rc = install_range(r, g, p, q - p, *buf + (p - rec->first_page) * WP_PAGE_SIZE, removed || encoding == RECORD_ZERO);
+        rc = install_range(r, g, p, q - p, *buf + (p - rec->first_page) * WP_RESTORE_PAGE_SIZE, removed || encoding == RECORD_ZERO);
         if (rc == 0) {
             memset(g->resident + p, 1, q - p);
             atomic_fetch_add(&r->pages_resident, q - p);
@@ -214,7 +214,7 @@ static int find_page(wp_restorer *r, uint64_t hva, uint32_t *region, uint64_t *p
         struct rs_region *g = &r->regions[i];
         if (hva >= g->hva && hva - g->hva < g->size) {
             *region = i;
-            *page = (hva - g->hva) / WP_PAGE_SIZE;
+            *page = (hva - g->hva) / WP_RESTORE_PAGE_SIZE;
             return 0;
         }
     }
@@ -227,7 +227,7 @@ static void mark_removed(wp_restorer *r, uint64_t start, uint64_t end)
 {
     uint32_t region;
     uint64_t page;
-    for (uint64_t a = start; a < end; a += WP_PAGE_SIZE) {
+    for (uint64_t a = start; a < end; a += WP_RESTORE_PAGE_SIZE) {
         if (find_page(r, a, &region, &page) < 0)
             continue;
         struct rs_region *g = &r->regions[region];
@@ -259,7 +259,7 @@ static int serve_fault(wp_restorer *r, uint64_t address, uint8_t **buf, size_t *
     if (rc == 0 && g->resident[page]) {
         /* Resident but the fault raced us (a fill, or a MINOR fault on a
          * page already in the cache): make sure it is mapped and woken. */
-        struct uffdio_range wake = {.start = g->hva + page * WP_PAGE_SIZE, .len = WP_PAGE_SIZE};
+        struct uffdio_range wake = {.start = g->hva + page * WP_RESTORE_PAGE_SIZE, .len = WP_RESTORE_PAGE_SIZE};
         if (g->memfd >= 0) {
             struct uffdio_continue c = {.range = wake};
             ioctl(r->uffd, UFFDIO_CONTINUE, &c);
@@ -275,7 +275,7 @@ static int serve_fault(wp_restorer *r, uint64_t address, uint8_t **buf, size_t *
     r->fault_ns_total += ns;
     if (ns > r->fault_ns_max)
         r->fault_ns_max = ns;
-    r->hist[hist_bucket(ns, WP_HIST_BUCKETS)]++;
+    r->hist[hist_bucket(ns, WP_RESTORE_HIST_BUCKETS)]++;
     return 0;
 }
 
@@ -404,12 +404,12 @@ int32_t wp_restorer_add_region(wp_restorer *r, uint64_t hva, uint64_t size, int3
         return -EBUSY;
     if (r->region_count >= RS_MAX_REGIONS)
         return -E2BIG;
-    if (!size || size % WP_PAGE_SIZE || hva % WP_PAGE_SIZE || memfd_offset % WP_PAGE_SIZE)
+    if (!size || size % WP_RESTORE_PAGE_SIZE || hva % WP_RESTORE_PAGE_SIZE || memfd_offset % WP_RESTORE_PAGE_SIZE)
         return -EINVAL;
     struct rs_region *g = &r->regions[r->region_count];
     g->hva = hva;
     g->size = size;
-    g->pages = size / WP_PAGE_SIZE;
+    g->pages = size / WP_RESTORE_PAGE_SIZE;
     g->memfd = memfd >= 0 ? dup(memfd) : -1;
     g->memfd_offset = memfd_offset;
     g->resident = calloc(g->pages, 1);

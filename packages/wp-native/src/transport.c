@@ -1,7 +1,7 @@
 /* Transport helpers for the agent: file descriptors over Unix sockets,
  * the peer's pid, and read-only views of guest memory fds. */
 #define _GNU_SOURCE
-#include "vmsnap_wp.h"
+#include "vmsnap_transport.h"
 
 #include <errno.h>
 #include <string.h>
@@ -13,7 +13,7 @@
 
 #define WP_MAX_RECV_FDS 64
 
-int32_t wp_recv_fds(int32_t sock, uint8_t *buf, uint32_t cap, int32_t *fds_out, uint32_t max_fds, int32_t *nfds_out)
+int32_t wp_transport_recv_fds(int32_t sock, uint8_t *buf, uint32_t cap, int32_t *fds_out, uint32_t max_fds, int32_t *nfds_out)
 {
     char control[CMSG_SPACE(sizeof(int) * WP_MAX_RECV_FDS)];
     struct iovec iov = {.iov_base = buf, .iov_len = cap};
@@ -44,7 +44,7 @@ int32_t wp_recv_fds(int32_t sock, uint8_t *buf, uint32_t cap, int32_t *fds_out, 
     return (int32_t)n;
 }
 
-int32_t wp_peer_pid(int32_t sock)
+int32_t wp_transport_peer_pid(int32_t sock)
 {
     struct ucred cred;
     socklen_t len = sizeof cred;
@@ -53,7 +53,7 @@ int32_t wp_peer_pid(int32_t sock)
     return cred.pid;
 }
 
-uint64_t wp_map_fd(int32_t fd, uint64_t offset, uint64_t size, int32_t *err_out)
+uint64_t wp_transport_map_fd(int32_t fd, uint64_t offset, uint64_t size, int32_t *err_out)
 {
     *err_out = 0;
     void *p = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, (off_t)offset);
@@ -64,31 +64,7 @@ uint64_t wp_map_fd(int32_t fd, uint64_t offset, uint64_t size, int32_t *err_out)
     return (uint64_t)(uintptr_t)p;
 }
 
-int32_t wp_unmap(uint64_t hva, uint64_t size)
+int32_t wp_transport_unmap(uint64_t hva, uint64_t size)
 {
     return munmap((void *)(uintptr_t)hva, size) < 0 ? -errno : 0;
-}
-
-#ifndef MADV_COLLAPSE
-#define MADV_COLLAPSE 25
-#endif
-#ifndef SYS_pidfd_open
-#define SYS_pidfd_open 434
-#endif
-#ifndef SYS_process_madvise
-#define SYS_process_madvise 440
-#endif
-
-int32_t wp_collapse(int32_t pid, uint64_t hva, uint64_t size)
-{
-    if (pid == 0 || pid == getpid())
-        return madvise((void *)(uintptr_t)hva, size, MADV_COLLAPSE) < 0 ? -errno : 0;
-    int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
-    if (pidfd < 0)
-        return -errno;
-    struct iovec iov = {.iov_base = (void *)(uintptr_t)hva, .iov_len = size};
-    long rc = syscall(SYS_process_madvise, pidfd, &iov, 1, MADV_COLLAPSE, 0);
-    int err = errno;
-    close(pidfd);
-    return rc < 0 ? -err : 0;
 }

@@ -1,7 +1,7 @@
 /* Opening and probing userfaultfd. */
 #define _GNU_SOURCE
 #include "uffd.h"
-#include "vmsnap_wp.h"
+#include "vmsnap_engine.h"
 
 #include <errno.h>
 #include <fcntl.h>

@@ -4,7 +4,7 @@
  * a reference copy taken at the cut. Exit 0 pass, 1 fail, 77 skip.
  */
 #include "vmsnap_guest.h"
-#include "vmsnap_wp.h"
+#include "vmsnap_engine.h"
 
 #include <errno.h>
 #include <stdio.h>

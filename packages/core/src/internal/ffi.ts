@@ -1,5 +1,6 @@
 /**
- * The raw ffi-rs bindings, 1:1 with `vmsnap_wp.h` and `vmsnap_guest.h`.
+ * The raw ffi-rs bindings, 1:1 with the public headers of packages/wp-native/include:
+ * `vmsnap_engine.h`, `vmsnap_restore.h`, `vmsnap_transport.h` (library vmsnap_wp) and `vmsnap_guest.h`.
  * No logic here: callers in WpNative.ts / DemoGuest.ts turn results into errors.
  * Addresses are bound as BigInt (ffi-rs `U64` would be a lossy number);
  * out-parameters are caller-owned Buffers passed as U8Array (by pointer).
@@ -25,7 +26,8 @@ const U32 = DataType.U32
 const BIG = DataType.BigInt
 const EXT = DataType.External
 
-const wpTable = {
+/** vmsnap_engine.h (prefix wp_). */
+const engineTable = {
   wp_abi_version: { library: "vmsnap_wp", retType: I32, paramsType: [] },
   wp_probe: { library: "vmsnap_wp", retType: I32, paramsType: [B, B] },
   wp_engine_create: { library: "vmsnap_wp", retType: EXT, paramsType: [U32, B] },
@@ -35,19 +37,6 @@ const wpTable = {
   wp_engine_add_shared_region: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, BIG, BIG] },
   wp_engine_map_region: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, U32, U32, BIG] },
   wp_engine_error: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B] },
-  wp_recv_fds: { library: "vmsnap_wp", retType: I32, paramsType: [I32, B, U32, B, U32, B] },
-  wp_peer_pid: { library: "vmsnap_wp", retType: I32, paramsType: [I32] },
-  wp_map_fd: { library: "vmsnap_wp", retType: BIG, paramsType: [I32, BIG, BIG, B] },
-  wp_unmap: { library: "vmsnap_wp", retType: I32, paramsType: [BIG, BIG] },
-  wp_restorer_create: { library: "vmsnap_wp", retType: EXT, paramsType: [I32, I32, U32, B] },
-  wp_restorer_add_region: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, BIG, BIG, I32, BIG] },
-  wp_restorer_set_index: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B, B, B, B, U32] },
-  wp_restorer_start: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
-  wp_restorer_poll: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
-  wp_restorer_stats: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B] },
-  wp_restorer_destroy: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
-  wp_restore_uffd_create: { library: "vmsnap_wp", retType: I32, paramsType: [BIG, BIG, U32] },
-  wp_collapse: { library: "vmsnap_wp", retType: I32, paramsType: [I32, BIG, BIG] },
   wp_engine_set_fault_around: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, U32] },
   wp_engine_start: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_engine_arm: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
@@ -59,9 +48,32 @@ const wpTable = {
   wp_engine_stats: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B] },
   wp_engine_unprotect_all: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_engine_destroy: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
+  wp_collapse: { library: "vmsnap_wp", retType: I32, paramsType: [I32, BIG, BIG] },
   wp_copy_to_hva: { library: "vmsnap_wp", retType: I32, paramsType: [BIG, B, BIG] },
   wp_copy_from_hva: { library: "vmsnap_wp", retType: I32, paramsType: [B, BIG, BIG] }
 } as const
+
+/** vmsnap_restore.h (prefix wp_restore). */
+const restoreTable = {
+  wp_restorer_create: { library: "vmsnap_wp", retType: EXT, paramsType: [I32, I32, U32, B] },
+  wp_restorer_add_region: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, BIG, BIG, I32, BIG] },
+  wp_restorer_set_index: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B, B, B, B, U32] },
+  wp_restorer_start: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
+  wp_restorer_poll: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
+  wp_restorer_stats: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B] },
+  wp_restorer_destroy: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
+  wp_restore_uffd_create: { library: "vmsnap_wp", retType: I32, paramsType: [BIG, BIG, U32] }
+} as const
+
+/** vmsnap_transport.h (prefix wp_transport_). */
+const transportTable = {
+  wp_transport_recv_fds: { library: "vmsnap_wp", retType: I32, paramsType: [I32, B, U32, B, U32, B] },
+  wp_transport_peer_pid: { library: "vmsnap_wp", retType: I32, paramsType: [I32] },
+  wp_transport_map_fd: { library: "vmsnap_wp", retType: BIG, paramsType: [I32, BIG, BIG, B] },
+  wp_transport_unmap: { library: "vmsnap_wp", retType: I32, paramsType: [BIG, BIG] }
+} as const
+
+const wpTable = { ...engineTable, ...restoreTable, ...transportTable } as const
 
 const guestTable = {
   vg_create: { library: "vmsnap_guest", retType: EXT, paramsType: [BIG, U32, B] },
@@ -106,5 +118,5 @@ export const loadGuest = lazyLibrary("vmsnap_guest", "libvmsnap_guest.so", guest
 
 /** Size of `wp_stats` in u64 words: 17 scalars + 64 histogram buckets. */
 export const WP_STATS_WORDS = 17 + 64
-export const WP_ABI_VERSION = 2
+export const WP_ABI_VERSION = 3
 export const VG_HIST_BUCKETS = 512

@@ -43,7 +43,7 @@ export const receiveFirstMessage = async (
   let lastData = 0
   try {
     while (true) {
-      const n: number = lib.wp_recv_fds([fd, buf, buf.length, Buffer.from(fdBuf.buffer), MAX_FDS, Buffer.from(count.buffer)])
+      const n: number = lib.wp_transport_recv_fds([fd, buf, buf.length, Buffer.from(fdBuf.buffer), MAX_FDS, Buffer.from(count.buffer)])
       for (let i = 0; i < count[0]!; i++) fds.push(fdBuf[i]!)
       if (n === 0) {
         closeFds(fds)

@@ -1,5 +1,8 @@
 /*
- * vmsnap_wp.h - live write-protect snapshot engine (userfaultfd-wp).
+ * vmsnap_engine.h - live write-protect snapshot engine (userfaultfd-wp).
+ *
+ * Prefix: wp_ / WP_. The lazy restorer is in vmsnap_restore.h (wp_restore*),
+ * the agent's socket helpers in vmsnap_transport.h (wp_transport_*).
  *
  * One opaque handle (wp_engine) per snapshot. Every function returns >= 0
  * (0 or a count) on success and -errno on failure, unless documented
@@ -13,8 +16,8 @@
  *   -> wp_engine_drain / wp_engine_sweep until wp_engine_done
  *   -> wp_engine_destroy (always: removes all protection first).
  */
-#ifndef VMSNAP_WP_H
-#define VMSNAP_WP_H
+#ifndef VMSNAP_ENGINE_H
+#define VMSNAP_ENGINE_H
 
 #include <stdint.h>
 
@@ -22,10 +25,11 @@
 extern "C" {
 #endif
 
-/* The library is built with -fvisibility=hidden: only this header is exported. */
+/* The library is built with -fvisibility=hidden: only the public headers'
+ * declarations are exported. */
 #pragma GCC visibility push(default)
 
-#define WP_ABI_VERSION 2
+#define WP_ABI_VERSION 3
 #define WP_PAGE_SIZE 4096u
 
 /* userfaultfd feature bits reported by wp_probe (kernel UFFD_FEATURE_*). */
@@ -172,63 +176,6 @@ int32_t wp_engine_unprotect_all(wp_engine *e);
 /* Stop the fault thread, remove all protection, unregister, close, free. */
 int32_t wp_engine_destroy(wp_engine *e);
 
-/* ---- Lazy restore (restore.c) ----
- * Serves a restoring guest's memory from a snapshot through its userfaultfd,
- * which the guest's VMM created, negotiated and registered: MISSING mode for
- * anonymous memory (resolved with UFFDIO_COPY / UFFDIO_ZEROPAGE), MISSING |
- * MINOR for memfd memory (the page is pwritten into the memfd, then mapped
- * with UFFDIO_CONTINUE). A fault thread serves faults first; a fill thread
- * installs every remaining record in file order, then unregisters the
- * ranges. A REMOVE event (the guest discarding memory) makes later faults in
- * that range read zero. Every record's checksum is checked as it is read. */
-typedef struct wp_restorer wp_restorer;
-#define WP_RESTORE_RAW_IMAGE 1u /* snapshot_fd is a raw image: "records" are plain ranges */
-#define WP_RESTORE_NO_FILL 2u   /* serve faults only, no background fill (benchmarks) */
-#define WP_RESTORE_MOVE 4u      /* anonymous memory in this process: UFFDIO_MOVE decoded pages (Linux 6.8) */
-#define WP_RESTORE_UFFD_MINOR 8u /* wp_restore_uffd_create: memfd memory (MISSING | MINOR) */
-
-typedef struct wp_restore_stats {
-    uint64_t pages_total, pages_resident;
-    uint64_t faults, faults_zero;      /* faults served; of them, in discarded ranges */
-    uint64_t pages_by_fault, pages_by_fill, removed_pages;
-    uint64_t fault_ns_total, fault_ns_max;
-    uint64_t first_fault_ns, done_ns;  /* since wp_restorer_start; 0 if not yet */
-    uint64_t hist[WP_HIST_BUCKETS];
-} wp_restore_stats;
-
-wp_restorer *wp_restorer_create(int32_t uffd, int32_t snapshot_fd, uint32_t flags, int32_t *err_out);
-/* A region of the guest: where the VMM maps it, and its memfd (-1: anonymous). */
-int32_t wp_restorer_add_region(wp_restorer *r, uint64_t hva, uint64_t size, int32_t memfd, uint64_t memfd_offset);
-/* The snapshot's index (n records, in file order), validated by the caller;
- * -ENODATA if a page of a region is covered by no record. */
-int32_t wp_restorer_set_index(wp_restorer *r, const uint32_t *regions, const uint64_t *first_pages,
-                              const uint32_t *page_counts, const uint64_t *file_offsets, uint32_t n);
-int32_t wp_restorer_start(wp_restorer *r);
-/* 1 when every page is resident (and the ranges unregistered), 0 while
- * serving, -errno after a failure (e.g. a corrupt record, the VMM gone). */
-int32_t wp_restorer_poll(wp_restorer *r);
-int32_t wp_restorer_stats(wp_restorer *r, wp_restore_stats *out);
-int32_t wp_restorer_destroy(wp_restorer *r);
-
-/* A userfaultfd of this process registered for restoring [hva, hva + size)
- * (in-process restores and benchmarks): MISSING, plus MINOR with
- * WP_RESTORE_UFFD_MINOR; asks for UFFD_FEATURE_MOVE with WP_RESTORE_MOVE.
- * Returns the fd or -errno. UFFDIO_MOVE moves pages within the uffd's own
- * process, so the MOVE mode serves memory of this process only. */
-int32_t wp_restore_uffd_create(uint64_t hva, uint64_t size, uint32_t flags);
-
-/* Transport helpers for the agent (Node has no SCM_RIGHTS):
- * wp_recv_fds: one recvmsg on a non-blocking stream socket; returns bytes
- * read (0 at EOF, -EAGAIN if nothing yet) and the received fds in fds_out
- * (their count in *nfds_out; extra fds beyond max_fds are closed).
- * wp_peer_pid: the pid of the socket's peer (SO_PEERCRED).
- * wp_map_fd: map [offset, offset + size) of fd shared and read-only; returns
- * the hva or 0 with *err_out = -errno. wp_unmap undoes it. */
-int32_t wp_recv_fds(int32_t sock, uint8_t *buf, uint32_t cap, int32_t *fds_out, uint32_t max_fds, int32_t *nfds_out);
-int32_t wp_peer_pid(int32_t sock);
-uint64_t wp_map_fd(int32_t fd, uint64_t offset, uint64_t size, int32_t *err_out);
-int32_t wp_unmap(uint64_t hva, uint64_t size);
-
 /* Rebuild transparent huge pages that 4 KiB unprotects split (MADV_COLLAPSE,
  * Linux 6.1+) in [hva, hva + size) of process pid (0: this one, else through
  * process_madvise). Call it once the range is no longer registered. */
@@ -246,4 +193,4 @@ int32_t wp_copy_from_hva(uint8_t *dst, uint64_t hva, uint64_t len);
 #ifdef __cplusplus
 }
 #endif
-#endif /* VMSNAP_WP_H */
+#endif /* VMSNAP_ENGINE_H */
