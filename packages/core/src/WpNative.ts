@@ -10,7 +10,10 @@ import { Context, Effect, Layer } from "effect"
 import { CapabilityError, NativeError } from "./Errors.js"
 import { PAGE_SIZE, type MemoryRegion } from "./GuestMemory.js"
 import { errnoReason } from "./internal/errno.js"
-import { type JsExternal, loadWp, WP_ABI_VERSION, WP_STATS_WORDS } from "./internal/ffi.js"
+import {
+  type JsExternal, loadWp, WP_ABI_VERSION, WP_FEATURE_MOVE, WP_FEATURE_PAGEFAULT_FLAG_WP, WP_FEATURE_WP_ASYNC,
+  WP_FEATURE_WP_HUGETLBFS_SHMEM, WP_FEATURE_WP_UNPOPULATED, WP_OPEN_DEVICE, WP_PAGE_ZERO, WP_STATS_FIELDS, WP_STATS_WORDS
+} from "./internal/ffi.js"
 import { isNullPointer } from "ffi-rs"
 
 /** What the kernel offers, from a probe on a throw-away userfaultfd. */
@@ -50,7 +53,8 @@ export interface EngineStats {
   readonly faultHistogram: ReadonlyArray<number>
 }
 
-export const PAGE_ZERO = 1
+/** A swept page that is all zero (nothing copied): `WP_PAGE_ZERO`. */
+export const PAGE_ZERO = WP_PAGE_ZERO
 
 /** Default fault-around window: 16 pages (64 KiB) saved per write fault. */
 export const DEFAULT_FAULT_AROUND_PAGES = 16
@@ -119,15 +123,14 @@ export class WpEngine {
   statsSync(): EngineStats {
     const words = new BigUint64Array(WP_STATS_WORDS)
     loadWp().wp_engine_stats([this.handle, Buffer.from(words.buffer)])
-    const n = (i: number) => Number(words[i])
+    const n = (field: (typeof WP_STATS_FIELDS)[number]) => Number(words[WP_STATS_FIELDS.indexOf(field)])
     return {
-      faults: n(0), faultsSpurious: n(1), fallbacks: n(2), fallbackNs: n(3), overflowPages: n(4),
-      poolSlots: n(5), poolHighWater: n(6), poolUsed: n(7), pagesTotal: n(8), pagesSaved: n(9),
-      pagesSwept: n(10), pagesZero: n(11), faultNsMax: n(12), faultNsTotal: n(13),
-      pagesFaultAround: n(14),
-      armFaults: n(15),
-      cutPages: n(16),
-      faultHistogram: Array.from(words.subarray(17), Number)
+      faults: n("faults"), faultsSpurious: n("faults_spurious"), fallbacks: n("fallbacks"), fallbackNs: n("fallback_ns"),
+      overflowPages: n("overflow_pages"), poolSlots: n("pool_slots"), poolHighWater: n("pool_high_water"),
+      poolUsed: n("pool_used"), pagesTotal: n("pages_total"), pagesSaved: n("pages_saved"), pagesSwept: n("pages_swept"),
+      pagesZero: n("pages_zero"), faultNsMax: n("fault_ns_max"), faultNsTotal: n("fault_ns_total"),
+      pagesFaultAround: n("pages_fault_around"), armFaults: n("arm_faults"), cutPages: n("cut_pages"),
+      faultHistogram: Array.from(words.subarray(WP_STATS_FIELDS.length), Number)
     }
   }
 
@@ -139,14 +142,6 @@ export class WpEngine {
   destroySync(): number {
     return loadWp().wp_engine_destroy([this.handle])
   }
-}
-
-const featureBits = {
-  PAGEFAULT_FLAG_WP: 1n << 0n,
-  WP_HUGETLBFS_SHMEM: 1n << 12n,
-  WP_UNPOPULATED: 1n << 13n,
-  WP_ASYNC: 1n << 15n,
-  MOVE: 1n << 16n
 }
 
 const load = Effect.try({
@@ -168,12 +163,12 @@ const probe = Effect.gen(function* () {
   const f = features[0]!
   const caps: Capabilities = {
     features: f,
-    openedWith: how[0] === 2 ? "/dev/userfaultfd" : "syscall",
-    writeProtect: (f & featureBits.PAGEFAULT_FLAG_WP) !== 0n,
-    writeProtectShmem: (f & featureBits.WP_HUGETLBFS_SHMEM) !== 0n,
-    writeProtectUnpopulated: (f & featureBits.WP_UNPOPULATED) !== 0n,
-    writeProtectAsync: (f & featureBits.WP_ASYNC) !== 0n,
-    move: (f & featureBits.MOVE) !== 0n
+    openedWith: how[0] === WP_OPEN_DEVICE ? "/dev/userfaultfd" : "syscall",
+    writeProtect: (f & WP_FEATURE_PAGEFAULT_FLAG_WP) !== 0n,
+    writeProtectShmem: (f & WP_FEATURE_WP_HUGETLBFS_SHMEM) !== 0n,
+    writeProtectUnpopulated: (f & WP_FEATURE_WP_UNPOPULATED) !== 0n,
+    writeProtectAsync: (f & WP_FEATURE_WP_ASYNC) !== 0n,
+    move: (f & WP_FEATURE_MOVE) !== 0n
   }
   return caps
 })

@@ -116,7 +116,50 @@ const lazyLibrary = <T extends object>(library: string, file: "libvmsnap_wp.so" 
 export const loadWp = lazyLibrary("vmsnap_wp", "libvmsnap_wp.so", wpTable)
 export const loadGuest = lazyLibrary("vmsnap_guest", "libvmsnap_guest.so", guestTable)
 
-/** Size of `wp_stats` in u64 words: 17 scalars + 64 histogram buckets. */
-export const WP_STATS_WORDS = 17 + 64
+/**
+ * Numbers shared with the C headers, by their C names. `test/internal/ffi.test.ts`
+ * parses the headers and checks each against its `#define`, and every table
+ * entry above against its C prototype.
+ */
 export const WP_ABI_VERSION = 3
+export const WP_PAGE_SIZE = 4096
+export const WP_HIST_BUCKETS = 64
+export const WP_FEATURE_PAGEFAULT_FLAG_WP = 1n << 0n
+export const WP_FEATURE_WP_HUGETLBFS_SHMEM = 1n << 12n
+export const WP_FEATURE_WP_UNPOPULATED = 1n << 13n
+export const WP_FEATURE_WP_ASYNC = 1n << 15n
+export const WP_FEATURE_MOVE = 1n << 16n
+export const WP_OPEN_SYSCALL = 1
+export const WP_OPEN_DEVICE = 2
+export const WP_PAGE_DATA = 0
+export const WP_PAGE_ZERO = 1
+export const WP_RESTORE_HIST_BUCKETS = 64
+export const WP_RESTORE_RAW_IMAGE = 1
+export const WP_RESTORE_NO_FILL = 2
+export const WP_RESTORE_MOVE = 4
+export const WP_RESTORE_UFFD_MINOR = 8
 export const VG_HIST_BUCKETS = 512
+
+/** `struct wp_stats`: these u64 fields in this order, then `hist[WP_HIST_BUCKETS]`. */
+export const WP_STATS_FIELDS = [
+  "faults", "faults_spurious", "fallbacks", "fallback_ns", "overflow_pages", "pool_slots", "pool_high_water",
+  "pool_used", "pages_total", "pages_saved", "pages_swept", "pages_zero", "fault_ns_max", "fault_ns_total",
+  "pages_fault_around", "arm_faults", "cut_pages"
+] as const
+/** Size of `wp_stats` in u64 words. */
+export const WP_STATS_WORDS = WP_STATS_FIELDS.length + WP_HIST_BUCKETS
+
+/** `struct wp_restore_stats`: these u64 fields in this order, then `hist[WP_RESTORE_HIST_BUCKETS]`. */
+export const WP_RESTORE_STATS_FIELDS = [
+  "pages_total", "pages_resident", "faults", "faults_zero", "pages_by_fault", "pages_by_fill", "removed_pages",
+  "fault_ns_total", "fault_ns_max", "first_fault_ns", "done_ns"
+] as const
+export const WP_RESTORE_STATS_WORDS = WP_RESTORE_STATS_FIELDS.length + WP_RESTORE_HIST_BUCKETS
+
+/** The ffi tables by header, for the test that checks them against the headers. @internal */
+export const symbolTables = {
+  "vmsnap_engine.h": engineTable,
+  "vmsnap_restore.h": restoreTable,
+  "vmsnap_transport.h": transportTable,
+  "vmsnap_guest.h": guestTable
+} as const
