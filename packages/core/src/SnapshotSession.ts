@@ -36,6 +36,8 @@ export interface SnapshotOptions extends WriterOptions {
   readonly thaw?: Effect.Effect<void, VmsnapError>
   /** Runs while frozen, after the cut (tests take their reference copy here). */
   readonly atCut?: Effect.Effect<void, VmsnapError>
+  /** Runs once every page is written, before the file is committed, while still registered: a failure abandons the file. */
+  readonly beforeCommit?: Effect.Effect<void, VmsnapError>
   readonly parentId?: string
   /**
    * Arm the protection while the guest runs, so the cut re-protects only
@@ -158,6 +160,7 @@ const takeSnapshotScoped = (options: SnapshotOptions): Effect.Effect<Omit<Snapsh
       const scope = yield* Effect.scope
       const writer = yield* Effect.forkIn(writeSnapshotBody(engine, sink, options), scope)
       const body = yield* Fiber.join(writer)
+      if (options.beforeCommit) yield* options.beforeCommit
       const fileBytes = yield* sink.finish()
       yield* out.commit
       const stats = engine.statsSync()

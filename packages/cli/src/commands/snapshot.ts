@@ -3,13 +3,13 @@
  * (`--agent SOCK --vm ID`), or, one-shot, of the first VMM that connects to
  * `--listen SOCK` (with `--processes N`: once N of its processes are there).
  */
-import { agentScoped, formatBytes, InvalidInput, requestSnapshot } from "@vmsnap/core"
+import { agentScoped, formatBytes, InvalidInput, type MappingSelector, parseMappingSelector, requestSnapshot, snapshotPid } from "@vmsnap/core"
 import { Effect } from "effect"
 import { resolve } from "node:path"
 import type { Io } from "../Io.js"
 import { progressBar } from "../Progress.js"
 import { type CliCommand, defineCommand } from "../Command.js"
-import { bufferOption, commonFlags, faultAroundOption, faultAroundOptionSpec, poolPagesOption, UsageError } from "../Options.js"
+import { bufferOption, commonFlags, faultAroundOption, faultAroundOptionSpec, poolPagesOption, sizeOption, UsageError } from "../Options.js"
 import { type CommonFlags, runCommand } from "../Run.js"
 
 export interface SnapshotFlags extends CommonFlags {
@@ -21,6 +21,9 @@ export interface SnapshotFlags extends CommonFlags {
   readonly waitMs: number
   readonly poolPages: number
   readonly faultAroundPages: number
+  /** --pid: snapshot this process directly (ptrace), with these mappings (empty: all capturable). */
+  readonly pid?: number
+  readonly mappings?: ReadonlyArray<MappingSelector>
 }
 
 interface Summary {
@@ -31,6 +34,10 @@ interface Summary {
   readonly pauseMs: number
   readonly durationMs: number
   readonly faults: number
+  /** --pid: threads frozen for the cut, mappings captured, writable mappings left out. */
+  readonly threads?: number
+  readonly mappings?: ReadonlyArray<{ hva: string; size: number; kind: string; name: string; permissions: string }>
+  readonly skipped?: ReadonlyArray<{ mapping: string; why: string }>
 }
 
 const oneShot = (flags: SnapshotFlags, io: Io, onProgress: (d: number, t: number) => void) =>
@@ -58,9 +65,23 @@ const viaAgent = (flags: SnapshotFlags, onProgress: (d: number, t: number) => vo
     (r): Summary => ({ vm: flags.vm!, path: r.path, sizeBytes: r.sizeBytes, fileBytes: r.fileBytes, pauseMs: r.pauseMs, durationMs: r.durationMs, faults: r.faults })
   )
 
+const byPid = (flags: SnapshotFlags, onProgress: (d: number, t: number) => void) =>
+  Effect.map(
+    snapshotPid({
+      pid: flags.pid!, path: resolve(flags.output), mappings: flags.mappings, poolPages: flags.poolPages, faultAroundPages: flags.faultAroundPages,
+      onProgress: (saved, total) => onProgress(saved * 4096, total * 4096)
+    }),
+    (r): Summary => ({
+      vm: `pid ${r.pid}`, path: r.path, sizeBytes: r.sizeBytes, fileBytes: r.fileBytes, pauseMs: r.pauseMs, durationMs: r.durationMs, faults: r.engine.faults,
+      threads: r.threads,
+      mappings: r.mappings.map((m) => ({ hva: `0x${m.hva.toString(16)}`, size: m.size, kind: m.kind, name: m.name, permissions: m.permissions })),
+      skipped: r.skipped
+    })
+  )
+
 export const runSnapshot = (io: Io, flags: SnapshotFlags) => {
   const bar = progressBar(io, "snapshot", !flags.json)
-  const program = flags.agent ? viaAgent(flags, bar.update) : oneShot(flags, io, bar.update)
+  const program = flags.pid !== undefined ? byPid(flags, bar.update) : flags.agent ? viaAgent(flags, bar.update) : oneShot(flags, io, bar.update)
   return runCommand(io, flags, program, (s) => {
     bar.done()
     return {
@@ -73,7 +94,7 @@ export const runSnapshot = (io: Io, flags: SnapshotFlags) => {
 export const snapshotCommand: CliCommand = (io, schedule) =>
   defineCommand({
     command: "snapshot",
-    describe: "take a live snapshot of a VM connected to an agent (--agent SOCK --vm ID), or of the first VMM that connects to --listen SOCK",
+    describe: "take a live snapshot of a VM connected to an agent (--agent SOCK --vm ID), of the first VMM that connects to --listen SOCK, or of any process's memory (--pid PID)",
     builder: (y) =>
       y
         .option("output", { alias: "o", type: "string", demandOption: true, describe: "snapshot file to write" })
@@ -82,12 +103,21 @@ export const snapshotCommand: CliCommand = (io, schedule) =>
         .option("listen", { type: "string", describe: "one-shot: listen here, wait for a VMM, snapshot it, exit" })
         .option("processes", { type: "number", default: 1, describe: "one-shot: wait until the VM has this many processes (VMM + devices)" })
         .option("wait", { type: "number", default: 60000, describe: "one-shot: ms to wait for the VMM" })
+        .option("pid", { type: "number", describe: "snapshot the memory of this running process (a VMM, a service): ptrace freezes it for the cut, no agent needed" })
+        .option("mapping", { type: "string", array: true, describe: "with --pid: capture only these mappings: START-END (hex hva, whole mappings) or a name ([anon:NAME], /memfd:NAME, a path); repeatable" })
+        .option("min-size", { type: "string", describe: "with --pid: capture only mappings of at least this size (e.g. a VMM's guest RAM: 1GiB)" })
         .option("buffer", bufferOption("copy pool size (0: synchronous)"))
         .option("fault-around", faultAroundOptionSpec("pages saved with each faulting page (power of two, 1 = off)"))
         .example("$0 snapshot --agent /run/vmsnap.sock --vm web-1 -o web-1.vmsnap", "")
-        .example("$0 snapshot --listen /tmp/vmsnap.sock -o guest.vmsnap", "then start the VMM with --agent /tmp/vmsnap.sock"),
+        .example("$0 snapshot --listen /tmp/vmsnap.sock -o guest.vmsnap", "then start the VMM with --agent /tmp/vmsnap.sock")
+        .example("$0 snapshot --pid 4242 --min-size 1GiB -o qemu.vmsnap", "the guest RAM of a running QEMU (docs/pid-snapshot.md)"),
     handler: (a) => {
-      if ((a.agent === undefined) === (a.listen === undefined)) throw new UsageError("give exactly one of --agent SOCK (a running agent) or --listen SOCK (one-shot)")
+      const sources = [a.agent, a.listen, a.pid].filter((x) => x !== undefined).length
+      if (sources !== 1) throw new UsageError("give exactly one of --agent SOCK (a running agent), --listen SOCK (one-shot) or --pid PID (a running process)")
+      if (a.pid !== undefined && (!Number.isInteger(a.pid) || a.pid <= 0)) throw new UsageError(`--pid ${a.pid}: must be a process id`)
+      if (a.pid === undefined && (a.mapping !== undefined || a["min-size"] !== undefined)) throw new UsageError("--mapping and --min-size go with --pid")
+      const mappings: Array<MappingSelector> = (a.mapping ?? []).map((m) => parseMappingSelector(String(m)))
+      if (a["min-size"] !== undefined) mappings.push({ _tag: "MinSize", bytes: sizeOption("min-size", a["min-size"], 4096) })
       if (a.agent !== undefined && a.vm === undefined) throw new UsageError("--agent needs --vm ID (see the agent's log for connected VMs)")
       if (!Number.isInteger(a.processes) || a.processes < 1 || a.processes > 16) throw new UsageError(`--processes ${a.processes}: must be 1 to 16`)
       const poolPages = poolPagesOption(a.buffer)
@@ -95,7 +125,7 @@ export const snapshotCommand: CliCommand = (io, schedule) =>
       schedule(() =>
         runSnapshot(io, {
           ...commonFlags(a), output: a.output, agent: a.agent, listen: a.listen, vm: a.vm, processes: a.processes,
-          waitMs: a.wait, poolPages, faultAroundPages: around
+          waitMs: a.wait, poolPages, faultAroundPages: around, pid: a.pid, mappings
         })
       )
     }

@@ -1,6 +1,6 @@
 /**
  * The raw ffi-rs bindings, 1:1 with the public headers of packages/wp-native/include:
- * `vmsnap_engine.h`, `vmsnap_restore.h`, `vmsnap_transport.h` (library vmsnap_wp) and `vmsnap_guest.h`.
+ * `vmsnap_engine.h`, `vmsnap_restore.h`, `vmsnap_transport.h`, `vmsnap_inject.h` (library vmsnap_wp) and `vmsnap_guest.h`.
  * No logic here: callers in WpNative.ts / DemoGuest.ts turn results into errors.
  * Addresses are bound as BigInt (ffi-rs `U64` would be a lossy number);
  * out-parameters are caller-owned Buffers passed as U8Array (by pointer).
@@ -73,7 +73,17 @@ const transportTable = {
   wp_transport_unmap: { library: "vmsnap_wp", retType: I32, paramsType: [BIG, BIG] }
 } as const
 
-const wpTable = { ...engineTable, ...restoreTable, ...transportTable } as const
+/** vmsnap_inject.h (prefix vi_): ptrace freeze and a userfaultfd taken from another process. */
+const injectTable = {
+  vi_open: { library: "vmsnap_wp", retType: EXT, paramsType: [I32, B] },
+  vi_freeze: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, U32] },
+  vi_take_uffd: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, I32] },
+  vi_thaw: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
+  vi_frozen_threads: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
+  vi_close: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] }
+} as const
+
+const wpTable = { ...engineTable, ...restoreTable, ...transportTable, ...injectTable } as const
 
 const guestTable = {
   vg_create: { library: "vmsnap_guest", retType: EXT, paramsType: [BIG, U32, B] },

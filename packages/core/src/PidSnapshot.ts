@@ -1,0 +1,242 @@
+/**
+ * A live snapshot of an unmodified process by pid (`vmsnap snapshot --pid`):
+ * a VMM such as QEMU, a service such as Redis, any program.
+ *
+ * 1. Freeze every thread with ptrace (vmsnap_inject.h), pick the mappings
+ *    (ProcessMappings.ts), run userfaultfd(2) inside the target and take the
+ *    fd with pidfd_getfd, then thaw: the target now runs with a userfaultfd
+ *    of its address space held by vmsnap only.
+ * 2. The same session as for an agent's VMM (SnapshotSession.takeSnapshot,
+ *    remote mode): register the mappings, arm while the target runs, freeze
+ *    all threads again for the cut (checking the layout is still the one
+ *    registered), thaw, and save pages read with process_vm_readv.
+ * 3. Before the file is committed, the layout is checked once more: a chosen
+ *    mapping unmapped, moved or replaced during the snapshot fails it.
+ *
+ * Every exit path detaches from every thread and closes the uffd (closing
+ * it removes all protection); if vmsnap is killed, the kernel does both.
+ * Captured: memory only. Registers, file descriptors and device state are
+ * not (docs/pid-snapshot.md).
+ */
+import { Effect } from "effect"
+import { closeSync, readFileSync, readlinkSync } from "node:fs"
+import { CapabilityError, InvalidInput, NativeError, type VmsnapError } from "./Errors.js"
+import { gpa, hva, type MemoryRegion } from "./GuestMemory.js"
+import { errnoReason } from "./internal/errno.js"
+import { type JsExternal, loadWp } from "./internal/ffi.js"
+import {
+  type ChosenMapping, describeMapping, type MappingSelector, type ProcessMapping, readMappings, sameLayout, selectMappings
+} from "./ProcessMappings.js"
+import { type SnapshotResult, takeSnapshot } from "./SnapshotSession.js"
+import { WpNative } from "./WpNative.js"
+import { isNullPointer } from "ffi-rs"
+
+export interface PidSnapshotOptions {
+  readonly pid: number
+  /** Final path of the snapshot file. */
+  readonly path: string
+  /** Which mappings; empty or absent: every writable one that can be captured. */
+  readonly mappings?: ReadonlyArray<MappingSelector>
+  readonly poolPages?: number
+  readonly faultAroundPages?: number
+  readonly compress?: boolean
+  /** Bound on waiting for the threads to stop, per freeze. Default 2000 ms. */
+  readonly freezeTimeoutMs?: number
+  /** Runs while every thread is frozen, right after the cut (tests take their reference here). */
+  readonly atCut?: (regions: ReadonlyArray<MemoryRegion>) => Effect.Effect<void, VmsnapError>
+  readonly onProgress?: (savedPages: number, totalPages: number) => void
+}
+
+/** One captured mapping as recorded: the target's hva, bytes, kind, name, permissions. */
+export interface CapturedMapping {
+  readonly hva: bigint
+  readonly size: number
+  readonly kind: string
+  readonly name: string
+  readonly permissions: string
+}
+
+export interface PidSnapshotResult extends SnapshotResult {
+  readonly pid: number
+  /** Threads stopped for the cut. */
+  readonly threads: number
+  readonly mappings: ReadonlyArray<CapturedMapping>
+  /** Writable mappings left out and why (default selection only). */
+  readonly skipped: ReadonlyArray<{ readonly mapping: string; readonly why: string }>
+}
+
+const O_NONBLOCK = 0o4000
+const O_CLOEXEC = 0o2000000
+
+const statusField = (pid: number, field: string): string | undefined => {
+  try {
+    return new RegExp(`^${field}:\\s*(.*)$`, "m").exec(readFileSync(`/proc/${pid}/status`, "utf8"))?.[1]
+  } catch {
+    return undefined
+  }
+}
+
+const commOf = (pid: number) => {
+  try {
+    return readFileSync(`/proc/${pid}/comm`, "utf8").trim()
+  } catch {
+    return "?"
+  }
+}
+
+/** Still running: neither gone nor a zombie. */
+const isAlive = (pid: number): boolean => {
+  const state = statusField(pid, "State")
+  return state !== undefined && !state.startsWith("Z") && !state.startsWith("X")
+}
+
+/** Why ptrace was refused, as precisely as /proc tells. */
+const ptraceDenied = (pid: number, errno: number): CapabilityError => {
+  const missing = `ptrace access to pid ${pid}`
+  const tracer = Number(statusField(pid, "TracerPid") ?? 0)
+  if (tracer > 0) return new CapabilityError({ missing, reason: `pid ${pid} is already traced by pid ${tracer} (${commOf(tracer)}); a process has one tracer: detach that debugger or tracer first` })
+  let scope: string | undefined
+  try {
+    scope = readFileSync("/proc/sys/kernel/yama/ptrace_scope", "utf8").trim()
+  } catch { /* no yama */ }
+  if (scope === "3") return new CapabilityError({ missing, reason: "kernel.yama.ptrace_scope is 3: ptrace attach is disabled until reboot" })
+  try {
+    if (readlinkSync(`/proc/${pid}/ns/user`) !== readlinkSync("/proc/self/ns/user") && process.getuid?.() !== 0)
+      return new CapabilityError({ missing, reason: `pid ${pid} is in another user namespace: run vmsnap in its namespace or as root in the initial one` })
+  } catch { /* unreadable: say the general case */ }
+  const uid = statusField(pid, "Uid")?.split(/\s+/)[0]
+  const reasons = [
+    `ptrace was refused (${errno === 1 ? "EPERM" : `errno ${errno}`})`,
+    scope !== undefined && scope !== "0" ? `kernel.yama.ptrace_scope is ${scope} (1: only descendants, 2: only CAP_SYS_PTRACE): run as root or set it to 0` : undefined,
+    uid !== undefined && Number(uid) !== process.getuid?.() ? `pid ${pid} runs as uid ${uid}: run vmsnap as that user or with CAP_SYS_PTRACE` : undefined
+  ].filter(Boolean)
+  return new CapabilityError({ missing, reason: reasons.join("; ") })
+}
+
+const checkTarget = (pid: number): Effect.Effect<void, VmsnapError> =>
+  Effect.suspend((): Effect.Effect<void, VmsnapError> => {
+    if (!Number.isInteger(pid) || pid <= 0) return Effect.fail(new InvalidInput({ reason: `--pid ${pid}: not a process id` }))
+    if (pid === process.pid) return Effect.fail(new InvalidInput({ reason: "vmsnap cannot snapshot itself by pid" }))
+    if (!isAlive(pid)) return Effect.fail(new InvalidInput({ reason: `no running process ${pid}` }))
+    const seccomp = statusField(pid, "Seccomp")
+    if (seccomp !== undefined && seccomp !== "0")
+      return Effect.fail(new CapabilityError({ missing: `a seccomp-free pid ${pid}`, reason: `pid ${pid} (${commOf(pid)}) runs under seccomp mode ${seccomp}: a userfaultfd(2) run inside it could be refused or kill it, so vmsnap does not try` }))
+    return Effect.void
+  })
+
+/** The ptrace handle on the target, closed (every thread detached) with its scope. */
+const openTarget = (pid: number) =>
+  Effect.acquireRelease(
+    Effect.suspend(() => {
+      const err = new Int32Array(1)
+      const handle: JsExternal = loadWp().vi_open([pid, Buffer.from(err.buffer)])
+      if (isNullPointer(handle)) return Effect.fail(new NativeError({ op: `open pid ${pid}`, errno: -err[0]!, reason: errnoReason("pidfd_open", -err[0]!) }))
+      return Effect.succeed(handle)
+    }),
+    (handle) => Effect.sync(() => loadWp().vi_close([handle]))
+  )
+
+const freezeError = (pid: number, rc: number): VmsnapError => {
+  if (rc === -1) return ptraceDenied(pid, 1)
+  if (rc === -3) return new NativeError({ op: `freeze pid ${pid}`, errno: 3, reason: `pid ${pid} exited` })
+  if (rc === -110) return new NativeError({ op: `freeze pid ${pid}`, errno: 110, reason: "a thread did not stop in time (uninterruptible sleep?): try again" })
+  if (rc === -11) return new NativeError({ op: `freeze pid ${pid}`, errno: 11, reason: "threads kept being created faster than they could be stopped" })
+  return new NativeError({ op: `freeze pid ${pid}`, errno: -rc, reason: errnoReason("ptrace", -rc) })
+}
+
+/** Stops every thread; returns how many. */
+const freeze = (handle: JsExternal, pid: number, timeoutMs: number) =>
+  Effect.suspend(() => {
+    const rc: number = loadWp().vi_freeze([handle, timeoutMs])
+    return rc < 0 ? Effect.fail(freezeError(pid, rc)) : Effect.succeed(rc)
+  })
+
+const thaw = (handle: JsExternal) => Effect.sync(() => void loadWp().vi_thaw([handle]))
+
+/** While frozen: a userfaultfd of the target's mm, owned by this process. */
+const takeUffd = (handle: JsExternal, pid: number) =>
+  Effect.acquireRelease(
+    Effect.suspend((): Effect.Effect<number, VmsnapError> => {
+      const fd: number = loadWp().vi_take_uffd([handle, O_CLOEXEC | O_NONBLOCK])
+      if (fd >= 0) return Effect.succeed(fd)
+      if (fd === -1 || fd === -13)
+        return Effect.fail(new CapabilityError({ missing: `userfaultfd in pid ${pid}`, reason: `the target may not create a userfaultfd: it needs CAP_SYS_PTRACE, or \`sysctl vm.unprivileged_userfaultfd=1\`` }))
+      if (fd === -8) return Effect.fail(new InvalidInput({ reason: `pid ${pid} runs no 64-bit x86 thread that vmsnap can run a system call in` }))
+      return Effect.fail(new NativeError({ op: `userfaultfd in pid ${pid}`, errno: -fd, reason: errnoReason("userfaultfd", -fd) }))
+    }),
+    (fd) => Effect.sync(() => closeSync(fd))
+  )
+
+/** The chosen mappings must still be there, registered with our uffd ("uw"), as chosen. */
+const checkLayout = (pid: number, chosen: ReadonlyArray<ChosenMapping>, when: string): Effect.Effect<void, VmsnapError> =>
+  Effect.suspend(() => {
+    let now: Array<ProcessMapping>
+    try {
+      now = readMappings(pid)
+    } catch {
+      return Effect.fail(new NativeError({ op: "snapshot", errno: 3, reason: `pid ${pid} exited ${when}` }))
+    }
+    const changed = sameLayout(chosen, now) ??
+      chosen.map((c) => now.find((n) => n.start === c.start)!).filter((m) => !m.vmFlags.includes("uw")).map((m) => `mapping ${describeMapping(m)} was replaced`)[0]
+    return changed
+      ? Effect.fail(new NativeError({ op: "snapshot", errno: 16, reason: `pid ${pid} changed its memory layout ${when}: ${changed}; the snapshot would not be of one instant, so it is abandoned (try again)` }))
+      : Effect.void
+  })
+
+/** Takes a live snapshot of process `pid`'s memory into `path`. */
+export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnapshotResult, VmsnapError, WpNative> =>
+  Effect.scoped(
+    Effect.gen(function* () {
+      const pid = options.pid
+      const timeoutMs = options.freezeTimeoutMs ?? 2000
+      yield* WpNative
+      yield* checkTarget(pid)
+      const handle = yield* openTarget(pid)
+      // Frozen: pick the mappings and take the uffd, so both see one layout.
+      const { selection, uffd } = yield* Effect.acquireUseRelease(
+        freeze(handle, pid, timeoutMs),
+        () =>
+          Effect.gen(function* () {
+            const picked = selectMappings(pid, readMappings(pid), options.mappings ?? [])
+            if (picked instanceof InvalidInput) return yield* Effect.fail(picked)
+            if (picked.chosen.length > 64)
+              return yield* Effect.fail(new InvalidInput({ reason: `pid ${pid} has ${picked.chosen.length} mappings to capture, more than the engine's 64 regions: pick some with --mapping START-END|NAME or --min-size` }))
+            const fd = yield* takeUffd(handle, pid)
+            return { selection: picked, uffd: fd }
+          }),
+        () => thaw(handle)
+      )
+      const rc: number = loadWp().wp_uffd_negotiate([uffd])
+      if (rc < 0) return yield* Effect.fail(new NativeError({ op: "userfaultfd", errno: -rc, reason: errnoReason("userfaultfd", -rc) }))
+      const chosen = selection.chosen
+      const regions: Array<MemoryRegion> = chosen.map((m) => ({ guestBase: gpa(m.start), hostBase: hva(0), size: m.size, kind: m.kind }))
+      let threads = 0
+      // The cut's freeze: thaws itself if the layout moved since registration.
+      const freezeForCut = Effect.gen(function* () {
+        threads = yield* freeze(handle, pid, timeoutMs)
+        yield* Effect.tapError(checkLayout(pid, chosen, "between registration and the cut"), () => thaw(handle))
+      })
+      const result = yield* takeSnapshot({
+        regions,
+        processes: [{ uffd, pid, mappings: chosen.map((m, i) => ({ region: i, hva: m.start })) }],
+        path: options.path,
+        poolPages: options.poolPages,
+        faultAroundPages: options.faultAroundPages,
+        compress: options.compress,
+        freeze: freezeForCut,
+        thaw: thaw(handle),
+        atCut: options.atCut?.(regions),
+        beforeCommit: checkLayout(pid, chosen, "during the snapshot"),
+        onProgress: options.onProgress
+      }).pipe(
+        Effect.mapError((e) => (isAlive(pid) ? e : new NativeError({ op: "snapshot", errno: 3, reason: `pid ${pid} exited during the snapshot` })))
+      )
+      return {
+        ...result,
+        pid,
+        threads,
+        mappings: chosen.map((m) => ({ hva: m.start, size: m.size, kind: m.kind, name: m.name, permissions: m.permissions })),
+        skipped: selection.skipped.map((s) => ({ mapping: describeMapping(s.mapping), why: s.why }))
+      }
+    })
+  )
