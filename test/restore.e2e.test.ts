@@ -10,8 +10,9 @@ import { fileURLToPath } from "node:url"
 import { promisify } from "node:util"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import {
-  Agent, DemoGuest, gpa, hva, restoreToRawFile, RestoreServer, takeSnapshot, WpNative
+  Agent, gpa, hva, restoreToRawFile, RestoreServer, takeSnapshot, WpNative
 } from "../packages/core/src/index.js"
+import { DemoGuest } from "../packages/rig/src/index.js"
 import { scratchDir, startVmm, toyVmmSkipReason } from "./toyVmmTests.js"
 
 const here = dirname(fileURLToPath(import.meta.url))

@@ -7,7 +7,8 @@ import { existsSync, mkdtempSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { afterAll } from "vitest"
-import { ToyVmm, toyVmmPath, Vmsnap } from "../packages/core/src/index.js"
+import { Vmsnap } from "../packages/core/src/index.js"
+import { ToyVmm, toyVmmPath } from "../packages/rig/src/index.js"
 
 /** Why these tests cannot run here (printed as SKIP), or undefined. */
 export const toyVmmSkipReason = async (what: string): Promise<string | undefined> => {

@@ -7,10 +7,10 @@
  * threads` runs writer threads in this process instead.
  */
 import {
-  agentScoped, comparePages, copyFromHva, DemoGuest, InvalidInput, type MemoryKind, openSnapshot, PAGE_SIZE, Phase,
-  type PhaseReport, restoreToMemory, restoreToRawFile, scratchMemory, type SnapshotResult, takeSnapshot, ToyVmm,
-  type VerifyReport, walkRecords, WpNative
+  agentScoped, InvalidInput, type MemoryKind, openSnapshot, PAGE_SIZE, restoreToMemory, restoreToRawFile, type SnapshotResult,
+  takeSnapshot, type VerifyReport, walkRecords, WpNative
 } from "@vmsnap/core"
+import { comparePages, copyFromHva, DemoGuest, Phase, type PhaseReport, scratchMemory, ToyVmm } from "@vmsnap/rig"
 import { Effect } from "effect"
 import { closeSync, existsSync, fstatSync, mkdtempSync, openSync, readSync, rmSync } from "node:fs"
 import { unlink } from "node:fs/promises"

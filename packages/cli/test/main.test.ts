@@ -250,7 +250,7 @@ describe("serve", () => {
 
 describe.skipIf(unavailable)("serve --once with the toy VMM", () => {
   it("restores a KVM guest lazily and exits once every page is resident", async () => {
-    const { ToyVmm } = await import("@vmsnap/core")
+    const { ToyVmm } = await import("@vmsnap/rig")
     const snap = join(dir, "serve-src.vmsnap")
     const made = await cli("demo", "--size", "16MiB", "--warmup", "100", "-o", snap, "--json")
     expect(made.code).toBe(0)

@@ -8,7 +8,8 @@ import { execFileSync } from "node:child_process"
 import { existsSync, mkdirSync, readdirSync } from "node:fs"
 import { join } from "node:path"
 import { describe, expect, it } from "vitest"
-import { DemoGuest, Phase } from "../src/DemoGuest.js"
+// A writing guest from the test rig (tests only: core itself never imports the rig).
+import { DemoGuest, Phase } from "../../rig/src/DemoGuest.js"
 import { takeSnapshot } from "../src/SnapshotSession.js"
 import { runTest, skipReason, tempDir } from "./helpers.js"
 

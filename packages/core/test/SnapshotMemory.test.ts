@@ -7,7 +7,8 @@ import { Effect } from "effect"
 import { readFileSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
 import { describe, expect, it } from "vitest"
-import { DemoGuest } from "../src/DemoGuest.js"
+// A writing guest from the test rig (tests only: core itself never imports the rig).
+import { DemoGuest } from "../../rig/src/DemoGuest.js"
 import { takeSnapshot } from "../src/SnapshotSession.js"
 import { runTest, skipReason, tempDir } from "./helpers.js"
 

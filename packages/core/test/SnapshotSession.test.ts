@@ -6,7 +6,8 @@
 import { Effect } from "effect"
 import { join } from "node:path"
 import { describe, expect, it } from "vitest"
-import { comparePages, DemoGuest, scratchMemory } from "../src/DemoGuest.js"
+// A writing guest from the test rig (tests only: core itself never imports the rig).
+import { comparePages, DemoGuest, scratchMemory } from "../../rig/src/DemoGuest.js"
 import type { MemoryKind } from "../src/GuestMemory.js"
 import { verifySnapshot } from "../src/SnapshotReader.js"
 import { restoreToMemory, restoreToRawFile } from "../src/SnapshotRestore.js"

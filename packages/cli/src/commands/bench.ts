@@ -1,5 +1,6 @@
 /** `vmsnap bench`: vmsnap against its baselines on the same guest, one table. */
-import { BENCH_METHODS, type BenchMethod, type BenchOptions, type BenchRun, formatBytes, type RestoreBenchResult, runBenchmark, runRestoreBenchmark } from "@vmsnap/core"
+import { formatBytes } from "@vmsnap/core"
+import { BENCH_METHODS, type BenchMethod, type BenchOptions, type BenchRun, type RestoreBenchResult, runBenchmark, runRestoreBenchmark } from "@vmsnap/rig"
 import type { Io } from "../Io.js"
 import { type CliCommand, defineCommand } from "../Command.js"
 import { bufferOption, commonFlags, faultAroundOption, faultAroundOptionSpec, poolPagesOption, sizeOption, UsageError } from "../Options.js"

@@ -1,7 +1,7 @@
 /**
  * The raw ffi-rs bindings, 1:1 with the public headers of packages/wp-native/include:
- * `vmsnap_engine.h`, `vmsnap_restore.h`, `vmsnap_transport.h`, `vmsnap_inject.h` (library vmsnap_wp) and `vmsnap_guest.h`.
- * No logic here: callers in WpNative.ts / DemoGuest.ts turn results into errors.
+ * `vmsnap_engine.h`, `vmsnap_restore.h`, `vmsnap_transport.h`, `vmsnap_inject.h` (library vmsnap_wp).
+ * No logic here: callers in WpNative.ts turn results into errors.
  * Addresses are bound as BigInt (ffi-rs `U64` would be a lossy number);
  * out-parameters are caller-owned Buffers passed as U8Array (by pointer).
  * @internal
@@ -18,7 +18,7 @@ const nativeDir = (): string => {
   return join(dirname(require.resolve("@vmsnap/wp-native/package.json")), "build")
 }
 
-export const libraryPath = (name: "libvmsnap_wp.so" | "libvmsnap_guest.so"): string => join(nativeDir(), name)
+export const libraryPath = (name: "libvmsnap_wp.so"): string => join(nativeDir(), name)
 
 const B = DataType.U8Array
 const I32 = DataType.I32
@@ -85,33 +85,10 @@ const injectTable = {
 
 const wpTable = { ...engineTable, ...restoreTable, ...transportTable, ...injectTable } as const
 
-const guestTable = {
-  vg_create: { library: "vmsnap_guest", retType: EXT, paramsType: [BIG, U32, B] },
-  vg_hva: { library: "vmsnap_guest", retType: BIG, paramsType: [EXT] },
-  vg_memfd: { library: "vmsnap_guest", retType: I32, paramsType: [EXT] },
-  vg_touch: { library: "vmsnap_guest", retType: BIG, paramsType: [BIG, BIG] },
-  vg_fill: { library: "vmsnap_guest", retType: I32, paramsType: [EXT, BIG, BIG, BIG] },
-  vg_set_target: { library: "vmsnap_guest", retType: I32, paramsType: [EXT, BIG, BIG] },
-  vg_start: { library: "vmsnap_guest", retType: I32, paramsType: [EXT, U32, BIG, BIG] },
-  vg_set_phase: { library: "vmsnap_guest", retType: I32, paramsType: [EXT, U32] },
-  vg_freeze: { library: "vmsnap_guest", retType: I32, paramsType: [EXT, U32] },
-  vg_thaw: { library: "vmsnap_guest", retType: I32, paramsType: [EXT] },
-  vg_prepare_reference: { library: "vmsnap_guest", retType: I32, paramsType: [EXT] },
-  vg_take_reference: { library: "vmsnap_guest", retType: I32, paramsType: [EXT] },
-  vg_reference_hva: { library: "vmsnap_guest", retType: BIG, paramsType: [EXT] },
-  vg_count_written_unpopulated: { library: "vmsnap_guest", retType: BIG, paramsType: [EXT] },
-  vg_latency: { library: "vmsnap_guest", retType: I32, paramsType: [EXT, U32, B, B] },
-  vg_stop: { library: "vmsnap_guest", retType: I32, paramsType: [EXT] },
-  vg_destroy: { library: "vmsnap_guest", retType: I32, paramsType: [EXT] },
-  vg_map: { library: "vmsnap_guest", retType: BIG, paramsType: [BIG] },
-  vg_unmap: { library: "vmsnap_guest", retType: I32, paramsType: [BIG, BIG] },
-  vg_compare: { library: "vmsnap_guest", retType: BIG, paramsType: [BIG, BIG, BIG] }
-} as const
-
 type Table<T> = { [K in keyof T]: (args: Array<unknown>) => any }
 
 /** Opens a library once, on first use; throws an Error naming a missing file. */
-const lazyLibrary = <T extends object>(library: string, file: "libvmsnap_wp.so" | "libvmsnap_guest.so", table: T): (() => Table<T>) => {
+const lazyLibrary = <T extends object>(library: string, file: "libvmsnap_wp.so", table: T): (() => Table<T>) => {
   let bound: Table<T> | undefined
   return () => {
     if (bound) return bound
@@ -124,7 +101,6 @@ const lazyLibrary = <T extends object>(library: string, file: "libvmsnap_wp.so" 
 }
 
 export const loadWp = lazyLibrary("vmsnap_wp", "libvmsnap_wp.so", wpTable)
-export const loadGuest = lazyLibrary("vmsnap_guest", "libvmsnap_guest.so", guestTable)
 
 /**
  * Numbers shared with the C headers, by their C names. `test/internal/ffi.test.ts`
@@ -148,7 +124,6 @@ export const WP_RESTORE_RAW_IMAGE = 1
 export const WP_RESTORE_NO_FILL = 2
 export const WP_RESTORE_MOVE = 4
 export const WP_RESTORE_UFFD_MINOR = 8
-export const VG_HIST_BUCKETS = 512
 
 /** `struct wp_stats`: these u64 fields in this order, then `hist[WP_HIST_BUCKETS]`. */
 export const WP_STATS_FIELDS = [
@@ -170,6 +145,5 @@ export const WP_RESTORE_STATS_WORDS = WP_RESTORE_STATS_FIELDS.length + WP_RESTOR
 export const symbolTables = {
   "vmsnap_engine.h": engineTable,
   "vmsnap_restore.h": restoreTable,
-  "vmsnap_transport.h": transportTable,
-  "vmsnap_guest.h": guestTable
+  "vmsnap_transport.h": transportTable
 } as const

@@ -80,6 +80,8 @@ uint64_t vg_map(uint64_t size);
 int32_t vg_unmap(uint64_t hva, uint64_t size);
 /* First differing page index of two ranges, or -1 when equal. */
 int64_t vg_compare(uint64_t hva_a, uint64_t hva_b, uint64_t size);
+/* Copy len bytes at hva (this process) into dst. */
+int32_t vg_read(uint8_t *dst, uint64_t hva, uint64_t len);
 
 #pragma GCC visibility pop
 

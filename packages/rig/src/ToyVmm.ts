@@ -1,15 +1,15 @@
 /**
- * Driving the toy VMM (packages/wp-native/vmm): a real KVM guest when
+ * Driving the toy VMM (packages/rig/vmm): a real KVM guest when
  * /dev/kvm works, host threads otherwise. Used by `vmsnap demo`, the tests
  * and the benchmarks. Its report (one JSON object on stdout at exit) has the
  * guest's own write latency before, during and after a snapshot.
  */
 import { type ChildProcess, spawn } from "node:child_process"
 import { existsSync } from "node:fs"
-import { dirname, join } from "node:path"
-import { libraryPath } from "./internal/ffi.js"
+import { buildPath } from "./internal/ffi.js"
 
-export const toyVmmPath = (): string => join(dirname(libraryPath("libvmsnap_wp.so")), "vmsnap-toyvmm")
+/** The toy VMM's binary (packages/rig/build, built at install). */
+export const toyVmmPath = (): string => buildPath("vmsnap-toyvmm")
 
 export interface ToyVmmOptions {
   readonly memMiB: number

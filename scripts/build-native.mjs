@@ -1,15 +1,16 @@
-// Builds the native libraries at install time, with a clear message when the
-// C toolchain or the kernel headers are missing.
+// Builds a package's C code (`make all` in it) at install time, with a clear
+// message when the C toolchain or the kernel headers are missing.
+// Usage (from a package's install script): node ../../scripts/build-native.mjs "<what>"
 import { spawnSync } from "node:child_process"
 import { existsSync } from "node:fs"
-import { dirname, join } from "node:path"
-import { fileURLToPath } from "node:url"
 
-const root = join(dirname(fileURLToPath(import.meta.url)), "..")
+// pnpm runs install scripts in the package's directory.
+const root = process.cwd()
+const what = process.argv[2] ?? "the native code"
 const cc = process.env.CC ?? "cc"
 
-const fail = (what, fix) => {
-  console.error(`vmsnap: cannot build the native engine: ${what}\n  fix: ${fix}`)
+const fail = (problem, fix) => {
+  console.error(`vmsnap: cannot build ${what}: ${problem}\n  fix: ${fix}`)
   process.exit(1)
 }
 

@@ -17,10 +17,8 @@ import { Effect } from "effect"
 import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
-import { type Agent, quietAgentScoped } from "./Agent.js"
-import { InvalidInput, type VmsnapError } from "./Errors.js"
+import { type Agent, InvalidInput, quietAgentScoped, type VmsnapError, type WpNative } from "@vmsnap/core"
 import { type PhaseReport, ToyVmm, type ToyVmmReport } from "./ToyVmm.js"
-import type { WpNative } from "./WpNative.js"
 
 export const BENCH_METHODS = ["vmsnap", "vmsnap-sync", "floor", "fork", "stop-the-world"] as const
 export type BenchMethod = (typeof BENCH_METHODS)[number]

@@ -15,16 +15,12 @@ import { Effect } from "effect"
 import { mkdtempSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
-import { quietAgentScoped } from "./Agent.js"
+import {
+  type LatencySummary, quietAgentScoped, restoreToMemory, RestoreServer, restoreUffd, startLazyRestore, takeSnapshot,
+  type VmsnapError, type WpNative
+} from "@vmsnap/core"
 import { DemoGuest, scratchMemory, touchPages } from "./DemoGuest.js"
-import type { VmsnapError } from "./Errors.js"
-import { type LatencySummary } from "./LatencyHistogram.js"
-import { restoreUffd, startLazyRestore } from "./LazyRestore.js"
-import { RestoreServer } from "./RestoreServer.js"
-import { restoreToMemory } from "./SnapshotRestore.js"
-import { takeSnapshot } from "./SnapshotSession.js"
 import { ToyVmm } from "./ToyVmm.js"
-import type { WpNative } from "./WpNative.js"
 
 const MiB = 1024 * 1024
 

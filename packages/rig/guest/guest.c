@@ -387,3 +387,9 @@ int64_t vg_compare(uint64_t hva_a, uint64_t hva_b, uint64_t size)
     }
     return -1;
 }
+
+int32_t vg_read(uint8_t *dst, uint64_t hva, uint64_t len)
+{
+    memcpy(dst, (const void *)(uintptr_t)hva, len);
+    return 0;
+}

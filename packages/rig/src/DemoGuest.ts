@@ -1,15 +1,15 @@
 /**
- * The built-in demo guest (libvmsnap_guest.so): guest memory plus native
+ * The built-in demo guest (libvmsnap_guest.so, guest/guest.c): guest memory plus native
  * writer threads that time their own writes. Used by `vmsnap demo` and the
  * tests as a stand-in for a VMM's vCPUs.
  */
 import { Effect } from "effect"
 import { isNullPointer } from "ffi-rs"
-import { InvalidInput, NativeError } from "./Errors.js"
-import { gpa, hva, type Hva, type MemoryKind, type MemoryRegion, PAGE_SIZE } from "./GuestMemory.js"
-import { errnoReason } from "./internal/errno.js"
-import { type JsExternal, loadGuest, loadWp, VG_HIST_BUCKETS } from "./internal/ffi.js"
-import { guestBucketLowerNs, type LatencySummary, summarizeUs } from "./LatencyHistogram.js"
+import {
+  errnoReason, gpa, guestBucketLowerNs, hva, type Hva, InvalidInput, type LatencySummary, type MemoryKind, type MemoryRegion,
+  NativeError, PAGE_SIZE, summarizeUs
+} from "@vmsnap/core"
+import { type JsExternal, loadGuest, VG_HIST_BUCKETS } from "./internal/ffi.js"
 
 const kindCode: Partial<Record<MemoryKind, number>> = { anon: 0, "anon-thp": 1, memfd: 2 }
 
@@ -132,7 +132,7 @@ export const comparePages = (a: Hva, b: Hva, size: number): number => Number(loa
 
 /** Copies `dst.length` bytes from host-virtual address `from` of this process. */
 export const copyFromHva = (dst: Buffer, from: bigint): void => {
-  loadWp().wp_copy_from_hva([dst, from, BigInt(dst.length)])
+  loadGuest().vg_read([dst, from, BigInt(dst.length)])
 }
 
 /** Reads a byte of every page of a range, in order (each missing page faults in). */
