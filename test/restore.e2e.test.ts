@@ -129,7 +129,7 @@ describe.skipIf(skip)("lazy restore", () => {
   it.each([
     ["malformed JSON", "[{not json", "1", /not valid JSON/],
     ["a missing fd", JSON.stringify([{ base_host_virt_addr: 4096 * 1000, size: 64 * MiB, offset: 0, page_size: 4096 }]), "none", /no file descriptor/],
-    ["a region that matches no region of the snapshot", JSON.stringify([{ base_host_virt_addr: 4096 * 1000, size: 32 * MiB, offset: 0, page_size: 4096 }]), "1", /matches no region of the snapshot/],
+    ["a region outside the memory image", JSON.stringify([{ base_host_virt_addr: 4096 * 1000, size: 32 * MiB, offset: 48 * MiB, page_size: 4096 }]), "1", /outside the 67108864-byte memory image/],
     ["a page size that is not 4096", JSON.stringify([{ base_host_virt_addr: 4096 * 1000, size: 64 * MiB, offset: 0, page_size: 2097152 }]), "1", /page size 2097152/],
     ["too many fds", JSON.stringify([{ base_host_virt_addr: 4096 * 1000, size: 64 * MiB, offset: 0, page_size: 4096 }]), "3", /carried 3 fds/]
   ])("%s: a clear error, the connection closed, serve stays up", async (_what, body, fds, pattern) => {

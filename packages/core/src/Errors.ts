@@ -32,6 +32,7 @@ export type SnapshotFormatReason =
   | "ChecksumMismatch"
   | "BadRecord"
   | "BadIndex"
+  | "BadRegion"
   | "Coverage"
 
 /** A snapshot file is not a valid vmsnap file (corrupt, truncated, or not ours). */

@@ -1,13 +1,14 @@
 /**
  * Lazy restore: a guest starts at once and each page is served from a
  * snapshot (or a raw memory image) the first time it is touched, while the
- * rest streams in behind (packages/wp-native/src/restore.c does the serving).
+ * rest streams in behind (packages/wp-native/src/restore.c does the serving;
+ * docs/lazy-restore.md is the VMM author's view).
  *
- * The guest's VMM owns the userfaultfd: it negotiated and registered it
- * (MISSING for anonymous memory; MISSING | MINOR for a memfd, whose fd we
- * need to fill its page cache). Each range the VMM declares is a part of
- * the memory image: for a vmsnap file, exactly one of its regions in the
- * concatenated layout (docs/format.md); for a raw image, any range inside it.
+ * The guest's VMM owns the userfaultfd: it created it O_NONBLOCK, negotiated
+ * and registered it (MISSING for anonymous memory; MISSING | MINOR for a
+ * memfd). Each range the VMM declares is any range of the memory image: a
+ * vmsnap file's regions concatenated in header order (docs/format.md), or
+ * the raw image itself.
  */
 import { Effect } from "effect"
 import { isNullPointer } from "ffi-rs"
@@ -15,7 +16,10 @@ import { openSync, closeSync, fstatSync } from "node:fs"
 import { InvalidInput, NativeError, ProtocolError, type SnapshotFormatError, type SnapshotIoError } from "./Errors.js"
 import { PAGE_SIZE } from "./GuestMemory.js"
 import { errnoReason } from "./internal/errno.js"
-import { type JsExternal, loadWp } from "./internal/ffi.js"
+import {
+  type JsExternal, loadWp, WP_RESTORE_MOVE, WP_RESTORE_NO_FILL, WP_RESTORE_RANGE_SHARED, WP_RESTORE_RAW_IMAGE, WP_RESTORE_STATS_FIELDS,
+  WP_RESTORE_STATS_WORDS, WP_RESTORE_UFFD_MINOR, WP_RESTORE_UFFD_POISON
+} from "./internal/ffi.js"
 import { faultBucketLowerNs, summarizeUs, type LatencySummary } from "./LatencyHistogram.js"
 import { concatOffsets } from "./SnapshotFormat.js"
 import { openSnapshot } from "./SnapshotReader.js"
@@ -26,13 +30,14 @@ export interface GuestRange {
   readonly size: number
   /** Offset of the range in the memory image. */
   readonly imageOffset: number
-  /** The memfd backing it in the VMM (MINOR-fault mode), if any. */
+  /** The memfd backing it in the VMM, if any: the range is shared memory (pages may sit in the page cache unmapped). */
   readonly memfd?: number
 }
 
 export interface LazyRestoreStats {
   readonly pagesTotal: number
-  readonly pagesResident: number
+  /** Installed, discarded by the guest, gone (remapped by the VMM) or poisoned. */
+  readonly pagesSettled: number
   readonly faults: number
   readonly faultsZero: number
   readonly pagesByFault: number
@@ -42,84 +47,104 @@ export interface LazyRestoreStats {
   /** Since serving started; null until it happened. */
   readonly firstFaultMs: number | null
   readonly doneMs: number | null
+  /** Pages the VMM mapped something else over (ENOENT): skipped. */
+  readonly pagesGone: number
+  /** Pages whose record cannot be produced; of them, resolved with UFFDIO_POISON. */
+  readonly pagesFailed: number
+  readonly pagesPoisoned: number
+  /** The first record that could not be produced, if any. */
+  readonly failedRecord: { readonly records: number; readonly fileOffset: number; readonly reason: string } | null
+}
+
+export interface RestoreSource {
+  readonly path: string
+  /** A raw memory image rather than a vmsnap file. */
+  readonly raw: boolean
+}
+
+/**
+ * The records of a source in image order (tiling the image), as the arrays
+ * wp_restorer_set_index takes. Built once per source (serve: at start, with
+ * the index's structure checked: coverage, no page twice, region page sizes).
+ */
+export interface ImageIndex {
+  readonly imageBytes: number
+  readonly count: number
+  readonly regions: Buffer
+  readonly firstPages: Buffer
+  readonly counts: Buffer
+  readonly offsets: Buffer
+  readonly imagePages: Buffer
 }
 
 const RECORD_PAGES_RAW = 256
 
-interface IndexArrays {
-  regions: Array<number>
-  firstPages: Array<number>
-  counts: Array<number>
-  offsets: Array<number>
-}
+const imageIndex = (imageBytes: number, entries: ReadonlyArray<{ region: number; firstPage: number; pageCount: number; fileOffset: number; imagePage: number }>): ImageIndex => ({
+  imageBytes,
+  count: entries.length,
+  regions: Buffer.from(Uint32Array.from(entries, (e) => e.region).buffer),
+  firstPages: Buffer.from(BigUint64Array.from(entries, (e) => BigInt(e.firstPage)).buffer),
+  counts: Buffer.from(Uint32Array.from(entries, (e) => e.pageCount).buffer),
+  offsets: Buffer.from(BigUint64Array.from(entries, (e) => BigInt(e.fileOffset)).buffer),
+  imagePages: Buffer.from(BigUint64Array.from(entries, (e) => BigInt(e.imagePage)).buffer)
+})
 
-/** Maps the VMM's ranges to the source's records. */
-const buildIndex = (source: { path: string; raw: boolean }, ranges: ReadonlyArray<GuestRange>) =>
+/** Reads and checks the source's index (not the records' payloads) and lays its records out in image order. */
+export const indexSource = (source: RestoreSource): Effect.Effect<ImageIndex, SnapshotFormatError | SnapshotIoError> =>
   Effect.scoped(
     Effect.gen(function* () {
-      const idx: IndexArrays = { regions: [], firstPages: [], counts: [], offsets: [] }
       if (source.raw) {
         const fd = openSync(source.path, "r")
         const size = fstatSync(fd).size
         closeSync(fd)
-        for (const [i, r] of ranges.entries()) {
-          if (r.imageOffset % PAGE_SIZE || r.imageOffset + r.size > size)
-            return yield* Effect.fail(new ProtocolError({ reason: `region ${i} (offset ${r.imageOffset}, ${r.size} bytes) lies outside the ${size}-byte image` }))
-          for (let p = 0; p < r.size / PAGE_SIZE; p += RECORD_PAGES_RAW) {
-            idx.regions.push(i)
-            idx.firstPages.push(p)
-            idx.counts.push(Math.min(RECORD_PAGES_RAW, r.size / PAGE_SIZE - p))
-            idx.offsets.push(r.imageOffset + p * PAGE_SIZE)
-          }
-        }
-        return idx
+        const pages = Math.ceil(size / PAGE_SIZE)
+        const entries = []
+        for (let p = 0; p < pages; p += RECORD_PAGES_RAW)
+          entries.push({ region: 0, firstPage: p, pageCount: Math.min(RECORD_PAGES_RAW, pages - p), fileOffset: p * PAGE_SIZE, imagePage: p })
+        return imageIndex(size, entries)
       }
-      const s = yield* openSnapshot(source.path)
+      const s = yield* openSnapshot(source.path) // checks the index's structure (checkIndex)
       const starts = concatOffsets(s.header.regions)
-      const regionOf: Array<number> = []
-      for (const [i, r] of ranges.entries()) {
-        const k = starts.findIndex((start, j) => start === r.imageOffset && s.header.regions[j]!.size === r.size)
-        if (k < 0) {
-          const have = s.header.regions.map((g, j) => `offset ${starts[j]} size ${g.size}`).join("; ")
-          return yield* Effect.fail(new ProtocolError({ reason: `region ${i} (offset ${r.imageOffset}, ${r.size} bytes) matches no region of the snapshot, which has ${have}` }))
-        }
-        regionOf.push(k)
-      }
-      for (const e of s.index) {
-        const i = regionOf.indexOf(e.region)
-        if (i < 0) continue
-        idx.regions.push(i)
-        idx.firstPages.push(e.firstPage)
-        idx.counts.push(e.pageCount)
-        idx.offsets.push(e.fileOffset)
-      }
-      return idx
+      const entries = s.index
+        .map((e) => ({ ...e, imagePage: starts[e.region]! / PAGE_SIZE + e.firstPage }))
+        .sort((a, b) => a.imagePage - b.imagePage)
+      return imageIndex(s.header.regions.reduce((a, r) => a + r.size, 0), entries)
     })
   )
 
-const toBuffer = (values: Array<number>, wide: boolean) =>
-  wide ? Buffer.from(BigUint64Array.from(values, BigInt).buffer) : Buffer.from(Uint32Array.from(values).buffer)
+const REFUSED: Record<number, string> = {
+  25: "the fd sent as the userfaultfd is not a userfaultfd",
+  77: "the userfaultfd is blocking (opened without O_NONBLOCK): a handler's read() on it would hang; open it with O_NONBLOCK"
+}
 
 export class LazyRestore {
   constructor(private readonly handle: JsExternal) {}
 
-  /** "serving", "done" (every page resident, ranges unregistered) or the failure. */
+  /** "serving" (failed pages show in stats()), "done" (every page settled) or the failure that stopped it. */
   poll(): "serving" | "done" | NativeError {
     const rc: number = loadWp().wp_restorer_poll([this.handle])
     if (rc === 1) return "done"
     if (rc === 0) return "serving"
-    return new NativeError({ op: "lazy restore", errno: -rc, reason: -rc === 74 ? "a record of the snapshot is corrupt (checksum or encoding)" : errnoReason("restore", -rc) })
+    return new NativeError({ op: "lazy restore", errno: -rc, reason: -rc === 3 ? "the VMM's memory is gone (the process exited)" : errnoReason("restore", -rc) })
   }
 
   stats(): LazyRestoreStats {
-    const w = new BigUint64Array(11 + 64)
+    const w = new BigUint64Array(WP_RESTORE_STATS_WORDS)
     loadWp().wp_restorer_stats([this.handle, Buffer.from(w.buffer)])
-    const n = (i: number) => Number(w[i])
+    const n = (field: (typeof WP_RESTORE_STATS_FIELDS)[number]) => Number(w[WP_RESTORE_STATS_FIELDS.indexOf(field)])
+    const failedErrno = Number(BigInt.asIntN(64, w[WP_RESTORE_STATS_FIELDS.indexOf("failed_errno")]!))
     return {
-      pagesTotal: n(0), pagesResident: n(1), faults: n(2), faultsZero: n(3), pagesByFault: n(4), pagesByFill: n(5), removedPages: n(6),
-      faultServiceUs: summarizeUs(Array.from(w.subarray(11), Number), n(8), faultBucketLowerNs),
-      firstFaultMs: n(9) ? n(9) / 1e6 : null,
-      doneMs: n(10) ? n(10) / 1e6 : null
+      pagesTotal: n("pages_total"), pagesSettled: n("pages_settled"), faults: n("faults"), faultsZero: n("faults_zero"),
+      pagesByFault: n("pages_by_fault"), pagesByFill: n("pages_by_fill"), removedPages: n("removed_pages"),
+      faultServiceUs: summarizeUs(Array.from(w.subarray(WP_RESTORE_STATS_FIELDS.length), Number), n("fault_ns_max"), faultBucketLowerNs),
+      firstFaultMs: n("first_fault_ns") ? n("first_fault_ns") / 1e6 : null,
+      doneMs: n("done_ns") ? n("done_ns") / 1e6 : null,
+      pagesGone: n("pages_gone"), pagesFailed: n("pages_failed"), pagesPoisoned: n("pages_poisoned"),
+      failedRecord: n("failed_records") === 0 ? null : {
+        records: n("failed_records"),
+        fileOffset: n("failed_offset"),
+        reason: failedErrno === -5 ? "short read (the file shrank?)" : (recordReasons[n("failed_why")] ?? "corrupt record")
+      }
     }
   }
 
@@ -127,6 +152,11 @@ export class LazyRestore {
   destroySync() {
     loadWp().wp_restorer_destroy([this.handle])
   }
+}
+
+const recordReasons: Record<number, string> = {
+  1: "record magic missing", 2: "record disagrees with the index", 3: "unknown record encoding", 4: "impossible stored size",
+  5: "record checksum mismatch", 6: "lz4 payload malformed (length prefix or block)"
 }
 
 /** Starts serving; the scope's end stops serving and unregisters what is left. */
@@ -138,34 +168,41 @@ export interface LazyRestoreOptions {
 }
 
 export const startLazyRestore = (
-  source: { path: string; raw: boolean },
+  source: RestoreSource,
   uffd: number,
   ranges: ReadonlyArray<GuestRange>,
-  options: LazyRestoreOptions = {}
+  options: LazyRestoreOptions = {},
+  index?: ImageIndex
 ): Effect.Effect<LazyRestore, NativeError | ProtocolError | InvalidInput | SnapshotFormatError | SnapshotIoError, import("effect").Scope.Scope> =>
   Effect.gen(function* () {
     if (ranges.length === 0) return yield* Effect.fail(new InvalidInput({ reason: "no memory regions to restore" }))
-    const idx = yield* buildIndex(source, ranges)
+    const idx = index ?? (yield* indexSource(source))
+    for (const [i, r] of ranges.entries())
+      if (r.imageOffset % PAGE_SIZE || r.imageOffset + r.size > Math.ceil(idx.imageBytes / PAGE_SIZE) * PAGE_SIZE)
+        return yield* Effect.fail(new ProtocolError({ reason: `region ${i} (offset ${r.imageOffset}, ${r.size} bytes) lies outside the ${idx.imageBytes}-byte memory image` }))
     const lib = loadWp()
     const fd = yield* Effect.acquireRelease(Effect.sync(() => openSync(source.path, "r")), (f) => Effect.sync(() => closeSync(f)))
     return yield* Effect.acquireRelease(
       Effect.suspend(() => {
         const err = new Int32Array(1)
-        const flags = (source.raw ? 1 : 0) | (options.fill === false ? 2 : 0) | (options.move ? 4 : 0)
+        const flags = (source.raw ? WP_RESTORE_RAW_IMAGE : 0) | (options.fill === false ? WP_RESTORE_NO_FILL : 0) | (options.move ? WP_RESTORE_MOVE : 0)
         const handle: JsExternal = lib.wp_restorer_create([uffd, fd, flags, Buffer.from(err.buffer)])
-        if (isNullPointer(handle)) return Effect.fail(new NativeError({ op: "lazy restore", errno: -err[0]!, reason: errnoReason("restore", -err[0]!) }))
+        if (isNullPointer(handle))
+          return Effect.fail(
+            REFUSED[-err[0]!] !== undefined
+              ? new ProtocolError({ reason: REFUSED[-err[0]!]! })
+              : new NativeError({ op: "lazy restore", errno: -err[0]!, reason: errnoReason("restore", -err[0]!) })
+          )
         const restore = new LazyRestore(handle)
         const failed = (op: string, rc: number) => {
           restore.destroySync()
-          return Effect.fail(new NativeError({ op, errno: -rc, reason: rc === -61 ? "the snapshot leaves pages of a region uncovered" : errnoReason(op, -rc) }))
+          return Effect.fail(new NativeError({ op, errno: -rc, reason: errnoReason(op, -rc) }))
         }
         for (const r of ranges) {
-          const rc: number = lib.wp_restorer_add_region([handle, r.hva, BigInt(r.size), r.memfd ?? -1, BigInt(r.imageOffset)])
-          if (rc < 0) return failed("lazy restore region", rc)
+          const rc: number = lib.wp_restorer_add_range([handle, r.hva, BigInt(r.size), BigInt(r.imageOffset), r.memfd !== undefined ? WP_RESTORE_RANGE_SHARED : 0])
+          if (rc < 0) return failed("lazy restore range", rc)
         }
-        const rc: number = lib.wp_restorer_set_index([
-          handle, toBuffer(idx.regions, false), toBuffer(idx.firstPages, true), toBuffer(idx.counts, false), toBuffer(idx.offsets, true), idx.regions.length
-        ])
+        const rc: number = lib.wp_restorer_set_index([handle, idx.regions, idx.firstPages, idx.counts, idx.offsets, idx.imagePages, idx.count])
         if (rc < 0) return failed("lazy restore index", rc)
         const started: number = lib.wp_restorer_start([handle])
         if (started < 0) return failed("lazy restore start", started)
@@ -176,10 +213,10 @@ export const startLazyRestore = (
   })
 
 /** A userfaultfd of this process registered to restore [hva, hva + size) (in-process restores). */
-export const restoreUffd = (hva: bigint, size: number, options: { memfd?: boolean; move?: boolean } = {}) =>
+export const restoreUffd = (hva: bigint, size: number, options: { memfd?: boolean; move?: boolean; poison?: boolean } = {}) =>
   Effect.acquireRelease(
     Effect.suspend(() => {
-      const fd: number = loadWp().wp_restore_uffd_create([hva, BigInt(size), (options.memfd ? 8 : 0) | (options.move ? 4 : 0)])
+      const fd: number = loadWp().wp_restore_uffd_create([hva, BigInt(size), (options.memfd ? WP_RESTORE_UFFD_MINOR : 0) | (options.move ? WP_RESTORE_MOVE : 0) | (options.poison ? WP_RESTORE_UFFD_POISON : 0)])
       return fd < 0
         ? Effect.fail(new NativeError({ op: "userfaultfd", errno: -fd, reason: errnoReason("userfaultfd", -fd) }))
         : Effect.succeed(fd)

@@ -10,7 +10,12 @@
  * memfd-backed guest may add its memfd as a second fd (a vmsnap extension:
  * faults are then resolved with pwrite + UFFDIO_CONTINUE). The VMM keeps the
  * socket open; its pid comes from SO_PEERCRED. Firecracker expects no reply;
- * on a bad handshake vmsnap writes one `{"error": ...}` line and closes.
+ * a refused VMM is told why three ways: the log, the `refused` event, and
+ * one `{"error": ...}` line on the socket before it is closed.
+ *
+ * The source's index is read and its structure checked once, at listen
+ * (coverage, no page stored twice, region page sizes): per-VMM setup does
+ * not read the file. docs/lazy-restore.md is the VMM author's view.
  */
 import { Cause, Effect, Exit, Scope } from "effect"
 import type { Socket } from "node:net"
@@ -19,7 +24,7 @@ import { PAGE_SIZE } from "./GuestMemory.js"
 import { loadWp } from "./internal/ffi.js"
 import { closeFds, receiveFirstMessage, socketFd } from "./internal/firstMessage.js"
 import { listenUnix, type UnixServer } from "./internal/unixServer.js"
-import { type GuestRange, type LazyRestoreStats, startLazyRestore } from "./LazyRestore.js"
+import { type GuestRange, type ImageIndex, indexSource, type LazyRestoreStats, type RestoreSource, startLazyRestore } from "./LazyRestore.js"
 
 const MAX_BODY = 1 << 20
 const HANDSHAKE_TIMEOUT_MS = 5000
@@ -74,17 +79,22 @@ export const parseFirecrackerBody = (text: string): Array<FirecrackerRegion> => 
 
 export interface ServeEvents {
   readonly log?: (line: string) => void
+  /** A VMM was refused at the handshake (pid 0 when it could not be learned). */
+  readonly onRefused?: (pid: number, reason: string) => void
+  /** Pages of a VMM that cannot be served correctly: records that cannot be produced (poisoned or left blocked), ranges the VMM remapped. */
+  readonly onPageFailure?: (pid: number, stats: LazyRestoreStats) => void
   /** A VMM's restore finished (every page resident) or failed. */
   readonly onFinished?: (pid: number, outcome: { ok: boolean; error?: string; stats: LazyRestoreStats }) => void
 }
 
 export class RestoreServer {
   private server: UnixServer | undefined
+  private index: ImageIndex | undefined
   private readonly sessions = new Set<{ socket: Socket; scope: Scope.Closeable }>()
 
   constructor(
     readonly socketPath: string,
-    readonly source: { path: string; raw: boolean },
+    readonly source: RestoreSource,
     private readonly events: ServeEvents = {}
   ) {}
 
@@ -92,7 +102,9 @@ export class RestoreServer {
     this.events.log?.(line)
   }
 
+  /** Reads the source's index and checks its structure (fails with SnapshotFormatError), then listens. */
   async listen(): Promise<void> {
+    this.index = await Effect.runPromise(indexSource(this.source))
     this.server = await listenUnix(this.socketPath, (socket) => void this.accept(socket))
   }
 
@@ -103,8 +115,9 @@ export class RestoreServer {
     this.server = undefined
   }
 
-  private refuse(socket: Socket, reason: string) {
-    this.log(`refused a VMM: ${reason}`)
+  private refuse(socket: Socket, pid: number, reason: string) {
+    this.log(`refused a VMM${pid ? ` (pid ${pid})` : ""}: ${reason}`)
+    this.events.onRefused?.(pid, reason)
     socket.end(JSON.stringify({ error: reason }) + "\n")
   }
 
@@ -117,7 +130,7 @@ export class RestoreServer {
       // Firecracker sends one message and no terminator: a body that stops arriving is complete.
       first = await receiveFirstMessage(fd, completeJson, { maxBytes: MAX_BODY, timeoutMs: HANDSHAKE_TIMEOUT_MS, idleMs: 200 })
     } catch (e) {
-      return this.refuse(socket, describeError(e))
+      return this.refuse(socket, 0, describeError(e))
     }
     if (!first) return void socket.destroy()
     const pid: number = loadWp().wp_transport_peer_pid([fd])
@@ -128,16 +141,16 @@ export class RestoreServer {
       if (first.fds.length > 2) fail(`the handshake carried ${first.fds.length} fds: send the userfaultfd (and, for a memfd guest, its memfd)`)
     } catch (e) {
       closeFds(first.fds)
-      return this.refuse(socket, describeError(e))
+      return this.refuse(socket, pid, describeError(e))
     }
     const [uffd, memfd] = first.fds as [number, number | undefined]
     const ranges: Array<GuestRange> = regions.map((r) => ({ hva: BigInt(r.base_host_virt_addr), size: r.size, imageOffset: r.offset, memfd }))
     const scope = Effect.runSync(Scope.make())
-    const started = await Effect.runPromiseExit(Scope.provide(scope)(startLazyRestore(this.source, uffd, ranges)))
+    const started = await Effect.runPromiseExit(Scope.provide(scope)(startLazyRestore(this.source, uffd, ranges, {}, this.index)))
     closeFds(first.fds) // the restorer keeps its own dups
     if (Exit.isFailure(started)) {
       await Effect.runPromise(Scope.close(scope, Exit.void))
-      return this.refuse(socket, `VMM pid ${pid}: ${describeError(Cause.squash(started.cause))}`)
+      return this.refuse(socket, pid, describeError(Cause.squash(started.cause)))
     }
     const restore = started.value
     const session = { socket, scope }
@@ -155,11 +168,19 @@ export class RestoreServer {
       this.log(`VMM pid ${pid}: ${why}`)
       this.events.onFinished?.(pid, { ok, error: ok ? undefined : why, stats })
     }
+    let reported = { failed: 0, gone: 0 }
     const timer = setInterval(() => {
       const state = restore.poll()
+      const s = restore.stats()
+      if (s.pagesFailed > reported.failed || s.pagesGone > reported.gone) {
+        reported = { failed: s.pagesFailed, gone: s.pagesGone }
+        const f = s.failedRecord
+        this.log(`VMM pid ${pid}: ${s.pagesFailed} page(s) cannot be produced${f ? ` (${f.records} record(s); first at byte ${f.fileOffset}: ${f.reason})` : ""}, ${s.pagesPoisoned} of them poisoned (the guest sees a memory error; the others stay blocked); ${s.pagesGone} page(s) remapped by the VMM, skipped`)
+        this.events.onPageFailure?.(pid, s)
+      }
       if (state === "done") {
-        const s = restore.stats()
-        void end(`every page resident after ${s.doneMs?.toFixed(0)} ms (${s.faults} faults, ${s.pagesByFill} pages filled in the background)`, true)
+        if (s.pagesFailed > 0) void end(`every page settled after ${s.doneMs?.toFixed(0)} ms, but ${s.pagesFailed} page(s) could not be produced and were poisoned`, false)
+        else void end(`every page resident after ${s.doneMs?.toFixed(0)} ms (${s.faults} faults, ${s.pagesByFill} pages filled in the background${s.pagesGone ? `, ${s.pagesGone} remapped by the VMM and skipped` : ""})`, true)
       } else if (state !== "serving") void end(`restore failed: ${state.message}`, false)
     }, POLL_MS)
     socket.on("close", () => void end("disconnected before every page was resident; cleaned up", false))

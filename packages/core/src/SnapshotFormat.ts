@@ -35,6 +35,13 @@ export const TRAILER_BYTES = 32
 /** Upper bounds that keep a corrupt header from making us allocate wildly. */
 export const MAX_REGIONS = 4096
 export const MAX_RECORD_PAGES = 1 << 20
+/** 2^46 bytes (64 TiB) per region: page counts and offsets stay exact in a JS number. */
+export const MAX_REGION_BYTES = 1n << 46n
+
+const HUGE_2M = 2 * 1024 * 1024
+const HUGE_1G = 1024 * 1024 * 1024
+/** The page sizes a region of each kind can have (its pageSize field): hugetlbfs only at its huge page size. */
+export const pageSizesOf = (kind: MemoryKind): ReadonlyArray<number> => (kind === "hugetlbfs" ? [HUGE_2M, HUGE_1G] : [PAGE_SIZE])
 
 export type Encoding = "raw" | "lz4" | "zero"
 export const encodingCode: Record<Encoding, number> = { raw: 0, lz4: 1, zero: 2 }
@@ -156,9 +163,12 @@ export const decodeHeader = (b: Buffer, fileBytes: number): SnapshotHeader => {
     const o = HEADER_FIXED_BYTES + i * REGION_ENTRY_BYTES
     const kind = memoryKindOf(b.readUInt32LE(o + 16))
     const size = b.readBigUInt64LE(o + 8)
-    if (kind === undefined || size === 0n || size % BigInt(PAGE_SIZE) !== 0n || size > BigInt(Number.MAX_SAFE_INTEGER))
-      throw new FormatViolation("ChecksumMismatch", `region ${i} is malformed`, o)
-    regions.push({ guestBase: b.readBigUInt64LE(o), size: Number(size), kind, pageSize: b.readUInt32LE(o + 20) })
+    const regionPageSize = b.readUInt32LE(o + 20)
+    if (kind === undefined || size === 0n || size % BigInt(PAGE_SIZE) !== 0n || size > MAX_REGION_BYTES)
+      throw new FormatViolation("ChecksumMismatch", `region ${i} is malformed (kind ${b.readUInt32LE(o + 16)}, ${size} bytes)`, o)
+    if (!pageSizesOf(kind).includes(regionPageSize) || size % BigInt(regionPageSize) !== 0n)
+      throw new FormatViolation("BadRegion", `region ${i}: page size ${regionPageSize} is not one a ${kind} region can have (${pageSizesOf(kind).join(" or ")}, dividing its ${size} bytes)`, o + 20)
+    regions.push({ guestBase: b.readBigUInt64LE(o), size: Number(size), kind, pageSize: regionPageSize })
   }
   const parent = b.subarray(32, 48)
   return {
@@ -200,11 +210,6 @@ export const decodeRecordHeader = (h: Buffer, fileOffset: number): RecordHeader 
     storedBytes: h.readUInt32LE(24),
     crc: h.readUInt32LE(28)
   }
-}
-
-export const recordChecksum = (h: Buffer, payload: Buffer | undefined): number => {
-  const c = crc32(h.subarray(0, 28))
-  return payload && payload.length > 0 ? crc32(payload, c) : c
 }
 
 /** Builds the index in place, 24 bytes an entry: millions of records stay cheap. */
@@ -254,6 +259,40 @@ export const decodeIndex = (b: Buffer, fileOffset: number): Array<IndexEntry> =>
     })
   }
   return out
+}
+
+/**
+ * The index's structure against the header (no record is read): each entry
+ * names a region of the header and pages inside it, 1 to MAX_RECORD_PAGES
+ * of them; offsets increase; every page of every region is covered exactly
+ * once (a page stored twice, or missing, is refused). O(n log n) in the
+ * entries, nothing allocated per page: `serve` runs it before accepting a
+ * VMM, `verify` and every restore as part of opening.
+ */
+export const checkIndex = (header: SnapshotHeader, index: ReadonlyArray<IndexEntry>, indexOffset: number): void => {
+  let lastOffset = -1
+  for (const [i, e] of index.entries()) {
+    const region = header.regions[e.region]
+    if (!region) throw new FormatViolation("BadIndex", `index entry ${i} names region ${e.region}; the header has ${header.regions.length}`, e.fileOffset)
+    if (e.pageCount === 0 || e.pageCount > MAX_RECORD_PAGES || e.firstPage + e.pageCount > region.size / PAGE_SIZE)
+      throw new FormatViolation("BadIndex", `index entry ${i}: pages ${e.firstPage}+${e.pageCount} fall outside region ${e.region}`, e.fileOffset)
+    if (e.fileOffset <= lastOffset || e.fileOffset < header.headerBytes || e.fileOffset + RECORD_HEADER_BYTES > indexOffset)
+      throw new FormatViolation("BadIndex", `index entry ${i}: offset ${e.fileOffset} is out of order or outside the record area`, e.fileOffset)
+    lastOffset = e.fileOffset
+  }
+  const order = index.map((_, i) => i).sort((a, b) => index[a]!.region - index[b]!.region || index[a]!.firstPage - index[b]!.firstPage)
+  let k = 0
+  for (const [r, region] of header.regions.entries()) {
+    let next = 0
+    for (; k < order.length && index[order[k]!]!.region === r; k++) {
+      const e = index[order[k]!]!
+      if (e.firstPage < next)
+        throw new FormatViolation("Coverage", `page ${e.firstPage} of region ${r} is stored twice`, e.fileOffset)
+      if (e.firstPage > next) throw new FormatViolation("Coverage", `page ${next} of region ${r} is missing`)
+      next = e.firstPage + e.pageCount
+    }
+    if (next !== region.size / PAGE_SIZE) throw new FormatViolation("Coverage", `page ${next} of region ${r} is missing`)
+  }
 }
 
 export const encodeTrailer = (t: Trailer): Buffer => {

@@ -4,13 +4,13 @@
  * file is checked against the file's size before anything is allocated.
  */
 import { Effect } from "effect"
-import { uncompressSync } from "lz4-napi"
 import { open, type FileHandle } from "node:fs/promises"
 import { ioError, SnapshotFormatError, type SnapshotIoError } from "./Errors.js"
 import { PAGE_SIZE } from "./GuestMemory.js"
+import { checkRecordHeader, decodeRecordPayload, RecordRefused } from "./internal/recordCodec.js"
 import {
-  decodeHeader, decodeHeaderPrefix, decodeIndex, decodeRecordHeader, decodeTrailer, FormatViolation,
-  HEADER_FIXED_BYTES, MAX_RECORD_PAGES, RECORD_HEADER_BYTES, recordChecksum, TRAILER_BYTES,
+  checkIndex, decodeHeader, decodeHeaderPrefix, decodeIndex, decodeRecordHeader, decodeTrailer, FormatViolation,
+  HEADER_FIXED_BYTES, RECORD_HEADER_BYTES, TRAILER_BYTES,
   type IndexEntry, type RecordHeader, type SnapshotHeader, type Trailer
 } from "./SnapshotFormat.js"
 
@@ -68,7 +68,7 @@ const readAt = async (file: FileHandle, position: number, length: number): Promi
   return b
 }
 
-/** Opens a snapshot and checks header, trailer and index (not the records). */
+/** Opens a snapshot and checks header, trailer and the index's structure (checkIndex: coverage, bounds), not the records. */
 export const openSnapshot = (path: string) =>
   Effect.acquireRelease(
     Effect.tryPromise({
@@ -83,6 +83,7 @@ export const openSnapshot = (path: string) =>
           const header = decodeHeader(await readAt(file, 0, headerBytes), fileBytes)
           const trailer = decodeTrailer(await readAt(file, fileBytes - TRAILER_BYTES, TRAILER_BYTES), fileBytes, headerBytes)
           const index = decodeIndex(await readAt(file, trailer.indexOffset, trailer.indexBytes), trailer.indexOffset)
+          checkIndex(header, index, trailer.indexOffset)
           return { path, file, fileBytes, header, trailer, index }
         } catch (e) {
           await file.close()
@@ -94,7 +95,12 @@ export const openSnapshot = (path: string) =>
     (s) => Effect.promise(() => s.file.close().catch(() => undefined))
   )
 
-/** Reads one record at `entry`, checking it against the index, the header and its checksum. */
+/**
+ * Reads one record at `entry` with the one decoder of records
+ * (vmsnap_record.h, also the lazy restorer's): header against the index
+ * entry, stored bytes against the record's own bounds before anything is
+ * allocated, checksum, payload.
+ */
 export const readRecord = (
   s: OpenSnapshot,
   entry: IndexEntry,
@@ -106,33 +112,16 @@ export const readRecord = (
       if (at < s.header.headerBytes || at + RECORD_HEADER_BYTES > s.trailer.indexOffset)
         throw new FormatViolation("BadIndex", "index entry points outside the record area", at)
       const raw = await source.read(at, RECORD_HEADER_BYTES)
-      const h = decodeRecordHeader(raw, at)
-      if (h.region !== entry.region || h.firstPage !== entry.firstPage || h.pageCount !== entry.pageCount)
-        throw new FormatViolation("BadIndex", "index entry and record disagree", at)
-      const region = s.header.regions[h.region]
-      if (!region) throw new FormatViolation("BadRecord", `record names region ${h.region}, the header has ${s.header.regions.length}`, at + 4)
-      const regionPageCount = region.size / PAGE_SIZE
-      if (h.pageCount === 0 || h.pageCount > MAX_RECORD_PAGES || h.firstPage + h.pageCount > regionPageCount)
-        throw new FormatViolation("BadRecord", `record pages ${h.firstPage}+${h.pageCount} fall outside region ${h.region}`, at + 8)
-      const rawBytes = h.pageCount * PAGE_SIZE
-      const expected = h.encoding === "zero" ? 0 : h.encoding === "raw" ? rawBytes : undefined
-      if (expected !== undefined ? h.storedBytes !== expected : h.storedBytes === 0 || h.storedBytes > rawBytes + 1024)
-        throw new FormatViolation("BadRecord", `record stores ${h.storedBytes} bytes, impossible for ${h.pageCount} ${h.encoding} pages`, at + 24)
-      if (at + RECORD_HEADER_BYTES + h.storedBytes > s.trailer.indexOffset)
-        throw new FormatViolation("Truncated", "record runs past the end of the record area", at)
-      const payload = h.storedBytes > 0 ? await source.read(at + RECORD_HEADER_BYTES, h.storedBytes) : undefined
-      if (recordChecksum(raw, payload) !== h.crc) throw new FormatViolation("ChecksumMismatch", "record checksum mismatch", at)
-      let pages: Buffer | undefined
-      if (h.encoding === "raw") pages = payload
-      else if (h.encoding === "lz4") {
-        try {
-          pages = uncompressSync(payload!)
-        } catch {
-          throw new FormatViolation("BadRecord", "lz4 payload does not decompress", at + RECORD_HEADER_BYTES)
-        }
-        if (pages.length !== rawBytes) throw new FormatViolation("BadRecord", "lz4 payload has the wrong size", at + RECORD_HEADER_BYTES)
+      try {
+        const stored = checkRecordHeader(raw, entry)
+        if (at + RECORD_HEADER_BYTES + stored > s.trailer.indexOffset)
+          throw new FormatViolation("Truncated", "record runs past the end of the record area", at)
+        const payload = stored > 0 ? await source.read(at + RECORD_HEADER_BYTES, stored) : undefined
+        const pages = decodeRecordPayload(raw, payload, entry.pageCount)
+        return { header: decodeRecordHeader(raw, at), fileOffset: at, pages }
+      } catch (e) {
+        throw e instanceof RecordRefused ? new FormatViolation(e.kind, e.message, at) : e
       }
-      return { header: h, fileOffset: at, pages }
     },
     catch: (e) => formatError(s.path, e)
   })
@@ -149,8 +138,9 @@ export interface VerifyReport {
 }
 
 /**
- * Checks structure, every checksum, that records tile the record area with no
- * gap, and that every page of every region is covered exactly once.
+ * Checks every record against its index entry and its checksum, and that
+ * records tile the record area with no gap. That every page of every region
+ * is covered exactly once was checked at open (checkIndex).
  */
 export const walkRecords = (
   s: OpenSnapshot,
@@ -158,8 +148,7 @@ export const walkRecords = (
   onProgress?: (pagesDone: number, pagesTotal: number) => void
 ): Effect.Effect<VerifyReport, SnapshotFormatError | SnapshotIoError> =>
   Effect.gen(function* () {
-    const covered = s.header.regions.map((r) => new Uint8Array(r.size / PAGE_SIZE))
-    const totalPages = covered.reduce((a, c) => a + c.length, 0)
+    const totalPages = s.header.regions.reduce((a, r) => a + r.size / PAGE_SIZE, 0)
     let expectedOffset = s.header.headerBytes
     let dataPages = 0
     let zeroPages = 0
@@ -169,11 +158,6 @@ export const walkRecords = (
       if (entry.fileOffset !== expectedOffset)
         return yield* Effect.fail(new SnapshotFormatError({ path: s.path, kind: "BadIndex", reason: "records do not follow each other as the index says", fileOffset: entry.fileOffset }))
       const rec = yield* readRecord(s, entry, source)
-      const cover = covered[rec.header.region]!
-      for (let p = rec.header.firstPage; p < rec.header.firstPage + rec.header.pageCount; p++) {
-        if (cover[p]) return yield* Effect.fail(new SnapshotFormatError({ path: s.path, kind: "Coverage", reason: `page ${p} of region ${rec.header.region} is stored twice`, fileOffset: rec.fileOffset }))
-        cover[p] = 1
-      }
       if (rec.header.encoding === "zero") zeroPages += rec.header.pageCount
       else dataPages += rec.header.pageCount
       storedBytes += rec.header.storedBytes
@@ -183,10 +167,6 @@ export const walkRecords = (
     }
     if (expectedOffset !== s.trailer.indexOffset)
       return yield* Effect.fail(new SnapshotFormatError({ path: s.path, kind: "BadIndex", reason: "bytes between the last record and the index", fileOffset: expectedOffset }))
-    for (let i = 0; i < covered.length; i++) {
-      const missing = covered[i]!.indexOf(0)
-      if (missing >= 0) return yield* Effect.fail(new SnapshotFormatError({ path: s.path, kind: "Coverage", reason: `page ${missing} of region ${i} is missing` }))
-    }
     return {
       path: s.path,
       snapshotId: s.header.snapshotId,
@@ -226,11 +206,18 @@ export const inspectSnapshot = (path: string): Effect.Effect<InspectReport, Snap
       let stored = 0
       for (const entry of s.index) {
         const h = yield* Effect.tryPromise({
-          try: async () => decodeRecordHeader(await readAt(s.file, entry.fileOffset, RECORD_HEADER_BYTES), entry.fileOffset),
+          try: async () => {
+            const raw = await readAt(s.file, entry.fileOffset, RECORD_HEADER_BYTES)
+            try {
+              checkRecordHeader(raw, entry)
+            } catch (e) {
+              throw e instanceof RecordRefused ? new FormatViolation(e.kind, e.message, entry.fileOffset) : e
+            }
+            return decodeRecordHeader(raw, entry.fileOffset)
+          },
           catch: (e) => formatError(path, e)
         })
-        const r = perRegion[h.region]
-        if (!r) return yield* Effect.fail(new SnapshotFormatError({ path, kind: "BadRecord", reason: `record names region ${h.region}`, fileOffset: entry.fileOffset }))
+        const r = perRegion[h.region]!
         if (h.encoding === "zero") r.zero += h.pageCount
         else {
           r.data += h.pageCount

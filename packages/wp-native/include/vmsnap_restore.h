@@ -4,14 +4,22 @@
  * Prefix: wp_restore / WP_RESTORE_. Same conventions as vmsnap_engine.h:
  * >= 0 or -errno, opaque handle, caller-owned buffers, no globals.
  *
- * Serves a restoring guest's memory from a snapshot through its userfaultfd,
- * which the guest's VMM created, negotiated and registered: MISSING mode for
- * anonymous memory (resolved with UFFDIO_COPY / UFFDIO_ZEROPAGE), MISSING |
- * MINOR for memfd memory (the page is pwritten into the memfd, then mapped
- * with UFFDIO_CONTINUE). A fault thread serves faults first; a fill thread
- * installs every remaining record in file order, then unregisters the
- * ranges. A REMOVE event (the guest discarding memory) makes later faults in
- * that range read zero. Every record's checksum is checked as it is read.
+ * Serves a restoring guest's memory from a snapshot (or a raw memory image)
+ * through its userfaultfd, which the guest's VMM created (O_NONBLOCK),
+ * negotiated and registered: MISSING mode for anonymous memory, MISSING |
+ * MINOR for memfd/shmem. Pages are installed with UFFDIO_COPY /
+ * UFFDIO_ZEROPAGE, which never replace a present page (EEXIST), and pages in
+ * a memfd's page cache but unmapped are mapped with UFFDIO_CONTINUE. A fault
+ * thread serves faults first; a fill thread installs the other records.
+ * The VMM's ranges may be any ranges of the concatenated memory image.
+ * A REMOVE event (the guest discarding memory) makes a later fault there
+ * read zero, or what a shared mapping kept. Every record is checked by the
+ * one decoder (vmsnap_record.h) as it is read. Failures stay as small as
+ * they are: a page the VMM mapped something else over (ENOENT) is skipped;
+ * a record that cannot be produced is never replaced by anything: its pages
+ * are poisoned (UFFDIO_POISON) if the VMM negotiated UFFD_FEATURE_POISON,
+ * else faults there stay blocked; both show in the stats. No range with
+ * pages left to install is ever unregistered. docs/lazy-restore.md.
  */
 #ifndef VMSNAP_RESTORE_H
 #define VMSNAP_RESTORE_H
@@ -35,32 +43,55 @@ typedef struct wp_restorer wp_restorer;
 #define WP_RESTORE_MOVE 4u      /* anonymous memory in this process: UFFDIO_MOVE decoded pages (Linux 6.8) */
 #define WP_RESTORE_UFFD_MINOR 8u /* wp_restore_uffd_create: memfd memory (MISSING | MINOR) */
 
+#define WP_RESTORE_UFFD_POISON 16u /* wp_restore_uffd_create: also negotiate UFFD_FEATURE_POISON (Linux 6.6) */
+
+/* wp_restorer_add_range flags */
+#define WP_RESTORE_RANGE_SHARED 1u /* memfd/shmem memory: pages may sit in the page cache unmapped */
+
 typedef struct wp_restore_stats {
-    uint64_t pages_total, pages_resident;
-    uint64_t faults, faults_zero;      /* faults served; of them, in discarded ranges */
+    uint64_t pages_total, pages_settled; /* settled: installed, discarded, gone or poisoned */
+    uint64_t faults, faults_zero;      /* faults served; of them, on discarded pages */
     uint64_t pages_by_fault, pages_by_fill, removed_pages;
     uint64_t fault_ns_total, fault_ns_max;
     uint64_t first_fault_ns, done_ns;  /* since wp_restorer_start; 0 if not yet */
+    uint64_t pages_gone;               /* ENOENT: the VMM mapped something else there */
+    uint64_t pages_failed;             /* their record cannot be produced */
+    uint64_t pages_poisoned;           /* of those, resolved with UFFDIO_POISON */
+    uint64_t failed_records;           /* records that could not be produced */
+    uint64_t failed_offset;            /* file offset of the first of them */
+    uint64_t failed_why;               /* its WP_RECORD_* reason (vmsnap_record.h) */
+    uint64_t failed_errno;             /* its error as int64: -EBADMSG (corrupt) or -EIO (short read) */
     uint64_t hist[WP_RESTORE_HIST_BUCKETS];
 } wp_restore_stats;
 
+/* -ENOTTY: uffd is not a userfaultfd; -EBADFD: it was opened without
+ * O_NONBLOCK (the fault thread must never block in read()). */
 wp_restorer *wp_restorer_create(int32_t uffd, int32_t snapshot_fd, uint32_t flags, int32_t *err_out);
-/* A region of the guest: where the VMM maps it, and its memfd (-1: anonymous). */
-int32_t wp_restorer_add_region(wp_restorer *r, uint64_t hva, uint64_t size, int32_t memfd, uint64_t memfd_offset);
-/* The snapshot's index (n records, in file order), validated by the caller;
- * -ENODATA if a page of a region is covered by no record. */
+/* A range the VMM maps at hva: image bytes [image_offset, image_offset + size).
+ * Returns its index. */
+int32_t wp_restorer_add_range(wp_restorer *r, uint64_t hva, uint64_t size, uint64_t image_offset, uint32_t range_flags);
+/* The records (n), sorted by image page and tiling the image from page 0
+ * with no gap or overlap (-EINVAL otherwise): record i holds page_counts[i]
+ * pages from image page image_pages[i]; in the file it is at file_offsets[i]
+ * and says region regions[i], first page first_pages[i] (the decoder checks
+ * both). -ERANGE if a range lies past the image's end. Raw images: one
+ * "record" per run of pages, at its image offset. */
 int32_t wp_restorer_set_index(wp_restorer *r, const uint32_t *regions, const uint64_t *first_pages,
-                              const uint32_t *page_counts, const uint64_t *file_offsets, uint32_t n);
+                              const uint32_t *page_counts, const uint64_t *file_offsets, const uint64_t *image_pages,
+                              uint32_t n);
 int32_t wp_restorer_start(wp_restorer *r);
-/* 1 when every page is resident (and the ranges unregistered), 0 while
- * serving, -errno after a failure (e.g. a corrupt record, the VMM gone). */
+/* 1 when every page is settled (ranges with no failed page unregistered), 0
+ * while serving (failed pages: see the stats), -errno when the restorer
+ * stopped (the VMM's memory gone: -ESRCH; the uffd closed: -EPIPE). */
 int32_t wp_restorer_poll(wp_restorer *r);
 int32_t wp_restorer_stats(wp_restorer *r, wp_restore_stats *out);
+/* Stops serving; unregisters only ranges with nothing left to install. */
 int32_t wp_restorer_destroy(wp_restorer *r);
 
 /* A userfaultfd of this process registered for restoring [hva, hva + size)
  * (in-process restores and benchmarks): MISSING, plus MINOR with
- * WP_RESTORE_UFFD_MINOR; asks for UFFD_FEATURE_MOVE with WP_RESTORE_MOVE.
+ * WP_RESTORE_UFFD_MINOR; asks for UFFD_FEATURE_MOVE with WP_RESTORE_MOVE and
+ * UFFD_FEATURE_POISON with WP_RESTORE_UFFD_POISON.
  * Returns the fd or -errno. UFFDIO_MOVE moves pages within the uffd's own
  * process, so the MOVE mode serves memory of this process only. */
 int32_t wp_restore_uffd_create(uint64_t hva, uint64_t size, uint32_t flags);

@@ -4,6 +4,7 @@
 #include "record.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -98,10 +99,93 @@ int64_t lz4_block_decode(const uint8_t *src, size_t src_len, uint8_t *dst, size_
     return op - dst;
 }
 
-int record_read(const struct record_codec *c, int file, bool raw, uint64_t file_offset, uint64_t first_page,
-                uint32_t pages, uint8_t *out, uint8_t *scratch, size_t scratch_cap)
+struct wp_record_codec {
+    struct record_codec c;
+};
+
+wp_record_codec *wp_record_codec_create(void)
+{
+    wp_record_codec *c = malloc(sizeof *c);
+    if (c)
+        record_codec_init(&c->c);
+    return c;
+}
+
+int32_t wp_record_codec_destroy(wp_record_codec *c)
+{
+    free(c);
+    return 0;
+}
+
+static int refuse(uint32_t *why_out, uint32_t why)
+{
+    *why_out = why;
+    return -EBADMSG;
+}
+
+static int64_t check_header(const uint8_t *h, uint32_t region, uint64_t first_page, uint32_t page_count, uint32_t *why_out)
+{
+    uint32_t magic, h_region, count, stored;
+    uint64_t first;
+    memcpy(&magic, h, 4);
+    memcpy(&h_region, h + 4, 4);
+    memcpy(&first, h + 8, 8);
+    memcpy(&count, h + 16, 4);
+    memcpy(&stored, h + 24, 4);
+    uint8_t encoding = h[20];
+    *why_out = WP_RECORD_OK;
+    if (magic != RECORD_MAGIC)
+        return refuse(why_out, WP_RECORD_BAD_MAGIC);
+    if (h_region != region || first != first_page || count != page_count || !count || count > RECORD_MAX_PAGES)
+        return refuse(why_out, WP_RECORD_MISPLACED);
+    if (encoding > RECORD_ZERO || h[21] || h[22] || h[23])
+        return refuse(why_out, WP_RECORD_BAD_ENCODING);
+    uint64_t bytes = (uint64_t)count * PAGE;
+    bool fits = encoding == RECORD_RAW    ? stored == bytes
+                : encoding == RECORD_ZERO ? stored == 0
+                                          /* lz4: a length prefix and a block that can expand to bytes (LZ4 grows at most 255x) */
+                                          : stored > 4 && stored <= bytes + 1024 && bytes <= 255 * (uint64_t)(stored - 4);
+    if (!fits)
+        return refuse(why_out, WP_RECORD_BAD_SIZE);
+    return stored;
+}
+
+int32_t wp_record_check(const uint8_t *h, uint32_t region, uint64_t first_page, uint32_t page_count, uint32_t *out)
+{
+    int64_t stored = check_header(h, region, first_page, page_count, &out[1]);
+    out[0] = stored < 0 ? 0 : (uint32_t)stored;
+    return stored < 0 ? (int32_t)stored : 0;
+}
+
+int32_t wp_record_decode(const wp_record_codec *codec, const uint8_t *h, const uint8_t *payload, uint64_t stored,
+                         uint8_t *out, uint64_t out_bytes, uint32_t *why_out)
+{
+    const struct record_codec *c = &codec->c;
+    uint32_t crc, count, h_stored;
+    memcpy(&count, h + 16, 4);
+    memcpy(&h_stored, h + 24, 4);
+    memcpy(&crc, h + 28, 4);
+    *why_out = WP_RECORD_OK;
+    if (stored != h_stored)
+        return refuse(why_out, WP_RECORD_BAD_SIZE);
+    if (record_crc32(c, record_crc32(c, 0, h, 28), payload, stored) != crc)
+        return refuse(why_out, WP_RECORD_BAD_CHECKSUM);
+    uint8_t encoding = h[20];
+    if (encoding != RECORD_LZ4)
+        return encoding;
+    uint64_t bytes = (uint64_t)count * PAGE;
+    uint32_t len;
+    memcpy(&len, payload, 4);
+    if (len != bytes || out_bytes < bytes || lz4_block_decode(payload + 4, stored - 4, out, bytes) != (int64_t)bytes)
+        return refuse(why_out, WP_RECORD_BAD_PAYLOAD);
+    return RECORD_LZ4;
+}
+
+int record_read(const wp_record_codec *c, int file, bool raw, uint64_t file_offset, uint32_t region, uint64_t first_page,
+                uint32_t pages, uint8_t *out, uint8_t *scratch, size_t scratch_cap, uint32_t *why_out)
 {
     size_t bytes = (size_t)pages * PAGE;
+    *why_out = WP_RECORD_OK;
     if (raw) {
         ssize_t got = pread(file, out, bytes, (off_t)file_offset);
         if (got < 0)
@@ -113,34 +197,17 @@ int record_read(const struct record_codec *c, int file, bool raw, uint64_t file_
     uint8_t h[RECORD_HEADER_BYTES];
     if (pread(file, h, sizeof h, (off_t)file_offset) != (ssize_t)sizeof h)
         return -EIO;
-    uint32_t magic, count, stored, crc;
-    uint64_t first;
-    memcpy(&magic, h, 4);
-    memcpy(&first, h + 8, 8);
-    memcpy(&count, h + 16, 4);
-    memcpy(&stored, h + 24, 4);
-    memcpy(&crc, h + 28, 4);
-    uint8_t encoding = h[20];
-    if (magic != RECORD_MAGIC || first != first_page || count != pages)
-        return -EBADMSG;
+    int64_t stored = check_header(h, region, first_page, pages, why_out);
+    if (stored < 0)
+        return (int)stored;
     /* A raw payload is read straight into out; a compressed one into scratch. */
-    uint8_t *payload = encoding == RECORD_RAW ? out : scratch;
-    size_t cap = encoding == RECORD_RAW ? bytes : scratch_cap;
-    if (stored > cap || (encoding == RECORD_RAW && stored != bytes) || (encoding == RECORD_ZERO && stored != 0))
-        return -EBADMSG;
-    if (stored && pread(file, payload, stored, (off_t)(file_offset + RECORD_HEADER_BYTES)) != (ssize_t)stored)
+    uint8_t *payload = h[20] == RECORD_RAW ? out : scratch;
+    if (h[20] == RECORD_LZ4 && (uint64_t)stored > scratch_cap)
+        return refuse(why_out, WP_RECORD_BAD_SIZE);
+    if (stored && pread(file, payload, (size_t)stored, (off_t)(file_offset + RECORD_HEADER_BYTES)) != (ssize_t)stored)
         return -EIO;
-    if (record_crc32(c, record_crc32(c, 0, h, 28), payload, stored) != crc)
-        return -EBADMSG;
-    if (encoding == RECORD_ZERO) {
+    int rc = wp_record_decode(c, h, payload, (uint64_t)stored, out, bytes, why_out);
+    if (rc == RECORD_ZERO)
         memset(out, 0, bytes);
-    } else if (encoding == RECORD_LZ4) {
-        uint32_t len;
-        if (stored < 4 || (memcpy(&len, scratch, 4), len != bytes) ||
-            lz4_block_decode(scratch + 4, stored - 4, out, bytes) != (int64_t)bytes)
-            return -EBADMSG;
-    } else if (encoding != RECORD_RAW) {
-        return -EBADMSG;
-    }
-    return encoding;
+    return rc;
 }

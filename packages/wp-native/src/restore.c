@@ -1,79 +1,34 @@
 /*
- * Lazy restore: serve a restoring guest's memory from a snapshot file through
- * the guest's userfaultfd. A fault thread resolves faults first; a fill
- * thread streams the remaining records in file order until every page is
- * resident, then the ranges are unregistered.
+ * Lazy restore: serve a restoring guest's memory from a snapshot file (or a
+ * raw memory image) through the guest's userfaultfd. A fault thread
+ * resolves faults first; a fill thread installs the remaining records in
+ * image order. When every page of every range is settled, the ranges are
+ * unregistered. How pages are put in place: restore_uffd.c.
  *
- *   anonymous memory: MISSING faults, UFFDIO_COPY (UFFDIO_ZEROPAGE for zero
- *                     records or ranges the guest discarded);
- *   memfd memory:     the page contents are pwritten into the memfd (page
- *                     cache) and mapped with UFFDIO_CONTINUE, which resolves
- *                     MISSING and MINOR faults alike (EEXIST: already mapped).
+ * The VMM's ranges are ranges of one concatenated memory image (regions of
+ * the snapshot one after another, docs/format.md), any layout inside it: a
+ * record may feed several ranges, a range several records.
  *
- * A fault resolves the whole record around it (a record is one run of up to
- * a few hundred pages): one decode, one ioctl.
+ * Failures are handled at the smallest scope they concern (docs/lazy-restore.md):
+ *   a page the VMM mapped something else over (ENOENT): skipped;
+ *   a record that cannot be produced (corrupt): its pages are never
+ *     installed with anything else; they are poisoned where the VMM
+ *     negotiated UFFD_FEATURE_POISON, else faults there stay blocked; the
+ *     failure shows in the stats; every other page keeps being served;
+ *   anything else (the VMM's memory gone, ENOMEM): the restorer stops.
+ * No path unregisters a range that still has pages to install.
  */
 #define _GNU_SOURCE
-#include "record.h"
-#include "uffd.h"
-#include "vmsnap_restore.h"
+#include "restore_internal.h"
 
 #include <errno.h>
 #include <poll.h>
-#include <pthread.h>
-#include <stdatomic.h>
-#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <fcntl.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <unistd.h>
-
-#define RS_MAX_REGIONS 64
-
-/* UFFDIO_MOVE (Linux 6.8) is not in the 6.1 headers. */
-struct uffdio_move {
-    uint64_t dst, src, len, mode;
-    int64_t move;
-};
-#define UFFDIO_MOVE_IOCTL _IOWR(UFFDIO, 0x05, struct uffdio_move)
-
-struct rs_record {
-    uint32_t region;
-    uint32_t pages;
-    uint64_t first_page;
-    uint64_t file_offset;
-};
-
-struct rs_region {
-    uint64_t hva, size, pages;
-    int memfd; /* -1: anonymous (COPY) */
-    uint64_t memfd_offset;
-    uint8_t *resident; /* 1 byte per page; set by whoever installs it */
-    uint8_t *removed;  /* discarded by the guest (REMOVE event): zero from now on */
-    uint32_t *record_of; /* page -> index into records */
-};
-
-struct wp_restorer {
-    int uffd, file, stop_fd;
-    bool raw_image, move, no_fill;
-    uint32_t region_count;
-    struct rs_region regions[RS_MAX_REGIONS];
-    struct rs_record *records;
-    uint32_t record_count;
-    pthread_t fault_thread, fill_thread;
-    bool started;
-    _Atomic bool stopping, done;
-    _Atomic int32_t error;
-    pthread_mutex_t install_lock; /* one installer at a time: no double decode races on EEXIST paths */
-    _Atomic uint64_t pages_resident, pages_total;
-    uint64_t faults, faults_zero, pages_by_fault, pages_by_fill, removed_pages;
-    uint64_t fault_ns_total, fault_ns_max, first_fault_ns, start_ns, done_ns;
-    uint64_t hist[WP_RESTORE_HIST_BUCKETS];
-    struct record_codec codec;
-};
 
 static void fail(wp_restorer *r, int32_t err)
 {
@@ -81,191 +36,209 @@ static void fail(wp_restorer *r, int32_t err)
     atomic_compare_exchange_strong(&r->error, &none, err);
 }
 
-static int install_range(wp_restorer *r, struct rs_region *g, uint64_t page, uint64_t count, const uint8_t *src, bool zero)
-{
-    uint64_t hva = g->hva + page * WP_RESTORE_PAGE_SIZE, len = count * WP_RESTORE_PAGE_SIZE;
-    if (g->memfd >= 0) {
-        /* Page cache first, then map it; CONTINUE also wakes MISSING waiters. */
-        static const uint8_t zeros[64 * WP_RESTORE_PAGE_SIZE];
-        off_t at = (off_t)(g->memfd_offset + page * WP_RESTORE_PAGE_SIZE);
-        for (uint64_t done = 0; done < len;) {
-            /* One pwrite per run (zeros: per 256 KiB); short writes continue. */
-            size_t n = zero ? (len - done < sizeof zeros ? len - done : sizeof zeros) : len - done;
-            ssize_t w = pwrite(g->memfd, zero ? zeros : src + done, n, at + (off_t)done);
-            if (w <= 0)
-                return w < 0 ? -errno : -EIO;
-            done += (uint64_t)w;
-        }
-        struct uffdio_continue c = {.range = {.start = hva, .len = len}};
-        if (ioctl(r->uffd, UFFDIO_CONTINUE, &c) < 0 && errno != EEXIST) /* EEXIST: already mapped */
-            return -errno; /* -EAGAIN: a REMOVE event is pending; the caller retries after reading it */
-        return 0;
-    }
-    for (uint64_t done = 0; done < len;) {
-        int rc;
-        int64_t got;
-        if (r->move && !zero) {
-            /* Hand the decoded pages over instead of copying them. */
-            struct uffdio_move mv = {.dst = hva + done, .src = (uint64_t)(uintptr_t)(src + done), .len = len - done};
-            rc = ioctl(r->uffd, UFFDIO_MOVE_IOCTL, &mv);
-            got = mv.move;
-        } else if (zero) {
-            struct uffdio_zeropage z = {.range = {.start = hva + done, .len = len - done}};
-            rc = ioctl(r->uffd, UFFDIO_ZEROPAGE, &z);
-            got = z.zeropage;
-        } else {
-            struct uffdio_copy c = {.dst = hva + done, .src = (uint64_t)(uintptr_t)(src + done), .len = len - done};
-            rc = ioctl(r->uffd, UFFDIO_COPY, &c);
-            got = c.copy;
-        }
-        if (rc == 0) {
-            done = len;
-        } else if (got > 0) {
-            done += (uint64_t)got;
-        } else if (errno == EEXIST || got == -EEXIST) {
-            done += WP_RESTORE_PAGE_SIZE; /* that page is already there: skip it */
-        } else {
-            /* -EAGAIN: a REMOVE event is pending. Never retry here, holding
-             * the install lock: the event must be read first (by the fault
-             * thread, which needs that lock), or neither side moves. */
-            return -errno;
-        }
-    }
-    return 0;
-}
-
 /* Decode buffers: page-aligned anonymous memory when pages are moved out of them. */
-static uint8_t *alloc_buffer(wp_restorer *r, size_t bytes)
-{
-    if (!r->move)
-        return malloc(bytes);
-    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    return p == MAP_FAILED ? NULL : p;
-}
+struct rs_buffers {
+    uint8_t *pages, *scratch;
+    size_t cap;
+};
 
-static void release_buffer(wp_restorer *r, uint8_t *buf, size_t bytes)
+static int reserve(wp_restorer *r, struct rs_buffers *b, size_t bytes)
 {
-    if (!buf)
-        return;
-    if (r->move)
-        munmap(buf, bytes);
+    if (bytes <= b->cap)
+        return 0;
+    if (r->move && b->pages)
+        munmap(b->pages, b->cap);
     else
-        free(buf);
+        free(b->pages);
+    free(b->scratch);
+    b->cap = bytes;
+    if (r->move) {
+        void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        b->pages = p == MAP_FAILED ? NULL : p;
+    } else {
+        b->pages = malloc(bytes);
+    }
+    b->scratch = malloc(bytes + 1024);
+    return b->pages && b->scratch ? 0 : -ENOMEM;
 }
 
-/* Makes every page of record `index` resident. by_fault: for the counters. */
-static int resolve_record(wp_restorer *r, uint32_t index, bool by_fault, uint8_t **buf, size_t *cap, uint8_t **scratch)
+static void release(wp_restorer *r, struct rs_buffers *b)
+{
+    if (r->move && b->pages)
+        munmap(b->pages, b->cap);
+    else
+        free(b->pages);
+    free(b->scratch);
+}
+
+/* The part of record rec that range g holds: range pages [*p, *p + *n) and
+ * the offset of the first in the record; false if they do not overlap. */
+static bool overlap(const struct rs_record *rec, const struct rs_range *g, uint64_t *p, uint64_t *n, uint64_t *skip)
+{
+    uint64_t lo = rec->image_page > g->image_page ? rec->image_page : g->image_page;
+    uint64_t hi_rec = rec->image_page + rec->pages, hi_g = g->image_page + g->pages;
+    uint64_t hi = hi_rec < hi_g ? hi_rec : hi_g;
+    if (lo >= hi)
+        return false;
+    *p = lo - g->image_page;
+    *n = hi - lo;
+    *skip = lo - rec->image_page;
+    return true;
+}
+
+/* The record's pages cannot be produced: never install anything else there. */
+static void record_failed(wp_restorer *r, uint32_t index, int err, uint32_t why)
 {
     const struct rs_record *rec = &r->records[index];
-    struct rs_region *g = &r->regions[rec->region];
-    size_t bytes = (size_t)rec->pages * WP_RESTORE_PAGE_SIZE;
-    if (bytes > *cap) {
-        release_buffer(r, *buf, *cap);
-        free(*scratch);
-        *cap = bytes;
-        *buf = alloc_buffer(r, bytes);
-        *scratch = malloc(bytes + 1024);
-        if (!*buf || !*scratch)
-            return -ENOMEM;
+    if (!r->failed_records++) {
+        r->failed_offset = rec->file_offset;
+        r->failed_why = why;
+        r->failed_errno = err;
     }
-    uint64_t missing = 0;
-    for (uint64_t p = rec->first_page; p < rec->first_page + rec->pages; p++)
-        missing += !__atomic_load_n(&g->resident[p], __ATOMIC_ACQUIRE);
-    if (!missing)
-        return 0;
-    /* Read and decode outside the lock: a fault never waits for the fill's
-     * decode, only for an install in progress. Both may decode the same
-     * record; whoever installs second finds the pages resident. */
-    int encoding = record_read(&r->codec, r->file, r->raw_image, rec->file_offset, rec->first_page, rec->pages, *buf,
-                               *scratch, *cap + 1024);
-    if (encoding < 0)
-        return encoding;
-    int rc = 0;
-    pthread_mutex_lock(&r->install_lock);
-    /* Install runs of pages not yet resident; discarded ones become zero. */
-    uint64_t p = rec->first_page, end = rec->first_page + rec->pages;
-    while (rc == 0 && p < end) {
-        if (g->resident[p]) {
-            p++;
+    for (uint32_t k = 0; k < r->range_count; k++) {
+        struct rs_range *g = &r->ranges[k];
+        uint64_t p, n, skip;
+        if (!overlap(rec, g, &p, &n, &skip))
             continue;
-        }
-        bool removed = g->removed[p];
-        uint64_t q = p + 1;
-        while (q < end && !g->resident[q] && g->removed[q] == removed)
-            q++;
-        rc = install_range(r, g, p, q - p, *buf + (p - rec->first_page) * WP_RESTORE_PAGE_SIZE, removed || encoding == RECORD_ZERO);
-        if (rc == 0) {
-            memset(g->resident + p, 1, q - p);
-            atomic_fetch_add(&r->pages_resident, q - p);
+        for (uint64_t q = p; q < p + n; q++)
+            if (!(g->state[q] & (PG_SETTLED | PG_FAILED))) {
+                g->state[q] |= PG_FAILED;
+                r->pages_failed++;
+            }
+        rs_poison(r, g, p, n); /* -EINVAL without the POISON feature: faults there stay blocked */
+    }
+}
+
+/* Makes every page that record `index` feeds settled. by_fault: for the counters. */
+static int resolve_record(wp_restorer *r, uint32_t index, bool by_fault, struct rs_buffers *b)
+{
+    const struct rs_record *rec = &r->records[index];
+    bool pending = false;
+    for (uint32_t k = 0; k < r->range_count && !pending; k++) {
+        struct rs_range *g = &r->ranges[k];
+        uint64_t p, n, skip;
+        if (overlap(rec, g, &p, &n, &skip))
+            for (uint64_t q = p; q < p + n && !pending; q++)
+                pending = !(__atomic_load_n(&g->state[q], __ATOMIC_ACQUIRE) & (PG_SETTLED | PG_FAILED));
+    }
+    if (!pending)
+        return 0;
+    int rc = reserve(r, b, (size_t)rec->pages * RS_PAGE);
+    if (rc < 0)
+        return rc;
+    /* Read and decode outside the lock: a fault never waits for the fill's
+     * decode, only for an install in progress. */
+    uint32_t why = 0;
+    int encoding = record_read(r->codec, r->file, r->raw_image, rec->file_offset, rec->region, rec->first_page,
+                               rec->pages, b->pages, b->scratch, b->cap + 1024, &why);
+    pthread_mutex_lock(&r->install_lock);
+    if (encoding == -EBADMSG || encoding == -EIO) {
+        record_failed(r, index, encoding, why);
+        pthread_mutex_unlock(&r->install_lock);
+        return 0;
+    }
+    rc = encoding < 0 ? encoding : 0;
+    for (uint32_t k = 0; k < r->range_count && rc == 0; k++) {
+        struct rs_range *g = &r->ranges[k];
+        uint64_t p, n, skip;
+        if (!overlap(rec, g, &p, &n, &skip))
+            continue;
+        /* Install runs of pages with nothing settled on them. */
+        for (uint64_t q = p; rc == 0 && q < p + n;) {
+            if (g->state[q] & (PG_SETTLED | PG_FAILED)) {
+                q++;
+                continue;
+            }
+            uint64_t e = q + 1;
+            while (e < p + n && !(g->state[e] & (PG_SETTLED | PG_FAILED)))
+                e++;
+            const uint8_t *src = encoding == RECORD_ZERO ? NULL : b->pages + (skip + q - p) * RS_PAGE;
+            uint64_t before = atomic_load(&r->pages_settled);
+            rc = rs_install(r, g, q, e - q, src);
+            uint64_t installed = atomic_load(&r->pages_settled) - before;
             if (by_fault)
-                r->pages_by_fault += q - p;
+                r->pages_by_fault += installed;
             else
-                r->pages_by_fill += q - p;
+                r->pages_by_fill += installed;
+            q = e;
         }
-        p = q;
     }
     pthread_mutex_unlock(&r->install_lock);
     return rc;
 }
 
-static int find_page(wp_restorer *r, uint64_t hva, uint32_t *region, uint64_t *page)
+static struct rs_range *find_page(wp_restorer *r, uint64_t hva, uint64_t *page)
 {
-    for (uint32_t i = 0; i < r->region_count; i++) {
-        struct rs_region *g = &r->regions[i];
+    for (uint32_t i = 0; i < r->range_count; i++) {
+        struct rs_range *g = &r->ranges[i];
         if (hva >= g->hva && hva - g->hva < g->size) {
-            *region = i;
-            *page = (hva - g->hva) / WP_RESTORE_PAGE_SIZE;
-            return 0;
+            *page = (hva - g->hva) / RS_PAGE;
+            return g;
         }
     }
-    return -EFAULT;
+    return NULL;
 }
 
-/* The guest discarded [start, end): later faults and the fill put zero pages
- * there. Called with install_lock held. */
+/* The record holding image page ip (records tile the image, sorted). */
+static uint32_t record_at(const wp_restorer *r, uint64_t ip)
+{
+    uint32_t lo = 0, hi = r->record_count;
+    while (hi - lo > 1) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (r->records[mid].image_page <= ip)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* The guest discarded [start, end). Called with install_lock held, in the
+ * same critical section as the read of the event: once it is read the
+ * kernel lets the discard go on, so no install may slip in between. */
 static void mark_removed(wp_restorer *r, uint64_t start, uint64_t end)
 {
-    uint32_t region;
-    uint64_t page;
-    for (uint64_t a = start; a < end; a += WP_RESTORE_PAGE_SIZE) {
-        if (find_page(r, a, &region, &page) < 0)
+    for (uint64_t a = start & ~(uint64_t)(RS_PAGE - 1); a < end; a += RS_PAGE) {
+        uint64_t page;
+        struct rs_range *g = find_page(r, a, &page);
+        if (!g || (g->state[page] & (PG_GONE | PG_FAILED)))
             continue;
-        struct rs_region *g = &r->regions[region];
-        g->removed[page] = 1;
-        if (g->resident[page]) {
-            g->resident[page] = 0;
-            atomic_fetch_sub(&r->pages_resident, 1);
-        }
+        rs_set(r, g, page, PG_REMOVED);
         r->removed_pages++;
     }
 }
 
 /* Serves one fault; -EAGAIN if a discard is pending (retry after reading it). */
-static int serve_fault(wp_restorer *r, uint64_t address, uint8_t **buf, size_t *cap, uint8_t **scratch)
+static int serve_fault(wp_restorer *r, uint64_t address, struct rs_buffers *b)
 {
-    uint32_t region;
     uint64_t page;
-    if (find_page(r, address, &region, &page) < 0)
+    struct rs_range *g = find_page(r, address, &page);
+    if (!g)
         return 0;
     uint64_t t0 = monotonic_ns();
     if (!r->first_fault_ns)
         r->first_fault_ns = t0;
-    struct rs_region *g = &r->regions[region];
-    if (g->removed[page])
-        r->faults_zero++; /* resolve_record installs a zero page there */
-    int rc = resolve_record(r, g->record_of[page], true, buf, cap, scratch);
+    uint8_t state = __atomic_load_n(&g->state[page], __ATOMIC_ACQUIRE);
+    int rc;
+    if (state & PG_FAILED) {
+        return 0; /* poisoned, or (no POISON feature) left blocked: never anything else */
+    } else if (state & PG_SETTLED) {
+        /* Discarded by the guest, or raced with an install: zero where
+         * nothing is, or map what is (a shared page that survived). */
+        if (state & PG_REMOVED)
+            r->faults_zero++;
+        pthread_mutex_lock(&r->install_lock);
+        rc = rs_install_zero_or_keep(r, g, page);
+        pthread_mutex_unlock(&r->install_lock);
+    } else {
+        rc = resolve_record(r, record_at(r, g->image_page + page), true, b);
+        if (rc == 0 && (__atomic_load_n(&g->state[page], __ATOMIC_ACQUIRE) & PG_SETTLED)) {
+            struct uffdio_range wake = {.start = g->hva + page * RS_PAGE, .len = RS_PAGE};
+            ioctl(r->uffd, UFFDIO_WAKE, &wake); /* in case an install by the fill raced the fault */
+        }
+    }
     if (rc == -EAGAIN)
         return rc;
-    if (rc == 0 && g->resident[page]) {
-        /* Resident but the fault raced us (a fill, or a MINOR fault on a
-         * page already in the cache): make sure it is mapped and woken. */
-        struct uffdio_range wake = {.start = g->hva + page * WP_RESTORE_PAGE_SIZE, .len = WP_RESTORE_PAGE_SIZE};
-        if (g->memfd >= 0) {
-            struct uffdio_continue c = {.range = wake};
-            ioctl(r->uffd, UFFDIO_CONTINUE, &c);
-        }
-        ioctl(r->uffd, UFFDIO_WAKE, &wake);
-    }
     if (rc < 0) {
         fail(r, rc);
         return rc;
@@ -282,18 +255,14 @@ static int serve_fault(wp_restorer *r, uint64_t address, uint8_t **buf, size_t *
 static void *fault_main(void *arg)
 {
     wp_restorer *r = arg;
-    uint8_t *buf = NULL, *scratch = NULL;
-    size_t cap = 0;
+    struct rs_buffers b = {0};
     struct uffd_msg msgs[64];
     /* Faults that met EAGAIN (a discard pending): served again after the next read. */
     uint64_t retry[256];
     size_t retry_count = 0;
     uint64_t last = 0;
-    while (!atomic_load(&r->stopping) && !atomic_load(&r->done)) {
-        /* Read under the install lock, and mark discarded ranges before
-         * releasing it: once a REMOVE event is read the kernel lets the
-         * discard proceed, so no install may slip in between (it would leave
-         * snapshot data where the guest expects zeros). */
+    while (!atomic_load(&r->stopping) && !atomic_load(&r->error)) {
+        /* read() never blocks: the uffd is O_NONBLOCK (checked at create). */
         pthread_mutex_lock(&r->install_lock);
         ssize_t n = read(r->uffd, msgs, sizeof msgs);
         int read_errno = n < 0 ? errno : 0;
@@ -304,16 +273,16 @@ static void *fault_main(void *arg)
         size_t retrying = retry_count;
         retry_count = 0;
         for (size_t i = 0; i < retrying; i++)
-            if (serve_fault(r, retry[i], &buf, &cap, &scratch) == -EAGAIN && retry_count < 256)
+            if (serve_fault(r, retry[i], &b) == -EAGAIN && retry_count < 256)
                 retry[retry_count++] = retry[i];
         if (n <= 0) {
             if (retry_count)
                 continue;
-            if (n < 0 && read_errno != EAGAIN && read_errno != EINTR) {
-                fail(r, -read_errno);
+            if (n == 0 || (read_errno != EAGAIN && read_errno != EINTR)) {
+                fail(r, n == 0 ? -EPIPE : -read_errno);
                 break;
             }
-            if (monotonic_ns() - last < 50000) { /* poll briefly after a fault: wake-ups are slow here */
+            if (monotonic_ns() - last < 50000) { /* spin 50 us after a fault before sleeping: wake-ups are slow here */
                 __builtin_ia32_pause();
                 continue;
             }
@@ -322,34 +291,32 @@ static void *fault_main(void *arg)
             continue;
         }
         last = monotonic_ns();
-        for (size_t i = 0; i < (size_t)n / sizeof msgs[0]; i++) {
-            struct uffd_msg *m = &msgs[i];
-            uint32_t region;
-            uint64_t page;
-            if (m->event == UFFD_EVENT_REMOVE)
-                continue; /* marked above */
-            if (m->event != UFFD_EVENT_PAGEFAULT || find_page(r, m->arg.pagefault.address, &region, &page) < 0)
-                continue;
-            if (serve_fault(r, m->arg.pagefault.address, &buf, &cap, &scratch) == -EAGAIN && retry_count < 256)
-                retry[retry_count++] = m->arg.pagefault.address;
-        }
+        for (size_t i = 0; i < (size_t)n / sizeof msgs[0]; i++)
+            if (msgs[i].event == UFFD_EVENT_PAGEFAULT && serve_fault(r, msgs[i].arg.pagefault.address, &b) == -EAGAIN &&
+                retry_count < 256)
+                retry[retry_count++] = msgs[i].arg.pagefault.address;
     }
-    release_buffer(r, buf, cap);
-    free(scratch);
+    release(r, &b);
     return NULL;
+}
+
+static bool range_clean(const struct rs_range *g)
+{
+    for (uint64_t p = 0; p < g->pages; p++)
+        if (!(g->state[p] & PG_SETTLED) || (g->state[p] & PG_FAILED))
+            return false;
+    return true;
 }
 
 static void *fill_main(void *arg)
 {
     wp_restorer *r = arg;
-    uint8_t *buf = NULL, *scratch = NULL;
-    size_t cap = 0;
-    if (r->no_fill) { /* faults only (benchmarks): wait until every page faulted in */
-        while (atomic_load(&r->pages_resident) < atomic_load(&r->pages_total) && !atomic_load(&r->stopping))
-            usleep(1000);
-    }
-    for (uint32_t i = 0; !r->no_fill && i < r->record_count && !atomic_load(&r->stopping);) {
-        int rc = resolve_record(r, i, false, &buf, &cap, &scratch);
+    struct rs_buffers b = {0};
+    while (r->no_fill && atomic_load(&r->pages_settled) < atomic_load(&r->pages_total) && !atomic_load(&r->stopping) &&
+           !atomic_load(&r->error))
+        usleep(1000); /* faults only (benchmarks): wait until every page faulted in */
+    for (uint32_t i = 0; !r->no_fill && i < r->record_count && !atomic_load(&r->stopping) && !atomic_load(&r->error);) {
+        int rc = resolve_record(r, i, false, &b);
         if (rc == -EAGAIN) { /* a discard is in flight: let the fault thread read it, then retry */
             usleep(100);
             continue;
@@ -360,14 +327,18 @@ static void *fill_main(void *arg)
         }
         i++;
     }
-    release_buffer(r, buf, cap);
-    free(scratch);
-    if (atomic_load(&r->error) == 0 && !atomic_load(&r->stopping)) {
-        /* Every page is resident: nothing left to serve. */
-        for (uint32_t i = 0; i < r->region_count; i++) {
-            struct uffdio_range range = {.start = r->regions[i].hva, .len = r->regions[i].size};
-            ioctl(r->uffd, UFFDIO_UNREGISTER, &range);
-        }
+    release(r, &b);
+    if (atomic_load(&r->error) == 0 && !atomic_load(&r->stopping) &&
+        atomic_load(&r->pages_settled) == atomic_load(&r->pages_total)) {
+        /* Nothing left to install: unregister every range whose pages are
+         * all there (a range with failed pages stays registered). */
+        pthread_mutex_lock(&r->install_lock);
+        for (uint32_t i = 0; i < r->range_count; i++)
+            if (range_clean(&r->ranges[i])) {
+                struct uffdio_range range = {.start = r->ranges[i].hva, .len = r->ranges[i].size};
+                ioctl(r->uffd, UFFDIO_UNREGISTER, &range);
+            }
+        pthread_mutex_unlock(&r->install_lock);
         r->done_ns = monotonic_ns();
         atomic_store(&r->done, true);
     }
@@ -376,7 +347,9 @@ static void *fill_main(void *arg)
 
 wp_restorer *wp_restorer_create(int32_t uffd, int32_t snapshot_fd, uint32_t flags, int32_t *err_out)
 {
-    *err_out = 0;
+    *err_out = rs_check_uffd(uffd);
+    if (*err_out < 0)
+        return NULL;
     wp_restorer *r = calloc(1, sizeof *r);
     if (!r) {
         *err_out = -ENOMEM;
@@ -389,69 +362,62 @@ wp_restorer *wp_restorer_create(int32_t uffd, int32_t snapshot_fd, uint32_t flag
     r->move = flags & WP_RESTORE_MOVE;
     r->no_fill = flags & WP_RESTORE_NO_FILL;
     pthread_mutex_init(&r->install_lock, NULL);
-    record_codec_init(&r->codec);
-    if (r->uffd < 0 || r->file < 0 || r->stop_fd < 0) {
-        *err_out = -errno;
+    r->codec = wp_record_codec_create();
+    if (r->uffd < 0 || r->file < 0 || r->stop_fd < 0 || !r->codec) {
+        *err_out = r->codec ? -errno : -ENOMEM;
         wp_restorer_destroy(r);
         return NULL;
     }
     return r;
 }
 
-int32_t wp_restorer_add_region(wp_restorer *r, uint64_t hva, uint64_t size, int32_t memfd, uint64_t memfd_offset)
+int32_t wp_restorer_add_range(wp_restorer *r, uint64_t hva, uint64_t size, uint64_t image_offset, uint32_t range_flags)
 {
-    if (r->started)
+    if (r->started || r->records)
         return -EBUSY;
-    if (r->region_count >= RS_MAX_REGIONS)
+    if (r->range_count >= RS_MAX_RANGES)
         return -E2BIG;
-    if (!size || size % WP_RESTORE_PAGE_SIZE || hva % WP_RESTORE_PAGE_SIZE || memfd_offset % WP_RESTORE_PAGE_SIZE)
+    if (!size || size % RS_PAGE || hva % RS_PAGE || image_offset % RS_PAGE)
         return -EINVAL;
-    struct rs_region *g = &r->regions[r->region_count];
-    g->hva = hva;
-    g->size = size;
-    g->pages = size / WP_RESTORE_PAGE_SIZE;
-    g->memfd = memfd >= 0 ? dup(memfd) : -1;
-    g->memfd_offset = memfd_offset;
-    g->resident = calloc(g->pages, 1);
-    g->removed = calloc(g->pages, 1);
-    g->record_of = malloc(g->pages * sizeof *g->record_of);
-    if (!g->resident || !g->removed || !g->record_of || (memfd >= 0 && g->memfd < 0))
+    struct rs_range *g = &r->ranges[r->range_count];
+    *g = (struct rs_range){.hva = hva, .size = size, .pages = size / RS_PAGE, .image_page = image_offset / RS_PAGE,
+                           .shared = range_flags & WP_RESTORE_RANGE_SHARED};
+    g->state = calloc(g->pages, 1);
+    if (!g->state)
         return -ENOMEM;
-    memset(g->record_of, 0xff, g->pages * sizeof *g->record_of);
     atomic_fetch_add(&r->pages_total, g->pages);
-    return (int32_t)r->region_count++;
+    return (int32_t)r->range_count++;
 }
 
 int32_t wp_restorer_set_index(wp_restorer *r, const uint32_t *regions, const uint64_t *first_pages,
-                              const uint32_t *page_counts, const uint64_t *file_offsets, uint32_t n)
+                              const uint32_t *page_counts, const uint64_t *file_offsets, const uint64_t *image_pages,
+                              uint32_t n)
 {
-    if (r->started)
+    if (r->started || r->records)
         return -EBUSY;
     r->records = calloc(n ? n : 1, sizeof *r->records);
     if (!r->records)
         return -ENOMEM;
+    uint64_t next = 0;
     for (uint32_t i = 0; i < n; i++) {
         struct rs_record *rec = &r->records[i];
-        *rec = (struct rs_record){.region = regions[i], .pages = page_counts[i], .first_page = first_pages[i], .file_offset = file_offsets[i]};
-        if (rec->region >= r->region_count || !rec->pages || rec->pages > RECORD_MAX_PAGES)
-            return -EINVAL;
-        struct rs_region *g = &r->regions[rec->region];
-        if (rec->first_page + rec->pages > g->pages)
-            return -EINVAL;
-        for (uint64_t p = rec->first_page; p < rec->first_page + rec->pages; p++)
-            g->record_of[p] = i;
+        *rec = (struct rs_record){.region = regions[i], .pages = page_counts[i], .first_page = first_pages[i],
+                                  .file_offset = file_offsets[i], .image_page = image_pages[i]};
+        if (!rec->pages || rec->pages > RECORD_MAX_PAGES || rec->image_page != next)
+            return -EINVAL; /* records must tile the image in order: no page twice, none missing */
+        next += rec->pages;
     }
     r->record_count = n;
-    for (uint32_t i = 0; i < r->region_count; i++)
-        for (uint64_t p = 0; p < r->regions[i].pages; p++)
-            if (r->regions[i].record_of[p] == UINT32_MAX)
-                return -ENODATA; /* a page no record covers */
+    r->image_pages = next;
+    for (uint32_t i = 0; i < r->range_count; i++)
+        if (r->ranges[i].image_page + r->ranges[i].pages > next)
+            return -ERANGE; /* a range past the end of the image */
     return 0;
 }
 
 int32_t wp_restorer_start(wp_restorer *r)
 {
-    if (r->started || !r->records)
+    if (r->started || !r->records || !r->record_count)
         return -EINVAL;
     r->start_ns = monotonic_ns();
     if (pthread_create(&r->fault_thread, NULL, fault_main, r))
@@ -476,8 +442,9 @@ int32_t wp_restorer_poll(wp_restorer *r)
 int32_t wp_restorer_stats(wp_restorer *r, wp_restore_stats *out)
 {
     memset(out, 0, sizeof *out);
+    pthread_mutex_lock(&r->install_lock);
     out->pages_total = atomic_load(&r->pages_total);
-    out->pages_resident = atomic_load(&r->pages_resident);
+    out->pages_settled = atomic_load(&r->pages_settled);
     out->faults = r->faults;
     out->faults_zero = r->faults_zero;
     out->pages_by_fault = r->pages_by_fault;
@@ -487,7 +454,15 @@ int32_t wp_restorer_stats(wp_restorer *r, wp_restore_stats *out)
     out->fault_ns_max = r->fault_ns_max;
     out->first_fault_ns = r->first_fault_ns ? r->first_fault_ns - r->start_ns : 0;
     out->done_ns = r->done_ns ? r->done_ns - r->start_ns : 0;
+    out->pages_gone = r->pages_gone;
+    out->pages_failed = r->pages_failed;
+    out->pages_poisoned = r->pages_poisoned;
+    out->failed_records = r->failed_records;
+    out->failed_offset = r->failed_offset;
+    out->failed_why = r->failed_why;
+    out->failed_errno = (uint64_t)(int64_t)r->failed_errno;
     memcpy(out->hist, r->hist, sizeof out->hist);
+    pthread_mutex_unlock(&r->install_lock);
     return 0;
 }
 
@@ -501,19 +476,20 @@ int32_t wp_restorer_destroy(wp_restorer *r)
         pthread_join(r->fill_thread, NULL);
         pthread_join(r->fault_thread, NULL);
     }
-    for (uint32_t i = 0; i < r->region_count; i++) {
-        struct rs_region *g = &r->regions[i];
-        if (!atomic_load(&r->done) && r->uffd >= 0) {
+    for (uint32_t i = 0; i < r->range_count; i++) {
+        struct rs_range *g = &r->ranges[i];
+        /* Only a range with nothing left to install is unregistered: an
+         * unregistered page not yet installed would read as zero (or a
+         * memfd hole). Other ranges stay registered to the VMM's uffd, and
+         * its faults there wait, visibly, rather than read wrong memory. */
+        if (!atomic_load(&r->done) && r->uffd >= 0 && g->state && range_clean(g)) {
             struct uffdio_range range = {.start = g->hva, .len = g->size};
             ioctl(r->uffd, UFFDIO_UNREGISTER, &range);
         }
-        if (g->memfd >= 0)
-            close(g->memfd);
-        free(g->resident);
-        free(g->removed);
-        free(g->record_of);
+        free(g->state);
     }
     free(r->records);
+    wp_record_codec_destroy(r->codec);
     if (r->uffd >= 0)
         close(r->uffd);
     if (r->file >= 0)
@@ -523,25 +499,4 @@ int32_t wp_restorer_destroy(wp_restorer *r)
     pthread_mutex_destroy(&r->install_lock);
     free(r);
     return 0;
-}
-
-int32_t wp_restore_uffd_create(uint64_t hva, uint64_t size, uint32_t flags)
-{
-    int32_t how;
-    int fd = uffd_open_fd(O_CLOEXEC | O_NONBLOCK, &how);
-    if (fd < 0)
-        return fd;
-    bool shmem = flags & WP_RESTORE_UFFD_MINOR;
-    uint64_t features = (shmem ? (1ull << 10) /* MINOR_SHMEM */ : 0) | ((flags & WP_RESTORE_MOVE) ? (1ull << 16) /* MOVE */ : 0);
-    uint64_t offered;
-    int rc = uffd_handshake(fd, features, &offered);
-    struct uffdio_register reg = {.range = {.start = hva, .len = size},
-                                  .mode = UFFDIO_REGISTER_MODE_MISSING | (shmem ? UFFDIO_REGISTER_MODE_MINOR : 0)};
-    if (rc == 0 && ioctl(fd, UFFDIO_REGISTER, &reg) < 0)
-        rc = -errno;
-    if (rc < 0) {
-        close(fd);
-        return rc;
-    }
-    return fd;
 }

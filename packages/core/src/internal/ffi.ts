@@ -1,6 +1,6 @@
 /**
  * The raw ffi-rs bindings, 1:1 with the public headers of packages/wp-native/include:
- * `vmsnap_engine.h`, `vmsnap_restore.h`, `vmsnap_transport.h`, `vmsnap_inject.h` (library vmsnap_wp).
+ * `vmsnap_engine.h`, `vmsnap_restore.h`, `vmsnap_record.h`, `vmsnap_transport.h`, `vmsnap_inject.h` (library vmsnap_wp).
  * No logic here: callers in WpNative.ts turn results into errors.
  * Addresses are bound as BigInt (ffi-rs `U64` would be a lossy number);
  * out-parameters are caller-owned Buffers passed as U8Array (by pointer).
@@ -53,11 +53,19 @@ const engineTable = {
   wp_copy_from_hva: { library: "vmsnap_wp", retType: I32, paramsType: [B, BIG, BIG] }
 } as const
 
+/** vmsnap_record.h (prefix wp_record_): the one decoder of records. */
+const recordTable = {
+  wp_record_codec_create: { library: "vmsnap_wp", retType: EXT, paramsType: [] },
+  wp_record_check: { library: "vmsnap_wp", retType: I32, paramsType: [B, U32, BIG, U32, B] },
+  wp_record_codec_destroy: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
+  wp_record_decode: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B, B, BIG, B, BIG, B] }
+} as const
+
 /** vmsnap_restore.h (prefix wp_restore). */
 const restoreTable = {
   wp_restorer_create: { library: "vmsnap_wp", retType: EXT, paramsType: [I32, I32, U32, B] },
-  wp_restorer_add_region: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, BIG, BIG, I32, BIG] },
-  wp_restorer_set_index: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B, B, B, B, U32] },
+  wp_restorer_add_range: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, BIG, BIG, BIG, U32] },
+  wp_restorer_set_index: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B, B, B, B, B, U32] },
   wp_restorer_start: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_restorer_poll: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_restorer_stats: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B] },
@@ -83,7 +91,7 @@ const injectTable = {
   vi_close: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] }
 } as const
 
-const wpTable = { ...engineTable, ...restoreTable, ...transportTable, ...injectTable } as const
+const wpTable = { ...engineTable, ...restoreTable, ...recordTable, ...transportTable, ...injectTable } as const
 
 type Table<T> = { [K in keyof T]: (args: Array<unknown>) => any }
 
@@ -107,7 +115,7 @@ export const loadWp = lazyLibrary("vmsnap_wp", "libvmsnap_wp.so", wpTable)
  * parses the headers and checks each against its `#define`, and every table
  * entry above against its C prototype.
  */
-export const WP_ABI_VERSION = 3
+export const WP_ABI_VERSION = 4
 export const WP_PAGE_SIZE = 4096
 export const WP_HIST_BUCKETS = 64
 export const WP_FEATURE_PAGEFAULT_FLAG_WP = 1n << 0n
@@ -124,6 +132,13 @@ export const WP_RESTORE_RAW_IMAGE = 1
 export const WP_RESTORE_NO_FILL = 2
 export const WP_RESTORE_MOVE = 4
 export const WP_RESTORE_UFFD_MINOR = 8
+export const WP_RESTORE_UFFD_POISON = 16
+export const WP_RESTORE_RANGE_SHARED = 1
+export const WP_RECORD_HEADER_BYTES = 32
+export const WP_RECORD_MAX_PAGES = 1 << 20
+export const WP_RECORD_RAW = 0
+export const WP_RECORD_LZ4 = 1
+export const WP_RECORD_ZERO = 2
 
 /** `struct wp_stats`: these u64 fields in this order, then `hist[WP_HIST_BUCKETS]`. */
 export const WP_STATS_FIELDS = [
@@ -136,8 +151,9 @@ export const WP_STATS_WORDS = WP_STATS_FIELDS.length + WP_HIST_BUCKETS
 
 /** `struct wp_restore_stats`: these u64 fields in this order, then `hist[WP_RESTORE_HIST_BUCKETS]`. */
 export const WP_RESTORE_STATS_FIELDS = [
-  "pages_total", "pages_resident", "faults", "faults_zero", "pages_by_fault", "pages_by_fill", "removed_pages",
-  "fault_ns_total", "fault_ns_max", "first_fault_ns", "done_ns"
+  "pages_total", "pages_settled", "faults", "faults_zero", "pages_by_fault", "pages_by_fill", "removed_pages",
+  "fault_ns_total", "fault_ns_max", "first_fault_ns", "done_ns", "pages_gone", "pages_failed", "pages_poisoned",
+  "failed_records", "failed_offset", "failed_why", "failed_errno"
 ] as const
 export const WP_RESTORE_STATS_WORDS = WP_RESTORE_STATS_FIELDS.length + WP_RESTORE_HIST_BUCKETS
 
@@ -145,5 +161,6 @@ export const WP_RESTORE_STATS_WORDS = WP_RESTORE_STATS_FIELDS.length + WP_RESTOR
 export const symbolTables = {
   "vmsnap_engine.h": engineTable,
   "vmsnap_restore.h": restoreTable,
+  "vmsnap_record.h": recordTable,
   "vmsnap_transport.h": transportTable
 } as const

@@ -1,0 +1,96 @@
+/* Internal: the lazy restorer's state (restore.c) and how pages are put in
+ * place (restore_uffd.c). Not part of the public ABI. */
+#ifndef VMSNAP_WP_RESTORE_INTERNAL_H
+#define VMSNAP_WP_RESTORE_INTERNAL_H
+
+#include "record.h"
+#include "uffd.h"
+#include "vmsnap_restore.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+
+#define RS_MAX_RANGES 64
+#define RS_PAGE WP_RESTORE_PAGE_SIZE
+
+/* Per-page state of a range (one byte a page). A page is "settled" when
+ * nothing is left to install there: resident, discarded by the guest,
+ * gone (the VMM mapped something else over it) or poisoned. */
+enum {
+    PG_RESIDENT = 1, /* installed (or found present: never replaced) */
+    PG_REMOVED = 2,  /* discarded by the guest (REMOVE event): a fault gets zero, or the shared page that survived */
+    PG_GONE = 4,     /* ENOENT: the VMM mapped something else over it; skipped */
+    PG_FAILED = 8,   /* its record cannot be produced: never installed */
+    PG_POISONED = 16 /* failed and resolved with UFFDIO_POISON (a memory error the guest sees) */
+};
+#define PG_SETTLED (PG_RESIDENT | PG_REMOVED | PG_GONE | PG_POISONED)
+
+/* One record of the snapshot: where it is (for the decoder's checks) and
+ * which pages of the concatenated memory image it holds. */
+struct rs_record {
+    uint32_t region, pages;
+    uint64_t first_page, file_offset, image_page;
+};
+
+/* One range the VMM declared: [hva, hva + size) holds the image's pages
+ * from image_page on. */
+struct rs_range {
+    uint64_t hva, size, pages, image_page;
+    bool shared; /* memfd/shmem: a page may be in the page cache and not mapped (MINOR fault) */
+    uint8_t *state;
+};
+
+struct wp_restorer {
+    int uffd, file, stop_fd;
+    bool raw_image, move, no_fill;
+    uint32_t range_count;
+    struct rs_range ranges[RS_MAX_RANGES];
+    struct rs_record *records; /* sorted by image page, tiling the image */
+    uint32_t record_count;
+    uint64_t image_pages;
+    pthread_t fault_thread, fill_thread;
+    bool started;
+    _Atomic bool stopping, done;
+    _Atomic int32_t error;
+    /* One installer at a time, and events are read and marked under it too.
+     * Never held across a call that can block: the uffd is non-blocking
+     * (checked at create) and every ioctl under it returns at once. */
+    pthread_mutex_t install_lock;
+    _Atomic uint64_t pages_settled, pages_total;
+    /* Counters below change under install_lock (or in the fault thread only). */
+    uint64_t faults, faults_zero, pages_by_fault, pages_by_fill, removed_pages;
+    uint64_t pages_gone, pages_failed, pages_poisoned, failed_records;
+    uint64_t failed_offset;
+    uint32_t failed_why;
+    int32_t failed_errno;
+    uint64_t fault_ns_total, fault_ns_max, first_fault_ns, start_ns, done_ns;
+    uint64_t hist[WP_RESTORE_HIST_BUCKETS];
+    wp_record_codec *codec;
+};
+
+/* Sets the state bits of page p of g (under install_lock), counting pages
+ * that become settled. */
+void rs_set(wp_restorer *r, struct rs_range *g, uint64_t p, uint8_t bits);
+
+/* Installs pages [p, p + n) of range g from src (n pages; NULL: zero pages),
+ * page by page where the kernel says so: a present page is never replaced
+ * (EEXIST: kept, and mapped with UFFDIO_CONTINUE if it is in the page cache
+ * only), ENOENT marks the page gone. Marks what it installs resident.
+ * Returns 0, -EAGAIN (a discard event is pending: retry after reading it) or
+ * another -errno. Called with install_lock held. */
+int rs_install(wp_restorer *r, struct rs_range *g, uint64_t p, uint64_t n, const uint8_t *src);
+
+/* A fault on a settled page (discarded, or raced): zero if nothing is
+ * there, else map what is (never replaces). Then wakes the faulting thread. */
+int rs_install_zero_or_keep(wp_restorer *r, struct rs_range *g, uint64_t p);
+
+/* 0 if fd is a userfaultfd opened O_NONBLOCK; -ENOTTY: not a userfaultfd;
+ * -EBADFD: a blocking one (its read() would block the fault thread). */
+int rs_check_uffd(int fd);
+
+/* Resolves pages [p, p + n) with UFFDIO_POISON where the VMM negotiated it;
+ * returns 0 or -errno (-EINVAL: not negotiated). */
+int rs_poison(wp_restorer *r, struct rs_range *g, uint64_t p, uint64_t n);
+
+#endif
