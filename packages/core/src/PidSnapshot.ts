@@ -45,6 +45,8 @@ export interface PidSnapshotOptions {
   /** Runs while every thread is frozen, right after the cut (tests take their reference here). */
   readonly atCut?: (regions: ReadonlyArray<MemoryRegion>) => Effect.Effect<void, VmsnapError>
   readonly onProgress?: (savedPages: number, totalPages: number) => void
+  /** Slow the writer down (ms per turn): tests only. */
+  readonly writerDelayMs?: number
 }
 
 /** One captured mapping as recorded: the target's hva, bytes, kind, name, permissions. */
@@ -167,20 +169,25 @@ const takeUffd = (handle: JsExternal, pid: number) =>
     (fd) => Effect.sync(() => closeSync(fd))
   )
 
-/** The chosen mappings must still be there, registered with our uffd ("uw"), as chosen. */
+/** How the chosen mappings differ from the layout now (gone, moved, replaced: not registered with our uffd, "uw"), if they do. */
+const layoutChange = (pid: number, chosen: ReadonlyArray<ChosenMapping>): string | undefined => {
+  let now: Array<ProcessMapping>
+  try {
+    now = readMappings(pid)
+  } catch {
+    return undefined // gone: reported as an exit
+  }
+  return sameLayout(chosen, now) ??
+    chosen.map((c) => now.find((n) => n.start === c.start)!).filter((m) => !m.vmFlags.includes("uw")).map((m) => `mapping ${describeMapping(m)} was replaced`)[0]
+}
+
+const layoutError = (pid: number, when: string, change: string) =>
+  new NativeError({ op: "snapshot", errno: 16, reason: `pid ${pid} changed its memory layout ${when}: ${change}; the snapshot would not be of one instant, so it is abandoned (try again)` })
+
 const checkLayout = (pid: number, chosen: ReadonlyArray<ChosenMapping>, when: string): Effect.Effect<void, VmsnapError> =>
   Effect.suspend(() => {
-    let now: Array<ProcessMapping>
-    try {
-      now = readMappings(pid)
-    } catch {
-      return Effect.fail(new NativeError({ op: "snapshot", errno: 3, reason: `pid ${pid} exited ${when}` }))
-    }
-    const changed = sameLayout(chosen, now) ??
-      chosen.map((c) => now.find((n) => n.start === c.start)!).filter((m) => !m.vmFlags.includes("uw")).map((m) => `mapping ${describeMapping(m)} was replaced`)[0]
-    return changed
-      ? Effect.fail(new NativeError({ op: "snapshot", errno: 16, reason: `pid ${pid} changed its memory layout ${when}: ${changed}; the snapshot would not be of one instant, so it is abandoned (try again)` }))
-      : Effect.void
+    const change = layoutChange(pid, chosen)
+    return change ? Effect.fail(layoutError(pid, when, change)) : Effect.void
   })
 
 /** Takes a live snapshot of process `pid`'s memory into `path`. */
@@ -227,9 +234,17 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
         thaw: thaw(handle),
         atCut: options.atCut?.(regions),
         beforeCommit: checkLayout(pid, chosen, "during the snapshot"),
-        onProgress: options.onProgress
+        onProgress: options.onProgress,
+        writerDelayMs: options.writerDelayMs
       }).pipe(
-        Effect.mapError((e) => (isAlive(pid) ? e : new NativeError({ op: "snapshot", errno: 3, reason: `pid ${pid} exited during the snapshot` })))
+        // ESRCH from the engine, or a target no longer running, is the target exiting; an
+        // engine failure on a mapping that moved (e.g. ENOENT unprotecting it) is the layout change.
+        Effect.mapError((e) => {
+          if (!isAlive(pid) || (e instanceof NativeError && e.errno === 3))
+            return new NativeError({ op: "snapshot", errno: 3, reason: `pid ${pid} exited during the snapshot` })
+          const change = e instanceof NativeError && e.errno !== 16 ? layoutChange(pid, chosen) : undefined
+          return change ? layoutError(pid, "during the snapshot", change) : e
+        })
       )
       return {
         ...result,

@@ -1,0 +1,303 @@
+/**
+ * `vmsnap snapshot --pid` end to end against test/fixtures/pid_target.c, an
+ * ordinary multi-threaded process that knows nothing of vmsnap: the snapshot
+ * equals its memory at the cut (a reference read through /proc/PID/mem while
+ * every thread is frozen), also while it creates threads and maps memory;
+ * every way out (success, Ctrl-C, SIGKILL of vmsnap, the target dying, a
+ * refused attach) leaves it running, untraced and unprotected.
+ */
+import { Cause, Effect, Exit } from "effect"
+import { type ChildProcess, spawn, spawnSync } from "node:child_process"
+import { closeSync, existsSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, rmSync, writeSync } from "node:fs"
+import { dirname, join } from "node:path"
+import { fileURLToPath } from "node:url"
+import { afterAll, describe, expect, it } from "vitest"
+import { type MemoryRegion, type PidSnapshotOptions, restoreToRawFile, snapshotPid, WpNative } from "../packages/core/src/index.js"
+import { scratchDir } from "./toyVmmTests.js"
+
+const here = dirname(fileURLToPath(import.meta.url))
+const bin = join(here, "..", "packages", "cli", "dist", "bin.js")
+const dir = scratchDir("vmsnap-pid-")
+const targetBin = join(dir, "pid_target")
+
+const skipReason = (): string | undefined => {
+  if (process.arch !== "x64") return "syscall injection into another process is implemented for x86-64 only"
+  if (process.getuid?.() !== 0) return "needs root: ptrace of a process that is not a child, and userfaultfd inside it"
+  const cc = spawnSync(process.env.CC ?? "cc", ["-O2", "-pthread", "-o", targetBin, join(here, "fixtures", "pid_target.c")], { encoding: "utf8" })
+  if (cc.status !== 0) return `cannot build the test target: ${cc.error?.message ?? cc.stderr}`
+  return undefined
+}
+const skip = skipReason()
+if (skip) console.warn(`SKIP pid snapshot tests: ${skip}`)
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+const run = <A, E>(effect: Effect.Effect<A, E, WpNative>) => Effect.runPromiseExit(Effect.provide(effect, WpNative.layer))
+const messageOf = (exit: Exit.Exit<unknown, unknown>) => (Exit.isFailure(exit) ? String((Cause.squash(exit.cause) as Error).message) : "(succeeded)")
+
+class Target {
+  readonly child: ChildProcess
+  private out = ""
+  stderr = ""
+  readonly ready: Promise<{ pid: number; anon: bigint; shm: bigint; bytes: number }>
+
+  constructor(args: ReadonlyArray<string>) {
+    this.child = spawn(targetBin, args, { stdio: ["pipe", "pipe", "pipe"] })
+    this.child.stderr!.on("data", (d) => (this.stderr += d))
+    this.child.stdout!.on("data", (d) => (this.out += d))
+    this.ready = this.line(/^READY pid=(\d+) anon=([0-9a-f]+) anon_bytes=(\d+) shm=([0-9a-f]+)/m).then((m) => ({
+      pid: Number(m[1]), anon: BigInt(`0x${m[2]}`), bytes: Number(m[3]), shm: BigInt(`0x${m[4]}`)
+    }))
+    this.ready.catch(() => undefined) // a tracer helper never prints READY
+    targets.push(this)
+  }
+
+  get pid() {
+    return this.child.pid!
+  }
+
+  private async line(re: RegExp): Promise<RegExpExecArray> {
+    for (let i = 0; i < 500; i++) {
+      const m = re.exec(this.out)
+      if (m) {
+        this.out = this.out.slice(m.index + m[0].length)
+        return m
+      }
+      if (this.child.exitCode !== null || this.child.signalCode !== null) throw new Error(`target exited: ${this.stderr}`)
+      await sleep(20)
+    }
+    throw new Error(`target did not print ${re}: ${this.stderr}`)
+  }
+
+  /** The target's write count, answered by its main thread (blocked in read(2) meanwhile). */
+  async ping(): Promise<number> {
+    this.child.stdin!.write("ping\n")
+    return Number((await this.line(/^pong (\d+)$/m))[1])
+  }
+
+  kill() {
+    if (this.child.exitCode === null) this.child.kill("SIGKILL")
+  }
+}
+const targets: Array<Target> = []
+afterAll(() => targets.forEach((t) => t.kill()))
+
+/** Copies the target's memory of every region, concatenated, into `out` (while it is frozen). */
+const referenceAtCut = (pid: number, out: string) => (regions: ReadonlyArray<MemoryRegion>) =>
+  Effect.sync(() => {
+    const mem = openSync(`/proc/${pid}/mem`, "r")
+    const fd = openSync(out, "w", 0o600)
+    const buf = Buffer.alloc(1 << 22)
+    for (const r of regions) {
+      for (let off = 0; off < r.size; off += buf.length) {
+        const n = Math.min(buf.length, r.size - off)
+        if (readSync(mem, buf, 0, n, Number(r.guestBase) + off) !== n) throw new Error("short read of /proc/PID/mem")
+        writeSync(fd, buf, 0, n)
+      }
+    }
+    closeSync(fd)
+    closeSync(mem)
+  })
+
+/** The snapshot, restored to a raw image, equals the reference. */
+const equalsReference = async (snapshot: string, reference: string) => {
+  const raw = `${snapshot}.raw`
+  const exit = await Effect.runPromiseExit(restoreToRawFile(snapshot, raw))
+  expect(Exit.isSuccess(exit), messageOf(exit)).toBe(true)
+  const same = readFileSync(raw).equals(readFileSync(reference))
+  rmSync(raw)
+  return same
+}
+
+/** Nothing of vmsnap is left in the target: no tracer on any thread, no uffd, no registered range. */
+const expectReleased = async (target: Target) => {
+  const pid = target.pid
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    let status: string
+    try {
+      status = readFileSync(`/proc/${pid}/task/${tid}/status`, "utf8")
+    } catch {
+      continue // a short-lived thread that exited since the listing
+    }
+    expect(/^TracerPid:\s+(\d+)/m.exec(status)?.[1], `thread ${tid} is still traced`).toBe("0")
+  }
+  const fds = readdirSync(`/proc/${pid}/fd`).map((fd) => { try { return readlinkSync(`/proc/${pid}/fd/${fd}`) } catch { return "" } })
+  expect(fds.filter((l) => l.includes("userfaultfd"))).toEqual([])
+  const registered = readFileSync(`/proc/${pid}/smaps`, "utf8").split("\n").filter((l) => l.startsWith("VmFlags:") && / uw( |$)/.test(l))
+  expect(registered).toEqual([])
+  const before = await target.ping()
+  await sleep(50)
+  expect(await target.ping(), "the target's writers stopped").toBeGreaterThan(before)
+}
+
+const snapshotWithReference = async (target: Target, name: string, extra: Partial<PidSnapshotOptions> = {}) => {
+  const path = join(dir, `${name}.vmsnap`)
+  const reference = join(dir, `${name}.ref`)
+  const exit = await run(snapshotPid({ pid: target.pid, path, poolPages: 512, atCut: referenceAtCut(target.pid, reference), ...extra }))
+  return { exit, path, reference }
+}
+
+describe.skipIf(skip)("snapshot --pid", () => {
+  it("a process writing from two threads: the snapshot equals its memory at the cut, and it runs on untouched", async () => {
+    const target = new Target(["32", "2"])
+    await target.ready
+    await sleep(100)
+    const { exit, path, reference } = await snapshotWithReference(target, "plain")
+    expect(Exit.isSuccess(exit), messageOf(exit)).toBe(true)
+    if (!Exit.isSuccess(exit)) return
+    const r = exit.value
+    expect(r.threads).toBeGreaterThanOrEqual(4) // main, sleeper, two writers
+    expect(r.engine.faults, "the writers never raced the snapshot").toBeGreaterThan(0)
+    expect(r.mappings.some((m) => m.kind === "memfd" && m.name.startsWith("/memfd:pid-target-shm"))).toBe(true)
+    expect(r.mappings.some((m) => m.name === "[heap]" || m.name === "[stack]")).toBe(true)
+    expect(r.skipped.some((s) => s.mapping.includes("libc") && /private mapping of a file/.test(s.why))).toBe(true) // libc's .data
+    expect(await equalsReference(path, reference)).toBe(true)
+    await expectReleased(target)
+    expect(target.stderr).toBe("")
+  })
+
+  it("while it creates threads and maps and unmaps memory: the chosen mappings are exact", async () => {
+    const target = new Target(["32", "2", "churn"])
+    const t = await target.ready
+    await sleep(100)
+    for (let round = 0; round < 3; round++) {
+      const { exit, path, reference } = await snapshotWithReference(target, `churn-${round}`, {
+        mappings: [{ _tag: "Name", name: "pid-target-shm" }, { _tag: "Range", start: t.anon, end: t.anon + BigInt(t.bytes) }]
+      })
+      expect(Exit.isSuccess(exit), messageOf(exit)).toBe(true)
+      if (Exit.isSuccess(exit)) expect(exit.value.mappings.length).toBe(2)
+      expect(await equalsReference(path, reference)).toBe(true)
+    }
+    await expectReleased(target)
+    expect(target.stderr).toBe("")
+  })
+
+  it("while it maps and unmaps memory, all mappings: a clean failure naming the change, or an exact snapshot", async () => {
+    const target = new Target(["16", "2", "churn"])
+    await target.ready
+    const outcomes: Array<string> = []
+    for (let round = 0; round < 4; round++) {
+      const { exit, path, reference } = await snapshotWithReference(target, `churn-all-${round}`)
+      if (Exit.isSuccess(exit)) {
+        expect(await equalsReference(path, reference)).toBe(true)
+        outcomes.push("exact")
+      } else {
+        expect(messageOf(exit)).toMatch(/changed its memory layout|cannot be write-protected|register/)
+        expect(existsSync(path)).toBe(false)
+        outcomes.push("refused")
+      }
+    }
+    console.log(`pid snapshot with all mappings of a churning process: ${outcomes.join(", ")}`)
+    await expectReleased(target)
+  })
+
+  it("memory mapped over a chosen mapping during the snapshot: refused, never a silent difference", async () => {
+    const target = new Target(["32", "1"])
+    await target.ready
+    const path = join(dir, "remapped.vmsnap")
+    const exit = await run(snapshotPid({
+      pid: target.pid, path, poolPages: 64, writerDelayMs: 20,
+      // Frozen at the cut: the command runs as soon as the target is thawed.
+      atCut: () => Effect.sync(() => void target.child.stdin!.write("remap\n"))
+    }))
+    expect(Exit.isFailure(exit)).toBe(true)
+    expect(messageOf(exit)).toMatch(/changed its memory layout during the snapshot: mapping 0x[0-9a-f]+-0x[0-9a-f]+ rw-p .* was replaced/)
+    expect(existsSync(path)).toBe(false)
+    await expectReleased(target)
+  })
+
+  it("the target killed during the snapshot: a clear error, no file", async () => {
+    const target = new Target(["64", "2"])
+    await target.ready
+    const path = join(dir, "killed.vmsnap")
+    let killed = false
+    const exit = await run(snapshotPid({
+      pid: target.pid, path, poolPages: 64,
+      onProgress: () => {
+        if (!killed) (killed = true), target.kill()
+      }
+    }))
+    expect(killed).toBe(true)
+    expect(Exit.isFailure(exit)).toBe(true)
+    expect(messageOf(exit)).toMatch(/pid \d+ exited/)
+    expect(existsSync(path)).toBe(false)
+  })
+
+  it("a target already traced by another process: refused with the tracer named, and every thread let go", async () => {
+    const target = new Target(["8", "2"])
+    await target.ready
+    const tracer = new Target(["trace", String(target.pid)])
+    await (tracer as unknown as { line: (re: RegExp) => Promise<unknown> }).line(/^TRACING$/m)
+    const exit = await run(snapshotPid({ pid: target.pid, path: join(dir, "traced.vmsnap") }))
+    expect(messageOf(exit)).toMatch(new RegExp(`already traced by pid ${tracer.pid} \\(pid_target\\)`))
+    for (const tid of readdirSync(`/proc/${target.pid}/task`).filter((t) => Number(t) !== target.pid))
+      expect(/^TracerPid:\s+(\d+)/m.exec(readFileSync(`/proc/${target.pid}/task/${tid}/status`, "utf8"))?.[1]).toBe("0")
+    tracer.kill()
+    await sleep(100)
+    await expectReleased(target)
+  })
+
+  it("a target under seccomp is refused before anything runs inside it", async () => {
+    const target = new Target(["8", "1", "seccomp"])
+    await target.ready
+    const exit = await run(snapshotPid({ pid: target.pid, path: join(dir, "seccomp.vmsnap") }))
+    expect(messageOf(exit)).toMatch(/seccomp/)
+    await expectReleased(target)
+  })
+})
+
+describe.skipIf(skip)("vmsnap snapshot --pid (CLI)", () => {
+  const cli = (args: ReadonlyArray<string>) => spawn(process.execPath, [bin, ...args], { stdio: ["ignore", "pipe", "pipe"] })
+  const finished = (child: ChildProcess) =>
+    new Promise<{ code: number | null; signal: string | null; stdout: string; stderr: string }>((resolve) => {
+      let stdout = ""
+      let stderr = ""
+      child.stdout!.on("data", (d) => (stdout += d))
+      child.stderr!.on("data", (d) => (stderr += d))
+      child.on("exit", (code, signal) => resolve({ code, signal, stdout, stderr }))
+    })
+  /** Resolves once the target has a range registered with a userfaultfd: vmsnap is mid-snapshot. */
+  const registered = async (pid: number) => {
+    for (let i = 0; i < 2000; i++) {
+      if (/^VmFlags:.* uw( |$)/m.test(readFileSync(`/proc/${pid}/smaps`, "utf8"))) return true
+      await sleep(2)
+    }
+    return false
+  }
+
+  it("--json: one object with the mappings; the file verifies", async () => {
+    const target = new Target(["16", "2"])
+    const t = await target.ready
+    const path = join(dir, "cli.vmsnap")
+    const r = await finished(cli(["snapshot", "--pid", String(t.pid), "--mapping", "pid-target-shm", "-o", path, "--json"]))
+    expect(r.code, r.stderr + r.stdout).toBe(0)
+    const out = JSON.parse(r.stdout)
+    expect(out.ok).toBe(true)
+    expect(out.mappings).toEqual([{ hva: `0x${t.shm.toString(16)}`, size: t.bytes, kind: "memfd", name: "/memfd:pid-target-shm (deleted)", permissions: "rw-s" }])
+    const verify = await finished(cli(["verify", path]))
+    expect(verify.code, verify.stderr).toBe(0)
+    await expectReleased(target)
+  })
+
+  it("usage: --pid with --agent, or --mapping without --pid, is a usage error", async () => {
+    expect((await finished(cli(["snapshot", "--pid", "1", "--agent", "/x", "-o", join(dir, "u")]))).code).toBe(2)
+    expect((await finished(cli(["snapshot", "--listen", "/x", "--mapping", "heap", "-o", join(dir, "u")]))).code).toBe(2)
+  })
+
+  for (const signal of ["SIGINT", "SIGKILL"] as const) {
+    it(`${signal} to vmsnap mid-snapshot: the target runs on, untraced and unprotected`, async () => {
+      const target = new Target(["256", "2"])
+      await target.ready
+      const path = join(dir, `${signal}.vmsnap`)
+      const child = cli(["snapshot", "--pid", String(target.pid), "-o", path, "--buffer", "0", "--json"])
+      const done = finished(child)
+      expect(await registered(target.pid), "vmsnap never registered the target's memory").toBe(true)
+      child.kill(signal)
+      const r = await done
+      if (signal === "SIGINT") expect(r.code, r.stdout + r.stderr).toBe(130)
+      else expect(r.signal).toBe("SIGKILL")
+      expect(existsSync(path)).toBe(false)
+      await expectReleased(target)
+      expect(target.stderr).toBe("")
+    })
+  }
+})
