@@ -1,5 +1,5 @@
 /**
- * `vmsnap snapshot --pid` end to end against test/fixtures/pid_target.c, an
+ * `vmsnap snapshot --pid` end to end against packages/rig/target/pid_target.c, an
  * ordinary multi-threaded process that knows nothing of vmsnap: the snapshot
  * equals its memory at the cut (a reference read through /proc/PID/mem while
  * every thread is frozen), also while it creates threads and maps memory;
@@ -7,7 +7,7 @@
  * refused attach) leaves it running, untraced and unprotected.
  */
 import { Cause, Effect, Exit } from "effect"
-import { type ChildProcess, spawn, spawnSync } from "node:child_process"
+import { type ChildProcess, spawn } from "node:child_process"
 import { closeSync, existsSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, rmSync, writeSync } from "node:fs"
 import { dirname, join } from "node:path"
 import { fileURLToPath } from "node:url"
@@ -18,13 +18,12 @@ import { scratchDir } from "./toyVmmTests.js"
 const here = dirname(fileURLToPath(import.meta.url))
 const bin = join(here, "..", "packages", "cli", "dist", "bin.js")
 const dir = scratchDir("vmsnap-pid-")
-const targetBin = join(dir, "pid_target")
+const targetBin = join(here, "..", "packages", "rig", "build", "vmsnap-pidtarget")
 
 const skipReason = (): string | undefined => {
   if (process.arch !== "x64") return "syscall injection into another process is implemented for x86-64 only"
   if (process.getuid?.() !== 0) return "needs root: ptrace of a process that is not a child, and userfaultfd inside it"
-  const cc = spawnSync(process.env.CC ?? "cc", ["-O2", "-pthread", "-o", targetBin, join(here, "fixtures", "pid_target.c")], { encoding: "utf8" })
-  if (cc.status !== 0) return `cannot build the test target: ${cc.error?.message ?? cc.stderr}`
+  if (!existsSync(targetBin)) return `the test target ${targetBin} is not built (run \`npm run setup\`)`
   return undefined
 }
 const skip = skipReason()
@@ -228,7 +227,7 @@ describe.skipIf(skip)("snapshot --pid", () => {
     const tracer = new Target(["trace", String(target.pid)])
     await (tracer as unknown as { line: (re: RegExp) => Promise<unknown> }).line(/^TRACING$/m)
     const exit = await run(snapshotPid({ pid: target.pid, path: join(dir, "traced.vmsnap") }))
-    expect(messageOf(exit)).toMatch(new RegExp(`already traced by pid ${tracer.pid} \\(pid_target\\)`))
+    expect(messageOf(exit)).toMatch(new RegExp(`already traced by pid ${tracer.pid} \\(vmsnap-pidtarge\\)`))
     for (const tid of readdirSync(`/proc/${target.pid}/task`).filter((t) => Number(t) !== target.pid))
       expect(/^TracerPid:\s+(\d+)/m.exec(readFileSync(`/proc/${target.pid}/task/${tid}/status`, "utf8"))?.[1]).toBe("0")
     tracer.kill()
