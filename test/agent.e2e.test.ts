@@ -35,7 +35,7 @@ const equalsReference = async (snapshot: string, reference: string) => {
 describe.skipIf(skip)("agent with the toy VMM", () => {
   const socket = join(dir, "agent.sock")
   const log: Array<string> = []
-  const agent = new Agent(socket, { log: (l) => log.push(l) })
+  const agent = new Agent(socket, { log: (l) => log.push(l), outputDir: dir })
   beforeAll(() => agent.listen())
   afterAll(() => agent.close())
 
@@ -116,7 +116,7 @@ describe.skipIf(skip)("agent with the toy VMM", () => {
       return JSON.parse(stdout) as { type: string; message: string }
     }
     const hello = (extra: Record<string, unknown> = {}, size = 1 << 20) =>
-      JSON.stringify({ type: "hello", version: 1, vm: "bad", role: "vmm", uffd: 0, regions: [{ gpa: "0x0", size, pageSize: 4096, fd: 1, offset: 0, hva: "0x7f0000000000" }], ...extra })
+      JSON.stringify({ type: "hello", version: 1, vm: "bad", role: "vmm", uffd: 0, regions: [{ gpa: "0x0", size, pageSize: 4096, fd: 1, offset: 0, hva: "HVA" }], ...extra })
 
     it.each([
       ["not JSON", "{this is not json", "none", /not valid JSON/],
@@ -151,7 +151,7 @@ describe.skipIf(skip)("agent with the toy VMM", () => {
 describe.skipIf(skip || !existsSync(bin))("the agent process killed mid-snapshot", () => {
   it("the VMM's vCPUs are not left blocked", async () => {
     const socket = join(dir, "doomed.sock")
-    const agentProcess = spawn(process.execPath, [bin, "agent", "--listen", socket], { stdio: ["ignore", "ignore", "pipe"] })
+    const agentProcess = spawn(process.execPath, [bin, "agent", "--listen", socket, "--output-dir", dir], { stdio: ["ignore", "ignore", "pipe"] })
     while (!existsSync(socket)) await sleep(10)
     const vmm = startVmm({ memMiB: 512, vcpus: 2, rate: 0, agent: socket, vm: "doomed", fillPercent: 100, progressMs: 20 })
     const ready = await vmm.ready

@@ -197,7 +197,9 @@ describe("agent and snapshot usage", () => {
     [["snapshot", "-o", "x.vmsnap"], /exactly one of --agent SOCK/],
     [["snapshot", "-o", "x.vmsnap", "--agent", "/tmp/a.sock"], /--agent needs --vm ID/],
     [["snapshot", "--agent", "/tmp/a.sock", "--vm", "x"], /Missing required argument: output/],
-    [["agent"], /Missing required argument: listen/],
+    [["agent"], /Missing required arguments?: listen/],
+    [["agent", "--listen", "/tmp/a.sock"], /Missing required argument: output-dir/],
+    [["agent", "--listen", "/tmp/a.sock", "--output-dir", "/tmp", "--socket-mode", "rw"], /--socket-mode rw: give an octal mode/],
     [["demo", "--guest", "vmm", "--memory", "anon-thp"], /needs --guest threads/],
     [["demo", "--guest", "threads", "--device"], /--device needs --guest vmm/]
   ])("%j is a usage error", async (argv, pattern) => {

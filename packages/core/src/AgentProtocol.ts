@@ -11,6 +11,11 @@ export const PROTOCOL_VERSION = 1
 /** Longest message accepted, in bytes. */
 export const MAX_MESSAGE_BYTES = 1 << 20
 export const MAX_HELLO_REGIONS = 64
+/** Processes (a VMM and its devices) one VM may have: the engine protects at most 16 processes, one of them the agent itself (WP_MAX_PROCESSES in engine_internal.h). */
+export const MAX_VM_PROCESSES = 15
+/** Entries of a `bypassWriters` list, and characters of each. */
+const MAX_BYPASS_WRITERS = 64
+const MAX_BYPASS_WRITER_CHARS = 200
 
 export { ProtocolError }
 
@@ -23,6 +28,8 @@ export interface HelloRegion {
   readonly offset: number
   /** Where the sender maps the region. */
   readonly hva: bigint
+  /** Anonymous memory the sender backs with transparent huge pages: rebuilt (MADV_COLLAPSE) after a snapshot. */
+  readonly thp: boolean
 }
 
 export interface Hello {
@@ -33,6 +40,10 @@ export interface Hello {
   /** Index of the userfaultfd among the message's fds. */
   readonly uffd: number
   readonly regions: ReadonlyArray<HelloRegion>
+  /** The sender answers `prepare` (holds its balloon/discards from then until `done` or `failed`). */
+  readonly prepare: boolean
+  /** Devices that write guest memory without the page tables (VFIO, vDPA, io_uring fixed buffers, pwrite on the memfd); snapshots are refused while any is declared. */
+  readonly bypassWriters: ReadonlyArray<string>
 }
 
 export interface SnapshotRequest {
@@ -78,6 +89,16 @@ export const parseMessage = (line: string): Record<string, unknown> => {
   return isObject(v) ? v : fail("message is not a JSON object")
 }
 
+/** A `bypassWriters` list: short descriptions of devices, at most 64. */
+export const parseBypassWriters = (v: unknown): ReadonlyArray<string> => {
+  if (v === undefined) return []
+  if (!Array.isArray(v) || v.length > MAX_BYPASS_WRITERS || !v.every((w) => typeof w === "string" && w.length > 0 && w.length <= MAX_BYPASS_WRITER_CHARS))
+    return fail(`"bypassWriters" must be an array of at most ${MAX_BYPASS_WRITERS} device descriptions (strings of 1-${MAX_BYPASS_WRITER_CHARS} characters)`)
+  return v as Array<string>
+}
+
+const flag = (v: unknown, what: string): boolean => (v === undefined ? false : typeof v === "boolean" ? v : fail(`${what} must be true or false`))
+
 /** Checks a hello against the fds that came with it. */
 export const parseHello = (m: Record<string, unknown>, fdCount: number): Hello => {
   if (m.version !== PROTOCOL_VERSION) fail(`unsupported protocol version ${JSON.stringify(m.version)}; this agent speaks ${PROTOCOL_VERSION}`)
@@ -100,12 +121,17 @@ export const parseHello = (m: Record<string, unknown>, fdCount: number): Hello =
     if (offset % PAGE_SIZE !== 0) fail(`region ${i} offset ${offset} is not page aligned`)
     const hva = address(r.hva, `region ${i} "hva"`)
     if (hva % BigInt(PAGE_SIZE) !== 0n || hva === 0n) fail(`region ${i} hva is not a page-aligned address`)
-    return { gpa: address(r.gpa, `region ${i} "gpa"`), size, pageSize, fd, offset, hva }
+    const thp = flag(r.thp, `region ${i} "thp"`)
+    if (thp && fd !== null) fail(`region ${i} "thp": only anonymous memory (no fd) is rebuilt into huge pages`)
+    return { gpa: address(r.gpa, `region ${i} "gpa"`), size, pageSize, fd, offset, hva, thp }
   })
   const sorted = [...regions].sort((a, b) => (a.gpa < b.gpa ? -1 : 1))
   for (let i = 1; i < sorted.length; i++)
     if (sorted[i - 1]!.gpa + BigInt(sorted[i - 1]!.size) > sorted[i]!.gpa) fail("regions overlap in guest-physical space")
-  return { type: "hello", version: PROTOCOL_VERSION, vm: vmId(m.vm), role, uffd, regions }
+  return {
+    type: "hello", version: PROTOCOL_VERSION, vm: vmId(m.vm), role, uffd, regions,
+    prepare: flag(m.prepare, `"prepare"`), bypassWriters: parseBypassWriters(m.bypassWriters)
+  }
 }
 
 export const parseClientRequest = (m: Record<string, unknown>): ClientRequest => {

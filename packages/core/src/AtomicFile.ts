@@ -3,13 +3,21 @@
  * written as `.NAME.tmp-PID-RANDOM` in the same directory, then fsynced,
  * renamed and the directory fsynced (`commit`). Released uncommitted (error,
  * interruption), the temporary file is deleted: nothing partial is left.
+ *
+ * It never follows or replaces what the path does not own: the directory is
+ * opened once and everything happens in that directory through its fd
+ * (`/proc/self/fd/N/NAME`, openat-style); the temporary file is created with
+ * O_CREAT|O_EXCL|O_NOFOLLOW and mode 0600 (or `mode`); the final name is
+ * replaced only if it is a regular file or nothing (a device node, a FIFO, a
+ * socket, a symbolic link or a directory there is an error, checked before
+ * writing and again right before the rename).
  */
 import { Effect } from "effect"
 import { randomUUID } from "node:crypto"
-import { constants as fsConstants } from "node:fs"
-import { open, rename, stat, unlink, type FileHandle } from "node:fs/promises"
-import { basename, dirname, join } from "node:path"
-import { ioError, type SnapshotIoError } from "./Errors.js"
+import { closeSync, constants as fsConstants, lstatSync, openSync, readdirSync, readFileSync, type Stats, unlinkSync } from "node:fs"
+import { lstat, open, rename, unlink, type FileHandle } from "node:fs/promises"
+import { basename, dirname } from "node:path"
+import { ioError, SnapshotIoError } from "./Errors.js"
 
 export interface AtomicFile {
   readonly path: string
@@ -18,34 +26,115 @@ export interface AtomicFile {
   readonly commit: Effect.Effect<void, SnapshotIoError>
 }
 
-export const atomicFile = (path: string, mode: "write" | "read-write" = "write") =>
-  Effect.acquireRelease(
+export interface AtomicFileOptions {
+  readonly access?: "write" | "read-write"
+  /** File mode, applied exactly (not through the umask). Default 0o600. */
+  readonly mode?: number
+  /** Owner of the new file (the agent writes files for the uid that asked). */
+  readonly owner?: { readonly uid: number; readonly gid: number }
+  /** An open directory to create the file in (its fd stays the caller's), and the name in it; `path` is then only for messages. */
+  readonly dir?: { readonly fd: number; readonly name: string }
+}
+
+const TEMP_NAME = /^\.(.+)\.tmp-(\d+)-[0-9a-f]{8}$/
+
+const kindOf = (st: Stats): string =>
+  st.isFIFO() ? "a FIFO" : st.isCharacterDevice() ? "a character device" : st.isBlockDevice() ? "a block device" : st.isSocket() ? "a socket" : st.isSymbolicLink() ? "a symbolic link" : st.isDirectory() ? "a directory" : "not a regular file"
+
+/** Fails unless `at` is a regular file or nothing. */
+const replaceable = async (at: string, path: string): Promise<void> => {
+  const st = await lstat(at).catch(() => undefined)
+  if (!st || st.isFile()) return
+  throw new SnapshotIoError({
+    path, op: "create", code: st.isDirectory() ? "EISDIR" : "EEXIST",
+    reason: `${path} is ${kindOf(st)}: only a regular file (or nothing) is replaced; choose another path${st.isCharacterDevice() ? " (use -o - to write to stdout where the command allows it)" : ""}`
+  })
+}
+
+const openDirectory = (path: string): number => openSync(path, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY)
+
+export const atomicFile = (path: string, options: AtomicFileOptions | "write" | "read-write" = {}) => {
+  const o: AtomicFileOptions = typeof options === "string" ? { access: options } : options
+  return Effect.acquireRelease(
     Effect.gen(function* () {
-      const existing = yield* Effect.promise(() => stat(path).catch(() => undefined))
-      if (existing?.isDirectory())
-        return yield* Effect.fail(ioError(path, "create", Object.assign(new Error("is a directory"), { code: "EISDIR" })))
-      const tmp = join(dirname(path), `.${basename(path)}.tmp-${process.pid}-${randomUUID().slice(0, 8)}`)
-      const access = mode === "write" ? fsConstants.O_WRONLY : fsConstants.O_RDWR
+      const ownDir = o.dir === undefined
+      const dirFd = yield* Effect.try({ try: () => o.dir?.fd ?? openDirectory(dirname(path)), catch: (e) => ioError(path, "open the directory of", e) })
+      const name = o.dir?.name ?? basename(path)
+      const at = (n: string) => `/proc/self/fd/${dirFd}/${n}`
+      const closeDir = () => ownDir && closeSync(dirFd)
+      const tmpName = `.${name}.tmp-${process.pid}-${randomUUID().slice(0, 8)}`
+      const access = o.access === "read-write" ? fsConstants.O_RDWR : fsConstants.O_WRONLY
       const file = yield* Effect.tryPromise({
-        try: () => open(tmp, fsConstants.O_CREAT | fsConstants.O_EXCL | access, 0o644),
-        catch: (e) => ioError(path, "create", e)
-      })
+        try: async () => {
+          await replaceable(at(name), path)
+          const f = await open(at(tmpName), fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW | access, 0o600)
+          try {
+            if (o.owner) await f.chown(o.owner.uid, o.owner.gid)
+            await f.chmod(o.mode ?? 0o600)
+          } catch (e) {
+            await f.close()
+            await unlink(at(tmpName)).catch(() => undefined)
+            throw e
+          }
+          return f
+        },
+        catch: (e) => (e instanceof SnapshotIoError ? e : ioError(path, "create", e))
+      }).pipe(Effect.tapError(() => Effect.sync(closeDir)))
       const state = { committed: false }
       const commit = Effect.tryPromise({
         try: async () => {
           await file.sync()
-          await rename(tmp, path)
+          await replaceable(at(name), path)
+          await rename(at(tmpName), at(name))
           state.committed = true
-          const dir = await open(dirname(path), fsConstants.O_RDONLY)
+          const dir = await open(`/proc/self/fd/${dirFd}`, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY)
           await dir.sync().finally(() => dir.close())
         },
-        catch: (e) => ioError(path, "commit", e)
+        catch: (e) => (e instanceof SnapshotIoError ? e : ioError(path, "commit", e))
       })
-      return { output: { path, file, commit } satisfies AtomicFile, tmp, state }
+      return { output: { path, file, commit } satisfies AtomicFile, remove: () => unlink(at(tmpName)), state, closeDir }
     }),
-    ({ output, tmp, state }) =>
+    ({ output, remove, state, closeDir }) =>
       Effect.promise(async () => {
         await output.file.close().catch(() => undefined)
-        if (!state.committed) await unlink(tmp).catch(() => undefined)
+        if (!state.committed) await remove().catch(() => undefined)
+        closeDir()
       })
   ).pipe(Effect.map(({ output }) => output))
+}
+
+/** Still running: neither gone nor a zombie waiting for its parent. */
+export const isAlive = (pid: number): boolean => {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8")
+    return stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3) !== "Z"
+  } catch {
+    return false
+  }
+}
+
+/**
+ * Removes temporary files an earlier, killed writer left in `dir` (the open
+ * directory `dirFd`): only names of this module's pattern, regular files
+ * owned by this process's uid, whose writer (the pid in the name) is no
+ * longer running. Returns the names removed.
+ */
+export const removeStaleTempFiles = (dirFd: number): Array<string> => {
+  const at = (n: string) => `/proc/self/fd/${dirFd}/${n}`
+  const removed: Array<string> = []
+  for (const n of readdirSync(at(""))) {
+    const m = TEMP_NAME.exec(n)
+    if (!m) continue
+    const pid = Number(m[2])
+    if (pid === process.pid || isAlive(pid)) continue
+    try {
+      const st = lstatSync(at(n))
+      if (!st.isFile() || st.uid !== process.geteuid?.()) continue
+      unlinkSync(at(n))
+      removed.push(n)
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return removed
+}

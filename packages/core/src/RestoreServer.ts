@@ -21,8 +21,7 @@ import { Cause, Effect, Exit, Scope } from "effect"
 import type { Socket } from "node:net"
 import { describeError, ProtocolError } from "./Errors.js"
 import { PAGE_SIZE } from "./GuestMemory.js"
-import { loadWp } from "./internal/ffi.js"
-import { closeFds, receiveFirstMessage, socketFd } from "./internal/firstMessage.js"
+import { closeFds, type FirstMessage } from "./internal/firstMessage.js"
 import { listenUnix, type UnixServer } from "./internal/unixServer.js"
 import { type GuestRange, type ImageIndex, indexSource, type LazyRestoreStats, type RestoreSource, startLazyRestore } from "./LazyRestore.js"
 
@@ -105,7 +104,11 @@ export class RestoreServer {
   /** Reads the source's index and checks its structure (fails with SnapshotFormatError), then listens. */
   async listen(): Promise<void> {
     this.index = await Effect.runPromise(indexSource(this.source))
-    this.server = await listenUnix(this.socketPath, (socket) => void this.accept(socket))
+    this.server = await listenUnix(this.socketPath, {
+      // Firecracker sends one message and no terminator: a body that stops arriving is complete.
+      firstMessage: { complete: completeJson, maxBytes: MAX_BODY, timeoutMs: HANDSHAKE_TIMEOUT_MS, idleMs: 200 },
+      refuse: (socket, cred, reason) => this.refuse(socket, cred?.pid ?? 0, reason)
+    }, (socket, cred, first) => void this.accept(socket, cred.pid, first))
   }
 
   async close(): Promise<void> {
@@ -121,19 +124,7 @@ export class RestoreServer {
     socket.end(JSON.stringify({ error: reason }) + "\n")
   }
 
-  private async accept(socket: Socket) {
-    socket.on("error", () => undefined)
-    const fd = socketFd(socket)
-    if (fd === undefined) return void socket.destroy()
-    let first: Awaited<ReturnType<typeof receiveFirstMessage>>
-    try {
-      // Firecracker sends one message and no terminator: a body that stops arriving is complete.
-      first = await receiveFirstMessage(fd, completeJson, { maxBytes: MAX_BODY, timeoutMs: HANDSHAKE_TIMEOUT_MS, idleMs: 200 })
-    } catch (e) {
-      return this.refuse(socket, 0, describeError(e))
-    }
-    if (!first) return void socket.destroy()
-    const pid: number = loadWp().wp_transport_peer_pid([fd])
+  private async accept(socket: Socket, pid: number, first: FirstMessage) {
     let regions: Array<FirecrackerRegion>
     try {
       regions = parseFirecrackerBody(first.message.toString("utf8"))

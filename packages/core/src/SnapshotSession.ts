@@ -11,7 +11,7 @@
  */
 import { Effect, Fiber } from "effect"
 import { randomUUID } from "node:crypto"
-import { atomicFile } from "./AtomicFile.js"
+import { atomicFile, type AtomicFileOptions } from "./AtomicFile.js"
 import { InvalidInput, ioError, type VmsnapError } from "./Errors.js"
 import { PAGE_SIZE, type MemoryRegion } from "./GuestMemory.js"
 import { encodeHeader } from "./SnapshotFormat.js"
@@ -24,6 +24,8 @@ export interface SnapshotOptions extends WriterOptions {
   readonly regions: ReadonlyArray<MemoryRegion>
   /** Final path of the snapshot file. */
   readonly path: string
+  /** How the output is created (mode, owner, a confined directory); default mode 0600. */
+  readonly output?: AtomicFileOptions
   /** Pool capacity in 4 KiB pages; 0 = synchronous. Default 16384 (64 MiB). */
   readonly poolPages?: number
   /** Remote mode: protect these processes (a VMM and its devices) instead of this one. */
@@ -118,7 +120,7 @@ const takeSnapshotScoped = (options: SnapshotOptions): Effect.Effect<Omit<Snapsh
     Effect.gen(function* () {
       yield* validate(options)
       const native = yield* WpNative
-      const out = yield* atomicFile(options.path)
+      const out = yield* atomicFile(options.path, options.output)
       const engine = yield* native.engine({
         regions: options.regions,
         poolPages: options.poolPages ?? DEFAULT_POOL_PAGES,

@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -51,6 +52,56 @@ int32_t wp_transport_peer_pid(int32_t sock)
     if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
         return -errno;
     return cred.pid;
+}
+
+int32_t wp_transport_peer_cred(int32_t sock, uint32_t *out, uint32_t cap)
+{
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    if (cap < 3)
+        return -EINVAL;
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
+        return -errno;
+    out[0] = (uint32_t)cred.pid;
+    out[1] = cred.uid;
+    out[2] = cred.gid;
+    /* Supplementary groups (Linux 4.13+); none when the kernel cannot say
+     * or there are more than the caller has room for. */
+    socklen_t glen = (socklen_t)((cap - 3) * sizeof(gid_t));
+    if (cap == 3 || getsockopt(sock, SOL_SOCKET, SO_PEERGROUPS, out + 3, &glen) < 0)
+        return 3;
+    return 3 + (int32_t)(glen / sizeof(gid_t));
+}
+
+int32_t wp_transport_epoll_create(void)
+{
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    return ep < 0 ? -errno : ep;
+}
+
+int32_t wp_transport_epoll_watch(int32_t ep, int32_t fd, int32_t add)
+{
+    if (!add)
+        return epoll_ctl(ep, EPOLL_CTL_DEL, fd, NULL) < 0 ? -errno : 0;
+    /* One-shot: a ready fd is reported once, until the caller watches it again. */
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | EPOLLONESHOT, .data.fd = fd};
+    if (epoll_ctl(ep, EPOLL_CTL_MOD, fd, &ev) == 0)
+        return 0;
+    if (errno != ENOENT)
+        return -errno;
+    return epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0 ? -errno : 0;
+}
+
+int32_t wp_transport_epoll_wait_one(int32_t ep, int32_t timeout_ms)
+{
+    struct epoll_event ev;
+    int n;
+    do
+        n = epoll_wait(ep, &ev, 1, timeout_ms);
+    while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return -errno;
+    return n == 0 ? -ETIMEDOUT : ev.data.fd;
 }
 
 uint64_t wp_transport_map_fd(int32_t fd, uint64_t offset, uint64_t size, int32_t *err_out)

@@ -77,6 +77,10 @@ const restoreTable = {
 const transportTable = {
   wp_transport_recv_fds: { library: "vmsnap_wp", retType: I32, paramsType: [I32, B, U32, B, U32, B] },
   wp_transport_peer_pid: { library: "vmsnap_wp", retType: I32, paramsType: [I32] },
+  wp_transport_peer_cred: { library: "vmsnap_wp", retType: I32, paramsType: [I32, B, U32] },
+  wp_transport_epoll_create: { library: "vmsnap_wp", retType: I32, paramsType: [] },
+  wp_transport_epoll_watch: { library: "vmsnap_wp", retType: I32, paramsType: [I32, I32, I32] },
+  wp_transport_epoll_wait_one: { library: "vmsnap_wp", retType: I32, paramsType: [I32, I32] },
   wp_transport_map_fd: { library: "vmsnap_wp", retType: BIG, paramsType: [I32, BIG, BIG, B] },
   wp_transport_unmap: { library: "vmsnap_wp", retType: I32, paramsType: [BIG, BIG] }
 } as const

@@ -1,0 +1,80 @@
+/**
+ * What the agent checks of a hello before it admits a process, so a problem
+ * is reported with its real cause at `hello` rather than as an errno during
+ * a later snapshot: every region's fd is large enough and is ordinary shared
+ * memory (not hugetlbfs: its page size is read from the fd, not trusted from
+ * the hello), and the sender really maps each region where it says (its
+ * /proc/PID/maps: the whole range is mapped, by that fd at that offset for
+ * fd-backed regions). The pid is the kernel's (SO_PEERCRED), never the
+ * message's.
+ */
+import { fstatSync, readFileSync } from "node:fs"
+import type { Hello, HelloRegion } from "./AgentProtocol.js"
+import { ProtocolError } from "./Errors.js"
+import { PAGE_SIZE } from "./GuestMemory.js"
+
+interface Mapping {
+  readonly start: bigint
+  readonly end: bigint
+  readonly offset: bigint
+  readonly inode: number
+  readonly path: string
+}
+
+const fail = (reason: string): never => {
+  throw new ProtocolError({ reason })
+}
+
+/** The mappings of `pid` (/proc/PID/maps), in address order. */
+const mappingsOf = (pid: number): Array<Mapping> => {
+  let text: string
+  try {
+    text = readFileSync(`/proc/${pid}/maps`, "utf8")
+  } catch (e) {
+    return fail(`cannot read /proc/${pid}/maps to check the regions: ${(e as Error).message}`)
+  }
+  return text.split("\n").filter((l) => l.length > 0).map((line) => {
+    const [range, , offset, , inode, ...path] = line.split(/\s+/)
+    const [start, end] = range!.split("-")
+    return { start: BigInt(`0x${start}`), end: BigInt(`0x${end}`), offset: BigInt(`0x${offset}`), inode: Number(inode), path: path.join(" ") }
+  })
+}
+
+const where = (i: number, r: HelloRegion) => `region ${i} (gpa 0x${r.gpa.toString(16)}, hva 0x${r.hva.toString(16)}, ${r.size} bytes)`
+
+/** Fails unless [hva, hva + size) is mapped without a gap, by the fd (inode) at the region's offset when it has one. */
+const checkMapped = (maps: ReadonlyArray<Mapping>, i: number, r: HelloRegion, inode: number | undefined, pid: number) => {
+  const end = r.hva + BigInt(r.size)
+  let at = r.hva
+  for (const m of maps) {
+    if (m.end <= at || m.start > at) continue
+    if (inode !== undefined) {
+      if (m.inode !== inode) fail(`${where(i, r)}: pid ${pid} maps ${m.path || "anonymous memory"} at 0x${at.toString(16)}, not the fd it sent`)
+      if (m.offset + (at - m.start) !== BigInt(r.offset) + (at - r.hva))
+        fail(`${where(i, r)}: pid ${pid} maps the fd at offset 0x${(m.offset + (at - m.start)).toString(16)} there, not at the region's offset ${r.offset}`)
+    } else if (m.path.startsWith("/anon_hugepage")) {
+      fail(`${where(i, r)}: hugetlbfs memory (MAP_HUGETLB): this agent snapshots 4 KiB pages only`)
+    }
+    at = m.end
+    if (at >= end) return
+  }
+  fail(`${where(i, r)}: pid ${pid} has nothing mapped at 0x${at.toString(16)} (unmapped or remapped; a VMM must say hello with its regions mapped and must not remap them while connected)`)
+}
+
+/** Checks a hello against its fds and the sender's mappings; ProtocolError naming the cause. */
+export const checkHello = (hello: Hello, fds: ReadonlyArray<number>, pid: number) => {
+  const maps = mappingsOf(pid)
+  hello.regions.forEach((r, i) => {
+    let inode: number | undefined
+    if (r.fd !== null) {
+      const st = fstatSync(fds[r.fd]!)
+      if (!st.isFile()) fail(`${where(i, r)}: its fd is not a memory file (memfd or shmem)`)
+      if (st.size < r.offset + r.size) fail(`region at gpa 0x${r.gpa.toString(16)}: its fd holds ${st.size} bytes, fewer than offset ${r.offset} + size ${r.size}`)
+      // hugetlbfs reports its huge page size as the block size; tmpfs/memfd report 4096.
+      if (st.blksize > PAGE_SIZE)
+        fail(`${where(i, r)}: its fd has ${st.blksize}-byte pages (hugetlbfs) but the region declares pageSize ${r.pageSize}: this agent snapshots 4 KiB pages only`)
+      inode = st.ino
+    }
+    checkMapped(maps, i, r, inode, pid)
+  })
+}

@@ -1,0 +1,179 @@
+/**
+ * One live snapshot of a VM connected to the agent, in steps:
+ *
+ * 1. refuse what cannot be point-in-time (a declared bypass writer);
+ * 2. `prepare` every process that asked for it at hello and wait for
+ *    `prepared` (it holds its balloon / discards from now until `done` or
+ *    `failed`): this happens before the engine arms any protection;
+ * 3. map read-only views of the fd-backed regions;
+ * 4. take the snapshot (SnapshotSession) with the freeze sent to devices
+ *    first and the VMM last; every process that was sent `freeze` is sent
+ *    `thaw` on every path, also when a later one fails or times out;
+ * 5. a process that disconnects ends the snapshot at once; the error names
+ *    it by role and pid; every process hears `done` or `failed`.
+ */
+import { Cause, Deferred, Effect, Exit } from "effect"
+import type { Peer } from "./AgentPeer.js"
+import type { VmRegistry, Vm } from "./AgentRegistry.js"
+import type { SnapshotRequest } from "./AgentProtocol.js"
+import { isAlive } from "./AtomicFile.js"
+import { describeError, NativeError, ProtocolError, type VmsnapError } from "./Errors.js"
+import { gpa, hva, type MemoryRegion, PAGE_SIZE } from "./GuestMemory.js"
+import { errnoReason } from "./internal/errno.js"
+import { loadWp } from "./internal/ffi.js"
+import type { OutputLocation } from "./OutputDir.js"
+import { type SnapshotResult, takeSnapshot } from "./SnapshotSession.js"
+import type { RemoteProcess, WpNative } from "./WpNative.js"
+
+export interface AgentTimeouts {
+  /** How long a process may take to answer `freeze` (a VMM may copy a reference of all its memory first). */
+  readonly freezeMs: number
+  /** How long a process may take to answer `prepare`. */
+  readonly prepareMs: number
+}
+
+export interface AgentSnapshotOptions {
+  readonly request: Omit<SnapshotRequest, "type">
+  /** Confined output (agent requests); absent: `request.path` as given (in-process callers). */
+  readonly output?: OutputLocation
+  readonly fileMode?: number
+  readonly owner?: { readonly uid: number; readonly gid: number }
+  readonly onProgress?: (savedBytes: number, totalBytes: number) => void
+}
+
+const PROGRESS_EVERY_MS = 200
+
+/** Read-only views of the fd-backed regions (anonymous ones are read with process_vm_readv), unmapped when the scope ends. */
+const mapViews = (vmm: Peer, regions: ReadonlyArray<Peer["hello"]["regions"][number]>) =>
+  Effect.acquireRelease(
+    Effect.try({
+      try: () =>
+        regions.map((r) => {
+          if (r.fd === null) return { base: 0n, size: r.size }
+          const err = new Int32Array(1)
+          const base: bigint = loadWp().wp_transport_map_fd([vmm.fds[r.fd]!, BigInt(r.offset), BigInt(r.size), Buffer.from(err.buffer)])
+          if (base === 0n) throw new NativeError({ op: "map guest memory", errno: -err[0]!, reason: errnoReason("mmap", -err[0]!) })
+          return { base, size: r.size }
+        }),
+      catch: (e) => e as NativeError
+    }),
+    (vs) => Effect.sync(() => vs.forEach((v) => v.base !== 0n && loadWp().wp_transport_unmap([v.base, BigInt(v.size)])))
+  )
+
+const ask = (p: Peer, type: string, reply: string, timeoutMs: number) =>
+  Effect.tryPromise({
+    try: () => p.request({ type }, reply, timeoutMs),
+    catch: (e) => new ProtocolError({ reason: e instanceof Error ? e.message : String(e) })
+  })
+
+/**
+ * Freeze and thaw of the VM's processes: devices first, the VMM last (its
+ * reference copy then sees every writer stopped). `thaw` goes to exactly the
+ * processes that were sent `freeze`, once, whatever happened after.
+ */
+const freezeControl = (vm: Vm, vmm: Peer, timeoutMs: number) => {
+  const sent = new Set<Peer>()
+  const thaw = Effect.sync(() => {
+    sent.forEach((p) => p.send({ type: "thaw" }))
+    sent.clear()
+  })
+  const freeze = Effect.forEach([...vm.devices, vmm], (p) => Effect.suspend(() => (sent.add(p), ask(p, "freeze", "frozen", timeoutMs))), { discard: true }).pipe(
+    Effect.onExit((exit) => (Exit.isSuccess(exit) ? Effect.void : thaw))
+  )
+  return { freeze, thaw }
+}
+
+/** "process 2 of the VM" in an engine error becomes the process's role and pid. */
+const nameProcesses = (e: VmsnapError, peers: ReadonlyArray<Peer>): VmsnapError => {
+  if (!(e instanceof NativeError)) return e
+  const reason = e.reason.replace(/process (\d+) of the VM/g, (all, n: string) => peers[Number(n) - 1]?.name ?? all)
+  const op = e.op.replace(/process (\d+) of the VM/g, (all, n: string) => peers[Number(n) - 1]?.name ?? all)
+  return reason === e.reason && op === e.op ? e : new NativeError({ op, errno: e.errno, reason })
+}
+
+/** Takes a live snapshot of a connected VM. Fails if a process of the VM disconnects during it; the others are unprotected and thawed. */
+export const snapshotVm = (
+  registry: VmRegistry,
+  timeouts: AgentTimeouts,
+  log: (line: string) => void,
+  options: AgentSnapshotOptions
+): Effect.Effect<SnapshotResult, VmsnapError, WpNative> =>
+  Effect.gen(function* () {
+    const { request } = options
+    const vm = registry.get(request.vm)
+    if (!vm?.vmm) return yield* Effect.fail(new ProtocolError({ reason: `no VM "${request.vm}" is connected (connected: ${registry.list().map((v) => v.id).join(", ") || "none"})` }))
+    if (vm.busy) return yield* Effect.fail(new ProtocolError({ reason: `vm "${request.vm}" is already being snapshotted` }))
+    const vmm = vm.vmm
+    const peers = [vmm, ...vm.devices]
+    const bypass = peers.flatMap((p) => p.bypassWriters.map((w) => `${w} (${p.name})`))
+    if (bypass.length > 0)
+      return yield* Effect.fail(new ProtocolError({
+        reason: `vm "${vm.id}" has devices that write guest memory without the page tables: ${bypass.join(", ")}. Write-protect cannot see their writes, so a live snapshot would not hold the memory at one instant; detach or quiesce them (and send "bypass-writers" with an empty list) first`
+      }))
+    vm.busy = true
+    yield* Effect.addFinalizer(() => Effect.sync(() => {
+      vm.busy = false
+      registry.forgetIfEmpty(vm)
+    }))
+    const path = options.output?.path ?? request.path
+    const gone = (p: Peer) => new NativeError({ op: "snapshot", errno: 3, reason: `vm ${vm.id}: ${p.name} disconnected during the snapshot` })
+    // A process that disconnects ends the snapshot at once (its uffd may be unusable).
+    const lost = yield* Deferred.make<never, NativeError>()
+    for (const p of peers) void p.lost.then(() => Effect.runFork(Deferred.fail(lost, gone(p))))
+    log(`vm ${vm.id}: snapshot to ${path} started`)
+
+    const run = Effect.gen(function* () {
+      yield* Effect.forEach(peers.filter((p) => p.hello.prepare), (p) => ask(p, "prepare", "prepared", timeouts.prepareMs), { discard: true })
+      const regions = [...vmm.hello.regions].sort((a, b) => (a.gpa < b.gpa ? -1 : 1))
+      const views = yield* mapViews(vmm, regions)
+      const memory: Array<MemoryRegion> = regions.map((r, i) => ({
+        guestBase: gpa(r.gpa),
+        hostBase: hva(views[i]!.base),
+        size: r.size,
+        kind: r.fd !== null ? "memfd" : r.thp ? "anon-thp" : "anon"
+      }))
+      const processes: Array<RemoteProcess> = peers.map((p) => ({
+        uffd: p.uffd,
+        pid: p.pid,
+        mappings: p.hello.regions.map((r) => ({ region: regions.findIndex((v) => v.gpa === r.gpa), hva: r.hva }))
+      }))
+      const { freeze, thaw } = freezeControl(vm, vmm, timeouts.freezeMs)
+      let lastProgress = 0
+      return yield* takeSnapshot({
+        regions: memory,
+        processes,
+        path,
+        output: options.output && { dir: { fd: options.output.dirFd, name: options.output.name }, mode: options.fileMode, owner: options.owner },
+        poolPages: request.poolPages,
+        faultAroundPages: request.faultAroundPages,
+        compress: request.compression !== "none",
+        steer: request.steer,
+        freeze,
+        thaw,
+        onProgress: (saved, total) => {
+          options.onProgress?.(saved * PAGE_SIZE, total * PAGE_SIZE)
+          const now = Date.now()
+          if (now - lastProgress < PROGRESS_EVERY_MS) return
+          lastProgress = now
+          peers.forEach((p) => p.send({ type: "progress", savedBytes: saved * PAGE_SIZE, totalBytes: total * PAGE_SIZE }))
+        }
+      })
+    }).pipe(Effect.scoped)
+
+    const result = yield* Effect.raceFirst(run, Deferred.await(lost)).pipe(
+      // A process that went away explains whatever else failed.
+      Effect.mapError((e) => {
+        const dead = peers.find((p) => p.closed || !isAlive(p.pid))
+        return dead ? gone(dead) : nameProcesses(e, peers)
+      }),
+      Effect.onExit((exit) => Effect.sync(() => {
+        if (Exit.isSuccess(exit)) return
+        const text = Cause.hasFails(exit.cause) ? describeError(Cause.squash(exit.cause)) : "cancelled: the requester went away"
+        log(`vm ${vm.id}: snapshot failed: ${text}`)
+        peers.forEach((p) => p.send({ type: "failed", message: text }))
+      }))
+    )
+    log(`vm ${vm.id}: snapshot done: ${result.path}`)
+    peers.forEach((p) => p.send({ type: "done", path: result.path, pauseMs: result.pauseMs, durationMs: result.durationMs }))
+    return result
+  }).pipe(Effect.scoped)
