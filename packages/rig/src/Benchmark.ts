@@ -10,18 +10,22 @@
  *   fork            fork() copy-on-write, the child writes memory (needs anonymous memory)
  *   stop-the-world  pause, write everything, resume
  *
- * Latency, blocked time and stalls are what the guest itself measured (rdtsc
- * around each write) during the snapshot.
+ * Each method runs `runs` times (a fresh VMM each time) and is reported as
+ * medians with their spread. Guest writes/s are cut from the guest's own
+ * write counter in the same windows for every method (BenchWindows.ts);
+ * latency, blocked time and stalls are what the guest measured (rdtsc around
+ * each write) in the VMM's "during" phase (from the freeze to the end of the
+ * snapshot as the VMM sees it).
  */
+import { type Agent, InvalidInput, quietAgentScoped, type VmsnapError, type WpNative } from "@vmsnap/core"
 import { Effect } from "effect"
 import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
-import { type Agent, InvalidInput, quietAgentScoped, type VmsnapError, type WpNative } from "@vmsnap/core"
-import { type PhaseReport, ToyVmm, type ToyVmmReport } from "./ToyVmm.js"
+import { type BenchMethod, type BenchRun, type BenchTrial, type Measured, summarize, toTrial } from "./BenchReport.js"
+import { ToyVmm } from "./ToyVmm.js"
 
-export const BENCH_METHODS = ["vmsnap", "vmsnap-sync", "floor", "fork", "stop-the-world"] as const
-export type BenchMethod = (typeof BENCH_METHODS)[number]
+export { BENCH_METHODS, type BenchMethod, type BenchRun, type BenchTrial } from "./BenchReport.js"
 
 export interface BenchOptions {
   readonly sizes: ReadonlyArray<number>
@@ -30,7 +34,10 @@ export interface BenchOptions {
   readonly methods: ReadonlyArray<BenchMethod>
   readonly vcpus: number
   readonly warmupMs: number
+  /** Length of the `after` window, from the moment the last page is saved. */
   readonly afterMs: number
+  /** Runs of each method (medians and spread are reported). */
+  readonly runs: number
   readonly poolPages: number
   readonly compression: "lz4" | "none"
   /** vmsnap's fault-around window (pages; 1 = off). */
@@ -38,67 +45,40 @@ export interface BenchOptions {
   /** vmsnap sweeps where the guest writes first. */
   readonly steer: boolean
   /** Which pages the guest writes. */
-  readonly pattern: "random" | "sequential"
+  readonly pattern: "random" | "sequential" | "hot"
   readonly onRun?: (run: BenchRun) => void
-  readonly onStart?: (method: string, sizeBytes: number) => void
-}
-
-export interface BenchRun {
-  readonly method: BenchMethod
-  readonly sizeBytes: number
-  readonly guestKind: "kvm" | "threads"
-  readonly ok: boolean
-  readonly error: string | null
-  readonly pauseMs: number
-  readonly durationMs: number
-  readonly latencyUs: PhaseReport["latencyUs"]
-  readonly faults: number
-  readonly stallsOver1ms: number
-  readonly guestBlockedMs: number
-  readonly guestWritesPerSecond: number
-  /** Guest writes/s during the snapshot over the same window without one. */
-  readonly guestThroughputRatio: number
-  /** Guest writes/s in the afterMs after the snapshot over the same without one. */
-  readonly guestThroughputAfterRatio: number
-  readonly throughputMBps: number
-  readonly extraMemoryBytes: number
-  readonly outputBytes: number
+  readonly onStart?: (method: string, sizeBytes: number, run: number) => void
 }
 
 const MiB = 1024 * 1024
+/** Length of the `before` window, ending where the snapshot is begun. */
+const BEFORE_MS = 1000
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
 const kib = (field: string): number => Number(new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(readFileSync("/proc/self/status", "utf8"))?.[1] ?? 0) * 1024
+/** CLOCK_MONOTONIC ns, the clock of the VMM's samples. */
+const monotonicNs = () => Number(process.hrtime.bigint())
 
-interface Measured {
-  readonly report: ToyVmmReport
-  readonly pauseMs: number
-  readonly durationMs: number
-  readonly faults: number
-  readonly extraMemoryBytes: number
-  readonly outputBytes: number
-  readonly error: string | null
-}
-
-/** A baseline the VMM runs itself (or "none"). */
-const runLocal = async (method: "floor" | "fork" | "stop-the-world" | "none", size: number, o: BenchOptions, dir: string): Promise<Measured> => {
+/** A baseline the VMM runs itself, or "none" (no snapshot) for `afterMs` after `warmupMs`. */
+const runLocal = async (method: "floor" | "fork" | "stop-the-world" | "none", size: number, o: BenchOptions, dir: string, afterMs = o.afterMs): Promise<Measured> => {
   const output = join(dir, `${method}.img`)
   const vmm = new ToyVmm({
     memMiB: size / MiB, vcpus: o.vcpus, rate: o.rate, pattern: o.pattern, fillPercent: 75, anon: method === "fork",
-    local: method, output, snapshotAtMs: o.warmupMs, afterMs: o.afterMs
+    local: method, output, snapshotAtMs: o.warmupMs, afterMs
   })
   const report = await vmm.report()
   rmSync(output, { force: true })
   const s = report.snapshot!
   return {
-    report, pauseMs: s.pauseMs, durationMs: s.durationMs, faults: s.faults, extraMemoryBytes: s.extraMemoryBytes,
+    report, beginNs: report.beginNs, cutNs: report.cutNs, savedNs: report.savedNs,
+    pauseMs: s.pauseMs, durationMs: s.durationMs, faults: s.faults, extraMemoryBytes: s.extraMemoryBytes,
     outputBytes: s.outputBytes, error: s.ok ? null : s.error
   }
 }
 
 /** vmsnap through the agent in this process. */
-const runAgent = (agent: Agent, sync: boolean, size: number, o: BenchOptions, dir: string) =>
+const runAgent = (agent: Agent, sync: boolean, size: number, o: BenchOptions, dir: string, run: number) =>
   Effect.gen(function* () {
-    const vm = `bench-${sync ? "sync" : "pool"}-${size / MiB}`
+    const vm = `bench-${sync ? "sync" : "pool"}-${size / MiB}-${run}`
     const vmm = new ToyVmm({ memMiB: size / MiB, vcpus: o.vcpus, rate: o.rate, pattern: o.pattern, fillPercent: 75, agent: agent.socketPath, vm, afterMs: o.afterMs })
     yield* Effect.promise(() => vmm.ready.then(() => sleep(o.warmupMs)))
     const path = join(dir, `${vm}.vmsnap`)
@@ -106,14 +86,22 @@ const runAgent = (agent: Agent, sync: boolean, size: number, o: BenchOptions, di
     const baseline = kib("RssAnon")
     let peak = baseline
     const sampler = setInterval(() => (peak = Math.max(peak, kib("RssAnon"))), 10)
-    const exit = yield* Effect.exit(agent.snapshot({ vm, path, poolPages: sync ? 0 : o.poolPages, faultAroundPages: sync ? 1 : o.faultAroundPages, compression: o.compression, steer: o.steer }))
+    const beginNs = monotonicNs()
+    let savedNs = 0
+    const onProgress = (saved: number, total: number) => {
+      if (saved === total && savedNs === 0) savedNs = monotonicNs()
+    }
+    const exit = yield* Effect.exit(
+      agent.snapshot({ vm, path, poolPages: sync ? 0 : o.poolPages, faultAroundPages: sync ? 1 : o.faultAroundPages, compression: o.compression, steer: o.steer }, onProgress)
+    )
+    const endNs = monotonicNs()
     clearInterval(sampler)
     const extra = Math.max(peak, kib("RssAnon")) - baseline
     const report = yield* Effect.promise(() => vmm.report())
     const outputBytes = exit._tag === "Success" ? statSync(path).size : 0
     rmSync(path, { force: true })
     return {
-      report,
+      report, beginNs, cutNs: report.cutNs || beginNs, savedNs: savedNs || endNs,
       pauseMs: exit._tag === "Success" ? exit.value.pauseMs : 0,
       durationMs: exit._tag === "Success" ? exit.value.durationMs : 0,
       faults: exit._tag === "Success" ? exit.value.engine.faults : 0,
@@ -123,51 +111,48 @@ const runAgent = (agent: Agent, sync: boolean, size: number, o: BenchOptions, di
     } satisfies Measured
   })
 
-const toRun = (method: BenchMethod, size: number, m: Measured, none: ToyVmmReport): BenchRun => {
-  const during = m.report.phases.during
-  const ratio = (a: number, b: number) => (b > 0 ? Math.round((a / b) * 1000) / 1000 : 0)
-  return {
-    method, sizeBytes: size, guestKind: m.report.kind, ok: m.error === null, error: m.error,
-    pauseMs: Math.round(m.pauseMs * 1000) / 1000,
-    durationMs: Math.round(m.durationMs),
-    latencyUs: during.latencyUs,
-    faults: m.faults,
-    stallsOver1ms: during.stallsOver1ms,
-    guestBlockedMs: Math.round(during.blockedMs),
-    guestWritesPerSecond: Math.round(during.writesPerSecond),
-    guestThroughputRatio: ratio(during.writesPerSecond, none.phases.during.writesPerSecond),
-    guestThroughputAfterRatio: ratio(m.report.phases.after.writesPerSecond, none.phases.after.writesPerSecond),
-    throughputMBps: m.durationMs > 0 ? Math.round(size / 1e6 / (m.durationMs / 1000)) : 0,
-    extraMemoryBytes: m.extraMemoryBytes,
-    outputBytes: m.outputBytes
-  }
-}
-
 export const runBenchmark = (o: BenchOptions): Effect.Effect<Array<BenchRun>, VmsnapError, WpNative> =>
   Effect.scoped(
     Effect.gen(function* () {
       for (const size of o.sizes)
         if (size % (2 * MiB) !== 0 || size < 4 * MiB) return yield* Effect.fail(new InvalidInput({ reason: `bench size ${size}: must be a multiple of 2 MiB, at least 4 MiB` }))
+      if (!Number.isInteger(o.runs) || o.runs < 1) return yield* Effect.fail(new InvalidInput({ reason: `bench runs ${o.runs}: must be a whole number, at least 1` }))
       const dir = yield* Effect.acquireRelease(
         Effect.sync(() => mkdtempSync(join(tmpdir(), "vmsnap-bench-"))),
         (d) => Effect.sync(() => rmSync(d, { recursive: true, force: true }))
       )
       const agent = yield* quietAgentScoped(join(dir, "agent.sock"))
-      const runs: Array<BenchRun> = []
-      for (const size of o.sizes) {
-        o.onStart?.("none", size)
-        const none = yield* Effect.promise(() => runLocal("none", size, o, dir))
-        for (const method of o.methods) {
-          o.onStart?.(method, size)
-          const measured =
-            method === "vmsnap" || method === "vmsnap-sync"
-              ? yield* runAgent(agent, method === "vmsnap-sync", size, o, dir)
-              : yield* Effect.promise(() => runLocal(method, size, o, dir))
-          const run = toRun(method, size, measured, none.report)
-          runs.push(run)
-          o.onRun?.(run)
+      const trials = new Map<string, Array<BenchTrial>>()
+      let guestKind: "kvm" | "threads" = "threads"
+      for (let run = 1; run <= o.runs; run++)
+        for (const size of o.sizes) {
+          const measured: Array<[BenchMethod, Measured]> = []
+          for (const method of o.methods) {
+            o.onStart?.(method, size, run)
+            measured.push([
+              method,
+              method === "vmsnap" || method === "vmsnap-sync"
+                ? yield* runAgent(agent, method === "vmsnap-sync", size, o, dir, run)
+                : yield* Effect.promise(() => runLocal(method, size, o, dir))
+            ])
+          }
+          // The reference runs last, long enough to cover every method's windows at the same offsets.
+          const lastMs = Math.max(0, ...measured.map(([, m]) => (m.savedNs - m.report.startNs) / 1e6))
+          o.onStart?.("none", size, run)
+          const none = yield* Effect.promise(() => runLocal("none", size, o, dir, Math.max(o.afterMs, Math.ceil(lastMs + o.afterMs - o.warmupMs) + 500)))
+          for (const [method, m] of measured) {
+            guestKind = m.report.kind
+            const key = `${method} ${size}`
+            trials.set(key, [...(trials.get(key) ?? []), toTrial(run, size, m, none.report, Math.min(BEFORE_MS, o.warmupMs), o.afterMs)])
+          }
         }
-      }
+      const runs: Array<BenchRun> = []
+      for (const size of o.sizes)
+        for (const method of o.methods) {
+          const r = summarize(method, size, guestKind, trials.get(`${method} ${size}`) ?? [])
+          runs.push(r)
+          o.onRun?.(r)
+        }
       return runs
     })
   )

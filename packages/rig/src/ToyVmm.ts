@@ -16,8 +16,8 @@ export interface ToyVmmOptions {
   readonly vcpus?: number
   /** Guest writes in pages/s over all vCPUs; 0 = as fast as they can. */
   readonly rate?: number
-  /** Which pages the guest writes: random (default) or sequential. */
-  readonly pattern?: "random" | "sequential"
+  /** Which pages the guest writes: random (default), sequential, or hot (about 90 % of writes to a tenth of the pages). */
+  readonly pattern?: "random" | "sequential" | "hot"
   readonly anon?: boolean
   readonly threads?: boolean
   readonly agent?: string
@@ -60,8 +60,12 @@ export interface ToyVmmReport {
   readonly snapshots: number
   readonly snapshotsFailed: number
   readonly phases: { readonly before: PhaseReport; readonly during: PhaseReport; readonly after: PhaseReport }
-  /** In restore mode: handshake to the guest's first write, and the check against --verify-image (-1: not checked). */
-  readonly restore?: { readonly firstWriteMs: number; readonly verifyMismatches: number }
+  /**
+   * In restore mode: handshake to the guest's first write, and the check against --verify-image
+   * (-1: not checked): pages the guest changed from the image, and how many of them are in the
+   * first tenth of its work area (the hot set of `pattern: "hot"`).
+   */
+  readonly restore?: { readonly firstWriteMs: number; readonly verifyMismatches: number; readonly changedPages: number; readonly changedHotPages: number }
   /** With `local`: what the VMM measured of its own snapshot. */
   readonly snapshot?: {
     readonly method: string
@@ -73,6 +77,20 @@ export interface ToyVmmReport {
     readonly faults: number
     readonly extraMemoryBytes: number
   }
+  /**
+   * Moments in CLOCK_MONOTONIC ns (process.hrtime's clock; 0: none): the
+   * guest started, the first snapshot was begun (local methods), its cut
+   * (all vCPUs frozen), its last page saved (local methods).
+   */
+  readonly startNs: number
+  readonly beginNs: number
+  readonly cutNs: number
+  readonly savedNs: number
+  /** The guest's total writes at the cut and at savedNs (exact: read at those moments). */
+  readonly cutWrites: number
+  readonly savedWrites: number
+  /** The guest's total writes over time: [CLOCK_MONOTONIC ns, writes], every ~10 ms. */
+  readonly series: ReadonlyArray<readonly [number, number]>
 }
 
 export class ToyVmm {

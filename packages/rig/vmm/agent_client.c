@@ -92,6 +92,8 @@ static void agent_loop(int sock)
                     spawn_device(sock);
             } else if (has_type(line, "freeze")) {
                 int rc = freeze_guest();
+                if (rc == 0 && !vmm.cut_ns)
+                    vmm.cut_ns = now_ns(), vmm.cut_writes = total_writes();
                 if (vmm.phase == 0)
                     next_phase();
                 if (rc == 0 && vmm.reference && !vmm.is_device)
@@ -133,6 +135,8 @@ static void spawn_device(int vmm_sock)
         return;
     close(vmm_sock);
     vmm.is_device = true;
+    vmm.sampling = false; /* the sampler thread is the parent's */
+    vmm.nsamples = 0;
     vmm.device = false;
     vmm.vcpus = 1;
     vmm.kvm_mode = false;

@@ -158,6 +158,7 @@ static int floor_snapshot(const struct baseline_guest *g, const char *output, st
             }
         }
     }
+    out->saved_ns = (uint64_t)(now_ms() * 1e6), out->saved_writes = g->writes();
     out->duration_ms = now_ms() - t0;
     atomic_store(&c.done, true);
     pthread_join(handler, NULL);
@@ -220,6 +221,7 @@ static int fork_snapshot(const struct baseline_guest *g, const char *output, str
     int rc = -1;
     if (write(go[1], &b, 1) != 1 || read(done[0], &rc, sizeof rc) != sizeof rc)
         rc = -1;
+    out->saved_ns = (uint64_t)(now_ms() * 1e6), out->saved_writes = g->writes(); /* copy-on-write ends with the child */
     out->duration_ms = now_ms() - t0;
     out->extra_memory_bytes = private_bytes(child);
     if (write(go[1], &b, 1) < 0)
@@ -241,6 +243,7 @@ static int stw_snapshot(const struct baseline_guest *g, const char *output, stru
         return snprintf(out->error, sizeof out->error, "stop-the-world: freeze timed out"), -1;
     int rc = write_all(output, g->mem, g->size, out->error);
     g->thaw();
+    out->saved_ns = (uint64_t)(now_ms() * 1e6), out->saved_writes = g->writes();
     out->pause_ms = out->duration_ms = now_ms() - t0;
     out->output_bytes = g->size;
     return rc;
@@ -257,6 +260,7 @@ int baseline_snapshot(const char *method, const struct baseline_guest *g, const 
         return stw_snapshot(g, output, out);
     if (!strcmp(method, "none")) {
         /* No snapshot: the reference for the guest's throughput. */
+        out->saved_ns = (uint64_t)(now_ms() * 1e6), out->saved_writes = g->writes();
         usleep(2000000);
         out->duration_ms = 2000;
         return 0;

@@ -10,6 +10,7 @@ struct baseline_guest {
     uint64_t size;
     int (*freeze)(void);
     void (*thaw)(void);
+    uint64_t (*writes)(void); /* the guest's total writes so far */
 };
 
 struct baseline_result {
@@ -18,6 +19,10 @@ struct baseline_result {
     uint64_t output_bytes;
     uint64_t faults;        /* write faults served (floor) */
     uint64_t extra_memory_bytes;
+    /* CLOCK_MONOTONIC ns at which the guest stopped paying for the snapshot:
+     * every page saved and unprotected (floor), the child done (fork), thawed
+     * (stop-the-world), at once (none). */
+    uint64_t saved_ns, saved_writes; /* and the guest's total writes then */
     char error[160];
 };
 

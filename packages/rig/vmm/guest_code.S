@@ -5,11 +5,11 @@
  * memory and runs them in ring 3 under KVM, or calls them on a host thread
  * (the fallback without KVM). Each write is timed with rdtsc.
  *
- * Control block (struct toy_ctl in toyvmm.c), offsets in bytes:
+ * Control block (struct toy_ctl in toyvmm.h), offsets in bytes:
  *   0 seed, 8 area_base, 16 area_pages, 24 interval_tsc, 32 writes,
  *   40 command (0 run, 1 freeze, 2 return), 48 parked, 56 max_tsc,
- *   64 total_tsc, 72 next_tsc, 80 pattern (0 random, 1 sequential),
- *   128 hist[64] (bucket 2k: [2^k, 1.5*2^k) cycles)
+ *   64 total_tsc, 72 next_tsc, 80 pattern (0 random, 1 sequential, 2 hot),
+ *   88 hot_pages, 128 hist[64] (bucket 2k: [2^k, 1.5*2^k) cycles)
  */
     .text
     .globl toy_guest_start
@@ -32,15 +32,31 @@ loop:
     xorq %rdx, %rax
     movq %rax, (%rdi)
     movq %rax, %r8
-    /* target = area_base + (page % area_pages) * 4096 + (r & 0xff8), where
-     * page is r >> 12 (pattern 0, random) or the write count (1, sequential) */
+    /* target = area_base + page * 4096 + (r & 0xff8), where page is
+     * (r >> 12) % area_pages (pattern 0, random), the write count % area_pages
+     * (1, sequential), or for pattern 2 (hot) (r >> 12) % hot_pages when
+     * r >> 56 < 230 (about 90 % of writes), else as random. toy_page_of in
+     * toyvmm.h is the same rule in C. */
     shrq $12, %rax
-    cmpq $1, 80(%rdi)
-    jne 6f
+    movq 80(%rdi), %rcx
+    cmpq $1, %rcx
+    jne 7f
     movq 32(%rdi), %rax
+    jmp 6f
+7:
+    cmpq $2, %rcx
+    jne 6f
+    movq %r8, %rcx
+    shrq $56, %rcx
+    cmpq $230, %rcx
+    jae 6f
+    xorl %edx, %edx
+    divq 88(%rdi)
+    jmp 8f
 6:
     xorl %edx, %edx
     divq 16(%rdi)
+8:
     shlq $12, %rdx
     addq 8(%rdi), %rdx
     movq %r8, %rax

@@ -57,7 +57,13 @@ void announce_ready(void)
             vmm.is_device ? "device" : "vmm");
 }
 
-static int freeze_for_baseline(void) { return freeze_guest(); }
+static int freeze_for_baseline(void)
+{
+    int rc = freeze_guest();
+    if (rc == 0 && !vmm.cut_ns)
+        vmm.cut_ns = now_ns(), vmm.cut_writes = total_writes();
+    return rc;
+}
 
 /* A baseline method (baselines.c) at --snapshot-at-ms, then --after-ms. */
 static void run_local_snapshot(void)
@@ -65,10 +71,15 @@ static void run_local_snapshot(void)
     announce_ready();
     usleep((useconds_t)(vmm.snapshot_at_ms * 1000));
     next_phase();
-    struct baseline_guest g = {.mem = vmm.mem, .size = vmm.mem_size, .freeze = freeze_for_baseline, .thaw = thaw_guest};
+    struct baseline_guest g = {
+        .mem = vmm.mem, .size = vmm.mem_size, .freeze = freeze_for_baseline, .thaw = thaw_guest, .writes = total_writes};
     vmm.have_local = true;
+    vmm.begin_ns = now_ns();
     if (baseline_snapshot(vmm.local_method, &g, vmm.output ? vmm.output : "/dev/null", &vmm.local) < 0)
         fprintf(stderr, "toyvmm: %s\n", vmm.local.error);
+    if (!vmm.cut_ns) /* none: no freeze */
+        vmm.cut_ns = vmm.local.saved_ns, vmm.cut_writes = vmm.local.saved_writes;
+    vmm.saved_ns = vmm.local.saved_ns, vmm.saved_writes = vmm.local.saved_writes;
     next_phase();
     run_until(now_ns() + vmm.after_ms * 1000000ull);
 }
@@ -76,7 +87,7 @@ static void run_local_snapshot(void)
 static void usage(void)
 {
     fprintf(stderr,
-            "usage: vmsnap-toyvmm [--mem MiB] [--vcpus N] [--rate pages/s] [--pattern random|sequential] [--anon] [--threads]\n"
+            "usage: vmsnap-toyvmm [--mem MiB] [--vcpus N] [--rate pages/s] [--pattern random|sequential|hot] [--anon] [--threads]\n"
             "                     [--agent SOCK] [--vm ID] [--device] [--reference FILE] [--run-ms N] [--fill PERCENT] [--progress-ms N]\n"
             "                     [--local floor|fork|stop-the-world --output FILE --snapshot-at-ms N] [--after-ms N]\n"
             "                     [--restore-from SOCK [--verify-image RAW]]\n");
@@ -104,9 +115,11 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--restore-from") && v) vmm.restore_from = v, i++;
         else if (!strcmp(a, "--verify-image") && v) vmm.verify_image = v, i++;
         else if (!strcmp(a, "--pattern") && v) {
-            if (strcmp(v, "random") && strcmp(v, "sequential"))
-                usage();
-            vmm.sequential = !strcmp(v, "sequential"), i++;
+            if (!strcmp(v, "random")) vmm.pattern = PATTERN_RANDOM;
+            else if (!strcmp(v, "sequential")) vmm.pattern = PATTERN_SEQUENTIAL;
+            else if (!strcmp(v, "hot")) vmm.pattern = PATTERN_HOT;
+            else usage();
+            i++;
         }
         else if (!strcmp(a, "--anon")) vmm.anon = true;
         else if (!strcmp(a, "--threads")) vmm.force_threads = true;
@@ -140,6 +153,8 @@ int main(int argc, char **argv)
     vmm.phase_start_ns = now_ns();
 
     start_guest();
+    vmm.start_ns = now_ns();
+    start_sampler();
     if (!vmm.kvm_mode)
         fprintf(stderr, "toyvmm: running the guest on host threads (%s)\n", vmm.why_threads);
     if (vmm.local_method) {
@@ -150,6 +165,7 @@ int main(int argc, char **argv)
         announce_ready();
         run_until(vmm.run_ms ? now_ns() + vmm.run_ms * 1000000ull : 0);
     }
+    stop_sampler();
     stop_guest();
     if (vmm.device_pid > 0) {
         kill(vmm.device_pid, SIGTERM);

@@ -40,7 +40,8 @@ static int restore_handshake(void)
 
 /* Replays vCPU 0's writes over the image it was restored from and compares
  * the work area: every page must equal the snapshot or hold what the guest
- * wrote since. */
+ * wrote since. Also counts the pages the guest changed, and how many of them
+ * are in the hot set (the first tenth of the area; see PATTERN_HOT). */
 static void verify_restored(void)
 {
     uint64_t area = vmm.mem_size - SYSTEM_AREA;
@@ -50,10 +51,16 @@ static void verify_restored(void)
         die("read the verify image");
     close(fd);
     struct toy_ctl *c = vmm.ctl[0];
+    vmm.changed_pages = vmm.changed_hot_pages = 0;
+    for (uint64_t p = 0; p < area / PAGE; p++)
+        if (memcmp(expected + p * PAGE, vmm.mem + SYSTEM_AREA + p * PAGE, PAGE)) {
+            vmm.changed_pages++;
+            vmm.changed_hot_pages += p < c->hot_pages;
+        }
     uint64_t s = vmm.initial_seed;
     for (uint64_t w = 0; w < c->writes; w++) {
         s ^= s << 13, s ^= s >> 7, s ^= s << 17;
-        uint64_t page = (c->pattern ? w : s >> 12) % c->area_pages;
+        uint64_t page = toy_page_of(c, w, s);
         memcpy(expected + page * PAGE + (s & 0xff8), &s, 8);
     }
     vmm.verify_mismatches = 0;

@@ -42,14 +42,39 @@ extern const uint8_t toy_guest_start[], toy_guest_end[];
 /* Shared with guest_code.S: keep the offsets in step. */
 struct toy_ctl {
     uint64_t seed, area_base, area_pages, interval_tsc, writes, command, parked, max_tsc, total_tsc, next_tsc;
-    uint64_t pattern; /* 0 random pages, 1 sequential */
-    uint64_t pad[5];
+    uint64_t pattern;   /* PATTERN_* */
+    uint64_t hot_pages; /* PATTERN_HOT: the hot set, the first hot_pages of the area */
+    uint64_t pad[4];
     uint64_t hist[HIST];
 };
 _Static_assert(__builtin_offsetof(struct toy_ctl, command) == 40, "ctl layout");
 _Static_assert(__builtin_offsetof(struct toy_ctl, pattern) == 80, "ctl layout");
+_Static_assert(__builtin_offsetof(struct toy_ctl, hot_pages) == 88, "ctl layout");
 _Static_assert(__builtin_offsetof(struct toy_ctl, hist) == 128, "ctl layout");
 
+/* Which page each write goes to (guest_code.S; toy_page_of replays it). */
+enum { PATTERN_RANDOM = 0, PATTERN_SEQUENTIAL = 1, PATTERN_HOT = 2 };
+/* PATTERN_HOT: a write goes to the hot set when the top byte of its random
+ * number is below this (230 of 256, about 90 % of writes). */
+#define HOT_THRESHOLD 230
+
+/* The page the guest's write number w (0-based) with random number r goes to. */
+static inline uint64_t toy_page_of(const struct toy_ctl *c, uint64_t w, uint64_t r)
+{
+    if (c->pattern == PATTERN_SEQUENTIAL)
+        return w % c->area_pages;
+    if (c->pattern == PATTERN_HOT && (r >> 56) < HOT_THRESHOLD)
+        return (r >> 12) % c->hot_pages;
+    return (r >> 12) % c->area_pages;
+}
+
+/* The guest's total writes at a moment (CLOCK_MONOTONIC ns), sampled by a
+ * thread of the VMM every SAMPLE_MS; benchmarks cut their windows from it. */
+struct sample {
+    uint64_t t_ns, writes;
+};
+#define SAMPLE_MS 10
+#define MAX_SAMPLES 60000 /* 10 minutes; later samples are dropped */
 enum { CMD_RUN = 0, CMD_FREEZE = 1, CMD_RETURN = 2 };
 
 struct phase {
@@ -62,7 +87,8 @@ struct toyvmm {
     uint64_t mem_size;
     uint32_t vcpus;
     uint64_t rate;
-    bool anon, force_threads, device, is_device, sequential;
+    bool anon, force_threads, device, is_device;
+    uint32_t pattern; /* PATTERN_* */
     const char *agent, *vm_id, *reference;
     uint64_t run_ms;
     uint32_t fill_percent;
@@ -74,6 +100,7 @@ struct toyvmm {
     const char *restore_from, *verify_image;
     double restore_first_write_ms;
     int64_t verify_mismatches; /* -1: not verified */
+    uint64_t changed_pages, changed_hot_pages;
     uint64_t initial_seed;
     uint64_t last_progress_ns;
     uint8_t *mem;
@@ -93,6 +120,15 @@ struct toyvmm {
     int phase;
     uint64_t phase_start_ns;
     uint32_t snapshots_done, snapshots_failed;
+    /* Moments (CLOCK_MONOTONIC ns, 0: none): the guest started, the first
+     * snapshot was begun, its cut (all vCPUs frozen), and its last page saved
+     * (the local methods; an agent's driver knows its own). */
+    uint64_t start_ns, begin_ns, cut_ns, saved_ns;
+    uint64_t cut_writes, saved_writes; /* the guest's total writes at the cut and at saved_ns */
+    struct sample *samples;
+    _Atomic size_t nsamples;
+    pthread_t sampler;
+    _Atomic bool sampling;
 };
 
 extern struct toyvmm vmm;
@@ -129,6 +165,9 @@ void init_ctl(struct toy_ctl *c, uint32_t i, uint64_t area_base, uint32_t writer
 void *thread_main(void *arg);
 
 /* phases.c */
+uint64_t total_writes(void);
+void start_sampler(void);
+void stop_sampler(void);
 void next_phase(void);
 void maybe_progress(void);
 void report(FILE *out);

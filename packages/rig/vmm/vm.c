@@ -155,7 +155,8 @@ void init_ctl(struct toy_ctl *c, uint32_t i, uint64_t area_base, uint32_t writer
     c->area_pages = (vmm.mem_size - SYSTEM_AREA) / PAGE;
     c->interval_tsc = vmm.rate ? (uint64_t)(vmm.tsc_hz * writers / (double)vmm.rate) : 0;
     c->next_tsc = rdtsc();
-    c->pattern = vmm.sequential ? 1 : 0;
+    c->pattern = vmm.pattern;
+    c->hot_pages = c->area_pages / 10 ? c->area_pages / 10 : 1;
 }
 
 void measure_tsc(void)

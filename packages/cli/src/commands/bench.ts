@@ -1,6 +1,8 @@
 /** `vmsnap bench`: vmsnap against its baselines on the same guest, one table. */
 import { formatBytes } from "@vmsnap/core"
-import { BENCH_METHODS, type BenchMethod, type BenchOptions, type BenchRun, type RestoreBenchResult, runBenchmark, runRestoreBenchmark } from "@vmsnap/rig"
+import {
+  BENCH_METHODS, type BenchMethod, type BenchOptions, type BenchRun, type RestoreBenchResult, runBenchmark, runRestoreBenchmark, type Spread
+} from "@vmsnap/rig"
 import type { Io } from "../Io.js"
 import { type CliCommand, defineCommand } from "../Command.js"
 import { bufferOption, commonFlags, faultAroundOption, faultAroundOptionSpec, poolPagesOption, sizeOption, UsageError } from "../Options.js"
@@ -9,11 +11,17 @@ import { type CommonFlags, runCommand } from "../Run.js"
 /** The bench's options as the CLI collects them (BenchOptions without the callbacks). */
 export type BenchFlags = CommonFlags & Omit<BenchOptions, "onRun" | "onStart">
 
+const perSecond = (n: number) => (n >= 1e6 ? `${(n / 1e6).toFixed(2)}M` : n >= 1e3 ? `${(n / 1e3).toFixed(1)}k` : String(Math.round(n)))
+const percent = (x: number) => `${Math.round(x * 100)}%`
+/** The median, and with several runs its range. */
+const withSpread = (s: Spread) => (s.min === s.max ? percent(s.median) : `${percent(s.median)} (${percent(s.min)}-${percent(s.max)})`)
+
 const columns: Array<[string, (r: BenchRun) => string]> = [
   ["method", (r) => r.method],
   ["size", (r) => formatBytes(r.sizeBytes)],
   ["pause ms", (r) => r.pauseMs.toFixed(2)],
   ["time s", (r) => (r.durationMs / 1000).toFixed(2)],
+  ["saved s", (r) => (r.savedMs / 1000).toFixed(2)],
   ["MB/s", (r) => String(r.throughputMBps)],
   ["p50 us", (r) => r.latencyUs.p50.toFixed(1)],
   ["p99 us", (r) => r.latencyUs.p99.toFixed(1)],
@@ -22,8 +30,10 @@ const columns: Array<[string, (r: BenchRun) => string]> = [
   ["faults", (r) => String(r.faults)],
   [">1ms", (r) => String(r.stallsOver1ms)],
   ["blocked ms", (r) => String(r.guestBlockedMs)],
-  ["tput", (r) => `${Math.round(r.guestThroughputRatio * 100)}%`],
-  ["after", (r) => `${Math.round(r.guestThroughputAfterRatio * 100)}%`],
+  ["during w/s", (r) => perSecond(r.writesPerSecond.during)],
+  ["tput", (r) => withSpread(r.spread.guestThroughputRatio)],
+  ["after w/s", (r) => perSecond(r.writesPerSecond.after)],
+  ["after", (r) => withSpread(r.spread.guestThroughputAfterRatio)],
   ["extra mem", (r) => formatBytes(r.extraMemoryBytes)],
   ["output", (r) => formatBytes(r.outputBytes)]
 ]
@@ -40,11 +50,16 @@ export const runBench = (io: Io, flags: BenchFlags) =>
     flags,
     runBenchmark({
       ...flags,
-      onStart: (method, size) => !flags.json && io.stderr(`bench: ${method} at ${formatBytes(size)}...\n`)
+      onStart: (method, size, run) => !flags.json && io.stderr(`bench: ${method} at ${formatBytes(size)} (run ${run}/${flags.runs})...\n`)
     }),
     (runs) => ({
       json: { ok: runs.every((r) => r.ok), guestKind: runs[0]?.guestKind ?? null, runs },
-      human: `guest: ${runs[0]?.guestKind === "kvm" ? "KVM" : "host threads"}, ${flags.vcpus} vCPU, ${flags.rate ? `${flags.rate} pages/s` : "writing as fast as it can"} (${flags.pattern} pages); latency, stalls and blocked time as the guest measured them during the snapshot; tput/after: guest writes/s during and in the ${flags.afterMs} ms after, against the same guest with no snapshot\n${table(runs)}`,
+      human: [
+        `guest: ${runs[0]?.guestKind === "kvm" ? "KVM" : "host threads"}, ${flags.vcpus} vCPU, ${flags.rate ? `${flags.rate} pages/s` : "writing as fast as it can"} (${flags.pattern} pages); medians of ${flags.runs} run${flags.runs > 1 ? "s" : ""} (range in brackets)`,
+        `saved: from the cut to the last page saved; during/after w/s: the guest's writes from the cut to the last page saved, and in the ${flags.afterMs} ms after;`,
+        `tput/after: those over the same windows of the same guest with no snapshot (docs/BENCHMARKS.md); latency, stalls, blocked: as the guest measured them during the snapshot`,
+        table(runs)
+      ].join("\n"),
       exitCode: runs.every((r) => r.ok) ? 0 : 1
     })
   )
@@ -83,15 +98,17 @@ export const benchCommand: CliCommand = (io, schedule) =>
         .option("methods", { type: "string", default: BENCH_METHODS.join(","), describe: "comma-separated methods" })
         .option("vcpus", { type: "number", default: 1, describe: "guest vCPUs" })
         .option("warmup", { type: "number", default: 2000, describe: "ms the guest runs before each snapshot" })
-        .option("after", { type: "number", default: 1000, describe: "ms measured after each snapshot" })
+        .option("after", { type: "number", default: 1000, describe: "ms measured after each snapshot's last page is saved" })
+        .option("runs", { type: "number", default: 3, describe: "runs of each method (medians and range are reported)" })
         .option("buffer", bufferOption("vmsnap's pool"))
         .option("compression", { choices: ["lz4", "none"] as const, default: "lz4" as const, describe: "vmsnap's record compression" })
         .option("fault-around", faultAroundOptionSpec("vmsnap's fault-around window in pages (1 = off)"))
         .option("steer", { type: "boolean", default: true, describe: "vmsnap sweeps where the guest writes first (--no-steer: front to back)" })
-        .option("pattern", { choices: ["random", "sequential"] as const, default: "random" as const, describe: "which pages the guest writes" })
+        .option("pattern", { choices: ["random", "sequential", "hot"] as const, default: "random" as const, describe: "which pages the guest writes (hot: about 90% of writes to a tenth of the pages)" })
         .option("restore", { type: "boolean", default: false, describe: "benchmark restore instead: lazy vs eager time to the guest's first write per size, and COPY / CONTINUE / MOVE at 512 MiB" })
-        .example("$0 bench", "1 GiB, every method, about a minute")
+        .example("$0 bench", "1 GiB, every method, 3 runs each: a few minutes")
         .example("$0 bench --sizes 1GiB,4GiB,8GiB --methods vmsnap,stop-the-world --json", "")
+        .example("$0 bench --methods vmsnap,floor --pattern hot --runs 5", "a guest writing mostly a tenth of its memory")
         .example("$0 bench --restore --sizes 1GiB,4GiB,8GiB", "lazy restore: first write must stay flat"),
     handler: (a) => {
       const sizes = String(a.sizes).split(",").map((t) => sizeOption("sizes", t, 4 * 1024 * 1024))
@@ -100,6 +117,7 @@ export const benchCommand: CliCommand = (io, schedule) =>
       for (const m of methods) if (!(BENCH_METHODS as ReadonlyArray<string>).includes(m)) throw new UsageError(`--methods: unknown method ${m} (known: ${BENCH_METHODS.join(", ")})`)
       if (!Number.isInteger(a.vcpus) || a.vcpus < 1 || a.vcpus > 32) throw new UsageError(`--vcpus ${a.vcpus}: must be 1 to 32`)
       if (!Number.isFinite(a.rate) || a.rate < 0) throw new UsageError(`--rate ${a.rate}: must be 0 or more pages/s`)
+      if (!Number.isInteger(a.runs) || a.runs < 1 || a.runs > 20) throw new UsageError(`--runs ${a.runs}: must be 1 to 20`)
       const poolPages = poolPagesOption(a.buffer)
       if (a.restore) {
         schedule(() => runRestoreBench(io, { ...commonFlags(a), sizes }))
@@ -108,9 +126,9 @@ export const benchCommand: CliCommand = (io, schedule) =>
       schedule(() =>
         runBench(io, {
           ...commonFlags(a), sizes, rate: Math.round(a.rate), methods: methods as Array<BenchMethod>, vcpus: a.vcpus,
-          warmupMs: a.warmup, afterMs: a.after, poolPages, compression: a.compression as "lz4" | "none",
+          warmupMs: a.warmup, afterMs: a.after, runs: a.runs, poolPages, compression: a.compression as "lz4" | "none",
           faultAroundPages: faultAroundOption(a["fault-around"]), steer: a.steer !== false,
-          pattern: a.pattern as "random" | "sequential"
+          pattern: a.pattern as "random" | "sequential" | "hot"
         })
       )
     }
