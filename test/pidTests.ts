@@ -1,0 +1,85 @@
+/**
+ * What the pid snapshot tests share: a reference copy of a frozen process's
+ * memory (read through /proc/PID/mem at the cut), a chunked comparison of a
+ * restored image with it, and what "released" means for a target.
+ */
+import { Effect, Exit } from "effect"
+import { closeSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, rmSync, writeSync } from "node:fs"
+import { type MemoryRegion, restoreToRawFile } from "../packages/core/src/index.js"
+
+/** Copies the target's memory of every region, concatenated, into `out` (call it while the target is frozen). */
+export const referenceAtCut = (pid: number, out: string) => (regions: ReadonlyArray<MemoryRegion>) =>
+  Effect.sync(() => {
+    const mem = openSync(`/proc/${pid}/mem`, "r")
+    const fd = openSync(out, "w", 0o600)
+    const buf = Buffer.alloc(1 << 22)
+    try {
+      for (const r of regions) {
+        for (let off = 0; off < r.size; off += buf.length) {
+          const n = Math.min(buf.length, r.size - off)
+          if (readSync(mem, buf, 0, n, Number(r.guestBase) + off) !== n) throw new Error("short read of /proc/PID/mem")
+          writeSync(fd, buf, 0, n)
+        }
+      }
+    } finally {
+      closeSync(fd)
+      closeSync(mem)
+    }
+  })
+
+/** Byte offset of the first difference between two files, -1 if equal (chunked: guest-sized files). */
+const firstDifference = (a: string, b: string): number => {
+  const fa = openSync(a, "r")
+  const fb = openSync(b, "r")
+  const ba = Buffer.alloc(1 << 22)
+  const bb = Buffer.alloc(1 << 22)
+  try {
+    for (let off = 0; ; off += ba.length) {
+      const na = readSync(fa, ba, 0, ba.length, off)
+      const nb = readSync(fb, bb, 0, bb.length, off)
+      if (na !== nb) return off + Math.min(na, nb)
+      if (na === 0) return -1
+      if (!ba.subarray(0, na).equals(bb.subarray(0, nb))) {
+        for (let i = 0; i < na; i++) if (ba[i] !== bb[i]) return off + i
+      }
+    }
+  } finally {
+    closeSync(fa)
+    closeSync(fb)
+  }
+}
+
+/** Restores the snapshot to a raw image (regions concatenated) and compares it with the reference: -1 if equal, else the first differing byte. */
+export const differenceFromReference = async (snapshot: string, reference: string): Promise<number> => {
+  const raw = `${snapshot}.raw`
+  const exit = await Effect.runPromiseExit(restoreToRawFile(snapshot, raw))
+  if (Exit.isFailure(exit)) throw new Error(`restore of ${snapshot} failed`)
+  try {
+    return firstDifference(raw, reference)
+  } finally {
+    rmSync(raw)
+  }
+}
+
+/** What of vmsnap is still in process `pid`: traced threads, userfaultfds, registered ranges. Empty when released. */
+export const leftovers = (pid: number): Array<string> => {
+  const found: Array<string> = []
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    let status: string
+    try {
+      status = readFileSync(`/proc/${pid}/task/${tid}/status`, "utf8")
+    } catch {
+      continue // a short-lived thread that exited since the listing
+    }
+    const tracer = /^TracerPid:\s+(\d+)/m.exec(status)?.[1]
+    if (tracer !== "0") found.push(`thread ${tid} traced by ${tracer}`)
+  }
+  for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+    try {
+      if (readlinkSync(`/proc/${pid}/fd/${fd}`).includes("userfaultfd")) found.push(`fd ${fd} is a userfaultfd`)
+    } catch { /* closed meanwhile */ }
+  }
+  const registered = readFileSync(`/proc/${pid}/smaps`, "utf8").split("\n").filter((l) => l.startsWith("VmFlags:") && / uw( |$)/.test(l))
+  if (registered.length) found.push(`${registered.length} ranges still registered for write-protect`)
+  return found
+}
