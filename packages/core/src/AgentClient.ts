@@ -4,7 +4,6 @@
  */
 import { Effect } from "effect"
 import { createConnection } from "node:net"
-import { resolve as resolvePath } from "node:path"
 import { encodeMessage, LineReader, parseMessage } from "./AgentProtocol.js"
 import { ProtocolError, SnapshotIoError } from "./Errors.js"
 import type { SnapshotResult } from "./SnapshotSession.js"
@@ -42,14 +41,18 @@ const exchange = (socketPath: string, request: Record<string, unknown>, onLine: 
     })
   })
 
-/** Asks the agent at `socketPath` for a live snapshot of `vm` into `path`. */
+/**
+ * Asks the agent at `socketPath` for a live snapshot of `vm` into `path`: a
+ * path inside the agent's output directory (relative paths resolve there,
+ * not in this process's working directory).
+ */
 export const requestSnapshot = (
   socketPath: string,
   request: { vm: string; path: string; poolPages?: number; faultAroundPages?: number },
   onProgress?: (savedBytes: number, totalBytes: number) => void
 ): Effect.Effect<AgentSnapshotResult, ProtocolError | SnapshotIoError> =>
   Effect.map(
-    exchange(socketPath, { type: "snapshot", ...request, path: resolvePath(request.path) }, (m) => onProgress?.(Number(m.savedBytes), Number(m.totalBytes))),
+    exchange(socketPath, { type: "snapshot", ...request }, (m) => onProgress?.(Number(m.savedBytes), Number(m.totalBytes))),
     (m) => m as unknown as AgentSnapshotResult
   )
 

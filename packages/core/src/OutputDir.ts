@@ -7,7 +7,7 @@
  * directory component and a missing directory are refused. The last
  * component is checked by AtomicFile (a regular file or nothing).
  */
-import { closeSync, constants as fsConstants, openSync, realpathSync } from "node:fs"
+import { closeSync, constants as fsConstants, lstatSync, openSync, realpathSync } from "node:fs"
 import { isAbsolute, normalize, relative } from "node:path"
 import { InvalidInput } from "./Errors.js"
 
@@ -49,7 +49,7 @@ export class OutputDir {
     const parts = rel.split("/").filter((p) => p !== "" && p !== ".")
     if (parts.includes("..")) refuse(`".." is not allowed`)
     const name = parts.pop()
-    if (name === undefined) refuse("names no file")
+    if (name === undefined || requested.endsWith("/")) refuse("names no file")
     let dirFd = openSync(`/proc/self/fd/${this.fd}`, DIR_FLAGS & ~fsConstants.O_NOFOLLOW)
     try {
       for (const [i, part] of parts.entries()) {
@@ -59,7 +59,9 @@ export class OutputDir {
         } catch (e) {
           const code = (e as NodeJS.ErrnoException).code
           const at = parts.slice(0, i + 1).join("/")
-          return refuse(code === "ELOOP" ? `${at} is a symbolic link` : code === "ENOTDIR" ? `${at} is not a directory` : code === "ENOENT" ? `${at} does not exist` : `${at}: ${code}`)
+          // O_DIRECTORY|O_NOFOLLOW on a symbolic link fails with ELOOP or ENOTDIR: say which it was.
+          const link = code === "ELOOP" || (code === "ENOTDIR" && lstatSync(`/proc/self/fd/${dirFd}/${part}`, { throwIfNoEntry: false })?.isSymbolicLink())
+          return refuse(link ? `${at} is a symbolic link` : code === "ENOTDIR" ? `${at} is not a directory` : code === "ENOENT" ? `${at} does not exist` : `${at}: ${code}`)
         }
         closeSync(dirFd)
         dirFd = next

@@ -97,7 +97,7 @@ export const snapshotCommand: CliCommand = (io, schedule) =>
     describe: "take a live snapshot of a VM connected to an agent (--agent SOCK --vm ID), of the first VMM that connects to --listen SOCK, or of any process's memory (--pid PID)",
     builder: (y) =>
       y
-        .option("output", { alias: "o", type: "string", demandOption: true, describe: "snapshot file to write" })
+        .option("output", { alias: "o", type: "string", demandOption: true, describe: "snapshot file to write (with --agent: a path in the agent's --output-dir; relative paths resolve there)" })
         .option("agent", { type: "string", describe: "socket of a running `vmsnap agent`" })
         .option("vm", { type: "string", describe: "VM id (required with --agent)" })
         .option("listen", { type: "string", describe: "one-shot: listen here, wait for a VMM, snapshot it, exit" })
