@@ -11,11 +11,11 @@
  */
 import { Effect, Fiber } from "effect"
 import { randomUUID } from "node:crypto"
-import { atomicFile, type AtomicFileOptions } from "./AtomicFile.js"
-import { InvalidInput, ioError, type VmsnapError } from "./Errors.js"
+import type { AtomicFileOptions } from "./AtomicFile.js"
+import { InvalidInput, type VmsnapError } from "./Errors.js"
 import { PAGE_SIZE, type MemoryRegion } from "./GuestMemory.js"
-import { encodeHeader } from "./SnapshotFormat.js"
-import { RecordSink, writeSnapshotBody, type WriterOptions } from "./SnapshotWriter.js"
+import { SnapshotFile } from "./SnapshotFile.js"
+import { writeSnapshotBody, type WriterOptions } from "./SnapshotWriter.js"
 import { errnoName } from "./internal/errno.js"
 import { loadWp } from "./internal/ffi.js"
 import { type EngineStats, type RemoteProcess, WpNative } from "./WpNative.js"
@@ -120,23 +120,21 @@ const takeSnapshotScoped = (options: SnapshotOptions): Effect.Effect<Omit<Snapsh
     Effect.gen(function* () {
       yield* validate(options)
       const native = yield* WpNative
-      const out = yield* atomicFile(options.path, options.output)
-      const engine = yield* native.engine({
-        regions: options.regions,
-        poolPages: options.poolPages ?? DEFAULT_POOL_PAGES,
-        faultAroundPages: options.faultAroundPages,
-        processes: options.processes
-      })
       const snapshotId = randomUUID()
-      const header = encodeHeader({
+      const file = yield* SnapshotFile.create(options.path, options.output, {
         snapshotId,
         parentId: options.parentId,
         createdMs: Date.now(),
         pageSize: PAGE_SIZE,
         regions: options.regions.map((r) => ({ guestBase: r.guestBase, size: r.size, kind: r.kind, pageSize: PAGE_SIZE }))
       })
-      const sink = new RecordSink(out.file, options.path, header.length)
-      yield* Effect.tryPromise({ try: () => out.file.write(header, 0, header.length, 0), catch: (e) => ioError(options.path, "write", e) })
+      const engine = yield* native.engine({
+        regions: options.regions,
+        poolPages: options.poolPages ?? DEFAULT_POOL_PAGES,
+        faultAroundPages: options.faultAroundPages,
+        processes: options.processes,
+        steer: options.steer
+      })
 
       let armMs = 0
       if (options.arm ?? true) {
@@ -160,11 +158,11 @@ const takeSnapshotScoped = (options: SnapshotOptions): Effect.Effect<Omit<Snapsh
       const cutAt = nowMs()
 
       const scope = yield* Effect.scope
-      const writer = yield* Effect.forkIn(writeSnapshotBody(engine, sink, options), scope)
+      const writer = yield* Effect.forkIn(writeSnapshotBody(engine, file, options), scope)
       const body = yield* Fiber.join(writer)
       if (options.beforeCommit) yield* options.beforeCommit
-      const fileBytes = yield* sink.finish()
-      yield* out.commit
+      const fileBytes = yield* file.finish()
+      yield* file.commit
       const stats = engine.statsSync()
       return {
         path: options.path,
@@ -175,7 +173,7 @@ const takeSnapshotScoped = (options: SnapshotOptions): Effect.Effect<Omit<Snapsh
         armMs,
         durationMs: nowMs() - cutAt,
         records: body.records,
-        steeredPages: body.steeredPages,
+        steeredPages: stats.pagesSteered,
         engine: stats
       }
     })

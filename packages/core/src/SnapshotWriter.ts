@@ -1,111 +1,38 @@
 /**
  * The writer fiber: moves captured pages from the engine to the snapshot file.
  *
- * Each turn it drains the slot pool first (that frees the memory vCPUs may be
- * waiting for in the synchronous fallback), then sweeps the next run of
- * not-yet-saved pages. Runs are compressed with lz4 on the libuv thread pool
- * while the main thread sweeps the next run, so both cores stay busy; records
- * are appended strictly in submission order.
+ * Each turn it asks the engine for the next batch; the engine decides what
+ * that is (pages the fault thread saved into the pool first, which frees the
+ * memory a vCPU may wait for in the synchronous fallback; then a sweep where
+ * the guest last faulted, then in address order). A batch is cut into
+ * records (runs of consecutive pages), compressed with lz4 on the libuv
+ * thread pool while the next batch is taken, so both cores stay busy, and
+ * appended to the SnapshotFile strictly in the order taken.
  */
 import { Effect } from "effect"
 import { compress, compressSync } from "lz4-napi"
-import type { FileHandle } from "node:fs/promises"
-import { ioError, type NativeError, type SnapshotIoError } from "./Errors.js"
+import type { NativeError, SnapshotIoError } from "./Errors.js"
 import { PAGE_SIZE, regionPages } from "./GuestMemory.js"
-import { encodeRecord, encodeTrailer, type Encoding, IndexBuilder } from "./SnapshotFormat.js"
+import type { Encoding } from "./SnapshotFormat.js"
+import type { PendingRecord, SnapshotFile } from "./SnapshotFile.js"
 import { collectYoungGarbage } from "./internal/gc.js"
-import { PAGE_ZERO, type WpEngine } from "./WpNative.js"
-
-/** A record ready to append. */
-interface PendingRecord {
-  readonly region: number
-  readonly firstPage: number
-  readonly pageCount: number
-  readonly encoding: Encoding
-  readonly payload: Buffer | undefined
-}
-
-/** Appends records at the end of the file and remembers where each went. */
-export class RecordSink {
-  readonly index = new IndexBuilder()
-  bytesWritten = 0
-
-  constructor(private readonly file: FileHandle, private readonly path: string, private offset: number) {}
-
-  append(records: ReadonlyArray<PendingRecord>): Effect.Effect<void, SnapshotIoError> {
-    return Effect.suspend(() => {
-      const buffers: Array<Buffer> = []
-      const start = this.offset
-      for (const r of records) {
-        this.index.add({ region: r.region, firstPage: r.firstPage, pageCount: r.pageCount, fileOffset: this.offset })
-        const h = encodeRecord(r, r.payload)
-        buffers.push(h)
-        this.offset += h.length
-        if (r.payload) {
-          buffers.push(r.payload)
-          this.offset += r.payload.length
-        }
-      }
-      this.bytesWritten = this.offset
-      return this.writeAll(buffers, start)
-    })
-  }
-
-  /** Index and trailer: after this the file is complete (but not yet durable). */
-  finish(): Effect.Effect<number, SnapshotIoError> {
-    return Effect.suspend(() => {
-      const index = this.index.encode()
-      const trailer = encodeTrailer({ indexOffset: this.offset, indexBytes: index.length, recordCount: this.index.count })
-      const start = this.offset
-      this.offset += index.length + trailer.length
-      this.bytesWritten = this.offset
-      return Effect.as(this.writeAll([index, trailer], start), this.offset)
-    })
-  }
-
-  private writeAll(buffers: Array<Buffer>, position: number): Effect.Effect<void, SnapshotIoError> {
-    return Effect.tryPromise({
-      try: async () => {
-        let pos = position
-        let pending = buffers
-        while (pending.length > 0) {
-          const { bytesWritten } = await this.file.writev(pending, pos)
-          pos += bytesWritten
-          // Short write: drop what went out and retry the rest.
-          let skip = bytesWritten
-          const rest: Array<Buffer> = []
-          for (const b of pending) {
-            if (skip >= b.length) skip -= b.length
-            else {
-              rest.push(skip > 0 ? b.subarray(skip) : b)
-              skip = 0
-            }
-          }
-          pending = rest
-        }
-      },
-      catch: (e) => ioError(this.path, "write", e)
-    })
-  }
-}
+import { type EngineBatch, PAGE_ZERO, type WpEngine } from "./WpNative.js"
 
 export interface WriterOptions {
-  /** Pages per sweep call (one ioctl unprotects a run). */
+  /** Pages per batch taken from the engine (one sweep run; one ioctl unprotects it). Default 256. */
   readonly sweepPages?: number
-  /** Compressions in flight at once. */
+  /** Batches being compressed at once. Default 4. */
   readonly inFlight?: number
   /** Compress with lz4 (default) or store raw. */
   readonly compress?: boolean
   /** Deliberately slow the writer (ms per turn): tests and benchmarks of the fallback. */
   readonly writerDelayMs?: number
-  /** Sweep where the guest writes first (default true). */
+  /** The engine sweeps where the guest writes first (default true). */
   readonly steer?: boolean
   /** Called after every turn with pages saved so far. */
   readonly onProgress?: (savedPages: number, totalPages: number, bytesWritten: number) => void
 }
 
-const DRAIN_PAGES = 256
-const ZERO_PAGE = Buffer.alloc(PAGE_SIZE)
 /** Written bytes between young-generation collections (see internal/gc.ts). */
 const GC_EVERY_BYTES = 8 * 1024 * 1024
 /** Runs shorter than this are compressed inline; a thread-pool hop costs more. */
@@ -119,68 +46,74 @@ const encodePayload = (raw: Buffer, pages: number, useLz4: boolean): Promise<{ e
 }
 
 /**
- * Cuts entries 0..n-1 into records: maximal runs of consecutive pages of one
- * region that are all zero (a zero record) or all data (one payload).
- * `dataOf(i, j)` gives the bytes of data entries i..j-1; it is called in order.
+ * Cuts the n entries of a batch into records: maximal runs of consecutive
+ * pages of one region that are all zero (a zero record) or all data (one
+ * payload, a view of the batch's packed data: no copy). Reads the batch's
+ * arrays now; its data buffer stays in use until the records are appended.
  */
-const recordsFromRuns = (
-  n: number,
-  regionOf: (i: number) => number,
-  pageOf: (i: number) => number,
-  zeroAt: (i: number) => boolean,
-  dataOf: (i: number, j: number) => Buffer,
-  useLz4: boolean
-): Promise<Array<PendingRecord>> => {
+export const recordsFromBatch = (batch: EngineBatch, n: number, useLz4: boolean): Promise<Array<PendingRecord>> => {
   const out: Array<Promise<PendingRecord>> = []
+  let packed = 0
   for (let i = 0; i < n; ) {
-    const region = regionOf(i)
-    const first = pageOf(i)
-    const zero = zeroAt(i)
+    const region = batch.regions[i]!
+    const firstPage = Number(batch.pages[i]!)
+    const zero = batch.flags[i] === PAGE_ZERO
     let j = i + 1
-    while (j < n && regionOf(j) === region && pageOf(j) === first + (j - i) && zeroAt(j) === zero) j++
+    while (j < n && batch.regions[j] === region && Number(batch.pages[j]!) === firstPage + (j - i) && (batch.flags[j] === PAGE_ZERO) === zero) j++
     const pageCount = j - i
-    out.push(
-      zero
-        ? Promise.resolve({ region, firstPage: first, pageCount, encoding: "zero" as const, payload: undefined })
-        : encodePayload(dataOf(i, j), pageCount, useLz4).then((p) => ({ region, firstPage: first, pageCount, ...p }))
-    )
+    if (zero) out.push(Promise.resolve({ region, firstPage, pageCount, encoding: "zero" as const, payload: undefined }))
+    else {
+      const raw = batch.data.subarray(packed * PAGE_SIZE, (packed + pageCount) * PAGE_SIZE)
+      packed += pageCount
+      out.push(encodePayload(raw, pageCount, useLz4).then((p) => ({ region, firstPage, pageCount, ...p })))
+    }
     i = j
   }
   return Promise.all(out)
 }
 
-/**
- * Drained pool pages (keys: region << 48 | page). Fault-around saves
- * untouched neighbours too: all-zero pages become zero records. The drain
- * buffer is not reused until these records are on disk, so no copy.
- */
-const recordsFromPool = (buf: Buffer, keys: BigUint64Array, n: number, useLz4: boolean) =>
-  recordsFromRuns(
-    n,
-    (i) => Number(keys[i]! >> 48n),
-    (i) => Number(keys[i]! & 0xffffffffffffn),
-    (i) => buf.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE).equals(ZERO_PAGE),
-    (i, j) => buf.subarray(i * PAGE_SIZE, j * PAGE_SIZE),
-    useLz4
-  )
-
-/** One sweep's entries; the data of non-zero pages is packed in entry order. */
-const recordsFromSweep = (region: number, data: Buffer, pages: BigUint64Array, flags: Uint8Array, n: number, useLz4: boolean) => {
-  let packed = 0
-  return recordsFromRuns(
-    n,
-    () => region,
-    (i) => Number(pages[i]!),
-    (i) => flags[i] === PAGE_ZERO,
-    (i, j) => data.subarray(packed * PAGE_SIZE, (packed += j - i) * PAGE_SIZE),
-    useLz4
-  )
-}
-
 export interface WriterResult {
   readonly records: number
-  /** Pages swept where the guest had just faulted. */
-  readonly steeredPages: number
+}
+
+/** Batches taken but not yet appended, oldest first, and the data buffers free for reuse. */
+class InFlight {
+  private readonly queue: Array<{ records: Promise<Array<PendingRecord>>; data: Buffer }> = []
+  private readonly free: Array<Buffer> = []
+  private lastCollect = 0
+
+  constructor(private readonly batchPages: number) {}
+
+  get size(): number {
+    return this.queue.length
+  }
+
+  /** A data buffer for one batch: the writer's memory stays bounded by inFlight batches. */
+  takeBuffer(): Buffer {
+    return this.free.pop() ?? Buffer.allocUnsafeSlow(this.batchPages * PAGE_SIZE)
+  }
+
+  giveBack(data: Buffer): void {
+    this.free.push(data)
+  }
+
+  push(records: Promise<Array<PendingRecord>>, data: Buffer): void {
+    this.queue.push({ records, data })
+  }
+
+  /** Appends the oldest batch's records, then reuses its buffer. */
+  flushOldest(file: SnapshotFile): Effect.Effect<void, SnapshotIoError> {
+    const self = this
+    return Effect.gen(function* () {
+      const next = self.queue.shift()!
+      yield* file.append(yield* Effect.promise(() => next.records))
+      self.free.push(next.data)
+      if (file.bytesWritten - self.lastCollect > GC_EVERY_BYTES) {
+        self.lastCollect = file.bytesWritten
+        collectYoungGarbage()
+      }
+    })
+  }
 }
 
 /**
@@ -189,84 +122,30 @@ export interface WriterResult {
  */
 export const writeSnapshotBody = (
   engine: WpEngine,
-  sink: RecordSink,
+  file: SnapshotFile,
   options: WriterOptions = {}
 ): Effect.Effect<WriterResult, SnapshotIoError | NativeError> =>
   Effect.gen(function* () {
-    const sweepPages = options.sweepPages ?? 256
+    const batchPages = options.sweepPages ?? 256
     const maxInFlight = options.inFlight ?? 4
     const useLz4 = options.compress ?? true
-    const regions = engine.regions
-    const totalPages = regions.reduce((s, r) => s + regionPages(r), 0)
-    const drainKeys = new BigUint64Array(DRAIN_PAGES)
-    const sweepIndex = new BigUint64Array(sweepPages)
-    const sweepFlags = new Uint8Array(sweepPages)
-    // Buffers for drained and swept pages go back to this pool once their
-    // records are on disk: the writer's memory stays bounded by inFlight
-    // batches, whatever the guest's size, and payloads need no copy.
-    const buffers: Array<Buffer> = []
-    const takeBuffer = () => buffers.pop() ?? Buffer.allocUnsafeSlow(Math.max(DRAIN_PAGES, sweepPages) * PAGE_SIZE)
-    const inflight: Array<{ records: Promise<Array<PendingRecord>>; buffer: Buffer }> = []
-    let region = 0
-    let cursor = 0
+    const totalPages = engine.regions.reduce((s, r) => s + regionPages(r), 0)
+    const inflight = new InFlight(batchPages)
+    const arrays = { regions: new Uint32Array(batchPages), pages: new BigUint64Array(batchPages), flags: new Uint8Array(batchPages) }
     let saved = 0
-    let steered = 0
-    const steer = options.steer ?? true
-    let lastCollect = 0
 
-    const flushOldest = Effect.gen(function* () {
-      const next = inflight.shift()!
-      const batch = yield* Effect.promise(() => next.records)
-      yield* sink.append(batch)
-      buffers.push(next.buffer)
-      if (sink.bytesWritten - lastCollect > GC_EVERY_BYTES) {
-        lastCollect = sink.bytesWritten
-        collectYoungGarbage()
-      }
-    })
-
-    /** Captures the unsaved pages of one run into a staging buffer; how many. */
-    const sweep = (r: number, first: number): number => {
-      const data = takeBuffer()
-      const n = engine.sweepSync(r, first, sweepPages, { data, pages: sweepIndex, flags: sweepFlags })
-      if (n === 0) {
-        buffers.push(data)
-        return 0
-      }
-      // recordsFromSweep reads pages/flags now; data stays in use until appended.
-      inflight.push({ records: recordsFromSweep(r, data, sweepIndex, sweepFlags, n, useLz4), buffer: data })
-      saved += n
-      return n
-    }
-
-    const turn = Effect.try({
+    /** Takes the engine's next batch into a fresh buffer; false when none was ready. */
+    const takeBatch = Effect.try({
       try: () => {
-        const drainBuf = takeBuffer()
-        const drained = engine.drainSync(drainBuf, drainKeys)
-        if (drained > 0) {
-          inflight.push({ records: recordsFromPool(drainBuf, drainKeys, drained, useLz4), buffer: drainBuf })
-          saved += drained
-          return true
+        const batch = { data: inflight.takeBuffer(), ...arrays }
+        const n = engine.nextBatchSync(batch)
+        if (n === 0) {
+          inflight.giveBack(batch.data)
+          return false
         }
-        buffers.push(drainBuf)
-        // Steering: sweep first where the guest is writing, so it meets saved pages.
-        const hint = steer ? engine.hintSync() : undefined
-        if (hint) {
-          const n = sweep(hint.region, hint.page - (hint.page % sweepPages))
-          steered += n
-          if (n > 0) return true
-        }
-        while (region < regions.length) {
-          if (cursor >= regionPages(regions[region]!)) {
-            region++
-            cursor = 0
-            continue
-          }
-          const n = sweep(region, cursor)
-          cursor += sweepPages
-          if (n > 0) return true
-        }
-        return false
+        inflight.push(recordsFromBatch(batch, n, useLz4), batch.data)
+        saved += n
+        return true
       },
       catch: (e) => e as NativeError
     })
@@ -274,15 +153,15 @@ export const writeSnapshotBody = (
     while (true) {
       const failure = engine.errorSync()
       if (failure) return yield* Effect.fail(failure)
-      const progressed = yield* turn
+      const progressed = yield* takeBatch
       if (options.writerDelayMs) yield* Effect.sleep(options.writerDelayMs)
-      while (inflight.length >= maxInFlight) yield* flushOldest
-      options.onProgress?.(Math.min(saved, totalPages), totalPages, sink.bytesWritten)
+      while (inflight.size >= maxInFlight) yield* inflight.flushOldest(file)
+      options.onProgress?.(Math.min(saved, totalPages), totalPages, file.bytesWritten)
       if (progressed) continue
-      if (engine.doneSync() && inflight.length === 0) break
-      // Sweep finished; pages claimed by the fault thread are still landing.
-      if (inflight.length > 0) yield* flushOldest
+      if (engine.doneSync() && inflight.size === 0) break
+      // Nothing left to sweep; pages the fault thread saved are still landing.
+      if (inflight.size > 0) yield* inflight.flushOldest(file)
       else yield* Effect.sleep(0)
     }
-    return { records: sink.index.count, steeredPages: steered }
+    return { records: file.recordCount }
   })

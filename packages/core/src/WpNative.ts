@@ -49,12 +49,23 @@ export interface EngineStats {
   readonly armFaults: number
   /** Pages re-protected at the cut: written since arming. */
   readonly cutPages: number
+  /** Pages swept where the guest had just faulted (steering). */
+  readonly pagesSteered: number
   /** Bucket 2k: [2^k, 1.5*2^k) ns; bucket 2k+1: [1.5*2^k, 2^(k+1)) ns. */
   readonly faultHistogram: ReadonlyArray<number>
 }
 
 /** A swept page that is all zero (nothing copied): `WP_PAGE_ZERO`. */
 export const PAGE_ZERO = WP_PAGE_ZERO
+
+/** Caller-owned arrays filled by `WpEngine.nextBatchSync` (capacity: pages.length entries). */
+export interface EngineBatch {
+  /** Page contents, packed: at least pages.length * 4096 bytes. */
+  readonly data: Buffer
+  readonly regions: Uint32Array
+  readonly pages: BigUint64Array
+  readonly flags: Uint8Array
+}
 
 /** Default fault-around window: 16 pages (64 KiB) saved per write fault. */
 export const DEFAULT_FAULT_AROUND_PAGES = 16
@@ -79,21 +90,20 @@ export class WpEngine {
     return Effect.suspend(() => this.call("protect", loadWp().wp_engine_protect([this.handle])))
   }
 
-  /** Take up to keys.length pages from the pool into buf (keys: region << 48 | page). */
-  drainSync(buf: Buffer, keys: BigUint64Array): number {
-    const rc: number = loadWp().wp_engine_drain([this.handle, buf, Buffer.from(keys.buffer, keys.byteOffset, keys.byteLength), keys.length])
-    if (rc < 0) throw nativeError("drain", rc)
-    return rc
-  }
-
-  /** Capture the unsaved pages of [firstPage, firstPage + maxPages) of a region. */
-  sweepSync(region: number, firstPage: number, maxPages: number, out: { data: Buffer; pages: BigUint64Array; flags: Uint8Array }): number {
-    const rc: number = loadWp().wp_engine_sweep([
-      this.handle, region, BigInt(firstPage), maxPages, out.data,
-      Buffer.from(out.pages.buffer, out.pages.byteOffset, out.pages.byteLength),
-      Buffer.from(out.flags.buffer, out.flags.byteOffset, out.flags.byteLength)
+  /**
+   * The next batch of captured pages, as the engine chooses (pool pages
+   * first, then a sweep where the guest last faulted, then in address
+   * order). Entry i is page `pages[i]` of region `regions[i]`, all zero when
+   * `flags[i]` is PAGE_ZERO; the data of the other entries is packed into
+   * `data` in entry order. Returns the number of entries (at most
+   * `pages.length`); 0 when nothing is left to sweep right now.
+   */
+  nextBatchSync(out: EngineBatch): number {
+    const view = (a: Uint32Array | BigUint64Array | Uint8Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength)
+    const rc: number = loadWp().wp_engine_next_batch([
+      this.handle, out.data, view(out.regions), view(out.pages), view(out.flags), out.pages.length
     ])
-    if (rc < 0) throw this.errorSync() ?? nativeError("sweep", rc)
+    if (rc < 0) throw this.errorSync() ?? nativeError("snapshot", rc)
     return rc
   }
 
@@ -105,15 +115,6 @@ export class WpEngine {
     const who = process[0]! > 0 ? `process ${process[0]} of the VM` : "this process"
     const reason = -rc === 3 ? `${who} exited during the snapshot` : `${who}: ${errnoReason("snapshot", -rc)}`
     return new NativeError({ op: "snapshot", errno: -rc, reason })
-  }
-
-  private readonly hintKey = new BigUint64Array(1)
-
-  /** Where the guest last faulted since the previous call, if anywhere. */
-  hintSync(): { region: number; page: number } | undefined {
-    if (loadWp().wp_engine_hint([this.handle, Buffer.from(this.hintKey.buffer)]) !== 1) return undefined
-    const key = this.hintKey[0]!
-    return { region: Number(key >> 48n), page: Number(key & 0xffffffffffffn) }
   }
 
   doneSync(): boolean {
@@ -130,6 +131,7 @@ export class WpEngine {
       poolUsed: n("pool_used"), pagesTotal: n("pages_total"), pagesSaved: n("pages_saved"), pagesSwept: n("pages_swept"),
       pagesZero: n("pages_zero"), faultNsMax: n("fault_ns_max"), faultNsTotal: n("fault_ns_total"),
       pagesFaultAround: n("pages_fault_around"), armFaults: n("arm_faults"), cutPages: n("cut_pages"),
+      pagesSteered: n("pages_steered"),
       faultHistogram: Array.from(words.subarray(WP_STATS_FIELDS.length), Number)
     }
   }
@@ -205,6 +207,8 @@ export interface EngineOptions {
   readonly poolPages: number
   /** Fault-around window in pages (power of two, 1 = off). */
   readonly faultAroundPages?: number
+  /** Sweep where the guest last faulted first (default true); false: front to back. */
+  readonly steer?: boolean
 }
 
 export class WpNative extends Context.Service<WpNative, {
@@ -246,6 +250,8 @@ export class WpNative extends Context.Service<WpNative, {
             }
             const around: number = lib.wp_engine_set_fault_around([handle, options.faultAroundPages ?? DEFAULT_FAULT_AROUND_PAGES])
             if (around < 0) return failed("fault-around", around)
+            const steering: number = lib.wp_engine_set_steering([handle, options.steer === false ? 0 : 1])
+            if (steering < 0) return failed("steering", steering)
             const rc: number = lib.wp_engine_start([handle])
             if (rc < 0) return failed("start", rc)
             return Effect.succeed(engine)

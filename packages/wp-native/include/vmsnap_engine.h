@@ -13,7 +13,7 @@
  * Life cycle:
  *   wp_engine_create -> wp_engine_add_region (x N) -> wp_engine_start
  *   -> wp_engine_protect (the cut; caller pauses its vCPUs around it)
- *   -> wp_engine_drain / wp_engine_sweep until wp_engine_done
+ *   -> wp_engine_next_batch until wp_engine_done
  *   -> wp_engine_destroy (always: removes all protection first).
  */
 #ifndef VMSNAP_ENGINE_H
@@ -43,7 +43,7 @@ extern "C" {
 #define WP_OPEN_SYSCALL 1
 #define WP_OPEN_DEVICE 2
 
-/* Flags of one swept page (wp_engine_sweep's flags_out). */
+/* Flags of one captured page (wp_engine_next_batch's flags_out). */
 #define WP_PAGE_DATA 0 /* content copied into the caller's buffer */
 #define WP_PAGE_ZERO 1 /* all zero (or never populated): nothing copied */
 
@@ -69,6 +69,7 @@ typedef struct wp_stats {
     uint64_t pages_fault_around; /* neighbours saved along with a faulting page */
     uint64_t arm_faults;       /* writes let through while armed (before the cut) */
     uint64_t cut_pages;        /* pages re-protected at the cut (written since arming) */
+    uint64_t pages_steered;    /* pages swept where the guest had just faulted */
     uint64_t hist[WP_HIST_BUCKETS];
 } wp_stats;
 
@@ -145,23 +146,25 @@ int32_t wp_engine_arm(wp_engine *e);
  * on every page is captured with its content now. */
 int32_t wp_engine_protect(wp_engine *e);
 
-/* Take up to max_pages pages out of the pool, oldest first: their content is
- * copied to buf (max_pages * 4096 bytes) and their keys to keys_out, one u64
- * each: region index << 48 | page index. Returns the number of pages. */
-int32_t wp_engine_drain(wp_engine *e, uint8_t *buf, uint64_t *keys_out, uint32_t max_pages);
+/* The writer's next batch of up to max_pages captured pages (at most 16384
+ * per call). The engine decides what comes next: first pages the fault
+ * thread saved into the pool, oldest first; else it sweeps a run of
+ * not-yet-saved pages (where the guest last faulted, unless steering is off,
+ * else the next run in address order), captures them and unprotects them.
+ * Entry i is page pages_out[i] of region regions_out[i] with flag
+ * flags_out[i] (WP_PAGE_DATA or WP_PAGE_ZERO); the contents of the DATA
+ * entries are packed into buf (max_pages * 4096 bytes) in entry order.
+ * Returns the number of entries; 0 when nothing is left to sweep right now
+ * (pages the fault thread is saving may still arrive: loop until
+ * wp_engine_done); -errno after a failure (see wp_engine_error). Call from
+ * one thread at a time. */
+int32_t wp_engine_next_batch(wp_engine *e, uint8_t *buf, uint32_t *regions_out, uint64_t *pages_out,
+                             uint8_t *flags_out, uint32_t max_pages);
 
-/* Capture every not-yet-saved page of [first_page, first_page + max_pages) of
- * a region: non-zero pages are copied packed into buf, each page's index goes
- * to pages_out and its WP_PAGE_* flag to flags_out; the captured pages are
- * then unprotected (one ioctl per contiguous run). Pages already saved or
- * being saved by the fault thread are skipped. Returns the number of entries. */
-int32_t wp_engine_sweep(wp_engine *e, uint32_t region, uint64_t first_page, uint32_t max_pages,
-                        uint8_t *buf, uint64_t *pages_out, uint8_t *flags_out);
-
-/* Where the guest last took a write fault since the previous call: 1 and
- * *key_out = region << 48 | page, or 0 if none. The writer sweeps there
- * next, so the guest meets saved pages instead of faulting on each. */
-int32_t wp_engine_hint(wp_engine *e, uint64_t *key_out);
+/* Steering (default on): the sweep goes first where the guest last took a
+ * write fault, so the guest meets saved pages instead of faulting on each;
+ * off: front to back. Must be called before wp_engine_start. */
+int32_t wp_engine_set_steering(wp_engine *e, int32_t on);
 
 /* 1 when every page is saved and the pool is empty, else 0. */
 int32_t wp_engine_done(wp_engine *e);

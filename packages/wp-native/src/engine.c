@@ -1,7 +1,8 @@
 /*
  * The engine's life cycle: processes (each with its own uffd), regions,
- * mappings (a region in a process), protection and its removal, reading page
- * contents, counters. See engine_internal.h for the page-state invariant.
+ * mappings (a region in a process), reading page contents, counters.
+ * Protection is in protect.c, the fault thread in fault.c, the writer's
+ * batches in sweep.c. See engine_internal.h for the page-state invariant.
  *
  * The translation-table model: a region is guest memory, keyed by index;
  * each process that maps it has its own host-virtual base and its own uffd.
@@ -22,19 +23,6 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-int wp_writeprotect(int uffd, uint64_t hva, uint64_t len, bool protect)
-{
-    struct uffdio_writeprotect wp = {
-        .range = {.start = hva, .len = len},
-        .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
-    };
-    while (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) < 0) {
-        if (errno != EAGAIN)
-            return -errno;
-    }
-    return 0;
-}
-
 void wp_record_error(wp_engine *e, int32_t err, int32_t process)
 {
     int32_t none = 0;
@@ -43,7 +31,7 @@ void wp_record_error(wp_engine *e, int32_t err, int32_t process)
 }
 
 /* A process whose address space is gone answers ESRCH (or ENOMEM): skip it. */
-static void process_failed(wp_engine *e, uint32_t process, int err)
+void wp_process_failed(wp_engine *e, uint32_t process, int err)
 {
     atomic_store(&e->processes[process].dead, true);
     wp_record_error(e, err, (int32_t)process);
@@ -78,23 +66,10 @@ int wp_read_pages(wp_engine *e, uint32_t region, uint64_t page, uint64_t count, 
         ssize_t got = process_vm_readv(e->processes[m->process].pid, &local, 1, &remote, 1, 0);
         if (got == (ssize_t)len)
             return 0;
-        process_failed(e, m->process, got < 0 ? -errno : -EIO);
+        wp_process_failed(e, m->process, got < 0 ? -errno : -EIO);
     }
     memset(dst, 0, len); /* the snapshot fails through e->error */
     return -EIO;
-}
-
-void wp_unprotect_pages(wp_engine *e, uint32_t region, uint64_t page, uint64_t count)
-{
-    for (uint32_t i = 0; i < e->mapping_count; i++) {
-        const struct wp_mapping *m = &e->mappings[i];
-        struct wp_process *p = &e->processes[m->process];
-        if (m->region != region || atomic_load(&p->dead))
-            continue;
-        int rc = wp_writeprotect(p->uffd, m->hva + page * WP_PAGE_SIZE, count * WP_PAGE_SIZE, false);
-        if (rc < 0)
-            process_failed(e, m->process, rc);
-    }
 }
 
 static int negotiate(int uffd, uint64_t features)
@@ -169,6 +144,7 @@ wp_engine *wp_engine_create(uint32_t pool_slots, int32_t *err_out)
     }
     e->sync_mode = pool_slots == 0;
     e->fault_around = 1;
+    e->steer = true;
     e->slots = pool_slots == 0 ? 1 : pool_slots;
     size_t bytes = (size_t)e->slots * WP_PAGE_SIZE;
     /* mmap: slots cost memory only once used. */
@@ -178,9 +154,9 @@ wp_engine *wp_engine_create(uint32_t pool_slots, int32_t *err_out)
         goto fail;
     }
     e->slot_data = data;
-    e->slot_keys = calloc(e->slots, sizeof *e->slot_keys);
+    e->slot_pages = calloc(e->slots, sizeof *e->slot_pages);
     e->residency = malloc(WP_SWEEP_MAX_PAGES);
-    if (!e->slot_keys || !e->residency) {
+    if (!e->slot_pages || !e->residency) {
         *err_out = -ENOMEM;
         goto fail;
     }
@@ -295,6 +271,14 @@ int32_t wp_engine_set_fault_around(wp_engine *e, uint32_t pages)
     return 0;
 }
 
+int32_t wp_engine_set_steering(wp_engine *e, int32_t on)
+{
+    if (e->thread_started)
+        return -EBUSY;
+    e->steer = on != 0;
+    return 0;
+}
+
 int32_t wp_engine_start(wp_engine *e)
 {
     if (e->thread_started)
@@ -307,97 +291,6 @@ int32_t wp_engine_start(wp_engine *e)
         return -rc;
     e->thread_started = true;
     return 0;
-}
-
-static int32_t protect_all(wp_engine *e)
-{
-    for (uint32_t i = 0; i < e->mapping_count; i++) {
-        const struct wp_mapping *m = &e->mappings[i];
-        int rc = wp_writeprotect(e->processes[m->process].uffd, m->hva, e->regions[m->region].size, true);
-        if (rc < 0) {
-            wp_engine_unprotect_all(e);
-            wp_record_error(e, rc, (int32_t)m->process);
-            return rc;
-        }
-    }
-    return 0;
-}
-
-int32_t wp_engine_arm(wp_engine *e)
-{
-    if (!e->thread_started)
-        return -EINVAL; /* nobody would serve the faults */
-    if (atomic_load(&e->mode) != MODE_IDLE)
-        return -EBUSY;
-    for (uint32_t i = 0; i < e->region_count; i++) {
-        e->regions[i].written = calloc(e->regions[i].pages, 1);
-        if (!e->regions[i].written)
-            return -ENOMEM;
-    }
-    /* Arming before protecting: a write during the sweep is only noted. */
-    atomic_store(&e->mode, MODE_ARMING);
-    int32_t rc = protect_all(e);
-    if (rc < 0)
-        atomic_store(&e->mode, MODE_IDLE);
-    return rc;
-}
-
-static int compare_keys(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
-/* Re-protect what was written since arming: runs of consecutive pages of a
- * region, one ioctl per run per process. */
-static int32_t reprotect_written(wp_engine *e)
-{
-    uint64_t *keys = e->written_keys;
-    size_t n = e->written_count;
-    qsort(keys, n, sizeof *keys, compare_keys);
-    for (size_t i = 0; i < n;) {
-        size_t j = i + 1;
-        while (j < n && keys[j] == keys[j - 1] + 1)
-            j++;
-        uint32_t region = (uint32_t)(keys[i] >> 48);
-        uint64_t page = keys[i] & 0xffffffffffffull;
-        for (uint32_t k = 0; k < e->mapping_count; k++) {
-            const struct wp_mapping *m = &e->mappings[k];
-            struct wp_process *p = &e->processes[m->process];
-            if (m->region != region || atomic_load(&p->dead))
-                continue;
-            int rc = wp_writeprotect(p->uffd, m->hva + page * WP_PAGE_SIZE, (j - i) * WP_PAGE_SIZE, true);
-            if (rc < 0)
-                return rc;
-        }
-        i = j;
-    }
-    e->cut_pages = n;
-    return 0;
-}
-
-int32_t wp_engine_protect(wp_engine *e)
-{
-    if (!e->thread_started)
-        return -EINVAL; /* nobody would serve the faults */
-    int mode = atomic_load(&e->mode);
-    if (mode == MODE_SNAPSHOT || mode == MODE_CUTTING)
-        return -EBUSY;
-    if (mode == MODE_IDLE) {
-        atomic_store(&e->mode, MODE_SNAPSHOT);
-        return protect_all(e);
-    }
-    /* Armed: the pause costs only the pages written since arming. */
-    atomic_store(&e->mode, MODE_CUTTING);
-    while (atomic_load(&e->batch_seq) & 1) /* a batch that saw ARMING finishes first */
-        __builtin_ia32_pause();
-    int32_t rc = reprotect_written(e);
-    atomic_store(&e->mode, MODE_SNAPSHOT);
-    if (rc < 0) {
-        wp_engine_unprotect_all(e);
-        wp_record_error(e, rc, -1);
-    }
-    return rc;
 }
 
 int32_t wp_engine_done(wp_engine *e)
@@ -434,23 +327,9 @@ int32_t wp_engine_stats(wp_engine *e, wp_stats *out)
     out->pages_fault_around = e->pages_fault_around;
     out->arm_faults = e->arm_faults;
     out->cut_pages = e->cut_pages;
+    out->pages_steered = e->pages_steered;
     memcpy(out->hist, e->hist, sizeof out->hist);
     return 0;
-}
-
-int32_t wp_engine_unprotect_all(wp_engine *e)
-{
-    int32_t first_error = 0;
-    for (uint32_t i = 0; i < e->mapping_count; i++) {
-        const struct wp_mapping *m = &e->mappings[i];
-        struct wp_process *p = &e->processes[m->process];
-        if (p->uffd < 0 || atomic_load(&p->dead))
-            continue;
-        int rc = wp_writeprotect(p->uffd, m->hva, e->regions[m->region].size, false);
-        if (rc < 0 && !first_error)
-            first_error = rc;
-    }
-    return first_error;
 }
 
 int32_t wp_engine_destroy(wp_engine *e)
@@ -478,7 +357,7 @@ int32_t wp_engine_destroy(wp_engine *e)
         free(e->regions[i].state);
         free(e->regions[i].written);
     }
-    free(e->written_keys);
+    free(e->armed_writes);
     /* Closing a uffd also clears whatever protection is left in its process. */
     for (uint32_t i = 0; i < e->process_count; i++)
         if (e->processes[i].uffd >= 0)
@@ -492,7 +371,7 @@ int32_t wp_engine_destroy(wp_engine *e)
     }
     if (e->slot_data)
         munmap(e->slot_data, (size_t)e->slots * WP_PAGE_SIZE);
-    free(e->slot_keys);
+    free(e->slot_pages);
     free(e->residency);
     pthread_mutex_destroy(&e->lock);
     pthread_cond_destroy(&e->freed);

@@ -1,6 +1,7 @@
 /*
  * Internal: the engine's state, shared by engine.c (life cycle, regions,
- * protection), pool.c (slot ring), fault.c (fault thread) and sweep.c.
+ * reading pages), protect.c (arm, cut, unprotect), fault.c (fault thread and
+ * slot pool) and sweep.c (the writer's next batch: pool pages, then sweeps).
  *
  * Every page of every region has a state: PENDING (not captured, protected
  * after the cut), COPYING (claimed by the fault thread or the sweep) or SAVED.
@@ -23,7 +24,7 @@
 #define WP_MAX_REGIONS 64
 #define WP_MAX_PROCESSES 16
 #define WP_MAX_MAPPINGS 256
-#define WP_SPIN_NS 5000ull         /* keep polling this long after an event */
+#define WP_SPIN_NS 5000ull         /* fault thread and full pool: poll 5 us before sleeping */
 #define WP_OVERFLOW_NS 200000000ull /* a fallback waiting longer overflows */
 #define WP_SWEEP_MAX_PAGES 16384u   /* scratch size for one sweep call */
 
@@ -59,9 +60,15 @@ struct wp_mapping {
     uint64_t hva;
 };
 
+/* One page of one region. */
+struct wp_page_ref {
+    uint32_t region;
+    uint64_t page;
+};
+
 struct wp_overflow {
     struct wp_overflow *next;
-    uint64_t key;
+    struct wp_page_ref at;
     uint8_t data[WP_PAGE_SIZE];
 };
 
@@ -75,10 +82,15 @@ struct wp_engine {
     _Atomic int32_t error;         /* first failure (-errno), 0 if none */
     _Atomic int32_t error_process; /* the process it concerns, -1 if none */
     _Atomic int mode;              /* MODE_* */
-    _Atomic uint64_t batch_seq;    /* odd while the fault thread serves a batch */
-    _Atomic uint64_t last_fault_key; /* where the guest last wrote (+1; 0: none), for the sweep */
-    uint64_t *written_keys;        /* pages unprotected while arming (fault thread only) */
-    size_t written_count, written_cap;
+    _Atomic bool noting;           /* the fault thread is noting one armed write: the cut waits */
+    struct wp_page_ref *armed_writes; /* pages unprotected while arming (fault thread only) */
+    size_t armed_count, armed_cap;
+
+    /* What the sweep takes next (the writer's thread only). */
+    bool steer;                    /* sweep where the guest last faulted first */
+    _Atomic uint64_t steer_at;     /* that place: region << 48 | page, plus 1; 0 none (C only) */
+    uint32_t sweep_region;         /* the in-order sweep's cursor */
+    uint64_t sweep_page;
 
     uint32_t process_count;
     struct wp_process processes[WP_MAX_PROCESSES]; /* [0] is this process */
@@ -91,7 +103,7 @@ struct wp_engine {
     /* Slot ring. head is written only by the fault thread, tail only by drain. */
     uint32_t slots;
     uint8_t *slot_data;
-    uint64_t *slot_keys;
+    struct wp_page_ref *slot_pages; /* which page each slot holds */
     _Atomic uint64_t head;
     _Atomic uint64_t tail;
 
@@ -111,32 +123,30 @@ struct wp_engine {
     _Atomic uint64_t pages_saved;
     uint64_t faults, faults_spurious, fallbacks, fallback_ns, overflow_pages;
     uint64_t pool_high_water, pages_swept, pages_zero, fault_ns_max, fault_ns_total, pages_fault_around;
-    uint64_t arm_faults, cut_pages;
+    uint64_t arm_faults, cut_pages, pages_steered;
     uint32_t fault_around; /* pages per fault-around window; 1 = off */
     uint64_t hist[WP_HIST_BUCKETS];
+#ifdef WP_TEST_HOOKS
+    _Atomic uint32_t test_message_delay_us; /* test_hooks.h */
+#endif
 };
 
 /* engine.c */
-int wp_writeprotect(int uffd, uint64_t hva, uint64_t len, bool protect);
 void wp_record_error(wp_engine *e, int32_t err, int32_t process);
+void wp_process_failed(wp_engine *e, uint32_t process, int err);
 bool wp_claim_page(struct wp_region *r, uint64_t page);
 void wp_mark_saved(wp_engine *e, struct wp_region *r, uint64_t page);
 int wp_read_pages(wp_engine *e, uint32_t region, uint64_t page, uint64_t count, uint8_t *dst);
+
+/* protect.c */
+int wp_writeprotect(int uffd, uint64_t hva, uint64_t len, bool protect);
 void wp_unprotect_pages(wp_engine *e, uint32_t region, uint64_t page, uint64_t count);
 
-/* pool.c */
-void wp_pool_store(wp_engine *e, uint32_t region, uint64_t page);
-/* `count` claimed pages from `page` into consecutive slots, reading each
- * stretch with one call. The caller guarantees that many free slots. */
-void wp_pool_store_run(wp_engine *e, uint32_t region, uint64_t page, uint64_t count);
-uint64_t wp_pool_free_slots(wp_engine *e);
-
-/* fault.c */
+/* fault.c: the fault thread and the slot pool it fills. */
 void *wp_fault_thread(void *arg);
-
-static inline uint64_t wp_page_key(uint32_t region, uint64_t page)
-{
-    return ((uint64_t)region << 48) | page;
-}
+/* Take up to max pages out of the pool, oldest first: contents to buf (one
+ * page each), their region and page index to regions_out / pages_out. The
+ * writer's thread only. */
+uint32_t wp_pool_take(wp_engine *e, uint8_t *buf, uint32_t *regions_out, uint64_t *pages_out, uint32_t max);
 
 #endif

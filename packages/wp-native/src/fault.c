@@ -1,8 +1,16 @@
 /*
- * The fault-service thread: reads write faults from every process's uffd,
- * copies the faulting page into the pool, marks it saved and unprotects it in
- * every process that maps it. It never waits on JS except in the synchronous
+ * The fault thread and the slot pool it fills.
+ *
+ * The fault thread reads write faults from every process's uffd, copies the
+ * faulting page into a pool slot, marks it saved and unprotects it in every
+ * process that maps it. It never waits on JS except in the synchronous
  * fallback, and never writes guest memory.
+ *
+ * The pool is a single-producer (fault thread) single-consumer (the writer,
+ * through wp_pool_take) ring of 4 KiB slots. When it is full the fault thread
+ * waits (the synchronous fallback); after WP_OVERFLOW_NS it copies into a
+ * heap slot instead, so a writer thread that itself touches guest memory can
+ * never deadlock the snapshot.
  */
 #define _GNU_SOURCE
 #include "engine_internal.h"
@@ -10,7 +18,162 @@
 #include <errno.h>
 #include <poll.h>
 #include <stdlib.h>
+#include <string.h>
+#include <time.h>
 #include <unistd.h>
+
+/* ---- the slot pool ---- */
+
+static uint64_t pool_free_slots(wp_engine *e)
+{
+    uint64_t used = atomic_load_explicit(&e->head, memory_order_relaxed) -
+                    atomic_load_explicit(&e->tail, memory_order_acquire);
+    return e->slots - used;
+}
+
+/* Wait until the pool has a free slot; false if the caller should overflow
+ * instead (stuck too long, or stopping). Fault thread only. */
+static bool wait_for_slot(wp_engine *e, uint64_t head)
+{
+    uint64_t start = monotonic_ns();
+    e->fallbacks++;
+    bool ok = true;
+    while (head - atomic_load_explicit(&e->tail, memory_order_acquire) >= e->slots) {
+        uint64_t waited = monotonic_ns() - start;
+        if (atomic_load(&e->stopping) || waited >= WP_OVERFLOW_NS) {
+            ok = false;
+            break;
+        }
+        /* Spin briefly: a drain in progress frees slots within microseconds. */
+        if (waited < WP_SPIN_NS) {
+            __builtin_ia32_pause();
+            continue;
+        }
+        pthread_mutex_lock(&e->lock);
+        atomic_store(&e->producer_waiting, true);
+        if (head - atomic_load_explicit(&e->tail, memory_order_acquire) >= e->slots) {
+            /* Timed: a drain that raced past producer_waiting costs at most 1 ms. */
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += 1000000;
+            if (ts.tv_nsec >= 1000000000) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000;
+            }
+            pthread_cond_timedwait(&e->freed, &e->lock, &ts);
+        }
+        atomic_store(&e->producer_waiting, false);
+        pthread_mutex_unlock(&e->lock);
+    }
+    e->fallback_ns += monotonic_ns() - start;
+    return ok;
+}
+
+static bool store_overflow(wp_engine *e, uint32_t region, uint64_t page)
+{
+    struct wp_overflow *o = malloc(sizeof *o);
+    if (!o)
+        return false;
+    o->next = NULL;
+    o->at = (struct wp_page_ref){.region = region, .page = page};
+    wp_read_pages(e, region, page, 1, o->data);
+    pthread_mutex_lock(&e->lock);
+    *e->overflow_tail = o;
+    e->overflow_tail = &o->next;
+    pthread_mutex_unlock(&e->lock);
+    atomic_fetch_add(&e->overflow_count, 1);
+    e->overflow_pages++;
+    return true;
+}
+
+/* Copy one claimed page into the pool (or an overflow slot). Fault thread only. */
+static void pool_store(wp_engine *e, uint32_t region, uint64_t page)
+{
+    uint64_t head = atomic_load_explicit(&e->head, memory_order_relaxed);
+    if (head - atomic_load_explicit(&e->tail, memory_order_acquire) >= e->slots && !wait_for_slot(e, head)) {
+        if (store_overflow(e, region, page))
+            return;
+        /* Out of memory: keep waiting for the pool; correctness over latency. */
+        while (head - atomic_load_explicit(&e->tail, memory_order_acquire) >= e->slots)
+            usleep(100);
+    }
+    uint64_t slot = head % e->slots;
+    wp_read_pages(e, region, page, 1, e->slot_data + slot * WP_PAGE_SIZE);
+    e->slot_pages[slot] = (struct wp_page_ref){.region = region, .page = page};
+    /* Release: slot content and key are visible before the consumer sees head. */
+    atomic_store_explicit(&e->head, head + 1, memory_order_release);
+    uint64_t used = head + 1 - atomic_load_explicit(&e->tail, memory_order_acquire);
+    if (used > e->pool_high_water)
+        e->pool_high_water = used;
+    if (e->sync_mode) {
+        /* No buffering: hold the writer until drain has taken the page. */
+        uint64_t start = monotonic_ns();
+        while (atomic_load_explicit(&e->tail, memory_order_acquire) < head + 1 && !atomic_load(&e->stopping) &&
+               monotonic_ns() - start < WP_OVERFLOW_NS)
+            __builtin_ia32_pause();
+    }
+}
+
+/* `count` claimed pages from `page` into consecutive slots, reading each
+ * stretch with one call. The caller guarantees that many free slots. */
+static void pool_store_run(wp_engine *e, uint32_t region, uint64_t page, uint64_t count)
+{
+    uint64_t head = atomic_load_explicit(&e->head, memory_order_relaxed);
+    for (uint64_t done = 0; done < count;) {
+        /* Consecutive slots up to the end of the ring: one read each. */
+        uint64_t slot = (head + done) % e->slots;
+        uint64_t n = count - done < e->slots - slot ? count - done : e->slots - slot;
+        wp_read_pages(e, region, page + done, n, e->slot_data + slot * WP_PAGE_SIZE);
+        for (uint64_t k = 0; k < n; k++)
+            e->slot_pages[slot + k] = (struct wp_page_ref){.region = region, .page = page + done + k};
+        done += n;
+    }
+    /* Release: slot contents and keys are visible before the consumer sees head. */
+    atomic_store_explicit(&e->head, head + count, memory_order_release);
+    uint64_t used = head + count - atomic_load_explicit(&e->tail, memory_order_acquire);
+    if (used > e->pool_high_water)
+        e->pool_high_water = used;
+}
+
+uint32_t wp_pool_take(wp_engine *e, uint8_t *buf, uint32_t *regions_out, uint64_t *pages_out, uint32_t max_pages)
+{
+    uint32_t n = 0;
+    if (atomic_load(&e->overflow_count) > 0) {
+        pthread_mutex_lock(&e->lock);
+        while (n < max_pages && e->overflow_head) {
+            struct wp_overflow *o = e->overflow_head;
+            e->overflow_head = o->next;
+            if (!e->overflow_head)
+                e->overflow_tail = &e->overflow_head;
+            memcpy(buf + (size_t)n * WP_PAGE_SIZE, o->data, WP_PAGE_SIZE);
+            regions_out[n] = o->at.region;
+            pages_out[n++] = o->at.page;
+            free(o);
+            atomic_fetch_sub(&e->overflow_count, 1);
+        }
+        pthread_mutex_unlock(&e->lock);
+    }
+    uint64_t tail = atomic_load_explicit(&e->tail, memory_order_relaxed);
+    /* Acquire: pairs with the fault thread's release of head. */
+    uint64_t head = atomic_load_explicit(&e->head, memory_order_acquire);
+    while (n < max_pages && tail < head) {
+        uint64_t slot = tail % e->slots;
+        memcpy(buf + (size_t)n * WP_PAGE_SIZE, e->slot_data + slot * WP_PAGE_SIZE, WP_PAGE_SIZE);
+        regions_out[n] = e->slot_pages[slot].region;
+        pages_out[n++] = e->slot_pages[slot].page;
+        tail++;
+    }
+    /* Release: our reads of the slots are done before the producer reuses them. */
+    atomic_store_explicit(&e->tail, tail, memory_order_release);
+    if (atomic_load(&e->producer_waiting)) {
+        pthread_mutex_lock(&e->lock);
+        pthread_cond_signal(&e->freed);
+        pthread_mutex_unlock(&e->lock);
+    }
+    return n;
+}
+
+/* ---- the fault thread ---- */
 
 static const struct wp_mapping *find_mapping(wp_engine *e, uint32_t process, uint64_t hva)
 {
@@ -33,7 +196,7 @@ static void save_neighbours(wp_engine *e, uint32_t ri, uint64_t page)
     struct wp_region *r = &e->regions[ri];
     uint64_t w0 = page - page % e->fault_around;
     uint64_t w1 = w0 + e->fault_around < r->pages ? w0 + e->fault_around : r->pages;
-    uint64_t free_slots = wp_pool_free_slots(e);
+    uint64_t free_slots = pool_free_slots(e);
     uint64_t budget = free_slots > e->slots / 2 ? free_slots - e->slots / 2 : 0;
     for (uint64_t p = w0; p < w1 && budget > 0;) {
         /* A run of pages we could claim: read into the pool in one go,
@@ -43,7 +206,7 @@ static void save_neighbours(wp_engine *e, uint32_t ri, uint64_t page)
             p++;
         uint64_t n = p - run;
         if (n > 0) {
-            wp_pool_store_run(e, ri, run, n);
+            pool_store_run(e, ri, run, n);
             e->pages_fault_around += n; /* before SAVED: counters add up once the engine is done */
             for (uint64_t q = run; q < p; q++)
                 wp_mark_saved(e, r, q);
@@ -61,19 +224,19 @@ static void note_written(wp_engine *e, uint32_t ri, uint64_t page)
 {
     struct wp_region *r = &e->regions[ri];
     if (!r->written[page]) {
-        if (e->written_count == e->written_cap) {
-            size_t cap = e->written_cap ? e->written_cap * 2 : 4096;
-            uint64_t *keys = realloc(e->written_keys, cap * sizeof *keys);
-            if (!keys) {
+        if (e->armed_count == e->armed_cap) {
+            size_t cap = e->armed_cap ? e->armed_cap * 2 : 4096;
+            struct wp_page_ref *grown = realloc(e->armed_writes, cap * sizeof *grown);
+            if (!grown) {
                 /* Cannot remember it: keep it protected and let the cut find it saved later. */
                 wp_record_error(e, -ENOMEM, -1);
                 return;
             }
-            e->written_keys = keys;
-            e->written_cap = cap;
+            e->armed_writes = grown;
+            e->armed_cap = cap;
         }
         r->written[page] = 1;
-        e->written_keys[e->written_count++] = wp_page_key(ri, page);
+        e->armed_writes[e->armed_count++] = (struct wp_page_ref){.region = ri, .page = page};
     }
     e->arm_faults++;
     wp_unprotect_pages(e, ri, page, 1);
@@ -88,14 +251,26 @@ static void serve_write_fault(wp_engine *e, uint32_t process, uint64_t fault_hva
     uint32_t ri = m->region;
     struct wp_region *r = &e->regions[ri];
     uint64_t page = (fault_hva - m->hva) / WP_PAGE_SIZE;
+    /* The handshake with the cut (wp_engine_protect): `noting` is set only
+     * while one armed write is noted, and the fault thread never waits for
+     * anything while it is set. The cut sets CUTTING, then waits for
+     * `noting` to clear; both sides use sequentially consistent atomics, so
+     * either the cut sees `noting` or this thread sees CUTTING. */
+    atomic_store(&e->noting, true);
     int mode = atomic_load(&e->mode);
-    if (mode == MODE_ARMING)
-        return note_written(e, ri, page);
+    if (mode == MODE_ARMING) {
+        note_written(e, ri, page);
+        atomic_store(&e->noting, false);
+        return;
+    }
+    atomic_store(&e->noting, false);
     /* A fault during the cut (a writer that was not frozen) waits for it. */
-    while (mode == MODE_CUTTING && !atomic_load(&e->stopping))
+    while (mode == MODE_CUTTING && !atomic_load(&e->stopping)) {
+        __builtin_ia32_pause();
         mode = atomic_load(&e->mode);
+    }
     if (wp_claim_page(r, page)) {
-        wp_pool_store(e, ri, page);
+        pool_store(e, ri, page);
         e->faults++; /* before SAVED: counters add up once wp_engine_done says so */
         wp_mark_saved(e, r, page);
         wp_unprotect_pages(e, ri, page, 1);
@@ -107,7 +282,7 @@ static void serve_write_fault(wp_engine *e, uint32_t process, uint64_t fault_hva
         if (e->fault_around > 1)
             save_neighbours(e, ri, page);
         /* Tell the sweep where the guest writes: it goes there next. */
-        atomic_store_explicit(&e->last_fault_key, wp_page_key(ri, page) + 1, memory_order_relaxed);
+        atomic_store_explicit(&e->steer_at, ((uint64_t)ri << 48 | page) + 1, memory_order_relaxed);
         return;
     }
     /* The sweep owns it (or it is already saved): wait for SAVED, then make
@@ -128,13 +303,15 @@ static bool serve_process(wp_engine *e, uint32_t process)
     ssize_t n = read(p->uffd, msgs, sizeof msgs);
     if (n <= 0)
         return false;
-    /* Odd while serving: the cut waits for an even count before re-protecting. */
-    atomic_fetch_add(&e->batch_seq, 1);
     for (size_t i = 0; i < (size_t)n / sizeof msgs[0]; i++) {
+#ifdef WP_TEST_HOOKS
+        uint32_t delay_us = atomic_load(&e->test_message_delay_us);
+        if (i > 0 && delay_us)
+            usleep(delay_us);
+#endif
         if (msgs[i].event == UFFD_EVENT_PAGEFAULT && (msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP))
             serve_write_fault(e, process, msgs[i].arg.pagefault.address);
     }
-    atomic_fetch_add(&e->batch_seq, 1);
     return true;
 }
 
@@ -150,7 +327,9 @@ void *wp_fault_thread(void *arg)
             last_event = monotonic_ns();
             continue;
         }
-        /* Wake-ups cost ~50 us here: poll a little longer before sleeping. */
+        /* A sleeping thread's wake-up costs ~55 us here, against ~17 us for a
+         * polling one (docs/design.md): keep polling WP_SPIN_NS (5 us) after
+         * the last event before sleeping in poll(). */
         if (monotonic_ns() - last_event < WP_SPIN_NS) {
             __builtin_ia32_pause();
             continue;
@@ -167,3 +346,11 @@ void *wp_fault_thread(void *arg)
     }
     return NULL;
 }
+
+#ifdef WP_TEST_HOOKS
+#include "test_hooks.h"
+void wp_test_set_message_delay(wp_engine *e, uint32_t us)
+{
+    atomic_store(&e->test_message_delay_us, us);
+}
+#endif

@@ -1,7 +1,11 @@
 /*
- * The sweep: captures runs of not-yet-saved pages for the writer, in large
- * batches (one claim pass, one copy pass, one unprotect ioctl per contiguous
- * run per process).
+ * The writer's next batch (wp_engine_next_batch): the engine decides what
+ * the writer saves next. First the pages the fault thread put in the pool
+ * (that frees the memory a faulting vCPU may wait for), then a sweep of
+ * not-yet-saved pages: where the guest last faulted (so it meets saved pages
+ * instead of faulting on each), else the next run in address order. A sweep
+ * is one claim pass, one copy pass and one unprotect ioctl per contiguous run
+ * per process. Called from one thread at a time (the writer's).
  */
 #define _GNU_SOURCE
 #include "engine_internal.h"
@@ -25,24 +29,24 @@ static inline bool resident(const wp_engine *e, bool residency, uint64_t offset)
     return !residency || (e->residency[offset] & 1);
 }
 
-int32_t wp_engine_sweep(wp_engine *e, uint32_t region, uint64_t first_page, uint32_t max_pages, uint8_t *buf,
-                        uint64_t *pages_out, uint8_t *flags_out)
+/* Capture every not-yet-saved page of [first_page, first_page + max_pages)
+ * of a region; returns the number of entries (see wp_engine_next_batch). */
+static uint32_t sweep(wp_engine *e, uint32_t region, uint64_t first_page, uint32_t max_pages, uint8_t *buf,
+                      uint32_t *regions_out, uint64_t *pages_out, uint8_t *flags_out)
 {
-    if (region >= e->region_count)
-        return -EINVAL;
     struct wp_region *r = &e->regions[region];
     if (first_page >= r->pages)
         return 0;
-    if (max_pages > WP_SWEEP_MAX_PAGES)
-        max_pages = WP_SWEEP_MAX_PAGES;
     uint64_t end = first_page + max_pages < r->pages ? first_page + max_pages : r->pages;
     uint64_t count = end - first_page;
 
     /* Claim first, so the residency check and the copies see frozen pages. */
     uint32_t n = 0;
     for (uint64_t p = first_page; p < end; p++)
-        if (wp_claim_page(r, p))
+        if (wp_claim_page(r, p)) {
+            regions_out[n] = region;
             pages_out[n++] = p;
+        }
     if (n == 0)
         return 0;
     /* Pages not resident in our view were never populated: zero at the cut. */
@@ -88,15 +92,70 @@ int32_t wp_engine_sweep(wp_engine *e, uint32_t region, uint64_t first_page, uint
         wp_unprotect_pages(e, region, pages_out[i], j - i);
         i = j;
     }
-    int32_t err = atomic_load(&e->error);
-    return err < 0 ? err : (int32_t)n;
+    return n;
 }
 
-int32_t wp_engine_hint(wp_engine *e, uint64_t *key_out)
+/* Pool pages: drop the zero ones' data (fault-around saves untouched
+ * neighbours too) and pack the rest in entry order. */
+static uint32_t pack_pool_pages(uint8_t *buf, uint8_t *flags_out, uint32_t n)
 {
-    uint64_t key = atomic_exchange_explicit(&e->last_fault_key, 0, memory_order_relaxed);
-    if (!key)
-        return 0;
-    *key_out = key - 1;
-    return 1;
+    size_t data_pages = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *src = buf + (size_t)i * WP_PAGE_SIZE;
+        if (page_is_zero(src)) {
+            flags_out[i] = WP_PAGE_ZERO;
+            continue;
+        }
+        flags_out[i] = WP_PAGE_DATA;
+        uint8_t *dst = buf + data_pages++ * WP_PAGE_SIZE;
+        if (dst != src)
+            memmove(dst, src, WP_PAGE_SIZE);
+    }
+    return n;
+}
+
+/* The place the guest last faulted, once: its region and page. */
+static bool take_steer(wp_engine *e, uint32_t *region, uint64_t *page)
+{
+    uint64_t at = atomic_exchange_explicit(&e->steer_at, 0, memory_order_relaxed);
+    if (!at)
+        return false;
+    *region = (uint32_t)((at - 1) >> 48);
+    *page = (at - 1) & 0xffffffffffffull;
+    return *region < e->region_count;
+}
+
+int32_t wp_engine_next_batch(wp_engine *e, uint8_t *buf, uint32_t *regions_out, uint64_t *pages_out,
+                             uint8_t *flags_out, uint32_t max_pages)
+{
+    int32_t err = atomic_load(&e->error);
+    if (err < 0)
+        return err;
+    if (max_pages == 0)
+        return -EINVAL;
+    if (max_pages > WP_SWEEP_MAX_PAGES)
+        max_pages = WP_SWEEP_MAX_PAGES;
+    uint32_t n = wp_pool_take(e, buf, regions_out, pages_out, max_pages);
+    if (n > 0)
+        return (int32_t)pack_pool_pages(buf, flags_out, n);
+    uint32_t region;
+    uint64_t page;
+    if (e->steer && take_steer(e, &region, &page)) {
+        n = sweep(e, region, page - page % max_pages, max_pages, buf, regions_out, pages_out, flags_out);
+        e->pages_steered += n;
+        if (n > 0)
+            return (int32_t)n;
+    }
+    while (e->sweep_region < e->region_count) {
+        if (e->sweep_page >= e->regions[e->sweep_region].pages) {
+            e->sweep_region++;
+            e->sweep_page = 0;
+            continue;
+        }
+        n = sweep(e, e->sweep_region, e->sweep_page, max_pages, buf, regions_out, pages_out, flags_out);
+        e->sweep_page += max_pages;
+        if (n > 0)
+            return (int32_t)n;
+    }
+    return 0;
 }

@@ -19,6 +19,23 @@ static int fail(const char *what, long rc)
     return 1;
 }
 
+/* One batch from the engine, copied to out at each page's offset (region 0). */
+static int take_batch(wp_engine *e, uint8_t *buf, uint64_t out)
+{
+    uint32_t regions[256];
+    uint64_t pages[256];
+    uint8_t flags[256];
+    int n = wp_engine_next_batch(e, buf, regions, pages, flags, 256);
+    for (int i = 0, d = 0; i < n; i++) {
+        uint8_t *dst = (uint8_t *)(uintptr_t)(out + pages[i] * WP_PAGE_SIZE);
+        if (flags[i] == WP_PAGE_DATA)
+            memcpy(dst, buf + (size_t)d++ * WP_PAGE_SIZE, WP_PAGE_SIZE);
+        else
+            memset(dst, 0, WP_PAGE_SIZE);
+    }
+    return n;
+}
+
 static int run(uint32_t kind, uint32_t pool_slots)
 {
     const uint64_t size = 64 * MIB, pages = size / WP_PAGE_SIZE;
@@ -46,28 +63,20 @@ static int run(uint32_t kind, uint32_t pool_slots)
         return fail("protect", rc);
     vg_thaw(g);
 
+    /* Let the writers race the sweep for sure: wait until one of them has
+     * faulted (its page is in the pool) before taking anything. Every page
+     * is protected and they write without pause, so this does not hang. */
+    wp_stats st;
+    do
+        wp_engine_stats(e, &st);
+    while (st.pool_used == 0);
     uint64_t out = vg_map(size);
     uint8_t *buf = malloc(256 * WP_PAGE_SIZE);
-    uint64_t keys[256], idx[256];
-    uint8_t flags[256];
-    uint64_t cursor = 0;
     while (!wp_engine_done(e)) {
-        int n = wp_engine_drain(e, buf, keys, 256);
-        for (int i = 0; i < n; i++)
-            memcpy((uint8_t *)(uintptr_t)(out + (keys[i] & 0xffffffffffffull) * WP_PAGE_SIZE),
-                   buf + (size_t)i * WP_PAGE_SIZE, WP_PAGE_SIZE);
-        if (n > 0 || cursor >= pages)
-            continue;
-        n = wp_engine_sweep(e, 0, cursor, 256, buf, idx, flags);
+        int n = take_batch(e, buf, out);
         if (n < 0)
-            return fail("sweep", n);
-        cursor += 256;
-        for (int i = 0, d = 0; i < n; i++)
-            if (flags[i] == WP_PAGE_DATA)
-                memcpy((uint8_t *)(uintptr_t)(out + idx[i] * WP_PAGE_SIZE), buf + (size_t)d++ * WP_PAGE_SIZE,
-                       WP_PAGE_SIZE);
+            return fail("next_batch", n);
     }
-    wp_stats st;
     wp_engine_stats(e, &st);
     wp_engine_destroy(e);
     int64_t written_unpopulated = vg_count_written_unpopulated(g);
@@ -108,25 +117,13 @@ static int test_arm_cut(void)
         return fail("cut", rc);
     *word = 0xB; /* after the cut: page 3 must be saved holding 0xA */
     uint8_t *buf = malloc(256 * WP_PAGE_SIZE);
-    uint64_t keys[256], idx[256], seen = 0;
-    uint8_t flags[256];
-    for (uint64_t cursor = 0; !wp_engine_done(e);) {
-        int n = wp_engine_drain(e, buf, keys, 256);
-        for (int i = 0; i < n; i++)
-            if ((keys[i] & 0xffffffffffffull) == 3)
-                memcpy(&seen, buf + (size_t)i * WP_PAGE_SIZE, 8);
-        if (n == 0 && cursor < pages) {
-            n = wp_engine_sweep(e, 0, cursor, 256, buf, idx, flags);
-            for (int i = 0, d = 0; i < n; i++) {
-                if (flags[i] != WP_PAGE_DATA)
-                    continue;
-                if (idx[i] == 3)
-                    memcpy(&seen, buf + (size_t)d * WP_PAGE_SIZE, 8);
-                d++;
-            }
-            cursor += 256;
-        }
-    }
+    uint64_t out = vg_map(size);
+    while (!wp_engine_done(e))
+        if ((rc = take_batch(e, buf, out)) < 0)
+            return fail("next_batch", rc);
+    uint64_t seen;
+    memcpy(&seen, (const void *)(uintptr_t)(out + 3 * WP_PAGE_SIZE), 8);
+    vg_unmap(out, size);
     wp_stats st;
     wp_engine_stats(e, &st);
     wp_engine_destroy(e);

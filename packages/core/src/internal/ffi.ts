@@ -41,9 +41,8 @@ const engineTable = {
   wp_engine_start: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_engine_arm: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_engine_protect: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
-  wp_engine_drain: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B, B, U32] },
-  wp_engine_sweep: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, U32, BIG, U32, B, B, B] },
-  wp_engine_hint: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B] },
+  wp_engine_next_batch: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B, B, B, B, U32] },
+  wp_engine_set_steering: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, I32] },
   wp_engine_done: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_engine_stats: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B] },
   wp_engine_unprotect_all: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
@@ -148,7 +147,7 @@ export const WP_RECORD_ZERO = 2
 export const WP_STATS_FIELDS = [
   "faults", "faults_spurious", "fallbacks", "fallback_ns", "overflow_pages", "pool_slots", "pool_high_water",
   "pool_used", "pages_total", "pages_saved", "pages_swept", "pages_zero", "fault_ns_max", "fault_ns_total",
-  "pages_fault_around", "arm_faults", "cut_pages"
+  "pages_fault_around", "arm_faults", "cut_pages", "pages_steered"
 ] as const
 /** Size of `wp_stats` in u64 words. */
 export const WP_STATS_WORDS = WP_STATS_FIELDS.length + WP_HIST_BUCKETS
@@ -166,5 +165,6 @@ export const symbolTables = {
   "vmsnap_engine.h": engineTable,
   "vmsnap_restore.h": restoreTable,
   "vmsnap_record.h": recordTable,
-  "vmsnap_transport.h": transportTable
+  "vmsnap_transport.h": transportTable,
+  "vmsnap_inject.h": injectTable
 } as const

@@ -1,0 +1,150 @@
+/*
+ * Protection: arming ahead of the cut, the cut itself, and removing
+ * protection from a run of pages or from everything, in every process that
+ * maps the memory.
+ *
+ * Arming protects everything while the guest runs; a write while armed is
+ * let through and noted (fault.c). The cut, with the guest paused,
+ * re-protects only the noted pages, so the pause does not grow with the
+ * guest.
+ */
+#define _GNU_SOURCE
+#include "engine_internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <sys/ioctl.h>
+
+int wp_writeprotect(int uffd, uint64_t hva, uint64_t len, bool protect)
+{
+    struct uffdio_writeprotect wp = {
+        .range = {.start = hva, .len = len},
+        .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+    };
+    while (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) < 0) {
+        if (errno != EAGAIN)
+            return -errno;
+    }
+    return 0;
+}
+
+void wp_unprotect_pages(wp_engine *e, uint32_t region, uint64_t page, uint64_t count)
+{
+    for (uint32_t i = 0; i < e->mapping_count; i++) {
+        const struct wp_mapping *m = &e->mappings[i];
+        struct wp_process *p = &e->processes[m->process];
+        if (m->region != region || atomic_load(&p->dead))
+            continue;
+        int rc = wp_writeprotect(p->uffd, m->hva + page * WP_PAGE_SIZE, count * WP_PAGE_SIZE, false);
+        if (rc < 0)
+            wp_process_failed(e, m->process, rc);
+    }
+}
+
+static int32_t protect_all(wp_engine *e)
+{
+    for (uint32_t i = 0; i < e->mapping_count; i++) {
+        const struct wp_mapping *m = &e->mappings[i];
+        int rc = wp_writeprotect(e->processes[m->process].uffd, m->hva, e->regions[m->region].size, true);
+        if (rc < 0) {
+            wp_engine_unprotect_all(e);
+            wp_record_error(e, rc, (int32_t)m->process);
+            return rc;
+        }
+    }
+    return 0;
+}
+
+int32_t wp_engine_arm(wp_engine *e)
+{
+    if (!e->thread_started)
+        return -EINVAL; /* nobody would serve the faults */
+    if (atomic_load(&e->mode) != MODE_IDLE)
+        return -EBUSY;
+    for (uint32_t i = 0; i < e->region_count; i++) {
+        e->regions[i].written = calloc(e->regions[i].pages, 1);
+        if (!e->regions[i].written)
+            return -ENOMEM;
+    }
+    /* Arming before protecting: a write during the sweep is only noted. */
+    atomic_store(&e->mode, MODE_ARMING);
+    int32_t rc = protect_all(e);
+    if (rc < 0)
+        atomic_store(&e->mode, MODE_IDLE);
+    return rc;
+}
+
+static int compare_refs(const void *a, const void *b)
+{
+    const struct wp_page_ref *x = a, *y = b;
+    if (x->region != y->region)
+        return x->region < y->region ? -1 : 1;
+    return x->page < y->page ? -1 : x->page > y->page;
+}
+
+/* Re-protect what was written since arming: runs of consecutive pages of a
+ * region, one ioctl per run per process. */
+static int32_t reprotect_written(wp_engine *e)
+{
+    struct wp_page_ref *w = e->armed_writes;
+    size_t n = e->armed_count;
+    qsort(w, n, sizeof *w, compare_refs);
+    for (size_t i = 0; i < n;) {
+        size_t j = i + 1;
+        while (j < n && w[j].region == w[i].region && w[j].page == w[j - 1].page + 1)
+            j++;
+        for (uint32_t k = 0; k < e->mapping_count; k++) {
+            const struct wp_mapping *m = &e->mappings[k];
+            struct wp_process *p = &e->processes[m->process];
+            if (m->region != w[i].region || atomic_load(&p->dead))
+                continue;
+            int rc = wp_writeprotect(p->uffd, m->hva + w[i].page * WP_PAGE_SIZE, (j - i) * WP_PAGE_SIZE, true);
+            if (rc < 0)
+                return rc;
+        }
+        i = j;
+    }
+    e->cut_pages = n;
+    return 0;
+}
+
+int32_t wp_engine_protect(wp_engine *e)
+{
+    if (!e->thread_started)
+        return -EINVAL; /* nobody would serve the faults */
+    int mode = atomic_load(&e->mode);
+    if (mode == MODE_SNAPSHOT || mode == MODE_CUTTING)
+        return -EBUSY;
+    if (mode == MODE_IDLE) {
+        atomic_store(&e->mode, MODE_SNAPSHOT);
+        return protect_all(e);
+    }
+    /* Armed: the pause costs only the pages written since arming. A write
+     * the fault thread is noting finishes first; it never waits for us while
+     * noting (see serve_write_fault in fault.c). */
+    atomic_store(&e->mode, MODE_CUTTING);
+    while (atomic_load(&e->noting))
+        __builtin_ia32_pause();
+    int32_t rc = reprotect_written(e);
+    atomic_store(&e->mode, MODE_SNAPSHOT);
+    if (rc < 0) {
+        wp_engine_unprotect_all(e);
+        wp_record_error(e, rc, -1);
+    }
+    return rc;
+}
+
+int32_t wp_engine_unprotect_all(wp_engine *e)
+{
+    int32_t first_error = 0;
+    for (uint32_t i = 0; i < e->mapping_count; i++) {
+        const struct wp_mapping *m = &e->mappings[i];
+        struct wp_process *p = &e->processes[m->process];
+        if (p->uffd < 0 || atomic_load(&p->dead))
+            continue;
+        int rc = wp_writeprotect(p->uffd, m->hva, e->regions[m->region].size, false);
+        if (rc < 0 && !first_error)
+            first_error = rc;
+    }
+    return first_error;
+}

@@ -1,0 +1,17 @@
+/*
+ * Test-only hooks into the engine. They exist only in the test build of the
+ * engine (compiled with -DWP_TEST_HOOKS into the test programs), never in
+ * libvmsnap_wp.so. Per engine: no globals.
+ */
+#ifndef VMSNAP_WP_TEST_HOOKS_H
+#define VMSNAP_WP_TEST_HOOKS_H
+
+#include "vmsnap_engine.h"
+
+#ifdef WP_TEST_HOOKS
+/* The fault thread sleeps `us` microseconds before each message of a batch
+ * but the first: a fault thread preempted in mid-batch, on demand. */
+void wp_test_set_message_delay(wp_engine *e, uint32_t us);
+#endif
+
+#endif
