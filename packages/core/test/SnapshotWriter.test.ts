@@ -1,0 +1,40 @@
+/** The writer's cut of an engine batch into records (recordsFromBatch). */
+import { describe, expect, it } from "vitest"
+import { recordsFromBatch } from "../src/SnapshotWriter.js"
+import { PAGE_ZERO } from "../src/WpNative.js"
+
+const batch = (entries: Array<[region: number, page: number, zero: boolean]>) => {
+  const data = Buffer.alloc(entries.length * 4096)
+  let packed = 0
+  entries.forEach(([region, page, zero]) => {
+    if (!zero) data.fill(region * 16 + (page % 16) + 1, packed * 4096, ++packed * 4096)
+  })
+  return {
+    data,
+    regions: Uint32Array.from(entries.map((e) => e[0])),
+    pages: BigUint64Array.from(entries.map((e) => BigInt(e[1]))),
+    flags: Uint8Array.from(entries.map((e) => (e[2] ? PAGE_ZERO : 0)))
+  }
+}
+
+describe("recordsFromBatch", () => {
+  it("cuts runs of consecutive pages of one region with one flag; data stays packed in entry order", async () => {
+    // Pool pages arrive in fault order: not sorted, several regions.
+    const b = batch([[0, 5, false], [0, 6, false], [0, 7, true], [1, 8, false], [0, 2, false], [0, 3, true], [0, 4, true]])
+    const records = await recordsFromBatch(b, 7, false)
+    expect(records.map((r) => [r.region, r.firstPage, r.pageCount, r.encoding])).toEqual([
+      [0, 5, 2, "raw"], [0, 7, 1, "zero"], [1, 8, 1, "raw"], [0, 2, 1, "raw"], [0, 3, 2, "zero"]
+    ])
+    expect(records[0]!.payload!.equals(Buffer.concat([Buffer.alloc(4096, 6), Buffer.alloc(4096, 7)]))).toBe(true)
+    expect(records[2]!.payload!.equals(Buffer.alloc(4096, 16 + 8 + 1))).toBe(true)
+    expect(records[3]!.payload!.equals(Buffer.alloc(4096, 3))).toBe(true)
+  })
+
+  it("lz4 only where it is smaller; only the first n entries count", async () => {
+    const b = batch([[0, 0, false], [0, 1, false], [0, 2, false]])
+    const records = await recordsFromBatch(b, 2, true)
+    expect(records).toHaveLength(1)
+    expect(records[0]).toMatchObject({ firstPage: 0, pageCount: 2, encoding: "lz4" })
+    expect(records[0]!.payload!.length).toBeLessThan(2 * 4096)
+  })
+})

@@ -1,0 +1,64 @@
+/**
+ * The engine service against the real kernel: probe, the engine's batches
+ * (every page exactly once, with its region and page index), a region the
+ * engine refuses with a NativeError, and counters that add up.
+ */
+import { Effect } from "effect"
+import { describe, expect, it } from "vitest"
+import { DemoGuest } from "../../rig/src/DemoGuest.js"
+import { NativeError } from "../src/Errors.js"
+import { hva } from "../src/GuestMemory.js"
+import { PAGE_ZERO, WpNative } from "../src/WpNative.js"
+import { runTest, skipReason } from "./helpers.js"
+
+const MiB = 1024 * 1024
+const unavailable = await skipReason("WpNative")
+
+describe.skipIf(unavailable)("WpNative", () => {
+  it("probe reports write-protect of unpopulated pages", async () => {
+    const caps = await runTest(Effect.flatMap(WpNative, (n) => n.probe))
+    expect(caps.writeProtect && caps.writeProtectUnpopulated).toBe(true)
+  })
+
+  it("batches give every page of every region once, with region and page index; contents match", async () => {
+    const seen = await runTest(
+      Effect.gen(function* () {
+        const a = yield* DemoGuest.make(2 * MiB, "anon")
+        const b = yield* DemoGuest.make(1 * MiB, "memfd")
+        a.fill(0, 128, 3) // first half data, second half never touched
+        b.fill(0, 256, 4)
+        const regions = [a.region, b.region]
+        const engine = yield* (yield* WpNative).engine({ regions, poolPages: 64 })
+        yield* engine.protect()
+        const out = { data: Buffer.alloc(64 * 4096), regions: new Uint32Array(64), pages: new BigUint64Array(64), flags: new Uint8Array(64) }
+        const seen = regions.map((r) => new Uint8Array(r.size / 4096))
+        const dataPages = [0, 0]
+        while (!engine.doneSync()) {
+          const n = engine.nextBatchSync(out)
+          for (let i = 0; i < n; i++) {
+            seen[out.regions[i]!]![Number(out.pages[i]!)]! += 1
+            if (out.flags[i] !== PAGE_ZERO) dataPages[out.regions[i]!]! += 1
+          }
+        }
+        const stats = engine.statsSync()
+        expect(stats.pagesSaved).toBe(stats.pagesTotal)
+        expect(stats.pagesTotal).toBe(768)
+        expect(dataPages).toEqual([128, 256])
+        return seen
+      })
+    )
+    for (const r of seen) expect(r.every((c) => c === 1)).toBe(true)
+  })
+
+  it("a region that is not mapped fails with a NativeError, nothing left registered", async () => {
+    const error = await runTest(
+      Effect.flip(
+        Effect.flatMap(WpNative, (n) =>
+          n.engine({ regions: [{ guestBase: 0n as never, hostBase: hva(0x7f0000000000n), size: 4096 * 16, kind: "anon" }], poolPages: 16 })
+        )
+      )
+    )
+    expect(error).toBeInstanceOf(NativeError)
+    expect((error as NativeError).op).toBe("register")
+  })
+})
