@@ -1,0 +1,133 @@
+/**
+ * One decoder of records (issue 9, issue 12 items 12-13): a corpus of good
+ * and bad records, built deterministically, gets the same answer from
+ * `verify` (TypeScript, through ffi) and from the lazy restorer (restore.c,
+ * in-process on real userfaultfd memory); headers with impossible regions
+ * and indexes that store a page twice are refused by verify and serve alike.
+ */
+import { Effect, Exit } from "effect"
+import { execFile } from "node:child_process"
+import { join } from "node:path"
+import { promisify } from "node:util"
+import { describe, expect, it } from "vitest"
+import { loadWp } from "../packages/core/src/internal/ffi.js"
+import { PAGE_SIZE, RestoreServer, SnapshotFormatError, startLazyRestore, restoreUffd, verifySnapshot } from "../packages/core/src/index.js"
+import { scratchMemory } from "../packages/rig/src/index.js"
+import { patternPages, type RecordSpec, writeSnapshot } from "./snapshotFiles.js"
+import { scratchDir, toyVmmSkipReason } from "./toyVmmTests.js"
+
+const execFileAsync = promisify(execFile)
+const dir = scratchDir("vmsnap-records-")
+const skip = await toyVmmSkipReason("record corpus tests")
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+const cli = join(import.meta.dirname, "..", "packages", "cli", "dist", "bin.js")
+
+const PAGES = 64
+const A = patternPages(8, 1)
+const B = patternPages(8, 2)
+
+/** The corpus: one region of 64 pages; the record under test holds pages 8-15 (lz4 of B unless it says otherwise). */
+const corpus: ReadonlyArray<{ name: string; accept: boolean; record: Partial<RecordSpec>; regions?: number }> = [
+  { name: "good lz4 record", accept: true, record: {} },
+  { name: "good raw record", accept: true, record: { encoding: "raw" } },
+  { name: "good zero record", accept: true, record: { encoding: "zero", pages: undefined } },
+  { name: "lz4 length prefix 0xffffffff, valid checksum", accept: false, record: { tamper: (_h, p) => void p.writeUInt32LE(0xffffffff, 0) } },
+  { name: "lz4 length prefix one page too long, valid checksum", accept: false, record: { tamper: (_h, p) => void p.writeUInt32LE(9 * PAGE_SIZE, 0) } },
+  { name: "lz4 block shorter than the pages, valid checksum", accept: false, record: { tamper: (_h, p) => p.subarray(0, p.length - 8) } },
+  { name: "lz4 block with trailing bytes, valid checksum", accept: false, record: { tamper: (_h, p) => Buffer.concat([p, Buffer.from([0x10, 0x41])]) } },
+  { name: "record names another region than its index entry, valid checksum", accept: false, regions: 2, record: { tamper: (h) => void h.writeUInt32LE(1, 4) } },
+  { name: "record's first page differs from its index entry, valid checksum", accept: false, record: { tamper: (h) => void h.writeBigUInt64LE(9n, 8) } },
+  { name: "reserved byte set, valid checksum", accept: false, record: { tamper: (h) => void (h[22] = 1) } },
+  { name: "unknown encoding, valid checksum", accept: false, record: { tamper: (h) => void (h[20] = 3) } },
+  { name: "a payload byte flipped (checksum mismatch)", accept: false, record: { fixCrc: false, tamper: (_h, p) => void (p[p.length >> 1] ^= 0x20) } },
+  { name: "raw record one byte short, valid checksum", accept: false, record: { encoding: "raw", tamper: (_h, p) => p.subarray(1) } }
+]
+
+const fileFor = (name: string, c: (typeof corpus)[number]) =>
+  writeSnapshot(join(dir, `${name.replace(/\W+/g, "-")}.vmsnap`), Array.from({ length: c.regions ?? 1 }, () => ({ size: PAGES * PAGE_SIZE })), [
+    { region: 0, firstPage: 0, pageCount: 8, encoding: "raw", pages: A },
+    { region: 0, firstPage: 8, pageCount: 8, encoding: "lz4", pages: B, ...c.record },
+    { region: 0, firstPage: 16, pageCount: PAGES - 16, encoding: "zero" },
+    ...(c.regions === 2 ? [{ region: 1, firstPage: 0, pageCount: PAGES, encoding: "zero" as const }] : [])
+  ])
+
+/** The lazy restorer's answer: fill everything in-process (no page touched that could block), then read what it installed. */
+const lazyRestore = (path: string) =>
+  Effect.runPromise(
+    Effect.scoped(
+      Effect.gen(function* () {
+        const size = PAGES * PAGE_SIZE
+        const hva = yield* scratchMemory(size)
+        const uffd = yield* restoreUffd(hva, size)
+        const restore = yield* startLazyRestore({ path, raw: false }, uffd, [{ hva, size, imageOffset: 0 }])
+        for (;;) {
+          const s = restore.stats()
+          if (restore.poll() !== "serving" || s.pagesSettled + s.pagesFailed === s.pagesTotal) break
+          yield* Effect.promise(() => sleep(5))
+        }
+        const s = restore.stats()
+        const read = (page: number, pages: number) => {
+          const b = Buffer.alloc(pages * PAGE_SIZE)
+          loadWp().wp_copy_from_hva([b, hva + BigInt(page * PAGE_SIZE), BigInt(b.length)])
+          return b
+        }
+        // Pages 0-7 and 16-63 are settled (resident) whatever record 1 holds: reading them cannot block.
+        return { failed: s.pagesFailed, failedRecord: s.failedRecord, head: read(0, 8), tail: read(16, PAGES - 16), mid: s.pagesFailed ? undefined : read(8, 8) }
+      })
+    )
+  )
+
+describe.skipIf(skip)("one decoder of records: verify and the lazy restorer give the same answer", () => {
+  for (const c of corpus) {
+    it(`${c.name}: ${c.accept ? "both accept" : "both refuse"}`, async () => {
+      const path = fileFor(c.name, c)
+      const verified = await Effect.runPromiseExit(verifySnapshot(path))
+      const lazy = await lazyRestore(path)
+      expect(Exit.isSuccess(verified), `verify ${Exit.isFailure(verified) ? "refused" : "accepted"}`).toBe(c.accept)
+      expect(lazy.failed === 0, `the lazy restorer ${lazy.failed ? `refused (${lazy.failedRecord?.reason})` : "accepted"}`).toBe(c.accept)
+      if (Exit.isFailure(verified)) expect(String(verified.cause)).toMatch(/not a valid snapshot/)
+      expect(lazy.head.equals(A)).toBe(true) // every other page is served
+      expect(lazy.tail.equals(Buffer.alloc((PAGES - 16) * PAGE_SIZE))).toBe(true)
+      if (c.accept) expect(lazy.mid!.equals(c.record.encoding === "zero" ? Buffer.alloc(8 * PAGE_SIZE) : B)).toBe(true)
+      else expect(lazy.failed).toBe(8)
+    })
+  }
+})
+
+describe.skipIf(skip)("headers and indexes that no writer makes are refused by verify (exit 3) and serve alike", () => {
+  const refused = async (path: string, pattern: RegExp) => {
+    const v = await Effect.runPromiseExit(verifySnapshot(path))
+    expect(Exit.isFailure(v)).toBe(true)
+    if (Exit.isFailure(v)) {
+      const e = (v.cause as any).reasons?.[0]?.error ?? (v.cause as any).error
+      expect(String(v.cause)).toMatch(pattern)
+      if (e !== undefined) expect(e).toBeInstanceOf(SnapshotFormatError)
+    }
+    const cliRun = await execFileAsync("node", [cli, "verify", path], { encoding: "utf8" }).then(() => ({ code: 0, stderr: "" }), (e) => ({ code: e.code as number, stderr: String(e.stderr) }))
+    expect(cliRun.code, cliRun.stderr).toBe(3)
+    expect(cliRun.stderr).toMatch(pattern)
+    const server = new RestoreServer(join(dir, "refuse.sock"), { path, raw: false })
+    await expect(server.listen()).rejects.toThrow(pattern)
+    await server.close()
+  }
+
+  it("a 2^52-byte region: not a valid snapshot (no allocation, no RangeError)", async () => {
+    const path = writeSnapshot(join(dir, "huge-region.vmsnap"), [{ size: 1n << 52n }], [{ region: 0, firstPage: 0, pageCount: 1, encoding: "zero" }])
+    await refused(path, /not a valid snapshot: region 0 is malformed/)
+  })
+
+  it("a region whose page size its kind cannot have (anon at 8192, hugetlbfs at 4096)", async () => {
+    for (const [kind, pageSize] of [["anon", 8192], ["hugetlbfs", 4096]] as const) {
+      const path = writeSnapshot(join(dir, `page-size-${kind}.vmsnap`), [{ size: 2 * 1024 * 1024, kind, pageSize }], [{ region: 0, firstPage: 0, pageCount: 512, encoding: "zero" }])
+      await refused(path, new RegExp(`page size ${pageSize} is not one a ${kind} region can have`))
+    }
+  })
+
+  it("a page stored twice: refused before any VMM is accepted", async () => {
+    const path = writeSnapshot(join(dir, "twice.vmsnap"), [{ size: 16 * PAGE_SIZE }], [
+      { region: 0, firstPage: 0, pageCount: 16, encoding: "zero" },
+      { region: 0, firstPage: 4, pageCount: 1, encoding: "raw", pages: patternPages(1, 3) }
+    ])
+    await refused(path, /page 4 of region 0 is stored twice/)
+  })
+})
