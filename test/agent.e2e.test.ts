@@ -87,6 +87,23 @@ describe.skipIf(skip)("agent with the toy VMM", () => {
     expect(await equalsReference(path, reference)).toBe(true)
   })
 
+  it.each([["memfd (MADV_REMOVE)", false], ["anonymous memory (MADV_DONTNEED)", true]])(
+    "a VMM whose balloon discards %s holds it from prepare to done: the snapshot equals the reference at the cut",
+    async (_what, anon) => {
+      const reference = join(dir, `balloon-${anon}.ref`)
+      const vmm = startVmm({ memMiB: 64, vcpus: 1, rate: 20000, agent: socket, vm: `balloon-${anon}`, reference, fillPercent: 50, balloon: true, anon })
+      await vmm.ready
+      await sleep(300)
+      const path = join(dir, `balloon-${anon}.vmsnap`)
+      const exit = await run(agent.snapshot({ vm: `balloon-${anon}`, path, poolPages: 256 }))
+      await sleep(200)
+      const report = await vmm.stop()
+      expect(Exit.isSuccess(exit), messageOf(exit)).toBe(true)
+      expect(report.balloonDiscards, "the balloon discarded pages while no snapshot ran").toBeGreaterThan(100)
+      expect(await equalsReference(path, reference)).toBe(true)
+    }
+  )
+
   it("a VMM killed mid-snapshot: that snapshot fails and is cleaned up, the agent serves the others", async () => {
     const victim = startVmm({ memMiB: 512, vcpus: 2, rate: 0, agent: socket, vm: "victim", fillPercent: 100 })
     const other = startVmm({ memMiB: 32, vcpus: 1, rate: 1000, agent: socket, vm: "other" })

@@ -23,6 +23,8 @@ export interface ToyVmmOptions {
   readonly agent?: string
   readonly vm?: string
   readonly device?: boolean
+  /** A balloon that keeps discarding guest pages; the VMM says `"prepare": true` and holds it from `prepare` to `done`/`failed`. */
+  readonly balloon?: boolean
   readonly reference?: string
   readonly runMs?: number
   /** Percent of guest memory filled with data before the guest starts. */
@@ -59,6 +61,8 @@ export interface ToyVmmReport {
   readonly memBytes: number
   readonly snapshots: number
   readonly snapshotsFailed: number
+  /** Pages the balloon discarded (with `balloon`). */
+  readonly balloonDiscards: number
   readonly phases: { readonly before: PhaseReport; readonly during: PhaseReport; readonly after: PhaseReport }
   /**
    * In restore mode: handshake to the guest's first write, and the check against --verify-image
@@ -113,6 +117,7 @@ export class ToyVmm {
     if (options.agent) args.push("--agent", options.agent)
     if (options.vm) args.push("--vm", options.vm)
     if (options.device) args.push("--device")
+    if (options.balloon) args.push("--balloon")
     if (options.reference) args.push("--reference", options.reference)
     if (options.runMs) args.push("--run-ms", String(options.runMs))
     if (options.fillPercent) args.push("--fill", String(options.fillPercent))

@@ -1,11 +1,14 @@
 /* The toy VMM as a vmsnap agent client (docs/agent-protocol.md): hello with
- * its uffd and memory, then freeze/thaw/done from the agent; and the device
- * process, which joins the same VM. */
+ * its uffd and memory, then prepare/freeze/thaw/done from the agent; the
+ * device process, which joins the same VM; and, with --balloon, a balloon
+ * that discards guest pages except from prepare to done/failed. */
 #include "toyvmm.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
+#include <sys/mman.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -21,10 +24,11 @@ static void send_hello(int sock)
     int fds[2] = {uffd, vmm.memfd};
     int nfds = vmm.anon ? 1 : 2;
     int n = snprintf(body, sizeof body,
-                     "{\"type\":\"hello\",\"version\":1,\"vm\":\"%s\",\"role\":\"%s\",\"pid\":%d,\"uffd\":0,"
+                     "{\"type\":\"hello\",\"version\":1,\"vm\":\"%s\",\"role\":\"%s\",\"pid\":%d,\"uffd\":0,\"prepare\":%s,"
                      "\"regions\":[{\"gpa\":\"0x0\",\"size\":%llu,\"pageSize\":4096,\"fd\":%s,\"offset\":0,"
                      "\"hva\":\"0x%llx\"}]}\n",
-                     vmm.vm_id, vmm.is_device ? "device" : "vmm", getpid(), (unsigned long long)vmm.mem_size,
+                     vmm.vm_id, vmm.is_device ? "device" : "vmm", getpid(), vmm.balloon && !vmm.is_device ? "true" : "false",
+                     (unsigned long long)vmm.mem_size,
                      vmm.anon ? "null" : "1", (unsigned long long)(uintptr_t)vmm.mem);
     if (send_with_fds(sock, body, (size_t)n, fds, nfds) < 0)
         die("send hello");
@@ -63,6 +67,39 @@ static bool has_type(const char *line, const char *type)
 
 static void spawn_device(int vmm_sock);
 
+/* The balloon: a page of guest memory (past the system area) discarded every
+ * 200 us, as a guest giving memory back would: MADV_DONTNEED on anonymous
+ * memory, MADV_REMOVE on the memfd. balloon_lock is held around each
+ * discard, so once prepare has set balloon_held under it no discard is in
+ * flight and none starts until done/failed clears it. */
+static pthread_mutex_t balloon_lock = PTHREAD_MUTEX_INITIALIZER;
+static bool balloon_held;
+static _Atomic bool balloon_stop;
+
+static void *balloon_main(void *arg)
+{
+    (void)arg;
+    uint64_t x = 0x9e3779b97f4a7c15ull, pages = (vmm.mem_size - SYSTEM_AREA) / PAGE;
+    while (!atomic_load(&balloon_stop)) {
+        pthread_mutex_lock(&balloon_lock);
+        if (!balloon_held) {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            if (madvise(vmm.mem + SYSTEM_AREA + (x % pages) * PAGE, PAGE, vmm.anon ? MADV_DONTNEED : MADV_REMOVE) == 0)
+                atomic_fetch_add(&vmm.balloon_discards, 1);
+        }
+        pthread_mutex_unlock(&balloon_lock);
+        usleep(200);
+    }
+    return NULL;
+}
+
+static void hold_balloon(bool hold)
+{
+    pthread_mutex_lock(&balloon_lock);
+    balloon_held = hold;
+    pthread_mutex_unlock(&balloon_lock);
+}
+
 /* Serve the agent's messages until it goes away or we are told to stop. */
 static void agent_loop(int sock)
 {
@@ -90,6 +127,9 @@ static void agent_loop(int sock)
                 announce_ready();
                 if (vmm.device && vmm.device_pid == 0)
                     spawn_device(sock);
+            } else if (has_type(line, "prepare")) {
+                hold_balloon(true);
+                send_line(sock, "{\"type\":\"prepared\"}\n");
             } else if (has_type(line, "freeze")) {
                 int rc = freeze_guest();
                 if (rc == 0 && !vmm.cut_ns)
@@ -103,6 +143,7 @@ static void agent_loop(int sock)
                 thaw_guest();
                 send_line(sock, "{\"type\":\"thawed\"}\n");
             } else if (has_type(line, "done") || has_type(line, "failed")) {
+                hold_balloon(false);
                 if (has_type(line, "done"))
                     vmm.snapshots_done++;
                 else
@@ -157,7 +198,13 @@ static void spawn_device(int vmm_sock)
 void agent_session(void)
 {
     int sock = connect_unix(vmm.agent, "connect to the agent");
+    pthread_t balloon;
+    bool ballooning = vmm.balloon && !vmm.is_device && pthread_create(&balloon, NULL, balloon_main, NULL) == 0;
     send_hello(sock);
     agent_loop(sock);
+    if (ballooning) {
+        atomic_store(&balloon_stop, true);
+        pthread_join(balloon, NULL);
+    }
     close(sock);
 }

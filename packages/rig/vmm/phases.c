@@ -95,10 +95,10 @@ void report(FILE *out)
     while (vmm.phase <= 2)
         next_phase();
     fprintf(out, "{\"role\":\"%s\",\"kind\":\"%s\",\"whyThreads\":\"%s\",\"vcpus\":%u,\"memBytes\":%llu,\"memory\":\"%s\","
-           "\"tscHz\":%.0f,\"snapshots\":%u,\"snapshotsFailed\":%u,\"phases\":{",
+           "\"tscHz\":%.0f,\"snapshots\":%u,\"snapshotsFailed\":%u,\"balloonDiscards\":%llu,\"phases\":{",
            vmm.is_device ? "device" : "vmm", vmm.kvm_mode ? "kvm" : "threads", vmm.kvm_mode ? "" : vmm.why_threads,
            vmm.vcpus, (unsigned long long)vmm.mem_size, vmm.anon ? "anon" : "memfd", vmm.tsc_hz, vmm.snapshots_done,
-           vmm.snapshots_failed);
+           vmm.snapshots_failed, (unsigned long long)atomic_load(&vmm.balloon_discards));
     /* phases: before the first freeze, during the snapshot, after it */
     print_phase(out, "before", &vmm.phases[0], false);
     print_phase(out, "during", &vmm.phases[1], false);

@@ -88,6 +88,8 @@ struct toyvmm {
     uint32_t vcpus;
     uint64_t rate;
     bool anon, force_threads, device, is_device;
+    bool balloon;                      /* --balloon: keep discarding guest pages; held from prepare to done */
+    _Atomic uint64_t balloon_discards; /* pages the balloon discarded */
     uint32_t pattern; /* PATTERN_* */
     const char *agent, *vm_id, *reference;
     uint64_t run_ms;
