@@ -101,7 +101,7 @@ describe.skipIf(unavailable)("commands against the real kernel", () => {
       expect(typeof demoJson[key], key).toBe("number")
     for (const phase of ["before", "during"])
       for (const q of ["p50", "p99", "max"]) expect(typeof demoJson.guest.writeLatencyUs[phase][q], `${phase}.${q}`).toBe("number")
-    expect(demoJson.guest.writeLatencyUs.during.writes).toBeGreaterThan(0)
+    expect(demoJson.guest.writeLatencyUs.during.writes, JSON.stringify(demoJson)).toBeGreaterThan(0)
     // The toy VMM runs a KVM guest where /dev/kvm works, host threads otherwise.
     expect(["kvm", "threads"]).toContain(demoJson.guest.kind)
     if (existsSync("/dev/kvm") && demoJson.guest.kind !== "kvm") console.warn(`note: /dev/kvm exists but the toy VMM used threads: ${demoJson.guest.whyThreads}`)
