@@ -14,7 +14,7 @@
  */
 import { Cause, Deferred, Effect, Exit } from "effect"
 import type { Peer } from "./AgentPeer.js"
-import type { VmRegistry, Vm } from "./AgentRegistry.js"
+import type { Vm, VmRegistry } from "./AgentRegistry.js"
 import type { SnapshotRequest } from "./AgentProtocol.js"
 import { isAlive } from "./AtomicFile.js"
 import { describeError, NativeError, ProtocolError, type VmsnapError } from "./Errors.js"
@@ -91,20 +91,13 @@ const nameProcesses = (e: VmsnapError, peers: ReadonlyArray<Peer>): VmsnapError 
   return reason === e.reason && op === e.op ? e : new NativeError({ op, errno: e.errno, reason })
 }
 
-/** Takes a live snapshot of a connected VM. Fails if a process of the VM disconnects during it; the others are unprotected and thawed. */
-export const snapshotVm = (
-  registry: VmRegistry,
-  timeouts: AgentTimeouts,
-  log: (line: string) => void,
-  options: AgentSnapshotOptions
-): Effect.Effect<SnapshotResult, VmsnapError, WpNative> =>
+/** The VM to snapshot, marked busy until the scope ends; fails if it is absent, busy, or has a declared bypass writer. */
+const claimVm = (registry: VmRegistry, id: string) =>
   Effect.gen(function* () {
-    const { request } = options
-    const vm = registry.get(request.vm)
-    if (!vm?.vmm) return yield* Effect.fail(new ProtocolError({ reason: `no VM "${request.vm}" is connected (connected: ${registry.list().map((v) => v.id).join(", ") || "none"})` }))
-    if (vm.busy) return yield* Effect.fail(new ProtocolError({ reason: `vm "${request.vm}" is already being snapshotted` }))
-    const vmm = vm.vmm
-    const peers = [vmm, ...vm.devices]
+    const vm = registry.get(id)
+    if (!vm?.vmm) return yield* Effect.fail(new ProtocolError({ reason: `no VM "${id}" is connected (connected: ${registry.list().map((v) => v.id).join(", ") || "none"})` }))
+    if (vm.busy) return yield* Effect.fail(new ProtocolError({ reason: `vm "${id}" is already being snapshotted` }))
+    const peers = [vm.vmm, ...vm.devices]
     const bypass = peers.flatMap((p) => p.bypassWriters.map((w) => `${w} (${p.name})`))
     if (bypass.length > 0)
       return yield* Effect.fail(new ProtocolError({
@@ -115,6 +108,50 @@ export const snapshotVm = (
       vm.busy = false
       registry.forgetIfEmpty(vm)
     }))
+    return { vm, vmm: vm.vmm, peers }
+  })
+
+/** The engine's view of the VM: regions sorted by gpa (read through `views`), and each process's mappings of them. */
+const engineLayout = (vmm: Peer, peers: ReadonlyArray<Peer>) =>
+  Effect.gen(function* () {
+    const regions = [...vmm.hello.regions].sort((a, b) => (a.gpa < b.gpa ? -1 : 1))
+    const views = yield* mapViews(vmm, regions)
+    const memory: Array<MemoryRegion> = regions.map((r, i) => ({
+      guestBase: gpa(r.gpa),
+      hostBase: hva(views[i]!.base),
+      size: r.size,
+      kind: r.fd !== null ? "memfd" : r.thp ? "anon-thp" : "anon"
+    }))
+    const processes: Array<RemoteProcess> = peers.map((p) => ({
+      uffd: p.uffd,
+      pid: p.pid,
+      mappings: p.hello.regions.map((r) => ({ region: regions.findIndex((v) => v.gpa === r.gpa), hva: r.hva }))
+    }))
+    return { memory, processes }
+  })
+
+/** Progress to the requester (every call) and to the VM's processes (at most every PROGRESS_EVERY_MS). */
+const progressTo = (peers: ReadonlyArray<Peer>, onProgress: AgentSnapshotOptions["onProgress"]) => {
+  let last = 0
+  return (saved: number, total: number) => {
+    onProgress?.(saved * PAGE_SIZE, total * PAGE_SIZE)
+    const now = Date.now()
+    if (now - last < PROGRESS_EVERY_MS) return
+    last = now
+    peers.forEach((p) => p.send({ type: "progress", savedBytes: saved * PAGE_SIZE, totalBytes: total * PAGE_SIZE }))
+  }
+}
+
+/** Takes a live snapshot of a connected VM. Fails if a process of the VM disconnects during it; the others are unprotected and thawed. */
+export const snapshotVm = (
+  registry: VmRegistry,
+  timeouts: AgentTimeouts,
+  log: (line: string) => void,
+  options: AgentSnapshotOptions
+): Effect.Effect<SnapshotResult, VmsnapError, WpNative> =>
+  Effect.gen(function* () {
+    const { request } = options
+    const { vm, vmm, peers } = yield* claimVm(registry, request.vm)
     const path = options.output?.path ?? request.path
     const gone = (p: Peer) => new NativeError({ op: "snapshot", errno: 3, reason: `vm ${vm.id}: ${p.name} disconnected during the snapshot` })
     // A process that disconnects ends the snapshot at once (its uffd may be unusable).
@@ -124,21 +161,8 @@ export const snapshotVm = (
 
     const run = Effect.gen(function* () {
       yield* Effect.forEach(peers.filter((p) => p.hello.prepare), (p) => ask(p, "prepare", "prepared", timeouts.prepareMs), { discard: true })
-      const regions = [...vmm.hello.regions].sort((a, b) => (a.gpa < b.gpa ? -1 : 1))
-      const views = yield* mapViews(vmm, regions)
-      const memory: Array<MemoryRegion> = regions.map((r, i) => ({
-        guestBase: gpa(r.gpa),
-        hostBase: hva(views[i]!.base),
-        size: r.size,
-        kind: r.fd !== null ? "memfd" : r.thp ? "anon-thp" : "anon"
-      }))
-      const processes: Array<RemoteProcess> = peers.map((p) => ({
-        uffd: p.uffd,
-        pid: p.pid,
-        mappings: p.hello.regions.map((r) => ({ region: regions.findIndex((v) => v.gpa === r.gpa), hva: r.hva }))
-      }))
+      const { memory, processes } = yield* engineLayout(vmm, peers)
       const { freeze, thaw } = freezeControl(vm, vmm, timeouts.freezeMs)
-      let lastProgress = 0
       return yield* takeSnapshot({
         regions: memory,
         processes,
@@ -150,13 +174,7 @@ export const snapshotVm = (
         steer: request.steer,
         freeze,
         thaw,
-        onProgress: (saved, total) => {
-          options.onProgress?.(saved * PAGE_SIZE, total * PAGE_SIZE)
-          const now = Date.now()
-          if (now - lastProgress < PROGRESS_EVERY_MS) return
-          lastProgress = now
-          peers.forEach((p) => p.send({ type: "progress", savedBytes: saved * PAGE_SIZE, totalBytes: total * PAGE_SIZE }))
-        }
+        onProgress: progressTo(peers, options.onProgress)
       })
     }).pipe(Effect.scoped)
 

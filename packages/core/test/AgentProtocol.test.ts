@@ -1,0 +1,56 @@
+/** The agent protocol's parsing: defaults of optional fields, and what is refused with which words. */
+import { describe, expect, it } from "vitest"
+import { LineReader, parseBypassWriters, parseClientRequest, parseHello, parseMessage } from "../src/AgentProtocol.js"
+
+const region = { gpa: "0x0", size: 1 << 20, fd: 1, hva: "0x7f0000000000" }
+const hello = (extra: Record<string, unknown> = {}, r: Record<string, unknown> = {}) =>
+  ({ type: "hello", version: 1, vm: "web-1", regions: [{ ...region, ...r }], ...extra })
+
+describe("parseHello", () => {
+  it("fills the documented defaults", () => {
+    const h = parseHello(hello(), 2)
+    expect(h).toMatchObject({ role: "vmm", uffd: 0, prepare: false, bypassWriters: [] })
+    expect(h.regions[0]).toMatchObject({ pageSize: 4096, offset: 0, thp: false, fd: 1, hva: 0x7f0000000000n })
+  })
+
+  it("reads prepare, bypassWriters and thp", () => {
+    const h = parseHello(hello({ prepare: true, bypassWriters: ["vfio-pci 0000:01:00.0"] }, { fd: null, thp: true }), 1)
+    expect(h.prepare).toBe(true)
+    expect(h.bypassWriters).toEqual(["vfio-pci 0000:01:00.0"])
+    expect(h.regions[0]).toMatchObject({ fd: null, thp: true })
+  })
+
+  it.each([
+    [hello({ prepare: "yes" }), 2, /"prepare" must be true or false/],
+    [hello({ bypassWriters: "vfio" }), 2, /"bypassWriters" must be an array/],
+    [hello({ bypassWriters: [""] }), 2, /"bypassWriters" must be an array/],
+    [hello({}, { thp: true }), 2, /only anonymous memory \(no fd\) is rebuilt/],
+    [hello({}, { pageSize: 2 << 20 }), 2, /only 4096 is supported/],
+    [hello({}, { hva: "0x7f0000000001" }), 2, /hva is not a page-aligned address/],
+    [hello({ uffd: 2 }), 2, /carried 2 fds/],
+    [hello(), 0, /without file descriptors/]
+  ])("refuses %j", (m, fds, pattern) => {
+    expect(() => parseHello(m, fds)).toThrow(pattern)
+  })
+})
+
+describe("requests and framing", () => {
+  it("a snapshot request keeps the path as given (it resolves in the agent's output directory)", () => {
+    expect(parseClientRequest({ type: "snapshot", vm: "a", path: "sub/x.vmsnap" })).toMatchObject({ path: "sub/x.vmsnap", poolPages: undefined, compression: undefined })
+    expect(() => parseClientRequest({ type: "snapshot", vm: "a" })).toThrow(/"path" must name/)
+    expect(() => parseClientRequest({ type: "frobnicate" })).toThrow(/unknown message type/)
+  })
+
+  it("bypass-writers lists are bounded", () => {
+    expect(parseBypassWriters(["a", "b"])).toEqual(["a", "b"])
+    expect(() => parseBypassWriters(Array.from({ length: 65 }, () => "x"))).toThrow(/at most 64/)
+  })
+
+  it("lines are split and bounded", () => {
+    const r = new LineReader()
+    expect(r.push('{"type":"a"}\n{"ty')).toEqual(['{"type":"a"}'])
+    expect(r.push('pe":"b"}\n')).toEqual(['{"type":"b"}'])
+    expect(() => parseMessage("[1]")).toThrow(/not a JSON object/)
+    expect(() => r.push("x".repeat((1 << 20) + 1))).toThrow(/longer than/)
+  })
+})
