@@ -241,14 +241,21 @@ int32_t vg_set_phase(vg_guest *g, uint32_t phase)
     return 0;
 }
 
+/* Waits for every writer to park: spins for the first 50 us, then sleeps
+ * 20 us between checks, so that with few cores the writers (and a fault
+ * thread serving one of them) get the CPU they need to reach their park. */
 int32_t vg_freeze(vg_guest *g, uint32_t timeout_ms)
 {
     atomic_store_explicit(&g->frozen, true, memory_order_release);
-    uint64_t deadline = now_ns() + (uint64_t)timeout_ms * 1000000ull;
+    uint64_t start = now_ns(), deadline = start + (uint64_t)timeout_ms * 1000000ull;
     while (atomic_load(&g->parked) < g->writer_count) {
-        if (now_ns() > deadline)
+        uint64_t t = now_ns();
+        if (t > deadline)
             return -ETIMEDOUT;
-        __builtin_ia32_pause();
+        if (t - start < 50000)
+            __builtin_ia32_pause();
+        else
+            nanosleep(&(struct timespec){.tv_nsec = 20000}, NULL);
     }
     return 0;
 }
