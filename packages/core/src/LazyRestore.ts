@@ -78,6 +78,8 @@ export interface ImageIndex {
 }
 
 const RECORD_PAGES_RAW = 256
+/** RS_MAX_RANGES in restore_internal.h. */
+const MAX_RANGES = 64
 
 const imageIndex = (imageBytes: number, entries: ReadonlyArray<{ region: number; firstPage: number; pageCount: number; fileOffset: number; imagePage: number }>): ImageIndex => ({
   imageBytes,
@@ -176,6 +178,7 @@ export const startLazyRestore = (
 ): Effect.Effect<LazyRestore, NativeError | ProtocolError | InvalidInput | SnapshotFormatError | SnapshotIoError, import("effect").Scope.Scope> =>
   Effect.gen(function* () {
     if (ranges.length === 0) return yield* Effect.fail(new InvalidInput({ reason: "no memory regions to restore" }))
+    if (ranges.length > MAX_RANGES) return yield* Effect.fail(new ProtocolError({ reason: `${ranges.length} regions; a VMM may declare at most ${MAX_RANGES}` }))
     const idx = index ?? (yield* indexSource(source))
     for (const [i, r] of ranges.entries())
       if (r.imageOffset % PAGE_SIZE || r.imageOffset + r.size > Math.ceil(idx.imageBytes / PAGE_SIZE) * PAGE_SIZE)

@@ -203,6 +203,13 @@ static void mark_removed(wp_restorer *r, uint64_t start, uint64_t end)
         struct rs_range *g = find_page(r, a, &page);
         if (!g || (g->state[page] & (PG_GONE | PG_FAILED)))
             continue;
+        /* Shared memory: MADV_DONTNEED keeps the page cache, MADV_REMOVE
+         * punches a hole, and the event does not say which. A page not yet
+         * installed stays pending (its content is still the snapshot's); an
+         * installed one is zero or kept on its next fault, as the page cache
+         * then says (rs_install_zero_or_keep). */
+        if (g->shared && !(g->state[page] & PG_RESIDENT))
+            continue;
         rs_set(r, g, page, PG_REMOVED);
         r->removed_pages++;
     }

@@ -2,8 +2,11 @@
  * `vmsnap serve --socket PATH FILE`: a page-fault handler for lazy restore
  * that speaks Firecracker's UFFD handshake. Serves VMMs until SIGINT/SIGTERM
  * (or, with --once, until the first VMM's memory is all resident).
+ * Before listening it checks the file's structure (as verify does, without
+ * the records' checksums: coverage, a page stored twice, region page sizes);
+ * --verify checks every record first. docs/lazy-restore.md.
  */
-import { RestoreServer } from "@vmsnap/core"
+import { RestoreServer, SnapshotFormatError, SnapshotIoError, verifySnapshot } from "@vmsnap/core"
 import { Effect } from "effect"
 import { existsSync } from "node:fs"
 import { InvalidInput } from "@vmsnap/core"
@@ -17,6 +20,7 @@ export interface ServeFlags extends CommonFlags {
   readonly file: string
   readonly raw: boolean
   readonly once: boolean
+  readonly verify: boolean
 }
 
 export const runServe = (io: Io, flags: ServeFlags) =>
@@ -26,24 +30,31 @@ export const runServe = (io: Io, flags: ServeFlags) =>
     Effect.scoped(
       Effect.gen(function* () {
         if (!existsSync(flags.file)) return yield* Effect.fail(new InvalidInput({ reason: `${flags.file}: no such file` }))
-        if (!flags.raw) {
-          // Reject a corrupt or foreign file before any VMM depends on it.
-          const { openSnapshot } = yield* Effect.promise(() => import("@vmsnap/core"))
-          yield* Effect.scoped(openSnapshot(flags.file))
-        }
+        // Reject a corrupt or foreign file before any VMM depends on it: the
+        // structure always (RestoreServer.listen), every record with --verify.
+        if (!flags.raw && flags.verify) yield* verifySnapshot(flags.file)
         const emit = (event: Record<string, unknown>, human: string) =>
           flags.json ? io.stdout(JSON.stringify({ time: new Date().toISOString(), ...event }) + "\n") : io.stderr(`vmsnap serve: ${human}\n`)
         let finish: ((pid: number) => void) | undefined
         const firstDone = new Promise<number>((resolve) => (finish = resolve))
         const server = new RestoreServer(flags.socket, { path: flags.file, raw: flags.raw }, {
           log: (line) => emit({ type: "log", message: line }, line),
+          onRefused: (pid, reason) => emit({ type: "refused", pid, reason }, `refused a VMM${pid ? ` (pid ${pid})` : ""}: ${reason}`),
+          onPageFailure: (pid, s) =>
+            emit(
+              { type: "page-failure", pid, pagesFailed: s.pagesFailed, pagesPoisoned: s.pagesPoisoned, pagesGone: s.pagesGone, failedRecord: s.failedRecord },
+              `VMM pid ${pid}: ${s.pagesFailed} page(s) cannot be produced (${s.pagesPoisoned} poisoned), ${s.pagesGone} remapped by the VMM`
+            ),
           onFinished: (pid, outcome) => {
             emit({ type: "finished", pid, ok: outcome.ok, error: outcome.error ?? null, ...outcome.stats }, `VMM pid ${pid}: ${outcome.ok ? "done" : "failed"}`)
             if (outcome.ok) finish?.(pid)
           }
         })
         yield* Effect.acquireRelease(
-          Effect.tryPromise({ try: () => server.listen(), catch: (e) => new InvalidInput({ reason: `cannot listen on ${flags.socket}: ${String(e)}` }) }),
+          Effect.tryPromise({
+            try: () => server.listen(),
+            catch: (e) => (e instanceof SnapshotFormatError || e instanceof SnapshotIoError ? e : new InvalidInput({ reason: `cannot listen on ${flags.socket}: ${String(e)}` }))
+          }),
           () => Effect.promise(() => server.close())
         )
         emit({ type: "listening", socket: flags.socket, file: flags.file }, `listening on ${flags.socket}, serving ${flags.file}${flags.raw ? " (raw image)" : ""} (Ctrl-C to stop)`)
@@ -64,9 +75,10 @@ export const serveCommand: CliCommand = (io, schedule) =>
         .option("socket", { type: "string", demandOption: true, describe: "Unix socket the VMMs connect to" })
         .option("raw", { type: "boolean", default: false, describe: "FILE is a raw memory image, not a vmsnap file" })
         .option("once", { type: "boolean", default: false, describe: "exit once the first VMM's memory is all resident" })
+        .option("verify", { type: "boolean", default: false, describe: "check every record's checksum before listening (reads the whole file; the structure is always checked)" })
         .example("$0 serve --socket /tmp/uffd.sock guest.vmsnap", "then start the VMM with its UFFD handler socket set to /tmp/uffd.sock"),
     handler: (a) => {
       if (a.socket.trim() === "") throw new UsageError("--socket: give a socket path")
-      schedule(() => runServe(io, { ...commonFlags(a), file: a.file, socket: a.socket, raw: a.raw === true, once: a.once === true }))
+      schedule(() => runServe(io, { ...commonFlags(a), file: a.file, socket: a.socket, raw: a.raw === true, once: a.once === true, verify: a.verify === true }))
     }
   })
