@@ -146,6 +146,28 @@ describe.skipIf(skip)("lazy restore failures stay as small as they are", () => {
       expect(await peer(main.sock, "restore", imagePath, String(4 * MiB), "page_size", "memfd=1", "race=2000", `seed=${round}`), `round ${round}`).toMatch(/^OK /)
   })
 
+  it("a hugetlbfs guest (MAP_HUGETLB) that declares 4 KiB pages is refused with the reason, never served wrong", async (ctx) => {
+    const want = SIZE / (2 * MiB) + 2
+    const before = Number(readFileSync("/proc/sys/vm/nr_hugepages", "utf8"))
+    try {
+      try {
+        writeFileSync("/proc/sys/vm/nr_hugepages", String(before + want))
+      } catch (e) {
+        console.warn(`SKIP hugetlbfs refusal: cannot reserve huge pages (${(e as Error).message}; needs root)`)
+        return ctx.skip()
+      }
+      const free = Number(/HugePages_Free:\s+(\d+)/.exec(readFileSync("/proc/meminfo", "utf8"))![1])
+      if (free < SIZE / (2 * MiB)) {
+        console.warn(`SKIP hugetlbfs refusal: only ${free} free 2 MiB pages after reserving`)
+        return ctx.skip()
+      }
+      const answer = JSON.parse(await peer(main.sock, "restore", imagePath, String(SIZE), "page_size", "hugetlb=1", "refused=1"))
+      expect(answer.error).toMatch(/backed by 2048 KiB pages .* declares 4096-byte pages/)
+    } finally {
+      writeFileSync("/proc/sys/vm/nr_hugepages", String(before))
+    }
+  })
+
   it.each([
     ["blocking", /blocking \(opened without O_NONBLOCK\)/],
     ["pipe", /not a userfaultfd/]

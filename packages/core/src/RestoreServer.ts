@@ -18,6 +18,7 @@
  * not read the file. docs/lazy-restore.md is the VMM author's view.
  */
 import { Cause, Effect, Exit, Scope } from "effect"
+import { readFileSync } from "node:fs"
 import type { Socket } from "node:net"
 import { describeError, ProtocolError } from "./Errors.js"
 import { PAGE_SIZE } from "./GuestMemory.js"
@@ -76,6 +77,35 @@ export const parseFirecrackerBody = (text: string): Array<FirecrackerRegion> => 
   })
 }
 
+/**
+ * The page size backing each region in the VMM, from /proc/PID/smaps
+ * (KernelPageSize), against the one it declares: a hugetlbfs region served
+ * at 4 KiB would read wrong, so it is refused. Regions whose mapping cannot
+ * be read are left to the kernel (a 4 KiB UFFDIO_COPY into hugetlbfs fails
+ * with EINVAL and the restorer stops, its ranges still registered).
+ */
+const checkBackingPageSizes = (pid: number, regions: ReadonlyArray<FirecrackerRegion>) => {
+  let smaps: string
+  try {
+    smaps = readFileSync(`/proc/${pid}/smaps`, "utf8")
+  } catch {
+    return
+  }
+  const maps: Array<{ start: bigint; end: bigint; kib: number }> = []
+  for (const line of smaps.split("\n")) {
+    const range = /^([0-9a-f]+)-([0-9a-f]+) /.exec(line)
+    if (range) maps.push({ start: BigInt(`0x${range[1]}`), end: BigInt(`0x${range[2]}`), kib: 0 })
+    const kps = /^KernelPageSize:\s+(\d+) kB/.exec(line)
+    if (kps && maps.length) maps[maps.length - 1]!.kib = Number(kps[1])
+  }
+  regions.forEach((r, i) => {
+    const at = BigInt(r.base_host_virt_addr)
+    const m = maps.find((m) => m.start <= at && at < m.end)
+    if (m && m.kib * 1024 !== r.page_size)
+      fail(`region ${i} is backed by ${m.kib} KiB pages (hugetlbfs?) but declares ${r.page_size}-byte pages; vmsnap serves 4 KiB pages only, and serving a huge page mapping at 4 KiB would be wrong`)
+  })
+}
+
 export interface ServeEvents {
   readonly log?: (line: string) => void
   /** A VMM was refused at the handshake (pid 0 when it could not be learned). */
@@ -130,6 +160,7 @@ export class RestoreServer {
       regions = parseFirecrackerBody(first.message.toString("utf8"))
       if (first.fds.length === 0) fail("the handshake carried no file descriptor: send the userfaultfd with SCM_RIGHTS")
       if (first.fds.length > 2) fail(`the handshake carried ${first.fds.length} fds: send the userfaultfd (and, for a memfd guest, its memfd)`)
+      checkBackingPageSizes(pid, regions)
     } catch (e) {
       closeFds(first.fds)
       return this.refuse(socket, pid, describeError(e))
