@@ -161,7 +161,7 @@ describe.skipIf(skip)("lazy restore failures stay as small as they are", () => {
         console.warn(`SKIP hugetlbfs refusal: only ${free} free 2 MiB pages after reserving`)
         return ctx.skip()
       }
-      const answer = JSON.parse(await peer(main.sock, "restore", imagePath, String(SIZE), "page_size", "hugetlb=1", "refused=1"))
+      const answer = JSON.parse(await peer(main.sock, "restore", imagePath, String(SIZE / 2), "page_size", "hugetlb=1", "refused=1"))
       expect(answer.error).toMatch(/backed by 2048 KiB pages .* declares 4096-byte pages/)
     } finally {
       writeFileSync("/proc/sys/vm/nr_hugepages", String(before))
