@@ -275,7 +275,7 @@ describe.skipIf(unavailable)("bench --restore", () => {
     const j = JSON.parse(r.stdout)
     expect(j.restore.firstWrite[0]).toMatchObject({ sizeBytes: 8 * 1024 * 1024 })
     expect(typeof j.restore.firstWrite[0].lazyMs).toBe("number")
-    expect(j.restore.modes.map((m: { mode: string }) => m.mode)).toEqual(["copy", "continue", "move"])
+    expect(j.restore.modes.map((m: { mode: string }) => m.mode)).toEqual(["floor", "copy", "continue", "move"])
     for (const m of j.restore.modes) expect(m.error).toBeNull()
   })
 })

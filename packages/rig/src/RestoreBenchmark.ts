@@ -6,20 +6,26 @@
  *                 restore, which decodes every page into memory before the
  *                 guest may run; per guest size.
  *   modes         in this process, a 512 MiB snapshot served three ways:
- *                 UFFDIO_COPY (anonymous), pwrite + UFFDIO_CONTINUE (memfd),
- *                 UFFDIO_MOVE (anonymous): fault service time when every page
- *                 is touched in order with no background fill, and the time
- *                 the background fill alone takes to make it all resident.
+ *                 UFFDIO_COPY (anonymous), UFFDIO_COPY (memfd: the shared
+ *                 path, CONTINUE for pages in the page cache), UFFDIO_MOVE
+ *                 (anonymous): fault service time when every page is touched
+ *                 in order with no background fill, and the time the
+ *                 background fill alone takes to make it all resident; and
+ *                 the floor: a bare handler (one 4 KiB UFFDIO_COPY per fault
+ *                 from the image in memory, guest/bare_restore.c), in the
+ *                 same run. Targets (issue 10): vmsnap's fault p50 at most
+ *                 1.5x the floor's, p99 at most 3x.
  */
 import { Effect } from "effect"
 import { mkdtempSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import {
-  type LatencySummary, quietAgentScoped, restoreToMemory, RestoreServer, restoreUffd, startLazyRestore, takeSnapshot,
+  faultBucketLowerNs, type LatencySummary, quietAgentScoped, summarizeUs, restoreToMemory, RestoreServer, restoreUffd, startLazyRestore, takeSnapshot,
   type VmsnapError, type WpNative
 } from "@vmsnap/core"
 import { DemoGuest, scratchMemory, touchPages } from "./DemoGuest.js"
+import { loadGuest, VG_BARE_HIST_BUCKETS } from "./internal/ffi.js"
 import { ToyVmm } from "./ToyVmm.js"
 
 const MiB = 1024 * 1024
@@ -34,7 +40,7 @@ export interface FirstWriteRun {
 }
 
 export interface ModeRun {
-  readonly mode: "copy" | "continue" | "move"
+  readonly mode: "floor" | "copy" | "continue" | "move"
   readonly sizeBytes: number
   readonly faults: number
   readonly faultServiceUs: LatencySummary
@@ -98,6 +104,24 @@ const measureMode = (mode: ModeRun["mode"], snapshot: string, size: number) =>
     )
   )
 
+/** The floor: the bare handler over the same image, restored eagerly into memory first. */
+const measureFloor = (snapshot: string, size: number) =>
+  Effect.scoped(
+    Effect.gen(function* () {
+      const image = yield* scratchMemory(size)
+      yield* restoreToMemory(snapshot, { hostBases: [image], targetIsZero: true })
+      const target = yield* scratchMemory(size)
+      const hist = new BigUint64Array(VG_BARE_HIST_BUCKETS)
+      const summary = new BigUint64Array(4)
+      const rc: number = loadGuest().vg_bare_restore([target, BigInt(size), image, Buffer.from(hist.buffer), Buffer.from(summary.buffer)])
+      return {
+        mode: "floor" as const, sizeBytes: size, faults: Number(summary[0]),
+        faultServiceUs: summarizeUs(Array.from(hist, Number), Number(summary[1]), faultBucketLowerNs),
+        faultInMs: Math.round(Number(summary[2]) / 1e6), residentMs: 0, error: rc < 0 ? `bare handler: errno ${-rc}` : null
+      } satisfies ModeRun
+    })
+  )
+
 export const runRestoreBenchmark = (options: {
   readonly sizes: ReadonlyArray<number>
   readonly modeSize: number
@@ -119,7 +143,7 @@ export const runRestoreBenchmark = (options: {
           yield* takeSnapshot({ regions: [guest.region], path: modeSnapshot })
         })
       )
-      const modes: Array<ModeRun> = []
+      const modes: Array<ModeRun> = [yield* measureFloor(modeSnapshot, options.modeSize)]
       for (const mode of ["copy", "continue", "move"] as const) modes.push(yield* measureMode(mode, modeSnapshot, options.modeSize))
 
       const agent = yield* quietAgentScoped(join(dir, "agent.sock"))

@@ -43,6 +43,7 @@ export const guestTable = {
   vg_map: { library: "vmsnap_guest", retType: BIG, paramsType: [BIG] },
   vg_unmap: { library: "vmsnap_guest", retType: I32, paramsType: [BIG, BIG] },
   vg_compare: { library: "vmsnap_guest", retType: BIG, paramsType: [BIG, BIG, BIG] },
+  vg_bare_restore: { library: "vmsnap_guest", retType: I32, paramsType: [BIG, BIG, BIG, B, B] },
   vg_read: { library: "vmsnap_guest", retType: I32, paramsType: [B, BIG, BIG] }
 } as const
 
@@ -62,3 +63,4 @@ export const loadGuest = (): Table<typeof guestTable> => {
 
 /** Shared with vmsnap_guest.h (checked in test/internal/ffi.test.ts). */
 export const VG_HIST_BUCKETS = 512
+export const VG_BARE_HIST_BUCKETS = 64
