@@ -51,6 +51,8 @@ export interface EngineStats {
   readonly cutPages: number
   /** Pages swept where the guest had just faulted (steering). */
   readonly pagesSteered: number
+  /** Pages the guest discarded before they were saved whose content was lost (the snapshot failed). */
+  readonly pagesDiscarded: number
   /** Bucket 2k: [2^k, 1.5*2^k) ns; bucket 2k+1: [1.5*2^k, 2^(k+1)) ns. */
   readonly faultHistogram: ReadonlyArray<number>
 }
@@ -74,7 +76,12 @@ const nativeError = (op: string, rc: number) => new NativeError({ op, errno: -rc
 
 /** A running engine: one per snapshot. Methods are synchronous native calls. */
 export class WpEngine {
-  constructor(private readonly handle: JsExternal, readonly regions: ReadonlyArray<MemoryRegion>) {}
+  constructor(
+    private readonly handle: JsExternal,
+    readonly regions: ReadonlyArray<MemoryRegion>,
+    /** Process index -> pid (index 0 is this process). */
+    private readonly pids: ReadonlyArray<number> = [process.pid]
+  ) {}
 
   private call(op: string, rc: number): Effect.Effect<number, NativeError> {
     return rc < 0 ? Effect.fail(nativeError(op, rc)) : Effect.succeed(rc)
@@ -107,14 +114,20 @@ export class WpEngine {
     return rc
   }
 
-  /** The first failure the fault thread or sweep saw (e.g. a process exited), if any. */
+  /** The first failure the fault thread or sweep saw (e.g. a process exited, the guest discarded memory), if any. */
   errorSync(): NativeError | undefined {
     const process = new Int32Array(1)
     const rc: number = loadWp().wp_engine_error([this.handle, Buffer.from(process.buffer)])
     if (rc >= 0) return undefined
-    const who = process[0]! > 0 ? `process ${process[0]} of the VM` : "this process"
-    const reason = -rc === 3 ? `${who} exited during the snapshot` : `${who}: ${errnoReason("snapshot", -rc)}`
-    return new NativeError({ op: "snapshot", errno: -rc, reason })
+    const index = process[0]!
+    const who = index > 0 ? `process ${index} of the VM (pid ${this.pids[index] ?? "?"})` : index === 0 ? "this process" : "the guest"
+    const errno = -rc
+    const reason =
+      errno === 3 ? `${who} exited during the snapshot`
+      : errno === 14 ? `guest memory of ${who} was unmapped or moved (munmap/mremap) during the snapshot; a VMM must not remap guest memory while a snapshot runs`
+      : errno === 61 ? `${who}: ${this.statsSync().pagesDiscarded} page(s): ${errnoReason("snapshot", errno)}`
+      : `${who}: ${errnoReason("snapshot", errno)}`
+    return new NativeError({ op: "snapshot", errno, reason })
   }
 
   doneSync(): boolean {
@@ -131,7 +144,7 @@ export class WpEngine {
       poolUsed: n("pool_used"), pagesTotal: n("pages_total"), pagesSaved: n("pages_saved"), pagesSwept: n("pages_swept"),
       pagesZero: n("pages_zero"), faultNsMax: n("fault_ns_max"), faultNsTotal: n("fault_ns_total"),
       pagesFaultAround: n("pages_fault_around"), armFaults: n("arm_faults"), cutPages: n("cut_pages"),
-      pagesSteered: n("pages_steered"),
+      pagesSteered: n("pages_steered"), pagesDiscarded: n("pages_discarded"),
       faultHistogram: Array.from(words.subarray(WP_STATS_FIELDS.length), Number)
     }
   }
@@ -228,7 +241,7 @@ export class WpNative extends Context.Service<WpNative, {
             const err = new Int32Array(1)
             const handle: JsExternal = lib.wp_engine_create([options.poolPages, Buffer.from(err.buffer)])
             if (isNullPointer(handle)) return Effect.fail(nativeError("userfaultfd", err[0]!))
-            const engine = new WpEngine(handle, options.regions)
+            const engine = new WpEngine(handle, options.regions, [process.pid, ...(options.processes ?? []).map((p) => p.pid)])
             const failed = (op: string, rc: number) => {
               engine.destroySync()
               return Effect.fail(nativeError(op, rc))

@@ -8,7 +8,9 @@ import { describe, expect, it } from "vitest"
 import { DemoGuest } from "../../rig/src/DemoGuest.js"
 import { NativeError } from "../src/Errors.js"
 import { hva } from "../src/GuestMemory.js"
+import { loadWp } from "../src/internal/ffi.js"
 import { PAGE_ZERO, WpNative } from "../src/WpNative.js"
+import { closeSync } from "node:fs"
 import { runTest, skipReason } from "./helpers.js"
 
 const MiB = 1024 * 1024
@@ -60,5 +62,20 @@ describe.skipIf(unavailable)("WpNative", () => {
     )
     expect(error).toBeInstanceOf(NativeError)
     expect((error as NativeError).op).toBe("register")
+  })
+
+  it("memory held by another userfaultfd (a lazy restore still serving it): the error says so, not 'already running'", async () => {
+    const error = await runTest(
+      Effect.gen(function* () {
+        const g = yield* DemoGuest.make(1 * MiB, "anon")
+        const uffd: number = loadWp().wp_restore_uffd_create([g.region.hostBase, BigInt(g.region.size), 0])
+        expect(uffd).toBeGreaterThanOrEqual(0)
+        yield* Effect.addFinalizer(() => Effect.sync(() => closeSync(uffd)))
+        return yield* Effect.flip((yield* WpNative).engine({ regions: [g.region], poolPages: 16 }))
+      })
+    )
+    expect(error).toBeInstanceOf(NativeError)
+    expect((error as NativeError).errno).toBe(16)
+    expect((error as NativeError).reason).toMatch(/already registered with another userfaultfd.*lazy restore/)
   })
 })

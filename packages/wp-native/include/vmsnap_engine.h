@@ -29,7 +29,7 @@ extern "C" {
  * declarations are exported. */
 #pragma GCC visibility push(default)
 
-#define WP_ABI_VERSION 4
+#define WP_ABI_VERSION 5
 #define WP_PAGE_SIZE 4096u
 
 /* userfaultfd feature bits reported by wp_probe (kernel UFFD_FEATURE_*). */
@@ -70,6 +70,7 @@ typedef struct wp_stats {
     uint64_t arm_faults;       /* writes let through while armed (before the cut) */
     uint64_t cut_pages;        /* pages re-protected at the cut (written since arming) */
     uint64_t pages_steered;    /* pages swept where the guest had just faulted */
+    uint64_t pages_discarded;  /* discarded by the guest before saved, content lost (-ENODATA) */
     uint64_t hist[WP_HIST_BUCKETS];
 } wp_stats;
 
@@ -90,7 +91,8 @@ int32_t wp_probe(uint64_t *features_out, int32_t *open_path_out);
 wp_engine *wp_engine_create(uint32_t pool_slots, int32_t *err_out);
 
 /* Register [hva, hva + size) of this process for write-protect: a region
- * read through that same mapping. hva and size must be page aligned.
+ * read through that same mapping (shared file memory: through its file, as
+ * for wp_engine_add_shared_region). hva and size must be page aligned.
  * Returns the region index. Must be called before wp_engine_start. */
 int32_t wp_engine_add_region(wp_engine *e, uint64_t hva, uint64_t size);
 
@@ -109,7 +111,11 @@ int32_t wp_engine_add_region(wp_engine *e, uint64_t hva, uint64_t size);
  *
  * wp_engine_add_shared_region: a region of `size` bytes, read through this
  * process's mapping at view_hva (e.g. an mmap of the guest memfd), or with
- * view_hva 0 through process_vm_readv of its first mapping. Returns its index.
+ * view_hva 0 through process_vm_readv of its first mapping. When the view is
+ * a shared file mapping (memfd, shmem) the engine reads that file with
+ * pread instead, never the mapping (a file that shrinks gives an error, not
+ * SIGBUS), skips its holes, and tells discarded pages whose data survived;
+ * -ENXIO if the file is shorter than the region. Returns its index.
  *
  * wp_engine_map_region: `process` maps `region` at `hva`; registers it for
  * write-protect on that process's uffd. Returns the mapping index.
@@ -120,10 +126,15 @@ int32_t wp_engine_add_process(wp_engine *e, int32_t uffd, int32_t pid);
 int32_t wp_engine_add_shared_region(wp_engine *e, uint64_t view_hva, uint64_t size);
 int32_t wp_engine_map_region(wp_engine *e, uint32_t region, uint32_t process, uint64_t hva);
 
-/* The first failure seen by the fault thread or the sweep (-errno, e.g.
- * -ESRCH when a process exited mid-snapshot), 0 if none; *process_out gets
- * the process index it concerns, or -1. A failed process is skipped from
- * then on, so the others keep running unprotected. */
+/* The first failure seen by the fault thread or the sweep (-errno), 0 if
+ * none; *process_out gets the process index it concerns, or -1. A failed
+ * process is skipped from then on, so the others keep running unprotected.
+ *   -ESRCH (or -ENOMEM): a process exited mid-snapshot;
+ *   -ENODATA: the guest discarded pages (MADV_DONTNEED, MADV_REMOVE) before
+ *             they were saved and their content at the cut is gone
+ *             (wp_stats.pages_discarded says how many);
+ *   -EFAULT:  guest memory was unmapped or moved (munmap, mremap);
+ *   -EIO:     guest memory could not be read (its file shrank). */
 int32_t wp_engine_error(wp_engine *e, int32_t *process_out);
 
 /* Fault-around window in pages (a power of two, 1..512; default 1 = off):

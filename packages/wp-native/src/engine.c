@@ -13,6 +13,7 @@
 #include "engine_internal.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,6 +32,46 @@ void wp_record_error(wp_engine *e, int32_t err, int32_t process)
 }
 
 /* A process whose address space is gone answers ESRCH (or ENOMEM): skip it. */
+/* After reading pages into `read` (NULL: not read, a hole), before they
+ * count as saved: was any of them discarded by the guest meanwhile
+ * (discard.c)? First wait until the fault thread has marked every discard it
+ * may have let start (an odd epoch: between reading events and marking their
+ * pages). A marked page of shared memory read through its file is kept only
+ * if all of this holds after the read: it is still write-protected in the
+ * process that discarded it (a uffd-wp marker), its file still holds data
+ * there, and what was read is not all zero. MADV_DONTNEED in some mapping
+ * leaves all three (the page cache keeps the content at the cut); a punch
+ * (MADV_REMOVE) leaves a hole, and while it runs a read gives zeros. So a
+ * page that was all zero at the cut and then discarded fails the snapshot
+ * too: never a silent zero. Anonymous memory keeps nothing.
+ * Returns 0, or -ENODATA if a page is lost. */
+int wp_check_discarded(wp_engine *e, uint32_t region, uint64_t page, uint64_t count, const uint8_t *read)
+{
+    struct wp_region *r = &e->regions[region];
+    while (atomic_load(&e->discard_epoch) & 1)
+        __builtin_ia32_pause();
+    for (uint64_t i = 0; i < count; i++) {
+        uint8_t by = atomic_load((_Atomic uint8_t *)&r->discarded[page + i]);
+        if (!by)
+            continue;
+        if (r->fd >= 0 && read && !wp_page_is_zero(read + i * WP_PAGE_SIZE)) {
+            uint32_t process = by - 1u;
+            const struct wp_mapping *m = NULL;
+            for (uint32_t k = 0; k < e->mapping_count && !m; k++)
+                if (e->mappings[k].region == region && e->mappings[k].process == process)
+                    m = &e->mappings[k];
+            uint8_t data = 0;
+            if (m && wp_still_protected(e, process, m->hva + (page + i) * WP_PAGE_SIZE) &&
+                wp_backing_data_map(r->fd, r->fd_offset + (page + i) * WP_PAGE_SIZE, 1, &data) == 0 && data)
+                continue;
+        }
+        atomic_fetch_add(&e->pages_discarded, 1);
+        wp_record_error(e, -ENODATA, -1);
+        return -ENODATA;
+    }
+    return 0;
+}
+
 void wp_process_failed(wp_engine *e, uint32_t process, int err)
 {
     atomic_store(&e->processes[process].dead, true);
@@ -55,17 +96,21 @@ int wp_read_pages(wp_engine *e, uint32_t region, uint64_t page, uint64_t count, 
 {
     struct wp_region *r = &e->regions[region];
     size_t len = count * WP_PAGE_SIZE;
-    if (r->view) {
+    if (r->fd >= 0) {
+        int rc = wp_backing_read(r->fd, r->fd_offset + page * WP_PAGE_SIZE, dst, len);
+        if (rc == 0)
+            return wp_check_discarded(e, region, page, count, dst);
+        wp_record_error(e, rc, -1);
+    } else if (r->view) {
         memcpy(dst, r->view + page * WP_PAGE_SIZE, len);
-        return 0;
-    }
-    if (r->read_via >= 0) {
+        return wp_check_discarded(e, region, page, count, dst);
+    } else if (r->read_via >= 0) {
         const struct wp_mapping *m = &e->mappings[r->read_via];
         struct iovec local = {.iov_base = dst, .iov_len = len};
         struct iovec remote = {.iov_base = (void *)(uintptr_t)(m->hva + page * WP_PAGE_SIZE), .iov_len = len};
         ssize_t got = process_vm_readv(e->processes[m->process].pid, &local, 1, &remote, 1, 0);
         if (got == (ssize_t)len)
-            return 0;
+            return wp_check_discarded(e, region, page, count, dst);
         wp_process_failed(e, m->process, got < 0 ? -errno : -EIO);
     }
     memset(dst, 0, len); /* the snapshot fails through e->error */
@@ -93,7 +138,9 @@ static int wanted_features(uint64_t *features)
     uint64_t need = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED;
     if ((offered & need) != need)
         return -EOPNOTSUPP;
-    *features = need | (offered & UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
+    /* Discards and moves of guest memory during a snapshot (discard.c). */
+    uint64_t events = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP;
+    *features = need | (offered & (UFFD_FEATURE_WP_HUGETLBFS_SHMEM | events));
     return 0;
 }
 
@@ -117,6 +164,7 @@ wp_engine *wp_engine_create(uint32_t pool_slots, int32_t *err_out)
     e->processes[0].uffd = -1;
     e->process_count = 1;
     e->processes[0].pid = getpid();
+    e->processes[0].pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
     atomic_store(&e->error_process, -1);
     pthread_mutex_init(&e->lock, NULL);
     pthread_cond_init(&e->freed, NULL);
@@ -186,6 +234,9 @@ int32_t wp_engine_add_process(wp_engine *e, int32_t uffd, int32_t pid)
     }
     struct wp_process *p = &e->processes[e->process_count];
     p->uffd = fd;
+    char path[48];
+    snprintf(path, sizeof path, "/proc/%d/pagemap", pid);
+    p->pagemap = open(path, O_RDONLY | O_CLOEXEC);
     p->pid = pid;
     atomic_store(&p->dead, false);
     return (int32_t)e->process_count++;
@@ -204,9 +255,24 @@ int32_t wp_engine_add_shared_region(wp_engine *e, uint64_t view_hva, uint64_t si
     r->pages = size / WP_PAGE_SIZE;
     r->view = view_hva ? (const uint8_t *)(uintptr_t)view_hva : NULL;
     r->read_via = -1;
+    r->fd = -1;
+    /* Shared memory viewed here: read its file instead (backing.c). */
+    uint64_t file_size;
+    if (r->view && wp_backing_open(view_hva, size, &r->fd, &r->fd_offset) == 0 &&
+        (wp_backing_size(r->fd, &file_size) < 0 || file_size < r->fd_offset + size)) {
+        close(r->fd);
+        r->fd = -1;
+        return -ENXIO; /* the file is shorter than the region */
+    }
     r->state = calloc(r->pages, 1);
-    if (!r->state)
+    r->discarded = calloc(r->pages, 1);
+    if (!r->state || !r->discarded) {
+        free(r->state);
+        free(r->discarded);
+        if (r->fd >= 0)
+            close(r->fd);
         return -ENOMEM;
+    }
     e->pages_total += r->pages;
     return (int32_t)e->region_count++;
 }
@@ -253,6 +319,9 @@ int32_t wp_engine_add_region(wp_engine *e, uint64_t hva, uint64_t size)
     if (rc < 0) {
         /* Undo: the region was the last one added. */
         free(e->regions[region].state);
+        free(e->regions[region].discarded);
+        if (e->regions[region].fd >= 0)
+            close(e->regions[region].fd);
         e->pages_total -= e->regions[region].pages;
         e->region_count--;
         return rc;
@@ -328,6 +397,7 @@ int32_t wp_engine_stats(wp_engine *e, wp_stats *out)
     out->arm_faults = e->arm_faults;
     out->cut_pages = e->cut_pages;
     out->pages_steered = e->pages_steered;
+    out->pages_discarded = atomic_load(&e->pages_discarded);
     memcpy(out->hist, e->hist, sizeof out->hist);
     return 0;
 }
@@ -356,12 +426,19 @@ int32_t wp_engine_destroy(wp_engine *e)
     for (uint32_t i = 0; i < e->region_count; i++) {
         free(e->regions[i].state);
         free(e->regions[i].written);
+        free(e->regions[i].discarded);
+        if (e->regions[i].fd >= 0)
+            close(e->regions[i].fd);
     }
     free(e->armed_writes);
+    free(e->deferred);
     /* Closing a uffd also clears whatever protection is left in its process. */
-    for (uint32_t i = 0; i < e->process_count; i++)
+    for (uint32_t i = 0; i < e->process_count; i++) {
         if (e->processes[i].uffd >= 0)
             close(e->processes[i].uffd);
+        if (e->processes[i].pagemap >= 0)
+            close(e->processes[i].pagemap);
+    }
     if (e->stop_fd >= 0)
         close(e->stop_fd);
     while (e->overflow_head) {

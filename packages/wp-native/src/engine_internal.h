@@ -44,12 +44,22 @@ struct wp_region {
     uint8_t *written;    /* while arming: 1 if unprotected since arming (fault thread only) */
     const uint8_t *view; /* a mapping in this process for reading, or NULL */
     int32_t read_via;    /* with no view: mapping read with process_vm_readv; -1 none yet */
+    int fd;              /* shared memory: the file behind the view, read with pread (backing.c); -1 none */
+    uint64_t fd_offset;  /* where the region starts in it */
+    uint8_t *discarded;  /* after the cut, the process that discarded the page + 1, else 0 (discard.c); atomic */
+};
+
+/* An unprotect the fault thread could not do yet (EAGAIN: an event pending). */
+struct wp_deferred {
+    uint32_t process;
+    uint64_t hva, len;
 };
 
 /* A process whose page tables are protected; it created `uffd`. */
 struct wp_process {
     int uffd;
     int32_t pid;
+    int pagemap;       /* its /proc/PID/pagemap (discard.c), -1 if it cannot be read */
     _Atomic bool dead; /* its address space is gone: skipped from now on */
 };
 
@@ -82,6 +92,8 @@ struct wp_engine {
     _Atomic int32_t error;         /* first failure (-errno), 0 if none */
     _Atomic int32_t error_process; /* the process it concerns, -1 if none */
     _Atomic int mode;              /* MODE_* */
+    struct wp_deferred *deferred;  /* fault thread only: unprotects to retry after its next read */
+    size_t deferred_count, deferred_cap;
     _Atomic bool noting;           /* the fault thread is noting one armed write: the cut waits */
     struct wp_page_ref *armed_writes; /* pages unprotected while arming (fault thread only) */
     size_t armed_count, armed_cap;
@@ -124,6 +136,8 @@ struct wp_engine {
     uint64_t faults, faults_spurious, fallbacks, fallback_ns, overflow_pages;
     uint64_t pool_high_water, pages_swept, pages_zero, fault_ns_max, fault_ns_total, pages_fault_around;
     uint64_t arm_faults, cut_pages, pages_steered;
+    _Atomic uint64_t pages_discarded; /* discarded before saved, content lost */
+    _Atomic uint64_t discard_epoch;   /* odd while the fault thread reads events and marks discards */
     uint32_t fault_around; /* pages per fault-around window; 1 = off */
     uint64_t hist[WP_HIST_BUCKETS];
 #ifdef WP_TEST_HOOKS
@@ -137,13 +151,43 @@ void wp_process_failed(wp_engine *e, uint32_t process, int err);
 bool wp_claim_page(struct wp_region *r, uint64_t page);
 void wp_mark_saved(wp_engine *e, struct wp_region *r, uint64_t page);
 int wp_read_pages(wp_engine *e, uint32_t region, uint64_t page, uint64_t count, uint8_t *dst);
+int wp_check_discarded(wp_engine *e, uint32_t region, uint64_t page, uint64_t count, const uint8_t *read);
+bool wp_page_is_zero(const uint8_t *page);
+
+/* backing.c: the file behind shared memory. */
+/* The shared file mapping(s) of this process covering [hva, hva + size), as
+ * one file: a new fd and the file offset of hva; -ENOENT if not one. */
+int wp_backing_open(uint64_t hva, uint64_t size, int *fd_out, uint64_t *offset_out);
+/* pread all of it; -EIO if the file ends first (it shrank). */
+int wp_backing_read(int fd, uint64_t offset, uint8_t *dst, size_t len);
+/* map[i] = 1 if page i of `pages` from offset holds data, 0 if a hole. */
+int wp_backing_data_map(int fd, uint64_t offset, uint64_t pages, uint8_t *map);
+int wp_backing_size(int fd, uint64_t *size_out);
 
 /* protect.c */
 int wp_writeprotect(int uffd, uint64_t hva, uint64_t len, bool protect);
+/* Unprotect [hva, hva + len) in one process, all processes mapping the
+ * pages. On the fault thread an EAGAIN defers it (wp_retry_deferred). */
+void wp_unprotect_in(wp_engine *e, uint32_t process, uint64_t hva, uint64_t len);
 void wp_unprotect_pages(wp_engine *e, uint32_t region, uint64_t page, uint64_t count);
+/* Fault thread: retry deferred unprotects; true if some still wait. */
+bool wp_retry_deferred(wp_engine *e);
+
+/* discard.c: the guest discarding or moving memory during a snapshot. */
+/* A REMOVE event for [start, end) of a process's memory; `armed`: read
+ * while arming, with `noting` set (the discard belongs before the cut). */
+void wp_discard_range(wp_engine *e, uint32_t process, uint64_t start, uint64_t end, bool armed);
+void wp_memory_moved(wp_engine *e, uint32_t process);
+
+/* Is the page still write-protected (a uffd-wp pte or marker) in the
+ * process's page table? From /proc/PID/pagemap bit 57. */
+bool wp_still_protected(wp_engine *e, uint32_t process, uint64_t hva);
 
 /* fault.c: the fault thread and the slot pool it fills. */
 void *wp_fault_thread(void *arg);
+/* While arming: remember that the page must be re-protected at the cut.
+ * Fault thread only, with `noting` set. */
+void wp_note_armed_write(wp_engine *e, uint32_t region, uint64_t page);
 /* Take up to max pages out of the pool, oldest first: contents to buf (one
  * page each), their region and page index to regions_out / pages_out. The
  * writer's thread only. */

@@ -198,11 +198,16 @@ static void save_neighbours(wp_engine *e, uint32_t ri, uint64_t page)
     uint64_t w1 = w0 + e->fault_around < r->pages ? w0 + e->fault_around : r->pages;
     uint64_t free_slots = pool_free_slots(e);
     uint64_t budget = free_slots > e->slots / 2 ? free_slots - e->slots / 2 : 0;
+    /* Never read a page that is not populated: for shared memory, reading
+     * a hole would allocate it. Holes stay for the sweep (zero, not read). */
+    uint8_t data[512];
+    if (r->fd >= 0 && wp_backing_data_map(r->fd, r->fd_offset + w0 * WP_PAGE_SIZE, w1 - w0, data) < 0)
+        return;
     for (uint64_t p = w0; p < w1 && budget > 0;) {
-        /* A run of pages we could claim: read into the pool in one go,
-         * marked saved, unprotected with one ioctl. */
+        /* A run of populated pages we could claim: read into the pool in one
+         * go, marked saved, unprotected with one ioctl. */
         uint64_t run = p;
-        while (p < w1 && p - run < budget && p != page && wp_claim_page(r, p))
+        while (p < w1 && p - run < budget && p != page && (r->fd < 0 || data[p - w0]) && wp_claim_page(r, p))
             p++;
         uint64_t n = p - run;
         if (n > 0) {
@@ -214,30 +219,35 @@ static void save_neighbours(wp_engine *e, uint32_t ri, uint64_t page)
             budget -= n;
         }
         if (p < w1 && n == 0)
-            p++; /* the faulting page, or one already taken */
+            p++; /* the faulting page, a hole, or one already taken */
     }
+}
+
+void wp_note_armed_write(wp_engine *e, uint32_t ri, uint64_t page)
+{
+    struct wp_region *r = &e->regions[ri];
+    if (r->written[page])
+        return;
+    if (e->armed_count == e->armed_cap) {
+        size_t cap = e->armed_cap ? e->armed_cap * 2 : 4096;
+        struct wp_page_ref *grown = realloc(e->armed_writes, cap * sizeof *grown);
+        if (!grown) {
+            /* Cannot remember it: the cut would miss it, so the snapshot fails. */
+            wp_record_error(e, -ENOMEM, -1);
+            return;
+        }
+        e->armed_writes = grown;
+        e->armed_cap = cap;
+    }
+    r->written[page] = 1;
+    e->armed_writes[e->armed_count++] = (struct wp_page_ref){.region = ri, .page = page};
 }
 
 /* Before the cut: let the writer go and remember the page, which the cut
  * re-protects. Costs one fault per page written while arming. */
 static void note_written(wp_engine *e, uint32_t ri, uint64_t page)
 {
-    struct wp_region *r = &e->regions[ri];
-    if (!r->written[page]) {
-        if (e->armed_count == e->armed_cap) {
-            size_t cap = e->armed_cap ? e->armed_cap * 2 : 4096;
-            struct wp_page_ref *grown = realloc(e->armed_writes, cap * sizeof *grown);
-            if (!grown) {
-                /* Cannot remember it: keep it protected and let the cut find it saved later. */
-                wp_record_error(e, -ENOMEM, -1);
-                return;
-            }
-            e->armed_writes = grown;
-            e->armed_cap = cap;
-        }
-        r->written[page] = 1;
-        e->armed_writes[e->armed_count++] = (struct wp_page_ref){.region = ri, .page = page};
-    }
+    wp_note_armed_write(e, ri, page);
     e->arm_faults++;
     wp_unprotect_pages(e, ri, page, 1);
 }
@@ -289,7 +299,7 @@ static void serve_write_fault(wp_engine *e, uint32_t process, uint64_t fault_hva
      * sure the writer is woken. Unprotecting a saved page is harmless. */
     while (__atomic_load_n(&r->state[page], __ATOMIC_ACQUIRE) != PAGE_SAVED && !atomic_load(&e->stopping))
         __builtin_ia32_pause();
-    wp_writeprotect(e->processes[process].uffd, m->hva + page * WP_PAGE_SIZE, WP_PAGE_SIZE, false);
+    wp_unprotect_in(e, process, m->hva + page * WP_PAGE_SIZE, WP_PAGE_SIZE);
     e->faults_spurious++;
 }
 
@@ -300,19 +310,38 @@ static bool serve_process(wp_engine *e, uint32_t process)
     struct wp_process *p = &e->processes[process];
     if (p->uffd < 0 || atomic_load(&p->dead))
         return false;
+    /* Reading a REMOVE event lets the discard begin: the epoch is odd from
+     * before the read until its pages are marked (discard.c). A discard read
+     * while armed belongs before the cut: `noting` holds the cut off until
+     * its pages are noted (the handshake of serve_write_fault). */
+    atomic_fetch_add(&e->discard_epoch, 1);
+    atomic_store(&e->noting, true);
+    bool armed = atomic_load(&e->mode) == MODE_ARMING;
+    if (!armed)
+        atomic_store(&e->noting, false);
     ssize_t n = read(p->uffd, msgs, sizeof msgs);
-    if (n <= 0)
-        return false;
-    for (size_t i = 0; i < (size_t)n / sizeof msgs[0]; i++) {
+    size_t count = n > 0 ? (size_t)n / sizeof msgs[0] : 0;
+    for (size_t i = 0; i < count; i++) {
+        const struct uffd_msg *msg = &msgs[i];
+        if (msg->event == UFFD_EVENT_REMOVE)
+            wp_discard_range(e, process, msg->arg.remove.start, msg->arg.remove.end, armed);
+        else if (msg->event == UFFD_EVENT_UNMAP || msg->event == UFFD_EVENT_REMAP)
+            wp_memory_moved(e, process);
+    }
+    if (armed)
+        atomic_store(&e->noting, false);
+    atomic_fetch_add(&e->discard_epoch, 1);
+    for (size_t i = 0; i < count; i++) {
 #ifdef WP_TEST_HOOKS
         uint32_t delay_us = atomic_load(&e->test_message_delay_us);
         if (i > 0 && delay_us)
             usleep(delay_us);
 #endif
-        if (msgs[i].event == UFFD_EVENT_PAGEFAULT && (msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP))
-            serve_write_fault(e, process, msgs[i].arg.pagefault.address);
+        const struct uffd_msg *msg = &msgs[i];
+        if (msg->event == UFFD_EVENT_PAGEFAULT && (msg->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP))
+            serve_write_fault(e, process, msg->arg.pagefault.address);
     }
-    return true;
+    return count > 0;
 }
 
 void *wp_fault_thread(void *arg)
@@ -323,6 +352,8 @@ void *wp_fault_thread(void *arg)
         bool any = false;
         for (uint32_t p = 0; p < e->process_count; p++)
             any |= serve_process(e, p);
+        if (e->deferred_count > 0)
+            any |= wp_retry_deferred(e); /* the events just read let them through */
         if (any) {
             last_event = monotonic_ns();
             continue;

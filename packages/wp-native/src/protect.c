@@ -13,31 +13,92 @@
 
 #include <errno.h>
 #include <stdlib.h>
+#include <pthread.h>
 #include <sys/ioctl.h>
+#include <unistd.h>
 
-int wp_writeprotect(int uffd, uint64_t hva, uint64_t len, bool protect)
+#define PAGEMAP_UFFD_WP (1ull << 57) /* Documentation/admin-guide/mm/pagemap.rst */
+
+bool wp_still_protected(wp_engine *e, uint32_t process, uint64_t hva)
+{
+    uint64_t entry;
+    int fd = e->processes[process].pagemap;
+    return fd >= 0 && pread(fd, &entry, sizeof entry, (off_t)(hva / WP_PAGE_SIZE * sizeof entry)) == sizeof entry &&
+           (entry & PAGEMAP_UFFD_WP);
+}
+
+static int writeprotect_once(int uffd, uint64_t hva, uint64_t len, bool protect)
 {
     struct uffdio_writeprotect wp = {
         .range = {.start = hva, .len = len},
         .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
     };
-    while (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) < 0) {
-        if (errno != EAGAIN)
-            return -errno;
+    return ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) < 0 ? -errno : 0;
+}
+
+/* EAGAIN: an event (REMOVE, UNMAP, REMAP) is pending on the uffd; it clears
+ * once the fault thread reads it. Threads other than the fault thread retry. */
+int wp_writeprotect(int uffd, uint64_t hva, uint64_t len, bool protect)
+{
+    int rc;
+    while ((rc = writeprotect_once(uffd, hva, len, protect)) == -EAGAIN)
+        __builtin_ia32_pause();
+    return rc;
+}
+
+/* The fault thread must not wait for EAGAIN to clear: only it reads the
+ * pending event. It keeps the range and retries after its next read. */
+static void defer_unprotect(wp_engine *e, uint32_t process, uint64_t hva, uint64_t len)
+{
+    if (e->deferred_count == e->deferred_cap) {
+        size_t cap = e->deferred_cap ? e->deferred_cap * 2 : 64;
+        struct wp_deferred *grown = realloc(e->deferred, cap * sizeof *grown);
+        if (!grown) {
+            wp_record_error(e, -ENOMEM, (int32_t)process); /* the snapshot fails; destroy unprotects */
+            return;
+        }
+        e->deferred = grown;
+        e->deferred_cap = cap;
     }
-    return 0;
+    e->deferred[e->deferred_count++] = (struct wp_deferred){.process = process, .hva = hva, .len = len};
+}
+
+void wp_unprotect_in(wp_engine *e, uint32_t process, uint64_t hva, uint64_t len)
+{
+    struct wp_process *p = &e->processes[process];
+    if (atomic_load(&p->dead))
+        return;
+    bool fault_thread = e->thread_started && pthread_equal(pthread_self(), e->thread);
+    int rc = fault_thread ? writeprotect_once(p->uffd, hva, len, false) : wp_writeprotect(p->uffd, hva, len, false);
+    if (rc == -EAGAIN)
+        defer_unprotect(e, process, hva, len);
+    else if (rc < 0)
+        wp_process_failed(e, process, rc);
+}
+
+bool wp_retry_deferred(wp_engine *e)
+{
+    size_t kept = 0;
+    for (size_t i = 0; i < e->deferred_count; i++) {
+        struct wp_deferred d = e->deferred[i];
+        if (atomic_load(&e->processes[d.process].dead))
+            continue;
+        int rc = writeprotect_once(e->processes[d.process].uffd, d.hva, d.len, false);
+        if (rc == -EAGAIN)
+            e->deferred[kept++] = d;
+        else if (rc < 0)
+            wp_process_failed(e, d.process, rc);
+    }
+    e->deferred_count = kept;
+    return kept > 0;
 }
 
 void wp_unprotect_pages(wp_engine *e, uint32_t region, uint64_t page, uint64_t count)
 {
     for (uint32_t i = 0; i < e->mapping_count; i++) {
         const struct wp_mapping *m = &e->mappings[i];
-        struct wp_process *p = &e->processes[m->process];
-        if (m->region != region || atomic_load(&p->dead))
-            continue;
-        int rc = wp_writeprotect(p->uffd, m->hva + page * WP_PAGE_SIZE, count * WP_PAGE_SIZE, false);
-        if (rc < 0)
-            wp_process_failed(e, m->process, rc);
+        if (m->region == region)
+            wp_unprotect_in(e, m->process, m->hva + page * WP_PAGE_SIZE, count * WP_PAGE_SIZE);
     }
 }
 
@@ -142,7 +203,19 @@ int32_t wp_engine_unprotect_all(wp_engine *e)
         struct wp_process *p = &e->processes[m->process];
         if (p->uffd < 0 || atomic_load(&p->dead))
             continue;
-        int rc = wp_writeprotect(p->uffd, m->hva, e->regions[m->region].size, false);
+        int rc;
+        while ((rc = writeprotect_once(p->uffd, m->hva, e->regions[m->region].size, false)) == -EAGAIN) {
+            /* An event is pending. While the engine runs, the fault thread
+             * reads it; once it is stopping nobody will, so read and drop
+             * what is queued here (waiting writers are woken by this very
+             * unprotect). */
+            if (atomic_load(&e->stopping)) {
+                struct uffd_msg msgs[16];
+                if (read(p->uffd, msgs, sizeof msgs) < 0 && errno != EAGAIN)
+                    break;
+            }
+            __builtin_ia32_pause();
+        }
         if (rc < 0 && !first_error)
             first_error = rc;
     }

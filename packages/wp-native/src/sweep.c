@@ -14,7 +14,7 @@
 #include <string.h>
 #include <sys/mman.h>
 
-static bool page_is_zero(const uint8_t *p)
+bool wp_page_is_zero(const uint8_t *p)
 {
     const uint64_t *w = (const uint64_t *)p;
     uint64_t acc = 0;
@@ -49,15 +49,20 @@ static uint32_t sweep(wp_engine *e, uint32_t region, uint64_t first_page, uint32
         }
     if (n == 0)
         return 0;
-    /* Pages not resident in our view were never populated: zero at the cut. */
-    bool residency = r->view && e->check_residency &&
-                     mincore((void *)(r->view + first_page * WP_PAGE_SIZE), count * WP_PAGE_SIZE, e->residency) == 0;
+    /* Shared memory: holes of its file. Otherwise pages not resident in our
+     * view, trusted only without swap (a swapped-out page is not resident). */
+    bool residency = r->fd >= 0 ? wp_backing_data_map(r->fd, r->fd_offset + first_page * WP_PAGE_SIZE, count,
+                                                      e->residency) == 0
+                                : r->view && e->check_residency &&
+                                      mincore((void *)(r->view + first_page * WP_PAGE_SIZE), count * WP_PAGE_SIZE,
+                                              e->residency) == 0;
     /* Each run of consecutive resident claimed pages is read with one call
      * (for a remote process, one process_vm_readv), into buf at the end of
      * the data kept so far; zero pages are then dropped and the rest packed. */
     size_t data_pages = 0;
     for (uint32_t i = 0; i < n;) {
         if (!resident(e, residency, pages_out[i] - first_page)) {
+            wp_check_discarded(e, region, pages_out[i], 1, NULL); /* a hole: not read, maybe discarded */
             flags_out[i++] = WP_PAGE_ZERO;
             e->pages_zero++;
             continue;
@@ -69,7 +74,7 @@ static uint32_t sweep(wp_engine *e, uint32_t region, uint64_t first_page, uint32
         wp_read_pages(e, region, pages_out[i], j - i, run);
         for (uint32_t k = i; k < j; k++) {
             const uint8_t *src = run + (size_t)(k - i) * WP_PAGE_SIZE;
-            if (page_is_zero(src)) {
+            if (wp_page_is_zero(src)) {
                 flags_out[k] = WP_PAGE_ZERO;
                 e->pages_zero++;
                 continue;
@@ -102,7 +107,7 @@ static uint32_t pack_pool_pages(uint8_t *buf, uint8_t *flags_out, uint32_t n)
     size_t data_pages = 0;
     for (uint32_t i = 0; i < n; i++) {
         const uint8_t *src = buf + (size_t)i * WP_PAGE_SIZE;
-        if (page_is_zero(src)) {
+        if (wp_page_is_zero(src)) {
             flags_out[i] = WP_PAGE_ZERO;
             continue;
         }

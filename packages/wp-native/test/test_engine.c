@@ -55,7 +55,7 @@ static int run(uint32_t kind, uint32_t pool_slots)
     if ((rc = wp_engine_start(e)) < 0)
         return fail("start", rc);
 
-    if ((rc = vg_freeze(g, 1000)) < 0)
+    if ((rc = vg_freeze(g, 10000)) < 0)
         return fail("freeze", rc);
     vg_take_reference(g);
     vg_set_target(g, 0, pages);

@@ -5,7 +5,7 @@
 const names: Record<number, string> = {
   1: "EPERM", 2: "ENOENT", 4: "EINTR", 5: "EIO", 9: "EBADF", 11: "EAGAIN", 12: "ENOMEM", 13: "EACCES",
   14: "EFAULT", 16: "EBUSY", 17: "EEXIST", 19: "ENODEV", 20: "ENOTDIR", 21: "EISDIR", 22: "EINVAL",
-  24: "EMFILE", 27: "EFBIG", 28: "ENOSPC", 30: "EROFS", 38: "ENOSYS", 95: "EOPNOTSUPP", 110: "ETIMEDOUT",
+  24: "EMFILE", 61: "ENODATA", 6: "ENXIO", 27: "EFBIG", 28: "ENOSPC", 30: "EROFS", 38: "ENOSYS", 95: "EOPNOTSUPP", 110: "ETIMEDOUT",
   7: "E2BIG", 122: "EDQUOT"
 }
 
@@ -32,7 +32,13 @@ export const errnoReason = (op: string, errno: number): string => {
     case 17:
       return "regions overlap"
     case 16:
-      return "the engine is already running"
+      return op === "register"
+        ? "this memory is already registered with another userfaultfd (EBUSY): e.g. a lazy restore still serving it, or another snapshot of it in progress; wait until that one ends"
+        : "the engine is already running"
+    case 61:
+      return "the guest discarded memory (MADV_DONTNEED or MADV_REMOVE, e.g. a balloon) before it was saved: its content at the cut is gone; hold discards from arming until the snapshot ends"
+    case 5:
+      return op === "snapshot" ? "guest memory could not be read: its file is shorter than the region (it shrank, or it is not the guest's memory)" : "I/O error"
     case 110:
       return "timed out"
     case 3:

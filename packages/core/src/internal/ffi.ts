@@ -118,7 +118,7 @@ export const loadWp = lazyLibrary("vmsnap_wp", "libvmsnap_wp.so", wpTable)
  * parses the headers and checks each against its `#define`, and every table
  * entry above against its C prototype.
  */
-export const WP_ABI_VERSION = 4
+export const WP_ABI_VERSION = 5
 export const WP_PAGE_SIZE = 4096
 export const WP_HIST_BUCKETS = 64
 export const WP_FEATURE_PAGEFAULT_FLAG_WP = 1n << 0n
@@ -147,7 +147,7 @@ export const WP_RECORD_ZERO = 2
 export const WP_STATS_FIELDS = [
   "faults", "faults_spurious", "fallbacks", "fallback_ns", "overflow_pages", "pool_slots", "pool_high_water",
   "pool_used", "pages_total", "pages_saved", "pages_swept", "pages_zero", "fault_ns_max", "fault_ns_total",
-  "pages_fault_around", "arm_faults", "cut_pages", "pages_steered"
+  "pages_fault_around", "arm_faults", "cut_pages", "pages_steered", "pages_discarded"
 ] as const
 /** Size of `wp_stats` in u64 words. */
 export const WP_STATS_WORDS = WP_STATS_FIELDS.length + WP_HIST_BUCKETS

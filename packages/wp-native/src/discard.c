@@ -1,0 +1,82 @@
+/*
+ * The guest discarding or moving its memory during a snapshot: the uffd
+ * events REMOVE (MADV_DONTNEED, MADV_REMOVE: e.g. a balloon), UNMAP and
+ * REMAP, which the engine asks for on every uffd it negotiates.
+ *
+ * A REMOVE is delivered before the kernel drops the pages, but the
+ * discarding thread runs on as soon as the event is read, so the pages cannot
+ * be copied first. For each page of the range:
+ *  - armed, before the cut: the discard is part of the memory at the cut.
+ *    The page is noted as written, so the cut re-protects it (anonymous
+ *    memory comes back unprotected after a discard, and a later write would
+ *    otherwise never be seen).
+ *  - after the cut, every page of the range is marked discarded. A page
+ *    saved before the discard began keeps its content. Whoever reads a page
+ *    checks its mark after reading (wp_check_discarded): the discard may
+ *    have started as soon as the fault thread read the event, before the
+ *    mark, so the fault thread holds an odd epoch from before it reads
+ *    events until it has marked their pages, and readers wait it out.
+ *    A marked page of shared memory read through its file (backing.c) is
+ *    kept if it is still write-protected in the discarding process: a
+ *    MADV_DONTNEED leaves the page cache and a uffd-wp marker, so the page
+ *    holds the content at the cut and a later write still faults; a punch
+ *    (MADV_REMOVE, checked on this kernel) drops both. Otherwise the content
+ *    at the cut is gone: an unclaimed anonymous page is claimed, so no later
+ *    write is ever saved for it, and the snapshot fails with -ENODATA.
+ * UNMAP and REMAP move guest memory under the snapshot: it fails (-EFAULT).
+ */
+#define _GNU_SOURCE
+#include "engine_internal.h"
+
+#include <errno.h>
+
+/* After the cut: one page of a discarded range; false if its content is
+ * known lost now. Marked first: whoever is saving it checks the mark after
+ * reading (wp_check_discarded), once the epoch is even again. */
+static bool discard_page(struct wp_region *r, uint32_t process, uint64_t page)
+{
+    atomic_store((_Atomic uint8_t *)&r->discarded[page], (uint8_t)(process + 1));
+    uint8_t state = __atomic_load_n(&r->state[page], __ATOMIC_SEQ_CST);
+    if (state != PAGE_PENDING || r->fd >= 0)
+        return true; /* saved before the discard, or its saver checks the mark */
+    /* Anonymous memory: the content at the cut is gone. Claimed, so no
+     * later write is ever saved for it; if someone else claimed it first,
+     * they see the mark. */
+    return !wp_claim_page(r, page);
+}
+
+void wp_discard_range(wp_engine *e, uint32_t process, uint64_t start, uint64_t end, bool armed)
+{
+    int mode = armed ? MODE_ARMING : atomic_load(&e->mode);
+    while (mode == MODE_CUTTING && !atomic_load(&e->stopping)) {
+        __builtin_ia32_pause();
+        mode = atomic_load(&e->mode);
+    }
+    if (mode == MODE_IDLE)
+        return; /* before the snapshot: nothing to keep */
+    uint64_t lost = 0;
+    for (uint32_t i = 0; i < e->mapping_count; i++) {
+        const struct wp_mapping *m = &e->mappings[i];
+        struct wp_region *r = &e->regions[m->region];
+        if (m->process != process || end <= m->hva || start >= m->hva + r->size)
+            continue;
+        uint64_t from = start > m->hva ? (start - m->hva) / WP_PAGE_SIZE : 0;
+        uint64_t to = end < m->hva + r->size ? (end - m->hva + WP_PAGE_SIZE - 1) / WP_PAGE_SIZE : r->pages;
+        for (uint64_t p = from; p < to; p++) {
+            if (armed)
+                wp_note_armed_write(e, m->region, p);
+            else if (!discard_page(r, process, p))
+                lost++;
+        }
+    }
+    if (lost > 0) {
+        atomic_fetch_add(&e->pages_discarded, lost);
+        wp_record_error(e, -ENODATA, (int32_t)process);
+    }
+}
+
+void wp_memory_moved(wp_engine *e, uint32_t process)
+{
+    if (atomic_load(&e->mode) != MODE_IDLE)
+        wp_record_error(e, -EFAULT, (int32_t)process);
+}

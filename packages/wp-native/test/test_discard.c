@@ -1,0 +1,145 @@
+/*
+ * Issue 11 #3 and #4: the guest discards memory during a snapshot. A host
+ * thread plays the guest: after the cut (or while armed) it discards pages
+ * with MADV_DONTNEED or MADV_REMOVE and writes new data to them. Every
+ * snapshot must either equal the memory at the cut or fail with -ENODATA
+ * naming the discard; never hold data written after the cut, nor zeros
+ * where the cut had data. Shared memory whose page cache survives a
+ * MADV_DONTNEED must give the exact snapshot. Exit 0 pass, 1 fail, 77 skip.
+ */
+#define _GNU_SOURCE
+#include "vmsnap_engine.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define PAGES 4096u
+#define FIRST 1000u /* the discarded pages */
+#define COUNT 100u
+
+enum when { AFTER_CUT, WHILE_ARMED };
+struct guest {
+    uint8_t *mem;
+    int advice;
+};
+
+static void fill(uint8_t *mem)
+{
+    for (uint32_t p = 0; p < PAGES; p++)
+        memset(mem + (size_t)p * WP_PAGE_SIZE, (int)(p % 251) + 1, WP_PAGE_SIZE);
+}
+
+static void discard(const struct guest *g)
+{
+    if (madvise(g->mem + (size_t)FIRST * WP_PAGE_SIZE, (size_t)COUNT * WP_PAGE_SIZE, g->advice) < 0)
+        perror("madvise");
+}
+
+static void *write_after_cut(void *arg)
+{
+    const struct guest *g = arg;
+    discard(g);
+    memset(g->mem + (size_t)FIRST * WP_PAGE_SIZE, 0xEE, (size_t)COUNT * WP_PAGE_SIZE);
+    return NULL;
+}
+
+static void *write_only(void *arg)
+{
+    const struct guest *g = arg;
+    memset(g->mem + (size_t)FIRST * WP_PAGE_SIZE, 0xDD, (size_t)COUNT * WP_PAGE_SIZE);
+    return NULL;
+}
+
+/* One snapshot; 0 pass, 1 fail. must_be_exact: a failure is not allowed. */
+static int run(const char *name, bool shared, int advice, enum when when, bool must_be_exact)
+{
+    size_t size = (size_t)PAGES * WP_PAGE_SIZE;
+    int fd = shared ? memfd_create("vmsnap-discard", MFD_CLOEXEC) : -1;
+    if (shared && ftruncate(fd, (off_t)size) < 0)
+        return perror("ftruncate"), 1;
+    uint8_t *mem = mmap(NULL, size, PROT_READ | PROT_WRITE, shared ? MAP_SHARED : MAP_PRIVATE | MAP_ANONYMOUS, fd, 0);
+    if (mem == MAP_FAILED)
+        return perror("mmap"), 1;
+    fill(mem);
+    uint8_t *reference = malloc(size), *out = calloc(PAGES, WP_PAGE_SIZE), *buf = malloc(256 * WP_PAGE_SIZE);
+    struct guest g = {.mem = mem, .advice = advice};
+    int32_t err;
+    wp_engine *e = wp_engine_create(4096, &err);
+    if (!e || wp_engine_add_region(e, (uint64_t)(uintptr_t)mem, size) < 0 || wp_engine_start(e) < 0 || wp_engine_arm(e) < 0)
+        return fprintf(stderr, "FAIL %s: engine setup\n", name), 1;
+    if (when == WHILE_ARMED)
+        discard(&g); /* before the cut: part of the memory at the cut */
+    if (wp_engine_protect(e) < 0)
+        return fprintf(stderr, "FAIL %s: cut\n", name), 1;
+    memcpy(reference, mem, size); /* nothing writes between the cut and here */
+    pthread_t t;
+    pthread_create(&t, NULL, when == AFTER_CUT ? write_after_cut : write_only, &g);
+    uint32_t regions[256];
+    uint64_t pages[256];
+    uint8_t flags[256];
+    int rc = 0;
+    while (!wp_engine_done(e) && rc >= 0) {
+        rc = wp_engine_next_batch(e, buf, regions, pages, flags, 256);
+        for (int i = 0, d = 0; i < rc; i++)
+            if (flags[i] == WP_PAGE_DATA)
+                memcpy(out + pages[i] * WP_PAGE_SIZE, buf + (size_t)d++ * WP_PAGE_SIZE, WP_PAGE_SIZE);
+    }
+    int32_t process;
+    int32_t failure = wp_engine_error(e, &process);
+    wp_stats st;
+    wp_engine_stats(e, &st);
+    wp_engine_destroy(e); /* unprotects: the guest thread can finish */
+    pthread_join(t, NULL);
+    int result = 0;
+    if (failure < 0) {
+        printf("%s: snapshot failed: %s, %llu discarded pages lost\n", name, strerror(-failure),
+               (unsigned long long)st.pages_discarded);
+        if (must_be_exact || failure != -ENODATA || st.pages_discarded == 0) {
+            fprintf(stderr, "FAIL %s: expected %s\n", name, must_be_exact ? "an exact snapshot" : "-ENODATA naming the discard");
+            result = 1;
+        }
+    } else {
+        uint32_t wrong = 0, first = 0;
+        for (uint32_t p = 0; p < PAGES; p++)
+            if (memcmp(out + (size_t)p * WP_PAGE_SIZE, reference + (size_t)p * WP_PAGE_SIZE, WP_PAGE_SIZE) && !wrong++)
+                first = p;
+        printf("%s: snapshot complete, %u pages differ from the cut\n", name, wrong);
+        if (wrong) {
+            fprintf(stderr, "FAIL %s: page %u holds 0x%02x, 0x%02x at the cut\n", name, first, out[(size_t)first * WP_PAGE_SIZE],
+                    reference[(size_t)first * WP_PAGE_SIZE]);
+            result = 1;
+        }
+    }
+    munmap(mem, size);
+    if (fd >= 0)
+        close(fd);
+    free(reference);
+    free(out);
+    free(buf);
+    return result;
+}
+
+int main(void)
+{
+    uint64_t features;
+    int32_t how;
+    int rc = wp_probe(&features, &how);
+    if (rc < 0 || !(features & WP_FEATURE_WP_UNPOPULATED) || !(features & WP_FEATURE_WP_HUGETLBFS_SHMEM)) {
+        printf("SKIP: userfaultfd write-protect of unpopulated and shared pages is not available (%s)\n",
+               rc < 0 ? strerror(-rc) : "needs Linux 6.4+");
+        return 77;
+    }
+    int failed = 0;
+    failed |= run("anon + MADV_DONTNEED after the cut", false, MADV_DONTNEED, AFTER_CUT, false);
+    failed |= run("anon + MADV_DONTNEED while armed", false, MADV_DONTNEED, WHILE_ARMED, true);
+    failed |= run("memfd + MADV_REMOVE after the cut", true, MADV_REMOVE, AFTER_CUT, false);
+    failed |= run("memfd + MADV_REMOVE while armed", true, MADV_REMOVE, WHILE_ARMED, true);
+    failed |= run("memfd + MADV_DONTNEED after the cut (page cache survives)", true, MADV_DONTNEED, AFTER_CUT, true);
+    return failed;
+}
