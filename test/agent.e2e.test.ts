@@ -5,7 +5,7 @@
 import { Cause, Effect, Exit } from "effect"
 import { execFile, spawn } from "node:child_process"
 import { promisify } from "node:util"
-import { existsSync, readdirSync, readFileSync, rmSync } from "node:fs"
+import { existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs"
 import { dirname, join } from "node:path"
 import { fileURLToPath } from "node:url"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
@@ -187,3 +187,25 @@ describe.skipIf(skip || !existsSync(bin))("the agent process killed mid-snapshot
     expect(after - before, `guest writes stalled after the agent died (${report.kind})`).toBeGreaterThan(1000)
   })
 })
+
+describe.skipIf(skip || !existsSync(bin))("snapshot -o - streams to standard output", () => {
+  it("a pipe gets the whole snapshot, which equals the reference at the cut", async () => {
+    const socket = join(dir, "stream.sock")
+    const cli = spawn(process.execPath, [bin, "snapshot", "--listen", socket, "-o", "-"], { stdio: ["ignore", "pipe", "pipe"] })
+    const chunks: Array<Buffer> = []
+    let stderr = ""
+    cli.stdout!.on("data", (c: Buffer) => chunks.push(c))
+    cli.stderr!.on("data", (c: Buffer) => (stderr += c.toString()))
+    const exited = new Promise<number | null>((resolve) => cli.on("exit", resolve))
+    while (!existsSync(socket)) await sleep(10)
+    const reference = join(dir, "stream.ref")
+    const vmm = startVmm({ memMiB: 32, vcpus: 1, rate: 20000, agent: socket, vm: "stream", reference, fillPercent: 50 })
+    expect(await exited, stderr).toBe(0)
+    await vmm.stop()
+    expect(stderr).toMatch(/saved to standard output/)
+    const path = join(dir, "stream.vmsnap")
+    writeFileSync(path, Buffer.concat(chunks))
+    expect(await equalsReference(path, reference)).toBe(true)
+  })
+})
+

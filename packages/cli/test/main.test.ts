@@ -199,6 +199,8 @@ describe("agent and snapshot usage", () => {
     [["snapshot", "--agent", "/tmp/a.sock", "--vm", "x"], /Missing required argument: output/],
     [["agent"], /Missing required arguments?: listen/],
     [["agent", "--listen", "/tmp/a.sock"], /Missing required argument: output-dir/],
+    [["snapshot", "--agent", "/tmp/a.sock", "--vm", "x", "-o", "-"], /-o - works with --listen and --pid/],
+    [["snapshot", "--listen", "/tmp/a.sock", "-o", "-", "--json"], /-o - and --json both want standard output/],
     [["agent", "--listen", "/tmp/a.sock", "--output-dir", "/tmp", "--socket-mode", "rw"], /--socket-mode rw: give an octal mode/],
     [["demo", "--guest", "vmm", "--memory", "anon-thp"], /needs --guest threads/],
     [["demo", "--guest", "threads", "--device"], /--device needs --guest vmm/]

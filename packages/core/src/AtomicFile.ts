@@ -11,12 +11,20 @@
  * replaced only if it is a regular file or nothing (a device node, a FIFO, a
  * socket, a symbolic link or a directory there is an error, checked before
  * writing and again right before the rename).
+ *
+ * The path "-" is standard output (a pipe to ssh, zstd or an uploader, or a
+ * redirection): written in order as it comes, for formats written strictly
+ * front to back (a snapshot is; a positional write out of order fails). A
+ * stream cannot be withdrawn: a failure leaves the reader a stream without
+ * its trailer, which every reader rejects as truncated.
  */
 import { Effect } from "effect"
 import { randomUUID } from "node:crypto"
-import { closeSync, constants as fsConstants, lstatSync, openSync, readdirSync, readFileSync, type Stats, unlinkSync } from "node:fs"
+import { closeSync, constants as fsConstants, fsync, lstatSync, openSync, readdirSync, readFileSync, type Stats, unlinkSync, writev } from "node:fs"
 import { lstat, open, rename, unlink, type FileHandle } from "node:fs/promises"
 import { basename, dirname } from "node:path"
+import { isatty } from "node:tty"
+import { promisify } from "node:util"
 import { ioError, SnapshotIoError } from "./Errors.js"
 
 export interface AtomicFile {
@@ -53,8 +61,49 @@ const replaceable = async (at: string, path: string): Promise<void> => {
 
 const openDirectory = (path: string): number => openSync(path, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY)
 
+const writevFd = promisify(writev)
+const fsyncFd = promisify(fsync)
+
+/**
+ * Standard output, for "-": fd 1 written strictly in order (a pipe, a socket
+ * or a redirected file). If fd 1 is non-blocking and full, the write is
+ * retried after 1 ms until the reader takes it.
+ */
+const stdoutFile = (path: string) =>
+  Effect.suspend((): Effect.Effect<AtomicFile, SnapshotIoError> => {
+    if (isatty(1)) return Effect.fail(new SnapshotIoError({ path, op: "write", code: "ENOTTY", reason: "standard output is a terminal: redirect it (e.g. `| zstd > guest.vmsnap.zst`) or give a file" }))
+    let written = 0
+    const inOrder = (position: number | null | undefined) => {
+      if (position !== null && position !== undefined && position !== written)
+        throw new SnapshotIoError({ path, op: "write", code: "ESPIPE", reason: `this output is written out of order (at byte ${position}, ${written} written): it cannot go to standard output; give a file` })
+    }
+    const writeAll = async (buffers: Array<Buffer>) => {
+      let n = 0
+      while (true) {
+        try {
+          n = (await writevFd(1, buffers)).bytesWritten
+          break
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code !== "EAGAIN") throw e
+          await new Promise((r) => setTimeout(r, 1))
+        }
+      }
+      written += n
+      return { bytesWritten: n, buffers }
+    }
+    const stream = {
+      writev: (buffers: Array<Buffer>, position?: number | null) => (inOrder(position), writeAll(buffers)),
+      write: (buffer: Buffer, offset = 0, length = buffer.length - offset, position?: number | null) => (inOrder(position), writeAll([buffer.subarray(offset, offset + length)])),
+      // A pipe or socket cannot be fsynced (EINVAL); a redirected file can.
+      sync: () => fsyncFd(1).catch((e: NodeJS.ErrnoException) => (e.code === "EINVAL" || e.code === "EROFS" ? undefined : Promise.reject(e))),
+      close: () => Promise.resolve()
+    }
+    return Effect.succeed({ path, file: stream as unknown as FileHandle, commit: Effect.tryPromise({ try: () => stream.sync(), catch: (e) => ioError(path, "commit", e) }) })
+  })
+
 export const atomicFile = (path: string, options: AtomicFileOptions | "write" | "read-write" = {}) => {
   const o: AtomicFileOptions = typeof options === "string" ? { access: options } : options
+  if (path === "-" && o.dir === undefined && o.access !== "read-write") return stdoutFile(path)
   return Effect.acquireRelease(
     Effect.gen(function* () {
       const ownDir = o.dir === undefined

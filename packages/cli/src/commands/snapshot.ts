@@ -40,6 +40,9 @@ interface Summary {
   readonly skipped?: ReadonlyArray<{ mapping: string; why: string }>
 }
 
+/** "-" is standard output (written as it goes); any other path is resolved here. */
+const outputPath = (output: string) => (output === "-" ? "-" : resolve(output))
+
 const oneShot = (flags: SnapshotFlags, io: Io, onProgress: (d: number, t: number) => void) =>
   Effect.scoped(
     Effect.gen(function* () {
@@ -54,7 +57,7 @@ const oneShot = (flags: SnapshotFlags, io: Io, onProgress: (d: number, t: number
           orElse: () => Effect.fail(new InvalidInput({ reason: `no VMM connected to ${flags.listen} within ${flags.waitMs} ms` }))
         })
       )
-      const r = yield* agent.snapshot({ vm, path: resolve(flags.output), poolPages: flags.poolPages, faultAroundPages: flags.faultAroundPages }, onProgress)
+      const r = yield* agent.snapshot({ vm, path: outputPath(flags.output), poolPages: flags.poolPages, faultAroundPages: flags.faultAroundPages }, onProgress)
       return { vm, path: r.path, sizeBytes: r.sizeBytes, fileBytes: r.fileBytes, pauseMs: r.pauseMs, durationMs: r.durationMs, faults: r.engine.faults } satisfies Summary
     })
   )
@@ -68,7 +71,7 @@ const viaAgent = (flags: SnapshotFlags, onProgress: (d: number, t: number) => vo
 const byPid = (flags: SnapshotFlags, onProgress: (d: number, t: number) => void) =>
   Effect.map(
     snapshotPid({
-      pid: flags.pid!, path: resolve(flags.output), mappings: flags.mappings, poolPages: flags.poolPages, faultAroundPages: flags.faultAroundPages,
+      pid: flags.pid!, path: outputPath(flags.output), mappings: flags.mappings, poolPages: flags.poolPages, faultAroundPages: flags.faultAroundPages,
       onProgress: (saved, total) => onProgress(saved * 4096, total * 4096)
     }),
     (r): Summary => ({
@@ -86,7 +89,7 @@ export const runSnapshot = (io: Io, flags: SnapshotFlags) => {
     bar.done()
     return {
       json: { ok: true, ...s },
-      human: `vm ${s.vm}: ${formatBytes(s.sizeBytes)} saved to ${s.path} (${formatBytes(s.fileBytes)}) in ${(s.durationMs / 1000).toFixed(2)} s, paused ${s.pauseMs.toFixed(2)} ms, ${s.faults} faults`
+      human: `vm ${s.vm}: ${formatBytes(s.sizeBytes)} saved to ${s.path === "-" ? "standard output" : s.path} (${formatBytes(s.fileBytes)}) in ${(s.durationMs / 1000).toFixed(2)} s, paused ${s.pauseMs.toFixed(2)} ms, ${s.faults} faults`
     }
   })
 }
@@ -97,7 +100,7 @@ export const snapshotCommand: CliCommand = (io, schedule) =>
     describe: "take a live snapshot of a VM connected to an agent (--agent SOCK --vm ID), of the first VMM that connects to --listen SOCK, or of any process's memory (--pid PID)",
     builder: (y) =>
       y
-        .option("output", { alias: "o", type: "string", demandOption: true, describe: "snapshot file to write (with --agent: a path in the agent's --output-dir; relative paths resolve there)" })
+        .option("output", { alias: "o", type: "string", demandOption: true, describe: "snapshot file to write, created 0600 (with --agent: a path in the agent's --output-dir; relative paths resolve there); - writes to standard output (with --listen or --pid)" })
         .option("agent", { type: "string", describe: "socket of a running `vmsnap agent`" })
         .option("vm", { type: "string", describe: "VM id (required with --agent)" })
         .option("listen", { type: "string", describe: "one-shot: listen here, wait for a VMM, snapshot it, exit" })
@@ -110,7 +113,8 @@ export const snapshotCommand: CliCommand = (io, schedule) =>
         .option("fault-around", faultAroundOptionSpec("pages saved with each faulting page (power of two, 1 = off)"))
         .example("$0 snapshot --agent /run/vmsnap.sock --vm web-1 -o web-1.vmsnap", "")
         .example("$0 snapshot --listen /tmp/vmsnap.sock -o guest.vmsnap", "then start the VMM with --agent /tmp/vmsnap.sock")
-        .example("$0 snapshot --pid 4242 --min-size 1GiB -o qemu.vmsnap", "the guest RAM of a running QEMU (docs/pid-snapshot.md)"),
+        .example("$0 snapshot --pid 4242 --min-size 1GiB -o qemu.vmsnap", "the guest RAM of a running QEMU (docs/pid-snapshot.md)")
+        .example("$0 snapshot --listen /tmp/vmsnap.sock -o - | zstd > guest.vmsnap.zst", "stream the snapshot as it is written"),
     handler: (a) => {
       const sources = [a.agent, a.listen, a.pid].filter((x) => x !== undefined).length
       if (sources !== 1) throw new UsageError("give exactly one of --agent SOCK (a running agent), --listen SOCK (one-shot) or --pid PID (a running process)")
@@ -118,6 +122,8 @@ export const snapshotCommand: CliCommand = (io, schedule) =>
       if (a.pid === undefined && (a.mapping !== undefined || a["min-size"] !== undefined)) throw new UsageError("--mapping and --min-size go with --pid")
       const mappings: Array<MappingSelector> = (a.mapping ?? []).map((m) => parseMappingSelector(String(m)))
       if (a["min-size"] !== undefined) mappings.push({ _tag: "MinSize", bytes: sizeOption("min-size", a["min-size"], 4096) })
+      if (a.output === "-" && a.agent !== undefined) throw new UsageError("-o - works with --listen and --pid: an agent writes files in its --output-dir")
+      if (a.output === "-" && a.json) throw new UsageError("-o - and --json both want standard output: give a file, or drop --json")
       if (a.agent !== undefined && a.vm === undefined) throw new UsageError("--agent needs --vm ID (see the agent's log for connected VMs)")
       if (!Number.isInteger(a.processes) || a.processes < 1 || a.processes > 16) throw new UsageError(`--processes ${a.processes}: must be 1 to 16`)
       const poolPages = poolPagesOption(a.buffer)
