@@ -200,7 +200,6 @@ describe("agent and snapshot usage", () => {
     [["agent"], /Missing required arguments?: listen/],
     [["agent", "--listen", "/tmp/a.sock"], /Missing required argument: output-dir/],
     [["snapshot", "--agent", "/tmp/a.sock", "--vm", "x", "-o", "-"], /-o - works with --listen and --pid/],
-    [["snapshot", "--listen", "/tmp/a.sock", "-o", "-", "--json"], /-o - and --json both want standard output/],
     [["agent", "--listen", "/tmp/a.sock", "--output-dir", "/tmp", "--socket-mode", "rw"], /--socket-mode rw: give an octal mode/],
     [["demo", "--guest", "vmm", "--memory", "anon-thp"], /needs --guest threads/],
     [["demo", "--guest", "threads", "--device"], /--device needs --guest vmm/]
@@ -208,6 +207,12 @@ describe("agent and snapshot usage", () => {
     const r = await cli(...argv)
     expect(r.code).toBe(2)
     expect(r.stderr).toMatch(pattern)
+  })
+
+  it("snapshot -o - with --json is a usage error (both want standard output)", async () => {
+    const r = await cli("snapshot", "--listen", "/tmp/a.sock", "-o", "-", "--json")
+    expect(r.code).toBe(2)
+    expect(r.stdout + r.stderr).toMatch(/-o - and --json both want standard output/)
   })
 
   it("snapshot --agent with no agent listening: exit 1 and the fix", async () => {
