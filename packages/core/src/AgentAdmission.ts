@@ -71,8 +71,9 @@ export const checkHello = (hello: Hello, fds: ReadonlyArray<number>, pid: number
       if (!st.isFile()) fail(`${where(i, r)}: its fd is not a memory file (memfd or shmem)`)
       if (st.size < r.offset + r.size) fail(`region at gpa 0x${r.gpa.toString(16)}: its fd holds ${st.size} bytes, fewer than offset ${r.offset} + size ${r.size}`)
       // hugetlbfs reports its huge page size as the block size; tmpfs/memfd report 4096.
-      if (st.blksize > PAGE_SIZE)
-        fail(`${where(i, r)}: its fd has ${st.blksize}-byte pages (hugetlbfs) but the region declares pageSize ${r.pageSize}: this agent snapshots 4 KiB pages only`)
+      const real = Math.max(st.blksize, PAGE_SIZE)
+      if (real !== r.pageSize)
+        fail(`${where(i, r)}: its fd has ${real}-byte pages${real > PAGE_SIZE ? " (hugetlbfs)" : ""} but the region declares pageSize ${r.pageSize}${real > PAGE_SIZE ? ": this agent snapshots 4 KiB pages only" : ""}`)
       inode = st.ino
     }
     checkMapped(maps, i, r, inode, pid)

@@ -32,7 +32,7 @@ const exchange = (socketPath: string, request: Record<string, unknown>, onLine: 
       }
     })
     socket.on("error", (e: NodeJS.ErrnoException) =>
-      resume(Effect.fail(new SnapshotIoError({ path: socketPath, op: "connect to agent", code: e.code ?? "EIO", reason: e.code === "ENOENT" || e.code === "ECONNREFUSED" ? "no agent is listening there: start one with `vmsnap agent --listen SOCK`" : e.message })))
+      resume(Effect.fail(new SnapshotIoError({ path: socketPath, op: "connect to agent", code: e.code ?? "EIO", reason: e.code === "ENOENT" || e.code === "ECONNREFUSED" ? "no agent is listening there: start one with `vmsnap agent --listen SOCK --output-dir DIR`" : e.message })))
     )
     socket.on("close", () => {
       if (!final) return resume(Effect.fail(new ProtocolError({ reason: "the agent closed the connection without an answer" })))
