@@ -277,6 +277,16 @@ describe.skipIf(skip)("agent security", () => {
       expect(answer.message).toMatch(/2097152-byte pages \(hugetlbfs\) but the region declares pageSize 4096/)
     })
 
+    it("a VMM that unmaps its region after hello: the snapshot fails naming it by role and pid", async () => {
+      const vmm = stay(socket, hello("remapped"), `uffd,memfd:${MiB}`, "freeze=frozen", "--unmap")
+      await vmm.until((m) => m.got === "unmapped", "its unmap")
+      const exit = await run(agent.snapshot({ vm: "remapped", path: join(out, "remapped.vmsnap") }))
+      expect(Exit.isFailure(exit)).toBe(true)
+      expect(messageOf(exit)).toMatch(/VMM pid \d+ changed its guest memory since hello \(.*has nothing mapped at/)
+      expect(messageOf(exit)).not.toMatch(/process \d+ of the VM/)
+      vmm.kill()
+    })
+
     it("more device processes than the engine protects are refused at hello, not at snapshot", async () => {
       const vmm = stay(socket, hello("many"), `uffd,memfd:${MiB}`, "freeze=frozen")
       await vmm.welcomed()

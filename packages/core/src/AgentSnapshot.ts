@@ -13,6 +13,7 @@
  *    it by role and pid; every process hears `done` or `failed`.
  */
 import { Cause, Deferred, Effect, Exit } from "effect"
+import { checkHello } from "./AgentAdmission.js"
 import type { Peer } from "./AgentPeer.js"
 import type { Vm, VmRegistry } from "./AgentRegistry.js"
 import type { SnapshotRequest } from "./AgentProtocol.js"
@@ -81,6 +82,22 @@ const freezeControl = (vm: Vm, vmm: Peer, timeoutMs: number) => {
     Effect.onExit((exit) => (Exit.isSuccess(exit) ? Effect.void : thaw))
   )
   return { freeze, thaw }
+}
+
+/**
+ * The real cause of an engine failure when a process changed its memory
+ * since hello (a remap, an unmap, a shrunk fd): the first process whose
+ * regions no longer pass the hello checks, named by role and pid.
+ */
+const layoutChanged = (e: VmsnapError, peers: ReadonlyArray<Peer>): VmsnapError | undefined => {
+  for (const p of peers) {
+    try {
+      checkHello(p.hello, p.fds, p.pid)
+    } catch (why) {
+      return new ProtocolError({ reason: `${p.name} changed its guest memory since hello (${describeError(why)}); the snapshot failed: ${e.message}` })
+    }
+  }
+  return undefined
 }
 
 /** "process 2 of the VM" in an engine error becomes the process's role and pid. */
@@ -182,7 +199,7 @@ export const snapshotVm = (
       // A process that went away explains whatever else failed.
       Effect.mapError((e) => {
         const dead = peers.find((p) => p.closed || !isAlive(p.pid))
-        return dead ? gone(dead) : nameProcesses(e, peers)
+        return dead ? gone(dead) : layoutChanged(e, peers) ?? nameProcesses(e, peers)
       }),
       Effect.onExit((exit) => Effect.sync(() => {
         if (Exit.isSuccess(exit)) return
