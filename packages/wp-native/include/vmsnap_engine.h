@@ -118,7 +118,11 @@ int32_t wp_engine_add_region(wp_engine *e, uint64_t hva, uint64_t size);
  * -ENXIO if the file is shorter than the region. Returns its index.
  *
  * wp_engine_map_region: `process` maps `region` at `hva`; registers it for
- * write-protect on that process's uffd. Returns the mapping index.
+ * write-protect on that process's uffd. Returns the mapping index;
+ * -EFAULT if nothing is mapped at hva; -EOPNOTSUPP if the mapping's real
+ * page size (KernelPageSize in /proc/PID/smaps) is not 4 KiB: hugetlbfs
+ * memory is protected only in whole huge pages, which the engine does not
+ * do yet, so it is refused before anything is protected.
  *
  * All three must be called before wp_engine_start. */
 int32_t wp_uffd_negotiate(int32_t uffd);

@@ -9,6 +9,7 @@
 #define _GNU_SOURCE
 #include "engine_internal.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -118,4 +119,30 @@ int wp_backing_size(int fd, uint64_t *size_out)
         return -errno;
     *size_out = (uint64_t)st.st_size;
     return 0;
+}
+
+/* The page size the kernel maps [hva] with in process pid (KernelPageSize
+ * in /proc/PID/smaps): 4096, or a hugetlbfs page size. */
+int wp_kernel_page_size(int32_t pid, uint64_t hva, uint64_t *size_out)
+{
+    char path[48];
+    snprintf(path, sizeof path, "/proc/%d/smaps", pid);
+    FILE *smaps = fopen(path, "re");
+    if (!smaps)
+        return -errno;
+    char line[512];
+    bool inside = false;
+    int rc = -ENOENT; /* nothing mapped at hva */
+    while (rc == -ENOENT && fgets(line, sizeof line, smaps)) {
+        struct vma_line v;
+        unsigned long kib;
+        if (isxdigit((unsigned char)line[0]) && parse_vma(line, &v))
+            inside = hva >= v.start && hva < v.end; /* a mapping's first line */
+        else if (inside && sscanf(line, "KernelPageSize: %lu kB", &kib) == 1) {
+            *size_out = (uint64_t)kib * 1024;
+            rc = 0;
+        }
+    }
+    fclose(smaps);
+    return rc;
 }

@@ -291,6 +291,16 @@ int32_t wp_engine_map_region(wp_engine *e, uint32_t region, uint32_t process, ui
         if (o->process == process && hva < o->hva + e->regions[o->region].size && o->hva < hva + r->size)
             return -EEXIST;
     }
+    /* hugetlbfs memory is protected and resolved only in whole huge pages;
+     * the engine works in 4 KiB pages, so it refuses it here rather than
+     * block the guest later (issue 11 #2). The real page size comes from the
+     * process's mapping, not from what the caller declared. */
+    uint64_t page_size;
+    int rc = wp_kernel_page_size(e->processes[process].pid, hva, &page_size);
+    if (rc < 0)
+        return rc == -ENOENT ? -EFAULT : rc; /* nothing mapped there */
+    if (page_size != WP_PAGE_SIZE)
+        return -EOPNOTSUPP;
     struct uffdio_register reg = {.range = {.start = hva, .len = r->size}, .mode = UFFDIO_REGISTER_MODE_WP};
     if (ioctl(e->processes[process].uffd, UFFDIO_REGISTER, &reg) < 0)
         return -errno;

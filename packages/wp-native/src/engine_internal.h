@@ -163,6 +163,7 @@ int wp_backing_read(int fd, uint64_t offset, uint8_t *dst, size_t len);
 /* map[i] = 1 if page i of `pages` from offset holds data, 0 if a hole. */
 int wp_backing_data_map(int fd, uint64_t offset, uint64_t pages, uint8_t *map);
 int wp_backing_size(int fd, uint64_t *size_out);
+int wp_kernel_page_size(int32_t pid, uint64_t hva, uint64_t *size_out);
 
 /* protect.c */
 int wp_writeprotect(int uffd, uint64_t hva, uint64_t len, bool protect);

@@ -23,7 +23,7 @@ export const errnoReason = (op: string, errno: number): string => {
       return "the kernel was built without userfaultfd (CONFIG_USERFAULTFD): use a kernel with it enabled"
     case 95:
       return op === "register"
-        ? "this memory cannot be write-protected by userfaultfd (supported: anonymous, THP, memfd/shmem)"
+        ? "this memory cannot be write-protected by vmsnap: hugetlbfs memory (MFD_HUGETLB, MAP_HUGETLB; its page size is read from the mapping, whatever was declared) is not supported yet, nor mappings userfaultfd cannot protect (supported: anonymous, THP, memfd/shmem)"
         : "the kernel lacks a userfaultfd feature vmsnap needs (write-protect of unpopulated pages, Linux 6.4+)"
     case 12:
       return "out of memory"
@@ -35,6 +35,8 @@ export const errnoReason = (op: string, errno: number): string => {
       return op === "register"
         ? "this memory is already registered with another userfaultfd (EBUSY): e.g. a lazy restore still serving it, or another snapshot of it in progress; wait until that one ends"
         : "the engine is already running"
+    case 14:
+      return op === "register" ? "nothing is mapped at that host address (the region names memory its process does not map)" : "bad address (EFAULT)"
     case 61:
       return "the guest discarded memory (MADV_DONTNEED or MADV_REMOVE, e.g. a balloon) before it was saved: its content at the cut is gone; hold discards from arming until the snapshot ends"
     case 5:
