@@ -77,7 +77,12 @@ export interface ImageIndex {
   readonly imagePages: Buffer
 }
 
-const RECORD_PAGES_RAW = 256
+/**
+ * A raw image is served in "records" of 16 pages (64 KiB): a fault reads
+ * and installs at most that much before its page (the faulting page goes in
+ * first, then its neighbours), and the fill streams the image in such runs.
+ */
+const RECORD_PAGES_RAW = 16
 /** RS_MAX_RANGES in restore_internal.h. */
 const MAX_RANGES = 64
 
