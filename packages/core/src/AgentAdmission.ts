@@ -9,8 +9,7 @@
  * message's.
  */
 import { fstatSync, readFileSync } from "node:fs"
-import type { Hello, HelloRegion } from "./AgentProtocol.js"
-import { ProtocolError } from "./Errors.js"
+import { failProtocol as fail, type Hello, type HelloRegion } from "./AgentProtocol.js"
 import { PAGE_SIZE } from "./GuestMemory.js"
 
 interface Mapping {
@@ -19,10 +18,6 @@ interface Mapping {
   readonly offset: bigint
   readonly inode: number
   readonly path: string
-}
-
-const fail = (reason: string): never => {
-  throw new ProtocolError({ reason })
 }
 
 /** The mappings of `pid` (/proc/PID/maps), in address order. */

@@ -60,9 +60,11 @@ export interface SnapshotRequest {
 
 export type ClientRequest = SnapshotRequest | { readonly type: "list" }
 
-const fail = (reason: string): never => {
+/** Throws a ProtocolError with `reason` (parsers and admission checks). */
+export const failProtocol = (reason: string): never => {
   throw new ProtocolError({ reason })
 }
+const fail = failProtocol
 
 const isObject = (v: unknown): v is Record<string, unknown> => typeof v === "object" && v !== null && !Array.isArray(v)
 

@@ -7,9 +7,8 @@
  */
 import type { Socket } from "node:net"
 import { checkHello } from "./AgentAdmission.js"
-import { type Hello, MAX_VM_PROCESSES } from "./AgentProtocol.js"
+import { failProtocol as fail, type Hello, MAX_VM_PROCESSES } from "./AgentProtocol.js"
 import { Peer } from "./AgentPeer.js"
-import { ProtocolError } from "./Errors.js"
 import { errnoReason } from "./internal/errno.js"
 import { loadWp } from "./internal/ffi.js"
 import type { PeerCred } from "./internal/unixServer.js"
@@ -26,10 +25,6 @@ export interface VmInfo {
   readonly processes: number
   readonly sizeBytes: number
   readonly busy: boolean
-}
-
-const fail = (reason: string): never => {
-  throw new ProtocolError({ reason })
 }
 
 export class VmRegistry {

@@ -46,8 +46,9 @@ export interface AtomicFileOptions {
 
 const TEMP_NAME = /^\.(.+)\.tmp-(\d+)-[0-9a-f]{8}$/
 
-const kindOf = (st: Stats): string =>
-  st.isFIFO() ? "a FIFO" : st.isCharacterDevice() ? "a character device" : st.isBlockDevice() ? "a block device" : st.isSocket() ? "a socket" : st.isSymbolicLink() ? "a symbolic link" : st.isDirectory() ? "a directory" : "not a regular file"
+/** What a file is, for messages: "a regular file", "a FIFO", "a character device"... */
+export const describeFileType = (st: Stats): string =>
+  st.isFile() ? "a regular file" : st.isFIFO() ? "a FIFO" : st.isCharacterDevice() ? "a character device" : st.isBlockDevice() ? "a block device" : st.isSocket() ? "a socket" : st.isSymbolicLink() ? "a symbolic link" : st.isDirectory() ? "a directory" : "of an unknown type"
 
 /** Fails unless `at` is a regular file or nothing. */
 const replaceable = async (at: string, path: string): Promise<void> => {
@@ -55,7 +56,7 @@ const replaceable = async (at: string, path: string): Promise<void> => {
   if (!st || st.isFile()) return
   throw new SnapshotIoError({
     path, op: "create", code: st.isDirectory() ? "EISDIR" : "EEXIST",
-    reason: `${path} is ${kindOf(st)}: only a regular file (or nothing) is replaced; choose another path${st.isCharacterDevice() ? " (use -o - to write to stdout where the command allows it)" : ""}`
+    reason: `${path} is ${describeFileType(st)}: only a regular file (or nothing) is replaced; choose another path${st.isCharacterDevice() ? " (use -o - to write to stdout where the command allows it)" : ""}`
   })
 }
 

@@ -18,6 +18,7 @@
 import { randomBytes } from "node:crypto"
 import { chmodSync, chownSync, linkSync, lstatSync, type Stats, unlinkSync } from "node:fs"
 import { createConnection, createServer, type Server, type Socket } from "node:net"
+import { describeFileType } from "../AtomicFile.js"
 import { describeError } from "../Errors.js"
 import { closeFds, type FirstMessage, type FirstMessageOptions, receiveFirstMessage, socketFd } from "./firstMessage.js"
 import { loadWp } from "./ffi.js"
@@ -66,9 +67,6 @@ export const peerCred = (fd: number): PeerCred | undefined => {
   return { pid: out[0]!, uid: out[1]!, gid: out[2]!, groups: [...out.subarray(3, n)] }
 }
 
-const kindOf = (st: Stats): string =>
-  st.isFile() ? "a regular file" : st.isDirectory() ? "a directory" : st.isSymbolicLink() ? "a symbolic link" : st.isFIFO() ? "a FIFO" : st.isCharacterDevice() ? "a character device" : st.isBlockDevice() ? "a block device" : "not a socket"
-
 /** Who listens on the socket at `path`: their pid, or undefined when nobody does (stale). */
 const listenerOf = (path: string): Promise<number | undefined> =>
   new Promise((resolve, reject) => {
@@ -91,7 +89,7 @@ const claimPath = async (path: string) => {
     if ((e as NodeJS.ErrnoException).code === "ENOENT") return
     throw e
   }
-  if (!st.isSocket()) throw new Error(`${path} exists and is ${kindOf(st)}, not a socket: refusing to replace it (remove it or choose another path)`)
+  if (!st.isSocket()) throw new Error(`${path} exists and is ${describeFileType(st)}, not a socket: refusing to replace it (remove it or choose another path)`)
   const pid = await listenerOf(path)
   if (pid !== undefined) throw new Error(`${path} is already in use${pid > 0 ? ` by pid ${pid}` : ""}: stop that server or choose another path`)
   unlinkSync(path) // stale: nobody listens
