@@ -218,7 +218,7 @@ describe("agent and snapshot usage", () => {
   it("snapshot --agent with no agent listening: exit 1 and the fix", async () => {
     const r = await cli("snapshot", "--agent", join(dir, "nobody.sock"), "--vm", "x", "-o", join(dir, "x.vmsnap"))
     expect(r.code).toBe(1)
-    expect(r.stderr).toMatch(/no agent is listening there: start one with `vmsnap agent --listen SOCK`/)
+    expect(r.stderr).toMatch(/no agent is listening there: start one with `vmsnap agent --listen SOCK --output-dir DIR`/)
   })
 })
 
