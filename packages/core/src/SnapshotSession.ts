@@ -18,7 +18,7 @@ import { SnapshotFile } from "./SnapshotFile.js"
 import { writeSnapshotBody, type WriterOptions } from "./SnapshotWriter.js"
 import { errnoName } from "./internal/errno.js"
 import { loadWp } from "./internal/ffi.js"
-import { type EngineStats, type RemoteProcess, WpNative } from "./WpNative.js"
+import { type EngineStats, type RemoteProcess, type WpEngine, WpNative } from "./WpNative.js"
 
 export interface SnapshotOptions extends WriterOptions {
   readonly regions: ReadonlyArray<MemoryRegion>
@@ -115,19 +115,62 @@ export const takeSnapshot = (options: SnapshotOptions): Effect.Effect<SnapshotRe
     Effect.map(collapseHugePages(options), (collapse) => ({ ...result, collapse }))
   )
 
+/** The output file under a temporary name, its header written (scoped: deleted unless committed). */
+const openOutput = (options: SnapshotOptions, snapshotId: string) =>
+  SnapshotFile.create(options.path, options.output, {
+    snapshotId,
+    parentId: options.parentId,
+    createdMs: Date.now(),
+    pageSize: PAGE_SIZE,
+    regions: options.regions.map((r) => ({ guestBase: r.guestBase, size: r.size, kind: r.kind, pageSize: PAGE_SIZE }))
+  })
+
+/**
+ * Arms the protection while the guest runs (unless `arm: false`), then the
+ * cut: freeze, protect, `atCut`, and thaw whatever happens in between.
+ * Returns how long arming took and how long protect held the guest (ms).
+ */
+const cut = (engine: WpEngine, options: SnapshotOptions) =>
+  Effect.gen(function* () {
+    let armMs = 0
+    if (options.arm ?? true) {
+      const t0 = nowMs()
+      yield* engine.arm()
+      armMs = nowMs() - t0
+    }
+    let pauseMs = 0
+    yield* Effect.acquireUseRelease(
+      options.freeze ?? Effect.void,
+      () =>
+        Effect.gen(function* () {
+          const t0 = nowMs()
+          yield* engine.protect()
+          pauseMs = nowMs() - t0
+          if (options.atCut) yield* options.atCut
+        }),
+      () => Effect.orDie(options.thaw ?? Effect.void)
+    )
+    return { armMs, pauseMs }
+  })
+
+/** The writer fiber, forked in the session's scope (interrupted with it), then the index, trailer and commit. */
+const writeAndCommit = (engine: WpEngine, file: SnapshotFile, options: SnapshotOptions) =>
+  Effect.gen(function* () {
+    const writer = yield* Effect.forkIn(writeSnapshotBody(engine, file, options), yield* Effect.scope)
+    const body = yield* Fiber.join(writer)
+    if (options.beforeCommit) yield* options.beforeCommit
+    const fileBytes = yield* file.finish()
+    yield* file.commit
+    return { records: body.records, fileBytes }
+  })
+
 const takeSnapshotScoped = (options: SnapshotOptions): Effect.Effect<Omit<SnapshotResult, "collapse">, VmsnapError, WpNative> =>
   Effect.scoped(
     Effect.gen(function* () {
       yield* validate(options)
       const native = yield* WpNative
       const snapshotId = randomUUID()
-      const file = yield* SnapshotFile.create(options.path, options.output, {
-        snapshotId,
-        parentId: options.parentId,
-        createdMs: Date.now(),
-        pageSize: PAGE_SIZE,
-        regions: options.regions.map((r) => ({ guestBase: r.guestBase, size: r.size, kind: r.kind, pageSize: PAGE_SIZE }))
-      })
+      const file = yield* openOutput(options, snapshotId)
       const engine = yield* native.engine({
         regions: options.regions,
         poolPages: options.poolPages ?? DEFAULT_POOL_PAGES,
@@ -135,34 +178,9 @@ const takeSnapshotScoped = (options: SnapshotOptions): Effect.Effect<Omit<Snapsh
         processes: options.processes,
         steer: options.steer
       })
-
-      let armMs = 0
-      if (options.arm ?? true) {
-        const t0 = nowMs()
-        yield* engine.arm()
-        armMs = nowMs() - t0
-      }
-      // The cut. thaw runs whatever happens between freeze and it.
-      let pauseMs = 0
-      yield* Effect.acquireUseRelease(
-        options.freeze ?? Effect.void,
-        () =>
-          Effect.gen(function* () {
-            const t0 = nowMs()
-            yield* engine.protect()
-            pauseMs = nowMs() - t0
-            if (options.atCut) yield* options.atCut
-          }),
-        () => Effect.orDie(options.thaw ?? Effect.void)
-      )
+      const { armMs, pauseMs } = yield* cut(engine, options)
       const cutAt = nowMs()
-
-      const scope = yield* Effect.scope
-      const writer = yield* Effect.forkIn(writeSnapshotBody(engine, file, options), scope)
-      const body = yield* Fiber.join(writer)
-      if (options.beforeCommit) yield* options.beforeCommit
-      const fileBytes = yield* file.finish()
-      yield* file.commit
+      const { records, fileBytes } = yield* writeAndCommit(engine, file, options)
       const stats = engine.statsSync()
       return {
         path: options.path,
@@ -172,7 +190,7 @@ const takeSnapshotScoped = (options: SnapshotOptions): Effect.Effect<Omit<Snapsh
         pauseMs,
         armMs,
         durationMs: nowMs() - cutAt,
-        records: body.records,
+        records,
         steeredPages: stats.pagesSteered,
         engine: stats
       }
