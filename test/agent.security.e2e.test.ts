@@ -287,6 +287,25 @@ describe.skipIf(skip)("agent security", () => {
       vmm.kill()
     })
 
+    it("a VMM that shrinks its memfd at thaw: its next snapshot fails naming the shrink, the agent lives and serves others", async () => {
+      const vmm = stay(socket, hello("shrinkvm"), `uffd,memfd:${MiB}`, "freeze=frozen", "--shrink-at", "thaw:4096")
+      await vmm.welcomed()
+      const shrank = /VMM pid \d+ changed its guest memory since hello \(.*holds 4096 bytes, fewer than/
+      // The shrink may land while this snapshot still reads (thaw comes at the cut): then this one fails too.
+      const first = await run(agent.snapshot({ vm: "shrinkvm", path: join(out, "shrink1.vmsnap") }))
+      if (Exit.isFailure(first)) expect(messageOf(first)).toMatch(shrank)
+      await vmm.until((m) => m.got === "shrunk", "its shrink")
+      // The old engine read the region through a mapping of the memfd: SIGBUS past the new end killed the agent (and this test).
+      const second = await run(agent.snapshot({ vm: "shrinkvm", path: join(out, "shrink2.vmsnap") }))
+      expect(messageOf(second)).toMatch(shrank)
+      expect(existsSync(join(out, "shrink2.vmsnap"))).toBe(false)
+      const other = stay(socket, hello("aftershrink"), `uffd,memfd:${MiB}`, "freeze=frozen")
+      await other.welcomed()
+      const third = await run(agent.snapshot({ vm: "aftershrink", path: join(out, "aftershrink.vmsnap") }))
+      expect(Exit.isSuccess(third), messageOf(third)).toBe(true)
+      ;[vmm, other].forEach((p) => p.kill())
+    })
+
     it("more device processes than the engine protects are refused at hello, not at snapshot", async () => {
       const vmm = stay(socket, hello("many"), `uffd,memfd:${MiB}`, "freeze=frozen")
       await vmm.welcomed()
