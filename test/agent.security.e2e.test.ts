@@ -306,6 +306,18 @@ describe.skipIf(skip)("agent security", () => {
       ;[vmm, other].forEach((p) => p.kill())
     })
 
+    it.each(["welcome", "freeze"])("a memfd shrunk to 0 at %s: the pages beyond its end fail the snapshot, never stored as zeros", async (when) => {
+      const vmm = stay(socket, hello(`cut-${when}`), `uffd,memfd:${MiB}`, "freeze=frozen", "--shrink-at", `${when}:0`)
+      await vmm.welcomed()
+      if (when === "welcome") await vmm.until((m) => m.got === "shrunk", "its shrink")
+      const path = join(out, `cut-${when}.vmsnap`)
+      const exit = await run(agent.snapshot({ vm: `cut-${when}`, path }))
+      expect(messageOf(exit)).toMatch(/VMM pid \d+ changed its guest memory since hello \(.*holds 0 bytes, fewer than/)
+      expect(existsSync(path)).toBe(false)
+      expect(readdirSync(out).filter((n) => n.includes(`cut-${when}`))).toEqual([])
+      vmm.kill()
+    })
+
     it("more device processes than the engine protects are refused at hello, not at snapshot", async () => {
       const vmm = stay(socket, hello("many"), `uffd,memfd:${MiB}`, "freeze=frozen")
       await vmm.welcomed()
