@@ -237,6 +237,10 @@ describe.skipIf(skip)("vmsnap snapshot --pid (CLI)", () => {
     expect(out.mappings).toEqual([{ hva: `0x${t.shm.toString(16)}`, size: t.bytes, kind: "memfd", name: "/memfd:pid-target-shm (deleted)", permissions: "rw-s" }])
     const verify = await finished(cli(["verify", path]))
     expect(verify.code, verify.stderr).toBe(0)
+    const inspect = await finished(cli(["inspect", path, "--json"]))
+    expect(inspect.code, inspect.stderr).toBe(0)
+    expect(JSON.parse(inspect.stdout).regions.map((g: { guestBase: string; mapping: unknown }) => [g.guestBase, g.mapping]))
+      .toEqual([[`0x${t.shm.toString(16)}`, { name: "/memfd:pid-target-shm (deleted)", permissions: "rw-s" }]])
     await expectReleased(target)
   })
 

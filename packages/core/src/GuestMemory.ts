@@ -26,6 +26,8 @@ export interface MemoryRegion {
   /** Bytes; a multiple of PAGE_SIZE. */
   readonly size: number
   readonly kind: MemoryKind
+  /** A process's mapping (`snapshot --pid`): recorded in the file's mapping table. */
+  readonly mapping?: { readonly name: string; readonly permissions: string }
 }
 
 export const pagesIn = (size: number): number => Math.ceil(size / PAGE_SIZE)

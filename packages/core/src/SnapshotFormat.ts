@@ -6,6 +6,8 @@
  *             | snapshotId 16 | parentId 16 (zero: full snapshot) | createdMs u64
  *             | regionCount u32 | pageSize u32 (4096)
  *             | regionCount x { guestBase u64 | size u64 | kind u32 | pageSize u32 | reserved u64 }
+ *             | with flags bit 0 (a process's mappings, `snapshot --pid`):
+ *               regionCount x { protection u32 (1 read, 2 write, 4 exec, 8 shared) | nameBytes u32 | name UTF-8 }
  *             | crc32 u32 (of every header byte before it)
  *   Records   in arrival order, each:
  *             magic "RCD1" | region u32 | firstPage u64 | pageCount u32 | encoding u8
@@ -53,6 +55,15 @@ export interface RegionDescriptor {
   readonly size: number
   readonly kind: MemoryKind
   readonly pageSize: number
+  /** For a process snapshot (`snapshot --pid`): the mapping's name and permissions ("rw-p"); guestBase is then its hva. */
+  readonly mapping?: RegionMapping
+}
+
+export interface RegionMapping {
+  /** As /proc/PID/maps shows it: a path, "[heap]", "/memfd:NAME (deleted)", or "" (anonymous). */
+  readonly name: string
+  /** "rwxs" style, as /proc/PID/maps: r/w/x or "-", then "s" (shared) or "p" (private). */
+  readonly permissions: string
 }
 
 export interface SnapshotHeader {
@@ -107,12 +118,35 @@ export const concatOffsets = (regions: ReadonlyArray<{ readonly size: number }>)
 
 export const headerBytesFor = (regionCount: number) => HEADER_FIXED_BYTES + regionCount * REGION_ENTRY_BYTES + 4
 
+/** Header flag: a mapping table (name, permissions per region) follows the region table. */
+export const HEADER_FLAG_MAPPINGS = 1
+/** Longest mapping name stored (PATH_MAX): bounds what a decoder accepts. */
+export const MAX_MAPPING_NAME_BYTES = 4096
+
+const protectionOf = (permissions: string): number =>
+  (permissions[0] === "r" ? 1 : 0) | (permissions[1] === "w" ? 2 : 0) | (permissions[2] === "x" ? 4 : 0) | (permissions[3] === "s" ? 8 : 0)
+
+const permissionsOf = (protection: number): string =>
+  `${protection & 1 ? "r" : "-"}${protection & 2 ? "w" : "-"}${protection & 4 ? "x" : "-"}${protection & 8 ? "s" : "p"}`
+
+const encodeMappings = (regions: ReadonlyArray<RegionDescriptor>): Buffer | undefined => {
+  if (!regions.some((r) => r.mapping)) return undefined
+  return Buffer.concat(regions.map((r) => {
+    const name = Buffer.from(r.mapping?.name ?? "", "utf8").subarray(0, MAX_MAPPING_NAME_BYTES)
+    const head = Buffer.alloc(8)
+    head.writeUInt32LE(protectionOf(r.mapping?.permissions ?? "---p"), 0)
+    head.writeUInt32LE(name.length, 4)
+    return Buffer.concat([head, name])
+  }))
+}
+
 export const encodeHeader = (h: Omit<SnapshotHeader, "headerBytes" | "version">): Buffer => {
-  const size = headerBytesFor(h.regions.length)
+  const mappings = encodeMappings(h.regions)
+  const size = headerBytesFor(h.regions.length) + (mappings?.length ?? 0)
   const b = Buffer.alloc(size)
   HEADER_MAGIC.copy(b, 0)
   b.writeUInt16LE(FORMAT_VERSION, 8)
-  b.writeUInt16LE(0, 10)
+  b.writeUInt16LE(mappings ? HEADER_FLAG_MAPPINGS : 0, 10)
   b.writeUInt32LE(size, 12)
   uuidBytes(h.snapshotId).copy(b, 16)
   uuidBytes(h.parentId).copy(b, 32)
@@ -126,6 +160,7 @@ export const encodeHeader = (h: Omit<SnapshotHeader, "headerBytes" | "version">)
     b.writeUInt32LE(memoryKindCode[r.kind], o + 16)
     b.writeUInt32LE(r.pageSize, o + 20)
   })
+  mappings?.copy(b, HEADER_FIXED_BYTES + h.regions.length * REGION_ENTRY_BYTES)
   b.writeUInt32LE(crc32(b.subarray(0, size - 4)), size - 4)
   return b
 }
@@ -145,7 +180,12 @@ export const decodeHeaderPrefix = (b: Buffer, fileBytes: number): { headerBytes:
   if (version !== FORMAT_VERSION) throw new FormatViolation("UnsupportedVersion", `format version ${version}; this vmsnap reads version ${FORMAT_VERSION}`, 8)
   const regionCount = b.readUInt32LE(56)
   const headerBytes = b.readUInt32LE(12)
-  if (regionCount === 0 || regionCount > MAX_REGIONS || headerBytes !== headerBytesFor(regionCount))
+  const withMappings = (b.readUInt16LE(10) & HEADER_FLAG_MAPPINGS) !== 0
+  const base = headerBytesFor(regionCount)
+  const sizeOk = withMappings
+    ? headerBytes >= base + 8 * regionCount && headerBytes <= base + (8 + MAX_MAPPING_NAME_BYTES) * regionCount
+    : headerBytes === base
+  if (regionCount === 0 || regionCount > MAX_REGIONS || !sizeOk)
     throw new FormatViolation("ChecksumMismatch", "header is damaged (region count and header size disagree)", 12)
   if (headerBytes + TRAILER_BYTES > fileBytes) throw new FormatViolation("Truncated", `file is ${fileBytes} bytes, too short for its header and trailer`)
   return { headerBytes, regionCount }
@@ -170,6 +210,7 @@ export const decodeHeader = (b: Buffer, fileBytes: number): SnapshotHeader => {
       throw new FormatViolation("BadRegion", `region ${i}: page size ${regionPageSize} is not one a ${kind} region can have (${pageSizesOf(kind).join(" or ")}, dividing its ${size} bytes)`, o + 20)
     regions.push({ guestBase: b.readBigUInt64LE(o), size: Number(size), kind, pageSize: regionPageSize })
   }
+  if (b.readUInt16LE(10) & HEADER_FLAG_MAPPINGS) decodeMappings(b, regionCount, headerBytes - 4, regions)
   const parent = b.subarray(32, 48)
   return {
     version: FORMAT_VERSION,
@@ -180,6 +221,21 @@ export const decodeHeader = (b: Buffer, fileBytes: number): SnapshotHeader => {
     regions,
     headerBytes
   }
+}
+
+/** Reads the mapping table (checked against the header's end) into each region. */
+const decodeMappings = (b: Buffer, regionCount: number, end: number, regions: Array<RegionDescriptor>) => {
+  let o = HEADER_FIXED_BYTES + regionCount * REGION_ENTRY_BYTES
+  for (let i = 0; i < regionCount; i++) {
+    if (o + 8 > end) throw new FormatViolation("ChecksumMismatch", `mapping table cut short at region ${i}`, o)
+    const protection = b.readUInt32LE(o)
+    const nameBytes = b.readUInt32LE(o + 4)
+    if (protection > 15 || nameBytes > MAX_MAPPING_NAME_BYTES || o + 8 + nameBytes > end)
+      throw new FormatViolation("ChecksumMismatch", `mapping ${i} is malformed`, o)
+    regions[i] = { ...regions[i]!, mapping: { name: b.toString("utf8", o + 8, o + 8 + nameBytes), permissions: permissionsOf(protection) } }
+    o += 8 + nameBytes
+  }
+  if (o !== end) throw new FormatViolation("ChecksumMismatch", "mapping table and header size disagree", o)
 }
 
 /** A record header with its checksum over header and payload. */

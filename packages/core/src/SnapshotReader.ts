@@ -189,7 +189,8 @@ export interface InspectReport {
   readonly parentId: string | null
   readonly createdAt: string
   readonly fileBytes: number
-  readonly regions: ReadonlyArray<{ guestBase: string; sizeBytes: number; kind: string; pages: number; dataPages: number; zeroPages: number }>
+  /** `mapping`: a process snapshot's mapping (name, permissions); guestBase is then its hva. */
+  readonly regions: ReadonlyArray<{ guestBase: string; sizeBytes: number; kind: string; pages: number; dataPages: number; zeroPages: number; mapping?: { name: string; permissions: string } }>
   readonly records: number
   readonly dataPages: number
   readonly zeroPages: number
@@ -234,6 +235,7 @@ export const inspectSnapshot = (path: string): Effect.Effect<InspectReport, Snap
         fileBytes: s.fileBytes,
         regions: s.header.regions.map((r, i) => ({
           guestBase: `0x${r.guestBase.toString(16)}`,
+          ...(r.mapping ? { mapping: r.mapping } : {}),
           sizeBytes: r.size,
           kind: r.kind,
           pages: r.size / PAGE_SIZE,

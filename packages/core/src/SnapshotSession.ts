@@ -122,7 +122,7 @@ const openOutput = (options: SnapshotOptions, snapshotId: string) =>
     parentId: options.parentId,
     createdMs: Date.now(),
     pageSize: PAGE_SIZE,
-    regions: options.regions.map((r) => ({ guestBase: r.guestBase, size: r.size, kind: r.kind, pageSize: PAGE_SIZE }))
+    regions: options.regions.map((r) => ({ guestBase: r.guestBase, size: r.size, kind: r.kind, pageSize: PAGE_SIZE, mapping: r.mapping }))
   })
 
 /**
