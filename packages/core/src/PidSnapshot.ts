@@ -245,7 +245,10 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
           if (!isAlive(pid) || (e instanceof NativeError && e.errno === 3))
             return new NativeError({ op: "snapshot", errno: 3, reason: `pid ${pid} exited during the snapshot` })
           const change = e instanceof NativeError && e.errno !== 16 ? layoutChange(pid, chosen) : undefined
-          return change ? layoutError(pid, "during the snapshot", change) : e
+          if (change) return layoutError(pid, "during the snapshot", change)
+          if (e instanceof NativeError && e.errno === 61)
+            return new NativeError({ op: "snapshot", errno: 61, reason: `pid ${pid} discarded memory (MADV_DONTNEED/MADV_REMOVE) that was not saved yet: its content at the cut is gone, so the snapshot is abandoned (try again)` })
+          return e
         })
       )
       return {
