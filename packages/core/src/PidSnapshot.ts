@@ -27,6 +27,7 @@ import { type JsExternal, loadWp } from "./internal/ffi.js"
 import {
   type ChosenMapping, describeMapping, type MappingSelector, type ProcessMapping, readMappings, sameLayout, selectMappings
 } from "./ProcessMappings.js"
+import { describeShared, sharedWithOthers } from "./SharedMappers.js"
 import { type SnapshotResult, takeSnapshot } from "./SnapshotSession.js"
 import { WpNative } from "./WpNative.js"
 import { isNullPointer } from "ffi-rs"
@@ -184,6 +185,18 @@ const layoutChange = (pid: number, chosen: ReadonlyArray<ChosenMapping>): string
 const layoutError = (pid: number, when: string, change: string) =>
   new NativeError({ op: "snapshot", errno: 16, reason: `pid ${pid} changed its memory layout ${when}: ${change}; the snapshot would not be of one instant, so it is abandoned (try again)` })
 
+/** Shared memory another process maps is written without faulting in the target: refused, naming both. */
+const checkNotShared = (pid: number, chosen: ReadonlyArray<ChosenMapping>, when: string): Effect.Effect<void, VmsnapError> =>
+  Effect.suspend(() => {
+    const shared = sharedWithOthers(pid, chosen)
+    if (shared.length === 0) return Effect.void
+    return Effect.fail(new InvalidInput({
+      reason: `shared memory of pid ${pid} is also mapped by other processes${when}: ${describeShared(shared)}. ` +
+        `Their writes are not write-protected (only pid ${pid}'s page tables are), so the snapshot would not be of one instant. ` +
+        `Leave these mappings out by choosing the others with --mapping START-END|NAME, or snapshot while those processes do not write`
+    }))
+  })
+
 const checkLayout = (pid: number, chosen: ReadonlyArray<ChosenMapping>, when: string): Effect.Effect<void, VmsnapError> =>
   Effect.suspend(() => {
     const change = layoutChange(pid, chosen)
@@ -206,6 +219,7 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
           Effect.gen(function* () {
             const picked = selectMappings(pid, readMappings(pid), options.mappings ?? [])
             if (picked instanceof InvalidInput) return yield* Effect.fail(picked)
+            yield* checkNotShared(pid, picked.chosen, "")
             if (picked.chosen.length > 64)
               return yield* Effect.fail(new InvalidInput({ reason: `pid ${pid} has ${picked.chosen.length} mappings to capture, more than the engine's 64 regions: pick some with --mapping START-END|NAME or --min-size` }))
             const fd = yield* takeUffd(handle, pid)
@@ -235,7 +249,7 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
         freeze: freezeForCut,
         thaw: thaw(handle),
         atCut: options.atCut?.(regions),
-        beforeCommit: checkLayout(pid, chosen, "during the snapshot"),
+        beforeCommit: Effect.andThen(checkLayout(pid, chosen, "during the snapshot"), checkNotShared(pid, chosen, " (seen before the file was committed)")),
         onProgress: options.onProgress,
         writerDelayMs: options.writerDelayMs
       }).pipe(

@@ -22,7 +22,10 @@ export interface ProcessMapping {
   readonly size: number
   /** As in /proc/PID/maps: "rw-p", "rw-s", ... */
   readonly permissions: string
+  /** The file's device ("MAJOR:MINOR", hex, as in /proc/PID/maps) and inode; offset in the file, bytes. */
+  readonly device: string
   readonly inode: number
+  readonly offset: bigint
   /** Path, "[heap]", "[stack]", "[anon:NAME]", "/memfd:NAME (deleted)", or "" (anonymous). */
   readonly name: string
   readonly vmFlags: ReadonlyArray<string>
@@ -47,12 +50,15 @@ export const parseSmaps = (text: string): Array<ProcessMapping> => {
   const out: Array<ProcessMapping> = []
   let current: { -readonly [K in keyof ProcessMapping]: ProcessMapping[K] } | undefined
   for (const line of text.split("\n")) {
-    const head = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ (\d+)\s*(.*)$/.exec(line)
+    const head = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$/.exec(line)
     if (head) {
       if (out.length >= MAX_MAPPINGS) break
       const start = BigInt(`0x${head[1]}`)
       const end = BigInt(`0x${head[2]}`)
-      current = { start, end, size: Number(end - start), permissions: head[3]!, inode: Number(head[4]), name: head[5]!, vmFlags: [], kernelPageSize: PAGE_SIZE }
+      current = {
+        start, end, size: Number(end - start), permissions: head[3]!, offset: BigInt(`0x${head[4]}`), device: head[5]!, inode: Number(head[6]),
+        name: head[7]!, vmFlags: [], kernelPageSize: PAGE_SIZE
+      }
       out.push(current)
       continue
     }
