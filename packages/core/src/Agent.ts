@@ -24,7 +24,7 @@ import type { Peer } from "./AgentPeer.js"
 import { removeStaleTempFiles } from "./AtomicFile.js"
 import { describeError, ProtocolError, type VmsnapError } from "./Errors.js"
 import { closeFds, type FirstMessage } from "./internal/firstMessage.js"
-import { type HandshakeLimits, listenUnix, type PeerCred, type UnixServer } from "./internal/unixServer.js"
+import { endAndClose, type HandshakeLimits, listenUnix, type PeerCred, type UnixServer } from "./internal/unixServer.js"
 import { OutputDir } from "./OutputDir.js"
 import type { SnapshotResult } from "./SnapshotSession.js"
 import { WpNative } from "./WpNative.js"
@@ -97,7 +97,7 @@ export class Agent {
         group: this.options.socketGroup,
         limits: this.options.limits,
         firstMessage: { complete: endOfLine, maxBytes: MAX_MESSAGE_BYTES, timeoutMs: this.options.limits?.handshakeTimeoutMs ?? HELLO_TIMEOUT_MS },
-        refuse: (socket, cred, reason) => this.refuse(socket, cred, reason)
+        refuse: (cred, reason) => this.refusal(cred, reason)
       }, (socket, cred, first) => this.accept(socket, cred, first))
     } catch (e) {
       this.output?.close()
@@ -129,9 +129,10 @@ export class Agent {
     return cred.uid === process.geteuid?.() || (this.options.allowUids ?? []).includes(cred.uid) || groups.some((g) => g === cred.gid || cred.groups.includes(g))
   }
 
-  private refuse(socket: Socket, cred: PeerCred | undefined, message: string) {
+  /** Logs a refusal and gives the answer to send before the connection is closed. */
+  private refusal(cred: PeerCred | undefined, message: string): string {
     this.log(`refused a connection${cred ? ` (pid ${cred.pid}, uid ${cred.uid})` : ""}: ${message}`)
-    socket.end(encodeMessage({ type: "error", message }))
+    return encodeMessage({ type: "error", message })
   }
 
   private accept(socket: Socket, cred: PeerCred, first: FirstMessage) {
@@ -147,7 +148,7 @@ export class Agent {
       return this.serveClient(socket, cred, request)
     } catch (e) {
       closeFds(fds)
-      this.refuse(socket, cred, describeError(e))
+      endAndClose(socket, this.refusal(cred, describeError(e)))
     }
   }
 
@@ -178,7 +179,7 @@ export class Agent {
   /** A request connection: the answer, or, for a snapshot, progress then the result. Closing the connection cancels the snapshot. */
   private serveClient(socket: Socket, cred: PeerCred, request: ClientRequest) {
     socket.resume()
-    if (request.type === "list") return void socket.end(encodeMessage({ type: "vms", vms: this.list() }))
+    if (request.type === "list") return endAndClose(socket, encodeMessage({ type: "vms", vms: this.list() }))
     const output = this.output
     if (!output) throw new ProtocolError({ reason: "this agent writes no snapshot on request: start it with --output-dir DIR" })
     const location = output.resolve(request.path)
@@ -200,11 +201,11 @@ export class Agent {
     socket.once("close", cancel)
     fiber.addObserver((exit) => {
       socket.off("close", cancel)
-      if (Exit.isSuccess(exit)) return void socket.end(encodeMessage({ type: "result", ...exit.value, engine: undefined, faults: exit.value.engine.faults }))
+      if (Exit.isSuccess(exit)) return endAndClose(socket, encodeMessage({ type: "result", ...exit.value, engine: undefined, faults: exit.value.engine.faults }))
       if (!Cause.hasFails(exit.cause)) return void socket.destroy()
       const error = Cause.squash(exit.cause)
       const tag = typeof error === "object" && error !== null && "_tag" in error ? String((error as { _tag: unknown })._tag) : "Error"
-      socket.end(encodeMessage({ type: "error", tag, message: describeError(error) }))
+      endAndClose(socket, encodeMessage({ type: "error", tag, message: describeError(error) }))
     })
   }
 

@@ -24,7 +24,7 @@ import type { Socket } from "node:net"
 import { describeError, ProtocolError } from "./Errors.js"
 import { PAGE_SIZE } from "./GuestMemory.js"
 import { closeFds, type FirstMessage } from "./internal/firstMessage.js"
-import { listenUnix, type UnixServer } from "./internal/unixServer.js"
+import { endAndClose, listenUnix, type UnixServer } from "./internal/unixServer.js"
 import { type GuestRange, type ImageIndex, indexSource, type LazyRestoreStats, type RestoreSource, startLazyRestore } from "./LazyRestore.js"
 
 const MAX_BODY = 1 << 20
@@ -138,7 +138,7 @@ export class RestoreServer {
     this.server = await listenUnix(this.socketPath, {
       // Firecracker sends one message and no terminator: a body that stops arriving is complete.
       firstMessage: { complete: completeJson, maxBytes: MAX_BODY, timeoutMs: HANDSHAKE_TIMEOUT_MS, idleMs: 200 },
-      refuse: (socket, cred, reason) => this.refuse(socket, cred?.pid ?? 0, reason)
+      refuse: (cred, reason) => this.refusal(cred?.pid ?? 0, reason)
     }, (socket, cred, first) => void this.accept(socket, cred.pid, first))
   }
 
@@ -149,10 +149,15 @@ export class RestoreServer {
     this.server = undefined
   }
 
-  private refuse(socket: Socket, pid: number, reason: string) {
+  /** Logs and reports a refusal; gives the answer to send before the connection is closed. */
+  private refusal(pid: number, reason: string): string {
     this.log(`refused a VMM${pid ? ` (pid ${pid})` : ""}: ${reason}`)
     this.events.onRefused?.(pid, reason)
-    socket.end(JSON.stringify({ error: reason }) + "\n")
+    return JSON.stringify({ error: reason }) + "\n"
+  }
+
+  private refuse(socket: Socket, pid: number, reason: string) {
+    endAndClose(socket, this.refusal(pid, reason))
   }
 
   private async accept(socket: Socket, pid: number, first: FirstMessage) {

@@ -21,9 +21,9 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
 const refusals: Array<string> = []
 const options = (extra: Partial<UnixServerOptions> = {}): UnixServerOptions => ({
   firstMessage: { complete: (b) => (b.indexOf(0x0a) < 0 ? undefined : b.indexOf(0x0a) + 1), maxBytes: 1 << 20, timeoutMs: 5000 },
-  refuse: (socket, _cred, reason) => {
+  refuse: (_cred, reason) => {
     refusals.push(reason)
-    socket.end(reason + "\n")
+    return reason + "\n"
   },
   ...extra
 })

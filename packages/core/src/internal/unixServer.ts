@@ -12,7 +12,9 @@
  * - first messages (with their SCM_RIGHTS fds) are read without polling and
  *   bounded: bytes, fds, a handshake timeout, and connections still waiting
  *   for their first message per uid and in total (beyond either, the new
- *   connection is refused at once).
+ *   connection is refused at once);
+ * - a refused connection is answered and its fd closed (endAndClose): a
+ *   paused socket never reads its peer's end, so `end()` alone kept it open.
  * @internal
  */
 import { randomBytes } from "node:crypto"
@@ -47,17 +49,34 @@ export interface UnixServerOptions {
   readonly group?: number
   readonly firstMessage: FirstMessageOptions
   readonly limits?: HandshakeLimits
-  /** Answers a peer that is refused (bad or slow first message, over a limit), then closes. */
-  readonly refuse: (socket: Socket, cred: PeerCred | undefined, reason: string) => void
+  /** The answer (one line, with its newline) to a peer that is refused (bad or slow first message, over a limit); the server then closes it. */
+  readonly refuse: (cred: PeerCred | undefined, reason: string) => string
 }
 
 export interface UnixServer {
   readonly close: () => Promise<void>
 }
 
+/** How long a closing connection waits for its peer to take the last answer before it is closed anyway. */
+const LINGER_MS = 5000
 const DEFAULT_PENDING_PER_UID = 16
 const DEFAULT_PENDING_TOTAL = 64
 const MAX_GROUPS = 64
+
+/**
+ * Sends `last` (if any) and closes the connection: its fd is released as soon
+ * as the bytes are written, or after LINGER_MS when the peer does not read
+ * them; what the peer sent and was not read is discarded. Every refusal and
+ * every final answer ends this way: `socket.end()` alone waits for the
+ * peer's end, which a paused socket never reads, so the fd stayed open.
+ */
+export const endAndClose = (socket: Socket, last?: string | Buffer): void => {
+  if (socket.destroyed) return
+  const timer = setTimeout(() => socket.destroy(), LINGER_MS)
+  timer.unref()
+  socket.once("close", () => clearTimeout(timer))
+  socket.end(last ?? "", () => socket.destroy())
+}
 
 /** The peer's credentials, or undefined when the socket is already gone. */
 export const peerCred = (fd: number): PeerCred | undefined => {
@@ -141,13 +160,14 @@ export const listenUnix = async (
   const sockets = new Set<Socket>()
   const pending = new Map<number, number>()
   let pendingTotal = 0
+  const refuse = (socket: Socket, cred: PeerCred | undefined, reason: string) => endAndClose(socket, options.refuse(cred, reason))
 
   const handshake = async (socket: Socket, fd: number, cred: PeerCred) => {
     let first: FirstMessage | undefined
     try {
       first = await receiveFirstMessage(readiness, fd, options.firstMessage)
     } catch (e) {
-      return options.refuse(socket, cred, describeError(e))
+      return refuse(socket, cred, describeError(e))
     }
     if (!first) return void socket.destroy()
     if (socket.destroyed) return closeFds(first.fds)
@@ -163,7 +183,7 @@ export const listenUnix = async (
     if (fd === undefined || !cred) return void socket.destroy()
     const mine = pending.get(cred.uid) ?? 0
     if (mine >= perUid || pendingTotal >= total)
-      return options.refuse(socket, cred, mine >= perUid
+      return refuse(socket, cred, mine >= perUid
         ? `too many connections from uid ${cred.uid} waiting for their first message (${mine}): send it, or try again later`
         : `too many connections waiting for their first message (${pendingTotal}): try again later`)
     pending.set(cred.uid, mine + 1)
