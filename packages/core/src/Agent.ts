@@ -182,7 +182,7 @@ export class Agent {
     if (request.type === "list") return endAndClose(socket, encodeMessage({ type: "vms", vms: this.list() }))
     const output = this.output
     if (!output) throw new ProtocolError({ reason: "this agent writes no snapshot on request: start it with --output-dir DIR" })
-    const location = output.resolve(request.path)
+    const location = output.resolve(request.path, cred)
     let last = 0
     const program = snapshotVm(this.registry, this.timeouts, (l) => this.log(l), {
       request,

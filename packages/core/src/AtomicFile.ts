@@ -10,7 +10,8 @@
  * O_CREAT|O_EXCL|O_NOFOLLOW and mode 0600 (or `mode`); the final name is
  * replaced only if it is a regular file or nothing (a device node, a FIFO, a
  * socket, a symbolic link or a directory there is an error, checked before
- * writing and again right before the rename).
+ * writing and again right before the rename); when the file is written for
+ * another `owner` than root, only a regular file that owner owns is replaced.
  *
  * The path "-" is standard output (a pipe to ssh, zstd or an uploader, or a
  * redirection): written in order as it comes, for formats written strictly
@@ -38,7 +39,7 @@ export interface AtomicFileOptions {
   readonly access?: "write" | "read-write"
   /** File mode, applied exactly (not through the umask). Default 0o600. */
   readonly mode?: number
-  /** Owner of the new file (the agent writes files for the uid that asked). */
+  /** Owner of the new file (the agent writes files for the uid that asked); unless it is root, only a file it owns is replaced. */
   readonly owner?: { readonly uid: number; readonly gid: number }
   /** An open directory to create the file in (its fd stays the caller's), and the name in it; `path` is then only for messages. */
   readonly dir?: { readonly fd: number; readonly name: string }
@@ -50,9 +51,14 @@ const TEMP_NAME = /^\.(.+)\.tmp-(\d+)-[0-9a-f]{8}$/
 export const describeFileType = (st: Stats): string =>
   st.isFile() ? "a regular file" : st.isFIFO() ? "a FIFO" : st.isCharacterDevice() ? "a character device" : st.isBlockDevice() ? "a block device" : st.isSocket() ? "a socket" : st.isSymbolicLink() ? "a symbolic link" : st.isDirectory() ? "a directory" : "of an unknown type"
 
-/** Fails unless `at` is a regular file or nothing. */
-const replaceable = async (at: string, path: string): Promise<void> => {
+/** Fails unless `at` is nothing or a regular file (of `ownerUid`, when given and not root). */
+const replaceable = async (at: string, path: string, ownerUid?: number): Promise<void> => {
   const st = await lstat(at).catch(() => undefined)
+  if (st?.isFile() && ownerUid !== undefined && ownerUid !== 0 && st.uid !== ownerUid)
+    throw new SnapshotIoError({
+      path, op: "create", code: "EPERM",
+      reason: `${path} belongs to uid ${st.uid}, not to uid ${ownerUid} that asked: only the requester's own file is replaced; choose another path`
+    })
   if (!st || st.isFile()) return
   throw new SnapshotIoError({
     path, op: "create", code: st.isDirectory() ? "EISDIR" : "EEXIST",
@@ -116,7 +122,7 @@ export const atomicFile = (path: string, options: AtomicFileOptions | "write" | 
       const access = o.access === "read-write" ? fsConstants.O_RDWR : fsConstants.O_WRONLY
       const file = yield* Effect.tryPromise({
         try: async () => {
-          await replaceable(at(name), path)
+          await replaceable(at(name), path, o.owner?.uid)
           const f = await open(at(tmpName), fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW | access, 0o600)
           try {
             if (o.owner) await f.chown(o.owner.uid, o.owner.gid)
@@ -134,7 +140,7 @@ export const atomicFile = (path: string, options: AtomicFileOptions | "write" | 
       const commit = Effect.tryPromise({
         try: async () => {
           await file.sync()
-          await replaceable(at(name), path)
+          await replaceable(at(name), path, o.owner?.uid)
           await rename(at(tmpName), at(name))
           state.committed = true
           const dir = await open(`/proc/self/fd/${dirFd}`, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY)

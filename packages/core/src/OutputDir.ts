@@ -5,9 +5,19 @@
  * with O_NOFOLLOW), never by string prefix alone: a relative path resolves
  * there; an absolute path must lie under it; `..`, a symbolic link as any
  * directory component and a missing directory are refused. The last
- * component is checked by AtomicFile (a regular file or nothing).
+ * component is checked by AtomicFile (a regular file or nothing; for another
+ * requester, one it owns).
+ *
+ * The output directory itself is the administrator's grant: the agent writes
+ * there for every requester it allows. Below it, a requester other than root
+ * gets only what its own permissions give: search on every subdirectory on
+ * the way, write and search on the one that holds the file, judged from the
+ * mode bits against its uid, gid and groups (SO_PEERCRED) as the kernel
+ * would (owner bits, else group bits, else other bits; POSIX ACLs are not
+ * read: an ACL entry naming the requester is not honoured, granting or
+ * denying).
  */
-import { closeSync, constants as fsConstants, lstatSync, openSync, realpathSync } from "node:fs"
+import { closeSync, constants as fsConstants, fstatSync, lstatSync, openSync, realpathSync, type Stats } from "node:fs"
 import { isAbsolute, normalize, relative } from "node:path"
 import { InvalidInput } from "./Errors.js"
 
@@ -19,6 +29,23 @@ export interface OutputLocation {
   readonly name: string
   /** The path as a person reads it (the output directory joined with the relative path). */
   readonly path: string
+}
+
+/** Who asked for a file: the peer's uid, gid and supplementary groups. */
+export interface Requester {
+  readonly uid: number
+  readonly gid: number
+  readonly groups: ReadonlyArray<number>
+}
+
+const SEARCH = 0o1
+const WRITE = 0o2
+
+/** Does the mode of `st` give `who` every bit of `want` (a subset of rwx, 0o7)? The class is chosen as the kernel does: owner, else group, else other. */
+export const modeAllows = (st: Stats, who: Requester, want: number): boolean => {
+  if (who.uid === 0) return true
+  const shift = st.uid === who.uid ? 6 : st.gid === who.gid || who.groups.includes(st.gid) ? 3 : 0
+  return ((st.mode >> shift) & want) === want
 }
 
 export class OutputDir {
@@ -35,8 +62,12 @@ export class OutputDir {
     closeSync(this.fd)
   }
 
-  /** Opens the directory that will hold `requested`; InvalidInput says why a path is refused. */
-  resolve(requested: string): OutputLocation {
+  /**
+   * Opens the directory that will hold `requested`; InvalidInput says why a
+   * path is refused. With `requester`, every subdirectory must let it search
+   * and the last one also write (see the module's comment).
+   */
+  resolve(requested: string, requester?: Requester): OutputLocation {
     const refuse = (why: string): never => {
       throw new InvalidInput({ reason: `output path ${JSON.stringify(requested)} refused: ${why} (the agent writes only under ${this.path})` })
     }
@@ -65,6 +96,9 @@ export class OutputDir {
         }
         closeSync(dirFd)
         dirFd = next
+        const last = i === parts.length - 1
+        if (requester && !modeAllows(fstatSync(dirFd), requester, last ? WRITE | SEARCH : SEARCH))
+          refuse(`uid ${requester.uid} may not ${last ? "create files in" : "search"} ${parts.slice(0, i + 1).join("/")} (its owner, group and mode do not allow it)`)
       }
     } catch (e) {
       closeSync(dirFd)
