@@ -1,10 +1,11 @@
 /**
  * What a root agent writes for a requester allowed with --allow-uid (break1
  * finding 4): never a file that requester does not own, never in a directory
- * it could not write itself. The requester is user nobody (a python client
+ * it could not write itself; and what a killed writer left for it is
+ * cleaned up (finding 6). The requester is user nobody (a python client
  * under setpriv); the VM is a toy VMM of root.
  */
-import { execFile } from "node:child_process"
+import { execFile, spawnSync } from "node:child_process"
 import { chmodSync, chownSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
 import { promisify } from "node:util"
@@ -39,13 +40,39 @@ describe.skipIf(skip)("an --allow-uid requester", () => {
   chmodSync(dir, 0o755)
   const out = join(dir, "out")
   const socket = join(dir, "agent.sock")
-  const agent = new Agent(socket, { outputDir: (mkdirSync(out, { mode: 0o755 }), out), socketMode: 0o666, allowUids: [NOBODY] })
+  // What a SIGKILLed agent left of a file it was writing for nobody (fchowned to nobody), and one of a uid it does not write for.
+  const dead = spawnSync("true").pid!
+  const forNobody = `.guest.vmsnap.tmp-${dead}-0badc0de`
+  const forOther = `.other.vmsnap.tmp-${dead}-0badc0de`
+  const agent = new Agent(socket, { outputDir: out, socketMode: 0o666, allowUids: [NOBODY] })
   beforeAll(async () => {
+    mkdirSync(out, { mode: 0o755 })
+    writeFileSync(join(out, forNobody), "partial")
+    writeFileSync(join(out, forOther), "partial")
+    if (!skip) {
+      chownSync(join(out, forNobody), NOBODY, NOBODY)
+      chownSync(join(out, forOther), 4242, 4242)
+    }
     await agent.listen()
     startVmm({ memMiB: 4, vcpus: 1, rate: 0, agent: socket, vm: "req" })
     await agent.waitForVm("req", 1)
   })
   afterAll(() => agent.close())
+
+  it("a killed agent's temporary file written for it is removed when the next agent starts (not another uid's)", () => {
+    expect(readdirSync(out).filter((n) => n.includes(".tmp-"))).toEqual([forOther])
+  })
+
+  it("the next write of a name removes what a killed writer left of that name in a subdirectory", async () => {
+    mkdirSync(join(out, "left"), { mode: 0o700 })
+    chownSync(join(out, "left"), NOBODY, NOBODY)
+    const leftover = join(out, "left", `.guest.vmsnap.tmp-${dead}-0badc0de`)
+    writeFileSync(leftover, "partial")
+    chownSync(leftover, NOBODY, NOBODY)
+    const answer = await askAsNobody(socket, "req", "left/guest.vmsnap")
+    expect(answer.type, answer.message).toBe("result")
+    expect(readdirSync(join(out, "left"))).toEqual(["guest.vmsnap"])
+  })
 
   it("does not make the agent replace a root-owned 0600 file", async () => {
     writeFileSync(join(out, "rootfile"), "root's\n", { mode: 0o600 })
@@ -54,7 +81,7 @@ describe.skipIf(skip)("an --allow-uid requester", () => {
     expect(answer.message).toMatch(/rootfile belongs to uid 0, not to uid 65534 that asked/)
     expect(readFileSync(join(out, "rootfile"), "utf8")).toBe("root's\n")
     expect(statSync(join(out, "rootfile")).uid).toBe(0)
-    expect(readdirSync(out).filter((n) => n.includes(".tmp-"))).toEqual([])
+    expect(readdirSync(out).filter((n) => n.includes(".tmp-"))).toEqual([forOther])
   })
 
   it("does not make the agent create a file in a root 0700 subdirectory, nor under one", async () => {

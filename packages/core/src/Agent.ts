@@ -88,7 +88,12 @@ export class Agent {
   async listen(): Promise<void> {
     if (this.options.outputDir !== undefined) {
       this.output = new OutputDir(this.options.outputDir)
-      const stale = removeStaleTempFiles(this.output.fd)
+      // Its own files and those it wrote for the uids and groups it allows (it fchowns them to the requester).
+      const allowUids = this.options.allowUids ?? []
+      const allowGroups = this.options.allowGroups ?? []
+      const stale = removeStaleTempFiles(this.output.fd, {
+        owned: (st) => st.uid === process.geteuid?.() || allowUids.includes(st.uid) || allowGroups.includes(st.gid)
+      })
       if (stale.length > 0) this.log(`removed ${stale.length} temporary file(s) a stopped agent left in ${this.output.path}: ${stale.join(", ")}`)
     }
     try {

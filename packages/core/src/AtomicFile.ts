@@ -3,6 +3,9 @@
  * written as `.NAME.tmp-PID-RANDOM` in the same directory, then fsynced,
  * renamed and the directory fsynced (`commit`). Released uncommitted (error,
  * interruption), the temporary file is deleted: nothing partial is left.
+ * A writer killed with SIGKILL cannot delete it: the next write of the same
+ * name in that directory removes the temporary files of that name whose
+ * writer is gone and whose owner is the new file's (removeStaleTempFiles).
  *
  * It never follows or replaces what the path does not own: the directory is
  * opened once and everything happens in that directory through its fd
@@ -123,6 +126,9 @@ export const atomicFile = (path: string, options: AtomicFileOptions | "write" | 
       const file = yield* Effect.tryPromise({
         try: async () => {
           await replaceable(at(name), path, o.owner?.uid)
+          // A writer of this name killed earlier (SIGKILL leaves its temporary file): its leftovers go now.
+          const uid = o.owner?.uid ?? process.geteuid?.()
+          removeStaleTempFiles(dirFd, { name, owned: (st) => st.uid === uid })
           const f = await open(at(tmpName), fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW | access, 0o600)
           try {
             if (o.owner) await f.chown(o.owner.uid, o.owner.gid)
@@ -169,23 +175,32 @@ export const isAlive = (pid: number): boolean => {
   }
 }
 
+export interface StaleTempOptions {
+  /** Only the temporary files of this output name. */
+  readonly name?: string
+  /** Whose files may go (default: this process's uid). */
+  readonly owned?: (st: Stats) => boolean
+}
+
 /**
  * Removes temporary files an earlier, killed writer left in `dir` (the open
- * directory `dirFd`): only names of this module's pattern, regular files
- * owned by this process's uid, whose writer (the pid in the name) is no
- * longer running. Returns the names removed.
+ * directory `dirFd`): only names of this module's pattern (of `name`, when
+ * given), regular files that `owned` accepts (default: owned by this
+ * process's uid), whose writer (the pid in the name) is no longer running in
+ * this pid namespace. Returns the names removed.
  */
-export const removeStaleTempFiles = (dirFd: number): Array<string> => {
+export const removeStaleTempFiles = (dirFd: number, options: StaleTempOptions = {}): Array<string> => {
   const at = (n: string) => `/proc/self/fd/${dirFd}/${n}`
+  const owned = options.owned ?? ((st: Stats) => st.uid === process.geteuid?.())
   const removed: Array<string> = []
   for (const n of readdirSync(at(""))) {
     const m = TEMP_NAME.exec(n)
-    if (!m) continue
+    if (!m || (options.name !== undefined && m[1] !== options.name)) continue
     const pid = Number(m[2])
     if (pid === process.pid || isAlive(pid)) continue
     try {
       const st = lstatSync(at(n))
-      if (!st.isFile() || st.uid !== process.geteuid?.()) continue
+      if (!st.isFile() || !owned(st)) continue
       unlinkSync(at(n))
       removed.push(n)
     } catch {

@@ -61,6 +61,20 @@ describe("atomicFile", () => {
 })
 
 describe("removeStaleTempFiles", () => {
+  it("the next write of a name removes that name's temporary files a killed writer left (writer gone, same owner), only those", async () => {
+    const sub = mkdtempSync(join(dir, "next-"))
+    const dead = spawnSync("true").pid!
+    const names = {
+      killed: `.snap.vmsnap.tmp-${dead}-0123abcd`,
+      running: `.snap.vmsnap.tmp-${process.pid === 1 ? 2 : 1}-0123abcd`,
+      otherName: `.other.vmsnap.tmp-${dead}-0123abcd`
+    }
+    for (const n of Object.values(names)) writeFileSync(join(sub, n), "partial")
+    expect(Exit.isSuccess(await write(join(sub, "snap.vmsnap")))).toBe(true)
+    expect(readdirSync(sub).sort()).toEqual([names.running, names.otherName, "snap.vmsnap"].sort())
+  })
+
+
   it("removes only this module's temporary files whose writer is gone and that this uid owns", () => {
     const sub = mkdtempSync(join(dir, "stale-"))
     const dead = spawnSync("true").pid!
