@@ -8,6 +8,7 @@
  * serve whatever the peers do; serve --verify checks every record first; and
  * ranges are any layout of the concatenated image.
  */
+import { withHugePages } from "./hugePages.js"
 import { Effect } from "effect"
 import { execFile, spawn } from "node:child_process"
 import { closeSync, openSync, readSync, writeFileSync, readFileSync } from "node:fs"
@@ -147,24 +148,13 @@ describe.skipIf(skip)("lazy restore failures stay as small as they are", () => {
   })
 
   it("a hugetlbfs guest (MAP_HUGETLB) that declares 4 KiB pages is refused with the reason, never served wrong", async (ctx) => {
-    const want = SIZE / (2 * MiB) + 2
-    const before = Number(readFileSync("/proc/sys/vm/nr_hugepages", "utf8"))
-    try {
-      try {
-        writeFileSync("/proc/sys/vm/nr_hugepages", String(before + want))
-      } catch (e) {
-        console.warn(`SKIP hugetlbfs refusal: cannot reserve huge pages (${(e as Error).message}; needs root)`)
-        return ctx.skip()
-      }
-      const free = Number(/HugePages_Free:\s+(\d+)/.exec(readFileSync("/proc/meminfo", "utf8"))![1])
-      if (free < SIZE / (2 * MiB)) {
-        console.warn(`SKIP hugetlbfs refusal: only ${free} free 2 MiB pages after reserving`)
-        return ctx.skip()
-      }
+    const skip = await withHugePages(SIZE / (2 * MiB) + 2, async () => {
       const answer = JSON.parse(await peer(main.sock, "restore", imagePath, String(SIZE / 2), "page_size", "hugetlb=1", "refused=1"))
       expect(answer.error).toMatch(/backed by 2048 KiB pages .* declares 4096-byte pages/)
-    } finally {
-      writeFileSync("/proc/sys/vm/nr_hugepages", String(before))
+    })
+    if (skip) {
+      console.warn(`SKIP hugetlbfs refusal: ${skip}`)
+      ctx.skip()
     }
   })
 
