@@ -1,7 +1,7 @@
 /**
  * `snapshot --pid` of a real, unmodified QEMU (Debian's qemu-system-x86,
  * installed by test/debianPackages.ts when missing) running the bare-metal
- * guest of ../shared/fixtures/qemu-guest on KVM: the guest RAM mapping,
+ * guest of packages/rig/qemu-guest (a copy of the shared fixture) on KVM: the guest RAM mapping,
  * chosen by size, equals QEMU's memory at the cut (read while every QEMU
  * thread, vCPU included, is frozen), and the guest keeps running and
  * reporting its writes afterwards.
@@ -19,7 +19,7 @@ import { differenceFromReference, leftovers, referenceAtCut } from "./pidTests.j
 import { scratchDir } from "./toyVmmTests.js"
 
 const here = dirname(fileURLToPath(import.meta.url))
-const guestDir = join(here, "..", "..", "shared", "fixtures", "qemu-guest")
+const guestDir = join(here, "..", "packages", "rig", "qemu-guest")
 const dir = scratchDir("vmsnap-pid-qemu-")
 const MIB = 1024 * 1024
 const RAM_MIB = 512
