@@ -22,7 +22,7 @@ import { type Vm, VmRegistry, type VmInfo } from "./AgentRegistry.js"
 import { type AgentTimeouts, snapshotVm } from "./AgentSnapshot.js"
 import type { Peer } from "./AgentPeer.js"
 import { removeStaleTempFiles } from "./AtomicFile.js"
-import { describeError, ProtocolError, type VmsnapError } from "./Errors.js"
+import { describeError, ioError, ProtocolError, SnapshotIoError, type VmsnapError } from "./Errors.js"
 import { closeFds, type FirstMessage } from "./internal/firstMessage.js"
 import { endAndClose, type HandshakeLimits, listenUnix, type PeerCred, type UnixServer } from "./internal/unixServer.js"
 import { OutputDir } from "./OutputDir.js"
@@ -87,7 +87,11 @@ export class Agent {
   /** Opens the output directory (removing temporary files a killed agent left there) and listens on the socket path. */
   async listen(): Promise<void> {
     if (this.options.outputDir !== undefined) {
-      this.output = new OutputDir(this.options.outputDir)
+      try {
+        this.output = new OutputDir(this.options.outputDir)
+      } catch (e) {
+        throw ioError(this.options.outputDir, "open the output directory", e)
+      }
       // Its own files and those it wrote for the uids and groups it allows (it fchowns them to the requester).
       const allowUids = this.options.allowUids ?? []
       const allowGroups = this.options.allowGroups ?? []
@@ -246,7 +250,8 @@ export const agentScoped = (socketPath: string, options?: AgentOptions) =>
         await agent.listen()
         return agent
       },
-      catch: (e) => new ProtocolError({ reason: `cannot listen on ${socketPath}: ${e instanceof Error ? e.message : String(e)}` })
+      // A missing or unusable output directory or socket path is said as such (not as a protocol error).
+      catch: (e) => (e instanceof SnapshotIoError ? e : new SnapshotIoError({ path: socketPath, op: "listen on", code: (e as NodeJS.ErrnoException).code ?? "EINVAL", reason: describeError(e) }))
     }),
     (agent) => Effect.promise(() => agent.close())
   )

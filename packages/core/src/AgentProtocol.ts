@@ -71,8 +71,10 @@ const isObject = (v: unknown): v is Record<string, unknown> => typeof v === "obj
 const address = (v: unknown, what: string): bigint => {
   if (typeof v === "string" && /^0x[0-9a-fA-F]{1,16}$/.test(v)) return BigInt(v)
   if (typeof v === "number" && Number.isSafeInteger(v) && v >= 0) return BigInt(v)
-  return fail(`${what} must be a hex string like "0x7f0000000000"`)
+  return fail(`${what} must be a hex string like "0x7f0000000000" (or a JSON whole number below 2^53)`)
 }
+
+const ADDRESS_END = 1n << 64n
 
 const wholeNumber = (v: unknown, what: string): number =>
   typeof v === "number" && Number.isSafeInteger(v) && v >= 0 ? v : fail(`${what} must be a whole number`)
@@ -125,7 +127,11 @@ export const parseHello = (m: Record<string, unknown>, fdCount: number): Hello =
     if (hva % BigInt(PAGE_SIZE) !== 0n || hva === 0n) fail(`region ${i} hva is not a page-aligned address`)
     const thp = flag(r.thp, `region ${i} "thp"`)
     if (thp && fd !== null) fail(`region ${i} "thp": only anonymous memory (no fd) is rebuilt into huge pages`)
-    return { gpa: address(r.gpa, `region ${i} "gpa"`), size, pageSize, fd, offset, hva, thp }
+    const gpa = address(r.gpa, `region ${i} "gpa"`)
+    // Both ranges must end within 64 bits: a wrapped end would pass every later comparison.
+    if (gpa + BigInt(size) > ADDRESS_END) fail(`region ${i}: gpa 0x${gpa.toString(16)} + size ${size} passes the end of the 64-bit guest-physical space`)
+    if (hva + BigInt(size) > ADDRESS_END) fail(`region ${i}: hva 0x${hva.toString(16)} + size ${size} passes the end of the 64-bit address space`)
+    return { gpa, size, pageSize, fd, offset, hva, thp }
   })
   const sorted = [...regions].sort((a, b) => (a.gpa < b.gpa ? -1 : 1))
   for (let i = 1; i < sorted.length; i++)

@@ -72,6 +72,8 @@ export class OutputDir {
       throw new InvalidInput({ reason: `output path ${JSON.stringify(requested)} refused: ${why} (the agent writes only under ${this.path})` })
     }
     if (requested.length === 0 || requested.length > 4096 || requested.includes("\0")) refuse("not a usable path")
+    // A name with a newline or an escape sequence misleads every listing and log that shows it.
+    if (/[\x00-\x1f\x7f]/.test(requested)) refuse("control characters (newline, tab, escape...) are not allowed in names")
     let rel = requested
     if (isAbsolute(requested)) {
       const under = this.roots.map((root) => relative(root, requested)).find((r) => r !== "" && !r.startsWith("..") && !isAbsolute(r))

@@ -13,6 +13,11 @@ describe("parseHello", () => {
     expect(h.regions[0]).toMatchObject({ pageSize: 4096, offset: 0, thp: false, fd: 1, hva: 0x7f0000000000n })
   })
 
+  it("a region may end exactly at 2^64; gpa and hva may be JSON whole numbers (documented)", () => {
+    expect(parseHello(hello({}, { gpa: "0xfffffffffff00000", size: 1 << 20 }), 2).regions[0]!.gpa).toBe(0xfffffffffff00000n)
+    expect(parseHello(hello({}, { gpa: 4096, hva: 0x7f0000000000 }), 2).regions[0]).toMatchObject({ gpa: 4096n, hva: 0x7f0000000000n })
+  })
+
   it("reads prepare, bypassWriters and thp", () => {
     const h = parseHello(hello({ prepare: true, bypassWriters: ["vfio-pci 0000:01:00.0"] }, { fd: null, thp: true }), 1)
     expect(h.prepare).toBe(true)
@@ -28,7 +33,10 @@ describe("parseHello", () => {
     [hello({}, { pageSize: 2 << 20 }), 2, /only 4096 is supported/],
     [hello({}, { hva: "0x7f0000000001" }), 2, /hva is not a page-aligned address/],
     [hello({ uffd: 2 }), 2, /carried 2 fds/],
-    [hello(), 0, /without file descriptors/]
+    [hello(), 0, /without file descriptors/],
+    [hello({}, { gpa: "0xfffffffffffff000", size: 4 << 20 }), 2, /passes the end of the 64-bit guest-physical space/],
+    [hello({}, { gpa: "0xffffffffffc00000", size: 4 << 20, hva: "0xfffffffffff00000" }), 2, /passes the end of the 64-bit address space/],
+    [hello({}, { hva: 1.5 }), 2, /hex string like/]
   ])("refuses %j", (m, fds, pattern) => {
     expect(() => parseHello(m, fds)).toThrow(pattern)
   })

@@ -37,7 +37,10 @@ describe("OutputDir.resolve", () => {
     ["sub-link/a.vmsnap", /sub-link is a symbolic link/],
     ["missing/a.vmsnap", /missing does not exist/],
     ["sub/", /names no file/],
-    ["", /not a usable path/]
+    ["", /not a usable path/],
+    ["\n", /control characters/],
+    ["sub/a\x1b[31m.vmsnap", /control characters/],
+    ["a\tb.vmsnap", /control characters/]
   ])("%s is refused", (requested, pattern) => {
     expect(() => output.resolve(requested)).toThrow(pattern)
   })

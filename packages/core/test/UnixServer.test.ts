@@ -11,6 +11,7 @@ import { fileURLToPath } from "node:url"
 import { promisify } from "node:util"
 import { afterAll, describe, expect, it, vi } from "vitest"
 import { loadWp } from "../src/internal/ffi.js"
+import { Agent } from "../src/Agent.js"
 import { listenUnix, type UnixServer, type UnixServerOptions } from "../src/internal/unixServer.js"
 
 const dir = mkdtempSync(join(tmpdir(), "vmsnap-unixserver-"))
@@ -86,6 +87,34 @@ describe("the socket path", () => {
     await second.close()
     expect(existsSync(path)).toBe(false)
     expect(readdirSync(dir).filter((n) => n.startsWith("mine.sock"))).toEqual([])
+  })
+})
+
+describe("what a refusal says", () => {
+  it("a socket path in a missing directory, or under a file, names that directory", async () => {
+    await expect(serve(join(dir, "missing", "a.sock"))).rejects.toThrow(new RegExp(`listen on .*: the directory ${dir}/missing does not exist`))
+    writeFileSync(join(dir, "plain"), "")
+    await expect(serve(join(dir, "plain", "a.sock"))).rejects.toThrow(new RegExp(`${dir}/plain is not a directory`))
+  })
+
+  it("an agent with a missing output directory says so (not a protocol error)", async () => {
+    const agent = new Agent(join(dir, "noout.sock"), { outputDir: join(dir, "no-such-out") })
+    await expect(agent.listen()).rejects.toThrow(new RegExp(`^open the output directory ${dir}/no-such-out: no such file or directory$`))
+  })
+
+  it("a first message with more fds than one message may carry: said as such (not an errno)", async () => {
+    const path = join(dir, "manyfds.sock")
+    const server = await serve(path)
+    try {
+      const { stdout } = await promisify(execFile)("python3", ["-c", `
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+socket.send_fds(s, [b"x\\n"], [os.open("/dev/null", os.O_RDONLY) for _ in range(200)])
+print(s.recv(4096).decode().strip())`, path], { encoding: "utf8" })
+      expect(stdout.trim()).toMatch(/^the first message carried more file descriptors than one message may \(at most 64\); they were closed$/)
+    } finally {
+      await server.close()
+    }
   })
 })
 

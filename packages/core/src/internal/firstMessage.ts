@@ -15,6 +15,8 @@ import type { Readiness } from "./readiness.js"
 /** Most fds one first message may carry (also what one recvmsg in C takes). */
 export const MAX_FIRST_MESSAGE_FDS = 64
 const EAGAIN = 11
+/** What wp_transport_recv_fds returns when the fds did not fit (MSG_CTRUNC; it closed those that came). */
+const EMSGSIZE = 90
 
 export const closeFds = (fds: ReadonlyArray<number>) => {
   for (const fd of fds) {
@@ -76,6 +78,7 @@ export const receiveFirstMessage = async (
         closeFds(fds)
         return undefined
       }
+      if (n === -EMSGSIZE) throw new ProtocolError({ reason: `the first message carried more file descriptors than one message may (at most ${maxFds}); they were closed` })
       if (n < 0 && n !== -EAGAIN) throw new ProtocolError({ reason: `receiving the first message failed: ${errnoReason("recv", -n)}` })
       if (n > 0) {
         chunks.push(Buffer.from(buf.subarray(0, n)))

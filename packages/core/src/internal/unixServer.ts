@@ -18,10 +18,11 @@
  * @internal
  */
 import { randomBytes } from "node:crypto"
-import { chmodSync, chownSync, linkSync, lstatSync, type Stats, unlinkSync } from "node:fs"
+import { chmodSync, chownSync, linkSync, lstatSync, type Stats, statSync, unlinkSync } from "node:fs"
 import { createConnection, createServer, type Server, type Socket } from "node:net"
+import { dirname } from "node:path"
 import { describeFileType } from "../AtomicFile.js"
-import { describeError } from "../Errors.js"
+import { describeError, SnapshotIoError } from "../Errors.js"
 import { closeFds, type FirstMessage, type FirstMessageOptions, receiveFirstMessage, socketFd } from "./firstMessage.js"
 import { loadWp } from "./ffi.js"
 import { Readiness } from "./readiness.js"
@@ -99,8 +100,12 @@ const listenerOf = (path: string): Promise<number | undefined> =>
     probe.once("error", (e: NodeJS.ErrnoException) => (e.code === "ECONNREFUSED" ? resolve(undefined) : reject(e)))
   })
 
-/** Makes `path` free for a new socket: refuses what is not a stale socket. */
+/** Makes `path` free for a new socket: refuses what is not a stale socket, and says which directory is missing or not one. */
 const claimPath = async (path: string) => {
+  const dir = dirname(path)
+  const parent = statSync(dir, { throwIfNoEntry: false })
+  if (!parent) throw new SnapshotIoError({ path, op: "listen on", code: "ENOENT", reason: `the directory ${dir} does not exist: create it or choose another socket path` })
+  if (!parent.isDirectory()) throw new SnapshotIoError({ path, op: "listen on", code: "ENOTDIR", reason: `${dir} is not a directory` })
   let st: Stats
   try {
     st = lstatSync(path)
