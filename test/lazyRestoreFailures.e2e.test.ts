@@ -177,6 +177,27 @@ describe.skipIf(skip)("lazy restore failures stay as small as they are", () => {
     expect(verified.stderr).toMatch(/record checksum mismatch/)
   })
 
+  it("serve --once exits non-zero (3) when its VMM's restore failed (a record poisoned), rather than serving on", async () => {
+    const file = await spoiled("once", flipPayloadByte)
+    const sock = join(dir, "once.sock")
+    const child = spawn("node", [cli, "serve", "--socket", sock, "--once", "--json", file.path], { stdio: ["ignore", "pipe", "pipe"] })
+    let out = ""
+    child.stdout.on("data", (d) => (out += d))
+    const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)))
+    try {
+      for (let i = 0; i < 200 && !out.includes('"listening"'); i++) await new Promise((r) => setTimeout(r, 50))
+      expect(await peer(sock, "restore", imagePath, String(4 * MiB), "page_size", "poison=1", file.bad)).toMatch(/^OK /)
+      // No timing assertion: the old serve never exits, and this bound only ends the test.
+      const code = await Promise.race([exited, new Promise<"still running">((r) => setTimeout(() => r("still running"), 30000))])
+      expect(code, out).toBe(3)
+      const last = JSON.parse(out.trim().split("\n").at(-1)!)
+      expect(last).toMatchObject({ type: "exit", ok: false })
+      expect(last.error).toMatch(/could not be produced/)
+    } finally {
+      if (child.exitCode === null) child.kill("SIGKILL")
+    }
+  })
+
   it("SIGTERM stops serve whatever the peers do (a blocking uffd, a VMM holding its connection)", async () => {
     const sock = join(dir, "term.sock")
     const child = spawn("node", [cli, "serve", "--socket", sock, "--json", snapshotPath], { stdio: ["ignore", "pipe", "pipe"] })

@@ -1,7 +1,8 @@
 /**
  * `vmsnap serve --socket PATH FILE`: a page-fault handler for lazy restore
  * that speaks Firecracker's UFFD handshake. Serves VMMs until SIGINT/SIGTERM
- * (or, with --once, until the first VMM's memory is all resident).
+ * (or, with --once, until the first VMM served has all its memory resident,
+ * exit 0, or has failed: exit 3 if a record could not be produced, else 1).
  * Before listening it checks the file's structure (as verify does, without
  * the records' checksums: coverage, a page stored twice, region page sizes);
  * --verify checks every record first. docs/lazy-restore.md.
@@ -10,10 +11,19 @@ import { RestoreServer, SnapshotFormatError, SnapshotIoError, verifySnapshot } f
 import { Effect } from "effect"
 import { existsSync } from "node:fs"
 import { InvalidInput } from "@vmsnap/core"
+import { ExitCode } from "../ExitCode.js"
 import type { Io } from "../Io.js"
 import { type CliCommand, defineCommand } from "../Command.js"
 import { commonFlags, UsageError } from "../Options.js"
 import { type CommonFlags, runCommand } from "../Run.js"
+
+/** How the first VMM served ended (--once): a record that could not be produced makes it `corrupt` (exit 3). */
+interface FirstServed {
+  readonly pid: number
+  readonly ok: boolean
+  readonly error?: string
+  readonly corrupt: boolean
+}
 
 export interface ServeFlags extends CommonFlags {
   readonly socket: string
@@ -35,8 +45,9 @@ export const runServe = (io: Io, flags: ServeFlags) =>
         if (!flags.raw && flags.verify) yield* verifySnapshot(flags.file)
         const emit = (event: Record<string, unknown>, human: string) =>
           flags.json ? io.stdout(JSON.stringify({ time: new Date().toISOString(), ...event }) + "\n") : io.stderr(`vmsnap serve: ${human}\n`)
-        let finish: ((pid: number) => void) | undefined
-        const firstDone = new Promise<number>((resolve) => (finish = resolve))
+        // --once: the first VMM served (not one refused at the handshake) decides the exit, success or failure.
+        let finish: ((first: FirstServed) => void) | undefined
+        const firstDone = new Promise<FirstServed>((resolve) => (finish = resolve))
         const server = new RestoreServer(flags.socket, { path: flags.file, raw: flags.raw }, {
           log: (line) => emit({ type: "log", message: line }, line),
           onRefused: (pid, reason) => emit({ type: "refused", pid, reason }, `refused a VMM${pid ? ` (pid ${pid})` : ""}: ${reason}`),
@@ -47,7 +58,7 @@ export const runServe = (io: Io, flags: ServeFlags) =>
             ),
           onFinished: (pid, outcome) => {
             emit({ type: "finished", pid, ok: outcome.ok, error: outcome.error ?? null, ...outcome.stats }, `VMM pid ${pid}: ${outcome.ok ? "done" : "failed"}`)
-            if (outcome.ok) finish?.(pid)
+            finish?.({ pid, ok: outcome.ok, error: outcome.error, corrupt: outcome.stats.failedRecord !== null })
           }
         })
         yield* Effect.acquireRelease(
@@ -62,7 +73,14 @@ export const runServe = (io: Io, flags: ServeFlags) =>
         return yield* Effect.never
       })
     ),
-    (pid) => ({ human: `vmsnap serve: VMM pid ${pid} restored; exiting (--once)`, json: { type: "exit", pid } })
+    (first) =>
+      first.ok
+        ? { human: `vmsnap serve: VMM pid ${first.pid} restored; exiting (--once)`, json: { type: "exit", pid: first.pid, ok: true } }
+        : {
+          human: `vmsnap serve: VMM pid ${first.pid}: ${first.error}; exiting (--once)`,
+          json: { type: "exit", pid: first.pid, ok: false, error: first.error },
+          exitCode: first.corrupt ? ExitCode.corrupt : ExitCode.failure
+        }
   )
 
 export const serveCommand: CliCommand = (io, schedule) =>
@@ -74,7 +92,7 @@ export const serveCommand: CliCommand = (io, schedule) =>
         .positional("file", { type: "string", demandOption: true, describe: "snapshot file (or raw image with --raw)" })
         .option("socket", { type: "string", demandOption: true, describe: "Unix socket the VMMs connect to" })
         .option("raw", { type: "boolean", default: false, describe: "FILE is a raw memory image, not a vmsnap file" })
-        .option("once", { type: "boolean", default: false, describe: "exit once the first VMM's memory is all resident" })
+        .option("once", { type: "boolean", default: false, describe: "exit once the first VMM served has all its memory resident (exit 0), or has failed (exit 3: a record could not be produced; 1: another failure); VMMs refused at the handshake do not count" })
         .option("verify", { type: "boolean", default: false, describe: "check every record's checksum before listening (reads the whole file; the structure is always checked)" })
         .example("$0 serve --socket /tmp/uffd.sock guest.vmsnap", "then start the VMM with its UFFD handler socket set to /tmp/uffd.sock"),
     handler: (a) => {
