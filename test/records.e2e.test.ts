@@ -7,13 +7,15 @@
  */
 import { Effect, Exit } from "effect"
 import { execFile } from "node:child_process"
+import { writeFileSync } from "node:fs"
 import { join } from "node:path"
 import { promisify } from "node:util"
+import { crc32 } from "node:zlib"
 import { describe, expect, it } from "vitest"
 import { loadWp } from "../packages/core/src/internal/ffi.js"
-import { PAGE_SIZE, RestoreServer, SnapshotFormatError, startLazyRestore, restoreUffd, verifySnapshot } from "../packages/core/src/index.js"
+import { PAGE_SIZE, RestoreServer, SnapshotFormatError, startLazyRestore, restoreUffd, TRAILER_BYTES, verifySnapshot } from "../packages/core/src/index.js"
 import { scratchMemory } from "../packages/rig/src/index.js"
-import { patternPages, type RecordSpec, writeSnapshot } from "./snapshotFiles.js"
+import { buildSnapshot, patternPages, type RecordSpec, writeSnapshot } from "./snapshotFiles.js"
 import { scratchDir, toyVmmSkipReason } from "./toyVmmTests.js"
 
 const execFileAsync = promisify(execFile)
@@ -121,6 +123,32 @@ describe.skipIf(skip)("headers and indexes that no writer makes are refused by v
       const path = writeSnapshot(join(dir, `page-size-${kind}.vmsnap`), [{ size: 2 * 1024 * 1024, kind, pageSize }], [{ region: 0, firstPage: 0, pageCount: 512, encoding: "zero" }])
       await refused(path, new RegExp(`page size ${pageSize} is not one a ${kind} region can have`))
     }
+  })
+
+  it("a first page or an offset past 2^53 is said exactly (2^64-1, not 18446744073709552000)", async () => {
+    const good = buildSnapshot([{ size: 16 * PAGE_SIZE }], [{ region: 0, firstPage: 0, pageCount: 16, encoding: "zero" }])
+    const indexAt = Number(good.readBigUInt64LE(good.length - TRAILER_BYTES + 8))
+    const spoil = (at: number, name: string) => {
+      const b = Buffer.from(good)
+      b.writeBigUInt64LE((1n << 64n) - 1n, indexAt + 8 + at)
+      const end = b.length - TRAILER_BYTES - 4
+      b.writeUInt32LE(crc32(b.subarray(indexAt, end)), end)
+      const path = join(dir, name)
+      writeFileSync(path, b)
+      return path
+    }
+    await refused(spoil(8, "first-page-max.vmsnap"), /index entry 0: first page 18446744073709551615 /)
+    await refused(spoil(16, "offset-max.vmsnap"), /index entry 0: file offset 18446744073709551615 /)
+  })
+
+  it("a region whose base + size passes 2^64", async () => {
+    const b = buildSnapshot([{ size: 16 * PAGE_SIZE }], [{ region: 0, firstPage: 0, pageCount: 16, encoding: "zero" }])
+    const headerBytes = b.readUInt32LE(12)
+    b.writeBigUInt64LE(0xfffffffffffff000n, 64) // region 0's guestBase
+    b.writeUInt32LE(crc32(b.subarray(0, headerBytes - 4)), headerBytes - 4)
+    const path = join(dir, "base-wraps.vmsnap")
+    writeFileSync(path, b)
+    await refused(path, /region 0: base 0xfffffffffffff000 \+ 65536 bytes passes the end of the 64-bit address space/)
   })
 
   it("a page stored twice: refused before any VMM is accepted", async () => {

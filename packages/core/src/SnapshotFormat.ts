@@ -175,6 +175,13 @@ export class FormatViolation extends Error {
   }
 }
 
+/** A u64 page number or offset as a number: past 2^53 none is valid (a region has at most 2^52 pages), so it is refused with its exact value. */
+const u64Field = (b: Buffer, o: number, kind: import("./Errors.js").SnapshotFormatReason, what: string, fileOffset: number): number => {
+  const v = b.readBigUInt64LE(o)
+  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new FormatViolation(kind, `${what} ${v} is past 2^53: no region or file is that large`, fileOffset)
+  return Number(v)
+}
+
 /** Reads the fixed part only: how long the whole header is. */
 export const decodeHeaderPrefix = (b: Buffer, fileBytes: number): { headerBytes: number; regionCount: number } => {
   if (b.length < HEADER_FIXED_BYTES) throw new FormatViolation("Truncated", `file is ${fileBytes} bytes, shorter than a snapshot header`)
@@ -211,7 +218,9 @@ export const decodeHeader = (b: Buffer, fileBytes: number): SnapshotHeader => {
       throw new FormatViolation("ChecksumMismatch", `region ${i} is malformed (kind ${b.readUInt32LE(o + 16)}, ${size} bytes)`, o)
     if (!pageSizesOf(kind).includes(regionPageSize) || size % BigInt(regionPageSize) !== 0n)
       throw new FormatViolation("BadRegion", `region ${i}: page size ${regionPageSize} is not one a ${kind} region can have (${pageSizesOf(kind).join(" or ")}, dividing its ${size} bytes)`, o + 20)
-    regions.push({ guestBase: b.readBigUInt64LE(o), size: Number(size), kind, pageSize: regionPageSize })
+    const guestBase = b.readBigUInt64LE(o)
+    if (guestBase + size > 1n << 64n) throw new FormatViolation("BadRegion", `region ${i}: base 0x${guestBase.toString(16)} + ${size} bytes passes the end of the 64-bit address space`, o)
+    regions.push({ guestBase, size: Number(size), kind, pageSize: regionPageSize })
   }
   if (b.readUInt16LE(10) & HEADER_FLAG_MAPPINGS) decodeMappings(b, regionCount, headerBytes - 4, regions)
   const parent = b.subarray(32, 48)
@@ -263,7 +272,7 @@ export const decodeRecordHeader = (h: Buffer, fileOffset: number): RecordHeader 
   if (encoding === undefined) throw new FormatViolation("BadRecord", `unknown record encoding ${h.readUInt8(20)}`, fileOffset + 20)
   return {
     region: h.readUInt32LE(4),
-    firstPage: Number(h.readBigUInt64LE(8)),
+    firstPage: u64Field(h, 8, "BadRecord", "record first page", fileOffset + 8),
     pageCount: h.readUInt32LE(16),
     encoding,
     storedBytes: h.readUInt32LE(24),
@@ -313,8 +322,8 @@ export const decodeIndex = (b: Buffer, fileOffset: number): Array<IndexEntry> =>
     out.push({
       region: b.readUInt32LE(o),
       pageCount: b.readUInt32LE(o + 4),
-      firstPage: Number(b.readBigUInt64LE(o + 8)),
-      fileOffset: Number(b.readBigUInt64LE(o + 16))
+      firstPage: u64Field(b, o + 8, "BadIndex", `index entry ${i}: first page`, fileOffset + o + 8),
+      fileOffset: u64Field(b, o + 16, "BadIndex", `index entry ${i}: file offset`, fileOffset + o + 16)
     })
   }
   return out
