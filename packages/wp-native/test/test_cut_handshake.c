@@ -14,6 +14,7 @@
 #define _GNU_SOURCE
 #include "test_hooks.h"
 #include "vmsnap_engine.h"
+#include "wp_test.h"
 #include "vmsnap_guest.h"
 
 #include <errno.h>
@@ -48,44 +49,19 @@ static void *watchdog(void *arg)
     return NULL;
 }
 
-static int fail(const char *what, long rc)
-{
-    fprintf(stderr, "FAIL: %s (%ld: %s)\n", what, rc, rc < 0 ? strerror((int)-rc) : "");
-    return 1;
-}
-
-/* Takes everything the engine captures until the snapshot is complete. */
-static int finish_snapshot(wp_engine *e, uint8_t *buf)
-{
-    uint32_t regions[256];
-    uint64_t pages[256];
-    uint8_t flags[256];
-    while (!wp_engine_done(e)) {
-        int n = wp_engine_next_batch(e, buf, regions, pages, flags, 256);
-        if (n < 0)
-            return fail("next_batch", n);
-    }
-    return 0;
-}
-
 int main(void)
 {
-    uint64_t features;
-    int32_t how;
-    int rc = wp_probe(&features, &how);
-    if (rc < 0 || !(features & WP_FEATURE_WP_UNPOPULATED)) {
-        printf("SKIP: userfaultfd write-protect of unpopulated pages is not available (%s)\n",
-               rc < 0 ? strerror(-rc) : "needs Linux 6.4+");
-        return 77;
-    }
+    int rc = wp_test_need_wp_unpopulated();
+    if (rc)
+        return rc;
     const uint64_t size = 64 * MIB;
     int32_t err;
     vg_guest *g = vg_create(size, VG_MEM_ANON, &err);
     if (!g)
-        return fail("vg_create", err);
+        return wp_test_fail("vg_create", err);
     vg_fill(g, 0, size / WP_PAGE_SIZE, 5);
     if ((rc = vg_start(g, WRITERS, 0, 9)) < 0)
-        return fail("vg_start", rc);
+        return wp_test_fail("vg_start", rc);
     pthread_t dog;
     pthread_create(&dog, NULL, watchdog, NULL);
     uint8_t *buf = malloc(256 * WP_PAGE_SIZE);
@@ -93,23 +69,23 @@ int main(void)
     for (int cut = 0; cut < CUTS; cut++) {
         wp_engine *e = wp_engine_create(1024, &err);
         if (!e)
-            return fail("wp_engine_create", err);
+            return wp_test_fail("wp_engine_create", err);
         if ((rc = wp_engine_add_region(e, vg_hva(g), size)) < 0 || (rc = wp_engine_start(e)) < 0)
-            return fail("register/start", rc);
+            return wp_test_fail("register/start", rc);
         wp_test_set_message_delay(e, 2000);
         if ((rc = wp_engine_arm(e)) < 0)
-            return fail("arm", rc);
+            return wp_test_fail("arm", rc);
         usleep(3000 + (useconds_t)(cut % 7) * 1000); /* writers fault while armed */
         if ((rc = wp_engine_protect(e)) < 0)
-            return fail("cut", rc);
+            return wp_test_fail("cut", rc);
         wp_test_set_message_delay(e, 0);
-        if (finish_snapshot(e, buf))
+        if (wp_test_finish_snapshot(e, buf))
             return 1;
         wp_stats st;
         wp_engine_stats(e, &st);
         arm_faults += st.arm_faults;
         if (st.pages_saved != st.pages_total)
-            return fail("pages saved != pages total", (long)st.pages_saved);
+            return wp_test_fail("pages saved != pages total", (long)st.pages_saved);
         wp_engine_destroy(e);
         atomic_fetch_add(&progress, 1);
     }
@@ -119,6 +95,6 @@ int main(void)
     printf("cut handshake: %d cuts with %d writer threads, %llu writes let through while armed\n", CUTS, WRITERS,
            (unsigned long long)arm_faults);
     if (arm_faults == 0)
-        return fail("the writers never faulted while armed: the test did not test the handshake", 0);
+        return wp_test_fail("the writers never faulted while armed: the test did not test the handshake", 0);
     return 0;
 }

@@ -14,6 +14,7 @@
  */
 #define _GNU_SOURCE
 #include "vmsnap_engine.h"
+#include "wp_test.h"
 
 #include <pthread.h>
 #include <stdbool.h>
@@ -71,38 +72,14 @@ static void *writer(void *arg)
     return NULL;
 }
 
-static int fail(const char *what, long rc)
-{
-    fprintf(stderr, "FAIL: %s (%ld: %s)\n", what, rc, rc < 0 ? strerror((int)-rc) : "");
-    return 1;
-}
-
-static int finish_snapshot(wp_engine *e, uint8_t *buf)
-{
-    uint32_t regions[256];
-    uint64_t pages[256];
-    uint8_t flags[256];
-    while (!wp_engine_done(e)) {
-        int n = wp_engine_next_batch(e, buf, regions, pages, flags, 256);
-        if (n < 0)
-            return fail("next_batch", n);
-    }
-    return 0;
-}
-
 int main(void)
 {
-    uint64_t features;
-    int32_t how;
-    int rc = wp_probe(&features, &how);
-    if (rc < 0 || !(features & WP_FEATURE_WP_UNPOPULATED)) {
-        printf("SKIP: userfaultfd write-protect of unpopulated pages is not available (%s)\n",
-               rc < 0 ? strerror(-rc) : "needs Linux 6.4+");
-        return 77;
-    }
+    int rc = wp_test_need_wp_unpopulated();
+    if (rc)
+        return rc;
     mem = mmap(NULL, SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (mem == MAP_FAILED)
-        return fail("mmap", -1);
+        return wp_test_fail("mmap", -1);
     memset(mem, 0x5a, SIZE);
     pthread_t dog;
     pthread_create(&dog, NULL, watchdog, NULL);
@@ -112,20 +89,20 @@ int main(void)
         int32_t err;
         wp_engine *e = wp_engine_create(PAGES, &err);
         if (!e)
-            return fail("wp_engine_create", err);
+            return wp_test_fail("wp_engine_create", err);
         if ((rc = wp_engine_add_region(e, (uint64_t)(uintptr_t)mem, SIZE)) < 0 || (rc = wp_engine_start(e)) < 0)
-            return fail("register/start", rc);
+            return wp_test_fail("register/start", rc);
         atomic_store(&phase, 0);
         atomic_store(&after_cut_writes, 0);
         pthread_t w[WRITERS];
         for (uintptr_t i = 0; i < WRITERS; i++)
             pthread_create(&w[i], NULL, writer, (void *)(i + (uintptr_t)round * WRITERS));
         if ((rc = wp_engine_arm(e)) < 0)
-            return fail("arm", rc);
+            return wp_test_fail("arm", rc);
         usleep(1000 + (useconds_t)(round % 5) * 1000); /* writes while armed */
         /* No freeze: writers that fault during the cut wait for it (fault.c). */
         if ((rc = wp_engine_protect(e)) < 0)
-            return fail("cut", rc);
+            return wp_test_fail("cut", rc);
         atomic_store(&phase, 1);
         /* Nobody sweeps or drains: only the fault thread can let the writers go. */
         for (int i = 0; i < WRITERS; i++)
@@ -133,16 +110,16 @@ int main(void)
         wp_stats st;
         wp_engine_stats(e, &st);
         if (st.pages_swept != 0)
-            return fail("something swept while the writers ran: the test did not test the fault thread alone", (long)st.pages_swept);
+            return wp_test_fail("something swept while the writers ran: the test did not test the fault thread alone", (long)st.pages_swept);
         faults += st.faults;
         atomic_store(&phase, 2);
-        if (finish_snapshot(e, buf))
+        if (wp_test_finish_snapshot(e, buf))
             return 1;
         wp_engine_stats(e, &st);
         if (st.pages_saved != st.pages_total)
-            return fail("pages saved != pages total", (long)st.pages_saved);
+            return wp_test_fail("pages saved != pages total", (long)st.pages_saved);
         if (st.overflow_pages != 0)
-            return fail("a fault overflowed although the pool holds every page", (long)st.overflow_pages);
+            return wp_test_fail("a fault overflowed although the pool holds every page", (long)st.overflow_pages);
         wp_engine_destroy(e);
         atomic_fetch_add(&progress, 1);
     }
@@ -151,6 +128,6 @@ int main(void)
     printf("fault liveness: %d rounds, %d writers, %d writes each after the cut, %llu write faults answered by the fault thread alone\n",
            ROUNDS, WRITERS, WRITES_AFTER_CUT, (unsigned long long)faults);
     if (faults == 0)
-        return fail("no write faulted after the cut: the test did not test the fault thread", 0);
+        return wp_test_fail("no write faulted after the cut: the test did not test the fault thread", 0);
     return 0;
 }

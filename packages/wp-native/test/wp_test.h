@@ -1,0 +1,48 @@
+/*
+ * Shared pieces of the engine's C tests (small programs: exit 0 pass,
+ * 1 fail, 77 skip with the reason printed).
+ */
+#ifndef WP_TEST_H
+#define WP_TEST_H
+
+#include "vmsnap_engine.h"
+
+#include <stdio.h>
+#include <string.h>
+
+/* Prints "FAIL: what (rc: strerror)" and returns 1. */
+static inline int wp_test_fail(const char *what, long rc)
+{
+    fprintf(stderr, "FAIL: %s (%ld: %s)\n", what, rc, rc < 0 ? strerror((int)-rc) : "");
+    return 1;
+}
+
+/* Takes everything the engine captures until the snapshot is complete; buf holds 256 pages. */
+static inline int wp_test_finish_snapshot(wp_engine *e, uint8_t *buf)
+{
+    uint32_t regions[256];
+    uint64_t pages[256];
+    uint8_t flags[256];
+    while (!wp_engine_done(e)) {
+        int n = wp_engine_next_batch(e, buf, regions, pages, flags, 256);
+        if (n < 0)
+            return wp_test_fail("next_batch", n);
+    }
+    return 0;
+}
+
+/* 0 when write-protect of unpopulated pages works, else prints SKIP and returns 77. */
+static inline int wp_test_need_wp_unpopulated(void)
+{
+    uint64_t features;
+    int32_t how;
+    int rc = wp_probe(&features, &how);
+    if (rc < 0 || !(features & WP_FEATURE_WP_UNPOPULATED)) {
+        printf("SKIP: userfaultfd write-protect of unpopulated pages is not available (%s)\n",
+               rc < 0 ? strerror(-rc) : "needs Linux 6.4+");
+        return 77;
+    }
+    return 0;
+}
+
+#endif
