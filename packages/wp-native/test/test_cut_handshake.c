@@ -32,22 +32,7 @@
 
 static _Atomic int progress; /* cuts finished; the watchdog checks it moves */
 
-static void *watchdog(void *arg)
-{
-    (void)arg;
-    int seen = -1;
-    for (;;) {
-        sleep(HANG_SECONDS);
-        int now = atomic_load(&progress);
-        if (now == seen) {
-            fprintf(stderr, "FAIL: cut %d did not finish in %d s: the cut and the fault thread wait for each other\n",
-                    now + 1, HANG_SECONDS);
-            _exit(1);
-        }
-        seen = now;
-    }
-    return NULL;
-}
+static struct wp_test_watchdog dog_spec = {&progress, HANG_SECONDS, "cut", "the cut and the fault thread wait for each other"};
 
 int main(void)
 {
@@ -63,7 +48,7 @@ int main(void)
     if ((rc = vg_start(g, WRITERS, 0, 9)) < 0)
         return wp_test_fail("vg_start", rc);
     pthread_t dog;
-    pthread_create(&dog, NULL, watchdog, NULL);
+    pthread_create(&dog, NULL, wp_test_watchdog_run, &dog_spec);
     uint8_t *buf = malloc(256 * WP_PAGE_SIZE);
     uint64_t arm_faults = 0;
     for (int cut = 0; cut < CUTS; cut++) {

@@ -40,22 +40,7 @@ static _Atomic int phase;    /* 0 before the cut, 1 after wp_engine_protect retu
 static _Atomic uint64_t after_cut_writes;
 static uint8_t *mem;
 
-static void *watchdog(void *arg)
-{
-    (void)arg;
-    int seen = -1;
-    for (;;) {
-        sleep(HANG_SECONDS);
-        int now = atomic_load(&progress);
-        if (now == seen) {
-            fprintf(stderr, "FAIL: round %d: a writer stayed blocked in a write fault for %d s with nobody sweeping\n",
-                    now + 1, HANG_SECONDS);
-            _exit(1);
-        }
-        seen = now;
-    }
-    return NULL;
-}
+static struct wp_test_watchdog dog_spec = {&progress, HANG_SECONDS, "round", "a writer stayed blocked in a write fault with nobody sweeping"};
 
 static void *writer(void *arg)
 {
@@ -82,7 +67,7 @@ int main(void)
         return wp_test_fail("mmap", -1);
     memset(mem, 0x5a, SIZE);
     pthread_t dog;
-    pthread_create(&dog, NULL, watchdog, NULL);
+    pthread_create(&dog, NULL, wp_test_watchdog_run, &dog_spec);
     uint8_t *buf = malloc(256 * WP_PAGE_SIZE);
     uint64_t faults = 0;
     for (int round = 0; round < ROUNDS; round++) {

@@ -7,8 +7,11 @@
 
 #include "vmsnap_engine.h"
 
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 /* Prints "FAIL: what (rc: strerror)" and returns 1. */
 static inline int wp_test_fail(const char *what, long rc)
@@ -43,6 +46,34 @@ static inline int wp_test_need_wp_unpopulated(void)
         return 77;
     }
     return 0;
+}
+
+/*
+ * A liveness bound, not a timing assertion: every `seconds` the watchdog
+ * checks that *progress moved; if not it prints "FAIL: <what> <n>: <why>"
+ * and exits 1, turning a hang into a failure.
+ */
+struct wp_test_watchdog {
+    _Atomic int *progress;
+    int seconds;
+    const char *what; /* "cut", "round" */
+    const char *why;
+};
+
+static inline void *wp_test_watchdog_run(void *arg)
+{
+    const struct wp_test_watchdog *w = arg;
+    int seen = -1;
+    for (;;) {
+        sleep((unsigned)w->seconds);
+        int now = atomic_load(w->progress);
+        if (now == seen) {
+            fprintf(stderr, "FAIL: %s %d: %s (no progress in %d s)\n", w->what, now + 1, w->why, w->seconds);
+            _exit(1);
+        }
+        seen = now;
+    }
+    return NULL;
 }
 
 #endif
