@@ -43,6 +43,8 @@ export interface PidSnapshotOptions {
   readonly compress?: boolean
   /** Bound on waiting for the threads to stop, per freeze. Default 2000 ms. */
   readonly freezeTimeoutMs?: number
+  /** Runs once the memory is armed, right before the cut's freeze, the target running (tests make it act here). */
+  readonly beforeCut?: Effect.Effect<void, VmsnapError>
   /** Runs while every thread is frozen, right after the cut (tests take their reference here). */
   readonly atCut?: (regions: ReadonlyArray<MemoryRegion>) => Effect.Effect<void, VmsnapError>
   readonly onProgress?: (savedPages: number, totalPages: number) => void
@@ -170,14 +172,23 @@ const takeUffd = (handle: JsExternal, pid: number) =>
     (fd) => Effect.sync(() => closeSync(fd))
   )
 
-/** How the chosen mappings differ from the layout now (gone, moved, replaced: not registered with our uffd, "uw"), if they do. */
-const layoutChange = (pid: number, chosen: ReadonlyArray<ChosenMapping>): string | undefined => {
-  let now: Array<ProcessMapping>
+/** The layout now, or undefined if the target is gone (reported as an exit). */
+const mappingsNow = (pid: number): Array<ProcessMapping> | undefined => {
   try {
-    now = readMappings(pid)
+    return readMappings(pid)
   } catch {
-    return undefined // gone: reported as an exit
+    return undefined
   }
+}
+
+/**
+ * How the chosen mappings differ from the layout now (gone, moved, replaced: no longer
+ * registered with our uffd, "uw"), if they do. Only while the session holds them
+ * registered: before registration, and after the release, none is "uw".
+ */
+const layoutChange = (pid: number, chosen: ReadonlyArray<ChosenMapping>): string | undefined => {
+  const now = mappingsNow(pid)
+  if (!now) return undefined
   return sameLayout(chosen, now) ??
     chosen.map((c) => now.find((n) => n.start === c.start)!).filter((m) => !m.vmFlags.includes("uw")).map((m) => `mapping ${describeMapping(m)} was replaced`)[0]
 }
@@ -202,6 +213,24 @@ const checkLayout = (pid: number, chosen: ReadonlyArray<ChosenMapping>, when: st
     const change = layoutChange(pid, chosen)
     return change ? Effect.fail(layoutError(pid, when, change)) : Effect.void
   })
+
+const exited = (pid: number) => new NativeError({ op: "snapshot", errno: 3, reason: `pid ${pid} exited during the snapshot` })
+
+/**
+ * What the target did, if an engine failure comes from it; called while the
+ * chosen mappings are still registered. ESRCH or a target no longer running:
+ * it exited. A chosen mapping gone, moved or no longer registered: the layout
+ * changed (e.g. ENOENT unprotecting it, EFAULT from a uffd UNMAP/REMAP
+ * event). ENODATA: it discarded pages not yet saved (src/discard.c).
+ */
+const explainFailure = (pid: number, chosen: ReadonlyArray<ChosenMapping>, e: VmsnapError): VmsnapError => {
+  if (!isAlive(pid) || (e instanceof NativeError && e.errno === 3)) return exited(pid)
+  const change = e instanceof NativeError && e.errno !== 16 ? layoutChange(pid, chosen) : undefined
+  if (change) return layoutError(pid, "during the snapshot", change)
+  if (e instanceof NativeError && e.errno === 61)
+    return new NativeError({ op: "snapshot", errno: 61, reason: `pid ${pid} discarded memory (MADV_DONTNEED/MADV_REMOVE) that was not saved yet: its content at the cut is gone, so the snapshot is abandoned. A discard before the cut is fine: try again, or choose with --mapping the mappings it does not discard from (allocators and thread libraries discard heap and stack pages)` })
+  return e
+}
 
 /** Takes a live snapshot of process `pid`'s memory into `path`. */
 export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnapshotResult, VmsnapError, WpNative> =>
@@ -236,6 +265,7 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
       let threads = 0
       // The cut's freeze: thaws itself if the layout moved since registration.
       const freezeForCut = Effect.gen(function* () {
+        if (options.beforeCut) yield* options.beforeCut
         threads = yield* freeze(handle, pid, timeoutMs)
         yield* Effect.tapError(checkLayout(pid, chosen, "between registration and the cut"), () => thaw(handle))
       })
@@ -250,19 +280,18 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
         thaw: thaw(handle),
         atCut: options.atCut?.(regions),
         beforeCommit: Effect.andThen(checkLayout(pid, chosen, "during the snapshot"), checkNotShared(pid, chosen, " (seen before the file was committed)")),
+        // Before the session lets go: the chosen mappings are still registered ("uw"), so a
+        // mapping that lost it was really replaced (after the release, every one has lost it).
+        explainFailure: (e) => Effect.sync(() => explainFailure(pid, chosen, e)),
         onProgress: options.onProgress,
         writerDelayMs: options.writerDelayMs
       }).pipe(
-        // ESRCH from the engine, or a target no longer running, is the target exiting; an
-        // engine failure on a mapping that moved (e.g. ENOENT unprotecting it) is the layout change.
+        // Failures outside the registered part (registering itself): bounds only.
         Effect.mapError((e) => {
-          if (!isAlive(pid) || (e instanceof NativeError && e.errno === 3))
-            return new NativeError({ op: "snapshot", errno: 3, reason: `pid ${pid} exited during the snapshot` })
-          const change = e instanceof NativeError && e.errno !== 16 ? layoutChange(pid, chosen) : undefined
-          if (change) return layoutError(pid, "during the snapshot", change)
-          if (e instanceof NativeError && e.errno === 61)
-            return new NativeError({ op: "snapshot", errno: 61, reason: `pid ${pid} discarded memory (MADV_DONTNEED/MADV_REMOVE) that was not saved yet: its content at the cut is gone, so the snapshot is abandoned (try again)` })
-          return e
+          if (!isAlive(pid)) return exited(pid)
+          const now = e instanceof NativeError && e.errno !== 16 && e.errno !== 61 ? mappingsNow(pid) : undefined
+          const change = now && sameLayout(chosen, now)
+          return change ? layoutError(pid, "during the snapshot", change) : e
         })
       )
       return {

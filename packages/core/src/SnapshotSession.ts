@@ -40,6 +40,13 @@ export interface SnapshotOptions extends WriterOptions {
   readonly atCut?: Effect.Effect<void, VmsnapError>
   /** Runs once every page is written, before the file is committed, while still registered: a failure abandons the file. */
   readonly beforeCommit?: Effect.Effect<void, VmsnapError>
+  /**
+   * Runs on a failure once the memory is registered, before anything is
+   * released (the engine alive, every range still registered): returns the
+   * error to report, e.g. one that says what the guest did. The session fails
+   * whatever it returns.
+   */
+  readonly explainFailure?: (error: VmsnapError) => Effect.Effect<VmsnapError>
   readonly parentId?: string
   /**
    * Arm the protection while the guest runs, so the cut re-protects only
@@ -178,9 +185,11 @@ const takeSnapshotScoped = (options: SnapshotOptions): Effect.Effect<Omit<Snapsh
         processes: options.processes,
         steer: options.steer
       })
-      const { armMs, pauseMs } = yield* cut(engine, options)
-      const cutAt = nowMs()
-      const { records, fileBytes } = yield* writeAndCommit(engine, file, options)
+      const { armMs, pauseMs, cutAt, records, fileBytes } = yield* Effect.gen(function* () {
+        const { armMs, pauseMs } = yield* cut(engine, options)
+        const cutAt = nowMs()
+        return { armMs, pauseMs, cutAt, ...(yield* writeAndCommit(engine, file, options)) }
+      }).pipe(Effect.catch((e: VmsnapError) => Effect.flatMap(options.explainFailure?.(e) ?? Effect.succeed(e), Effect.fail)))
       const stats = engine.statsSync()
       return {
         path: options.path,
