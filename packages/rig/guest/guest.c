@@ -76,7 +76,8 @@ static unsigned bucket_of(uint64_t ns)
 vg_guest *vg_create(uint64_t size, uint32_t kind, int32_t *err_out)
 {
     *err_out = 0;
-    if (size == 0 || size % VG_PAGE || kind > VG_MEM_MEMFD) {
+    bool hugetlb = kind == VG_MEM_HUGETLB || kind == VG_MEM_HUGETLB_ANON;
+    if (size == 0 || size % VG_PAGE || kind > VG_MEM_HUGETLB_ANON || (hugetlb && size % VG_HUGE)) {
         *err_out = -EINVAL;
         return NULL;
     }
@@ -90,12 +91,18 @@ vg_guest *vg_create(uint64_t size, uint32_t kind, int32_t *err_out)
     g->kind = kind;
     g->memfd = -1;
     g->target_pages = g->pages;
-    if (kind == VG_MEM_MEMFD) {
-        g->memfd = memfd_create("vmsnap-guest", MFD_CLOEXEC);
+    if (kind == VG_MEM_MEMFD || kind == VG_MEM_HUGETLB) {
+        g->memfd = memfd_create("vmsnap-guest", MFD_CLOEXEC | (kind == VG_MEM_HUGETLB ? MFD_HUGETLB : 0));
         if (g->memfd < 0 || ftruncate(g->memfd, (off_t)size) < 0)
             goto fail;
         g->map_base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, g->memfd, 0);
         g->map_len = size;
+        if (g->map_base == MAP_FAILED)
+            goto fail;
+        g->mem = g->map_base;
+    } else if (kind == VG_MEM_HUGETLB_ANON) {
+        g->map_len = size;
+        g->map_base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
         if (g->map_base == MAP_FAILED)
             goto fail;
         g->mem = g->map_base;

@@ -20,6 +20,8 @@ extern "C" {
 #define VG_MEM_ANON 0  /* private anonymous, 4 KiB pages */
 #define VG_MEM_THP 1   /* private anonymous, MADV_HUGEPAGE */
 #define VG_MEM_MEMFD 2 /* memfd (shmem), MAP_SHARED */
+#define VG_MEM_HUGETLB 3      /* memfd MFD_HUGETLB (hugetlbfs, 2 MiB pages), MAP_SHARED */
+#define VG_MEM_HUGETLB_ANON 4 /* private anonymous MAP_HUGETLB (2 MiB pages) */
 
 #define VG_PHASES 4 /* latency histograms, selected with vg_set_phase */
 /* Write latency histogram: 8 buckets per power of two; bucket b covers
@@ -28,10 +30,12 @@ extern "C" {
 
 typedef struct vg_guest vg_guest;
 
-/* Map size bytes of guest memory (page aligned) of the given VG_MEM_* kind. */
+/* Map size bytes of guest memory (page aligned; 2 MiB aligned for the
+ * hugetlbfs kinds, which need free huge pages: vm.nr_hugepages) of the
+ * given VG_MEM_* kind. */
 vg_guest *vg_create(uint64_t size, uint32_t kind, int32_t *err_out);
 uint64_t vg_hva(vg_guest *g);
-/* The memfd of a VG_MEM_MEMFD guest, -1 otherwise. */
+/* The memfd of a VG_MEM_MEMFD or VG_MEM_HUGETLB guest, -1 otherwise. */
 int32_t vg_memfd(vg_guest *g);
 /* Read one byte of every page of [hva, hva + size), in order: each missing
  * page faults in (restore benchmarks). Returns a checksum of what it read. */

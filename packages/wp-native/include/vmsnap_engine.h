@@ -52,7 +52,7 @@ extern "C" {
  * bucket 2k + 1 holds [1.5 * 2^k, 2^(k+1)) ns. */
 #define WP_HIST_BUCKETS 64
 typedef struct wp_stats {
-    uint64_t faults;           /* write faults served by copying the page */
+    uint64_t faults;           /* write faults served by copying the page (a whole huge page for hugetlbfs) */
     uint64_t faults_spurious;  /* faults on a page already saved (woken only) */
     uint64_t fallbacks;        /* faults that waited for a free pool slot */
     uint64_t fallback_ns;      /* total time spent waiting in fallbacks */
@@ -86,7 +86,10 @@ int32_t wp_abi_version(void);
 int32_t wp_probe(uint64_t *features_out, int32_t *open_path_out);
 
 /* Create an engine with a pool of pool_slots 4 KiB slots (0 = synchronous:
- * every faulting writer waits for the writer to take its page).
+ * every faulting writer waits for the writer to take its page). A huge page
+ * goes through the pool as its 4 KiB pages, so the pool bounds memory
+ * whatever the page size; a pool smaller than a huge page (512 slots for
+ * 2 MiB) makes every huge-page fault wait for the writer (a fallback).
  * Returns NULL and sets *err_out to -errno on failure. */
 wp_engine *wp_engine_create(uint32_t pool_slots, int32_t *err_out);
 
@@ -119,10 +122,15 @@ int32_t wp_engine_add_region(wp_engine *e, uint64_t hva, uint64_t size);
  *
  * wp_engine_map_region: `process` maps `region` at `hva`; registers it for
  * write-protect on that process's uffd. Returns the mapping index;
- * -EFAULT if nothing is mapped at hva; -EOPNOTSUPP if the mapping's real
- * page size (KernelPageSize in /proc/PID/smaps) is not 4 KiB: hugetlbfs
- * memory is protected only in whole huge pages, which the engine does not
- * do yet, so it is refused before anything is protected.
+ * -EFAULT if nothing is mapped at hva. The region's page size is the
+ * mapping's real one (KernelPageSize in /proc/PID/smaps), never a caller's
+ * belief: hugetlbfs memory (2 MiB pages) is protected, saved and
+ * unprotected in whole huge pages, and a write fault on one holds its
+ * writer until all of its 4 KiB pages are copied (into the pool, in chunks
+ * as slots free up). -EINVAL if hva or the region's size is not a multiple
+ * of that page size, or another process maps the region with another one;
+ * -EOPNOTSUPP for a page size larger than one sweep holds (1 GiB pages).
+ * Nothing is protected when it fails.
  *
  * All three must be called before wp_engine_start. */
 int32_t wp_uffd_negotiate(int32_t uffd);
@@ -169,6 +177,9 @@ int32_t wp_engine_protect(wp_engine *e);
  * Entry i is page pages_out[i] of region regions_out[i] with flag
  * flags_out[i] (WP_PAGE_DATA or WP_PAGE_ZERO); the contents of the DATA
  * entries are packed into buf (max_pages * 4096 bytes) in entry order.
+ * Entries are 4 KiB pages whatever the region's page size; a sweep takes
+ * whole huge pages, so max_pages must hold the largest one of any region
+ * (512 for 2 MiB pages), else -EINVAL.
  * Returns the number of entries; 0 when nothing is left to sweep right now
  * (pages the fault thread is saving may still arrive: loop until
  * wp_engine_done); -errno after a failure (see wp_engine_error). Call from

@@ -36,6 +36,7 @@
 static bool discard_page(struct wp_region *r, uint32_t process, uint64_t page)
 {
     atomic_store((_Atomic uint8_t *)&r->discarded[page], (uint8_t)(process + 1));
+    page = wp_unit_head(r, page); /* its state: the unit's (a huge page's) */
     uint8_t state = __atomic_load_n(&r->state[page], __ATOMIC_SEQ_CST);
     if (state != PAGE_PENDING || r->fd >= 0)
         return true; /* saved before the discard, or its saver checks the mark */
@@ -64,7 +65,7 @@ void wp_discard_range(wp_engine *e, uint32_t process, uint64_t start, uint64_t e
         uint64_t to = end < m->hva + r->size ? (end - m->hva + WP_PAGE_SIZE - 1) / WP_PAGE_SIZE : r->pages;
         for (uint64_t p = from; p < to; p++) {
             if (armed)
-                wp_note_armed_write(e, m->region, p);
+                wp_note_armed_write(e, m->region, p); /* notes the unit holding p */
             else if (!discard_page(r, process, p))
                 lost++;
         }

@@ -87,9 +87,9 @@ bool wp_claim_page(struct wp_region *r, uint64_t page)
 
 void wp_mark_saved(wp_engine *e, struct wp_region *r, uint64_t page)
 {
-    /* Release: the page's copy (slot or sweep buffer) is complete before SAVED. */
+    /* Release: the unit's copy (slots or sweep buffer) is complete before SAVED. */
     __atomic_store_n(&r->state[page], PAGE_SAVED, __ATOMIC_RELEASE);
-    atomic_fetch_add_explicit(&e->pages_saved, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&e->pages_saved, r->unit, memory_order_relaxed);
 }
 
 int wp_read_pages(wp_engine *e, uint32_t region, uint64_t page, uint64_t count, uint8_t *dst)
@@ -291,16 +291,21 @@ int32_t wp_engine_map_region(wp_engine *e, uint32_t region, uint32_t process, ui
         if (o->process == process && hva < o->hva + e->regions[o->region].size && o->hva < hva + r->size)
             return -EEXIST;
     }
-    /* hugetlbfs memory is protected and resolved only in whole huge pages;
-     * the engine works in 4 KiB pages, so it refuses it here rather than
-     * block the guest later (issue 11 #2). The real page size comes from the
-     * process's mapping, not from what the caller declared. */
+    /* hugetlbfs memory is protected and resolved only in whole huge pages:
+     * the region becomes units of that many 4 KiB pages. The real page size
+     * comes from the process's mapping, never from what the caller declared;
+     * every process must map the region with the same one. A unit larger
+     * than one sweep call holds (1 GiB pages) is refused before anything is
+     * protected. */
     uint64_t page_size;
     int rc = wp_kernel_page_size(e->processes[process].pid, hva, &page_size);
     if (rc < 0)
         return rc == -ENOENT ? -EFAULT : rc; /* nothing mapped there */
-    if (page_size != WP_PAGE_SIZE)
+    uint64_t unit = page_size / WP_PAGE_SIZE;
+    if (page_size % WP_PAGE_SIZE || (unit & (unit - 1)) || unit > WP_SWEEP_MAX_PAGES)
         return -EOPNOTSUPP;
+    if (hva % page_size || r->size % page_size || (r->unit && r->unit != unit))
+        return -EINVAL;
     struct uffdio_register reg = {.range = {.start = hva, .len = r->size}, .mode = UFFDIO_REGISTER_MODE_WP};
     if (ioctl(e->processes[process].uffd, UFFDIO_REGISTER, &reg) < 0)
         return -errno;
@@ -309,6 +314,9 @@ int32_t wp_engine_map_region(wp_engine *e, uint32_t region, uint32_t process, ui
         ioctl(e->processes[process].uffd, UFFDIO_UNREGISTER, &range);
         return -EOPNOTSUPP;
     }
+    r->unit = unit;
+    if (unit > e->max_unit)
+        e->max_unit = unit;
     e->mappings[e->mapping_count] = (struct wp_mapping){.region = region, .process = process, .hva = hva};
     if (!r->view && r->read_via < 0)
         r->read_via = (int32_t)e->mapping_count;
@@ -362,9 +370,14 @@ int32_t wp_engine_start(wp_engine *e)
 {
     if (e->thread_started)
         return -EBUSY;
-    for (uint32_t r = 0; r < e->region_count; r++)
+    for (uint32_t r = 0; r < e->region_count; r++) {
         if (!e->regions[r].view && e->regions[r].read_via < 0)
             return -EINVAL; /* a region nobody maps cannot be read */
+        if (!e->regions[r].unit)
+            e->regions[r].unit = 1; /* viewed here, mapped (protected) nowhere */
+    }
+    if (!e->max_unit)
+        e->max_unit = 1;
     int rc = pthread_create(&e->thread, NULL, wp_fault_thread, e);
     if (rc)
         return -rc;

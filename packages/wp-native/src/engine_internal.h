@@ -40,8 +40,15 @@ enum { MODE_IDLE = 0, MODE_ARMING = 1, MODE_CUTTING = 2, MODE_SNAPSHOT = 3 };
 struct wp_region {
     uint64_t size;
     uint64_t pages;
-    uint8_t *state;      /* one PAGE_* per page, accessed atomically */
-    uint8_t *written;    /* while arming: 1 if unprotected since arming (fault thread only) */
+    /* 4 KiB pages per protection unit, a power of two: 1, or 512 for 2 MiB
+     * hugetlbfs pages (the kernel protects and resolves hugetlbfs memory only
+     * in whole huge pages). A unit is claimed, copied, saved and unprotected
+     * whole; only the state (and `written`) of its first page, its head, is
+     * used. Read from the first mapping's KernelPageSize (wp_engine_map_region);
+     * 0 until then. */
+    uint64_t unit;
+    uint8_t *state;      /* one PAGE_* per page (unit heads only), accessed atomically */
+    uint8_t *written;    /* while arming: 1 if unprotected since arming (fault thread only; unit heads) */
     const uint8_t *view; /* a mapping in this process for reading, or NULL */
     int32_t read_via;    /* with no view: mapping read with process_vm_readv; -1 none yet */
     int fd;              /* shared memory: the file behind the view, read with pread (backing.c); -1 none */
@@ -110,6 +117,7 @@ struct wp_engine {
     struct wp_mapping mappings[WP_MAX_MAPPINGS];
     uint32_t region_count;
     struct wp_region regions[WP_MAX_REGIONS];
+    uint64_t max_unit; /* the largest unit of any region: a sweep batch holds at least one */
     uint64_t pages_total;
 
     /* Slot ring. head is written only by the fault thread, tail only by drain. */
@@ -145,9 +153,16 @@ struct wp_engine {
 #endif
 };
 
+/* The first page of the unit holding `page`. */
+static inline uint64_t wp_unit_head(const struct wp_region *r, uint64_t page)
+{
+    return page & ~(r->unit - 1);
+}
+
 /* engine.c */
 void wp_record_error(wp_engine *e, int32_t err, int32_t process);
 void wp_process_failed(wp_engine *e, uint32_t process, int err);
+/* Claim (PENDING -> COPYING) and mark saved the unit whose head is `page`. */
 bool wp_claim_page(struct wp_region *r, uint64_t page);
 void wp_mark_saved(wp_engine *e, struct wp_region *r, uint64_t page);
 int wp_read_pages(wp_engine *e, uint32_t region, uint64_t page, uint64_t count, uint8_t *dst);
@@ -186,8 +201,8 @@ bool wp_still_protected(wp_engine *e, uint32_t process, uint64_t hva);
 
 /* fault.c: the fault thread and the slot pool it fills. */
 void *wp_fault_thread(void *arg);
-/* While arming: remember that the page must be re-protected at the cut.
- * Fault thread only, with `noting` set. */
+/* While arming: remember that the unit whose head is `page` must be
+ * re-protected at the cut. Fault thread only, with `noting` set. */
 void wp_note_armed_write(wp_engine *e, uint32_t region, uint64_t page);
 /* Take up to max pages out of the pool, oldest first: contents to buf (one
  * page each), their region and page index to regions_out / pages_out. The

@@ -7,7 +7,8 @@
  * fallback, and never writes guest memory.
  *
  * The pool is a single-producer (fault thread) single-consumer (the writer,
- * through wp_pool_take) ring of 4 KiB slots. When it is full the fault thread
+ * through wp_pool_take) ring of 4 KiB slots; a huge page (hugetlbfs) goes in
+ * as its 4 KiB pages, in chunks (pool_store_unit). When it is full the fault thread
  * waits (the synchronous fallback); after WP_OVERFLOW_NS it copies into a
  * heap slot instead, so a writer thread that itself touches guest memory can
  * never deadlock the snapshot.
@@ -135,6 +136,28 @@ static void pool_store_run(wp_engine *e, uint32_t region, uint64_t page, uint64_
         e->pool_high_water = used;
 }
 
+/*
+ * A claimed huge page (a unit of `count` pages): its 4 KiB pages go into the
+ * pool as many at a time as there are free slots, and when there are none
+ * one at a time through pool_store, which waits for the writer (the
+ * synchronous fallback) or overflows. So a pool of any size holds a huge
+ * page in chunks and the memory stays the pool's; the huge page stays
+ * write-protected, its writer blocked, until every chunk is copied.
+ */
+static void pool_store_unit(wp_engine *e, uint32_t region, uint64_t page, uint64_t count)
+{
+    for (uint64_t done = 0; done < count;) {
+        uint64_t free_slots = e->sync_mode ? 0 : pool_free_slots(e);
+        if (free_slots == 0) {
+            pool_store(e, region, page + done++);
+            continue;
+        }
+        uint64_t n = count - done < free_slots ? count - done : free_slots;
+        pool_store_run(e, region, page + done, n);
+        done += n;
+    }
+}
+
 uint32_t wp_pool_take(wp_engine *e, uint8_t *buf, uint32_t *regions_out, uint64_t *pages_out, uint32_t max_pages)
 {
     uint32_t n = 0;
@@ -226,6 +249,7 @@ static void save_neighbours(wp_engine *e, uint32_t ri, uint64_t page)
 void wp_note_armed_write(wp_engine *e, uint32_t ri, uint64_t page)
 {
     struct wp_region *r = &e->regions[ri];
+    page = wp_unit_head(r, page);
     if (r->written[page])
         return;
     if (e->armed_count == e->armed_cap) {
@@ -249,7 +273,7 @@ static void note_written(wp_engine *e, uint32_t ri, uint64_t page)
 {
     wp_note_armed_write(e, ri, page);
     e->arm_faults++;
-    wp_unprotect_pages(e, ri, page, 1);
+    wp_unprotect_pages(e, ri, page, e->regions[ri].unit);
 }
 
 static void serve_write_fault(wp_engine *e, uint32_t process, uint64_t fault_hva)
@@ -260,7 +284,8 @@ static void serve_write_fault(wp_engine *e, uint32_t process, uint64_t fault_hva
         return;
     uint32_t ri = m->region;
     struct wp_region *r = &e->regions[ri];
-    uint64_t page = (fault_hva - m->hva) / WP_PAGE_SIZE;
+    /* The unit (page or huge page) holding the fault. */
+    uint64_t page = wp_unit_head(r, (fault_hva - m->hva) / WP_PAGE_SIZE);
     /* The handshake with the cut (wp_engine_protect): `noting` is set only
      * while one armed write is noted, and the fault thread never waits for
      * anything while it is set. The cut sets CUTTING, then waits for
@@ -280,16 +305,19 @@ static void serve_write_fault(wp_engine *e, uint32_t process, uint64_t fault_hva
         mode = atomic_load(&e->mode);
     }
     if (wp_claim_page(r, page)) {
-        pool_store(e, ri, page);
+        if (r->unit == 1)
+            pool_store(e, ri, page);
+        else
+            pool_store_unit(e, ri, page, r->unit);
         e->faults++; /* before SAVED: counters add up once wp_engine_done says so */
         wp_mark_saved(e, r, page);
-        wp_unprotect_pages(e, ri, page, 1);
+        wp_unprotect_pages(e, ri, page, r->unit);
         uint64_t ns = monotonic_ns() - start;
         e->fault_ns_total += ns;
         if (ns > e->fault_ns_max)
             e->fault_ns_max = ns;
         e->hist[hist_bucket(ns, WP_HIST_BUCKETS)]++;
-        if (e->fault_around > 1)
+        if (e->fault_around > 1 && r->unit == 1) /* a huge page is its own fault-around */
             save_neighbours(e, ri, page);
         /* Tell the sweep where the guest writes: it goes there next. */
         atomic_store_explicit(&e->steer_at, ((uint64_t)ri << 48 | page) + 1, memory_order_relaxed);
@@ -299,7 +327,7 @@ static void serve_write_fault(wp_engine *e, uint32_t process, uint64_t fault_hva
      * sure the writer is woken. Unprotecting a saved page is harmless. */
     while (__atomic_load_n(&r->state[page], __ATOMIC_ACQUIRE) != PAGE_SAVED && !atomic_load(&e->stopping))
         __builtin_ia32_pause();
-    wp_unprotect_in(e, process, m->hva + page * WP_PAGE_SIZE, WP_PAGE_SIZE);
+    wp_unprotect_in(e, process, m->hva + page * WP_PAGE_SIZE, r->unit * WP_PAGE_SIZE);
     e->faults_spurious++;
 }
 

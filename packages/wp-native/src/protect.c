@@ -143,29 +143,33 @@ static int compare_refs(const void *a, const void *b)
     return x->page < y->page ? -1 : x->page > y->page;
 }
 
-/* Re-protect what was written since arming: runs of consecutive pages of a
- * region, one ioctl per run per process. */
+/* Re-protect what was written since arming: runs of consecutive units of a
+ * region (pages, or whole huge pages), one ioctl per run per process. */
 static int32_t reprotect_written(wp_engine *e)
 {
     struct wp_page_ref *w = e->armed_writes;
     size_t n = e->armed_count;
     qsort(w, n, sizeof *w, compare_refs);
+    uint64_t pages = 0;
     for (size_t i = 0; i < n;) {
+        uint64_t unit = e->regions[w[i].region].unit;
         size_t j = i + 1;
-        while (j < n && w[j].region == w[i].region && w[j].page == w[j - 1].page + 1)
+        while (j < n && w[j].region == w[i].region && w[j].page == w[j - 1].page + unit)
             j++;
+        uint64_t len = (w[j - 1].page + unit - w[i].page) * WP_PAGE_SIZE;
+        pages += len / WP_PAGE_SIZE;
         for (uint32_t k = 0; k < e->mapping_count; k++) {
             const struct wp_mapping *m = &e->mappings[k];
             struct wp_process *p = &e->processes[m->process];
             if (m->region != w[i].region || atomic_load(&p->dead))
                 continue;
-            int rc = wp_writeprotect(p->uffd, m->hva + w[i].page * WP_PAGE_SIZE, (j - i) * WP_PAGE_SIZE, true);
+            int rc = wp_writeprotect(p->uffd, m->hva + w[i].page * WP_PAGE_SIZE, len, true);
             if (rc < 0)
                 return rc;
         }
         i = j;
     }
-    e->cut_pages = n;
+    e->cut_pages = pages;
     return 0;
 }
 

@@ -29,24 +29,35 @@ static inline bool resident(const wp_engine *e, bool residency, uint64_t offset)
     return !residency || (e->residency[offset] & 1);
 }
 
-/* Capture every not-yet-saved page of [first_page, first_page + max_pages)
- * of a region; returns the number of entries (see wp_engine_next_batch). */
+/* The pages a sweep of `region` covers from `first_page` on: whole units
+ * (huge pages), as many as fit in max_pages (at least one: next_batch checks). */
+static uint64_t sweep_span(const struct wp_region *r, uint32_t max_pages)
+{
+    return max_pages - max_pages % r->unit;
+}
+
+/* Capture every not-yet-saved unit of [first_page, first_page + span) of a
+ * region (first_page rounded down to its unit); returns the number of
+ * entries, one per 4 KiB page (see wp_engine_next_batch). */
 static uint32_t sweep(wp_engine *e, uint32_t region, uint64_t first_page, uint32_t max_pages, uint8_t *buf,
                       uint32_t *regions_out, uint64_t *pages_out, uint8_t *flags_out)
 {
     struct wp_region *r = &e->regions[region];
+    first_page = wp_unit_head(r, first_page);
     if (first_page >= r->pages)
         return 0;
-    uint64_t end = first_page + max_pages < r->pages ? first_page + max_pages : r->pages;
+    uint64_t span = sweep_span(r, max_pages);
+    uint64_t end = first_page + span < r->pages ? first_page + span : r->pages;
     uint64_t count = end - first_page;
 
     /* Claim first, so the residency check and the copies see frozen pages. */
     uint32_t n = 0;
-    for (uint64_t p = first_page; p < end; p++)
-        if (wp_claim_page(r, p)) {
-            regions_out[n] = region;
-            pages_out[n++] = p;
-        }
+    for (uint64_t p = first_page; p < end; p += r->unit)
+        if (wp_claim_page(r, p))
+            for (uint64_t k = 0; k < r->unit; k++) {
+                regions_out[n] = region;
+                pages_out[n++] = p + k;
+            }
     if (n == 0)
         return 0;
     /* Shared memory: holes of its file. Otherwise pages not resident in our
@@ -86,8 +97,8 @@ static uint32_t sweep(wp_engine *e, uint32_t region, uint64_t first_page, uint32
         }
         i = j;
     }
-    for (uint32_t i = 0; i < n; i++)
-        wp_mark_saved(e, r, pages_out[i]);
+    for (uint32_t i = 0; i < n; i += (uint32_t)r->unit)
+        wp_mark_saved(e, r, pages_out[i]); /* a unit's head */
     e->pages_swept += n;
     uint32_t i = 0;
     while (i < n) {
@@ -140,6 +151,8 @@ int32_t wp_engine_next_batch(wp_engine *e, uint8_t *buf, uint32_t *regions_out, 
         return -EINVAL;
     if (max_pages > WP_SWEEP_MAX_PAGES)
         max_pages = WP_SWEEP_MAX_PAGES;
+    if (max_pages < e->max_unit)
+        return -EINVAL; /* a sweep cannot hold a whole huge page */
     uint32_t n = wp_pool_take(e, buf, regions_out, pages_out, max_pages);
     if (n > 0)
         return (int32_t)pack_pool_pages(buf, flags_out, n);
@@ -158,7 +171,7 @@ int32_t wp_engine_next_batch(wp_engine *e, uint8_t *buf, uint32_t *regions_out, 
             continue;
         }
         n = sweep(e, e->sweep_region, e->sweep_page, max_pages, buf, regions_out, pages_out, flags_out);
-        e->sweep_page += max_pages;
+        e->sweep_page += sweep_span(&e->regions[e->sweep_region], max_pages); /* stays unit aligned */
         if (n > 0)
             return (int32_t)n;
     }

@@ -1,26 +1,50 @@
 /*
- * Issue 11 #2 (first part): hugetlbfs memory (memfd MFD_HUGETLB, anonymous
- * MAP_HUGETLB) is protected and resolved only in whole huge pages, which the
- * engine does not do yet. Whatever page size the caller believes, the
- * engine reads the real one from the mapping (/proc/PID/smaps) and refuses
- * the region at registration with EOPNOTSUPP, before anything is protected:
- * no guest thread can be left blocked. Exit 0 pass, 1 fail, 77 skip.
+ * Issue 11 #2: hugetlbfs guests (memfd MFD_HUGETLB, anonymous MAP_HUGETLB).
+ * The kernel protects and resolves such memory only in whole huge pages;
+ * the engine reads the real page size from the mapping (/proc/PID/smaps),
+ * whatever the caller believes, and protects, saves and unprotects whole
+ * 2 MiB pages. Host threads write random pages during the snapshot, and the
+ * pages taken from the engine must equal a reference copy taken at the cut:
+ *  - not armed and armed, a 64-slot pool (a huge page goes through it in
+ *    chunks) and buffer 0 (synchronous);
+ *  - a region not aligned to the huge page size is refused (EINVAL), a
+ *    sweep batch smaller than a huge page too, with nothing left protected;
+ *  - destroying the engine mid-snapshot, with writers blocked on huge pages,
+ *    lets every writer run on (the watchdog turns a hang into a failure).
+ * Exit 0 pass, 1 fail, 77 skip.
  *
  * Huge pages are reserved for the test (vm.nr_hugepages, as root) and the
  * setting restored afterwards; without them the test skips, saying why.
  */
 #define _GNU_SOURCE
+#include "vmsnap_guest.h"
 #include "vmsnap_engine.h"
+#include "wp_test.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
-#define HUGE (2ull << 20)
+#define MIB (1ull << 20)
+#define HUGE (2 * MIB)
+#define SIZE (16 * MIB)
+#define PAGES (SIZE / WP_PAGE_SIZE)
+#define BATCH 1024 /* pages per next_batch: at least one huge page */
+#define RESERVE 12 /* huge pages: one 16 MiB guest at a time, plus margin */
 #define NR_HUGEPAGES "/proc/sys/vm/nr_hugepages"
+#ifndef HANG_SECONDS
+#define HANG_SECONDS 60
+#endif
+
+static _Atomic int progress; /* steps finished; the watchdog checks it moves */
+static struct wp_test_watchdog dog_spec = {&progress, HANG_SECONDS, "step",
+                                           "a writer stayed blocked on a huge page (or the snapshot never ended)"};
 
 static long read_long(const char *path)
 {
@@ -43,54 +67,198 @@ static int write_long(const char *path, long v)
     return fclose(f) == 0 ? rc : -errno;
 }
 
-/* Registering must be refused, and the memory stays writable. */
-static int expect_refused(const char *what, uint8_t *mem)
+static const char *kind_name(uint32_t kind)
 {
-    memset(mem, 7, HUGE);
+    return kind == VG_MEM_HUGETLB ? "memfd MFD_HUGETLB" : "anonymous MAP_HUGETLB";
+}
+
+/* Everything the engine captures until done, copied to out at each page's offset. */
+static int take_all(wp_engine *e, uint8_t *buf, uint64_t out)
+{
+    static uint32_t regions[BATCH];
+    static uint64_t pages[BATCH];
+    static uint8_t flags[BATCH];
+    while (!wp_engine_done(e)) {
+        int n = wp_engine_next_batch(e, buf, regions, pages, flags, BATCH);
+        if (n < 0)
+            return wp_test_fail("next_batch", n);
+        for (int i = 0, d = 0; i < n; i++) {
+            uint8_t *dst = (uint8_t *)(uintptr_t)(out + pages[i] * WP_PAGE_SIZE);
+            if (flags[i] == WP_PAGE_DATA)
+                memcpy(dst, buf + (size_t)d++ * WP_PAGE_SIZE, WP_PAGE_SIZE);
+            else
+                memset(dst, 0, WP_PAGE_SIZE);
+        }
+    }
+    return 0;
+}
+
+/* Writers race a snapshot of a hugetlbfs guest; it must equal the reference at the cut. */
+static int snapshot_while_writing(uint32_t kind, uint32_t pool_slots, bool arm)
+{
     int32_t err;
-    wp_engine *e = wp_engine_create(64, &err);
-    if (!e) {
-        fprintf(stderr, "FAIL %s: wp_engine_create: %s\n", what, strerror(-err));
+    vg_guest *g = vg_create(SIZE, kind, &err);
+    if (!g)
+        return wp_test_fail("vg_create (hugetlbfs guest)", err);
+    vg_fill(g, 0, PAGES / 2, 11); /* the second half: never touched before the cut */
+    vg_set_target(g, 0, PAGES / 2);
+    vg_start(g, 2, 0, 5);
+    wp_engine *e = wp_engine_create(pool_slots, &err);
+    if (!e)
+        return wp_test_fail("wp_engine_create", err);
+    long rc = wp_engine_add_region(e, vg_hva(g), SIZE);
+    if (rc < 0) {
+        fprintf(stderr, "FAIL %s: registering a hugetlbfs region: %s\n", kind_name(kind), strerror((int)-rc));
         return 1;
     }
-    int rc = wp_engine_add_region(e, (uint64_t)(uintptr_t)mem, HUGE);
+    if ((rc = wp_engine_start(e)) < 0 || (arm && (rc = wp_engine_arm(e)) < 0))
+        return wp_test_fail("start/arm", rc);
+    if ((rc = vg_freeze(g, 10000)) < 0)
+        return wp_test_fail("freeze", rc);
+    vg_take_reference(g);
+    vg_set_target(g, 0, PAGES);
+    if ((rc = wp_engine_protect(e)) < 0)
+        return wp_test_fail("protect", rc);
+    vg_thaw(g);
+    /* Make the writers race the sweep for sure: wait until one has faulted
+     * (its huge page is going through the pool) before taking anything. */
+    wp_stats st;
+    do
+        wp_engine_stats(e, &st);
+    while (st.pool_used == 0);
+    uint64_t out = vg_map(SIZE);
+    uint8_t *buf = malloc(BATCH * WP_PAGE_SIZE);
+    if (take_all(e, buf, out))
+        return 1;
+    wp_engine_stats(e, &st);
+    rc = wp_engine_destroy(e);
+    int64_t written_unpopulated = vg_count_written_unpopulated(g);
+    vg_stop(g);
+    int64_t diff = vg_compare(out, vg_reference_hva(g), SIZE);
+    printf("%s pool=%u arm=%d: faults=%llu fallbacks=%llu swept=%llu zero=%llu arm_faults=%llu cut_pages=%llu "
+           "written-unpopulated=%lld\n",
+           kind_name(kind), pool_slots, arm, (unsigned long long)st.faults, (unsigned long long)st.fallbacks,
+           (unsigned long long)st.pages_swept, (unsigned long long)st.pages_zero, (unsigned long long)st.arm_faults,
+           (unsigned long long)st.cut_pages, (long long)written_unpopulated);
+    if (diff >= 0)
+        return wp_test_fail("the snapshot differs from the reference at the cut at page", diff);
+    if (st.pages_saved != PAGES || st.faults * (HUGE / WP_PAGE_SIZE) + st.pages_swept != PAGES)
+        return wp_test_fail("pages captured != pages (whole huge pages, once each)", (long)st.pages_saved);
+    if (arm && st.cut_pages % (HUGE / WP_PAGE_SIZE))
+        return wp_test_fail("the cut re-protected part of a huge page", (long)st.cut_pages);
+    if (written_unpopulated <= 0)
+        return wp_test_fail("the writers never wrote a huge page untouched at the cut", 0);
+    if (rc < 0)
+        return wp_test_fail("destroy", rc);
+    vg_unmap(out, SIZE);
+    vg_destroy(g);
+    free(buf);
+    atomic_fetch_add(&progress, 1);
+    return 0;
+}
+
+/* Refusals leave nothing protected: the memory stays writable at once. */
+static int refusals(uint32_t kind)
+{
+    int32_t err;
+    vg_guest *g = vg_create(SIZE, kind, &err);
+    wp_engine *e = g ? wp_engine_create(64, &err) : NULL;
+    if (!e)
+        return wp_test_fail("create", err);
+    uint8_t *mem = (uint8_t *)(uintptr_t)vg_hva(g);
+    long half = wp_engine_add_region(e, vg_hva(g) + WP_PAGE_SIZE, HUGE);
+    long part = wp_engine_add_region(e, vg_hva(g), HUGE + WP_PAGE_SIZE);
+    printf("%s: region at +4 KiB -> %s, 2 MiB + 4 KiB -> %s\n", kind_name(kind), strerror((int)-half),
+           strerror((int)-part));
+    if (half != -EINVAL || part != -EINVAL)
+        return wp_test_fail("a region not aligned to its huge pages was not refused with EINVAL", half != -EINVAL ? half : part);
+    long rc = wp_engine_add_region(e, vg_hva(g), SIZE);
+    if (rc < 0 || (rc = wp_engine_start(e)) < 0 || (rc = wp_engine_protect(e)) < 0)
+        return wp_test_fail("register/protect", rc);
+    uint8_t buf[256 * WP_PAGE_SIZE];
+    uint32_t regions[256];
+    uint64_t pages[256];
+    uint8_t flags[256];
+    rc = wp_engine_next_batch(e, buf, regions, pages, flags, 256);
+    if (rc != -EINVAL)
+        return wp_test_fail("a batch smaller than a huge page was not refused with EINVAL", rc);
     wp_engine_destroy(e);
-    mem[4096] = 8; /* never blocked: nothing was protected */
-    printf("%s: add_region -> %s\n", what, rc < 0 ? strerror(-rc) : "accepted");
-    if (rc != -EOPNOTSUPP) {
-        fprintf(stderr, "FAIL %s: expected EOPNOTSUPP (hugetlbfs is not supported), got %d\n", what, rc);
-        return 1;
-    }
+    mem[5 * WP_PAGE_SIZE] = 1; /* blocks forever if anything stayed protected (watchdog) */
+    vg_destroy(g);
+    atomic_fetch_add(&progress, 1);
+    return 0;
+}
+
+/* Destroyed mid-snapshot (a failure path): writers blocked on huge pages,
+ * including one whose huge page is half copied into a full pool, run on. */
+static int destroy_mid_snapshot(uint32_t kind)
+{
+    int32_t err;
+    vg_guest *g = vg_create(SIZE, kind, &err);
+    wp_engine *e = g ? wp_engine_create(16, &err) : NULL;
+    if (!e)
+        return wp_test_fail("create", err);
+    vg_fill(g, 0, PAGES, 3);
+    vg_start(g, 2, 0, 9);
+    long rc = wp_engine_add_region(e, vg_hva(g), SIZE);
+    if (rc < 0 || (rc = wp_engine_start(e)) < 0 || (rc = wp_engine_protect(e)) < 0)
+        return wp_test_fail("register/protect", rc);
+    /* Nobody takes pages: the 16-slot pool fills within the first huge page
+     * and the fault thread waits for the writer, its writers blocked. */
+    wp_stats st;
+    do
+        wp_engine_stats(e, &st);
+    while (st.fallbacks == 0);
+    wp_engine_destroy(e);
+    vg_stop(g); /* joins the writers: hangs (watchdog) if one stayed blocked */
+    printf("%s: destroyed with the pool full mid huge page: writers ran on\n", kind_name(kind));
+    vg_destroy(g);
+    atomic_fetch_add(&progress, 1);
     return 0;
 }
 
 int main(void)
 {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    int skip = wp_test_need_wp_unpopulated();
+    if (skip)
+        return skip;
     long before = read_long(NR_HUGEPAGES);
     if (before < 0) {
         printf("SKIP: %s cannot be read: no hugetlbfs here\n", NR_HUGEPAGES);
         return 77;
     }
-    if (write_long(NR_HUGEPAGES, before + 2) < 0) {
+    if (write_long(NR_HUGEPAGES, before + RESERVE) < 0) {
         printf("SKIP: cannot reserve huge pages (writing %s needs root)\n", NR_HUGEPAGES);
         return 77;
     }
-    int failed = 0;
-    int fd = memfd_create("vmsnap-hugetlb", MFD_CLOEXEC | MFD_HUGETLB);
-    uint8_t *shared = fd >= 0 && ftruncate(fd, HUGE) == 0 ? mmap(NULL, HUGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
-                                                          : MAP_FAILED;
-    uint8_t *anon = mmap(NULL, HUGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
-    if (shared == MAP_FAILED || anon == MAP_FAILED) {
-        printf("SKIP: no 2 MiB huge page could be mapped (%s; nr_hugepages %ld -> %ld)\n", strerror(errno), before,
-               read_long(NR_HUGEPAGES));
+    int32_t err;
+    vg_guest *probe = vg_create(SIZE, VG_MEM_HUGETLB, &err);
+    if (!probe) {
+        printf("SKIP: no %llu MiB of 2 MiB huge pages could be mapped (%s; nr_hugepages %ld -> %ld)\n",
+               (unsigned long long)(SIZE / MIB), strerror(-err), before, read_long(NR_HUGEPAGES));
         write_long(NR_HUGEPAGES, before);
         return 77;
     }
-    failed |= expect_refused("memfd MFD_HUGETLB", shared);
-    failed |= expect_refused("anonymous MAP_HUGETLB", anon);
-    munmap(shared, HUGE);
-    munmap(anon, HUGE);
-    close(fd);
+    vg_destroy(probe);
+    /* The tests run in a child, so the setting is put back whatever becomes
+     * of it (the watchdog exits at once). */
+    pid_t child = fork();
+    if (child == 0) {
+        pthread_t dog;
+        pthread_create(&dog, NULL, wp_test_watchdog_run, &dog_spec);
+        int failed = 0;
+        for (uint32_t kind = VG_MEM_HUGETLB; kind <= VG_MEM_HUGETLB_ANON && !failed; kind++)
+            failed = snapshot_while_writing(kind, 64, false) || snapshot_while_writing(kind, 64, true) ||
+                     snapshot_while_writing(kind, 0, false) || snapshot_while_writing(kind, 2048, true) ||
+                     refusals(kind) || destroy_mid_snapshot(kind);
+        _exit(failed);
+    }
+    int status = 0;
+    if (child < 0 || waitpid(child, &status, 0) < 0)
+        status = 1 << 8;
     write_long(NR_HUGEPAGES, before);
+    int failed = !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+    printf(failed ? "FAIL\n" : "PASS\n");
     return failed;
 }
