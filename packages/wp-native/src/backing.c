@@ -112,6 +112,16 @@ int wp_backing_data_map(int fd, uint64_t offset, uint64_t pages, uint8_t *map)
     return 0;
 }
 
+int wp_backing_has_data(int fd, uint64_t offset)
+{
+    /* SEEK_DATA only: it stops at the first data, where SEEK_HOLE would scan
+     * on to the end of it. */
+    off_t data = lseek(fd, (off_t)offset, SEEK_DATA);
+    if (data < 0)
+        return errno == ENXIO ? 0 : -errno;
+    return (uint64_t)data < offset + WP_PAGE_SIZE;
+}
+
 int wp_backing_size(int fd, uint64_t *size_out)
 {
     struct stat st;

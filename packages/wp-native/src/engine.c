@@ -60,9 +60,8 @@ int wp_check_discarded(wp_engine *e, uint32_t region, uint64_t page, uint64_t co
             for (uint32_t k = 0; k < e->mapping_count && !m; k++)
                 if (e->mappings[k].region == region && e->mappings[k].process == process)
                     m = &e->mappings[k];
-            uint8_t data = 0;
             if (m && wp_still_protected(e, process, m->hva + (page + i) * WP_PAGE_SIZE) &&
-                wp_backing_data_map(r->fd, r->fd_offset + (page + i) * WP_PAGE_SIZE, 1, &data) == 0 && data)
+                wp_backing_has_data(r->fd, r->fd_offset + (page + i) * WP_PAGE_SIZE) == 1)
                 continue;
         }
         atomic_fetch_add(&e->pages_discarded, 1);
@@ -450,6 +449,7 @@ int32_t wp_engine_destroy(wp_engine *e)
         free(e->regions[i].state);
         free(e->regions[i].written);
         free(e->regions[i].discarded);
+        free(atomic_load(&e->regions[i].populated));
         if (e->regions[i].fd >= 0)
             close(e->regions[i].fd);
     }

@@ -221,16 +221,17 @@ static void save_neighbours(wp_engine *e, uint32_t ri, uint64_t page)
     uint64_t w1 = w0 + e->fault_around < r->pages ? w0 + e->fault_around : r->pages;
     uint64_t free_slots = pool_free_slots(e);
     uint64_t budget = free_slots > e->slots / 2 ? free_slots - e->slots / 2 : 0;
-    /* Never read a page that is not populated: for shared memory, reading
-     * a hole would allocate it. Holes stay for the sweep (zero, not read). */
-    uint8_t data[512];
-    if (r->fd >= 0 && wp_backing_data_map(r->fd, r->fd_offset + w0 * WP_PAGE_SIZE, w1 - w0, data) < 0)
+    /* Never read a page that is not populated (a hole of shared memory's
+     * file): holes stay for the sweep (zero, not read). Until the writer has
+     * mapped the holes (sweep.c), no fault-around there. */
+    const uint8_t *populated = NULL;
+    if (r->fd >= 0 && !(populated = atomic_load_explicit(&r->populated, memory_order_acquire)))
         return;
     for (uint64_t p = w0; p < w1 && budget > 0;) {
         /* A run of populated pages we could claim: read into the pool in one
          * go, marked saved, unprotected with one ioctl. */
         uint64_t run = p;
-        while (p < w1 && p - run < budget && p != page && (r->fd < 0 || data[p - w0]) && wp_claim_page(r, p))
+        while (p < w1 && p - run < budget && p != page && (!populated || populated[p]) && wp_claim_page(r, p))
             p++;
         uint64_t n = p - run;
         if (n > 0) {

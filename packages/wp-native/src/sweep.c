@@ -11,6 +11,7 @@
 #include "engine_internal.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 
@@ -23,10 +24,31 @@ bool wp_page_is_zero(const uint8_t *p)
     return acc == 0;
 }
 
-/* Without a residency map every page must be read. */
-static inline bool resident(const wp_engine *e, bool residency, uint64_t offset)
+/* Is a page worth reading? map[page - base] & 1; without a map, always. */
+static inline bool resident(const uint8_t *map, uint64_t base, uint64_t page)
 {
-    return !residency || (e->residency[offset] & 1);
+    return !map || (map[page - base] & 1);
+}
+
+/* After the cut, once: which pages of each shared-memory region's file hold
+ * data (the rest are holes: zero, never read). Pages that are holes now were
+ * holes at the cut or were discarded since (discard.c checks those), and a
+ * guest write into a hole after the cut is a fault that claims the page
+ * first, so the map stays right for every page the sweep still claims. A
+ * file that shrank gets no map: reading it then fails the snapshot. */
+static void build_populated_maps(wp_engine *e)
+{
+    e->populated_built = true;
+    for (uint32_t i = 0; i < e->region_count; i++) {
+        struct wp_region *r = &e->regions[i];
+        if (r->fd < 0)
+            continue;
+        uint8_t *map = malloc(r->pages);
+        if (map && wp_backing_data_map(r->fd, r->fd_offset, r->pages, map) == 0)
+            atomic_store_explicit(&r->populated, map, memory_order_release);
+        else
+            free(map);
+    }
 }
 
 /* The pages a sweep of `region` covers from `first_page` on: whole units
@@ -62,24 +84,28 @@ static uint32_t sweep(wp_engine *e, uint32_t region, uint64_t first_page, uint32
         return 0;
     /* Shared memory: holes of its file. Otherwise pages not resident in our
      * view, trusted only without swap (a swapped-out page is not resident). */
-    bool residency = r->fd >= 0 ? wp_backing_data_map(r->fd, r->fd_offset + first_page * WP_PAGE_SIZE, count,
-                                                      e->residency) == 0
-                                : r->view && e->check_residency &&
-                                      mincore((void *)(r->view + first_page * WP_PAGE_SIZE), count * WP_PAGE_SIZE,
-                                              e->residency) == 0;
+    const uint8_t *map = NULL;
+    uint64_t base = 0;
+    if (r->fd >= 0)
+        map = atomic_load_explicit(&r->populated, memory_order_relaxed); /* built by this thread */
+    else if (r->view && e->check_residency &&
+             mincore((void *)(r->view + first_page * WP_PAGE_SIZE), count * WP_PAGE_SIZE, e->residency) == 0) {
+        map = e->residency;
+        base = first_page;
+    }
     /* Each run of consecutive resident claimed pages is read with one call
      * (for a remote process, one process_vm_readv), into buf at the end of
      * the data kept so far; zero pages are then dropped and the rest packed. */
     size_t data_pages = 0;
     for (uint32_t i = 0; i < n;) {
-        if (!resident(e, residency, pages_out[i] - first_page)) {
+        if (!resident(map, base, pages_out[i])) {
             wp_check_discarded(e, region, pages_out[i], 1, NULL); /* a hole: not read, maybe discarded */
             flags_out[i++] = WP_PAGE_ZERO;
             e->pages_zero++;
             continue;
         }
         uint32_t j = i + 1;
-        while (j < n && pages_out[j] == pages_out[j - 1] + 1 && resident(e, residency, pages_out[j] - first_page))
+        while (j < n && pages_out[j] == pages_out[j - 1] + 1 && resident(map, base, pages_out[j]))
             j++;
         uint8_t *run = buf + data_pages * WP_PAGE_SIZE;
         wp_read_pages(e, region, pages_out[i], j - i, run);
@@ -153,6 +179,8 @@ int32_t wp_engine_next_batch(wp_engine *e, uint8_t *buf, uint32_t *regions_out, 
         max_pages = WP_SWEEP_MAX_PAGES;
     if (max_pages < e->max_unit)
         return -EINVAL; /* a sweep cannot hold a whole huge page */
+    if (!e->populated_built && atomic_load(&e->mode) == MODE_SNAPSHOT)
+        build_populated_maps(e);
     uint32_t n = wp_pool_take(e, buf, regions_out, pages_out, max_pages);
     if (n > 0)
         return (int32_t)pack_pool_pages(buf, flags_out, n);
