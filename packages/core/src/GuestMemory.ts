@@ -3,6 +3,8 @@
  * addresses (HVA), region-relative page indices, and memory regions.
  */
 export const PAGE_SIZE = 4096
+/** The hugetlbfs page size vmsnap captures (x86-64's 2 MiB huge pages). */
+export const HUGE_PAGE_SIZE = 2 * 1024 * 1024
 
 /** Guest-physical address. */
 export type Gpa = bigint & { readonly _brand: "Gpa" }
@@ -26,6 +28,13 @@ export interface MemoryRegion {
   /** Bytes; a multiple of PAGE_SIZE. */
   readonly size: number
   readonly kind: MemoryKind
+  /**
+   * Bytes per page of the memory: 4096, or the huge page size of hugetlbfs
+   * memory (2 MiB), which is protected and saved in whole huge pages. A
+   * snapshot reads the real one from the mapping (/proc/PID/smaps) and
+   * records that; default 4096.
+   */
+  readonly pageSize?: number
   /** A process's mapping (`snapshot --pid`): recorded in the file's mapping table. */
   readonly mapping?: { readonly name: string; readonly permissions: string }
 }

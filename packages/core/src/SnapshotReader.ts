@@ -190,7 +190,8 @@ export interface InspectReport {
   readonly createdAt: string
   readonly fileBytes: number
   /** `mapping`: a process snapshot's mapping (name, permissions); guestBase is then its hva. */
-  readonly regions: ReadonlyArray<{ guestBase: string; sizeBytes: number; kind: string; pages: number; dataPages: number; zeroPages: number; mapping?: { name: string; permissions: string } }>
+  /** `pageSize`: bytes per page of the region's memory (4096; 2 MiB for hugetlbfs); `pages` always counts 4 KiB pages. */
+  readonly regions: ReadonlyArray<{ guestBase: string; sizeBytes: number; kind: string; pageSize: number; pages: number; dataPages: number; zeroPages: number; mapping?: { name: string; permissions: string } }>
   readonly records: number
   readonly dataPages: number
   readonly zeroPages: number
@@ -238,6 +239,7 @@ export const inspectSnapshot = (path: string): Effect.Effect<InspectReport, Snap
           ...(r.mapping ? { mapping: r.mapping } : {}),
           sizeBytes: r.size,
           kind: r.kind,
+          pageSize: r.pageSize,
           pages: r.size / PAGE_SIZE,
           dataPages: perRegion[i]!.data,
           zeroPages: perRegion[i]!.zero

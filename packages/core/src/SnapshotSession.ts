@@ -13,7 +13,8 @@ import { Effect, Fiber } from "effect"
 import { randomUUID } from "node:crypto"
 import type { AtomicFileOptions } from "./AtomicFile.js"
 import { InvalidInput, type VmsnapError } from "./Errors.js"
-import { PAGE_SIZE, type MemoryRegion } from "./GuestMemory.js"
+import { formatBytes, HUGE_PAGE_SIZE, PAGE_SIZE, type MemoryRegion } from "./GuestMemory.js"
+import { type ProcessMapping, readMappings } from "./ProcessMappings.js"
 import { SnapshotFile } from "./SnapshotFile.js"
 import { writeSnapshotBody, type WriterOptions } from "./SnapshotWriter.js"
 import { errnoName } from "./internal/errno.js"
@@ -93,6 +94,41 @@ const validate = (options: SnapshotOptions) => {
 }
 
 /**
+ * The regions as the kernel maps them: each one's real page size, from the
+ * mapping of the first process that registers it (KernelPageSize in
+ * /proc/PID/smaps, the same source the engine reads), never what the caller
+ * declared. Memory with 2 MiB pages is hugetlbfs and is recorded so; the
+ * engine protects and saves it in whole huge pages. 1 GiB pages, and a
+ * region not made of whole huge pages, are refused.
+ */
+const withRealPageSizes = (options: SnapshotOptions): Effect.Effect<ReadonlyArray<MemoryRegion>, InvalidInput> =>
+  Effect.suspend(() => {
+    const maps = new Map<number, ReadonlyArray<ProcessMapping>>()
+    const mappingsOf = (pid: number) => {
+      if (!maps.has(pid)) maps.set(pid, (() => { try { return readMappings(pid) } catch { return [] } })())
+      return maps.get(pid)!
+    }
+    const out: Array<MemoryRegion> = []
+    for (const [i, r] of options.regions.entries()) {
+      const remote = options.processes?.flatMap((p) => p.mappings.filter((m) => m.region === i).map((m) => ({ pid: p.pid, hva: m.hva })))[0]
+      const at = options.processes ? remote : { pid: process.pid, hva: r.hostBase as bigint }
+      // Nothing mapped there: registering fails with EFAULT, which says so.
+      const real = at && mappingsOf(at.pid).find((m) => at.hva >= m.start && at.hva < m.end)?.kernelPageSize
+      const where = `region at guest 0x${r.guestBase.toString(16)} (${formatBytes(r.size)})`
+      if (real === undefined) out.push(r)
+      else if (real === PAGE_SIZE) {
+        if (r.kind === "hugetlbfs") return Effect.fail(new InvalidInput({ reason: `${where} is declared hugetlbfs but its memory has 4 KiB pages` }))
+        out.push({ ...r, pageSize: PAGE_SIZE })
+      } else if (real !== HUGE_PAGE_SIZE)
+        return Effect.fail(new InvalidInput({ reason: `${where} has ${formatBytes(real)} pages (hugetlbfs): only ${formatBytes(HUGE_PAGE_SIZE)} huge pages are captured (a huge page must fit one sweep of the engine)` }))
+      else if (r.size % real !== 0)
+        return Effect.fail(new InvalidInput({ reason: `${where} has ${formatBytes(real)} pages (hugetlbfs): its size must be a whole number of them` }))
+      else out.push({ ...r, kind: "hugetlbfs", pageSize: real })
+    }
+    return Effect.succeed(out)
+  })
+
+/**
  * 4 KiB unprotects split transparent huge pages; once the snapshot is over
  * and the memory unregistered, rebuild them so the guest does not run slower
  * afterwards. Best effort: the snapshot is already complete.
@@ -129,7 +165,7 @@ const openOutput = (options: SnapshotOptions, snapshotId: string) =>
     parentId: options.parentId,
     createdMs: Date.now(),
     pageSize: PAGE_SIZE,
-    regions: options.regions.map((r) => ({ guestBase: r.guestBase, size: r.size, kind: r.kind, pageSize: PAGE_SIZE, mapping: r.mapping }))
+    regions: options.regions.map((r) => ({ guestBase: r.guestBase, size: r.size, kind: r.kind, pageSize: r.pageSize ?? PAGE_SIZE, mapping: r.mapping }))
   })
 
 /**
@@ -171,10 +207,11 @@ const writeAndCommit = (engine: WpEngine, file: SnapshotFile, options: SnapshotO
     return { records: body.records, fileBytes }
   })
 
-const takeSnapshotScoped = (options: SnapshotOptions): Effect.Effect<Omit<SnapshotResult, "collapse">, VmsnapError, WpNative> =>
+const takeSnapshotScoped = (declared: SnapshotOptions): Effect.Effect<Omit<SnapshotResult, "collapse">, VmsnapError, WpNative> =>
   Effect.scoped(
     Effect.gen(function* () {
-      yield* validate(options)
+      yield* validate(declared)
+      const options: SnapshotOptions = { ...declared, regions: yield* withRealPageSizes(declared) }
       const native = yield* WpNative
       const snapshotId = randomUUID()
       const file = yield* openOutput(options, snapshotId)

@@ -19,7 +19,7 @@ import { collectYoungGarbage } from "./internal/gc.js"
 import { type EngineBatch, PAGE_ZERO, type WpEngine } from "./WpNative.js"
 
 export interface WriterOptions {
-  /** Pages per batch taken from the engine (one sweep run; one ioctl unprotects it). Default 256. */
+  /** Pages per batch taken from the engine (one sweep run; one ioctl unprotects it). Default 256; at least one huge page (512) with hugetlbfs regions. */
   readonly sweepPages?: number
   /** Batches being compressed at once. Default 4. */
   readonly inFlight?: number
@@ -126,7 +126,8 @@ export const writeSnapshotBody = (
   options: WriterOptions = {}
 ): Effect.Effect<WriterResult, SnapshotIoError | NativeError> =>
   Effect.gen(function* () {
-    const batchPages = options.sweepPages ?? 256
+    // A sweep takes whole huge pages: a batch holds at least the largest (512 pages for 2 MiB).
+    const batchPages = Math.max(options.sweepPages ?? 256, ...engine.regions.map((r) => (r.pageSize ?? PAGE_SIZE) / PAGE_SIZE))
     const maxInFlight = options.inFlight ?? 4
     const useLz4 = options.compress ?? true
     const totalPages = engine.regions.reduce((s, r) => s + regionPages(r), 0)

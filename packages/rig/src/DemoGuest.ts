@@ -11,7 +11,10 @@ import {
 } from "@vmsnap/core"
 import { type JsExternal, loadGuest, VG_HIST_BUCKETS } from "./internal/ffi.js"
 
-const kindCode: Partial<Record<MemoryKind, number>> = { anon: 0, "anon-thp": 1, memfd: 2 }
+/** The demo guest's memory: a MemoryKind, or hugetlbfs as private anonymous MAP_HUGETLB memory ("hugetlbfs" is a memfd MFD_HUGETLB). */
+export type DemoMemory = MemoryKind | "hugetlbfs-anon"
+
+const kindCode: Partial<Record<DemoMemory, number>> = { anon: 0, "anon-thp": 1, memfd: 2, hugetlbfs: 3, "hugetlbfs-anon": 4 }
 
 export const Phase = { before: 0, during: 1, after: 2, idle: 3 } as const
 
@@ -31,11 +34,12 @@ export class DemoGuest {
   private constructor(private readonly handle: JsExternal, readonly region: MemoryRegion) {}
 
   /** Maps `size` bytes of guest memory; unmapped (writers stopped) on scope close. */
-  static make(size: number, kind: MemoryKind = "anon") {
+  static make(size: number, memory: DemoMemory = "anon") {
+    const kind: MemoryKind = memory === "hugetlbfs-anon" ? "hugetlbfs" : memory
     return Effect.acquireRelease(
       Effect.suspend((): Effect.Effect<DemoGuest, InvalidInput | NativeError> => {
-        const code = kindCode[kind]
-        if (code === undefined) return Effect.fail(new InvalidInput({ reason: `the demo guest cannot use ${kind} memory (anon, anon-thp, memfd)` }))
+        const code = kindCode[memory]
+        if (code === undefined) return Effect.fail(new InvalidInput({ reason: `the demo guest cannot use ${kind} memory (anon, anon-thp, memfd, hugetlbfs, hugetlbfs-anon)` }))
         if (size <= 0 || size % PAGE_SIZE !== 0) return Effect.fail(new InvalidInput({ reason: `guest size ${size} is not a positive multiple of 4 KiB` }))
         const lib = loadGuest()
         const err = new Int32Array(1)
