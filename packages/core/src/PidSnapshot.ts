@@ -118,11 +118,36 @@ const ptraceDenied = (pid: number, errno: number): CapabilityError => {
   return new CapabilityError({ missing, reason: reasons.join("; ") })
 }
 
+/** PF_KTHREAD in /proc/PID/stat's flags (field 9), for kernels without the status line "Kthread". */
+const PF_KTHREAD = 0x00200000
+
+/**
+ * Why `pid` is not a user process whose memory can be snapshotted, if it is
+ * not: a kernel thread (no user address space: status "Kthread: 1", or
+ * PF_KTHREAD), or a thread other than its process's first (status "Tgid"
+ * differs: memory belongs to the whole process, which is snapshotted by the
+ * Tgid; /proc/TID answers for any thread though /proc lists only processes).
+ */
+const notAUserProcess = (pid: number): string | undefined => {
+  let flags = 0
+  try {
+    flags = Number(readFileSync(`/proc/${pid}/stat`, "utf8").replace(/^.*\) /s, "").split(" ")[6])
+  } catch { /* gone: the freeze says so */ }
+  if (statusField(pid, "Kthread") === "1" || (flags & PF_KTHREAD) !== 0)
+    return `pid ${pid} (${commOf(pid)}) is a kernel thread: it has no user memory to snapshot`
+  const tgid = Number(statusField(pid, "Tgid") ?? pid)
+  if (tgid !== pid)
+    return `pid ${pid} is a thread of process ${tgid} (${commOf(tgid)}), not a process: memory belongs to the whole process, snapshot it with --pid ${tgid}`
+  return undefined
+}
+
 const checkTarget = (pid: number): Effect.Effect<void, VmsnapError> =>
   Effect.suspend((): Effect.Effect<void, VmsnapError> => {
     if (!Number.isInteger(pid) || pid <= 0) return Effect.fail(new InvalidInput({ reason: `--pid ${pid}: not a process id` }))
     if (pid === process.pid) return Effect.fail(new InvalidInput({ reason: "vmsnap cannot snapshot itself by pid" }))
     if (!isAlive(pid)) return Effect.fail(new InvalidInput({ reason: `no running process ${pid}` }))
+    const notAProcess = notAUserProcess(pid)
+    if (notAProcess) return Effect.fail(new InvalidInput({ reason: notAProcess }))
     const seccomp = statusField(pid, "Seccomp")
     if (seccomp !== undefined && seccomp !== "0")
       return Effect.fail(new CapabilityError({ missing: `a seccomp-free pid ${pid}`, reason: `pid ${pid} (${commOf(pid)}) runs under seccomp mode ${seccomp}: a userfaultfd(2) run inside it could be refused or kill it, so vmsnap does not try` }))

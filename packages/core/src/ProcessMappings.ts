@@ -110,7 +110,7 @@ const baseName = (name: string) => name.replace(/ \(deleted\)$/, "")
 const matches = (s: MappingSelector, m: ProcessMapping): boolean =>
   s._tag === "Range" ? m.start >= s.start && m.end <= s.end
     : s._tag === "Name" ? m.name === s.name || baseName(m.name) === s.name || m.name === `[anon:${s.name}]` || baseName(m.name) === `/memfd:${s.name}`
-      : m.size >= s.bytes
+      : m.size >= s.bytes && m.permissions[1] === "w" // a size picks among writable mappings, not reservations
 
 export interface ChosenMapping extends ProcessMapping {
   readonly kind: MemoryKind

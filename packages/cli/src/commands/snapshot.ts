@@ -108,7 +108,7 @@ export const snapshotCommand: CliCommand = (io, schedule) =>
         .option("wait", { type: "number", default: 60000, describe: "one-shot: ms to wait for the VMM" })
         .option("pid", { type: "number", describe: "snapshot the memory of this running process (a VMM, a service): ptrace freezes it for the cut, no agent needed" })
         .option("mapping", { type: "string", array: true, describe: "with --pid: capture only these mappings: START-END (hex hva, whole mappings) or a name ([anon:NAME], /memfd:NAME, a path); repeatable" })
-        .option("min-size", { type: "string", describe: "with --pid: capture only mappings of at least this size (e.g. a VMM's guest RAM: 1GiB)" })
+        .option("min-size", { type: "string", describe: "with --pid: capture only writable mappings of at least this size (e.g. a VMM's guest RAM: 1GiB)" })
         .option("buffer", bufferOption("copy pool size (0: synchronous)"))
         .option("fault-around", faultAroundOptionSpec("pages saved with each faulting page (power of two, 1 = off)"))
         .example("$0 snapshot --agent /run/vmsnap.sock --vm web-1 -o web-1.vmsnap", "")
