@@ -2,10 +2,11 @@
  * A live snapshot of an unmodified process by pid (`vmsnap snapshot --pid`):
  * a VMM such as QEMU, a service such as Redis, any program.
  *
- * 1. Freeze every thread with ptrace (vmsnap_inject.h), pick the mappings
- *    (ProcessMappings.ts), run userfaultfd(2) inside the target and take the
- *    fd with pidfd_getfd, then thaw: the target now runs with a userfaultfd
- *    of its address space held by vmsnap only.
+ * 1. Check the target (PidTarget.ts), freeze every thread with ptrace
+ *    (vmsnap_inject.h), pick the mappings (ProcessMappings.ts), run
+ *    userfaultfd(2) inside the target and take the fd with pidfd_getfd,
+ *    then thaw: the target now runs with a userfaultfd of its address space
+ *    held by vmsnap only.
  * 2. The same session as for an agent's VMM (SnapshotSession.takeSnapshot,
  *    remote mode): register the mappings, arm while the target runs, freeze
  *    all threads again for the cut (checking the layout is still the one
@@ -19,7 +20,7 @@
  * not (docs/pid-snapshot.md).
  */
 import { Effect } from "effect"
-import { closeSync, readFileSync, readlinkSync } from "node:fs"
+import { closeSync } from "node:fs"
 import { CapabilityError, InvalidInput, NativeError, type VmsnapError } from "./Errors.js"
 import { gpa, hva, type MemoryRegion } from "./GuestMemory.js"
 import { errnoReason } from "./internal/errno.js"
@@ -27,6 +28,7 @@ import { type JsExternal, loadWp } from "./internal/ffi.js"
 import {
   type ChosenMapping, describeMapping, type MappingSelector, type ProcessMapping, readMappings, sameLayout, selectMappings
 } from "./ProcessMappings.js"
+import { checkTarget, isAlive, ptraceDenied } from "./PidTarget.js"
 import { describeShared, sharedWithOthers } from "./SharedMappers.js"
 import { type SnapshotResult, takeSnapshot } from "./SnapshotSession.js"
 import { WpNative } from "./WpNative.js"
@@ -72,87 +74,6 @@ export interface PidSnapshotResult extends SnapshotResult {
 
 const O_NONBLOCK = 0o4000
 const O_CLOEXEC = 0o2000000
-
-const statusField = (pid: number, field: string): string | undefined => {
-  try {
-    return new RegExp(`^${field}:\\s*(.*)$`, "m").exec(readFileSync(`/proc/${pid}/status`, "utf8"))?.[1]
-  } catch {
-    return undefined
-  }
-}
-
-const commOf = (pid: number) => {
-  try {
-    return readFileSync(`/proc/${pid}/comm`, "utf8").trim()
-  } catch {
-    return "?"
-  }
-}
-
-/** Still running: neither gone nor a zombie. */
-const isAlive = (pid: number): boolean => {
-  const state = statusField(pid, "State")
-  return state !== undefined && !state.startsWith("Z") && !state.startsWith("X")
-}
-
-/** Why ptrace was refused, as precisely as /proc tells. */
-const ptraceDenied = (pid: number, errno: number): CapabilityError => {
-  const missing = `ptrace access to pid ${pid}`
-  const tracer = Number(statusField(pid, "TracerPid") ?? 0)
-  if (tracer > 0) return new CapabilityError({ missing, reason: `pid ${pid} is already traced by pid ${tracer} (${commOf(tracer)}); a process has one tracer: detach that debugger or tracer first` })
-  let scope: string | undefined
-  try {
-    scope = readFileSync("/proc/sys/kernel/yama/ptrace_scope", "utf8").trim()
-  } catch { /* no yama */ }
-  if (scope === "3") return new CapabilityError({ missing, reason: "kernel.yama.ptrace_scope is 3: ptrace attach is disabled until reboot" })
-  try {
-    if (readlinkSync(`/proc/${pid}/ns/user`) !== readlinkSync("/proc/self/ns/user") && process.getuid?.() !== 0)
-      return new CapabilityError({ missing, reason: `pid ${pid} is in another user namespace: run vmsnap in its namespace or as root in the initial one` })
-  } catch { /* unreadable: say the general case */ }
-  const uid = statusField(pid, "Uid")?.split(/\s+/)[0]
-  const reasons = [
-    `ptrace was refused (${errno === 1 ? "EPERM" : `errno ${errno}`})`,
-    scope !== undefined && scope !== "0" ? `kernel.yama.ptrace_scope is ${scope} (1: only descendants, 2: only CAP_SYS_PTRACE): run as root or set it to 0` : undefined,
-    uid !== undefined && Number(uid) !== process.getuid?.() ? `pid ${pid} runs as uid ${uid}: run vmsnap as that user or with CAP_SYS_PTRACE` : undefined
-  ].filter(Boolean)
-  return new CapabilityError({ missing, reason: reasons.join("; ") })
-}
-
-/** PF_KTHREAD in /proc/PID/stat's flags (field 9), for kernels without the status line "Kthread". */
-const PF_KTHREAD = 0x00200000
-
-/**
- * Why `pid` is not a user process whose memory can be snapshotted, if it is
- * not: a kernel thread (no user address space: status "Kthread: 1", or
- * PF_KTHREAD), or a thread other than its process's first (status "Tgid"
- * differs: memory belongs to the whole process, which is snapshotted by the
- * Tgid; /proc/TID answers for any thread though /proc lists only processes).
- */
-const notAUserProcess = (pid: number): string | undefined => {
-  let flags = 0
-  try {
-    flags = Number(readFileSync(`/proc/${pid}/stat`, "utf8").replace(/^.*\) /s, "").split(" ")[6])
-  } catch { /* gone: the freeze says so */ }
-  if (statusField(pid, "Kthread") === "1" || (flags & PF_KTHREAD) !== 0)
-    return `pid ${pid} (${commOf(pid)}) is a kernel thread: it has no user memory to snapshot`
-  const tgid = Number(statusField(pid, "Tgid") ?? pid)
-  if (tgid !== pid)
-    return `pid ${pid} is a thread of process ${tgid} (${commOf(tgid)}), not a process: memory belongs to the whole process, snapshot it with --pid ${tgid}`
-  return undefined
-}
-
-const checkTarget = (pid: number): Effect.Effect<void, VmsnapError> =>
-  Effect.suspend((): Effect.Effect<void, VmsnapError> => {
-    if (!Number.isInteger(pid) || pid <= 0) return Effect.fail(new InvalidInput({ reason: `--pid ${pid}: not a process id` }))
-    if (pid === process.pid) return Effect.fail(new InvalidInput({ reason: "vmsnap cannot snapshot itself by pid" }))
-    if (!isAlive(pid)) return Effect.fail(new InvalidInput({ reason: `no running process ${pid}` }))
-    const notAProcess = notAUserProcess(pid)
-    if (notAProcess) return Effect.fail(new InvalidInput({ reason: notAProcess }))
-    const seccomp = statusField(pid, "Seccomp")
-    if (seccomp !== undefined && seccomp !== "0")
-      return Effect.fail(new CapabilityError({ missing: `a seccomp-free pid ${pid}`, reason: `pid ${pid} (${commOf(pid)}) runs under seccomp mode ${seccomp}: a userfaultfd(2) run inside it could be refused or kill it, so vmsnap does not try` }))
-    return Effect.void
-  })
 
 /** The ptrace handle on the target, closed (every thread detached) with its scope. */
 const openTarget = (pid: number) =>

@@ -15,6 +15,7 @@
  * either (docs/pid-snapshot.md).
  */
 import { readdirSync, readFileSync } from "node:fs"
+import { commOf } from "./PidTarget.js"
 import { describeMapping, type ProcessMapping } from "./ProcessMappings.js"
 
 /** A chosen shared mapping and the other processes that map the same part of its file. */
@@ -58,14 +59,6 @@ export const sharedWithOthers = (pid: number, chosen: ReadonlyArray<ProcessMappi
     }
   }
   return shared.filter((m) => found.has(m)).map((m) => ({ mapping: m, others: found.get(m)! }))
-}
-
-const commOf = (pid: number) => {
-  try {
-    return readFileSync(`/proc/${pid}/comm`, "utf8").trim()
-  } catch {
-    return "?"
-  }
 }
 
 /** "mapping A-B rw-s NAME is also mapped by pid 12 (comm), pid 13 (comm)", for each; at most 8 pids each. */
