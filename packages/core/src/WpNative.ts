@@ -7,7 +7,7 @@
  * natively. JS calls drain/sweep for batches of pages (~4 us per call).
  */
 import { Context, Effect, Layer } from "effect"
-import { CapabilityError, NativeError } from "./Errors.js"
+import { CapabilityError, InvalidInput, NativeError } from "./Errors.js"
 import { PAGE_SIZE, type MemoryRegion } from "./GuestMemory.js"
 import { errnoReason } from "./internal/errno.js"
 import {
@@ -73,6 +73,13 @@ export interface EngineBatch {
 export const DEFAULT_FAULT_AROUND_PAGES = 16
 
 const nativeError = (op: string, rc: number) => new NativeError({ op, errno: -rc, reason: errnoReason(op, -rc) })
+
+/** ENOMEM creating the engine: its copy pool (4 KiB per page) is the big allocation. */
+const poolError = (pages: number) =>
+  new NativeError({
+    op: "engine", errno: 12,
+    reason: `out of memory for a copy pool of ${pages} pages (${Math.ceil(pages / 256)} MiB): ask for a smaller pool (poolPages, --buffer)`
+  })
 
 /** A running engine: one per snapshot. Methods are synchronous native calls. */
 export class WpEngine {
@@ -216,9 +223,13 @@ export interface EngineOptions {
   readonly regions: ReadonlyArray<MemoryRegion>
   /** Remote mode: protect these processes instead of this one. */
   readonly processes?: ReadonlyArray<RemoteProcess>
-  /** Pool capacity in 4 KiB pages; 0 = synchronous (a faulting write waits for the writer). */
+  /**
+   * Pool capacity in 4 KiB pages; 0 = synchronous (a faulting write waits for
+   * the writer). More than the regions hold is never used: the engine gets at
+   * most their page count.
+   */
   readonly poolPages: number
-  /** Fault-around window in pages (power of two, 1 = off). */
+  /** Fault-around window in pages (a power of two from 1 to 512; 1 = off; else InvalidInput). */
   readonly faultAroundPages?: number
   /** Sweep where the guest last faulted first (default true); false: front to back. */
   readonly steer?: boolean
@@ -227,20 +238,24 @@ export interface EngineOptions {
 export class WpNative extends Context.Service<WpNative, {
   readonly probe: Effect.Effect<Capabilities, NativeError | CapabilityError>
   /** A started engine with every region registered (not yet protected). */
-  readonly engine: (options: EngineOptions) => Effect.Effect<WpEngine, NativeError | CapabilityError, import("effect").Scope.Scope>
+  readonly engine: (options: EngineOptions) => Effect.Effect<WpEngine, NativeError | CapabilityError | InvalidInput, import("effect").Scope.Scope>
 }>()("vmsnap/WpNative") {
   static readonly layer = Layer.succeed(this, {
     probe,
     engine: (options) =>
       Effect.gen(function* () {
+        const around = options.faultAroundPages ?? DEFAULT_FAULT_AROUND_PAGES
+        if (!Number.isInteger(around) || around < 1 || around > 512 || (around & (around - 1)) !== 0)
+          return yield* Effect.fail(new InvalidInput({ reason: `faultAroundPages ${around}: the pages saved with each faulting page must be a power of two from 1 to 512 (1 = only the faulting page)` }))
+        const pool = Math.min(options.poolPages, options.regions.reduce((n, r) => n + r.size / PAGE_SIZE, 0))
         const caps = yield* probe
         yield* requireCapabilities(caps, options.regions)
         const lib = yield* load
         return yield* Effect.acquireRelease(
           Effect.suspend(() => {
             const err = new Int32Array(1)
-            const handle: JsExternal = lib.wp_engine_create([options.poolPages, Buffer.from(err.buffer)])
-            if (isNullPointer(handle)) return Effect.fail(nativeError("userfaultfd", err[0]!))
+            const handle: JsExternal = lib.wp_engine_create([pool, Buffer.from(err.buffer)])
+            if (isNullPointer(handle)) return Effect.fail(err[0] === -12 ? poolError(pool) : nativeError("userfaultfd", err[0]!))
             const engine = new WpEngine(handle, options.regions, [process.pid, ...(options.processes ?? []).map((p) => p.pid)])
             const failed = (op: string, rc: number) => {
               engine.destroySync()
@@ -261,8 +276,8 @@ export class WpNative extends Context.Service<WpNative, {
                 if (rc < 0) return failed("register", rc)
               }
             }
-            const around: number = lib.wp_engine_set_fault_around([handle, options.faultAroundPages ?? DEFAULT_FAULT_AROUND_PAGES])
-            if (around < 0) return failed("fault-around", around)
+            const aroundRc: number = lib.wp_engine_set_fault_around([handle, around])
+            if (aroundRc < 0) return failed("fault-around", aroundRc)
             const steering: number = lib.wp_engine_set_steering([handle, options.steer === false ? 0 : 1])
             if (steering < 0) return failed("steering", steering)
             const rc: number = lib.wp_engine_start([handle])

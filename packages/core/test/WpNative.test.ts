@@ -1,12 +1,13 @@
 /**
  * The engine service against the real kernel: probe, the engine's batches
  * (every page exactly once, with its region and page index), a region the
- * engine refuses with a NativeError, and counters that add up.
+ * engine refuses with a NativeError, options refused in their own words, and
+ * counters that add up.
  */
 import { Effect } from "effect"
 import { describe, expect, it } from "vitest"
 import { DemoGuest } from "../../rig/src/DemoGuest.js"
-import { NativeError } from "../src/Errors.js"
+import { InvalidInput, NativeError } from "../src/Errors.js"
 import { hva } from "../src/GuestMemory.js"
 import { loadWp } from "../src/internal/ffi.js"
 import { PAGE_ZERO, WpNative } from "../src/WpNative.js"
@@ -50,6 +51,22 @@ describe.skipIf(unavailable)("WpNative", () => {
       })
     )
     for (const r of seen) expect(r.every((c) => c === 1)).toBe(true)
+  })
+
+  it("engine options are checked with their own words (break1 finding 7): a fault-around that is not a power of two, a pool bigger than the guest", async () => {
+    const [around, slots] = await runTest(
+      Effect.gen(function* () {
+        const g = yield* DemoGuest.make(1 * MiB, "anon")
+        const native = yield* WpNative
+        const around = yield* Effect.flip(native.engine({ regions: [g.region], poolPages: 16, faultAroundPages: 3 }))
+        // 2^26 pages (256 GiB) for a 1 MiB guest: "userfaultfd: out of memory" before; the guest's 256 pages are enough.
+        const engine = yield* native.engine({ regions: [g.region], poolPages: 1 << 26 })
+        return [around, engine.statsSync().poolSlots] as const
+      })
+    )
+    expect(around).toBeInstanceOf(InvalidInput)
+    expect(around.message).toMatch(/faultAroundPages 3: the pages saved with each faulting page must be a power of two from 1 to 512/)
+    expect(slots).toBe(256)
   })
 
   it("a region that is not mapped fails with a NativeError, nothing left registered", async () => {
