@@ -1,9 +1,16 @@
-/** `vmsnap bench`: vmsnap against its baselines on the same guest, one table. */
+/**
+ * `vmsnap bench`: vmsnap against its baselines on the same guest, one table;
+ * with `--target qemu|redis`, against what real QEMU and Redis do themselves
+ * (QemuBench.ts, RedisBench.ts in @vmsnap/rig).
+ */
+import { Effect } from "effect"
 import { formatBytes } from "@vmsnap/core"
 import {
-  BENCH_METHODS, type BenchMethod, type BenchOptions, type BenchRun, type RestoreBenchResult, runBenchmark, runRestoreBenchmark, type Spread
+  BENCH_METHODS, type BenchMethod, type BenchOptions, type BenchRun, QEMU_BENCH_METHODS, type QemuBenchMethod, REDIS_BENCH_METHODS,
+  type RedisBenchMethod, type RestoreBenchResult, runBenchmark, runQemuBenchmark, runRedisBenchmark, runRestoreBenchmark, type Spread
 } from "@vmsnap/rig"
 import type { Io } from "../Io.js"
+import { qemuTable, redisTable } from "../RealBenchTables.js"
 import { type CliCommand, defineCommand } from "../Command.js"
 import { bufferOption, commonFlags, faultAroundOption, faultAroundOptionSpec, poolPagesOption, sizeOption, UsageError } from "../Options.js"
 import { type CommonFlags, runCommand } from "../Run.js"
@@ -90,38 +97,117 @@ export const runRestoreBench = (io: Io, flags: CommonFlags & { sizes: ReadonlyAr
     (r) => ({ json: { ok: r.modes.every((m) => m.error === null), restore: r }, human: restoreTable(r), exitCode: r.modes.every((m) => m.error === null) ? 0 : 1 })
   )
 
+/** What `--target qemu|redis` runs with. */
+export interface RealBenchFlags extends CommonFlags {
+  readonly sizes: ReadonlyArray<number>
+  readonly methods: ReadonlyArray<string>
+  readonly runs: number
+  readonly warmupMs: number
+  readonly afterMs: number
+  readonly poolPages: number
+  readonly faultAroundPages: number
+  readonly compress: boolean
+  readonly windowMs: number
+  readonly valueBytes: number
+  readonly clients: number
+}
+
+const progress = (io: Io, flags: CommonFlags) => (what: string, run: number) =>
+  !flags.json && io.stderr(run > 0 ? `bench: ${what} (run ${run})...\n` : `bench: ${what}...\n`)
+
+export const runQemuBench = (io: Io, flags: RealBenchFlags) =>
+  runCommand(
+    io,
+    flags,
+    Effect.forEach(flags.sizes, (guestBytes) =>
+      runQemuBenchmark({ ...flags, guestBytes, methods: flags.methods as Array<QemuBenchMethod>, onStart: (m, run) => progress(io, flags)(`${m} of QEMU with a ${formatBytes(guestBytes)} guest`, run) })
+    ),
+    (results) => {
+      const ok = results.every((r) => r.methods.every((m) => m.ok))
+      return { json: { ok, target: "qemu", results }, human: results.map((r) => qemuTable(r, flags.runs)).join("\n\n"), exitCode: ok ? 0 : 1 }
+    }
+  )
+
+export const runRedisBench = (io: Io, flags: RealBenchFlags) =>
+  runCommand(
+    io,
+    flags,
+    Effect.forEach(flags.sizes, (datasetBytes) =>
+      runRedisBenchmark({ ...flags, datasetBytes, methods: flags.methods as Array<RedisBenchMethod>, onStart: progress(io, flags) })
+    ),
+    (results) => {
+      const ok = results.every((r) => r.methods.every((m) => m.ok))
+      return { json: { ok, target: "redis", results }, human: results.map((r) => redisTable(r, flags.runs)).join("\n\n"), exitCode: ok ? 0 : 1 }
+    }
+  )
+
+const TARGET_METHODS: Record<"toy" | "qemu" | "redis", ReadonlyArray<string>> = { toy: BENCH_METHODS, qemu: QEMU_BENCH_METHODS, redis: REDIS_BENCH_METHODS }
+
 export const benchCommand: CliCommand = (io, schedule) =>
   defineCommand({
     command: "bench",
-    describe: "measure vmsnap against its baselines (no pool, a minimal C handler, fork, stop-the-world) on the same KVM guest",
+    describe: "measure vmsnap against its baselines on the same KVM guest, or against real QEMU's and Redis's own snapshots (--target)",
     builder: (y) =>
       y
-        .option("sizes", { type: "string", default: "1GiB", describe: "comma-separated guest sizes" })
-        .option("rate", { type: "number", default: 0, describe: "guest writes in pages/s (0: as fast as it can)" })
-        .option("methods", { type: "string", default: BENCH_METHODS.join(","), describe: "comma-separated methods" })
-        .option("vcpus", { type: "number", default: 1, describe: "guest vCPUs" })
-        .option("warmup", { type: "number", default: 2000, describe: "ms the guest runs before each snapshot" })
-        .option("after", { type: "number", default: 1000, describe: "ms measured after each snapshot's last page is saved" })
+        .option("target", {
+          choices: ["toy", "qemu", "redis"] as const, default: "toy" as const,
+          describe: "toy: the toy VMM's KVM guest, methods " + BENCH_METHODS.join(", ") + "; " +
+            "qemu: a real QEMU running a bare-metal guest that writes random pages and times each write, methods " + QEMU_BENCH_METHODS.join(", ") +
+            " (QEMU's background-snapshot, vmsnap snapshot --pid of QEMU's guest RAM, QEMU's migrate with the VM stopped); " +
+            "redis: a real redis-server filled to --sizes under redis-benchmark SETs, methods " + REDIS_BENCH_METHODS.join(", ") +
+            " (Redis's fork copy-on-write save, vmsnap snapshot --pid of the server)"
+        })
+        .option("sizes", { type: "string", default: "1GiB", describe: "comma-separated guest sizes (qemu: the guest's working set; redis: the data Redis holds)" })
+        .option("rate", { type: "number", default: 0, describe: "toy: guest writes in pages/s (0: as fast as it can)" })
+        .option("methods", { type: "string", describe: "comma-separated methods (default: every method of the --target)" })
+        .option("vcpus", { type: "number", default: 1, describe: "toy: guest vCPUs" })
+        .option("warmup", { type: "number", default: 2000, describe: "ms the guest (toy, qemu) or the load (redis) runs before each snapshot" })
+        .option("after", { type: "number", default: 1000, describe: "ms measured after each snapshot (toy: after its last page is saved)" })
         .option("runs", { type: "number", default: 3, describe: "runs of each method (medians and range are reported)" })
         .option("buffer", bufferOption("vmsnap's pool"))
         .option("compression", { choices: ["lz4", "none"] as const, default: "lz4" as const, describe: "vmsnap's record compression" })
         .option("fault-around", faultAroundOptionSpec("vmsnap's fault-around window in pages (1 = off)"))
-        .option("steer", { type: "boolean", default: true, describe: "vmsnap sweeps where the guest writes first (--no-steer: front to back)" })
-        .option("pattern", { choices: ["random", "sequential", "hot"] as const, default: "random" as const, describe: "which pages the guest writes (hot: about 90% of writes to a tenth of the pages)" })
+        .option("steer", { type: "boolean", default: true, describe: "toy: vmsnap sweeps where the guest writes first (--no-steer: front to back)" })
+        .option("pattern", { choices: ["random", "sequential", "hot"] as const, default: "random" as const, describe: "toy: which pages the guest writes (hot: about 90% of writes to a tenth of the pages)" })
+        .option("window", { type: "number", default: 250, describe: "qemu: the guest's measuring window in ms (its own counts and histograms per window)" })
+        .option("value-size", { type: "number", default: 1000, describe: "redis: bytes per value (the fill and the load)" })
+        .option("clients", { type: "number", default: 16, describe: "redis: redis-benchmark's concurrent clients" })
         .option("restore", { type: "boolean", default: false, describe: "benchmark restore instead: lazy vs eager time to the guest's first write per size, and COPY / CONTINUE / MOVE at 512 MiB" })
         .example("$0 bench", "1 GiB, every method, 3 runs each: a few minutes")
         .example("$0 bench --sizes 1GiB,4GiB,8GiB --methods vmsnap,stop-the-world --json", "")
         .example("$0 bench --methods vmsnap,floor --pattern hot --runs 5", "a guest writing mostly a tenth of its memory")
-        .example("$0 bench --restore --sizes 1GiB,4GiB,8GiB", "lazy restore: first write must stay flat"),
+        .example("$0 bench --restore --sizes 1GiB,4GiB,8GiB", "lazy restore: first write must stay flat")
+        .example("$0 bench --target qemu --sizes 1GiB --runs 3", "QEMU's background-snapshot vs vmsnap --pid vs stop-the-world, same guest (needs qemu-system-x86, root)")
+        .example("$0 bench --target redis --sizes 1GiB --runs 3 --json", "Redis BGSAVE vs vmsnap --pid under redis-benchmark (needs redis-server, root)")
+        .example("$0 bench --target redis --sizes 64MiB --runs 1", "a quick check that everything works")
+        .epilogue(
+          "Every method runs on the same workload in one run, --runs times, interleaved; the tables print medians with the range. " +
+            "What each column means, how it is measured and a recorded run: docs/BENCHMARKS.md. " +
+            "QEMU comes from Debian's qemu-system-x86, Redis from redis-server and redis-tools (apt-get install ...)."
+        ),
     handler: (a) => {
       const sizes = String(a.sizes).split(",").map((t) => sizeOption("sizes", t, 4 * 1024 * 1024))
       for (const s of sizes) if (s % (2 * 1024 * 1024) !== 0) throw new UsageError(`--sizes ${formatBytes(s)}: each must be a multiple of 2 MiB`)
-      const methods = String(a.methods).split(",").map((m) => m.trim())
-      for (const m of methods) if (!(BENCH_METHODS as ReadonlyArray<string>).includes(m)) throw new UsageError(`--methods: unknown method ${m} (known: ${BENCH_METHODS.join(", ")})`)
+      const known = TARGET_METHODS[a.target]
+      const methods = a.methods === undefined ? [...known] : String(a.methods).split(",").map((m) => m.trim())
+      for (const m of methods) if (!known.includes(m)) throw new UsageError(`--methods: unknown method ${m} for --target ${a.target} (known: ${known.join(", ")})`)
       if (!Number.isInteger(a.vcpus) || a.vcpus < 1 || a.vcpus > 32) throw new UsageError(`--vcpus ${a.vcpus}: must be 1 to 32`)
       if (!Number.isFinite(a.rate) || a.rate < 0) throw new UsageError(`--rate ${a.rate}: must be 0 or more pages/s`)
       if (!Number.isInteger(a.runs) || a.runs < 1 || a.runs > 20) throw new UsageError(`--runs ${a.runs}: must be 1 to 20`)
       const poolPages = poolPagesOption(a.buffer)
+      if (a.target !== "toy") {
+        if (a.restore) throw new UsageError("--restore benchmarks the toy VMM's restore: leave out --target")
+        if (!Number.isInteger(a.window) || a.window < 50 || a.window > 5000) throw new UsageError(`--window ${a.window}: must be 50 to 5000 ms`)
+        if (!Number.isInteger(a["value-size"]) || a["value-size"] < 1 || a["value-size"] > 1024 * 1024) throw new UsageError(`--value-size ${a["value-size"]}: must be 1 to 1048576 bytes`)
+        if (!Number.isInteger(a.clients) || a.clients < 1 || a.clients > 1000) throw new UsageError(`--clients ${a.clients}: must be 1 to 1000`)
+        const real: RealBenchFlags = {
+          ...commonFlags(a), sizes, methods, runs: a.runs, warmupMs: a.warmup, afterMs: a.after, poolPages,
+          faultAroundPages: faultAroundOption(a["fault-around"]), compress: a.compression === "lz4", windowMs: a.window,
+          valueBytes: a["value-size"], clients: a.clients
+        }
+        schedule(() => (a.target === "qemu" ? runQemuBench(io, real) : runRedisBench(io, real)))
+        return
+      }
       if (a.restore) {
         schedule(() => runRestoreBench(io, { ...commonFlags(a), sizes }))
         return

@@ -1,0 +1,265 @@
+/**
+ * `vmsnap bench --target qemu`: one real QEMU guest workload (QemuGuest.ts:
+ * the bare-metal guest writing random pages of `guestMiB` MiB flat out,
+ * timing each write) snapshotted in one run by
+ *
+ *   qemu-background  QEMU's own live snapshot: QMP `migrate` to a file with
+ *                    the `background-snapshot` capability (uffd-wp in QEMU;
+ *                    a faulting vCPU waits until its page is written out)
+ *   vmsnap-pid       `vmsnap snapshot --pid` of the running QEMU, its guest
+ *                    RAM mapping only (PidSnapshot.ts in @vmsnap/core)
+ *   qemu-stop        QMP `stop`, `migrate` to a file, `cont`: stop-the-world
+ *
+ * A fresh QEMU per trial (a snapshot leaves its marks: split huge pages,
+ * shadow pages). The guest's own windows (QemuGuest.ts) are sorted into
+ * before / during / after the snapshot by host time; latency percentiles
+ * come from the guest's per-window histograms merged over a phase. Extra
+ * memory is the peak growth of RssAnon, sampled every 10 ms from the start
+ * to the end of the snapshot, of QEMU and of this process (vmsnap runs
+ * here). QEMU writes through `exec:cat > FILE` (QEMU 7.2 has no `file:`
+ * URI) and does not fsync; vmsnap fsyncs its file before it is done.
+ */
+import { CapabilityError, InvalidInput, snapshotPid, verifySnapshot, type VmsnapError, type WpNative } from "@vmsnap/core"
+import { Effect, Exit, Cause } from "effect"
+import { closeSync, mkdtempSync, openSync, readSync, rmSync, statSync } from "node:fs"
+import { tmpdir } from "node:os"
+import { join } from "node:path"
+import type { Spread } from "./BenchWindows.js"
+import { buildQemuGuest, QemuGuest, qemuMissing } from "./QemuGuest.js"
+import { type GuestPhase, guestPhase, type MemoryPeak, type PlacedWindow, samplePeaks, spreadsOf } from "./RealBenchReport.js"
+
+export const QEMU_BENCH_METHODS = ["qemu-background", "vmsnap-pid", "qemu-stop"] as const
+export type QemuBenchMethod = (typeof QEMU_BENCH_METHODS)[number]
+
+export interface QemuBenchOptions {
+  /** The guest's working set (its buffer; QEMU gets 256 MiB more). */
+  readonly guestBytes: number
+  readonly methods: ReadonlyArray<QemuBenchMethod>
+  readonly runs: number
+  /** The guest runs this long (after touching its memory) before each snapshot. */
+  readonly warmupMs: number
+  /** Measured after each snapshot ends. */
+  readonly afterMs: number
+  /** The guest's window length (its W lines). */
+  readonly windowMs: number
+  readonly poolPages: number
+  readonly faultAroundPages: number
+  readonly compress: boolean
+  readonly onStart?: (method: QemuBenchMethod, run: number) => void
+}
+
+/** One snapshot of one fresh QEMU by one method. */
+export interface QemuTrial {
+  readonly method: QemuBenchMethod
+  readonly run: number
+  readonly ok: boolean
+  readonly error: string | null
+  /** The guest stopped: QEMU's reported downtime (background), `stop` to `cont` (stop), vmsnap's cut (pid). */
+  readonly pauseMs: number
+  /** From the command to the output complete, as this process saw it. */
+  readonly durationMs: number
+  readonly extraMemory: MemoryPeak
+  readonly outputBytes: number
+  /** vmsnap's file passed `verifySnapshot`; QEMU's begins with QEMU's migration magic. */
+  readonly outputChecked: boolean
+  /** Write faults vmsnap served (vmsnap-pid only). */
+  readonly faults: number | null
+  readonly guest: { readonly before: GuestPhase; readonly during: GuestPhase; readonly after: GuestPhase }
+}
+
+/** One method over its trials: medians with their spread. */
+export interface QemuMethodSummary {
+  readonly method: QemuBenchMethod
+  readonly ok: boolean
+  readonly error: string | null
+  readonly figures: Record<QemuFigure, Spread>
+  readonly trials: ReadonlyArray<QemuTrial>
+}
+
+export interface QemuBenchResult {
+  readonly guestBytes: number
+  readonly qemuRamBytes: number
+  readonly windowMs: number
+  readonly methods: ReadonlyArray<QemuMethodSummary>
+}
+
+const FIGURES = {
+  pauseMs: (t: QemuTrial) => t.pauseMs,
+  durationMs: (t: QemuTrial) => t.durationMs,
+  beforeWritesPerSecond: (t: QemuTrial) => t.guest.before.writesPerSecond,
+  duringWritesPerSecond: (t: QemuTrial) => t.guest.during.writesPerSecond,
+  afterWritesPerSecond: (t: QemuTrial) => t.guest.after.writesPerSecond,
+  duringRatio: (t: QemuTrial) => ratio(t.guest.during.writesPerSecond, t.guest.before.writesPerSecond),
+  afterRatio: (t: QemuTrial) => ratio(t.guest.after.writesPerSecond, t.guest.before.writesPerSecond),
+  duringP50Us: (t: QemuTrial) => t.guest.during.latencyUs.p50,
+  duringP99Us: (t: QemuTrial) => t.guest.during.latencyUs.p99,
+  duringP999Us: (t: QemuTrial) => t.guest.during.latencyUs.p999,
+  duringMaxUs: (t: QemuTrial) => t.guest.during.latencyUs.max,
+  duringOver1ms: (t: QemuTrial) => t.guest.during.over1ms,
+  afterMaxUs: (t: QemuTrial) => t.guest.after.latencyUs.max,
+  extraMemoryBytes: (t: QemuTrial) => t.extraMemory.target + t.extraMemory.vmsnap,
+  targetExtraBytes: (t: QemuTrial) => t.extraMemory.target,
+  vmsnapExtraBytes: (t: QemuTrial) => t.extraMemory.vmsnap,
+  outputBytes: (t: QemuTrial) => t.outputBytes
+}
+export type QemuFigure = keyof typeof FIGURES
+
+const MiB = 1024 * 1024
+const nowNs = () => Number(process.hrtime.bigint())
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+const ratio = (a: number, b: number) => (b > 0 ? Math.round((a / b) * 1000) / 1000 : 0)
+
+interface Outcome {
+  readonly pauseMs: number
+  readonly faults: number | null
+  readonly check: Effect.Effect<boolean>
+}
+
+/** QEMU's `migrate` to `path`, with or without background-snapshot; the VM stopped around it for `qemu-stop`. */
+const qemuMigrate = async (q: QemuGuest, path: string, background: boolean): Promise<Outcome> => {
+  await q.qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "background-snapshot", state: background }] })
+  const stopped = nowNs()
+  if (!background) await q.qmp.execute("stop")
+  // The path is in a fresh private directory of ours, without quotes in it.
+  await q.qmp.execute("migrate", { uri: `exec:cat > '${path}'` })
+  let status: { status?: string; downtime?: number; "error-desc"?: string }
+  for (;;) {
+    status = (await q.qmp.execute("query-migrate")) as typeof status
+    if (status.status === "completed" || status.status === "failed" || status.status === "cancelled") break
+    await sleep(5)
+  }
+  if (!background) await q.qmp.execute("cont")
+  const resumed = nowNs()
+  if (status.status !== "completed") throw new Error(`QEMU's migration ${status.status}: ${status["error-desc"] ?? "no reason given"}`)
+  return {
+    pauseMs: background ? (status.downtime ?? 0) : (resumed - stopped) / 1e6,
+    faults: null,
+    check: Effect.sync(() => {
+      const fd = openSync(path, "r")
+      const magic = Buffer.alloc(4)
+      try {
+        readSync(fd, magic, 0, 4, 0)
+      } finally {
+        closeSync(fd)
+      }
+      return magic.toString("latin1") === "QEVM"
+    })
+  }
+}
+
+/** `vmsnap snapshot --pid` of QEMU, its guest RAM (the mapping of QEMU's whole RAM size) only. */
+const vmsnapPid = (q: QemuGuest, path: string, o: QemuBenchOptions) =>
+  Effect.map(
+    snapshotPid({ pid: q.pid, path, mappings: [{ _tag: "MinSize", bytes: q.ramBytes }], poolPages: o.poolPages, faultAroundPages: o.faultAroundPages, compress: o.compress }),
+    (r): Outcome => ({
+      pauseMs: r.pauseMs,
+      faults: r.engine.faults,
+      check: Effect.orElseSucceed(Effect.as(verifySnapshot(path), true), () => false)
+    })
+  )
+
+/** The guest's windows placed on the host clock (a window's length is its guest time since the previous one). */
+const placed = (q: QemuGuest, windowMs: number): Array<PlacedWindow> =>
+  q.windows().map((line, i, all) => {
+    const endNs = q.hostEndNs(line)
+    const lengthMs = i > 0 ? line.guestMs - all[i - 1]!.guestMs : windowMs
+    return { line, startNs: endNs - lengthMs * 1e6, endNs }
+  })
+
+/** One line for a failure: a vmsnap error's reason, an Error's message. */
+export const causeText = (cause: Cause.Cause<unknown>): string => {
+  let e = Cause.squash(cause)
+  // Effect.tryPromise wraps what a promise rejected with: say that.
+  if (e instanceof Error && e.cause instanceof Error && /tryPromise|try$/.test(e.message)) e = e.cause
+  if (typeof e === "object" && e !== null && "reason" in e) return `${String((e as { _tag?: string })._tag ?? "Error")}: ${String((e as { reason: unknown }).reason)}`
+  return e instanceof Error ? e.message : String(e)
+}
+
+const emptyPhase: GuestPhase = { windows: 0, seconds: 0, writes: 0, writesPerSecond: 0, latencyUs: { p50: 0, p99: 0, p999: 0, max: 0 }, over1ms: 0, stallMs: 0 }
+
+const trial = (method: QemuBenchMethod, run: number, elf: string, o: QemuBenchOptions): Effect.Effect<QemuTrial, never, WpNative> =>
+  Effect.scoped(
+    Effect.gen(function* () {
+      const dir = yield* Effect.acquireRelease(
+        Effect.sync(() => mkdtempSync(join(tmpdir(), `vmsnap-bench-qemu-${method}-`))),
+        (d) => Effect.sync(() => rmSync(d, { recursive: true, force: true }))
+      )
+      const q = yield* Effect.acquireRelease(
+        Effect.sync(() => new QemuGuest({ elf, dir, guestMiB: o.guestBytes / MiB, windowMs: o.windowMs })),
+        (g) => Effect.sync(() => g.kill())
+      )
+      const failed = (error: string): QemuTrial => ({
+        method, run, ok: false, error, pauseMs: 0, durationMs: 0, extraMemory: { target: 0, vmsnap: 0 }, outputBytes: 0, outputChecked: false, faults: null,
+        guest: { before: emptyPhase, during: emptyPhase, after: emptyPhase }
+      })
+      const started = yield* Effect.exit(Effect.tryPromise(async () => {
+        await q.start()
+        await q.nextWindows(Math.max(2, Math.ceil(o.warmupMs / o.windowMs)))
+      }))
+      if (Exit.isFailure(started)) return failed(causeText(started.cause))
+      const path = join(dir, method === "vmsnap-pid" ? "guest.vmsnap" : "guest.qemu")
+      const peaks = samplePeaks(q.pid)
+      const beginNs = nowNs()
+      const outcome = yield* Effect.exit<Outcome, unknown, WpNative>(
+        method === "vmsnap-pid"
+          ? vmsnapPid(q, path, o)
+          : Effect.tryPromise({ try: () => qemuMigrate(q, path, method === "qemu-background"), catch: (e) => (e instanceof Error ? e.message : String(e)) })
+      )
+      const endNs = nowNs()
+      const extraMemory = peaks.stop()
+      if (Exit.isFailure(outcome)) return failed(causeText(outcome.cause))
+      const after = yield* Effect.exit(Effect.tryPromise(async () => {
+        await q.windowsUntil(endNs, o.afterMs + o.windowMs)
+        return q.quit()
+      }))
+      if (Exit.isFailure(after)) return failed(`after the snapshot: ${causeText(after.cause)}`)
+      const final = after.value
+      const windows = placed(q, o.windowMs)
+      const beforeAll = windows.filter((w) => w.endNs <= beginNs)
+      const before = beforeAll.slice(-Math.max(1, Math.round(1000 / o.windowMs)))
+      const during = windows.filter((w) => w.endNs > beginNs && w.startNs < endNs)
+      const afterWindows = windows.filter((w) => w.startNs >= endNs && w.endNs <= endNs + (o.afterMs + o.windowMs) * 1e6)
+      const checked = yield* outcome.value.check
+      return {
+        method, run, ok: checked, error: checked ? null : "the output did not check out",
+        pauseMs: Math.round(outcome.value.pauseMs * 1000) / 1000,
+        durationMs: Math.round((endNs - beginNs) / 1e6),
+        extraMemory,
+        outputBytes: statSync(path).size,
+        outputChecked: checked,
+        faults: outcome.value.faults,
+        guest: { before: guestPhase(before, final), during: guestPhase(during, final), after: guestPhase(afterWindows, final) }
+      }
+    })
+  )
+
+/** Runs every method `runs` times on fresh QEMUs with the same guest, methods interleaved per run. */
+export const runQemuBenchmark = (o: QemuBenchOptions): Effect.Effect<QemuBenchResult, VmsnapError, WpNative> =>
+  Effect.scoped(
+    Effect.gen(function* () {
+      if (o.guestBytes % (2 * MiB) !== 0 || o.guestBytes < 16 * MiB) return yield* Effect.fail(new InvalidInput({ reason: `QEMU guest size ${o.guestBytes}: must be a multiple of 2 MiB, at least 16 MiB` }))
+      const missing = qemuMissing()
+      if (missing) return yield* Effect.fail(new CapabilityError({ missing: "QEMU on KVM", reason: missing }))
+      const dir = yield* Effect.acquireRelease(
+        Effect.sync(() => mkdtempSync(join(tmpdir(), "vmsnap-bench-qemu-"))),
+        (d) => Effect.sync(() => rmSync(d, { recursive: true, force: true }))
+      )
+      const elf = join(dir, "guest.elf")
+      yield* Effect.try({ try: () => buildQemuGuest(elf), catch: (e) => new CapabilityError({ missing: "the QEMU guest", reason: String(e) }) })
+      const trials: Array<QemuTrial> = []
+      for (let run = 1; run <= o.runs; run++)
+        for (const method of o.methods) {
+          o.onStart?.(method, run)
+          trials.push(yield* trial(method, run, elf, o))
+        }
+      return {
+        guestBytes: o.guestBytes,
+        qemuRamBytes: o.guestBytes + 256 * MiB,
+        windowMs: o.windowMs,
+        methods: o.methods.map((method) => {
+          const mine = trials.filter((t) => t.method === method)
+          return { method, ok: mine.every((t) => t.ok), error: mine.find((t) => !t.ok)?.error ?? null, figures: spreadsOf(mine, FIGURES), trials: mine }
+        })
+      }
+    })
+  )
