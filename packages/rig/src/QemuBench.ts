@@ -20,13 +20,13 @@
  * URI) and does not fsync; vmsnap fsyncs its file before it is done.
  */
 import { CapabilityError, InvalidInput, snapshotPid, verifySnapshot, type VmsnapError, type WpNative } from "@vmsnap/core"
-import { Effect, Exit, Cause } from "effect"
+import { Effect, Exit } from "effect"
 import { closeSync, mkdtempSync, openSync, readSync, rmSync, statSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import type { Spread } from "./BenchWindows.js"
 import { buildQemuGuest, QemuGuest, qemuMissing } from "./QemuGuest.js"
-import { type GuestPhase, guestPhase, type MemoryPeak, type PlacedWindow, samplePeaks, spreadsOf } from "./RealBenchReport.js"
+import { causeText, type GuestPhase, guestPhase, type MemoryPeak, type PlacedWindow, samplePeaks, spreadsOf } from "./RealBenchReport.js"
 
 export const QEMU_BENCH_METHODS = ["qemu-background", "vmsnap-pid", "qemu-stop"] as const
 export type QemuBenchMethod = (typeof QEMU_BENCH_METHODS)[number]
@@ -45,6 +45,8 @@ export interface QemuBenchOptions {
   readonly poolPages: number
   readonly faultAroundPages: number
   readonly compress: boolean
+  /** Keep each output here as METHOD-RUN.vmsnap / .qemu (default: deleted after each trial). */
+  readonly outputDir?: string
   readonly onStart?: (method: QemuBenchMethod, run: number) => void
 }
 
@@ -166,15 +168,6 @@ const placed = (q: QemuGuest, windowMs: number): Array<PlacedWindow> =>
     return { line, startNs: endNs - lengthMs * 1e6, endNs }
   })
 
-/** One line for a failure: a vmsnap error's reason, an Error's message. */
-export const causeText = (cause: Cause.Cause<unknown>): string => {
-  let e = Cause.squash(cause)
-  // Effect.tryPromise wraps what a promise rejected with: say that.
-  if (e instanceof Error && e.cause instanceof Error && /tryPromise|try$/.test(e.message)) e = e.cause
-  if (typeof e === "object" && e !== null && "reason" in e) return `${String((e as { _tag?: string })._tag ?? "Error")}: ${String((e as { reason: unknown }).reason)}`
-  return e instanceof Error ? e.message : String(e)
-}
-
 const emptyPhase: GuestPhase = { windows: 0, seconds: 0, writes: 0, writesPerSecond: 0, latencyUs: { p50: 0, p99: 0, p999: 0, max: 0 }, over1ms: 0, stallMs: 0 }
 
 const trial = (method: QemuBenchMethod, run: number, elf: string, o: QemuBenchOptions): Effect.Effect<QemuTrial, never, WpNative> =>
@@ -197,7 +190,7 @@ const trial = (method: QemuBenchMethod, run: number, elf: string, o: QemuBenchOp
         await q.nextWindows(Math.max(2, Math.ceil(o.warmupMs / o.windowMs)))
       }))
       if (Exit.isFailure(started)) return failed(causeText(started.cause))
-      const path = join(dir, method === "vmsnap-pid" ? "guest.vmsnap" : "guest.qemu")
+      const path = join(o.outputDir ?? dir, `${method}-${run}.${method === "vmsnap-pid" ? "vmsnap" : "qemu"}`)
       const peaks = samplePeaks(q.pid)
       const beginNs = nowNs()
       const outcome = yield* Effect.exit<Outcome, unknown, WpNative>(

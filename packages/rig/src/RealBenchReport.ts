@@ -5,6 +5,7 @@
  * spread over a method's trials.
  */
 import { guestBucketLowerNs, quantileNs } from "@vmsnap/core"
+import { Cause } from "effect"
 import { type Spread, spreadOf } from "./BenchWindows.js"
 import { type GuestFinal, type GuestWindowLine, statusBytes } from "./QemuGuest.js"
 
@@ -89,4 +90,13 @@ export const spreadsOf = <T extends { readonly ok: boolean }, K extends string>(
   const out = {} as Record<K, Spread>
   for (const k of Object.keys(figures) as Array<K>) out[k] = use.length ? spreadOf(use.map(figures[k])) : { median: 0, min: 0, max: 0 }
   return out
+}
+
+/** One line for a failure: a vmsnap error's reason, an Error's message. */
+export const causeText = (cause: Cause.Cause<unknown>): string => {
+  let e = Cause.squash(cause)
+  // Effect.tryPromise wraps what a promise rejected with: say that.
+  if (e instanceof Error && e.cause instanceof Error && /tryPromise|try$/.test(e.message)) e = e.cause
+  if (typeof e === "object" && e !== null && "reason" in e) return `${String((e as { _tag?: string })._tag ?? "Error")}: ${String((e as { reason: unknown }).reason)}`
+  return e instanceof Error ? e.message : String(e)
 }

@@ -19,15 +19,14 @@
  * keys too). One Redis for every trial (filled once), methods interleaved.
  */
 import { CapabilityError, InvalidInput, snapshotPid, verifySnapshot, type VmsnapError, type WpNative } from "@vmsnap/core"
-import { Cause, Effect, Exit } from "effect"
+import { Effect, Exit } from "effect"
 import { spawn } from "node:child_process"
-import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync } from "node:fs"
+import { closeSync, copyFileSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { dirname, join } from "node:path"
 import { fileURLToPath } from "node:url"
 import { type Spread, windowOf } from "./BenchWindows.js"
-import { causeText } from "./QemuBench.js"
-import { type MemoryPeak, samplePeaks, spreadsOf } from "./RealBenchReport.js"
+import { causeText, type MemoryPeak, samplePeaks, spreadsOf } from "./RealBenchReport.js"
 import { childrenOf, privateDirtyBytes, RedisServer, redisMissing } from "./RedisServer.js"
 
 export const REDIS_BENCH_METHODS = ["bgsave", "vmsnap-pid"] as const
@@ -47,6 +46,8 @@ export interface RedisBenchOptions {
   readonly poolPages: number
   readonly faultAroundPages: number
   readonly compress: boolean
+  /** Keep each output here as METHOD-RUN.vmsnap / .rdb (default: deleted after each trial). */
+  readonly outputDir?: string
   readonly onStart?: (what: string, run: number) => void
 }
 
@@ -215,7 +216,7 @@ const trial = (method: RedisBenchMethod, run: number, r: RedisServer, keys: numb
       // Bounded: far more than a trial needs at this machine's rates, and stopped at its end.
       r.startLoad({ clients: o.clients, requests: 50_000_000, keyspace: keys, valueBytes: o.valueBytes })
       yield* Effect.promise(() => sleep(o.warmupMs))
-      const vmsnapPath = join(dir, "redis.vmsnap")
+      const vmsnapPath = join(o.outputDir ?? dir, `${method}-${run}.vmsnap`)
       const peaks = samplePeaks(r.pid, method === "bgsave" ? () => childrenOf(r.pid).reduce((a, c) => a + privateDirtyBytes(c), 0) : undefined)
       const beginNs = nowNs()
       const outcome = yield* Effect.exit<Outcome, unknown, WpNative>(
@@ -231,7 +232,8 @@ const trial = (method: RedisBenchMethod, run: number, r: RedisServer, keys: numb
       const p = probed.value
       const checked = yield* outcome.value.check
       const outputBytes = statSync(outcome.value.path).size
-      rmSync(outcome.value.path, { force: true })
+      if (o.outputDir && method === "bgsave") copyFileSync(outcome.value.path, join(o.outputDir, `${method}-${run}.rdb`))
+      if (!o.outputDir || method === "bgsave") rmSync(outcome.value.path, { force: true })
       return {
         method, run, ok: checked, error: checked ? null : "the output did not check out",
         pauseMs: Math.round(outcome.value.pauseMs * 1000) / 1000,

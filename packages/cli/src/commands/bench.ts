@@ -4,6 +4,7 @@
  * (QemuBench.ts, RedisBench.ts in @vmsnap/rig).
  */
 import { Effect } from "effect"
+import { existsSync, statSync } from "node:fs"
 import { formatBytes } from "@vmsnap/core"
 import {
   BENCH_METHODS, type BenchMethod, type BenchOptions, type BenchRun, QEMU_BENCH_METHODS, type QemuBenchMethod, REDIS_BENCH_METHODS,
@@ -110,6 +111,7 @@ export interface RealBenchFlags extends CommonFlags {
   readonly windowMs: number
   readonly valueBytes: number
   readonly clients: number
+  readonly outputDir?: string
 }
 
 const progress = (io: Io, flags: CommonFlags) => (what: string, run: number) =>
@@ -172,6 +174,7 @@ export const benchCommand: CliCommand = (io, schedule) =>
         .option("window", { type: "number", default: 250, describe: "qemu: the guest's measuring window in ms (its own counts and histograms per window)" })
         .option("value-size", { type: "number", default: 1000, describe: "redis: bytes per value (the fill and the load)" })
         .option("clients", { type: "number", default: 16, describe: "redis: redis-benchmark's concurrent clients" })
+        .option("output-dir", { type: "string", describe: "qemu, redis: keep every snapshot here as METHOD-RUN.vmsnap / .qemu / .rdb (default: each is deleted after its trial)" })
         .option("restore", { type: "boolean", default: false, describe: "benchmark restore instead: lazy vs eager time to the guest's first write per size, and COPY / CONTINUE / MOVE at 512 MiB" })
         .example("$0 bench", "1 GiB, every method, 3 runs each: a few minutes")
         .example("$0 bench --sizes 1GiB,4GiB,8GiB --methods vmsnap,stop-the-world --json", "")
@@ -200,10 +203,12 @@ export const benchCommand: CliCommand = (io, schedule) =>
         if (!Number.isInteger(a.window) || a.window < 50 || a.window > 5000) throw new UsageError(`--window ${a.window}: must be 50 to 5000 ms`)
         if (!Number.isInteger(a["value-size"]) || a["value-size"] < 1 || a["value-size"] > 1024 * 1024) throw new UsageError(`--value-size ${a["value-size"]}: must be 1 to 1048576 bytes`)
         if (!Number.isInteger(a.clients) || a.clients < 1 || a.clients > 1000) throw new UsageError(`--clients ${a.clients}: must be 1 to 1000`)
+        const outputDir = a["output-dir"]
+        if (outputDir !== undefined && !(existsSync(outputDir) && statSync(outputDir).isDirectory())) throw new UsageError(`--output-dir ${outputDir}: not a directory`)
         const real: RealBenchFlags = {
           ...commonFlags(a), sizes, methods, runs: a.runs, warmupMs: a.warmup, afterMs: a.after, poolPages,
           faultAroundPages: faultAroundOption(a["fault-around"]), compress: a.compression === "lz4", windowMs: a.window,
-          valueBytes: a["value-size"], clients: a.clients
+          valueBytes: a["value-size"], clients: a.clients, ...(outputDir !== undefined ? { outputDir } : {})
         }
         schedule(() => (a.target === "qemu" ? runQemuBench(io, real) : runRedisBench(io, real)))
         return
