@@ -9,7 +9,8 @@ import { join } from "node:path"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { memoryIo } from "../src/Io.js"
 import { main } from "../src/main.js"
-import { Vmsnap } from "@vmsnap/core"
+import { openSnapshot, RECORD_HEADER_BYTES, Vmsnap } from "@vmsnap/core"
+import { Effect } from "effect"
 
 const dir = mkdtempSync(join(tmpdir(), "vmsnap-cli-"))
 afterAll(() => rmSync(dir, { recursive: true, force: true }))
@@ -163,6 +164,26 @@ describe.skipIf(unavailable)("commands against the real kernel", () => {
     const r = await cli("verify", bad)
     expect(r.code).toBe(3)
     expect(r.stderr).toMatch(/bad\.vmsnap: not a valid snapshot: .*(checksum|magic|record)/)
+  })
+
+  it("a corrupt page payload: verify exits 3; inspect exits 0 saying it read no page data (break1 finding 7)", async () => {
+    const bad = join(dir, "bad-payload.vmsnap")
+    const bytes = readFileSync(kept)
+    // The first byte of the first record that stores data: a payload byte, not a header.
+    const offsets = await Effect.runPromise(Effect.scoped(Effect.map(openSnapshot(kept), (s) => [...s.index.map((e) => e.fileOffset), s.trailer.indexOffset])))
+    const at = offsets.findIndex((o, i) => i + 1 < offsets.length && offsets[i + 1]! - o > RECORD_HEADER_BYTES)
+    expect(at).toBeGreaterThanOrEqual(0)
+    bytes[offsets[at]! + RECORD_HEADER_BYTES] ^= 0xff
+    writeFileSync(bad, bytes)
+    const verify = await cli("verify", bad)
+    expect(verify.code).toBe(3)
+    expect(verify.stderr).toMatch(/checksum/)
+    const inspect = await cli("inspect", bad)
+    expect(inspect.code).toBe(0)
+    expect(inspect.stderr).toMatch(/checked +header, index and record headers only; page data not read: `vmsnap verify .*bad-payload\.vmsnap` checks every checksum/)
+    const json = await cli("inspect", bad, "--json")
+    expect(JSON.parse(json.stdout).payloadsChecked).toBe(false)
+    expect((await cli("inspect", "--help")).stdout).toMatch(/reads no page data: `verify`\s+checks it/)
   })
 
   it("a directory as output: exit 1, one line, nothing written", async () => {
