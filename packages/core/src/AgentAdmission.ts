@@ -1,16 +1,18 @@
 /**
  * What the agent checks of a hello before it admits a process, so a problem
  * is reported with its real cause at `hello` rather than as an errno during
- * a later snapshot: every region's fd is large enough and is ordinary shared
- * memory (not hugetlbfs: its page size is read from the fd, not trusted from
- * the hello), and the sender really maps each region where it says (its
- * /proc/PID/maps: the whole range is mapped, by that fd at that offset for
- * fd-backed regions). The pid is the kernel's (SO_PEERCRED), never the
- * message's.
+ * a later snapshot: every region's fd is large enough and is shared memory,
+ * its real page size (read from the fd for fd-backed regions, from the
+ * sender's mapping, /proc/PID/smaps, for anonymous ones; never trusted from
+ * the hello) is the one the region declares (4 KiB, or 2 MiB for hugetlbfs),
+ * and the sender really maps each region where it says (its /proc/PID/maps:
+ * the whole range is mapped, by that fd at that offset for fd-backed
+ * regions). The pid is the kernel's (SO_PEERCRED), never the message's.
  */
 import { fstatSync, readFileSync } from "node:fs"
 import { failProtocol as fail, type Hello, type HelloRegion } from "./AgentProtocol.js"
 import { PAGE_SIZE } from "./GuestMemory.js"
+import { readMappings } from "./ProcessMappings.js"
 
 interface Mapping {
   readonly start: bigint
@@ -47,13 +49,17 @@ const checkMapped = (maps: ReadonlyArray<Mapping>, i: number, r: HelloRegion, in
       if (m.inode !== inode) fail(`${where(i, r)}: pid ${pid} maps ${m.path || "anonymous memory"} at 0x${at.toString(16)}, not the fd it sent`)
       if (m.offset + (at - m.start) !== BigInt(r.offset) + (at - r.hva))
         fail(`${where(i, r)}: pid ${pid} maps the fd at offset 0x${(m.offset + (at - m.start)).toString(16)} there, not at the region's offset ${r.offset}`)
-    } else if (m.path.startsWith("/anon_hugepage")) {
-      fail(`${where(i, r)}: hugetlbfs memory (MAP_HUGETLB): this agent snapshots 4 KiB pages only`)
     }
     at = m.end
     if (at >= end) return
   }
   fail(`${where(i, r)}: pid ${pid} has nothing mapped at 0x${at.toString(16)} (unmapped or remapped; a VMM must say hello with its regions mapped and must not remap them while connected)`)
+}
+
+/** The declared page size must be the real one: a hugetlbfs region declared with 4 KiB pages would be protected wrongly. */
+const checkPageSize = (i: number, r: HelloRegion, real: number, source: string) => {
+  if (real !== r.pageSize)
+    fail(`${where(i, r)}: ${source} has ${real}-byte pages${real > PAGE_SIZE ? " (hugetlbfs)" : ""} but the region declares pageSize ${r.pageSize}: declare "pageSize": ${real}`)
 }
 
 /** Checks a hello against its fds and the sender's mappings; ProtocolError naming the cause. */
@@ -66,11 +72,18 @@ export const checkHello = (hello: Hello, fds: ReadonlyArray<number>, pid: number
       if (!st.isFile()) fail(`${where(i, r)}: its fd is not a memory file (memfd or shmem)`)
       if (st.size < r.offset + r.size) fail(`region at gpa 0x${r.gpa.toString(16)}: its fd holds ${st.size} bytes, fewer than offset ${r.offset} + size ${r.size}`)
       // hugetlbfs reports its huge page size as the block size; tmpfs/memfd report 4096.
-      const real = Math.max(st.blksize, PAGE_SIZE)
-      if (real !== r.pageSize)
-        fail(`${where(i, r)}: its fd has ${real}-byte pages${real > PAGE_SIZE ? " (hugetlbfs)" : ""} but the region declares pageSize ${r.pageSize}${real > PAGE_SIZE ? ": this agent snapshots 4 KiB pages only" : ""}`)
+      checkPageSize(i, r, Math.max(st.blksize, PAGE_SIZE), "its fd")
       inode = st.ino
     }
     checkMapped(maps, i, r, inode, pid)
+    if (r.fd === null) {
+      let real: number | undefined
+      try {
+        real = readMappings(pid).find((m) => r.hva >= m.start && r.hva < m.end)?.kernelPageSize
+      } catch (e) {
+        fail(`cannot read /proc/${pid}/smaps to check the page size of ${where(i, r)}: ${(e as Error).message}`)
+      }
+      if (real !== undefined) checkPageSize(i, r, real, `pid ${pid}'s mapping`)
+    }
   })
 }

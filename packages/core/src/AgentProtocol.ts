@@ -5,7 +5,7 @@
  * strings so 64-bit values survive JSON.
  */
 import { ProtocolError } from "./Errors.js"
-import { PAGE_SIZE } from "./GuestMemory.js"
+import { HUGE_PAGE_SIZE, PAGE_SIZE } from "./GuestMemory.js"
 
 export const PROTOCOL_VERSION = 1
 /** Longest message accepted, in bytes. */
@@ -118,13 +118,15 @@ export const parseHello = (m: Record<string, unknown>, fdCount: number): Hello =
     const size = wholeNumber(r.size, `region ${i} "size"`)
     if (size === 0 || size % PAGE_SIZE !== 0) fail(`region ${i} size ${size} is not a positive multiple of ${PAGE_SIZE}`)
     const pageSize = wholeNumber(r.pageSize ?? PAGE_SIZE, `region ${i} "pageSize"`)
-    if (pageSize !== PAGE_SIZE) fail(`region ${i} page size ${pageSize}: only ${PAGE_SIZE} is supported`)
+    if (pageSize !== PAGE_SIZE && pageSize !== HUGE_PAGE_SIZE)
+      fail(`region ${i} page size ${pageSize}: ${PAGE_SIZE}, or ${HUGE_PAGE_SIZE} for hugetlbfs memory, is supported (1 GiB huge pages are not)`)
+    if (size % pageSize !== 0) fail(`region ${i} size ${size} is not a whole number of its ${pageSize}-byte pages`)
     const fd = r.fd === null || r.fd === undefined ? null : wholeNumber(r.fd, `region ${i} "fd"`)
     if (fd !== null && (fd >= fdCount || fd === uffd)) fail(`region ${i} names fd index ${fd}, which is not a memory fd of this message`)
     const offset = wholeNumber(r.offset ?? 0, `region ${i} "offset"`)
-    if (offset % PAGE_SIZE !== 0) fail(`region ${i} offset ${offset} is not page aligned`)
+    if (offset % pageSize !== 0) fail(`region ${i} offset ${offset} is not page aligned (${pageSize}-byte pages)`)
     const hva = address(r.hva, `region ${i} "hva"`)
-    if (hva % BigInt(PAGE_SIZE) !== 0n || hva === 0n) fail(`region ${i} hva is not a page-aligned address`)
+    if (hva % BigInt(pageSize) !== 0n || hva === 0n) fail(`region ${i} hva is not a page-aligned address (${pageSize}-byte pages)`)
     const thp = flag(r.thp, `region ${i} "thp"`)
     if (thp && fd !== null) fail(`region ${i} "thp": only anonymous memory (no fd) is rebuilt into huge pages`)
     const gpa = address(r.gpa, `region ${i} "gpa"`)

@@ -137,7 +137,9 @@ const engineLayout = (vmm: Peer, peers: ReadonlyArray<Peer>) =>
       guestBase: gpa(r.gpa),
       hostBase: hva(views[i]!.base),
       size: r.size,
-      kind: r.fd !== null ? "memfd" : r.thp ? "anon-thp" : "anon"
+      // Checked at hello against the fd or mapping; the session reads it again from the mapping.
+      kind: r.pageSize > PAGE_SIZE ? "hugetlbfs" : r.fd !== null ? "memfd" : r.thp ? "anon-thp" : "anon",
+      pageSize: r.pageSize
     }))
     const processes: Array<RemoteProcess> = peers.map((p) => ({
       uffd: p.uffd,

@@ -19,6 +19,8 @@ export interface ToyVmmOptions {
   /** Which pages the guest writes: random (default), sequential, or hot (about 90 % of writes to a tenth of the pages). */
   readonly pattern?: "random" | "sequential" | "hot"
   readonly anon?: boolean
+  /** Guest RAM in 2 MiB hugetlbfs pages (needs free huge pages: vm.nr_hugepages). */
+  readonly hugetlb?: boolean
   readonly threads?: boolean
   readonly agent?: string
   readonly vm?: string
@@ -113,6 +115,7 @@ export class ToyVmm {
     const args = ["--mem", String(options.memMiB), "--vcpus", String(options.vcpus ?? 1), "--rate", String(options.rate ?? 0)]
     if (options.pattern) args.push("--pattern", options.pattern)
     if (options.anon) args.push("--anon")
+    if (options.hugetlb) args.push("--hugetlb")
     if (options.threads) args.push("--threads")
     if (options.agent) args.push("--agent", options.agent)
     if (options.vm) args.push("--vm", options.vm)

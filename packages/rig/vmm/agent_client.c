@@ -25,10 +25,10 @@ static void send_hello(int sock)
     int nfds = vmm.anon ? 1 : 2;
     int n = snprintf(body, sizeof body,
                      "{\"type\":\"hello\",\"version\":1,\"vm\":\"%s\",\"role\":\"%s\",\"pid\":%d,\"uffd\":0,\"prepare\":%s,"
-                     "\"regions\":[{\"gpa\":\"0x0\",\"size\":%llu,\"pageSize\":4096,\"fd\":%s,\"offset\":0,"
+                     "\"regions\":[{\"gpa\":\"0x0\",\"size\":%llu,\"pageSize\":%u,\"fd\":%s,\"offset\":0,"
                      "\"hva\":\"0x%llx\"}]}\n",
                      vmm.vm_id, vmm.is_device ? "device" : "vmm", getpid(), vmm.balloon && !vmm.is_device ? "true" : "false",
-                     (unsigned long long)vmm.mem_size,
+                     (unsigned long long)vmm.mem_size, vmm.hugetlb ? 2u << 20 : 4096u,
                      vmm.anon ? "null" : "1", (unsigned long long)(uintptr_t)vmm.mem);
     if (send_with_fds(sock, body, (size_t)n, fds, nfds) < 0)
         die("send hello");

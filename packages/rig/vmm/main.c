@@ -1,7 +1,8 @@
 /*
  * vmsnap-toyvmm: a toy VMM for tests, the demo and benchmarks.
  *
- * Guest RAM is a memfd (or anonymous memory with --anon). With /dev/kvm it
+ * Guest RAM is a memfd (or anonymous memory with --anon), in 2 MiB hugetlbfs
+ * pages with --hugetlb. With /dev/kvm it
  * creates a VM whose vCPUs run guest_code.S in 64-bit ring 3 with no guest
  * kernel (identity page tables with 2 MiB user pages); without KVM (or with
  * --threads) it runs the same code on host threads and says so. Every write
@@ -87,7 +88,7 @@ static void run_local_snapshot(void)
 static void usage(void)
 {
     fprintf(stderr,
-            "usage: vmsnap-toyvmm [--mem MiB] [--vcpus N] [--rate pages/s] [--pattern random|sequential|hot] [--anon] [--threads]\n"
+            "usage: vmsnap-toyvmm [--mem MiB] [--vcpus N] [--rate pages/s] [--pattern random|sequential|hot] [--anon] [--hugetlb] [--threads]\n"
             "                     [--agent SOCK] [--vm ID] [--device] [--balloon] [--reference FILE] [--run-ms N] [--fill PERCENT] [--progress-ms N]\n"
             "                     [--local floor|fork|stop-the-world --output FILE --snapshot-at-ms N] [--after-ms N]\n"
             "                     [--restore-from SOCK [--verify-image RAW]]\n");
@@ -122,6 +123,7 @@ int main(int argc, char **argv)
             i++;
         }
         else if (!strcmp(a, "--anon")) vmm.anon = true;
+        else if (!strcmp(a, "--hugetlb")) vmm.hugetlb = true;
         else if (!strcmp(a, "--threads")) vmm.force_threads = true;
         else if (!strcmp(a, "--device")) vmm.device = true;
         else if (!strcmp(a, "--balloon")) vmm.balloon = true;

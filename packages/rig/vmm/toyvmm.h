@@ -88,6 +88,7 @@ struct toyvmm {
     uint32_t vcpus;
     uint64_t rate;
     bool anon, force_threads, device, is_device;
+    bool hugetlb; /* guest RAM in 2 MiB hugetlbfs pages (memfd MFD_HUGETLB, or MAP_HUGETLB with anon) */
     bool balloon;                      /* --balloon: keep discarding guest pages; held from prepare to done */
     _Atomic uint64_t balloon_discards; /* pages the balloon discarded */
     uint32_t pattern; /* PATTERN_* */

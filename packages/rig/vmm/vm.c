@@ -14,10 +14,12 @@ extern const uint8_t toy_guest_start[], toy_guest_end[];
 
 void map_memory(void)
 {
+    /* --hugetlb: 2 MiB hugetlbfs pages (vm.nr_hugepages must hold the guest). */
     if (vmm.anon) {
-        vmm.mem = mmap(NULL, vmm.mem_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        vmm.mem = mmap(NULL, vmm.mem_size, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | (vmm.hugetlb ? MAP_HUGETLB : MAP_NORESERVE), -1, 0);
     } else {
-        vmm.memfd = memfd_create("toyvmm-guest", MFD_CLOEXEC);
+        vmm.memfd = memfd_create("toyvmm-guest", MFD_CLOEXEC | (vmm.hugetlb ? MFD_HUGETLB : 0));
         if (vmm.memfd < 0 || ftruncate(vmm.memfd, (off_t)vmm.mem_size) < 0)
             die("memfd");
         vmm.mem = mmap(NULL, vmm.mem_size, PROT_READ | PROT_WRITE, MAP_SHARED, vmm.memfd, 0);
