@@ -67,6 +67,13 @@ export interface PidSnapshotResult extends SnapshotResult {
   readonly pid: number
   /** Threads stopped for the cut. */
   readonly threads: number
+  /**
+   * How long the target's threads were held stopped, ms, from the first stop
+   * request to the last thread let go: to take the userfaultfd (`setup`) and
+   * for the cut (`cut`: freeze, layout check, protect, atCut, thaw; `pauseMs`
+   * is the protect alone).
+   */
+  readonly stoppedMs: { readonly setup: number; readonly cut: number }
   readonly mappings: ReadonlyArray<CapturedMapping>
   /** Writable mappings left out and why (default selection only). */
   readonly skipped: ReadonlyArray<{ readonly mapping: string; readonly why: string }>
@@ -187,6 +194,9 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
       yield* WpNative
       yield* checkTarget(pid)
       const handle = yield* openTarget(pid)
+      const stoppedMs = { setup: 0, cut: 0 }
+      let stoppedAt = performance.now()
+      const stopped = (phase: "setup" | "cut") => Effect.sync(() => void (stoppedMs[phase] = performance.now() - stoppedAt))
       // Frozen: pick the mappings and take the uffd, so both see one layout.
       const { selection, uffd } = yield* Effect.acquireUseRelease(
         freeze(handle, pid, timeoutMs),
@@ -200,7 +210,7 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
             const fd = yield* takeUffd(handle, pid)
             return { selection: picked, uffd: fd }
           }),
-        () => thaw(handle)
+        () => Effect.andThen(thaw(handle), stopped("setup"))
       )
       const rc: number = loadWp().wp_uffd_negotiate([uffd])
       if (rc < 0) return yield* Effect.fail(new NativeError({ op: "userfaultfd", errno: -rc, reason: errnoReason("userfaultfd", -rc) }))
@@ -212,6 +222,7 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
       // The cut's freeze: thaws itself if the layout moved since registration.
       const freezeForCut = Effect.gen(function* () {
         if (options.beforeCut) yield* options.beforeCut
+        stoppedAt = performance.now()
         threads = yield* freeze(handle, pid, timeoutMs)
         yield* Effect.tapError(checkLayout(pid, chosen, "between registration and the cut"), () => thaw(handle))
       })
@@ -223,7 +234,7 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
         faultAroundPages: options.faultAroundPages,
         compress: options.compress,
         freeze: freezeForCut,
-        thaw: thaw(handle),
+        thaw: Effect.andThen(thaw(handle), stopped("cut")),
         atCut: options.atCut?.(regions),
         beforeCommit: Effect.andThen(checkLayout(pid, chosen, "during the snapshot"), checkNotShared(pid, chosen, " (seen before the file was committed)")),
         // Before the session lets go: the chosen mappings are still registered ("uw"), so a
@@ -244,6 +255,7 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
         ...result,
         pid,
         threads,
+        stoppedMs: { setup: Math.round(stoppedMs.setup * 1000) / 1000, cut: Math.round(stoppedMs.cut * 1000) / 1000 },
         mappings: chosen.map((m) => ({ hva: m.start, size: m.size, kind: m.kind, name: m.name, permissions: m.permissions })),
         skipped: selection.skipped.map((s) => ({ mapping: describeMapping(s.mapping), why: s.why }))
       }

@@ -56,8 +56,10 @@ export interface QemuTrial {
   readonly run: number
   readonly ok: boolean
   readonly error: string | null
-  /** The guest stopped: QEMU's reported downtime (background), `stop` to `cont` (stop), vmsnap's cut (pid). */
+  /** The guest stopped: QEMU's reported downtime (background), `stop` to `cont` (stop), vmsnap's cut (pid: every QEMU thread stopped by ptrace to let go). */
   readonly pauseMs: number
+  /** vmsnap-pid only: QEMU's threads stopped earlier, to take the userfaultfd (0 for QEMU's methods). */
+  readonly setupStopMs: number
   /** From the command to the output complete, as this process saw it. */
   readonly durationMs: number
   readonly extraMemory: MemoryPeak
@@ -87,6 +89,7 @@ export interface QemuBenchResult {
 
 const FIGURES = {
   pauseMs: (t: QemuTrial) => t.pauseMs,
+  setupStopMs: (t: QemuTrial) => t.setupStopMs,
   durationMs: (t: QemuTrial) => t.durationMs,
   beforeWritesPerSecond: (t: QemuTrial) => t.guest.before.writesPerSecond,
   duringWritesPerSecond: (t: QemuTrial) => t.guest.during.writesPerSecond,
@@ -113,6 +116,7 @@ const ratio = (a: number, b: number) => (b > 0 ? Math.round((a / b) * 1000) / 10
 
 interface Outcome {
   readonly pauseMs: number
+  readonly setupStopMs: number
   readonly faults: number | null
   readonly check: Effect.Effect<boolean>
 }
@@ -135,6 +139,7 @@ const qemuMigrate = async (q: QemuGuest, path: string, background: boolean): Pro
   if (status.status !== "completed") throw new Error(`QEMU's migration ${status.status}: ${status["error-desc"] ?? "no reason given"}`)
   return {
     pauseMs: background ? (status.downtime ?? 0) : (resumed - stopped) / 1e6,
+    setupStopMs: 0,
     faults: null,
     check: Effect.sync(() => {
       const fd = openSync(path, "r")
@@ -154,7 +159,8 @@ const vmsnapPid = (q: QemuGuest, path: string, o: QemuBenchOptions) =>
   Effect.map(
     snapshotPid({ pid: q.pid, path, mappings: [{ _tag: "MinSize", bytes: q.ramBytes }], poolPages: o.poolPages, faultAroundPages: o.faultAroundPages, compress: o.compress }),
     (r): Outcome => ({
-      pauseMs: r.pauseMs,
+      pauseMs: r.stoppedMs.cut,
+      setupStopMs: r.stoppedMs.setup,
       faults: r.engine.faults,
       check: Effect.orElseSucceed(Effect.as(verifySnapshot(path), true), () => false)
     })
@@ -182,7 +188,7 @@ const trial = (method: QemuBenchMethod, run: number, elf: string, o: QemuBenchOp
         (g) => Effect.sync(() => g.kill())
       )
       const failed = (error: string): QemuTrial => ({
-        method, run, ok: false, error, pauseMs: 0, durationMs: 0, extraMemory: { target: 0, vmsnap: 0 }, outputBytes: 0, outputChecked: false, faults: null,
+        method, run, ok: false, error, pauseMs: 0, setupStopMs: 0, durationMs: 0, extraMemory: { target: 0, vmsnap: 0 }, outputBytes: 0, outputChecked: false, faults: null,
         guest: { before: emptyPhase, during: emptyPhase, after: emptyPhase }
       })
       const started = yield* Effect.exit(Effect.tryPromise(async () => {
@@ -216,6 +222,7 @@ const trial = (method: QemuBenchMethod, run: number, elf: string, o: QemuBenchOp
       return {
         method, run, ok: checked, error: checked ? null : "the output did not check out",
         pauseMs: Math.round(outcome.value.pauseMs * 1000) / 1000,
+        setupStopMs: outcome.value.setupStopMs,
         durationMs: Math.round((endNs - beginNs) / 1e6),
         extraMemory,
         outputBytes: statSync(path).size,

@@ -65,8 +65,10 @@ export interface RedisTrial {
   readonly run: number
   readonly ok: boolean
   readonly error: string | null
-  /** BGSAVE: the fork (Redis's latest_fork_usec); vmsnap: its cut. */
+  /** BGSAVE: the fork (Redis's latest_fork_usec); vmsnap: its cut (every Redis thread stopped by ptrace to let go). */
   readonly pauseMs: number
+  /** vmsnap-pid only: Redis's threads stopped earlier, to take the userfaultfd (0 for BGSAVE). */
+  readonly setupStopMs: number
   /** From the command to the output complete, as this process saw it. */
   readonly durationMs: number
   readonly extraMemory: MemoryPeak & { readonly redisCowBytes: number | null }
@@ -94,6 +96,7 @@ export interface RedisBenchResult {
 
 const FIGURES = {
   pauseMs: (t: RedisTrial) => t.pauseMs,
+  setupStopMs: (t: RedisTrial) => t.setupStopMs,
   durationMs: (t: RedisTrial) => t.durationMs,
   beforeP99Us: (t: RedisTrial) => t.clients.before.latencyUs.p99,
   duringP50Us: (t: RedisTrial) => t.clients.during.latencyUs.p50,
@@ -159,6 +162,7 @@ const clientWindow = (p: Probe, fromNs: number, toNs: number): ClientWindow => {
 
 interface Outcome {
   readonly pauseMs: number
+  readonly setupStopMs: number
   readonly redisCowBytes: number | null
   readonly path: string
   readonly check: Effect.Effect<boolean>
@@ -177,6 +181,7 @@ const bgsave = async (r: RedisServer): Promise<Outcome> => {
   const stats = await r.redis.info("stats")
   return {
     pauseMs: Number(stats.get("latest_fork_usec") ?? 0) / 1000,
+    setupStopMs: 0,
     redisCowBytes: p.has("rdb_last_cow_size") ? Number(p.get("rdb_last_cow_size")) : null,
     path: r.rdbPath,
     check: Effect.sync(() => {
@@ -195,7 +200,7 @@ const bgsave = async (r: RedisServer): Promise<Outcome> => {
 const vmsnapPid = (r: RedisServer, path: string, o: RedisBenchOptions) =>
   Effect.map(
     snapshotPid({ pid: r.pid, path, poolPages: o.poolPages, faultAroundPages: o.faultAroundPages, compress: o.compress }),
-    (s): Outcome => ({ pauseMs: s.pauseMs, redisCowBytes: null, path, check: Effect.orElseSucceed(Effect.as(verifySnapshot(path), true), () => false) })
+    (s): Outcome => ({ pauseMs: s.stoppedMs.cut, setupStopMs: s.stoppedMs.setup, redisCowBytes: null, path, check: Effect.orElseSucceed(Effect.as(verifySnapshot(path), true), () => false) })
   )
 
 const emptyWindow: ClientWindow = { seconds: 0, requests: 0, latencyUs: { p50: 0, p99: 0, p999: 0, max: 0 }, commandsPerSecond: 0 }
@@ -204,7 +209,7 @@ const trial = (method: RedisBenchMethod, run: number, r: RedisServer, keys: numb
   Effect.scoped(
     Effect.gen(function* () {
       const failed = (error: string): RedisTrial => ({
-        method, run, ok: false, error, pauseMs: 0, durationMs: 0, extraMemory: { target: 0, vmsnap: 0, redisCowBytes: null }, outputBytes: 0, outputChecked: false,
+        method, run, ok: false, error, pauseMs: 0, setupStopMs: 0, durationMs: 0, extraMemory: { target: 0, vmsnap: 0, redisCowBytes: null }, outputBytes: 0, outputChecked: false,
         clients: { before: emptyWindow, during: emptyWindow, after: emptyWindow }
       })
       const probe = yield* Effect.acquireRelease(
@@ -237,6 +242,7 @@ const trial = (method: RedisBenchMethod, run: number, r: RedisServer, keys: numb
       return {
         method, run, ok: checked, error: checked ? null : "the output did not check out",
         pauseMs: Math.round(outcome.value.pauseMs * 1000) / 1000,
+        setupStopMs: outcome.value.setupStopMs,
         durationMs: Math.round((endNs - beginNs) / 1e6),
         extraMemory: { ...memory, redisCowBytes: outcome.value.redisCowBytes },
         outputBytes,
