@@ -116,7 +116,7 @@ export type RedisFigure = keyof typeof FIGURES
 const MiB = 1024 * 1024
 const nowNs = () => Number(process.hrtime.bigint())
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
-/** Redis's memory per key of DEBUG POPULATE beyond the value (dict entry, key, objects; jemalloc size classes), measured here. */
+/** Redis's memory per key beyond the value (dict entry, key, objects; jemalloc size classes), measured here. */
 const KEY_OVERHEAD = 110
 const probePath = () => join(dirname(fileURLToPath(import.meta.url)), "internal", "redisProbe.js")
 

@@ -1,7 +1,7 @@
 /**
  * A real Redis (Debian's redis-server) for `vmsnap bench --target redis`:
  * started on a free loopback port with persistence off (no RDB saves of its
- * own, no AOF) in a private directory, filled with `DEBUG POPULATE`, loaded
+ * own, no AOF) in a private directory, filled by a Lua script, loaded
  * by `redis-benchmark` (loopback, bounded in count; killed at the end of a
  * trial), and asked for `BGSAVE` and `INFO`.
  */
@@ -61,7 +61,7 @@ export class RedisServer {
   private constructor(readonly port: number, readonly dir: string) {
     this.child = spawn("redis-server", [
       "--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir, "--dbfilename", "dump.rdb",
-      "--enable-debug-command", "local", "--protected-mode", "yes", "--daemonize", "no", "--logfile", ""
+      "--protected-mode", "yes", "--daemonize", "no", "--logfile", ""
     ], { stdio: ["ignore", "ignore", "pipe"] })
     this.child.stderr!.on("data", (d) => (this.stderr += d))
   }
@@ -93,9 +93,16 @@ export class RedisServer {
     return join(this.dir, "dump.rdb")
   }
 
-  /** `count` keys `key:N` with `valueBytes`-byte values; returns Redis's used_memory after. */
+  /**
+   * `count` keys named as redis-benchmark names them (`key:` and 12 digits,
+   * 0 to count-1), so that its `-r count` load overwrites them rather than
+   * adding keys; values of `valueBytes` "x". Filled by a Lua script, 100 000
+   * keys per call. Returns Redis's used_memory after.
+   */
   async populate(count: number, valueBytes: number): Promise<number> {
-    await this.redis.command("DEBUG", "POPULATE", String(count), "key", String(valueBytes))
+    const script = "local v = string.rep('x', tonumber(ARGV[3])) for i = tonumber(ARGV[1]), tonumber(ARGV[2]) - 1 do redis.call('SET', string.format('key:%012d', i), v) end return 1"
+    for (let from = 0; from < count; from += 100_000)
+      await this.redis.command("EVAL", script, "0", String(from), String(Math.min(count, from + 100_000)), String(valueBytes))
     return Number((await this.redis.info("memory")).get("used_memory") ?? 0)
   }
 

@@ -3,7 +3,7 @@
  * for the Redis bench: one connection, commands answered in order. Replies:
  * simple strings and integers as strings, bulk strings as strings (null as
  * null), arrays as arrays, errors as rejections. Enough for PING, SET,
- * DEBUG POPULATE, BGSAVE and INFO; not a general client.
+ * EVAL, BGSAVE and INFO; not a general client.
  */
 import { connect, type Socket } from "node:net"
 
