@@ -216,7 +216,7 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
       if (rc < 0) return yield* Effect.fail(new NativeError({ op: "userfaultfd", errno: -rc, reason: errnoReason("userfaultfd", -rc) }))
       const chosen = selection.chosen
       const regions: Array<MemoryRegion> = chosen.map((m) => ({
-        guestBase: gpa(m.start), hostBase: hva(0), size: m.size, kind: m.kind, mapping: { name: m.name, permissions: m.permissions }
+        guestBase: gpa(m.start), hostBase: hva(0), size: m.size, kind: m.kind, pageSize: m.kernelPageSize, mapping: { name: m.name, permissions: m.permissions }
       }))
       let threads = 0
       // The cut's freeze: thaws itself if the layout moved since registration.
