@@ -147,7 +147,7 @@ const layoutChange = (pid: number, chosen: ReadonlyArray<ChosenMapping>): string
 }
 
 const layoutError = (pid: number, when: string, change: string) =>
-  new NativeError({ op: "snapshot", errno: 16, reason: `pid ${pid} changed its memory layout ${when}: ${change}; the snapshot would not be of one instant, so it is abandoned (try again)` })
+  new NativeError({ op: "snapshot", errno: 16, reason: `pid ${pid} changed its memory layout ${when}: ${change}; the snapshot would not be of one instant, so it is abandoned. Try again, or choose with --mapping the mappings that matter and that it does not remap (heaps and thread stacks change as a program runs and creates threads)` })
 
 /** Shared memory another process maps is written without faulting in the target: refused, naming both. */
 const checkNotShared = (pid: number, chosen: ReadonlyArray<ChosenMapping>, when: string): Effect.Effect<void, VmsnapError> =>
