@@ -15,16 +15,12 @@
 
 enum { RECORD_RAW = WP_RECORD_RAW, RECORD_LZ4 = WP_RECORD_LZ4, RECORD_ZERO = WP_RECORD_ZERO };
 
-/* Lookup tables for CRC-32 (zlib's polynomial), slicing by 8. */
-struct record_codec {
-    uint32_t crc[8][256];
-};
+/* CRC-32 (zlib's) of p, continuing from crc (0 to start). */
+uint32_t record_crc32(uint32_t crc, const uint8_t *p, size_t n);
 
-void record_codec_init(struct record_codec *c);
-uint32_t record_crc32(const struct record_codec *c, uint32_t crc, const uint8_t *p, size_t n);
-
-/* Decodes one LZ4 block into dst; the bytes produced, or -1 if malformed. */
-int64_t lz4_block_decode(const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_cap);
+/* Decodes one LZ4 block (liblz4) into dst; the bytes produced, or -1 if
+ * malformed or bigger than dst_cap. */
+int64_t record_lz4_decode(const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_cap);
 
 /* Reads the record at file_offset, which the index says holds `pages`
  * pages of `region` from first_page, into out (pages * 4096 bytes; zero
