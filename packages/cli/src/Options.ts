@@ -4,7 +4,7 @@
  * fault-around window. A bad value throws `UsageError`, which `main` turns
  * into exit code 2 and one line.
  */
-import { formatBytes, PAGE_SIZE, parseSize } from "@vmsnap/core"
+import { type Compression, COMPRESSIONS, formatBytes, PAGE_SIZE, parseSize } from "@vmsnap/core"
 import type { Argv } from "yargs"
 import type { CommonFlags } from "./Run.js"
 
@@ -42,6 +42,13 @@ export const bufferOption = (describe: string) => ({ type: "string", default: "6
 
 /** --buffer's value in pages (0: synchronous). */
 export const poolPagesOption = (value: unknown): number => (String(value).trim() === "0" ? 0 : sizeOption("buffer", value, PAGE_SIZE) / PAGE_SIZE)
+
+/** --compression: how records are stored (SnapshotWriter.ts's Compression), default auto. */
+export const compressionOptionSpec = {
+  choices: COMPRESSIONS,
+  default: "auto" as Compression,
+  describe: "how records are stored: auto compresses with lz4 while no other batch is being compressed and writes raw records when the writer falls behind (the capture never waits for compression); lz4 compresses every record; none writes raw pages"
+} as const
 
 /** --fault-around: pages saved with each faulting page, default 16. */
 export const faultAroundOptionSpec = (describe: string) => ({ type: "number", default: 16, describe }) as const

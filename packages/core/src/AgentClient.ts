@@ -7,6 +7,7 @@ import { createConnection } from "node:net"
 import { encodeMessage, LineReader, parseMessage } from "./AgentProtocol.js"
 import { ProtocolError, SnapshotIoError } from "./Errors.js"
 import type { SnapshotResult } from "./SnapshotSession.js"
+import type { Compression } from "./SnapshotWriter.js"
 
 /** What the agent reports of a snapshot: the session's result, with the fault count for the engine counters. */
 export type AgentSnapshotResult = Omit<SnapshotResult, "engine"> & { readonly faults: number }
@@ -48,7 +49,7 @@ const exchange = (socketPath: string, request: Record<string, unknown>, onLine: 
  */
 export const requestSnapshot = (
   socketPath: string,
-  request: { vm: string; path: string; poolPages?: number; faultAroundPages?: number },
+  request: { vm: string; path: string; poolPages?: number; faultAroundPages?: number; compression?: Compression },
   onProgress?: (savedBytes: number, totalBytes: number) => void
 ): Effect.Effect<AgentSnapshotResult, ProtocolError | SnapshotIoError> =>
   Effect.map(

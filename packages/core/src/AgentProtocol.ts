@@ -6,6 +6,7 @@
  */
 import { ProtocolError } from "./Errors.js"
 import { HUGE_PAGE_SIZE, PAGE_SIZE } from "./GuestMemory.js"
+import { COMPRESSIONS, type Compression } from "./SnapshotWriter.js"
 
 export const PROTOCOL_VERSION = 1
 /** Longest message accepted, in bytes. */
@@ -52,8 +53,8 @@ export interface SnapshotRequest {
   readonly path: string
   readonly poolPages?: number
   readonly faultAroundPages?: number
-  /** "lz4" (default) or "none". */
-  readonly compression?: "lz4" | "none"
+  /** "auto" (default: lz4 while no other batch is compressing, else raw), "lz4" or "none" (SnapshotWriter.ts). */
+  readonly compression?: Compression
   /** Sweep where the guest writes first (default true). */
   readonly steer?: boolean
 }
@@ -149,10 +150,10 @@ export const parseClientRequest = (m: Record<string, unknown>): ClientRequest =>
   if (m.type !== "snapshot") return fail(`unknown message type ${JSON.stringify(m.type)}`)
   if (typeof m.path !== "string" || m.path.length === 0) fail(`"path" must name the snapshot file`)
   const opt = (k: string) => (m[k] === undefined ? undefined : wholeNumber(m[k], `"${k}"`))
-  if (m.compression !== undefined && m.compression !== "lz4" && m.compression !== "none") fail(`"compression" must be "lz4" or "none"`)
+  if (m.compression !== undefined && !COMPRESSIONS.includes(m.compression as Compression)) fail(`"compression" must be "auto", "lz4" or "none"`)
   return {
     type: "snapshot", vm: vmId(m.vm), path: m.path as string, poolPages: opt("poolPages"), faultAroundPages: opt("faultAroundPages"),
-    compression: m.compression as "lz4" | "none" | undefined,
+    compression: m.compression as Compression | undefined,
     steer: m.steer === undefined ? undefined : m.steer === true
   }
 }

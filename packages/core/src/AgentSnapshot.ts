@@ -189,7 +189,7 @@ export const snapshotVm = (
         output: options.output && { dir: { fd: options.output.dirFd, name: options.output.name }, mode: options.fileMode, owner: options.owner },
         poolPages: request.poolPages,
         faultAroundPages: request.faultAroundPages,
-        compress: request.compression !== "none",
+        compression: request.compression,
         steer: request.steer,
         freeze,
         thaw,

@@ -31,6 +31,7 @@ import {
 import { checkTarget, isAlive, ptraceDenied } from "./PidTarget.js"
 import { describeShared, sharedWithOthers } from "./SharedMappers.js"
 import { type SnapshotResult, takeSnapshot } from "./SnapshotSession.js"
+import type { Compression } from "./SnapshotWriter.js"
 import { WpNative } from "./WpNative.js"
 import { isNullPointer } from "ffi-rs"
 
@@ -42,7 +43,8 @@ export interface PidSnapshotOptions {
   readonly mappings?: ReadonlyArray<MappingSelector>
   readonly poolPages?: number
   readonly faultAroundPages?: number
-  readonly compress?: boolean
+  /** Record compression (default "auto", SnapshotWriter.ts). */
+  readonly compression?: Compression
   /** Bound on waiting for the threads to stop, per freeze. Default 2000 ms. */
   readonly freezeTimeoutMs?: number
   /** Runs once the memory is armed, right before the cut's freeze, the target running (tests make it act here). */
@@ -232,7 +234,7 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
         path: options.path,
         poolPages: options.poolPages,
         faultAroundPages: options.faultAroundPages,
-        compress: options.compress,
+        compression: options.compression,
         freeze: freezeForCut,
         thaw: Effect.andThen(thaw(handle), stopped("cut")),
         atCut: options.atCut?.(regions),

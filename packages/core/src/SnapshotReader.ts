@@ -197,6 +197,8 @@ export interface InspectReport {
   readonly zeroPages: number
   /** Bytes of non-zero pages over the bytes that store them. */
   readonly compressionRatio: number
+  /** Records per encoding (`--compression auto` writes raw records while the writer is behind). */
+  readonly encodings: { readonly lz4: number; readonly raw: number; readonly zero: number }
 }
 
 /** Header, regions and page counts from the index and record headers (no payloads read). */
@@ -206,6 +208,7 @@ export const inspectSnapshot = (path: string): Effect.Effect<InspectReport, Snap
       const s = yield* openSnapshot(path)
       const perRegion = s.header.regions.map(() => ({ data: 0, zero: 0 }))
       let stored = 0
+      const encodings = { lz4: 0, raw: 0, zero: 0 }
       for (const entry of s.index) {
         const h = yield* Effect.tryPromise({
           try: async () => {
@@ -220,6 +223,7 @@ export const inspectSnapshot = (path: string): Effect.Effect<InspectReport, Snap
           catch: (e) => formatError(path, e)
         })
         const r = perRegion[h.region]!
+        encodings[h.encoding]++
         if (h.encoding === "zero") r.zero += h.pageCount
         else {
           r.data += h.pageCount
@@ -247,7 +251,8 @@ export const inspectSnapshot = (path: string): Effect.Effect<InspectReport, Snap
         records: s.index.length,
         dataPages,
         zeroPages: perRegion.reduce((a, r) => a + r.zero, 0),
-        compressionRatio: stored > 0 ? (dataPages * PAGE_SIZE) / stored : 1
+        compressionRatio: stored > 0 ? (dataPages * PAGE_SIZE) / stored : 1,
+        encodings
       } satisfies InspectReport
     })
   )

@@ -6,8 +6,15 @@
  * memory a vCPU may wait for in the synchronous fallback; then a sweep where
  * the guest last faulted, then in address order). A batch is cut into
  * records (runs of consecutive pages), compressed with lz4 on the libuv
- * thread pool while the next batch is taken, so both cores stay busy, and
- * appended to the SnapshotFile strictly in the order taken.
+ * thread pool while the next batch is taken, and appended to the
+ * SnapshotFile as each batch is ready (any order: the index says where each
+ * record is).
+ *
+ * Compression never holds the capture up with `auto` (the default): a batch
+ * is compressed only while no other compression is running, else written
+ * raw (the format has raw records), so the sweep goes on at the speed of
+ * copying memory and compression gets at most one core, the one the guest
+ * is least likely to need (issue 14).
  */
 import { Effect } from "effect"
 import { compress, compressSync } from "lz4-napi"
@@ -23,8 +30,8 @@ export interface WriterOptions {
   readonly sweepPages?: number
   /** Batches being compressed at once. Default 4. */
   readonly inFlight?: number
-  /** Compress with lz4 (default) or store raw. */
-  readonly compress?: boolean
+  /** Record compression (default "auto"): see `Compression`. */
+  readonly compression?: Compression
   /** Deliberately slow the writer (ms per turn): tests and benchmarks of the fallback. */
   readonly writerDelayMs?: number
   /** The engine sweeps where the guest writes first (default true). */
@@ -32,6 +39,16 @@ export interface WriterOptions {
   /** Called after every turn with pages saved so far. */
   readonly onProgress?: (savedPages: number, totalPages: number, bytesWritten: number) => void
 }
+
+/**
+ * How records are stored. "lz4": every batch compressed (the writer waits for
+ * compression when it falls behind); "none": raw; "auto": compressed when no
+ * other batch is being compressed, else raw (never waits for compression).
+ */
+export type Compression = "auto" | "lz4" | "none"
+
+/** The values of `Compression`, for option parsers. */
+export const COMPRESSIONS: ReadonlyArray<Compression> = ["auto", "lz4", "none"]
 
 /** Written bytes between young-generation collections (see internal/gc.ts). */
 const GC_EVERY_BYTES = 8 * 1024 * 1024
@@ -76,11 +93,13 @@ export interface WriterResult {
   readonly records: number
 }
 
-/** Batches taken but not yet appended, oldest first, and the data buffers free for reuse. */
+/** Batches taken but not yet appended, and the data buffers free for reuse. */
 class InFlight {
-  private readonly queue: Array<{ records: Promise<Array<PendingRecord>>; data: Buffer }> = []
+  private readonly queue: Array<{ records: Promise<Array<PendingRecord>>; data: Buffer; ready: boolean }> = []
   private readonly free: Array<Buffer> = []
   private lastCollect = 0
+  /** Batches whose records are being compressed on the thread pool. */
+  compressing = 0
 
   constructor(private readonly batchPages: number) {}
 
@@ -97,15 +116,23 @@ class InFlight {
     this.free.push(data)
   }
 
-  push(records: Promise<Array<PendingRecord>>, data: Buffer): void {
-    this.queue.push({ records, data })
+  push(records: Promise<Array<PendingRecord>>, data: Buffer, compressed: boolean): void {
+    const entry = { records, data, ready: false }
+    if (compressed) this.compressing++
+    const settle = () => {
+      entry.ready = true
+      if (compressed) this.compressing--
+    }
+    records.then(settle, settle)
+    this.queue.push(entry)
   }
 
-  /** Appends the oldest batch's records, then reuses its buffer. */
-  flushOldest(file: SnapshotFile): Effect.Effect<void, SnapshotIoError> {
+  /** Appends a batch whose records are ready (the oldest such), else waits for the oldest; then reuses its buffer. */
+  flushOne(file: SnapshotFile): Effect.Effect<void, SnapshotIoError> {
     const self = this
     return Effect.gen(function* () {
-      const next = self.queue.shift()!
+      const at = Math.max(0, self.queue.findIndex((b) => b.ready))
+      const next = self.queue.splice(at, 1)[0]!
       yield* file.append(yield* Effect.promise(() => next.records))
       self.free.push(next.data)
       if (file.bytesWritten - self.lastCollect > GC_EVERY_BYTES) {
@@ -129,7 +156,7 @@ export const writeSnapshotBody = (
     // A sweep takes whole huge pages: a batch holds at least the largest (512 pages for 2 MiB).
     const batchPages = Math.max(options.sweepPages ?? 256, ...engine.regions.map((r) => (r.pageSize ?? PAGE_SIZE) / PAGE_SIZE))
     const maxInFlight = options.inFlight ?? 4
-    const useLz4 = options.compress ?? true
+    const compression = options.compression ?? "auto"
     const totalPages = engine.regions.reduce((s, r) => s + regionPages(r), 0)
     const inflight = new InFlight(batchPages)
     const arrays = { regions: new Uint32Array(batchPages), pages: new BigUint64Array(batchPages), flags: new Uint8Array(batchPages) }
@@ -144,7 +171,8 @@ export const writeSnapshotBody = (
           inflight.giveBack(batch.data)
           return false
         }
-        inflight.push(recordsFromBatch(batch, n, useLz4), batch.data)
+        const useLz4 = compression === "lz4" || (compression === "auto" && inflight.compressing === 0)
+        inflight.push(recordsFromBatch(batch, n, useLz4), batch.data, useLz4)
         saved += n
         return true
       },
@@ -156,12 +184,12 @@ export const writeSnapshotBody = (
       if (failure) return yield* Effect.fail(failure)
       const progressed = yield* takeBatch
       if (options.writerDelayMs) yield* Effect.sleep(options.writerDelayMs)
-      while (inflight.size >= maxInFlight) yield* inflight.flushOldest(file)
+      while (inflight.size >= maxInFlight) yield* inflight.flushOne(file)
       options.onProgress?.(Math.min(saved, totalPages), totalPages, file.bytesWritten)
       if (progressed) continue
       if (engine.doneSync() && inflight.size === 0) break
       // Nothing left to sweep; pages the fault thread saved are still landing.
-      if (inflight.size > 0) yield* inflight.flushOldest(file)
+      if (inflight.size > 0) yield* inflight.flushOne(file)
       else yield* Effect.sleep(0)
     }
     return { records: file.recordCount }

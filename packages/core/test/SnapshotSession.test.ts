@@ -9,7 +9,8 @@ import { describe, expect, it } from "vitest"
 // A writing guest from the test rig (tests only: core itself never imports the rig).
 import { comparePages, DemoGuest, scratchMemory } from "../../rig/src/DemoGuest.js"
 import type { MemoryKind } from "../src/GuestMemory.js"
-import { verifySnapshot } from "../src/SnapshotReader.js"
+import { inspectSnapshot, verifySnapshot } from "../src/SnapshotReader.js"
+import type { Compression } from "../src/SnapshotWriter.js"
 import { restoreToMemory, restoreToRawFile } from "../src/SnapshotRestore.js"
 import { takeSnapshot } from "../src/SnapshotSession.js"
 import { readFileSync } from "node:fs"
@@ -21,7 +22,7 @@ const dir = tempDir()
 
 const snapshotWhileWriting = (
   kind: MemoryKind,
-  options: { size: number; poolPages: number; writerDelayMs?: number; faultAroundPages?: number; arm?: boolean; freezeDelayMs?: number }
+  options: { size: number; poolPages: number; writerDelayMs?: number; faultAroundPages?: number; arm?: boolean; freezeDelayMs?: number; compression?: Compression }
 ) =>
   Effect.gen(function* () {
     const guest = yield* DemoGuest.make(options.size, kind)
@@ -31,7 +32,7 @@ const snapshotWhileWriting = (
     guest.setTarget(0, pages / 2)
     guest.start(2, 0)
     yield* Effect.sleep(30)
-    const path = join(dir, `${kind}-${options.poolPages}.vmsnap`)
+    const path = join(dir, `${kind}-${options.poolPages}-${options.compression ?? "default"}.vmsnap`)
     const result = yield* takeSnapshot({
       regions: [guest.region],
       path,
@@ -39,6 +40,7 @@ const snapshotWhileWriting = (
       faultAroundPages: options.faultAroundPages,
       arm: options.arm,
       writerDelayMs: options.writerDelayMs,
+      compression: options.compression,
       freeze: Effect.andThen(Effect.sleep(options.freezeDelayMs ?? 0), guest.freeze),
       thaw: guest.thaw,
       atCut: Effect.andThen(guest.takeReference, Effect.sync(() => guest.setTarget(0, pages)))
@@ -56,7 +58,8 @@ const snapshotWhileWriting = (
     const { loadWp } = yield* Effect.promise(() => import("../src/internal/ffi.js"))
     loadWp().wp_copy_to_hva([rawTarget, raw, BigInt(raw.length)])
     const rawDiff = comparePages(rawTarget, guest.referenceHva, options.size)
-    return { result, report, restoredDiff, rawDiff, writtenUnpopulated }
+    const records = (yield* inspectSnapshot(path)).encodings
+    return { result, report, restoredDiff, rawDiff, writtenUnpopulated, records }
   })
 
 describe.skipIf(unavailable)("live snapshot consistency", () => {
@@ -113,5 +116,21 @@ describe.skipIf(unavailable)("live snapshot consistency", () => {
     const { restoredDiff, result } = await runTest(snapshotWhileWriting("anon", { size: 16 * MiB, poolPages: 0 }))
     expect(restoredDiff).toBe(-1)
     expect(result.engine.poolSlots).toBe(0)
+  })
+
+  // The guest's pages are compressible (stamped), so lz4 records are smaller than raw ones.
+  it("compression auto: exact; records are lz4 while no other batch compresses, raw when the writer would wait for one", async () => {
+    const auto = await runTest(snapshotWhileWriting("anon", { size: 64 * MiB, poolPages: 1024, compression: "auto" }))
+    expect(auto.restoredDiff).toBe(-1)
+    expect(auto.records.lz4).toBeGreaterThan(0)
+    // Batches are taken back to back while one compresses on the thread pool: those are written raw.
+    expect(auto.records.raw).toBeGreaterThan(0)
+    const lz4 = await runTest(snapshotWhileWriting("anon", { size: 32 * MiB, poolPages: 1024, compression: "lz4" }))
+    expect(lz4.restoredDiff).toBe(-1)
+    expect(lz4.records.raw).toBe(0)
+    const none = await runTest(snapshotWhileWriting("memfd", { size: 32 * MiB, poolPages: 1024, compression: "none" }))
+    expect(none.restoredDiff).toBe(-1)
+    expect(none.records.lz4).toBe(0)
+    expect(none.records.raw).toBeGreaterThan(0)
   })
 })

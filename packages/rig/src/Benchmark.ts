@@ -17,7 +17,7 @@
  * each write) in the VMM's "during" phase (from the freeze to the end of the
  * snapshot as the VMM sees it).
  */
-import { type Agent, InvalidInput, quietAgentScoped, type VmsnapError, type WpNative } from "@vmsnap/core"
+import { type Agent, type Compression, InvalidInput, quietAgentScoped, type VmsnapError, type WpNative } from "@vmsnap/core"
 import { Effect } from "effect"
 import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs"
 import { tmpdir } from "node:os"
@@ -39,7 +39,7 @@ export interface BenchOptions {
   /** Runs of each method (medians and spread are reported). */
   readonly runs: number
   readonly poolPages: number
-  readonly compression: "lz4" | "none"
+  readonly compression: Compression
   /** vmsnap's fault-around window (pages; 1 = off). */
   readonly faultAroundPages: number
   /** vmsnap sweeps where the guest writes first. */

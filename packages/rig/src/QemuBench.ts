@@ -19,7 +19,7 @@
  * here). QEMU writes through `exec:cat > FILE` (QEMU 7.2 has no `file:`
  * URI) and does not fsync; vmsnap fsyncs its file before it is done.
  */
-import { CapabilityError, InvalidInput, snapshotPid, verifySnapshot, type VmsnapError, type WpNative } from "@vmsnap/core"
+import { CapabilityError, type Compression, InvalidInput, snapshotPid, verifySnapshot, type VmsnapError, type WpNative } from "@vmsnap/core"
 import { Effect, Exit } from "effect"
 import { closeSync, mkdtempSync, openSync, readSync, rmSync, statSync } from "node:fs"
 import { tmpdir } from "node:os"
@@ -44,7 +44,7 @@ export interface QemuBenchOptions {
   readonly windowMs: number
   readonly poolPages: number
   readonly faultAroundPages: number
-  readonly compress: boolean
+  readonly compression: Compression
   /** Keep each output here as METHOD-RUN.vmsnap / .qemu (default: deleted after each trial). */
   readonly outputDir?: string
   readonly onStart?: (method: QemuBenchMethod, run: number) => void
@@ -157,7 +157,7 @@ const qemuMigrate = async (q: QemuGuest, path: string, background: boolean): Pro
 /** `vmsnap snapshot --pid` of QEMU, its guest RAM (the mapping of QEMU's whole RAM size) only. */
 const vmsnapPid = (q: QemuGuest, path: string, o: QemuBenchOptions) =>
   Effect.map(
-    snapshotPid({ pid: q.pid, path, mappings: [{ _tag: "MinSize", bytes: q.ramBytes }], poolPages: o.poolPages, faultAroundPages: o.faultAroundPages, compress: o.compress }),
+    snapshotPid({ pid: q.pid, path, mappings: [{ _tag: "MinSize", bytes: q.ramBytes }], poolPages: o.poolPages, faultAroundPages: o.faultAroundPages, compression: o.compression }),
     (r): Outcome => ({
       pauseMs: r.stoppedMs.cut,
       setupStopMs: r.stoppedMs.setup,

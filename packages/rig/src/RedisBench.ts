@@ -18,7 +18,7 @@
  * and buffers); for both, the growth of Redis's own RssAnon (the load adds
  * keys too). One Redis for every trial (filled once), methods interleaved.
  */
-import { CapabilityError, InvalidInput, snapshotPid, verifySnapshot, type VmsnapError, type WpNative } from "@vmsnap/core"
+import { CapabilityError, type Compression, InvalidInput, snapshotPid, verifySnapshot, type VmsnapError, type WpNative } from "@vmsnap/core"
 import { Effect, Exit } from "effect"
 import { spawn } from "node:child_process"
 import { closeSync, copyFileSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync } from "node:fs"
@@ -45,7 +45,7 @@ export interface RedisBenchOptions {
   readonly afterMs: number
   readonly poolPages: number
   readonly faultAroundPages: number
-  readonly compress: boolean
+  readonly compression: Compression
   /** Keep each output here as METHOD-RUN.vmsnap / .rdb (default: deleted after each trial). */
   readonly outputDir?: string
   readonly onStart?: (what: string, run: number) => void
@@ -199,7 +199,7 @@ const bgsave = async (r: RedisServer): Promise<Outcome> => {
 
 const vmsnapPid = (r: RedisServer, path: string, o: RedisBenchOptions) =>
   Effect.map(
-    snapshotPid({ pid: r.pid, path, poolPages: o.poolPages, faultAroundPages: o.faultAroundPages, compress: o.compress }),
+    snapshotPid({ pid: r.pid, path, poolPages: o.poolPages, faultAroundPages: o.faultAroundPages, compression: o.compression }),
     (s): Outcome => ({ pauseMs: s.stoppedMs.cut, setupStopMs: s.stoppedMs.setup, redisCowBytes: null, path, check: Effect.orElseSucceed(Effect.as(verifySnapshot(path), true), () => false) })
   )
 

@@ -5,7 +5,7 @@
  */
 import { Effect } from "effect"
 import { existsSync, statSync } from "node:fs"
-import { formatBytes } from "@vmsnap/core"
+import { type Compression, formatBytes } from "@vmsnap/core"
 import {
   BENCH_METHODS, type BenchMethod, type BenchOptions, type BenchRun, QEMU_BENCH_METHODS, type QemuBenchMethod, REDIS_BENCH_METHODS,
   type RedisBenchMethod, type RestoreBenchResult, runBenchmark, runQemuBenchmark, runRedisBenchmark, runRestoreBenchmark, type Spread
@@ -13,7 +13,7 @@ import {
 import type { Io } from "../Io.js"
 import { qemuTable, redisTable } from "../RealBenchTables.js"
 import { type CliCommand, defineCommand } from "../Command.js"
-import { bufferOption, commonFlags, faultAroundOption, faultAroundOptionSpec, poolPagesOption, sizeOption, UsageError } from "../Options.js"
+import { bufferOption, commonFlags, compressionOptionSpec, faultAroundOption, faultAroundOptionSpec, poolPagesOption, sizeOption, UsageError } from "../Options.js"
 import { type CommonFlags, runCommand } from "../Run.js"
 
 /** The bench's options as the CLI collects them (BenchOptions without the callbacks). */
@@ -107,7 +107,7 @@ export interface RealBenchFlags extends CommonFlags {
   readonly afterMs: number
   readonly poolPages: number
   readonly faultAroundPages: number
-  readonly compress: boolean
+  readonly compression: Compression
   readonly windowMs: number
   readonly valueBytes: number
   readonly clients: number
@@ -167,7 +167,7 @@ export const benchCommand: CliCommand = (io, schedule) =>
         .option("after", { type: "number", default: 1000, describe: "ms measured after each snapshot (toy: after its last page is saved)" })
         .option("runs", { type: "number", default: 3, describe: "runs of each method (medians and range are reported)" })
         .option("buffer", bufferOption("vmsnap's pool"))
-        .option("compression", { choices: ["lz4", "none"] as const, default: "lz4" as const, describe: "vmsnap's record compression" })
+        .option("compression", { ...compressionOptionSpec, describe: `vmsnap's record compression (${compressionOptionSpec.describe})` })
         .option("fault-around", faultAroundOptionSpec("vmsnap's fault-around window in pages (1 = off)"))
         .option("steer", { type: "boolean", default: true, describe: "toy: vmsnap sweeps where the guest writes first (--no-steer: front to back)" })
         .option("pattern", { choices: ["random", "sequential", "hot"] as const, default: "random" as const, describe: "toy: which pages the guest writes (hot: about 90% of writes to a tenth of the pages)" })
@@ -207,7 +207,7 @@ export const benchCommand: CliCommand = (io, schedule) =>
         if (outputDir !== undefined && !(existsSync(outputDir) && statSync(outputDir).isDirectory())) throw new UsageError(`--output-dir ${outputDir}: not a directory`)
         const real: RealBenchFlags = {
           ...commonFlags(a), sizes, methods, runs: a.runs, warmupMs: a.warmup, afterMs: a.after, poolPages,
-          faultAroundPages: faultAroundOption(a["fault-around"]), compress: a.compression === "lz4", windowMs: a.window,
+          faultAroundPages: faultAroundOption(a["fault-around"]), compression: a.compression, windowMs: a.window,
           valueBytes: a["value-size"], clients: a.clients, ...(outputDir !== undefined ? { outputDir } : {})
         }
         schedule(() => (a.target === "qemu" ? runQemuBench(io, real) : runRedisBench(io, real)))
@@ -220,7 +220,7 @@ export const benchCommand: CliCommand = (io, schedule) =>
       schedule(() =>
         runBench(io, {
           ...commonFlags(a), sizes, rate: Math.round(a.rate), methods: methods as Array<BenchMethod>, vcpus: a.vcpus,
-          warmupMs: a.warmup, afterMs: a.after, runs: a.runs, poolPages, compression: a.compression as "lz4" | "none",
+          warmupMs: a.warmup, afterMs: a.after, runs: a.runs, poolPages, compression: a.compression,
           faultAroundPages: faultAroundOption(a["fault-around"]), steer: a.steer !== false,
           pattern: a.pattern as "random" | "sequential" | "hot"
         })

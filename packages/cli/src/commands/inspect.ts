@@ -20,6 +20,7 @@ export const runInspect = (io: Io, flags: CommonFlags & { file: string }) =>
       `  created     ${r.createdAt}`,
       `  file        ${formatBytes(r.fileBytes)} in ${r.records} records, compression ${r.compressionRatio.toFixed(2)}x`,
       `  pages       ${r.dataPages} data, ${r.zeroPages} zero`,
+      `  records     ${r.encodings.lz4} lz4, ${r.encodings.raw} raw, ${r.encodings.zero} zero`,
       ...r.regions.map(
         (g, i) => `  region ${i}    guest ${g.guestBase}  ${formatBytes(g.sizeBytes)}  ${g.kind}${g.pageSize !== 4096 ? ` (${formatBytes(g.pageSize)} pages)` : ""}  ${g.dataPages} data / ${g.zeroPages} zero pages${g.mapping ? `  ${g.mapping.permissions} ${g.mapping.name || "(anonymous)"}` : ""}`
       ),

@@ -3,13 +3,13 @@
  * (`--agent SOCK --vm ID`), or, one-shot, of the first VMM that connects to
  * `--listen SOCK` (with `--processes N`: once N of its processes are there).
  */
-import { agentScoped, formatBytes, InvalidInput, type MappingSelector, parseMappingSelector, requestSnapshot, snapshotPid } from "@vmsnap/core"
+import { agentScoped, type Compression, formatBytes, InvalidInput, type MappingSelector, parseMappingSelector, requestSnapshot, snapshotPid } from "@vmsnap/core"
 import { Effect } from "effect"
 import { resolve } from "node:path"
 import type { Io } from "../Io.js"
 import { progressBar } from "../Progress.js"
 import { type CliCommand, defineCommand } from "../Command.js"
-import { bufferOption, commonFlags, faultAroundOption, faultAroundOptionSpec, poolPagesOption, sizeOption, UsageError } from "../Options.js"
+import { bufferOption, commonFlags, compressionOptionSpec, faultAroundOption, faultAroundOptionSpec, poolPagesOption, sizeOption, UsageError } from "../Options.js"
 import { type CommonFlags, runCommand } from "../Run.js"
 
 export interface SnapshotFlags extends CommonFlags {
@@ -21,6 +21,7 @@ export interface SnapshotFlags extends CommonFlags {
   readonly waitMs: number
   readonly poolPages: number
   readonly faultAroundPages: number
+  readonly compression: Compression
   /** --pid: snapshot this process directly (ptrace), with these mappings (empty: all capturable). */
   readonly pid?: number
   readonly mappings?: ReadonlyArray<MappingSelector>
@@ -57,14 +58,14 @@ const oneShot = (flags: SnapshotFlags, io: Io, onProgress: (d: number, t: number
           orElse: () => Effect.fail(new InvalidInput({ reason: `no VMM connected to ${flags.listen} within ${flags.waitMs} ms` }))
         })
       )
-      const r = yield* agent.snapshot({ vm, path: outputPath(flags.output), poolPages: flags.poolPages, faultAroundPages: flags.faultAroundPages }, onProgress)
+      const r = yield* agent.snapshot({ vm, path: outputPath(flags.output), poolPages: flags.poolPages, faultAroundPages: flags.faultAroundPages, compression: flags.compression }, onProgress)
       return { vm, path: r.path, sizeBytes: r.sizeBytes, fileBytes: r.fileBytes, pauseMs: r.pauseMs, durationMs: r.durationMs, faults: r.engine.faults } satisfies Summary
     })
   )
 
 const viaAgent = (flags: SnapshotFlags, onProgress: (d: number, t: number) => void) =>
   Effect.map(
-    requestSnapshot(flags.agent!, { vm: flags.vm!, path: flags.output, poolPages: flags.poolPages, faultAroundPages: flags.faultAroundPages }, onProgress),
+    requestSnapshot(flags.agent!, { vm: flags.vm!, path: flags.output, poolPages: flags.poolPages, faultAroundPages: flags.faultAroundPages, compression: flags.compression }, onProgress),
     (r): Summary => ({ vm: flags.vm!, path: r.path, sizeBytes: r.sizeBytes, fileBytes: r.fileBytes, pauseMs: r.pauseMs, durationMs: r.durationMs, faults: r.faults })
   )
 
@@ -72,6 +73,7 @@ const byPid = (flags: SnapshotFlags, onProgress: (d: number, t: number) => void)
   Effect.map(
     snapshotPid({
       pid: flags.pid!, path: outputPath(flags.output), mappings: flags.mappings, poolPages: flags.poolPages, faultAroundPages: flags.faultAroundPages,
+      compression: flags.compression,
       onProgress: (saved, total) => onProgress(saved * 4096, total * 4096)
     }),
     (r): Summary => ({
@@ -111,6 +113,7 @@ export const snapshotCommand: CliCommand = (io, schedule) =>
         .option("min-size", { type: "string", describe: "with --pid: capture only writable mappings of at least this size (e.g. a VMM's guest RAM: 1GiB)" })
         .option("buffer", bufferOption("copy pool size (0: synchronous)"))
         .option("fault-around", faultAroundOptionSpec("pages saved with each faulting page (power of two, 1 = off)"))
+        .option("compression", compressionOptionSpec)
         .example("$0 snapshot --agent /run/vmsnap.sock --vm web-1 -o web-1.vmsnap", "")
         .example("$0 snapshot --listen /tmp/vmsnap.sock -o guest.vmsnap", "then start the VMM with --agent /tmp/vmsnap.sock")
         .example("$0 snapshot --pid 4242 --min-size 1GiB -o qemu.vmsnap", "the guest RAM of a running QEMU (docs/pid-snapshot.md)")
@@ -131,7 +134,7 @@ export const snapshotCommand: CliCommand = (io, schedule) =>
       schedule(() =>
         runSnapshot(io, {
           ...commonFlags(a), output: a.output, agent: a.agent, listen: a.listen, vm: a.vm, processes: a.processes,
-          waitMs: a.wait, poolPages, faultAroundPages: around, pid: a.pid, mappings
+          waitMs: a.wait, poolPages, faultAroundPages: around, compression: a.compression, pid: a.pid, mappings
         })
       )
     }
