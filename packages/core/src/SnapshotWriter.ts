@@ -52,6 +52,13 @@ export const COMPRESSIONS: ReadonlyArray<Compression> = ["auto", "lz4", "none"]
 
 /** Written bytes between young-generation collections (see internal/gc.ts). */
 const GC_EVERY_BYTES = 8 * 1024 * 1024
+/**
+ * Pages per data record at most (64 KiB, LZ4's window): a lazy restore
+ * decodes one record per fault, so a record is the most a faulting vCPU
+ * waits for. Measured: 1 MiB records cost a fault ~500 us to decode (issue 10).
+ */
+export const RECORD_DATA_PAGES = 16
+
 /** Runs shorter than this are compressed inline; a thread-pool hop costs more. */
 const INLINE_COMPRESS_PAGES = 8
 
@@ -64,8 +71,9 @@ const encodePayload = (raw: Buffer, pages: number, useLz4: boolean): Promise<{ e
 
 /**
  * Cuts the n entries of a batch into records: maximal runs of consecutive
- * pages of one region that are all zero (a zero record) or all data (one
- * payload, a view of the batch's packed data: no copy). Reads the batch's
+ * pages of one region that are all zero (a zero record), or runs of data of
+ * at most RECORD_DATA_PAGES (each payload a view of the batch's packed data:
+ * no copy). Reads the batch's
  * arrays now; its data buffer stays in use until the records are appended.
  */
 export const recordsFromBatch = (batch: EngineBatch, n: number, useLz4: boolean): Promise<Array<PendingRecord>> => {
@@ -79,11 +87,13 @@ export const recordsFromBatch = (batch: EngineBatch, n: number, useLz4: boolean)
     while (j < n && batch.regions[j] === region && Number(batch.pages[j]!) === firstPage + (j - i) && (batch.flags[j] === PAGE_ZERO) === zero) j++
     const pageCount = j - i
     if (zero) out.push(Promise.resolve({ region, firstPage, pageCount, encoding: "zero" as const, payload: undefined }))
-    else {
-      const raw = batch.data.subarray(packed * PAGE_SIZE, (packed + pageCount) * PAGE_SIZE)
-      packed += pageCount
-      out.push(encodePayload(raw, pageCount, useLz4).then((p) => ({ region, firstPage, pageCount, ...p })))
-    }
+    else
+      for (let at = 0; at < pageCount; at += RECORD_DATA_PAGES) {
+        const pages = Math.min(RECORD_DATA_PAGES, pageCount - at)
+        const raw = batch.data.subarray(packed * PAGE_SIZE, (packed + pages) * PAGE_SIZE)
+        packed += pages
+        out.push(encodePayload(raw, pages, useLz4).then((p) => ({ region, firstPage: firstPage + at, pageCount: pages, ...p })))
+      }
     i = j
   }
   return Promise.all(out)

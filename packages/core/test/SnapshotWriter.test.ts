@@ -1,6 +1,6 @@
 /** The writer's cut of an engine batch into records (recordsFromBatch). */
 import { describe, expect, it } from "vitest"
-import { recordsFromBatch } from "../src/SnapshotWriter.js"
+import { RECORD_DATA_PAGES, recordsFromBatch } from "../src/SnapshotWriter.js"
 import { PAGE_ZERO } from "../src/WpNative.js"
 
 const batch = (entries: Array<[region: number, page: number, zero: boolean]>) => {
@@ -36,5 +36,17 @@ describe("recordsFromBatch", () => {
     expect(records).toHaveLength(1)
     expect(records[0]).toMatchObject({ firstPage: 0, pageCount: 2, encoding: "lz4" })
     expect(records[0]!.payload!.length).toBeLessThan(2 * 4096)
+  })
+
+  it("a data run longer than 64 KiB is cut into records of at most RECORD_DATA_PAGES (a lazy restore decodes one per fault); zero runs stay whole", async () => {
+    const entries: Array<[number, number, boolean]> = []
+    for (let p = 0; p < 40; p++) entries.push([0, p, false])
+    for (let p = 40; p < 100; p++) entries.push([0, p, true])
+    const b = batch(entries)
+    const records = await recordsFromBatch(b, entries.length, true)
+    expect(RECORD_DATA_PAGES * 4096).toBeLessThanOrEqual(64 * 1024)
+    expect(records.map((r) => [r.firstPage, r.pageCount, r.encoding === "zero"])).toEqual([
+      [0, 16, false], [16, 16, false], [32, 8, false], [40, 60, true]
+    ])
   })
 })
