@@ -60,6 +60,8 @@ export interface QemuTrial {
   readonly pauseMs: number
   /** vmsnap-pid only: QEMU's threads stopped earlier, to take the userfaultfd (0 for QEMU's methods). */
   readonly setupStopMs: number
+  /** vmsnap-pid only: of the cut's stop, the time spent write-protecting (its `pauseMs`); null for the others. */
+  readonly protectMs: number | null
   /** From the command to the output complete, as this process saw it. */
   readonly durationMs: number
   readonly extraMemory: MemoryPeak
@@ -117,6 +119,8 @@ const ratio = (a: number, b: number) => (b > 0 ? Math.round((a / b) * 1000) / 10
 interface Outcome {
   readonly pauseMs: number
   readonly setupStopMs: number
+  /** vmsnap-pid only: of the cut's stop, the time spent write-protecting (its `pauseMs`); null for the others. */
+  readonly protectMs: number | null
   readonly faults: number | null
   readonly check: Effect.Effect<boolean>
 }
@@ -140,6 +144,7 @@ const qemuMigrate = async (q: QemuGuest, path: string, background: boolean): Pro
   return {
     pauseMs: background ? (status.downtime ?? 0) : (resumed - stopped) / 1e6,
     setupStopMs: 0,
+    protectMs: null,
     faults: null,
     check: Effect.sync(() => {
       const fd = openSync(path, "r")
@@ -161,6 +166,7 @@ const vmsnapPid = (q: QemuGuest, path: string, o: QemuBenchOptions) =>
     (r): Outcome => ({
       pauseMs: r.stoppedMs.cut,
       setupStopMs: r.stoppedMs.setup,
+      protectMs: r.pauseMs,
       faults: r.engine.faults,
       check: Effect.orElseSucceed(Effect.as(verifySnapshot(path), true), () => false)
     })
@@ -188,7 +194,7 @@ const trial = (method: QemuBenchMethod, run: number, elf: string, o: QemuBenchOp
         (g) => Effect.sync(() => g.kill())
       )
       const failed = (error: string): QemuTrial => ({
-        method, run, ok: false, error, pauseMs: 0, setupStopMs: 0, durationMs: 0, extraMemory: { target: 0, vmsnap: 0 }, outputBytes: 0, outputChecked: false, faults: null,
+        method, run, ok: false, error, pauseMs: 0, setupStopMs: 0, protectMs: null, durationMs: 0, extraMemory: { target: 0, vmsnap: 0 }, outputBytes: 0, outputChecked: false, faults: null,
         guest: { before: emptyPhase, during: emptyPhase, after: emptyPhase }
       })
       const started = yield* Effect.exit(Effect.tryPromise(async () => {
@@ -223,6 +229,7 @@ const trial = (method: QemuBenchMethod, run: number, elf: string, o: QemuBenchOp
         method, run, ok: checked, error: checked ? null : "the output did not check out",
         pauseMs: Math.round(outcome.value.pauseMs * 1000) / 1000,
         setupStopMs: outcome.value.setupStopMs,
+        protectMs: outcome.value.protectMs === null ? null : Math.round(outcome.value.protectMs * 1000) / 1000,
         durationMs: Math.round((endNs - beginNs) / 1e6),
         extraMemory,
         outputBytes: statSync(path).size,

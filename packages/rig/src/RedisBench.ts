@@ -69,6 +69,8 @@ export interface RedisTrial {
   readonly pauseMs: number
   /** vmsnap-pid only: Redis's threads stopped earlier, to take the userfaultfd (0 for BGSAVE). */
   readonly setupStopMs: number
+  /** vmsnap-pid only: of the cut's stop, the time spent write-protecting (its `pauseMs`); null for the others. */
+  readonly protectMs: number | null
   /** From the command to the output complete, as this process saw it. */
   readonly durationMs: number
   readonly extraMemory: MemoryPeak & { readonly redisCowBytes: number | null }
@@ -163,6 +165,8 @@ const clientWindow = (p: Probe, fromNs: number, toNs: number): ClientWindow => {
 interface Outcome {
   readonly pauseMs: number
   readonly setupStopMs: number
+  /** vmsnap-pid only: of the cut's stop, the time spent write-protecting (its `pauseMs`); null for the others. */
+  readonly protectMs: number | null
   readonly redisCowBytes: number | null
   readonly path: string
   readonly check: Effect.Effect<boolean>
@@ -182,6 +186,7 @@ const bgsave = async (r: RedisServer): Promise<Outcome> => {
   return {
     pauseMs: Number(stats.get("latest_fork_usec") ?? 0) / 1000,
     setupStopMs: 0,
+    protectMs: null,
     redisCowBytes: p.has("rdb_last_cow_size") ? Number(p.get("rdb_last_cow_size")) : null,
     path: r.rdbPath,
     check: Effect.sync(() => {
@@ -200,7 +205,7 @@ const bgsave = async (r: RedisServer): Promise<Outcome> => {
 const vmsnapPid = (r: RedisServer, path: string, o: RedisBenchOptions) =>
   Effect.map(
     snapshotPid({ pid: r.pid, path, poolPages: o.poolPages, faultAroundPages: o.faultAroundPages, compression: o.compression }),
-    (s): Outcome => ({ pauseMs: s.stoppedMs.cut, setupStopMs: s.stoppedMs.setup, redisCowBytes: null, path, check: Effect.orElseSucceed(Effect.as(verifySnapshot(path), true), () => false) })
+    (s): Outcome => ({ pauseMs: s.stoppedMs.cut, setupStopMs: s.stoppedMs.setup, protectMs: s.pauseMs, redisCowBytes: null, path, check: Effect.orElseSucceed(Effect.as(verifySnapshot(path), true), () => false) })
   )
 
 const emptyWindow: ClientWindow = { seconds: 0, requests: 0, latencyUs: { p50: 0, p99: 0, p999: 0, max: 0 }, commandsPerSecond: 0 }
@@ -209,7 +214,7 @@ const trial = (method: RedisBenchMethod, run: number, r: RedisServer, keys: numb
   Effect.scoped(
     Effect.gen(function* () {
       const failed = (error: string): RedisTrial => ({
-        method, run, ok: false, error, pauseMs: 0, setupStopMs: 0, durationMs: 0, extraMemory: { target: 0, vmsnap: 0, redisCowBytes: null }, outputBytes: 0, outputChecked: false,
+        method, run, ok: false, error, pauseMs: 0, setupStopMs: 0, protectMs: null, durationMs: 0, extraMemory: { target: 0, vmsnap: 0, redisCowBytes: null }, outputBytes: 0, outputChecked: false,
         clients: { before: emptyWindow, during: emptyWindow, after: emptyWindow }
       })
       const probe = yield* Effect.acquireRelease(
@@ -243,6 +248,7 @@ const trial = (method: RedisBenchMethod, run: number, r: RedisServer, keys: numb
         method, run, ok: checked, error: checked ? null : "the output did not check out",
         pauseMs: Math.round(outcome.value.pauseMs * 1000) / 1000,
         setupStopMs: outcome.value.setupStopMs,
+        protectMs: outcome.value.protectMs === null ? null : Math.round(outcome.value.protectMs * 1000) / 1000,
         durationMs: Math.round((endNs - beginNs) / 1e6),
         extraMemory: { ...memory, redisCowBytes: outcome.value.redisCowBytes },
         outputBytes,
