@@ -19,14 +19,15 @@
  * here). QEMU writes through `exec:cat > FILE` (QEMU 7.2 has no `file:`
  * URI) and does not fsync; vmsnap fsyncs its file before it is done.
  */
-import { CapabilityError, type Compression, InvalidInput, snapshotPid, verifySnapshot, type VmsnapError, type WpNative } from "@vmsnap/core"
+import { CapabilityError, type Compression, InvalidInput, snapshotPid, type VmsnapError, type WpNative } from "@vmsnap/core"
 import { Effect, Exit } from "effect"
-import { closeSync, mkdtempSync, openSync, readSync, rmSync, statSync } from "node:fs"
-import { tmpdir } from "node:os"
+import { statSync } from "node:fs"
 import { join } from "node:path"
 import type { Spread } from "./BenchWindows.js"
 import { buildQemuGuest, QemuGuest, qemuMissing } from "./QemuGuest.js"
-import { causeText, type GuestPhase, guestPhase, type MemoryPeak, type PlacedWindow, samplePeaks, spreadsOf } from "./RealBenchReport.js"
+import {
+  beginsWith, causeText, type GuestPhase, guestPhase, type MemoryPeak, type PlacedWindow, type RealTrial, samplePeaks, scratchDirScoped, summarizeMethods, verifies
+} from "./RealBenchReport.js"
 
 export const QEMU_BENCH_METHODS = ["qemu-background", "vmsnap-pid", "qemu-stop"] as const
 export type QemuBenchMethod = (typeof QEMU_BENCH_METHODS)[number]
@@ -51,23 +52,9 @@ export interface QemuBenchOptions {
 }
 
 /** One snapshot of one fresh QEMU by one method. */
-export interface QemuTrial {
-  readonly method: QemuBenchMethod
-  readonly run: number
-  readonly ok: boolean
-  readonly error: string | null
-  /** The guest stopped: QEMU's reported downtime (background), `stop` to `cont` (stop), vmsnap's cut (pid: every QEMU thread stopped by ptrace to let go). */
-  readonly pauseMs: number
-  /** vmsnap-pid only: QEMU's threads stopped earlier, to take the userfaultfd (0 for QEMU's methods). */
-  readonly setupStopMs: number
-  /** vmsnap-pid only: of the cut's stop, the time spent write-protecting (its `pauseMs`); null for the others. */
-  readonly protectMs: number | null
-  /** From the command to the output complete, as this process saw it. */
-  readonly durationMs: number
+export interface QemuTrial extends RealTrial<QemuBenchMethod> {
+  /** RssAnon growth of QEMU (target) and of the bench's process (vmsnap). */
   readonly extraMemory: MemoryPeak
-  readonly outputBytes: number
-  /** vmsnap's file passed `verifySnapshot`; QEMU's begins with QEMU's migration magic. */
-  readonly outputChecked: boolean
   /** Write faults vmsnap served (vmsnap-pid only). */
   readonly faults: number | null
   readonly guest: { readonly before: GuestPhase; readonly during: GuestPhase; readonly after: GuestPhase }
@@ -146,16 +133,7 @@ const qemuMigrate = async (q: QemuGuest, path: string, background: boolean): Pro
     setupStopMs: 0,
     protectMs: null,
     faults: null,
-    check: Effect.sync(() => {
-      const fd = openSync(path, "r")
-      const magic = Buffer.alloc(4)
-      try {
-        readSync(fd, magic, 0, 4, 0)
-      } finally {
-        closeSync(fd)
-      }
-      return magic.toString("latin1") === "QEVM"
-    })
+    check: beginsWith(path, "QEVM")
   }
 }
 
@@ -168,7 +146,7 @@ const vmsnapPid = (q: QemuGuest, path: string, o: QemuBenchOptions) =>
       setupStopMs: r.stoppedMs.setup,
       protectMs: r.pauseMs,
       faults: r.engine.faults,
-      check: Effect.orElseSucceed(Effect.as(verifySnapshot(path), true), () => false)
+      check: verifies(path)
     })
   )
 
@@ -185,10 +163,7 @@ const emptyPhase: GuestPhase = { windows: 0, seconds: 0, writes: 0, writesPerSec
 const trial = (method: QemuBenchMethod, run: number, elf: string, o: QemuBenchOptions): Effect.Effect<QemuTrial, never, WpNative> =>
   Effect.scoped(
     Effect.gen(function* () {
-      const dir = yield* Effect.acquireRelease(
-        Effect.sync(() => mkdtempSync(join(tmpdir(), `vmsnap-bench-qemu-${method}-`))),
-        (d) => Effect.sync(() => rmSync(d, { recursive: true, force: true }))
-      )
+      const dir = yield* scratchDirScoped(`vmsnap-bench-qemu-${method}-`)
       const q = yield* Effect.acquireRelease(
         Effect.sync(() => new QemuGuest({ elf, dir, guestMiB: o.guestBytes / MiB, windowMs: o.windowMs })),
         (g) => Effect.sync(() => g.kill())
@@ -247,10 +222,7 @@ export const runQemuBenchmark = (o: QemuBenchOptions): Effect.Effect<QemuBenchRe
       if (o.guestBytes % (2 * MiB) !== 0 || o.guestBytes < 16 * MiB) return yield* Effect.fail(new InvalidInput({ reason: `QEMU guest size ${o.guestBytes}: must be a multiple of 2 MiB, at least 16 MiB` }))
       const missing = qemuMissing()
       if (missing) return yield* Effect.fail(new CapabilityError({ missing: "QEMU on KVM", reason: missing }))
-      const dir = yield* Effect.acquireRelease(
-        Effect.sync(() => mkdtempSync(join(tmpdir(), "vmsnap-bench-qemu-"))),
-        (d) => Effect.sync(() => rmSync(d, { recursive: true, force: true }))
-      )
+      const dir = yield* scratchDirScoped("vmsnap-bench-qemu-")
       const elf = join(dir, "guest.elf")
       yield* Effect.try({ try: () => buildQemuGuest(elf), catch: (e) => new CapabilityError({ missing: "the QEMU guest", reason: String(e) }) })
       const trials: Array<QemuTrial> = []
@@ -263,10 +235,7 @@ export const runQemuBenchmark = (o: QemuBenchOptions): Effect.Effect<QemuBenchRe
         guestBytes: o.guestBytes,
         qemuRamBytes: o.guestBytes + 256 * MiB,
         windowMs: o.windowMs,
-        methods: o.methods.map((method) => {
-          const mine = trials.filter((t) => t.method === method)
-          return { method, ok: mine.every((t) => t.ok), error: mine.find((t) => !t.ok)?.error ?? null, figures: spreadsOf(mine, FIGURES), trials: mine }
-        })
+        methods: summarizeMethods(o.methods, trials, FIGURES)
       }
     })
   )

@@ -4,10 +4,32 @@
  * snapshot), peak memory growth sampled from /proc, and medians with their
  * spread over a method's trials.
  */
-import { guestBucketLowerNs, quantileNs } from "@vmsnap/core"
-import { Cause } from "effect"
+import { guestBucketLowerNs, quantileNs, verifySnapshot } from "@vmsnap/core"
+import { Cause, Effect } from "effect"
+import { closeSync, mkdtempSync, openSync, readSync, rmSync } from "node:fs"
+import { tmpdir } from "node:os"
+import { join } from "node:path"
 import { type Spread, spreadOf } from "./BenchWindows.js"
 import { type GuestFinal, type GuestWindowLine, statusBytes } from "./QemuGuest.js"
+
+/** What every trial of the real-software benches has. */
+export interface RealTrial<M extends string> {
+  readonly method: M
+  readonly run: number
+  readonly ok: boolean
+  readonly error: string | null
+  /** The target stopped: the method's own figure (QEMU's downtime, stop to cont, fork); vmsnap --pid: every thread held stopped by ptrace for its cut. */
+  readonly pauseMs: number
+  /** vmsnap-pid only: the target's threads stopped earlier, to take the userfaultfd (0 for the others). */
+  readonly setupStopMs: number
+  /** vmsnap-pid only: of the cut's stop, the time spent write-protecting (its `pauseMs`); null for the others. */
+  readonly protectMs: number | null
+  /** From the command to the output complete, as the bench saw it. */
+  readonly durationMs: number
+  readonly outputBytes: number
+  /** vmsnap's file passed `verifySnapshot`; another program's output begins with its magic. */
+  readonly outputChecked: boolean
+}
 
 /** The guest's accesses over some of its windows, as it measured them. */
 export interface GuestPhase {
@@ -100,3 +122,37 @@ export const causeText = (cause: Cause.Cause<unknown>): string => {
   if (typeof e === "object" && e !== null && "reason" in e) return `${String((e as { _tag?: string })._tag ?? "Error")}: ${String((e as { reason: unknown }).reason)}`
   return e instanceof Error ? e.message : String(e)
 }
+
+/** A private scratch directory under the system's temporary directory, removed with its scope. */
+export const scratchDirScoped = (prefix: string) =>
+  Effect.acquireRelease(
+    Effect.sync(() => mkdtempSync(join(tmpdir(), prefix))),
+    (d) => Effect.sync(() => rmSync(d, { recursive: true, force: true }))
+  )
+
+/** The file begins with `magic` (another program's output: QEMU's "QEVM", Redis's "REDIS"). */
+export const beginsWith = (path: string, magic: string) =>
+  Effect.sync(() => {
+    const fd = openSync(path, "r")
+    const head = Buffer.alloc(magic.length)
+    try {
+      readSync(fd, head, 0, head.length, 0)
+    } finally {
+      closeSync(fd)
+    }
+    return head.toString("latin1") === magic
+  })
+
+/** vmsnap's file passes `verifySnapshot` (every record, checksum and page). */
+export const verifies = (path: string) => Effect.orElseSucceed(Effect.as(verifySnapshot(path), true), () => false)
+
+/** Each method's trials with medians and spread of `figures`. */
+export const summarizeMethods = <M extends string, T extends { readonly method: M; readonly ok: boolean; readonly run: number; readonly error: string | null }, K extends string>(
+  methods: ReadonlyArray<M>,
+  trials: ReadonlyArray<T>,
+  figures: Record<K, (t: T) => number>
+) =>
+  methods.map((method) => {
+    const mine = trials.filter((t) => t.method === method)
+    return { method, ok: mine.every((t) => t.ok), error: mine.find((t) => !t.ok)?.error ?? null, figures: spreadsOf(mine, figures), trials: mine }
+  })

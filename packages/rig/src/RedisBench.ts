@@ -18,15 +18,14 @@
  * and buffers); for both, the growth of Redis's own RssAnon (the load adds
  * keys too). One Redis for every trial (filled once), methods interleaved.
  */
-import { CapabilityError, type Compression, InvalidInput, snapshotPid, verifySnapshot, type VmsnapError, type WpNative } from "@vmsnap/core"
+import { CapabilityError, type Compression, InvalidInput, snapshotPid, type VmsnapError, type WpNative } from "@vmsnap/core"
 import { Effect, Exit } from "effect"
 import { spawn } from "node:child_process"
-import { closeSync, copyFileSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync } from "node:fs"
-import { tmpdir } from "node:os"
+import { copyFileSync, readFileSync, rmSync, statSync } from "node:fs"
 import { dirname, join } from "node:path"
 import { fileURLToPath } from "node:url"
 import { type Spread, windowOf } from "./BenchWindows.js"
-import { causeText, type MemoryPeak, samplePeaks, spreadsOf } from "./RealBenchReport.js"
+import { beginsWith, causeText, type MemoryPeak, type RealTrial, samplePeaks, scratchDirScoped, summarizeMethods, verifies } from "./RealBenchReport.js"
 import { childrenOf, privateDirtyBytes, RedisServer, redisMissing } from "./RedisServer.js"
 
 export const REDIS_BENCH_METHODS = ["bgsave", "vmsnap-pid"] as const
@@ -60,23 +59,9 @@ export interface ClientWindow {
   readonly commandsPerSecond: number
 }
 
-export interface RedisTrial {
-  readonly method: RedisBenchMethod
-  readonly run: number
-  readonly ok: boolean
-  readonly error: string | null
-  /** BGSAVE: the fork (Redis's latest_fork_usec); vmsnap: its cut (every Redis thread stopped by ptrace to let go). */
-  readonly pauseMs: number
-  /** vmsnap-pid only: Redis's threads stopped earlier, to take the userfaultfd (0 for BGSAVE). */
-  readonly setupStopMs: number
-  /** vmsnap-pid only: of the cut's stop, the time spent write-protecting (its `pauseMs`); null for the others. */
-  readonly protectMs: number | null
-  /** From the command to the output complete, as this process saw it. */
-  readonly durationMs: number
+export interface RedisTrial extends RealTrial<RedisBenchMethod> {
+  /** RssAnon growth of Redis (target) and of the bench's process (vmsnap); the fork child's Private_Dirty and Redis's own count of it. */
   readonly extraMemory: MemoryPeak & { readonly redisCowBytes: number | null }
-  readonly outputBytes: number
-  /** vmsnap's file passed `verifySnapshot`; BGSAVE's RDB begins with "REDIS" and Redis said ok. */
-  readonly outputChecked: boolean
   readonly clients: { readonly before: ClientWindow; readonly during: ClientWindow; readonly after: ClientWindow }
 }
 
@@ -189,23 +174,14 @@ const bgsave = async (r: RedisServer): Promise<Outcome> => {
     protectMs: null,
     redisCowBytes: p.has("rdb_last_cow_size") ? Number(p.get("rdb_last_cow_size")) : null,
     path: r.rdbPath,
-    check: Effect.sync(() => {
-      const fd = openSync(r.rdbPath, "r")
-      const magic = Buffer.alloc(5)
-      try {
-        readSync(fd, magic, 0, 5, 0)
-      } finally {
-        closeSync(fd)
-      }
-      return magic.toString("latin1") === "REDIS"
-    })
+    check: beginsWith(r.rdbPath, "REDIS")
   }
 }
 
 const vmsnapPid = (r: RedisServer, path: string, o: RedisBenchOptions) =>
   Effect.map(
     snapshotPid({ pid: r.pid, path, poolPages: o.poolPages, faultAroundPages: o.faultAroundPages, compression: o.compression }),
-    (s): Outcome => ({ pauseMs: s.stoppedMs.cut, setupStopMs: s.stoppedMs.setup, protectMs: s.pauseMs, redisCowBytes: null, path, check: Effect.orElseSucceed(Effect.as(verifySnapshot(path), true), () => false) })
+    (s): Outcome => ({ pauseMs: s.stoppedMs.cut, setupStopMs: s.stoppedMs.setup, protectMs: s.pauseMs, redisCowBytes: null, path, check: verifies(path) })
   )
 
 const emptyWindow: ClientWindow = { seconds: 0, requests: 0, latencyUs: { p50: 0, p99: 0, p999: 0, max: 0 }, commandsPerSecond: 0 }
@@ -270,10 +246,7 @@ export const runRedisBenchmark = (o: RedisBenchOptions): Effect.Effect<RedisBenc
       if (!Number.isInteger(o.valueBytes) || o.valueBytes < 1 || o.valueBytes > MiB) return yield* Effect.fail(new InvalidInput({ reason: `Redis value size ${o.valueBytes}: 1 byte to 1 MiB` }))
       const missing = redisMissing()
       if (missing) return yield* Effect.fail(new CapabilityError({ missing: "Redis", reason: missing }))
-      const dir = yield* Effect.acquireRelease(
-        Effect.sync(() => mkdtempSync(join(tmpdir(), "vmsnap-bench-redis-"))),
-        (d) => Effect.sync(() => rmSync(d, { recursive: true, force: true }))
-      )
+      const dir = yield* scratchDirScoped("vmsnap-bench-redis-")
       const server = yield* Effect.acquireRelease(
         Effect.tryPromise({ try: () => RedisServer.start(dir), catch: (e) => new CapabilityError({ missing: "a running Redis", reason: e instanceof Error ? e.message : String(e) }) }),
         (r) => Effect.sync(() => r.close())
@@ -289,10 +262,7 @@ export const runRedisBenchmark = (o: RedisBenchOptions): Effect.Effect<RedisBenc
         }
       return {
         keys, valueBytes: o.valueBytes, usedMemoryBytes,
-        methods: o.methods.map((method) => {
-          const mine = trials.filter((t) => t.method === method)
-          return { method, ok: mine.every((t) => t.ok), error: mine.find((t) => !t.ok)?.error ?? null, figures: spreadsOf(mine, FIGURES), trials: mine }
-        })
+        methods: summarizeMethods(o.methods, trials, FIGURES)
       }
     })
   )
