@@ -57,7 +57,13 @@ export interface QemuTrial extends RealTrial<QemuBenchMethod> {
   readonly extraMemory: MemoryPeak
   /** Write faults vmsnap served (vmsnap-pid only). */
   readonly faults: number | null
-  readonly guest: { readonly before: GuestPhase; readonly during: GuestPhase; readonly after: GuestPhase }
+  readonly guest: {
+    readonly before: GuestPhase
+    readonly during: GuestPhase
+    readonly after: GuestPhase
+    /** The guest's 5 longest writes from the start of the snapshot to the end of `after`: ms from the start, and how long. */
+    readonly longestStalls: ReadonlyArray<{ readonly atMs: number; readonly ms: number }>
+  }
 }
 
 /** One method over its trials: medians with their spread. */
@@ -170,7 +176,7 @@ const trial = (method: QemuBenchMethod, run: number, elf: string, o: QemuBenchOp
       )
       const failed = (error: string): QemuTrial => ({
         method, run, ok: false, error, pauseMs: 0, setupStopMs: 0, protectMs: null, durationMs: 0, extraMemory: { target: 0, vmsnap: 0 }, outputBytes: 0, outputChecked: false, faults: null,
-        guest: { before: emptyPhase, during: emptyPhase, after: emptyPhase }
+        guest: { before: emptyPhase, during: emptyPhase, after: emptyPhase, longestStalls: [] }
       })
       const started = yield* Effect.exit(Effect.tryPromise(async () => {
         await q.start()
@@ -210,7 +216,15 @@ const trial = (method: QemuBenchMethod, run: number, elf: string, o: QemuBenchOp
         outputBytes: statSync(path).size,
         outputChecked: checked,
         faults: outcome.value.faults,
-        guest: { before: guestPhase(before, final), during: guestPhase(during, final), after: guestPhase(afterWindows, final) }
+        guest: {
+          before: guestPhase(before, final), during: guestPhase(during, final), after: guestPhase(afterWindows, final),
+          longestStalls: final.stalls
+            // A stall is recorded at its end: it began `us` before.
+            .map((st) => ({ atMs: Math.round((q.hostNs(st.guestMs) - st.us * 1e3 - beginNs) / 1e5) / 10, ms: Math.round(st.us / 100) / 10 }))
+            .filter((st) => st.atMs >= -st.ms && st.atMs * 1e6 <= endNs - beginNs + o.afterMs * 1e6)
+            .sort((a, b) => b.ms - a.ms)
+            .slice(0, 5)
+        }
       }
     })
   )

@@ -157,7 +157,12 @@ export class QemuGuest {
 
   /** Host ns of the end of a window (from its guest time and the tightest offset seen). */
   hostEndNs(w: GuestWindowLine): number {
-    return w.guestMs * 1e6 + this.offsetNs
+    return this.hostNs(w.guestMs)
+  }
+
+  /** Host ns of a guest time (ms since its loop started). */
+  hostNs(guestMs: number): number {
+    return guestMs * 1e6 + this.offsetNs
   }
 
   /** Waits until `count` more windows have arrived. */
