@@ -17,9 +17,8 @@
  * setting restored afterwards; without them the test skips, saying why.
  */
 #define _GNU_SOURCE
-#include "vmsnap_guest.h"
 #include "vmsnap_engine.h"
-#include "wp_test.h"
+#include "wp_test_guest.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -72,87 +71,26 @@ static const char *kind_name(uint32_t kind)
     return kind == VG_MEM_HUGETLB ? "memfd MFD_HUGETLB" : "anonymous MAP_HUGETLB";
 }
 
-/* Everything the engine captures until done, copied to out at each page's offset. */
-static int take_all(wp_engine *e, uint8_t *buf, uint64_t out)
-{
-    static uint32_t regions[BATCH];
-    static uint64_t pages[BATCH];
-    static uint8_t flags[BATCH];
-    while (!wp_engine_done(e)) {
-        int n = wp_engine_next_batch(e, buf, regions, pages, flags, BATCH);
-        if (n < 0)
-            return wp_test_fail("next_batch", n);
-        for (int i = 0, d = 0; i < n; i++) {
-            uint8_t *dst = (uint8_t *)(uintptr_t)(out + pages[i] * WP_PAGE_SIZE);
-            if (flags[i] == WP_PAGE_DATA)
-                memcpy(dst, buf + (size_t)d++ * WP_PAGE_SIZE, WP_PAGE_SIZE);
-            else
-                memset(dst, 0, WP_PAGE_SIZE);
-        }
-    }
-    return 0;
-}
-
 /* Writers race a snapshot of a hugetlbfs guest; it must equal the reference at the cut. */
 static int snapshot_while_writing(uint32_t kind, uint32_t pool_slots, bool arm)
 {
-    int32_t err;
-    vg_guest *g = vg_create(SIZE, kind, &err);
-    if (!g)
-        return wp_test_fail("vg_create (hugetlbfs guest)", err);
-    vg_fill(g, 0, PAGES / 2, 11); /* the second half: never touched before the cut */
-    vg_set_target(g, 0, PAGES / 2);
-    vg_start(g, 2, 0, 5);
-    wp_engine *e = wp_engine_create(pool_slots, &err);
-    if (!e)
-        return wp_test_fail("wp_engine_create", err);
-    long rc = wp_engine_add_region(e, vg_hva(g), SIZE);
-    if (rc < 0) {
-        fprintf(stderr, "FAIL %s: registering a hugetlbfs region: %s\n", kind_name(kind), strerror((int)-rc));
+    struct wp_test_race t = {.kind = kind, .size = SIZE, .pool_slots = pool_slots, .arm = arm, .batch = BATCH, .seed = 11};
+    if (wp_test_race_snapshot(&t))
         return 1;
-    }
-    if ((rc = wp_engine_start(e)) < 0 || (arm && (rc = wp_engine_arm(e)) < 0))
-        return wp_test_fail("start/arm", rc);
-    if ((rc = vg_freeze(g, 10000)) < 0)
-        return wp_test_fail("freeze", rc);
-    vg_take_reference(g);
-    vg_set_target(g, 0, PAGES);
-    if ((rc = wp_engine_protect(e)) < 0)
-        return wp_test_fail("protect", rc);
-    vg_thaw(g);
-    /* Make the writers race the sweep for sure: wait until one has faulted
-     * (its huge page is going through the pool) before taking anything. */
-    wp_stats st;
-    do
-        wp_engine_stats(e, &st);
-    while (st.pool_used == 0);
-    uint64_t out = vg_map(SIZE);
-    uint8_t *buf = malloc(BATCH * WP_PAGE_SIZE);
-    if (take_all(e, buf, out))
-        return 1;
-    wp_engine_stats(e, &st);
-    rc = wp_engine_destroy(e);
-    int64_t written_unpopulated = vg_count_written_unpopulated(g);
-    vg_stop(g);
-    int64_t diff = vg_compare(out, vg_reference_hva(g), SIZE);
+    const wp_stats *st = &t.stats;
     printf("%s pool=%u arm=%d: faults=%llu fallbacks=%llu swept=%llu zero=%llu arm_faults=%llu cut_pages=%llu "
            "written-unpopulated=%lld\n",
-           kind_name(kind), pool_slots, arm, (unsigned long long)st.faults, (unsigned long long)st.fallbacks,
-           (unsigned long long)st.pages_swept, (unsigned long long)st.pages_zero, (unsigned long long)st.arm_faults,
-           (unsigned long long)st.cut_pages, (long long)written_unpopulated);
-    if (diff >= 0)
-        return wp_test_fail("the snapshot differs from the reference at the cut at page", diff);
-    if (st.pages_saved != PAGES || st.faults * (HUGE / WP_PAGE_SIZE) + st.pages_swept != PAGES)
-        return wp_test_fail("pages captured != pages (whole huge pages, once each)", (long)st.pages_saved);
-    if (arm && st.cut_pages % (HUGE / WP_PAGE_SIZE))
-        return wp_test_fail("the cut re-protected part of a huge page", (long)st.cut_pages);
-    if (st.faults == 0)
+           kind_name(kind), pool_slots, arm, (unsigned long long)st->faults, (unsigned long long)st->fallbacks,
+           (unsigned long long)st->pages_swept, (unsigned long long)st->pages_zero, (unsigned long long)st->arm_faults,
+           (unsigned long long)st->cut_pages, (long long)t.written_unpopulated);
+    if (t.diff >= 0)
+        return wp_test_fail("the snapshot differs from the reference at the cut at page", t.diff);
+    if (st->pages_saved != PAGES || st->faults * (HUGE / WP_PAGE_SIZE) + st->pages_swept != PAGES)
+        return wp_test_fail("pages captured != pages (whole huge pages, once each)", (long)st->pages_saved);
+    if (arm && st->cut_pages % (HUGE / WP_PAGE_SIZE))
+        return wp_test_fail("the cut re-protected part of a huge page", (long)st->cut_pages);
+    if (st->faults == 0)
         return wp_test_fail("no write fault raced the snapshot", 0);
-    if (rc < 0)
-        return wp_test_fail("destroy", rc);
-    vg_unmap(out, SIZE);
-    vg_destroy(g);
-    free(buf);
     atomic_fetch_add(&progress, 1);
     return 0;
 }
