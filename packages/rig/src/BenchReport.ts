@@ -4,6 +4,7 @@
  * method's trials: medians with their spread (min, max).
  */
 import { type GuestWindow, rateSeries, type Spread, spreadOf, windowOf, withMarks, type WriteSeries } from "./BenchWindows.js"
+import type { CpuByRole } from "./ThreadCpu.js"
 import type { PhaseReport, ToyVmmReport } from "./ToyVmm.js"
 
 export const BENCH_METHODS = ["vmsnap", "vmsnap-sync", "floor", "fork", "stop-the-world"] as const
@@ -23,6 +24,8 @@ export interface Measured {
   readonly extraMemoryBytes: number
   readonly outputBytes: number
   readonly error: string | null
+  /** CPU ms per thread role (ThreadCpu.ts) from the cut to the last page saved: the VMM's threads, and for vmsnap this process's. */
+  readonly cpuMs: CpuByRole
 }
 
 export interface BenchTrial {
@@ -53,6 +56,8 @@ export interface BenchTrial {
   readonly guestThroughputAfterRatio: number
   /** Guest writes/s every 100 ms, `ms` from the cut. */
   readonly series: ReadonlyArray<{ readonly ms: number; readonly writesPerSecond: number }>
+  /** CPU ms per thread role from the cut to the last page saved (ThreadCpu.ts). */
+  readonly cpuMs: CpuByRole
 }
 
 /** A VMM's write series with the exact counts it read at the cut and when the last page was saved. */
@@ -89,7 +94,8 @@ export const toTrial = (run: number, size: number, m: Measured, none: ToyVmmRepo
     reference,
     guestThroughputRatio: ratio(during.writesPerSecond, reference.during.writesPerSecond),
     guestThroughputAfterRatio: ratio(after.writesPerSecond, reference.after.writesPerSecond),
-    series: rateSeries(s, m.cutNs)
+    series: rateSeries(s, m.cutNs),
+    cpuMs: m.cpuMs
   }
 }
 
@@ -131,6 +137,8 @@ export interface BenchRun {
   readonly throughputMBps: number
   readonly extraMemoryBytes: number
   readonly outputBytes: number
+  /** Medians over the trials of CPU ms per thread role, from the cut to the last page saved. */
+  readonly cpuMs: CpuByRole
   readonly trials: ReadonlyArray<BenchTrial>
 }
 
@@ -174,6 +182,7 @@ export const summarize = (method: BenchMethod, sizeBytes: number, guestKind: "kv
     throughputMBps: med((t) => t.throughputMBps),
     extraMemoryBytes: med((t) => t.extraMemoryBytes),
     outputBytes: med((t) => t.outputBytes),
+    cpuMs: Object.fromEntries([...new Set(use.flatMap((t) => Object.keys(t.cpuMs)))].map((role) => [role, med((t) => t.cpuMs[role] ?? 0)])),
     trials
   }
 }

@@ -23,6 +23,7 @@ import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { type BenchMethod, type BenchRun, type BenchTrial, type Measured, summarize, toTrial } from "./BenchReport.js"
+import { ThreadCpuSampler } from "./ThreadCpu.js"
 import { ToyVmm } from "./ToyVmm.js"
 
 export { BENCH_METHODS, type BenchMethod, type BenchRun, type BenchTrial } from "./BenchReport.js"
@@ -65,13 +66,15 @@ const runLocal = async (method: "floor" | "fork" | "stop-the-world" | "none", si
     memMiB: size / MiB, vcpus: o.vcpus, rate: o.rate, pattern: o.pattern, fillPercent: 75, anon: method === "fork",
     local: method, output, snapshotAtMs: o.warmupMs, afterMs
   })
-  const report = await vmm.report()
+  const cpu = new ThreadCpuSampler(() => [vmm.child.pid!])
+  const report = await vmm.report().finally(() => cpu.stop())
   rmSync(output, { force: true })
   const s = report.snapshot!
   return {
     report, beginNs: report.beginNs, cutNs: report.cutNs, savedNs: report.savedNs,
     pauseMs: s.pauseMs, durationMs: s.durationMs, faults: s.faults, extraMemoryBytes: s.extraMemoryBytes,
-    outputBytes: s.outputBytes, error: s.ok ? null : s.error
+    outputBytes: s.outputBytes, error: s.ok ? null : s.error,
+    cpuMs: cpu.between(report.cutNs, report.savedNs)
   }
 }
 
@@ -86,6 +89,7 @@ const runAgent = (agent: Agent, sync: boolean, size: number, o: BenchOptions, di
     const baseline = kib("RssAnon")
     let peak = baseline
     const sampler = setInterval(() => (peak = Math.max(peak, kib("RssAnon"))), 10)
+    const cpu = new ThreadCpuSampler(() => [process.pid, vmm.child.pid!])
     const beginNs = monotonicNs()
     let savedNs = 0
     const onProgress = (saved: number, total: number) => {
@@ -97,7 +101,7 @@ const runAgent = (agent: Agent, sync: boolean, size: number, o: BenchOptions, di
     const endNs = monotonicNs()
     clearInterval(sampler)
     const extra = Math.max(peak, kib("RssAnon")) - baseline
-    const report = yield* Effect.promise(() => vmm.report())
+    const report = yield* Effect.promise(() => vmm.report().finally(() => cpu.stop()))
     const outputBytes = exit._tag === "Success" ? statSync(path).size : 0
     rmSync(path, { force: true })
     return {
@@ -107,7 +111,8 @@ const runAgent = (agent: Agent, sync: boolean, size: number, o: BenchOptions, di
       faults: exit._tag === "Success" ? exit.value.engine.faults : 0,
       extraMemoryBytes: extra,
       outputBytes,
-      error: exit._tag === "Success" ? null : String(exit.cause)
+      error: exit._tag === "Success" ? null : String(exit.cause),
+      cpuMs: cpu.between(report.cutNs || beginNs, savedNs || endNs)
     } satisfies Measured
   })
 

@@ -131,6 +131,7 @@ static int floor_snapshot(const struct baseline_guest *g, const char *output, st
     c.state = calloc(c.pages, 1);
     pthread_t handler;
     pthread_create(&handler, NULL, floor_handler, &c);
+    pthread_setname_np(handler, "floor-fault"); /* ThreadCpu.ts */
     double t0 = now_ms();
     if (g->freeze() < 0) {
         snprintf(out->error, sizeof out->error, "floor: freeze timed out");

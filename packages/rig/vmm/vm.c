@@ -179,6 +179,14 @@ void prepare_guest(void)
     prepared = true;
 }
 
+/* Threads named by role, so `vmsnap bench` can say where CPU went (ThreadCpu.ts). */
+static void name_vcpu(pthread_t t, uint32_t i)
+{
+    char name[16];
+    snprintf(name, sizeof name, "vcpu%u", i);
+    pthread_setname_np(t, name);
+}
+
 void start_guest(void)
 {
     if (!prepared)
@@ -192,6 +200,7 @@ void start_guest(void)
                                 kvm ? (void *)(uintptr_t)i : (void *)vmm.ctl[i]);
         if (rc)
             die("pthread_create");
+        name_vcpu(vmm.threads[i], i);
     }
     if (!kvm)
         return;
@@ -213,6 +222,7 @@ void start_guest(void)
     for (uint32_t i = 0; i < vmm.vcpus; i++) {
         init_ctl(vmm.ctl[i], i, (uint64_t)(uintptr_t)(vmm.mem + SYSTEM_AREA), vmm.vcpus);
         pthread_create(&vmm.threads[i], NULL, thread_main, vmm.ctl[i]);
+        name_vcpu(vmm.threads[i], i);
     }
 }
 

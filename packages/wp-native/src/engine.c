@@ -380,6 +380,7 @@ int32_t wp_engine_start(wp_engine *e)
     int rc = pthread_create(&e->thread, NULL, wp_fault_thread, e);
     if (rc)
         return -rc;
+    pthread_setname_np(e->thread, "vmsnap-fault"); /* for top -H and vmsnap bench */
     e->thread_started = true;
     return 0;
 }

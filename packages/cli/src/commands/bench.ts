@@ -66,7 +66,10 @@ export const runBench = (io: Io, flags: BenchFlags) =>
         `guest: ${runs[0]?.guestKind === "kvm" ? "KVM" : "host threads"}, ${flags.vcpus} vCPU, ${flags.rate ? `${flags.rate} pages/s` : "writing as fast as it can"} (${flags.pattern} pages); medians of ${flags.runs} run${flags.runs > 1 ? "s" : ""} (range in brackets)`,
         `saved: from the cut to the last page saved; during/after w/s: the guest's writes from the cut to the last page saved, and in the ${flags.afterMs} ms after;`,
         `tput/after: those over the same windows of the same guest with no snapshot (docs/BENCHMARKS.md); latency, stalls, blocked: as the guest measured them during the snapshot`,
-        table(runs)
+        table(runs),
+        "",
+        "CPU ms from the cut to the last page saved, per thread (medians; vmsnap's agent runs in this process):",
+        ...runs.filter((r) => r.ok).map((r) => `  ${r.method.padEnd(14)} ${formatBytes(r.sizeBytes).padEnd(9)} ${Object.entries(r.cpuMs).map(([role, ms]) => `${role} ${Math.round(ms)}`).join(", ")}`)
       ].join("\n"),
       exitCode: runs.every((r) => r.ok) ? 0 : 1
     })
