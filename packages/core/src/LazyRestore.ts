@@ -21,6 +21,7 @@ import {
   WP_RESTORE_STATS_WORDS, WP_RESTORE_UFFD_MINOR, WP_RESTORE_UFFD_POISON
 } from "./internal/ffi.js"
 import { faultBucketLowerNs, summarizeUs, type LatencySummary } from "./LatencyHistogram.js"
+import { checkNoOverlap } from "./FirecrackerHandshake.js"
 import { concatOffsets } from "./SnapshotFormat.js"
 import { openSnapshot } from "./SnapshotReader.js"
 
@@ -54,6 +55,11 @@ export interface LazyRestoreStats {
   readonly pagesPoisoned: number
   /** The first record that could not be produced, if any. */
   readonly failedRecord: { readonly records: number; readonly fileOffset: number; readonly reason: string } | null
+  /** Faults on pages registered with the uffd that no range covers; of them, answered with UFFDIO_POISON (the others stay blocked). */
+  readonly faultsOutside: number
+  readonly outsidePoisoned: number
+  /** The page of the first of them (hva, hex), if any. */
+  readonly firstOutsideHva: string | null
 }
 
 export interface RestoreSource {
@@ -124,11 +130,24 @@ const REFUSED: Record<number, string> = {
   77: "the userfaultfd is blocking (opened without O_NONBLOCK): a handler's read() on it would hang; open it with O_NONBLOCK"
 }
 
+/**
+ * A running lazy restore. Its native restorer is freed when the scope that
+ * started it closes; after that, stats() gives the last figures and poll()
+ * says "stopped": nothing ever reaches freed native memory (a poll or stats
+ * call racing the end of serving once locked the freed restorer's mutex,
+ * and glibc aborted the process).
+ */
 export class LazyRestore {
-  constructor(private readonly handle: JsExternal) {}
+  private handle: JsExternal | undefined
+  private final: LazyRestoreStats | undefined
 
-  /** "serving" (failed pages show in stats()), "done" (every page settled) or the failure that stopped it. */
-  poll(): "serving" | "done" | NativeError {
+  constructor(handle: JsExternal) {
+    this.handle = handle
+  }
+
+  /** "serving" (failed pages show in stats()), "done" (every page settled), "stopped" (its scope closed) or the failure that stopped it. */
+  poll(): "serving" | "done" | "stopped" | NativeError {
+    if (this.handle === undefined) return "stopped"
     const rc: number = loadWp().wp_restorer_poll([this.handle])
     if (rc === 1) return "done"
     if (rc === 0) return "serving"
@@ -136,6 +155,7 @@ export class LazyRestore {
   }
 
   stats(): LazyRestoreStats {
+    if (this.handle === undefined) return this.final!
     const w = new BigUint64Array(WP_RESTORE_STATS_WORDS)
     loadWp().wp_restorer_stats([this.handle, Buffer.from(w.buffer)])
     const n = (field: (typeof WP_RESTORE_STATS_FIELDS)[number]) => Number(w[WP_RESTORE_STATS_FIELDS.indexOf(field)])
@@ -151,13 +171,19 @@ export class LazyRestore {
         records: n("failed_records"),
         fileOffset: n("failed_offset"),
         reason: failedErrno === -5 ? "short read (the file shrank?)" : (recordReasons[n("failed_why")] ?? "corrupt record")
-      }
+      },
+      faultsOutside: n("faults_outside"), outsidePoisoned: n("outside_poisoned"),
+      firstOutsideHva: n("faults_outside") ? `0x${w[WP_RESTORE_STATS_FIELDS.indexOf("outside_hva")]!.toString(16)}` : null
     }
   }
 
-  /** @internal */
+  /** Stops serving and frees the restorer, keeping its last stats. @internal */
   destroySync() {
-    loadWp().wp_restorer_destroy([this.handle])
+    if (this.handle === undefined) return
+    const handle = this.handle
+    this.final = this.stats()
+    this.handle = undefined
+    loadWp().wp_restorer_destroy([handle])
   }
 }
 
@@ -172,6 +198,12 @@ export interface LazyRestoreOptions {
   readonly move?: boolean
   /** Stream the remaining pages in the background (default true); false: faults only. */
   readonly fill?: boolean
+  /**
+   * A last check once the uffd is accepted and before any page is served
+   * (serve: the VMM's mappings, FirecrackerHandshake.ts); its failure
+   * refuses the VMM.
+   */
+  readonly admit?: Effect.Effect<void, ProtocolError>
 }
 
 export const startLazyRestore = (
@@ -184,13 +216,15 @@ export const startLazyRestore = (
   Effect.gen(function* () {
     if (ranges.length === 0) return yield* Effect.fail(new InvalidInput({ reason: "no memory regions to restore" }))
     if (ranges.length > MAX_RANGES) return yield* Effect.fail(new ProtocolError({ reason: `${ranges.length} regions; a VMM may declare at most ${MAX_RANGES}` }))
+    yield* Effect.try({ try: () => checkNoOverlap(ranges.map((r) => ({ base_host_virt_addr: Number(r.hva), size: r.size }))), catch: (e) => e as ProtocolError })
     const idx = index ?? (yield* indexSource(source))
     for (const [i, r] of ranges.entries())
       if (r.imageOffset % PAGE_SIZE || r.imageOffset + r.size > Math.ceil(idx.imageBytes / PAGE_SIZE) * PAGE_SIZE)
         return yield* Effect.fail(new ProtocolError({ reason: `region ${i} (offset ${r.imageOffset}, ${r.size} bytes) lies outside the ${idx.imageBytes}-byte memory image` }))
     const lib = loadWp()
     const fd = yield* Effect.acquireRelease(Effect.sync(() => openSync(source.path, "r")), (f) => Effect.sync(() => closeSync(f)))
-    return yield* Effect.acquireRelease(
+    // Created first (the uffd is checked there), freed when the scope closes, whatever fails after.
+    const [restore, handle] = yield* Effect.acquireRelease(
       Effect.suspend(() => {
         const err = new Int32Array(1)
         const flags = (source.raw ? WP_RESTORE_RAW_IMAGE : 0) | (options.fill === false ? WP_RESTORE_NO_FILL : 0) | (options.move ? WP_RESTORE_MOVE : 0)
@@ -201,23 +235,17 @@ export const startLazyRestore = (
               ? new ProtocolError({ reason: REFUSED[-err[0]!]! })
               : new NativeError({ op: "lazy restore", errno: -err[0]!, reason: errnoReason("restore", -err[0]!) })
           )
-        const restore = new LazyRestore(handle)
-        const failed = (op: string, rc: number) => {
-          restore.destroySync()
-          return Effect.fail(new NativeError({ op, errno: -rc, reason: errnoReason(op, -rc) }))
-        }
-        for (const r of ranges) {
-          const rc: number = lib.wp_restorer_add_range([handle, r.hva, BigInt(r.size), BigInt(r.imageOffset), r.memfd !== undefined ? WP_RESTORE_RANGE_SHARED : 0])
-          if (rc < 0) return failed("lazy restore range", rc)
-        }
-        const rc: number = lib.wp_restorer_set_index([handle, idx.regions, idx.firstPages, idx.counts, idx.offsets, idx.imagePages, idx.count])
-        if (rc < 0) return failed("lazy restore index", rc)
-        const started: number = lib.wp_restorer_start([handle])
-        if (started < 0) return failed("lazy restore start", started)
-        return Effect.succeed(restore)
+        return Effect.succeed([new LazyRestore(handle), handle] as const)
       }),
-      (r) => Effect.sync(() => r.destroySync())
+      ([r]) => Effect.sync(() => r.destroySync())
     )
+    if (options.admit) yield* options.admit
+    const check = (op: string, rc: number) => (rc < 0 ? Effect.fail(new NativeError({ op, errno: -rc, reason: errnoReason(op, -rc) })) : Effect.void)
+    for (const r of ranges)
+      yield* check("lazy restore range", lib.wp_restorer_add_range([handle, r.hva, BigInt(r.size), BigInt(r.imageOffset), r.memfd !== undefined ? WP_RESTORE_RANGE_SHARED : 0]))
+    yield* check("lazy restore index", lib.wp_restorer_set_index([handle, idx.regions, idx.firstPages, idx.counts, idx.offsets, idx.imagePages, idx.count]))
+    yield* check("lazy restore start", lib.wp_restorer_start([handle]))
+    return restore
   })
 
 /** A userfaultfd of this process registered to restore [hva, hva + size) (in-process restores). */

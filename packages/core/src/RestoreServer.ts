@@ -19,10 +19,9 @@
  * not read the file. docs/lazy-restore.md is the VMM author's view.
  */
 import { Cause, Effect, Exit, Scope } from "effect"
-import { readFileSync } from "node:fs"
 import type { Socket } from "node:net"
 import { describeError, ProtocolError } from "./Errors.js"
-import { PAGE_SIZE } from "./GuestMemory.js"
+import { checkVmmMappings, type FirecrackerRegion, parseFirecrackerBody } from "./FirecrackerHandshake.js"
 import { closeFds, type FirstMessage } from "./internal/firstMessage.js"
 import { endAndClose, listenUnix, type UnixServer } from "./internal/unixServer.js"
 import { type GuestRange, type ImageIndex, indexSource, type LazyRestoreStats, type RestoreSource, startLazyRestore } from "./LazyRestore.js"
@@ -30,82 +29,6 @@ import { type GuestRange, type ImageIndex, indexSource, type LazyRestoreStats, t
 const MAX_BODY = 1 << 20
 const HANDSHAKE_TIMEOUT_MS = 5000
 const POLL_MS = 20
-
-export interface FirecrackerRegion {
-  readonly base_host_virt_addr: number
-  readonly size: number
-  readonly offset: number
-  readonly page_size: number
-}
-
-/** The length of a complete JSON array at the start of `b`, if there is one yet. */
-const completeJson = (b: Buffer): number | undefined => {
-  const text = b.toString("utf8")
-  try {
-    JSON.parse(text)
-    return b.length
-  } catch {
-    return undefined
-  }
-}
-
-const fail = (reason: string): never => {
-  throw new ProtocolError({ reason })
-}
-
-/** Validates Firecracker's region list. */
-export const parseFirecrackerBody = (text: string): Array<FirecrackerRegion> => {
-  let v: unknown
-  try {
-    v = JSON.parse(text)
-  } catch {
-    return fail("the handshake body is not valid JSON (expected an array of regions)")
-  }
-  if (!Array.isArray(v) || v.length === 0) return fail("the handshake body must be a non-empty JSON array of regions")
-  return v.map((r: unknown, i) => {
-    if (typeof r !== "object" || r === null) return fail(`region ${i} is not an object`)
-    const o = r as Record<string, unknown>
-    const num = (k: string) => {
-      const x = o[k]
-      return typeof x === "number" && Number.isSafeInteger(x) && x >= 0 ? x : fail(`region ${i}: "${k}" must be a non-negative integer`)
-    }
-    const pageSize = o.page_size !== undefined ? num("page_size") : o.page_size_kib !== undefined ? num("page_size_kib") : fail(`region ${i}: "page_size" (or "page_size_kib") is missing`)
-    if (pageSize !== PAGE_SIZE) fail(`region ${i}: page size ${pageSize}; vmsnap serves 4096-byte pages`)
-    const region = { base_host_virt_addr: num("base_host_virt_addr"), size: num("size"), offset: num("offset"), page_size: pageSize }
-    if (region.size === 0 || region.size % PAGE_SIZE || region.offset % PAGE_SIZE || region.base_host_virt_addr % PAGE_SIZE)
-      fail(`region ${i}: address, size and offset must be multiples of ${PAGE_SIZE}`)
-    return region
-  })
-}
-
-/**
- * The page size backing each region in the VMM, from /proc/PID/smaps
- * (KernelPageSize), against the one it declares: a hugetlbfs region served
- * at 4 KiB would read wrong, so it is refused. Regions whose mapping cannot
- * be read are left to the kernel (a 4 KiB UFFDIO_COPY into hugetlbfs fails
- * with EINVAL and the restorer stops, its ranges still registered).
- */
-const checkBackingPageSizes = (pid: number, regions: ReadonlyArray<FirecrackerRegion>) => {
-  let smaps: string
-  try {
-    smaps = readFileSync(`/proc/${pid}/smaps`, "utf8")
-  } catch {
-    return
-  }
-  const maps: Array<{ start: bigint; end: bigint; kib: number }> = []
-  for (const line of smaps.split("\n")) {
-    const range = /^([0-9a-f]+)-([0-9a-f]+) /.exec(line)
-    if (range) maps.push({ start: BigInt(`0x${range[1]}`), end: BigInt(`0x${range[2]}`), kib: 0 })
-    const kps = /^KernelPageSize:\s+(\d+) kB/.exec(line)
-    if (kps && maps.length) maps[maps.length - 1]!.kib = Number(kps[1])
-  }
-  regions.forEach((r, i) => {
-    const at = BigInt(r.base_host_virt_addr)
-    const m = maps.find((m) => m.start <= at && at < m.end)
-    if (m && m.kib * 1024 !== r.page_size)
-      fail(`region ${i} is backed by ${m.kib} KiB pages (hugetlbfs?) but declares ${r.page_size}-byte pages; vmsnap serves 4 KiB pages only, and serving a huge page mapping at 4 KiB would be wrong`)
-  })
-}
 
 export interface ServeEvents {
   readonly log?: (line: string) => void
@@ -117,10 +40,41 @@ export interface ServeEvents {
   readonly onFinished?: (pid: number, outcome: { ok: boolean; error?: string; stats: LazyRestoreStats }) => void
 }
 
+/** The length of a complete JSON body at the start of `b`, if there is one yet. */
+const completeJson = (b: Buffer): number | undefined => {
+  try {
+    JSON.parse(b.toString("utf8"))
+    return b.length
+  } catch {
+    return undefined
+  }
+}
+
+const fail = (reason: string): never => {
+  throw new ProtocolError({ reason })
+}
+
+/** Why a restore whose pages are all settled did not restore the snapshot everywhere; undefined when it did. */
+const shortfall = (s: LazyRestoreStats): string | undefined => {
+  const why = [
+    s.pagesFailed ? `${s.pagesFailed} page(s) could not be produced and were poisoned` : "",
+    s.pagesGone ? `${s.pagesGone} page(s) were no longer registered with the userfaultfd when installed (the VMM mapped something else there or unregistered them) and were skipped: they hold what the VMM put there, not the snapshot` : "",
+    s.faultsOutside ? `${s.faultsOutside} fault(s) hit registered pages that no region declares (first at ${s.firstOutsideHva}), answered with a memory error` : ""
+  ].filter((w) => w)
+  return why.length ? why.join("; ") : undefined
+}
+
+/** One VMM being served: its connection and the scope that owns its restorer. */
+interface Session {
+  readonly socket: Socket
+  /** Reports the outcome (once) and frees the restorer. */
+  readonly stop: (why: string) => Promise<void>
+}
+
 export class RestoreServer {
   private server: UnixServer | undefined
   private index: ImageIndex | undefined
-  private readonly sessions = new Set<{ socket: Socket; scope: Scope.Closeable }>()
+  private readonly sessions = new Set<Session>()
 
   constructor(
     readonly socketPath: string,
@@ -142,9 +96,9 @@ export class RestoreServer {
     }, (socket, cred, first) => void this.accept(socket, cred.pid, first))
   }
 
+  /** Stops serving every VMM (each gets its `finished` event, ok false) and closes the socket. */
   async close(): Promise<void> {
-    for (const s of this.sessions) await Effect.runPromise(Scope.close(s.scope, Exit.void))
-    this.sessions.clear()
+    for (const s of [...this.sessions]) await s.stop("serve stopped before every page was resident; ranges with pages left stay registered")
     await this.server?.close()
     this.server = undefined
   }
@@ -166,52 +120,72 @@ export class RestoreServer {
       regions = parseFirecrackerBody(first.message.toString("utf8"))
       if (first.fds.length === 0) fail("the handshake carried no file descriptor: send the userfaultfd with SCM_RIGHTS")
       if (first.fds.length > 2) fail(`the handshake carried ${first.fds.length} fds: send the userfaultfd (and, for a memfd guest, its memfd)`)
-      checkBackingPageSizes(pid, regions)
     } catch (e) {
       closeFds(first.fds)
       return this.refuse(socket, pid, describeError(e))
     }
     const [uffd, memfd] = first.fds as [number, number | undefined]
     const ranges: Array<GuestRange> = regions.map((r) => ({ hva: BigInt(r.base_host_virt_addr), size: r.size, imageOffset: r.offset, memfd }))
+    // Checked once the uffd is accepted, just before serving: mapped, registered, the declared page size.
+    let undeclared: Array<string> = []
+    const admit = Effect.try({ try: () => void (undeclared = checkVmmMappings(pid, regions)), catch: (e) => e as ProtocolError })
     const scope = Effect.runSync(Scope.make())
-    const started = await Effect.runPromiseExit(Scope.provide(scope)(startLazyRestore(this.source, uffd, ranges, {}, this.index)))
+    const started = await Effect.runPromiseExit(Scope.provide(scope)(startLazyRestore(this.source, uffd, ranges, { admit }, this.index)))
     closeFds(first.fds) // the restorer keeps its own dups
     if (Exit.isFailure(started)) {
       await Effect.runPromise(Scope.close(scope, Exit.void))
       return this.refuse(socket, pid, describeError(Cause.squash(started.cause)))
     }
     const restore = started.value
-    const session = { socket, scope }
-    this.sessions.add(session)
     const total = regions.reduce((s, r) => s + r.size, 0)
-    this.log(`VMM pid ${pid}: serving ${regions.length} region(s), ${total} bytes, from ${this.source.path}${memfd !== undefined ? " (memfd: pwrite + UFFDIO_CONTINUE)" : ""}`)
-    let finished = false
-    const end = async (why: string, ok: boolean) => {
-      if (finished) return
-      finished = true
-      clearInterval(timer)
-      const stats = restore.stats()
-      this.sessions.delete(session)
-      await Effect.runPromise(Scope.close(scope, Exit.void))
+    this.log(`VMM pid ${pid}: serving ${regions.length} region(s), ${total} bytes, from ${this.source.path}${memfd !== undefined ? " (memfd: shared memory; UFFDIO_COPY, UFFDIO_CONTINUE for pages in its page cache)" : ""}`)
+    for (const w of undeclared) this.log(`VMM pid ${pid}: ${w}`)
+    let reported = false
+    const report = (why: string, ok: boolean) => {
+      if (reported) return
+      reported = true
       this.log(`VMM pid ${pid}: ${why}`)
-      this.events.onFinished?.(pid, { ok, error: ok ? undefined : why, stats })
+      this.events.onFinished?.(pid, { ok, error: ok ? undefined : why, stats: restore.stats() })
     }
-    let reported = { failed: 0, gone: 0 }
+    let done = false
+    /** Every page settled: ok unless some were not restored from the snapshot. */
+    const settled = () => {
+      const s = restore.stats()
+      const short = shortfall(s)
+      report(short ? `every page settled after ${s.doneMs?.toFixed(0)} ms, but ${short}` : `every page resident after ${s.doneMs?.toFixed(0)} ms (${s.faults} faults, ${s.pagesByFill} pages filled in the background)`, !short)
+    }
+    let released = false
+    const session: Session = {
+      socket,
+      stop: async (why) => {
+        if (done) settled()
+        else report(why, false)
+        if (released) return
+        released = true
+        clearInterval(timer)
+        this.sessions.delete(session)
+        await Effect.runPromise(Scope.close(scope, Exit.void)) // frees the restorer: restore.stats() keeps its last figures
+      }
+    }
+    this.sessions.add(session)
+    let seen = { failed: 0, gone: 0, outside: 0 }
     const timer = setInterval(() => {
       const state = restore.poll()
       const s = restore.stats()
-      if (s.pagesFailed > reported.failed || s.pagesGone > reported.gone) {
-        reported = { failed: s.pagesFailed, gone: s.pagesGone }
+      if (s.pagesFailed > seen.failed || s.pagesGone > seen.gone || s.faultsOutside > seen.outside) {
+        seen = { failed: s.pagesFailed, gone: s.pagesGone, outside: s.faultsOutside }
         const f = s.failedRecord
-        this.log(`VMM pid ${pid}: ${s.pagesFailed} page(s) cannot be produced${f ? ` (${f.records} record(s); first at byte ${f.fileOffset}: ${f.reason})` : ""}, ${s.pagesPoisoned} of them poisoned (the guest sees a memory error; the others stay blocked); ${s.pagesGone} page(s) remapped by the VMM, skipped`)
+        this.log(`VMM pid ${pid}: ${s.pagesFailed} page(s) cannot be produced${f ? ` (${f.records} record(s); first at byte ${f.fileOffset}: ${f.reason})` : ""}, ${s.pagesPoisoned} of them poisoned (the guest sees a memory error; the others stay blocked); ${s.pagesGone} page(s) no longer registered (remapped by the VMM), skipped${s.faultsOutside ? `; ${s.faultsOutside} fault(s) on registered pages no region declares (first at ${s.firstOutsideHva}), ${s.outsidePoisoned} answered with a memory error` : ""}`)
         this.events.onPageFailure?.(pid, s)
       }
-      if (state === "done") {
-        if (s.pagesFailed > 0) void end(`every page settled after ${s.doneMs?.toFixed(0)} ms, but ${s.pagesFailed} page(s) could not be produced and were poisoned`, false)
-        else void end(`every page resident after ${s.doneMs?.toFixed(0)} ms (${s.faults} faults, ${s.pagesByFill} pages filled in the background${s.pagesGone ? `, ${s.pagesGone} remapped by the VMM and skipped` : ""})`, true)
-      } else if (state !== "serving") void end(`restore failed: ${state.message}`, false)
+      if (state === "done" && !done) {
+        done = true
+        // Registered pages that no region declares keep their faults answered (a memory error) until the VMM disconnects.
+        if (undeclared.length === 0) void session.stop("")
+        else this.log(`VMM pid ${pid}: every declared page settled; faults on registered pages that no region declares get a memory error until the VMM disconnects`)
+      } else if (state !== "serving" && state !== "done") void session.stop(`restore failed: ${state === "stopped" ? "stopped" : state.message}`)
     }, POLL_MS)
-    socket.on("close", () => void end("disconnected before every page was resident; cleaned up", false))
+    socket.on("close", () => void session.stop("disconnected before every page was resident; cleaned up"))
     socket.resume()
   }
 }

@@ -61,6 +61,9 @@ typedef struct wp_restore_stats {
     uint64_t failed_offset;            /* file offset of the first of them */
     uint64_t failed_why;               /* its WP_RECORD_* reason (vmsnap_record.h) */
     uint64_t failed_errno;             /* its error as int64: -EBADMSG (corrupt) or -EIO (short read) */
+    uint64_t faults_outside;           /* faults on registered pages that no range covers (nothing to serve there) */
+    uint64_t outside_poisoned;         /* of those, answered with UFFDIO_POISON (the others stay blocked) */
+    uint64_t outside_hva;              /* the page of the first of them */
     uint64_t hist[WP_RESTORE_HIST_BUCKETS];
 } wp_restore_stats;
 
@@ -68,7 +71,8 @@ typedef struct wp_restore_stats {
  * O_NONBLOCK (the fault thread must never block in read()). */
 wp_restorer *wp_restorer_create(int32_t uffd, int32_t snapshot_fd, uint32_t flags, int32_t *err_out);
 /* A range the VMM maps at hva: image bytes [image_offset, image_offset + size).
- * Returns its index. */
+ * Returns its index; -EEXIST if it overlaps a range added before (a page of
+ * the VMM's memory is declared once). */
 int32_t wp_restorer_add_range(wp_restorer *r, uint64_t hva, uint64_t size, uint64_t image_offset, uint32_t range_flags);
 /* The records (n), sorted by image page and tiling the image from page 0
  * with no gap or overlap (-EINVAL otherwise): record i holds page_counts[i]
@@ -84,6 +88,10 @@ int32_t wp_restorer_start(wp_restorer *r);
  * while serving (failed pages: see the stats), -errno when the restorer
  * stopped (the VMM's memory gone: -ESRCH; the uffd closed: -EPIPE). */
 int32_t wp_restorer_poll(wp_restorer *r);
+/* A fault on a registered page that no range covers is never answered with
+ * zero: it gets UFFDIO_POISON (a memory error the faulting thread sees) or,
+ * where the kernel refuses that, stays blocked; both show in the stats
+ * (faults_outside). */
 int32_t wp_restorer_stats(wp_restorer *r, wp_restore_stats *out);
 /* Stops serving; unregisters only ranges with nothing left to install. */
 int32_t wp_restorer_destroy(wp_restorer *r);

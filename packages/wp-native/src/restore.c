@@ -229,14 +229,38 @@ static void mark_removed(wp_restorer *r, uint64_t start, uint64_t end)
     }
 }
 
+/* A fault on a page registered with the uffd that no range covers (the VMM
+ * registered more than it declared): there is nothing to serve there, and
+ * zero would be wrong. The faulting thread gets a memory error
+ * (UFFDIO_POISON) where the kernel allows it, else stays blocked; either
+ * way the fault is counted, with the first one's page, for the VMM's log. */
+static void serve_outside(wp_restorer *r, uint64_t address)
+{
+    uint64_t page = address & ~(uint64_t)(RS_PAGE - 1);
+    pthread_mutex_lock(&r->install_lock);
+    if (!r->faults_outside++)
+        r->outside_hva = page;
+    int rc = rs_poison_hva(r, page, RS_PAGE);
+    if (rc == 0) {
+        r->outside_poisoned++;
+    } else if (rc == -EEXIST) { /* a page is there: the thread only needs waking */
+        struct uffdio_range wake = {.start = page, .len = RS_PAGE};
+        ioctl(r->uffd, UFFDIO_WAKE, &wake);
+    }
+    pthread_mutex_unlock(&r->install_lock);
+}
+
 /* Serves one fault; -EAGAIN if a discard is pending (retry after reading it). */
 static int serve_fault(wp_restorer *r, uint64_t address, struct rs_buffers *b)
 {
     uint64_t page;
     struct rs_range *g = find_page(r, address, &page);
-    if (!g)
+    if (!g) {
+        serve_outside(r, address);
         return 0;
+    }
     uint64_t t0 = monotonic_ns();
+    b->fault_installed_ns = 0; /* set by resolve_record when it installs this fault's page */
     if (!r->first_fault_ns)
         r->first_fault_ns = t0;
     uint8_t state = __atomic_load_n(&g->state[page], __ATOMIC_ACQUIRE);
@@ -252,7 +276,6 @@ static int serve_fault(wp_restorer *r, uint64_t address, struct rs_buffers *b)
         rc = rs_install_zero_or_keep(r, g, page);
         pthread_mutex_unlock(&r->install_lock);
     } else {
-        b->fault_installed_ns = 0;
         rc = resolve_record(r, record_at(r, g->image_page + page), g, page, b);
         if (rc == 0 && (__atomic_load_n(&g->state[page], __ATOMIC_ACQUIRE) & PG_SETTLED)) {
             struct uffdio_range wake = {.start = g->hva + page * RS_PAGE, .len = RS_PAGE};
@@ -267,7 +290,8 @@ static int serve_fault(wp_restorer *r, uint64_t address, struct rs_buffers *b)
     }
     /* Service time: until the faulting page was installed (the faulting
      * thread resumes then; the record's other pages follow). */
-    uint64_t ns = (b->fault_installed_ns ? b->fault_installed_ns : monotonic_ns()) - t0;
+    uint64_t end = b->fault_installed_ns >= t0 ? b->fault_installed_ns : monotonic_ns();
+    uint64_t ns = end - t0;
     r->faults++;
     r->fault_ns_total += ns;
     if (ns > r->fault_ns_max)
@@ -401,8 +425,11 @@ int32_t wp_restorer_add_range(wp_restorer *r, uint64_t hva, uint64_t size, uint6
         return -EBUSY;
     if (r->range_count >= RS_MAX_RANGES)
         return -E2BIG;
-    if (!size || size % RS_PAGE || hva % RS_PAGE || image_offset % RS_PAGE)
+    if (!size || size % RS_PAGE || hva % RS_PAGE || image_offset % RS_PAGE || hva + size < hva)
         return -EINVAL;
+    for (uint32_t i = 0; i < r->range_count; i++)
+        if (hva < r->ranges[i].hva + r->ranges[i].size && r->ranges[i].hva < hva + size)
+            return -EEXIST; /* two ranges at one hva: which image page goes there would be ambiguous */
     struct rs_range *g = &r->ranges[r->range_count];
     *g = (struct rs_range){.hva = hva, .size = size, .pages = size / RS_PAGE, .image_page = image_offset / RS_PAGE,
                            .shared = range_flags & WP_RESTORE_RANGE_SHARED};
@@ -485,6 +512,9 @@ int32_t wp_restorer_stats(wp_restorer *r, wp_restore_stats *out)
     out->failed_offset = r->failed_offset;
     out->failed_why = r->failed_why;
     out->failed_errno = (uint64_t)(int64_t)r->failed_errno;
+    out->faults_outside = r->faults_outside;
+    out->outside_poisoned = r->outside_poisoned;
+    out->outside_hva = r->outside_hva;
     memcpy(out->hist, r->hist, sizeof out->hist);
     pthread_mutex_unlock(&r->install_lock);
     return 0;

@@ -62,6 +62,7 @@ struct wp_restorer {
     uint64_t faults, faults_zero, pages_by_fault, pages_by_fill, removed_pages;
     uint64_t pages_gone, pages_failed, pages_poisoned, failed_records;
     uint64_t failed_offset;
+    uint64_t faults_outside, outside_poisoned, outside_hva;
     uint32_t failed_why;
     int32_t failed_errno;
     uint64_t fault_ns_total, fault_ns_max, first_fault_ns, start_ns, done_ns;
@@ -88,6 +89,9 @@ int rs_install_zero_or_keep(wp_restorer *r, struct rs_range *g, uint64_t p);
 /* 0 if fd is a userfaultfd opened O_NONBLOCK; -ENOTTY: not a userfaultfd;
  * -EBADFD: a blocking one (its read() would block the fault thread). */
 int rs_check_uffd(int fd);
+
+/* UFFDIO_POISON over [hva, hva + len): 0 or -errno (-EEXIST: a page is there). */
+int rs_poison_hva(wp_restorer *r, uint64_t hva, uint64_t len);
 
 /* Resolves pages [p, p + n) with UFFDIO_POISON where the VMM negotiated it;
  * returns 0 or -errno (-EINVAL: not negotiated). */

@@ -123,19 +123,25 @@ int rs_install_zero_or_keep(wp_restorer *r, struct rs_range *g, uint64_t p)
     return 0;
 }
 
+int rs_poison_hva(wp_restorer *r, uint64_t hva, uint64_t len)
+{
+    struct uffdio_poison po = {.range = {.start = hva, .len = len}};
+    return ioctl(r->uffd, UFFDIO_POISON_IOCTL, &po) == 0 ? 0 : -errno;
+}
+
 int rs_poison(wp_restorer *r, struct rs_range *g, uint64_t p, uint64_t n)
 {
     for (uint64_t q = p; q < p + n; q++) {
         if (g->state[q] & PG_SETTLED)
             continue;
-        struct uffdio_poison po = {.range = {.start = g->hva + q * RS_PAGE, .len = RS_PAGE}};
-        if (ioctl(r->uffd, UFFDIO_POISON_IOCTL, &po) == 0) {
+        int rc = rs_poison_hva(r, g->hva + q * RS_PAGE, RS_PAGE);
+        if (rc == 0) {
             rs_set(r, g, q, PG_POISONED);
             r->pages_poisoned++;
-        } else if (errno == EEXIST) {
+        } else if (rc == -EEXIST) {
             rs_set(r, g, q, PG_RESIDENT); /* something is there already: kept */
         } else {
-            return -errno; /* -EINVAL: the VMM did not negotiate UFFD_FEATURE_POISON */
+            return rc; /* -EINVAL: the kernel refuses it (before 6.6) */
         }
     }
     return 0;

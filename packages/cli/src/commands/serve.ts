@@ -53,8 +53,11 @@ export const runServe = (io: Io, flags: ServeFlags) =>
           onRefused: (pid, reason) => emit({ type: "refused", pid, reason }, `refused a VMM${pid ? ` (pid ${pid})` : ""}: ${reason}`),
           onPageFailure: (pid, s) =>
             emit(
-              { type: "page-failure", pid, pagesFailed: s.pagesFailed, pagesPoisoned: s.pagesPoisoned, pagesGone: s.pagesGone, failedRecord: s.failedRecord },
-              `VMM pid ${pid}: ${s.pagesFailed} page(s) cannot be produced (${s.pagesPoisoned} poisoned), ${s.pagesGone} remapped by the VMM`
+              {
+                type: "page-failure", pid, pagesFailed: s.pagesFailed, pagesPoisoned: s.pagesPoisoned, pagesGone: s.pagesGone, failedRecord: s.failedRecord,
+                faultsOutside: s.faultsOutside, outsidePoisoned: s.outsidePoisoned, firstOutsideHva: s.firstOutsideHva
+              },
+              `VMM pid ${pid}: ${s.pagesFailed} page(s) cannot be produced (${s.pagesPoisoned} poisoned), ${s.pagesGone} no longer registered (remapped by the VMM), ${s.faultsOutside} fault(s) outside every region`
             ),
           onFinished: (pid, outcome) => {
             emit({ type: "finished", pid, ok: outcome.ok, error: outcome.error ?? null, ...outcome.stats }, `VMM pid ${pid}: ${outcome.ok ? "done" : "failed"}`)

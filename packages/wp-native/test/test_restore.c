@@ -1,0 +1,155 @@
+/*
+ * The lazy restorer against the real kernel, in this process (faults only,
+ * no background fill, so which path serves each page is known):
+ *   - two ranges at one hva are refused (-EEXIST);
+ *   - a fault on a page that is registered but that no range covers gets a
+ *     memory error (UFFDIO_POISON: process_vm_readv fails with EFAULT), is
+ *     counted with its page, and never blocks the faulting thread;
+ *   - a fault on a page already settled (installed, then discarded) reads
+ *     zero and its service time is measured from its own start (it was once
+ *     taken from the previous fault: an underflow to ~2^64 ns).
+ * Exit 0 pass, 1 fail, 77 skip (wp_test.h).
+ */
+#define _GNU_SOURCE
+#include "vmsnap_restore.h"
+#include "wp_test.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <time.h>
+
+#define PAGE 4096u
+#define REGISTERED 96u /* pages registered with the uffd */
+#define IMAGE 64u      /* pages of the raw image */
+
+static _Atomic int progress;
+
+/* process_vm_readv on this process: a poisoned page is -EFAULT, not SIGBUS. */
+static long read_self(uint8_t *dst, const uint8_t *src)
+{
+    struct iovec local = {dst, PAGE}, remote = {(void *)src, PAGE};
+    long n = process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
+    atomic_fetch_add(&progress, 1);
+    return n < 0 ? -errno : n;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static void pattern(uint8_t *page, uint64_t p)
+{
+    for (unsigned i = 0; i < PAGE; i += 8)
+        memcpy(page + i, &(uint64_t){p * 0x100000001ull + 7}, 8);
+}
+
+int main(void)
+{
+    char path[] = "/tmp/vmsnap-test-restore-XXXXXX";
+    int file = mkstemp(path);
+    if (file < 0)
+        return wp_test_fail("mkstemp", -errno);
+    unlink(path);
+    uint8_t page[PAGE], got[PAGE];
+    for (uint64_t p = 0; p < IMAGE; p++) {
+        pattern(page, p);
+        if (pwrite(file, page, PAGE, (off_t)(p * PAGE)) != PAGE)
+            return wp_test_fail("pwrite image", -errno);
+    }
+    uint8_t *mem = mmap(NULL, REGISTERED * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED)
+        return wp_test_fail("mmap", -errno);
+    int uffd = wp_restore_uffd_create((uint64_t)(uintptr_t)mem, REGISTERED * PAGE, WP_RESTORE_UFFD_POISON);
+    if (uffd < 0) {
+        printf("SKIP: a userfaultfd for lazy restore cannot be had here (%s)\n", strerror(-uffd));
+        return 77;
+    }
+    int32_t err;
+    wp_restorer *r = wp_restorer_create(uffd, file, WP_RESTORE_RAW_IMAGE | WP_RESTORE_NO_FILL, &err);
+    if (!r)
+        return wp_test_fail("wp_restorer_create", err);
+    /* Declared: pages [0, 32) = image [0, 32) and [64, 96) = image [32, 64); [32, 64) registered, not declared. */
+    uint64_t base = (uint64_t)(uintptr_t)mem;
+    int rc = wp_restorer_add_range(r, base, 32 * PAGE, 0, 0);
+    if (rc < 0)
+        return wp_test_fail("add_range 0", rc);
+    rc = wp_restorer_add_range(r, base + 16 * PAGE, 8 * PAGE, 40 * PAGE, 0);
+    if (rc != -EEXIST)
+        return wp_test_fail("a range overlapping another must be refused with -EEXIST", rc);
+    rc = wp_restorer_add_range(r, base + 64 * PAGE, 32 * PAGE, 32 * PAGE, 0);
+    if (rc < 0)
+        return wp_test_fail("add_range 1", rc);
+    uint32_t regions[IMAGE / 16], counts[IMAGE / 16];
+    uint64_t first[IMAGE / 16], offsets[IMAGE / 16], image_pages[IMAGE / 16];
+    for (unsigned i = 0; i < IMAGE / 16; i++) {
+        regions[i] = 0;
+        counts[i] = 16;
+        first[i] = image_pages[i] = i * 16;
+        offsets[i] = i * 16 * PAGE;
+    }
+    if ((rc = wp_restorer_set_index(r, regions, first, counts, offsets, image_pages, IMAGE / 16)) < 0)
+        return wp_test_fail("set_index", rc);
+    /* A hang below is a failure, not a stuck test. */
+    pthread_t dog;
+    struct wp_test_watchdog w = {&progress, 10, "read", "a fault was never answered"};
+    pthread_create(&dog, NULL, wp_test_watchdog_run, &w);
+    uint64_t t0 = now_ns();
+    if ((rc = wp_restorer_start(r)) < 0)
+        return wp_test_fail("start", rc);
+
+    /* A fault served from the image: page 0 (its record's other pages follow). */
+    if ((rc = (int)read_self(got, mem)) != PAGE)
+        return wp_test_fail("read page 0", rc);
+    pattern(page, 0);
+    if (memcmp(got, page, PAGE))
+        return wp_test_fail("page 0 is not the image's", 0);
+    /* Page 5 comes in with page 0's record, after page 0; then the guest discards it: a settled page faults again. */
+    wp_restore_stats s;
+    for (wp_restorer_stats(r, &s); s.pages_settled < 16; wp_restorer_stats(r, &s))
+        usleep(1000);
+    if (madvise(mem + 5 * PAGE, PAGE, MADV_DONTNEED) < 0)
+        return wp_test_fail("madvise", -errno);
+    if ((rc = (int)read_self(got, mem + 5 * PAGE)) != PAGE)
+        return wp_test_fail("read discarded page 5", rc);
+    for (unsigned i = 0; i < PAGE; i++)
+        if (got[i])
+            return wp_test_fail("a discarded anonymous page must read zero", got[i]);
+    /* Page 70 of the second range: image page 38. */
+    if ((rc = (int)read_self(got, mem + 70 * PAGE)) != PAGE)
+        return wp_test_fail("read page 70", rc);
+    pattern(page, 38);
+    if (memcmp(got, page, PAGE))
+        return wp_test_fail("page 70 is not image page 38", 0);
+
+    /* Page 40: registered, declared by no range. Never zero, never blocked. */
+    rc = (int)read_self(got, mem + 40 * PAGE);
+    if (rc != -EFAULT)
+        return wp_test_fail("a registered page no range covers must read as a memory error (EFAULT)", rc);
+    uint64_t elapsed = now_ns() - t0;
+
+    wp_restorer_stats(r, &s);
+    if (s.faults_outside != 1 || s.outside_poisoned != 1 || s.outside_hva != base + 40 * PAGE) {
+        fprintf(stderr, "FAIL: outside faults %llu, poisoned %llu, first at %#llx (expected 1, 1, %#llx)\n",
+                (unsigned long long)s.faults_outside, (unsigned long long)s.outside_poisoned,
+                (unsigned long long)s.outside_hva, (unsigned long long)(base + 40 * PAGE));
+        return 1;
+    }
+    if (s.faults < 3 || s.fault_ns_max > elapsed || s.fault_ns_total > elapsed * s.faults) {
+        fprintf(stderr, "FAIL: %llu faults served, longest %llu ns, total %llu ns, in a run of %llu ns\n",
+                (unsigned long long)s.faults, (unsigned long long)s.fault_ns_max, (unsigned long long)s.fault_ns_total,
+                (unsigned long long)elapsed);
+        return 1;
+    }
+    wp_restorer_destroy(r);
+    close(uffd);
+    printf("PASS: restore: overlap refused, outside fault poisoned (not blocked), %llu faults, longest %llu ns\n",
+           (unsigned long long)s.faults, (unsigned long long)s.fault_ns_max);
+    return 0;
+}
