@@ -16,7 +16,7 @@ import { closeSync, ftruncateSync, openSync } from "node:fs"
 import { join } from "node:path"
 import { promisify } from "node:util"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
-import { gpa, hva, type LazyRestoreStats, restoreToRawFile, RestoreServer, takeSnapshot, WpNative } from "../packages/core/src/index.js"
+import { gpa, hva, type LazyRestoreStats, openSnapshot, PAGE_SIZE, restoreToRawFile, RestoreServer, takeSnapshot, WpNative } from "../packages/core/src/index.js"
 import { DemoGuest } from "../packages/rig/src/index.js"
 import { scratchDir, toyVmmSkipReason } from "./toyVmmTests.js"
 
@@ -129,6 +129,14 @@ describe.skipIf(skip)("serve checks a VMM's ranges against its userfaultfd regis
     expect(skipped, "the fill installed every page before the VMM remapped them, 5 times").toBeDefined()
     expect(skipped!.ok).toBe(false)
     expect(skipped!.error).toMatch(/page\(s\) were no longer registered with the userfaultfd when installed/)
+  })
+
+  it("a range the VMM's kernel holds as two mappings (split inside a record) is served whole, no page skipped", async () => {
+    const record = await Effect.runPromise(Effect.scoped(Effect.map(openSnapshot(snapshotPath), (s) => s.index.find((e) => e.pageCount >= 4 && e.firstPage > 0)!)))
+    const before = events.finished.length
+    expect(await peer(sock, "restore", imagePath, String(SIZE), "page_size", `split=${(record.firstPage + 2) * PAGE_SIZE}`)).toMatch(/^OK /)
+    const finished = await nextFinished(before)
+    expect(finished).toMatchObject({ ok: true, stats: { pagesGone: 0 } })
   })
 
   it("a memfd guest is served with UFFDIO_COPY / UFFDIO_CONTINUE, and the log says so (nothing is pwritten)", async () => {

@@ -81,12 +81,21 @@ static int map_cached(wp_restorer *r, struct rs_range *g, uint64_t p)
 int rs_install(wp_restorer *r, struct rs_range *g, uint64_t p, uint64_t n, const uint8_t *src)
 {
     uint64_t done = 0;
+    /* A run that crosses from one VMA into the next (a range the VMM mapped
+     * in two, or split by madvise/mprotect) fails whole with ENOENT, which
+     * says nothing about its first page: then the run goes page by page. */
+    bool one_by_one = false;
     while (done < n) {
-        int64_t got = fill_once(r, g->hva + (p + done) * RS_PAGE, (n - done) * RS_PAGE, src ? src + done * RS_PAGE : NULL);
+        uint64_t len = one_by_one ? 1 : n - done;
+        int64_t got = fill_once(r, g->hva + (p + done) * RS_PAGE, len * RS_PAGE, src ? src + done * RS_PAGE : NULL);
         if (got > 0) {
             for (uint64_t k = 0; k < (uint64_t)got / RS_PAGE; k++)
                 rs_set(r, g, p + done + k, PG_RESIDENT);
             done += (uint64_t)got / RS_PAGE;
+            continue;
+        }
+        if (got == -ENOENT && len > 1) {
+            one_by_one = true;
             continue;
         }
         uint64_t q = p + done;
