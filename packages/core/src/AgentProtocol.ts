@@ -5,7 +5,7 @@
  * strings so 64-bit values survive JSON.
  */
 import { ProtocolError } from "./Errors.js"
-import { HUGE_PAGE_SIZE, PAGE_SIZE } from "./GuestMemory.js"
+import { hugePageSizes, PAGE_SIZE } from "./GuestMemory.js"
 import { COMPRESSIONS, type Compression } from "./SnapshotWriter.js"
 
 export const PROTOCOL_VERSION = 1
@@ -119,8 +119,8 @@ export const parseHello = (m: Record<string, unknown>, fdCount: number): Hello =
     const size = wholeNumber(r.size, `region ${i} "size"`)
     if (size === 0 || size % PAGE_SIZE !== 0) fail(`region ${i} size ${size} is not a positive multiple of ${PAGE_SIZE}`)
     const pageSize = wholeNumber(r.pageSize ?? PAGE_SIZE, `region ${i} "pageSize"`)
-    if (pageSize !== PAGE_SIZE && pageSize !== HUGE_PAGE_SIZE)
-      fail(`region ${i} page size ${pageSize}: ${PAGE_SIZE}, or ${HUGE_PAGE_SIZE} for hugetlbfs memory, is supported (1 GiB huge pages are not)`)
+    if (pageSize !== PAGE_SIZE && !hugePageSizes.includes(pageSize))
+      fail(`region ${i} page size ${pageSize}: must be ${PAGE_SIZE}, or for hugetlbfs memory ${hugePageSizes.join(" or ")}`)
     if (size % pageSize !== 0) fail(`region ${i} size ${size} is not a whole number of its ${pageSize}-byte pages`)
     const fd = r.fd === null || r.fd === undefined ? null : wholeNumber(r.fd, `region ${i} "fd"`)
     if (fd !== null && (fd >= fdCount || fd === uffd)) fail(`region ${i} names fd index ${fd}, which is not a memory fd of this message`)

@@ -3,8 +3,10 @@
  * addresses (HVA), region-relative page indices, and memory regions.
  */
 export const PAGE_SIZE = 4096
-/** The hugetlbfs page size vmsnap captures (x86-64's 2 MiB huge pages). */
+/** x86-64's hugetlbfs page sizes, which vmsnap captures in whole huge pages: 2 MiB and 1 GiB. */
 export const HUGE_PAGE_SIZE = 2 * 1024 * 1024
+export const GIGANTIC_PAGE_SIZE = 1024 * 1024 * 1024
+export const hugePageSizes: ReadonlyArray<number> = [HUGE_PAGE_SIZE, GIGANTIC_PAGE_SIZE]
 
 /** Guest-physical address. */
 export type Gpa = bigint & { readonly _brand: "Gpa" }

@@ -5,16 +5,15 @@
  * Capturable (userfaultfd-wp registers them; source: the kernel's
  * `vma_can_userfault`): anonymous private mappings (heap, stacks, `mmap`
  * anonymous memory) and shared memory (memfd, /dev/shm, SysV, shared
- * anonymous), and hugetlbfs memory with 2 MiB pages (MAP_HUGETLB, memfd
- * MFD_HUGETLB, files on hugetlbfs; captured at that page size). Not
+ * anonymous), and hugetlbfs memory with 2 MiB or 1 GiB pages (MAP_HUGETLB,
+ * memfd MFD_HUGETLB, files on hugetlbfs; captured at that page size). Not
  * capturable: private or shared mappings of regular files (a program's
- * `.data`: write-protect does not apply to them), 1 GiB huge pages (larger
- * than the engine's sweep holds), device memory (VM_IO / VM_PFNMAP) and
- * ranges the process registered with a userfaultfd of its own.
+ * `.data`: write-protect does not apply to them), device memory (VM_IO /
+ * VM_PFNMAP) and ranges the process registered with a userfaultfd of its own.
  */
 import { readFileSync, statfsSync } from "node:fs"
 import { InvalidInput } from "./Errors.js"
-import { HUGE_PAGE_SIZE, type MemoryKind, PAGE_SIZE } from "./GuestMemory.js"
+import { hugePageSizes, type MemoryKind, PAGE_SIZE } from "./GuestMemory.js"
 
 /** One line of /proc/PID/maps with what smaps adds. Addresses are the target's hva. */
 export interface ProcessMapping {
@@ -87,11 +86,11 @@ export const classify = (pid: number, m: ProcessMapping): Capture => {
   const flags = new Set(m.vmFlags)
   if (flags.has("io") || flags.has("pf")) return { ok: false, why: "device memory (VM_IO/VM_PFNMAP)" }
   const hugetlb = flags.has("ht") || m.kernelPageSize > PAGE_SIZE
-  if (hugetlb && m.kernelPageSize !== HUGE_PAGE_SIZE)
-    return { ok: false, why: `hugetlbfs with ${m.kernelPageSize / 1024} KiB pages: only 2048 KiB huge pages are captured` }
+  if (hugetlb && !hugePageSizes.includes(m.kernelPageSize))
+    return { ok: false, why: `hugetlbfs with ${m.kernelPageSize / 1024} KiB pages: not a huge page size vmsnap knows (2 MiB, 1 GiB)` }
   if (flags.has("um") || flags.has("uw") || flags.has("ui")) return { ok: false, why: "already registered with a userfaultfd of the process itself" }
   if (m.permissions[0] !== "r") return { ok: false, why: "not readable (a guard page or PROT_NONE reservation)" }
-  if (hugetlb) return { ok: true, kind: "hugetlbfs" } // protected and saved in whole 2 MiB pages
+  if (hugetlb) return { ok: true, kind: "hugetlbfs" } // protected and saved in whole huge pages
   const shared = m.permissions[3] === "s"
   if (m.inode === 0 && !shared) return { ok: true, kind: "anon" }
   if (isShmem(pid, m)) return { ok: true, kind: "memfd" }

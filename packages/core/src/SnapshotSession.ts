@@ -13,7 +13,7 @@ import { Effect, Fiber } from "effect"
 import { randomUUID } from "node:crypto"
 import type { AtomicFileOptions } from "./AtomicFile.js"
 import { InvalidInput, type VmsnapError } from "./Errors.js"
-import { formatBytes, HUGE_PAGE_SIZE, PAGE_SIZE, type MemoryRegion } from "./GuestMemory.js"
+import { formatBytes, hugePageSizes, PAGE_SIZE, type MemoryRegion } from "./GuestMemory.js"
 import { type ProcessMapping, readMappings } from "./ProcessMappings.js"
 import { SnapshotFile } from "./SnapshotFile.js"
 import { writeSnapshotBody, type WriterOptions } from "./SnapshotWriter.js"
@@ -97,9 +97,9 @@ const validate = (options: SnapshotOptions) => {
  * The regions as the kernel maps them: each one's real page size, from the
  * mapping of the first process that registers it (KernelPageSize in
  * /proc/PID/smaps, the same source the engine reads), never what the caller
- * declared. Memory with 2 MiB pages is hugetlbfs and is recorded so; the
- * engine protects and saves it in whole huge pages. 1 GiB pages, and a
- * region not made of whole huge pages, are refused.
+ * declared. Memory with 2 MiB or 1 GiB pages is hugetlbfs and is recorded
+ * so; the engine protects and saves it in whole huge pages. A region not
+ * made of whole huge pages is refused.
  */
 const withRealPageSizes = (options: SnapshotOptions): Effect.Effect<ReadonlyArray<MemoryRegion>, InvalidInput> =>
   Effect.suspend(() => {
@@ -119,8 +119,8 @@ const withRealPageSizes = (options: SnapshotOptions): Effect.Effect<ReadonlyArra
       else if (real === PAGE_SIZE) {
         if (r.kind === "hugetlbfs") return Effect.fail(new InvalidInput({ reason: `${where} is declared hugetlbfs but its memory has 4 KiB pages` }))
         out.push({ ...r, pageSize: PAGE_SIZE })
-      } else if (real !== HUGE_PAGE_SIZE)
-        return Effect.fail(new InvalidInput({ reason: `${where} has ${formatBytes(real)} pages (hugetlbfs): only ${formatBytes(HUGE_PAGE_SIZE)} huge pages are captured (a huge page must fit one sweep of the engine)` }))
+      } else if (!hugePageSizes.includes(real))
+        return Effect.fail(new InvalidInput({ reason: `${where} has ${real}-byte pages: not a hugetlbfs page size vmsnap knows (2 MiB, 1 GiB)` }))
       else if (r.size % real !== 0)
         return Effect.fail(new InvalidInput({ reason: `${where} has ${formatBytes(real)} pages (hugetlbfs): its size must be a whole number of them` }))
       else out.push({ ...r, kind: "hugetlbfs", pageSize: real })

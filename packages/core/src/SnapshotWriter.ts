@@ -26,7 +26,7 @@ import { collectYoungGarbage } from "./internal/gc.js"
 import { type EngineBatch, PAGE_ZERO, type WpEngine } from "./WpNative.js"
 
 export interface WriterOptions {
-  /** Pages per batch taken from the engine (one sweep run; one ioctl unprotects it). Default 256; at least one huge page (512) with hugetlbfs regions. */
+  /** Pages per batch taken from the engine (one sweep run; one ioctl unprotects it). Default 256; at least 512 (a 2 MiB huge page) with hugetlbfs regions. */
   readonly sweepPages?: number
   /** Batches being compressed at once. Default 4. */
   readonly inFlight?: number
@@ -163,8 +163,8 @@ export const writeSnapshotBody = (
   options: WriterOptions = {}
 ): Effect.Effect<WriterResult, SnapshotIoError | NativeError> =>
   Effect.gen(function* () {
-    // A sweep takes whole huge pages: a batch holds at least the largest (512 pages for 2 MiB).
-    const batchPages = Math.max(options.sweepPages ?? 256, ...engine.regions.map((r) => (r.pageSize ?? PAGE_SIZE) / PAGE_SIZE))
+    // A sweep takes whole huge pages: a batch holds a 2 MiB one (512 pages); a 1 GiB one is taken over many batches.
+    const batchPages = Math.max(options.sweepPages ?? 256, ...engine.regions.map((r) => Math.min((r.pageSize ?? PAGE_SIZE) / PAGE_SIZE, 512)))
     const maxInFlight = options.inFlight ?? 4
     const compression = options.compression ?? "auto"
     const totalPages = engine.regions.reduce((s, r) => s + regionPages(r), 0)

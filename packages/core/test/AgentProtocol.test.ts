@@ -30,7 +30,7 @@ describe("parseHello", () => {
     [hello({ bypassWriters: "vfio" }), 2, /"bypassWriters" must be an array/],
     [hello({ bypassWriters: [""] }), 2, /"bypassWriters" must be an array/],
     [hello({}, { thp: true }), 2, /only anonymous memory \(no fd\) is rebuilt/],
-    [hello({}, { pageSize: 1 << 30, size: 1 << 30 }), 2, /1 GiB huge pages are not/],
+    [hello({}, { pageSize: 8192, size: 1 << 20 }), 2, /page size 8192: must be 4096, or for hugetlbfs memory 2097152 or 1073741824/],
     [hello({}, { pageSize: 2 << 20, size: 3 << 20 }), 2, /not a whole number of its 2097152-byte pages/],
     [hello({}, { pageSize: 2 << 20, size: 2 << 20, hva: "0x7f0000001000" }), 2, /hva is not a page-aligned address \(2097152-byte pages\)/],
     [hello({}, { hva: "0x7f0000000001" }), 2, /hva is not a page-aligned address/],

@@ -15,6 +15,9 @@
 #define VG_PAGE 4096ull
 #define VG_MAX_WRITERS 64
 #define VG_HUGE (2ull << 20)
+#ifndef MFD_HUGE_1GB
+#define MFD_HUGE_1GB (30u << 26) /* linux/memfd.h: log2 of the page size << MFD_HUGE_SHIFT */
+#endif
 
 struct vg_writer {
     vg_guest *g;
@@ -76,8 +79,9 @@ static unsigned bucket_of(uint64_t ns)
 vg_guest *vg_create(uint64_t size, uint32_t kind, int32_t *err_out)
 {
     *err_out = 0;
-    bool hugetlb = kind == VG_MEM_HUGETLB || kind == VG_MEM_HUGETLB_ANON;
-    if (size == 0 || size % VG_PAGE || kind > VG_MEM_HUGETLB_ANON || (hugetlb && size % VG_HUGE)) {
+    bool hugetlb = kind == VG_MEM_HUGETLB || kind == VG_MEM_HUGETLB_ANON || kind == VG_MEM_HUGETLB_1G;
+    uint64_t huge = kind == VG_MEM_HUGETLB_1G ? 1ull << 30 : VG_HUGE;
+    if (size == 0 || size % VG_PAGE || kind > VG_MEM_HUGETLB_1G || (hugetlb && size % huge)) {
         *err_out = -EINVAL;
         return NULL;
     }
@@ -91,8 +95,9 @@ vg_guest *vg_create(uint64_t size, uint32_t kind, int32_t *err_out)
     g->kind = kind;
     g->memfd = -1;
     g->target_pages = g->pages;
-    if (kind == VG_MEM_MEMFD || kind == VG_MEM_HUGETLB) {
-        g->memfd = memfd_create("vmsnap-guest", MFD_CLOEXEC | (kind == VG_MEM_HUGETLB ? MFD_HUGETLB : 0));
+    if (kind == VG_MEM_MEMFD || kind == VG_MEM_HUGETLB || kind == VG_MEM_HUGETLB_1G) {
+        unsigned flags = kind == VG_MEM_HUGETLB ? MFD_HUGETLB : kind == VG_MEM_HUGETLB_1G ? MFD_HUGETLB | MFD_HUGE_1GB : 0;
+        g->memfd = memfd_create("vmsnap-guest", MFD_CLOEXEC | flags);
         if (g->memfd < 0 || ftruncate(g->memfd, (off_t)size) < 0)
             goto fail;
         g->map_base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, g->memfd, 0);

@@ -22,6 +22,7 @@ extern "C" {
 #define VG_MEM_MEMFD 2 /* memfd (shmem), MAP_SHARED */
 #define VG_MEM_HUGETLB 3      /* memfd MFD_HUGETLB (hugetlbfs, 2 MiB pages), MAP_SHARED */
 #define VG_MEM_HUGETLB_ANON 4 /* private anonymous MAP_HUGETLB (2 MiB pages) */
+#define VG_MEM_HUGETLB_1G 5   /* memfd MFD_HUGETLB with 1 GiB pages, MAP_SHARED */
 
 #define VG_PHASES 4 /* latency histograms, selected with vg_set_phase */
 /* Write latency histogram: 8 buckets per power of two; bucket b covers
@@ -30,9 +31,9 @@ extern "C" {
 
 typedef struct vg_guest vg_guest;
 
-/* Map size bytes of guest memory (page aligned; 2 MiB aligned for the
- * hugetlbfs kinds, which need free huge pages: vm.nr_hugepages) of the
- * given VG_MEM_* kind. */
+/* Map size bytes of guest memory (page aligned; a multiple of the huge page
+ * for the hugetlbfs kinds, which need free huge pages of that size:
+ * vm.nr_hugepages, /sys/kernel/mm/hugepages) of the given VG_MEM_* kind. */
 vg_guest *vg_create(uint64_t size, uint32_t kind, int32_t *err_out);
 uint64_t vg_hva(vg_guest *g);
 /* The memfd of a VG_MEM_MEMFD or VG_MEM_HUGETLB guest, -1 otherwise. */

@@ -11,10 +11,14 @@ import {
 } from "@vmsnap/core"
 import { type JsExternal, loadGuest, VG_HIST_BUCKETS } from "./internal/ffi.js"
 
-/** The demo guest's memory: a MemoryKind, or hugetlbfs as private anonymous MAP_HUGETLB memory ("hugetlbfs" is a memfd MFD_HUGETLB). */
-export type DemoMemory = MemoryKind | "hugetlbfs-anon"
+/**
+ * The demo guest's memory: a MemoryKind ("hugetlbfs": a memfd MFD_HUGETLB of
+ * 2 MiB pages), or hugetlbfs as private anonymous MAP_HUGETLB memory, or as
+ * a memfd of 1 GiB pages.
+ */
+export type DemoMemory = MemoryKind | "hugetlbfs-anon" | "hugetlbfs-1g"
 
-const kindCode: Partial<Record<DemoMemory, number>> = { anon: 0, "anon-thp": 1, memfd: 2, hugetlbfs: 3, "hugetlbfs-anon": 4 }
+const kindCode: Partial<Record<DemoMemory, number>> = { anon: 0, "anon-thp": 1, memfd: 2, hugetlbfs: 3, "hugetlbfs-anon": 4, "hugetlbfs-1g": 5 }
 
 export const Phase = { before: 0, during: 1, after: 2, idle: 3 } as const
 
@@ -35,11 +39,11 @@ export class DemoGuest {
 
   /** Maps `size` bytes of guest memory; unmapped (writers stopped) on scope close. */
   static make(size: number, memory: DemoMemory = "anon") {
-    const kind: MemoryKind = memory === "hugetlbfs-anon" ? "hugetlbfs" : memory
+    const kind: MemoryKind = memory === "hugetlbfs-anon" || memory === "hugetlbfs-1g" ? "hugetlbfs" : memory
     return Effect.acquireRelease(
       Effect.suspend((): Effect.Effect<DemoGuest, InvalidInput | NativeError> => {
         const code = kindCode[memory]
-        if (code === undefined) return Effect.fail(new InvalidInput({ reason: `the demo guest cannot use ${kind} memory (anon, anon-thp, memfd, hugetlbfs, hugetlbfs-anon)` }))
+        if (code === undefined) return Effect.fail(new InvalidInput({ reason: `the demo guest cannot use ${kind} memory (anon, anon-thp, memfd, hugetlbfs, hugetlbfs-anon, hugetlbfs-1g)` }))
         if (size <= 0 || size % PAGE_SIZE !== 0) return Effect.fail(new InvalidInput({ reason: `guest size ${size} is not a positive multiple of 4 KiB` }))
         const lib = loadGuest()
         const err = new Int32Array(1)

@@ -89,7 +89,8 @@ int32_t wp_probe(uint64_t *features_out, int32_t *open_path_out);
  * every faulting writer waits for the writer to take its page). A huge page
  * goes through the pool as its 4 KiB pages, so the pool bounds memory
  * whatever the page size; a pool smaller than a huge page (512 slots for
- * 2 MiB) makes every huge-page fault wait for the writer (a fallback).
+ * 2 MiB, 262144 for 1 GiB) makes every such fault wait for the writer (a
+ * fallback).
  * Returns NULL and sets *err_out to -errno on failure. */
 wp_engine *wp_engine_create(uint32_t pool_slots, int32_t *err_out);
 
@@ -124,12 +125,11 @@ int32_t wp_engine_add_region(wp_engine *e, uint64_t hva, uint64_t size);
  * write-protect on that process's uffd. Returns the mapping index;
  * -EFAULT if nothing is mapped at hva. The region's page size is the
  * mapping's real one (KernelPageSize in /proc/PID/smaps), never a caller's
- * belief: hugetlbfs memory (2 MiB pages) is protected, saved and
+ * belief: hugetlbfs memory (2 MiB or 1 GiB pages) is protected, saved and
  * unprotected in whole huge pages, and a write fault on one holds its
  * writer until all of its 4 KiB pages are copied (into the pool, in chunks
  * as slots free up). -EINVAL if hva or the region's size is not a multiple
- * of that page size, or another process maps the region with another one;
- * -EOPNOTSUPP for a page size larger than one sweep holds (1 GiB pages).
+ * of that page size, or another process maps the region with another one.
  * Nothing is protected when it fails.
  *
  * All three must be called before wp_engine_start. */
@@ -177,9 +177,10 @@ int32_t wp_engine_protect(wp_engine *e);
  * Entry i is page pages_out[i] of region regions_out[i] with flag
  * flags_out[i] (WP_PAGE_DATA or WP_PAGE_ZERO); the contents of the DATA
  * entries are packed into buf (max_pages * 4096 bytes) in entry order.
- * Entries are 4 KiB pages whatever the region's page size; a sweep takes
- * whole huge pages, so max_pages must hold the largest one of any region
- * (512 for 2 MiB pages), else -EINVAL.
+ * Entries are 4 KiB pages whatever the region's page size. A sweep takes
+ * whole huge pages; one larger than max_pages is taken over several calls
+ * (it stays protected, its writers blocked, until the last), so batches of
+ * at least one huge page (512 for 2 MiB) are better.
  * Returns the number of entries; 0 when nothing is left to sweep right now
  * (pages the fault thread is saving may still arrive: loop until
  * wp_engine_done); -errno after a failure (see wp_engine_error). Call from

@@ -293,15 +293,13 @@ int32_t wp_engine_map_region(wp_engine *e, uint32_t region, uint32_t process, ui
     /* hugetlbfs memory is protected and resolved only in whole huge pages:
      * the region becomes units of that many 4 KiB pages. The real page size
      * comes from the process's mapping, never from what the caller declared;
-     * every process must map the region with the same one. A unit larger
-     * than one sweep call holds (1 GiB pages) is refused before anything is
-     * protected. */
+     * every process must map the region with the same one. */
     uint64_t page_size;
     int rc = wp_kernel_page_size(e->processes[process].pid, hva, &page_size);
     if (rc < 0)
         return rc == -ENOENT ? -EFAULT : rc; /* nothing mapped there */
     uint64_t unit = page_size / WP_PAGE_SIZE;
-    if (page_size % WP_PAGE_SIZE || (unit & (unit - 1)) || unit > WP_SWEEP_MAX_PAGES)
+    if (page_size % WP_PAGE_SIZE || (unit & (unit - 1)))
         return -EOPNOTSUPP;
     if (hva % page_size || r->size % page_size || (r->unit && r->unit != unit))
         return -EINVAL;
@@ -314,8 +312,6 @@ int32_t wp_engine_map_region(wp_engine *e, uint32_t region, uint32_t process, ui
         return -EOPNOTSUPP;
     }
     r->unit = unit;
-    if (unit > e->max_unit)
-        e->max_unit = unit;
     e->mappings[e->mapping_count] = (struct wp_mapping){.region = region, .process = process, .hva = hva};
     if (!r->view && r->read_via < 0)
         r->read_via = (int32_t)e->mapping_count;
@@ -375,8 +371,6 @@ int32_t wp_engine_start(wp_engine *e)
         if (!e->regions[r].unit)
             e->regions[r].unit = 1; /* viewed here, mapped (protected) nowhere */
     }
-    if (!e->max_unit)
-        e->max_unit = 1;
     int rc = pthread_create(&e->thread, NULL, wp_fault_thread, e);
     if (rc)
         return -rc;

@@ -115,6 +115,11 @@ struct wp_engine {
     _Atomic uint64_t steer_at;     /* that place: region << 48 | page, plus 1; 0 none (C only) */
     uint32_t sweep_region;         /* the in-order sweep's cursor */
     uint64_t sweep_page;
+    /* A unit larger than one batch (a 1 GiB huge page) swept over several
+     * calls: claimed once, kept protected until all of it is taken. */
+    bool big_active;
+    uint32_t big_region;
+    uint64_t big_head, big_done; /* its first page; pages taken so far */
 
     uint32_t process_count;
     struct wp_process processes[WP_MAX_PROCESSES]; /* [0] is this process */
@@ -122,7 +127,6 @@ struct wp_engine {
     struct wp_mapping mappings[WP_MAX_MAPPINGS];
     uint32_t region_count;
     struct wp_region regions[WP_MAX_REGIONS];
-    uint64_t max_unit; /* the largest unit of any region: a sweep batch holds at least one */
     uint64_t pages_total;
 
     /* Slot ring. head is written only by the fault thread, tail only by drain. */

@@ -325,7 +325,13 @@ static void serve_write_fault(wp_engine *e, uint32_t process, uint64_t fault_hva
         return;
     }
     /* The sweep owns it (or it is already saved): wait for SAVED, then make
-     * sure the writer is woken. Unprotecting a saved page is harmless. */
+     * sure the writer is woken. Unprotecting a saved page is harmless. A
+     * huge page the sweep takes over several calls (sweep_big) is not waited
+     * for: its unprotect, once it is all taken, wakes this writer. */
+    if (r->unit > 1 && __atomic_load_n(&r->state[page], __ATOMIC_ACQUIRE) != PAGE_SAVED) {
+        e->faults_spurious++;
+        return;
+    }
     while (__atomic_load_n(&r->state[page], __ATOMIC_ACQUIRE) != PAGE_SAVED && !atomic_load(&e->stopping))
         __builtin_ia32_pause();
     wp_unprotect_in(e, process, m->hva + page * WP_PAGE_SIZE, r->unit * WP_PAGE_SIZE);

@@ -52,10 +52,40 @@ static void build_populated_maps(wp_engine *e)
 }
 
 /* The pages a sweep of `region` covers from `first_page` on: whole units
- * (huge pages), as many as fit in max_pages (at least one: next_batch checks). */
+ * (huge pages), as many as fit in max_pages, or one unit larger than that
+ * (taken over several calls: sweep_big). */
 static uint64_t sweep_span(const struct wp_region *r, uint32_t max_pages)
 {
-    return max_pages - max_pages % r->unit;
+    return r->unit > max_pages ? r->unit : max_pages - max_pages % r->unit;
+}
+
+static void capture(wp_engine *e, uint32_t region, uint64_t first_page, uint64_t count, uint32_t n, uint8_t *buf,
+                    const uint64_t *pages_out, uint8_t *flags_out);
+
+/* The next max_pages pages of the unit being swept over several calls; once
+ * all of it is taken, it is saved and unprotected whole, which wakes the
+ * writers that faulted on it meanwhile (the fault thread does not wait for
+ * it). It stays write-protected until then, so every chunk is its content
+ * at the cut. */
+static uint32_t sweep_big(wp_engine *e, uint32_t max_pages, uint8_t *buf, uint32_t *regions_out, uint64_t *pages_out,
+                          uint8_t *flags_out)
+{
+    struct wp_region *r = &e->regions[e->big_region];
+    uint64_t first = e->big_head + e->big_done, left = r->unit - e->big_done;
+    uint32_t n = left < max_pages ? (uint32_t)left : max_pages;
+    for (uint32_t i = 0; i < n; i++) {
+        regions_out[i] = e->big_region;
+        pages_out[i] = first + i;
+    }
+    capture(e, e->big_region, first, n, n, buf, pages_out, flags_out);
+    e->pages_swept += n;
+    e->big_done += n;
+    if (e->big_done == r->unit) {
+        e->big_active = false;
+        wp_mark_saved(e, r, e->big_head);
+        wp_unprotect_pages(e, e->big_region, e->big_head, r->unit);
+    }
+    return n;
 }
 
 /* Capture every not-yet-saved unit of [first_page, first_page + span) of a
@@ -68,6 +98,15 @@ static uint32_t sweep(wp_engine *e, uint32_t region, uint64_t first_page, uint32
     first_page = wp_unit_head(r, first_page);
     if (first_page >= r->pages)
         return 0;
+    if (r->unit > max_pages) {
+        if (!wp_claim_page(r, first_page))
+            return 0;
+        e->big_active = true;
+        e->big_region = region;
+        e->big_head = first_page;
+        e->big_done = 0;
+        return sweep_big(e, max_pages, buf, regions_out, pages_out, flags_out);
+    }
     uint64_t span = sweep_span(r, max_pages);
     uint64_t end = first_page + span < r->pages ? first_page + span : r->pages;
     uint64_t count = end - first_page;
@@ -82,6 +121,28 @@ static uint32_t sweep(wp_engine *e, uint32_t region, uint64_t first_page, uint32
             }
     if (n == 0)
         return 0;
+    capture(e, region, first_page, count, n, buf, pages_out, flags_out);
+    for (uint32_t i = 0; i < n; i += (uint32_t)r->unit)
+        wp_mark_saved(e, r, pages_out[i]); /* a unit's head */
+    e->pages_swept += n;
+    uint32_t i = 0;
+    while (i < n) {
+        uint32_t j = i + 1;
+        while (j < n && pages_out[j] == pages_out[j - 1] + 1)
+            j++;
+        wp_unprotect_pages(e, region, pages_out[i], j - i);
+        i = j;
+    }
+    return n;
+}
+
+/* Copy the n claimed pages pages_out[] (all within [first_page, first_page
+ * + count) of a region) into buf, packed, with flags_out[] saying which are
+ * zero. They are still write-protected. */
+static void capture(wp_engine *e, uint32_t region, uint64_t first_page, uint64_t count, uint32_t n, uint8_t *buf,
+                    const uint64_t *pages_out, uint8_t *flags_out)
+{
+    struct wp_region *r = &e->regions[region];
     /* Shared memory: holes of its file. Otherwise pages not resident in our
      * view, trusted only without swap (a swapped-out page is not resident). */
     const uint8_t *map = NULL;
@@ -123,18 +184,6 @@ static uint32_t sweep(wp_engine *e, uint32_t region, uint64_t first_page, uint32
         }
         i = j;
     }
-    for (uint32_t i = 0; i < n; i += (uint32_t)r->unit)
-        wp_mark_saved(e, r, pages_out[i]); /* a unit's head */
-    e->pages_swept += n;
-    uint32_t i = 0;
-    while (i < n) {
-        uint32_t j = i + 1;
-        while (j < n && pages_out[j] == pages_out[j - 1] + 1)
-            j++;
-        wp_unprotect_pages(e, region, pages_out[i], j - i);
-        i = j;
-    }
-    return n;
 }
 
 /* Pool pages: drop the zero ones' data (fault-around saves untouched
@@ -177,13 +226,13 @@ int32_t wp_engine_next_batch(wp_engine *e, uint8_t *buf, uint32_t *regions_out, 
         return -EINVAL;
     if (max_pages > WP_SWEEP_MAX_PAGES)
         max_pages = WP_SWEEP_MAX_PAGES;
-    if (max_pages < e->max_unit)
-        return -EINVAL; /* a sweep cannot hold a whole huge page */
     if (!e->populated_built && atomic_load(&e->mode) == MODE_SNAPSHOT)
         build_populated_maps(e);
     uint32_t n = wp_pool_take(e, buf, regions_out, pages_out, max_pages);
     if (n > 0)
         return (int32_t)pack_pool_pages(buf, flags_out, n);
+    if (e->big_active)
+        return (int32_t)sweep_big(e, max_pages, buf, regions_out, pages_out, flags_out);
     uint32_t region;
     uint64_t page;
     if (e->steer && take_steer(e, &region, &page)) {

@@ -23,13 +23,13 @@ export const errnoReason = (op: string, errno: number): string => {
       return "the kernel was built without userfaultfd (CONFIG_USERFAULTFD): use a kernel with it enabled"
     case 95:
       return op === "register"
-        ? "this memory cannot be write-protected by vmsnap: hugetlbfs with 1 GiB pages (its page size is read from the mapping, whatever was declared; 2 MiB pages are supported), or a mapping userfaultfd cannot protect (supported: anonymous, THP, memfd/shmem, hugetlbfs with 2 MiB pages)"
+        ? "this memory cannot be write-protected by vmsnap: a mapping userfaultfd cannot protect, or one with a page size vmsnap does not know (read from the mapping, whatever was declared; supported: anonymous, THP, memfd/shmem, hugetlbfs with 2 MiB or 1 GiB pages)"
         : "the kernel lacks a userfaultfd feature vmsnap needs (write-protect of unpopulated pages, Linux 6.4+)"
     case 12:
       return "out of memory"
     case 22:
       return op === "register"
-        ? "invalid argument: addresses and sizes must be 4 KiB aligned, and multiples of the memory's huge page size for hugetlbfs (2 MiB; read from the mapping), the same in every process mapping the region"
+        ? "invalid argument: addresses and sizes must be 4 KiB aligned, and multiples of the memory's huge page size for hugetlbfs (2 MiB or 1 GiB; read from the mapping), the same in every process mapping the region"
         : "invalid argument (addresses and sizes must be 4 KiB aligned)"
     case 17:
       return "regions overlap"
