@@ -3,7 +3,8 @@
  * chunks of an anonymous mapping, as an allocator or a balloon does) during
  * the snapshot, as docs/pid-snapshot.md says: a discard before the cut is part
  * of the memory at the cut (exact snapshot); after the cut, a discard of pages
- * not yet saved fails the snapshot saying so, never "changed its memory
+ * not yet saved fails the snapshot saying so (unless the cut saw them empty:
+ * discarded while armed, then again after the cut), never "changed its memory
  * layout" (break2 finding 4: it said a mapping "was replaced", because the
  * layout was checked after the session had unregistered every mapping); a
  * real replacement still fails with the layout message (pid.e2e.test.ts).
@@ -14,7 +15,7 @@ import { join } from "node:path"
 import { afterAll, describe, expect, it } from "vitest"
 import { snapshotPid } from "../packages/core/src/index.js"
 import { expectReleased, killTargets, messageOf, pidSkipReason, run, sleep, Target } from "./pidTarget.js"
-import { differenceFromReference, referenceAtCut } from "./pidTests.js"
+import { differenceFromReference, leftovers, referenceAtCut } from "./pidTests.js"
 import { scratchDir } from "./toyVmmTests.js"
 
 const dir = scratchDir("vmsnap-piddiscard-")
@@ -64,6 +65,25 @@ describe.skipIf(skip)("snapshot --pid of a process that discards memory", () => 
     expect(existsSync(path)).toBe(false)
     await target.line(/^discarded$/m)
     await expectReleased(target)
+    expect(target.stderr).toBe("")
+  })
+
+  it("the same pages discarded while armed and again after the cut: empty at the cut, so the snapshot is exact (their zeros)", async () => {
+    const target = new Target(["32", "0"]) // no writer: what the cut sees discarded stays empty
+    const t = await target.ready
+    const path = join(dir, "again.vmsnap")
+    const reference = join(dir, "again.ref")
+    const exit = await run(snapshotPid({
+      pid: t.pid, path, poolPages: 64, writerDelayMs: 20,
+      mappings: [{ _tag: "Range", start: t.anon, end: t.anon + BigInt(t.bytes) }],
+      beforeCut: discard(target),
+      atCut: (regions) => Effect.andThen(referenceAtCut(t.pid, reference)(regions), Effect.sync(() => target.send("discard")))
+    }))
+    expect(Exit.isSuccess(exit), messageOf(exit)).toBe(true)
+    expect(await differenceFromReference(path, reference)).toBe(-1)
+    await target.line(/^discarded$/m)
+    expect(leftovers(t.pid)).toEqual([])
+    await target.ping() // its main thread answers (it has no writer to check)
     expect(target.stderr).toBe("")
   })
 

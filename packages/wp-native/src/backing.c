@@ -156,3 +156,22 @@ int wp_kernel_page_size(int32_t pid, uint64_t hva, uint64_t *size_out)
     fclose(smaps);
     return rc;
 }
+
+bool wp_private_anonymous(int32_t pid, uint64_t hva)
+{
+    char path[48];
+    snprintf(path, sizeof path, "/proc/%d/maps", pid);
+    FILE *maps = fopen(path, "re");
+    if (!maps)
+        return false;
+    char line[512];
+    struct vma_line v;
+    bool anonymous = false;
+    while (fgets(line, sizeof line, maps))
+        if (parse_vma(line, &v) && hva >= v.start && hva < v.end) {
+            anonymous = !v.shared && v.inode == 0;
+            break;
+        }
+    fclose(maps);
+    return anonymous;
+}

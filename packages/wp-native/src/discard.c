@@ -23,12 +23,51 @@
  *    (MADV_REMOVE, checked on this kernel) drops both. Otherwise the content
  *    at the cut is gone: an unclaimed anonymous page is claimed, so no later
  *    write is ever saved for it, and the snapshot fails with -ENODATA.
+ *    Unless the cut saw the page unpopulated (wp_note_zero_at_cut: it was
+ *    discarded while armed and not written since, as an allocator purging
+ *    the same free pages again and again does): it was zero at the cut and
+ *    still is for the snapshot; whoever saves it saves zero.
  * UNMAP and REMAP move guest memory under the snapshot: it fails (-EFAULT).
  */
 #define _GNU_SOURCE
 #include "engine_internal.h"
 
 #include <errno.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#define PAGEMAP_PRESENT (1ull << 63) /* Documentation/admin-guide/mm/pagemap.rst */
+#define PAGEMAP_SWAP (1ull << 62)    /* swapped, or a marker or migration entry: not known zero */
+
+bool wp_zero_at_cut(const struct wp_region *r, uint64_t page)
+{
+    return r->zero_at_cut && r->zero_at_cut[page];
+}
+
+int wp_note_zero_at_cut(wp_engine *e, uint32_t region, uint64_t page, uint64_t count)
+{
+    struct wp_region *r = &e->regions[region];
+    const struct wp_mapping *m = NULL;
+    for (uint32_t i = 0; i < e->mapping_count && !m; i++)
+        if (e->mappings[i].region == region)
+            m = &e->mappings[i];
+    int fd = m ? e->processes[m->process].pagemap : -1;
+    if (!r->anonymous || fd < 0)
+        return 0; /* not known: a discard after the cut is a loss */
+    if (!r->zero_at_cut && !(r->zero_at_cut = calloc(r->pages, 1)))
+        return -ENOMEM;
+    uint64_t entries[512];
+    for (uint64_t done = 0; done < count;) {
+        uint64_t n = count - done < 512 ? count - done : 512;
+        off_t at = (off_t)((m->hva / WP_PAGE_SIZE + page + done) * sizeof entries[0]);
+        if (pread(fd, entries, n * sizeof entries[0], at) != (ssize_t)(n * sizeof entries[0]))
+            return 0; /* unreadable: nothing is known zero */
+        for (uint64_t i = 0; i < n; i++)
+            r->zero_at_cut[page + done + i] = !(entries[i] & (PAGEMAP_PRESENT | PAGEMAP_SWAP));
+        done += n;
+    }
+    return 0;
+}
 
 /* After the cut: one page of a discarded range; false if its content is
  * known lost now. Marked first: whoever is saving it checks the mark after
@@ -38,8 +77,8 @@ static bool discard_page(struct wp_region *r, uint32_t process, uint64_t page)
     atomic_store((_Atomic uint8_t *)&r->discarded[page], (uint8_t)(process + 1));
     page = wp_unit_head(r, page); /* its state: the unit's (a huge page's) */
     uint8_t state = __atomic_load_n(&r->state[page], __ATOMIC_SEQ_CST);
-    if (state != PAGE_PENDING || r->fd >= 0)
-        return true; /* saved before the discard, or its saver checks the mark */
+    if (state != PAGE_PENDING || r->fd >= 0 || wp_zero_at_cut(r, page))
+        return true; /* saved before the discard, or its saver checks the mark (and saves zero if it was zero at the cut) */
     /* Anonymous memory: the content at the cut is gone. Claimed, so no
      * later write is ever saved for it; if someone else claimed it first,
      * they see the mark. */

@@ -43,9 +43,10 @@ void wp_record_error(wp_engine *e, int32_t err, int32_t process)
  * leaves all three (the page cache keeps the content at the cut); a punch
  * (MADV_REMOVE) leaves a hole, and while it runs a read gives zeros. So a
  * page that was all zero at the cut and then discarded fails the snapshot
- * too: never a silent zero. Anonymous memory keeps nothing.
+ * too: never a silent zero. Anonymous memory keeps nothing, but a page the
+ * cut saw unpopulated was zero then: it is saved as zero, whatever was read.
  * Returns 0, or -ENODATA if a page is lost. */
-int wp_check_discarded(wp_engine *e, uint32_t region, uint64_t page, uint64_t count, const uint8_t *read)
+int wp_check_discarded(wp_engine *e, uint32_t region, uint64_t page, uint64_t count, uint8_t *read)
 {
     struct wp_region *r = &e->regions[region];
     while (atomic_load(&e->discard_epoch) & 1)
@@ -54,6 +55,11 @@ int wp_check_discarded(wp_engine *e, uint32_t region, uint64_t page, uint64_t co
         uint8_t by = atomic_load((_Atomic uint8_t *)&r->discarded[page + i]);
         if (!by)
             continue;
+        if (wp_zero_at_cut(r, page + i)) {
+            if (read)
+                memset(read + i * WP_PAGE_SIZE, 0, WP_PAGE_SIZE); /* what the discarder wrote since */
+            continue;
+        }
         if (r->fd >= 0 && read && !wp_page_is_zero(read + i * WP_PAGE_SIZE)) {
             uint32_t process = by - 1u;
             const struct wp_mapping *m = NULL;
@@ -312,6 +318,11 @@ int32_t wp_engine_map_region(wp_engine *e, uint32_t region, uint32_t process, ui
         return -EOPNOTSUPP;
     }
     r->unit = unit;
+    /* Private anonymous memory has one mapping; a second one means shared. */
+    bool first = true;
+    for (uint32_t i = 0; i < e->mapping_count; i++)
+        first = first && e->mappings[i].region != region;
+    r->anonymous = first && unit == 1 && r->fd < 0 && wp_private_anonymous(e->processes[process].pid, hva);
     e->mappings[e->mapping_count] = (struct wp_mapping){.region = region, .process = process, .hva = hva};
     if (!r->view && r->read_via < 0)
         r->read_via = (int32_t)e->mapping_count;
@@ -444,6 +455,7 @@ int32_t wp_engine_destroy(wp_engine *e)
         free(e->regions[i].state);
         free(e->regions[i].written);
         free(e->regions[i].discarded);
+        free(e->regions[i].zero_at_cut);
         free(atomic_load(&e->regions[i].populated));
         if (e->regions[i].fd >= 0)
             close(e->regions[i].fd);

@@ -54,6 +54,12 @@ struct wp_region {
     int fd;              /* shared memory: the file behind the view, read with pread (backing.c); -1 none */
     uint64_t fd_offset;  /* where the region starts in it */
     uint8_t *discarded;  /* after the cut, the process that discarded the page + 1, else 0 (discard.c); atomic */
+    /* Private anonymous memory (one process maps it): a page not populated
+     * is zero. zero_at_cut: 1 per page of those the cut re-protects that was
+     * not populated at the cut (discard.c), written while frozen, read
+     * after; NULL if none. */
+    bool anonymous;
+    uint8_t *zero_at_cut;
     /* Shared memory: 1 per page where its file held data when the writer
      * first looked after the cut, 0 for a hole (sweep.c); NULL until then.
      * Built once: a SEEK_HOLE scans to the end of the data it starts in, so
@@ -177,7 +183,7 @@ void wp_process_failed(wp_engine *e, uint32_t process, int err);
 bool wp_claim_page(struct wp_region *r, uint64_t page);
 void wp_mark_saved(wp_engine *e, struct wp_region *r, uint64_t page);
 int wp_read_pages(wp_engine *e, uint32_t region, uint64_t page, uint64_t count, uint8_t *dst);
-int wp_check_discarded(wp_engine *e, uint32_t region, uint64_t page, uint64_t count, const uint8_t *read);
+int wp_check_discarded(wp_engine *e, uint32_t region, uint64_t page, uint64_t count, uint8_t *read);
 bool wp_page_is_zero(const uint8_t *page);
 
 /* backing.c: the file behind shared memory. */
@@ -192,6 +198,8 @@ int wp_backing_data_map(int fd, uint64_t offset, uint64_t pages, uint8_t *map);
 int wp_backing_has_data(int fd, uint64_t offset);
 int wp_backing_size(int fd, uint64_t *size_out);
 int wp_kernel_page_size(int32_t pid, uint64_t hva, uint64_t *size_out);
+/* Is [hva] in process pid private anonymous memory (no file, not shared)? */
+bool wp_private_anonymous(int32_t pid, uint64_t hva);
 
 /* protect.c */
 int wp_writeprotect(int uffd, uint64_t hva, uint64_t len, bool protect);
@@ -207,6 +215,12 @@ bool wp_retry_deferred(wp_engine *e);
  * while arming, with `noting` set (the discard belongs before the cut). */
 void wp_discard_range(wp_engine *e, uint32_t process, uint64_t start, uint64_t end, bool armed);
 void wp_memory_moved(wp_engine *e, uint32_t process);
+/* At the cut, frozen, before re-protecting [page, page + count) of a region:
+ * note which of its pages are not populated (zero at the cut), so that a
+ * discard of them after the cut loses nothing. 0 or -errno. */
+int wp_note_zero_at_cut(wp_engine *e, uint32_t region, uint64_t page, uint64_t count);
+/* Was the page zero at the cut, as far as the cut saw? */
+bool wp_zero_at_cut(const struct wp_region *r, uint64_t page);
 
 /* Is the page still write-protected (a uffd-wp pte or marker) in the
  * process's page table? From /proc/PID/pagemap bit 57. */

@@ -158,6 +158,11 @@ static int32_t reprotect_written(wp_engine *e)
             j++;
         uint64_t len = (w[j - 1].page + unit - w[i].page) * WP_PAGE_SIZE;
         pages += len / WP_PAGE_SIZE;
+        /* Before re-protecting: a page discarded while armed and not written
+         * since is unpopulated now, zero at the cut (discard.c). */
+        int noted = wp_note_zero_at_cut(e, w[i].region, w[i].page, len / WP_PAGE_SIZE);
+        if (noted < 0)
+            return noted;
         for (uint32_t k = 0; k < e->mapping_count; k++) {
             const struct wp_mapping *m = &e->mappings[k];
             struct wp_process *p = &e->processes[m->process];
