@@ -25,10 +25,22 @@ export const commOf = (pid: number) => {
   }
 }
 
-/** Still running: neither gone nor a zombie. */
+/** PF_* bits of /proc/PID/stat's flags (field 9; include/linux/sched.h), 0 if unreadable. */
+const statFlags = (pid: number): number => {
+  try {
+    return Number(readFileSync(`/proc/${pid}/stat`, "utf8").replace(/^.*\) /s, "").split(" ")[6]) || 0
+  } catch {
+    return 0
+  }
+}
+const PF_EXITING = 0x00000004
+/** PF_KTHREAD, for kernels without the status line "Kthread". */
+const PF_KTHREAD = 0x00200000
+
+/** Still running: neither gone, a zombie, nor exiting (a killed process tears its memory down before it is a zombie). */
 export const isAlive = (pid: number): boolean => {
   const state = statusField(pid, "State")
-  return state !== undefined && !state.startsWith("Z") && !state.startsWith("X")
+  return state !== undefined && !state.startsWith("Z") && !state.startsWith("X") && (statFlags(pid) & PF_EXITING) === 0
 }
 
 /** Why ptrace was refused, as precisely as /proc tells. */
@@ -54,9 +66,6 @@ export const ptraceDenied = (pid: number, errno: number): CapabilityError => {
   return new CapabilityError({ missing, reason: reasons.join("; ") })
 }
 
-/** PF_KTHREAD in /proc/PID/stat's flags (field 9), for kernels without the status line "Kthread". */
-const PF_KTHREAD = 0x00200000
-
 /**
  * Why `pid` is not a user process whose memory can be snapshotted, if it is
  * not: a kernel thread (no user address space: status "Kthread: 1", or
@@ -65,11 +74,7 @@ const PF_KTHREAD = 0x00200000
  * Tgid; /proc/TID answers for any thread though /proc lists only processes).
  */
 const notAUserProcess = (pid: number): string | undefined => {
-  let flags = 0
-  try {
-    flags = Number(readFileSync(`/proc/${pid}/stat`, "utf8").replace(/^.*\) /s, "").split(" ")[6])
-  } catch { /* gone: the freeze says so */ }
-  if (statusField(pid, "Kthread") === "1" || (flags & PF_KTHREAD) !== 0)
+  if (statusField(pid, "Kthread") === "1" || (statFlags(pid) & PF_KTHREAD) !== 0)
     return `pid ${pid} (${commOf(pid)}) is a kernel thread: it has no user memory to snapshot`
   const tgid = Number(statusField(pid, "Tgid") ?? pid)
   if (tgid !== pid)
