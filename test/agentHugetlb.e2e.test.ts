@@ -9,8 +9,11 @@
  * (test/hugePages.ts); without them it skips, saying why.
  */
 import { Cause, Effect, Exit } from "effect"
+import { execFile } from "node:child_process"
 import { readFileSync, rmSync } from "node:fs"
-import { join } from "node:path"
+import { dirname, join } from "node:path"
+import { fileURLToPath } from "node:url"
+import { promisify } from "node:util"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { Agent, inspectSnapshot, restoreToRawFile, WpNative } from "../packages/core/src/index.js"
 import { withHugePages } from "./hugePages.js"
@@ -22,6 +25,7 @@ const run = <A, E>(effect: Effect.Effect<A, E, WpNative>) => Effect.runPromiseEx
 const messageOf = (exit: Exit.Exit<unknown, unknown>) => (Exit.isFailure(exit) ? String((Cause.squash(exit.cause) as Error).message) : "(succeeded)")
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
 const MiB = 1 << 20
+const badPeer = join(dirname(fileURLToPath(import.meta.url)), "fixtures", "bad_peer.py")
 
 /** Runs body with `count` huge pages reserved; skips the test, printing why, when they cannot be had. */
 const withHuge = async (ctx: { skip: () => void }, count: number, body: () => Promise<void>) => {
@@ -64,6 +68,17 @@ describe.skipIf(skip)("agent with a hugetlbfs toy VMM", () => {
       expect(Exit.isSuccess(restored), messageOf(restored)).toBe(true)
       expect(readFileSync(raw).equals(readFileSync(reference))).toBe(true)
       rmSync(raw)
+    })
+  })
+
+  it("anonymous MAP_HUGETLB memory declared with 4 KiB pages is refused at hello, naming the real page size from smaps", async (ctx) => {
+    await withHuge(ctx, 2, async () => {
+      const hello = JSON.stringify({ type: "hello", version: 1, vm: "huge-declared", role: "vmm", uffd: 0, regions: [{ gpa: "0x0", size: 2 * MiB, pageSize: 4096, fd: null, hva: "HVA" }] })
+      const { stdout } = await promisify(execFile)("python3", [badPeer, socket, hello, "uffd", "--anon-hugetlb", String(2 * MiB)], { encoding: "utf8" })
+      const answer = JSON.parse(stdout.split("\n")[0]!) as { type: string; message: string }
+      expect(answer.type).toBe("error")
+      expect(answer.message).toMatch(/pid \d+'s mapping has 2097152-byte pages \(hugetlbfs\) but the region declares pageSize 4096: declare "pageSize": 2097152/)
+      expect(agent.list().map((v) => v.id)).not.toContain("huge-declared")
     })
   })
 
