@@ -12,7 +12,7 @@
  * that is not registered never faults: the guest would read zero there.
  */
 import { ProtocolError } from "./Errors.js"
-import { PAGE_SIZE } from "./GuestMemory.js"
+import { HUGE_PAGE_SIZE, PAGE_SIZE } from "./GuestMemory.js"
 import { type ProcessMapping, readMappings } from "./ProcessMappings.js"
 
 export interface FirecrackerRegion {
@@ -26,8 +26,8 @@ export interface FirecrackerRegion {
   readonly page_size: number
 }
 
-/** The page sizes serve installs (bytes). */
-export const SERVED_PAGE_SIZES: ReadonlyArray<number> = [PAGE_SIZE]
+/** The page sizes serve installs (bytes): 4 KiB, and 2 MiB for hugetlbfs memory. */
+export const SERVED_PAGE_SIZES: ReadonlyArray<number> = [PAGE_SIZE, HUGE_PAGE_SIZE]
 
 const fail = (reason: string): never => {
   throw new ProtocolError({ reason })

@@ -14,10 +14,10 @@ import { Effect } from "effect"
 import { isNullPointer } from "ffi-rs"
 import { openSync, closeSync, fstatSync } from "node:fs"
 import { InvalidInput, NativeError, ProtocolError, type SnapshotFormatError, type SnapshotIoError } from "./Errors.js"
-import { PAGE_SIZE } from "./GuestMemory.js"
+import { HUGE_PAGE_SIZE, PAGE_SIZE } from "./GuestMemory.js"
 import { errnoReason } from "./internal/errno.js"
 import {
-  type JsExternal, loadWp, WP_RESTORE_MOVE, WP_RESTORE_NO_FILL, WP_RESTORE_RANGE_SHARED, WP_RESTORE_RAW_IMAGE, WP_RESTORE_STATS_FIELDS,
+  type JsExternal, loadWp, WP_RESTORE_MOVE, WP_RESTORE_NO_FILL, WP_RESTORE_RANGE_HUGE_2M, WP_RESTORE_RANGE_SHARED, WP_RESTORE_RAW_IMAGE, WP_RESTORE_STATS_FIELDS,
   WP_RESTORE_STATS_WORDS, WP_RESTORE_UFFD_MINOR, WP_RESTORE_UFFD_POISON
 } from "./internal/ffi.js"
 import { faultBucketLowerNs, summarizeUs, type LatencySummary } from "./LatencyHistogram.js"
@@ -33,6 +33,12 @@ export interface GuestRange {
   readonly imageOffset: number
   /** The memfd backing it in the VMM, if any: the range is shared memory (pages may sit in the page cache unmapped). */
   readonly memfd?: number
+  /**
+   * Bytes per page of the VMM's mapping: 4096 (default) or 2 MiB (hugetlbfs:
+   * each huge page is assembled from the image's 4 KiB pages and installed
+   * whole; hva and size must be multiples of it).
+   */
+  readonly pageSize?: number
 }
 
 export interface LazyRestoreStats {
@@ -218,9 +224,15 @@ export const startLazyRestore = (
     if (ranges.length > MAX_RANGES) return yield* Effect.fail(new ProtocolError({ reason: `${ranges.length} regions; a VMM may declare at most ${MAX_RANGES}` }))
     yield* Effect.try({ try: () => checkNoOverlap(ranges.map((r) => ({ base_host_virt_addr: Number(r.hva), size: r.size }))), catch: (e) => e as ProtocolError })
     const idx = index ?? (yield* indexSource(source))
-    for (const [i, r] of ranges.entries())
+    for (const [i, r] of ranges.entries()) {
+      const pageSize = r.pageSize ?? PAGE_SIZE
+      if (pageSize !== PAGE_SIZE && pageSize !== HUGE_PAGE_SIZE)
+        return yield* Effect.fail(new ProtocolError({ reason: `region ${i}: page size ${pageSize}; vmsnap serves ${PAGE_SIZE}- and ${HUGE_PAGE_SIZE}-byte pages` }))
+      if (r.hva % BigInt(pageSize) || r.size % pageSize)
+        return yield* Effect.fail(new ProtocolError({ reason: `region ${i}: hva and size must be multiples of its ${pageSize}-byte pages` }))
       if (r.imageOffset % PAGE_SIZE || r.imageOffset + r.size > Math.ceil(idx.imageBytes / PAGE_SIZE) * PAGE_SIZE)
         return yield* Effect.fail(new ProtocolError({ reason: `region ${i} (offset ${r.imageOffset}, ${r.size} bytes) lies outside the ${idx.imageBytes}-byte memory image` }))
+    }
     const lib = loadWp()
     const fd = yield* Effect.acquireRelease(Effect.sync(() => openSync(source.path, "r")), (f) => Effect.sync(() => closeSync(f)))
     // Created first (the uffd is checked there), freed when the scope closes, whatever fails after.
@@ -242,7 +254,7 @@ export const startLazyRestore = (
     if (options.admit) yield* options.admit
     const check = (op: string, rc: number) => (rc < 0 ? Effect.fail(new NativeError({ op, errno: -rc, reason: errnoReason(op, -rc) })) : Effect.void)
     for (const r of ranges)
-      yield* check("lazy restore range", lib.wp_restorer_add_range([handle, r.hva, BigInt(r.size), BigInt(r.imageOffset), r.memfd !== undefined ? WP_RESTORE_RANGE_SHARED : 0]))
+      yield* check("lazy restore range", lib.wp_restorer_add_range([handle, r.hva, BigInt(r.size), BigInt(r.imageOffset), (r.memfd !== undefined ? WP_RESTORE_RANGE_SHARED : 0) | (r.pageSize === HUGE_PAGE_SIZE ? WP_RESTORE_RANGE_HUGE_2M : 0)]))
     yield* check("lazy restore index", lib.wp_restorer_set_index([handle, idx.regions, idx.firstPages, idx.counts, idx.offsets, idx.imagePages, idx.count]))
     yield* check("lazy restore start", lib.wp_restorer_start([handle]))
     return restore

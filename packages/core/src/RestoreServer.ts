@@ -125,7 +125,7 @@ export class RestoreServer {
       return this.refuse(socket, pid, describeError(e))
     }
     const [uffd, memfd] = first.fds as [number, number | undefined]
-    const ranges: Array<GuestRange> = regions.map((r) => ({ hva: BigInt(r.base_host_virt_addr), size: r.size, imageOffset: r.offset, memfd }))
+    const ranges: Array<GuestRange> = regions.map((r) => ({ hva: BigInt(r.base_host_virt_addr), size: r.size, imageOffset: r.offset, memfd, pageSize: r.page_size }))
     // Checked once the uffd is accepted, just before serving: mapped, registered, the declared page size.
     let undeclared: Array<string> = []
     const admit = Effect.try({ try: () => void (undeclared = checkVmmMappings(pid, regions)), catch: (e) => e as ProtocolError })

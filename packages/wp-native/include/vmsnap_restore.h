@@ -12,6 +12,8 @@
  * a memfd's page cache but unmapped are mapped with UFFDIO_CONTINUE. A fault
  * thread serves faults first; a fill thread installs the other records.
  * The VMM's ranges may be any ranges of the concatenated memory image.
+ * hugetlbfs ranges (2 MiB pages) get whole huge pages, each assembled
+ * from the image's small pages (WP_RESTORE_RANGE_HUGE_2M).
  * A REMOVE event (the guest discarding memory) makes a later fault there
  * read zero, or what a shared mapping kept. Every record is checked by the
  * one decoder (vmsnap_record.h) as it is read. Failures stay as small as
@@ -36,6 +38,7 @@ extern "C" {
 
 typedef struct wp_restorer wp_restorer;
 #define WP_RESTORE_PAGE_SIZE 4096u
+#define WP_RESTORE_HUGE_PAGE_SIZE (2u << 20)
 /* Fault service time histogram: same buckets as the engine's (wp_stats.hist). */
 #define WP_RESTORE_HIST_BUCKETS 64
 #define WP_RESTORE_RAW_IMAGE 1u /* snapshot_fd is a raw image: "records" are plain ranges */
@@ -47,6 +50,13 @@ typedef struct wp_restorer wp_restorer;
 
 /* wp_restorer_add_range flags */
 #define WP_RESTORE_RANGE_SHARED 1u /* memfd/shmem memory: pages may sit in the page cache unmapped */
+/* hugetlbfs memory with 2 MiB pages (MAP_HUGETLB, or a hugetlbfs memfd with
+ * WP_RESTORE_RANGE_SHARED): hva and size are multiples of 2 MiB, and each
+ * huge page is assembled from the image's 512 pages (any record layout)
+ * and installed with one UFFDIO_COPY (UFFDIO_CONTINUE for a page already in
+ * the hugetlbfs page cache), poisoned whole if one of its records cannot
+ * be produced. Not with WP_RESTORE_MOVE. */
+#define WP_RESTORE_RANGE_HUGE_2M 2u
 
 typedef struct wp_restore_stats {
     uint64_t pages_total, pages_settled; /* settled: installed, discarded, gone or poisoned */
@@ -70,9 +80,10 @@ typedef struct wp_restore_stats {
 /* -ENOTTY: uffd is not a userfaultfd; -EBADFD: it was opened without
  * O_NONBLOCK (the fault thread must never block in read()). */
 wp_restorer *wp_restorer_create(int32_t uffd, int32_t snapshot_fd, uint32_t flags, int32_t *err_out);
-/* A range the VMM maps at hva: image bytes [image_offset, image_offset + size).
+/* A range the VMM maps at hva: image bytes [image_offset, image_offset + size)
+ * (image_offset a multiple of 4096 whatever the range's page size).
  * Returns its index; -EEXIST if it overlaps a range added before (a page of
- * the VMM's memory is declared once). */
+ * the VMM's memory is declared once); -EINVAL if not aligned to its pages. */
 int32_t wp_restorer_add_range(wp_restorer *r, uint64_t hva, uint64_t size, uint64_t image_offset, uint32_t range_flags);
 /* The records (n), sorted by image page and tiling the image from page 0
  * with no gap or overlap (-EINVAL otherwise): record i holds page_counts[i]

@@ -3,7 +3,8 @@
  * raw memory image) through the guest's userfaultfd. A fault thread
  * resolves faults first; a fill thread installs the remaining records in
  * image order. When every page of every range is settled, the ranges are
- * unregistered. How pages are put in place: restore_uffd.c.
+ * unregistered. How pages are put in place: restore_uffd.c; hugetlbfs
+ * ranges, whole huge pages assembled from the image: restore_huge.c.
  *
  * The VMM's ranges are ranges of one concatenated memory image (regions of
  * the snapshot one after another, docs/format.md), any layout inside it: a
@@ -40,17 +41,11 @@ static void fail(wp_restorer *r, int32_t err)
     atomic_compare_exchange_strong(&r->error, &none, err);
 }
 
-/* Decode buffers: page-aligned anonymous memory when pages are moved out of them. */
-struct rs_buffers {
-    uint8_t *pages, *scratch;
-    size_t cap;
-    uint64_t fault_installed_ns; /* when resolve_record installed the faulting page (0: it did not) */
-};
-
-static int reserve(wp_restorer *r, struct rs_buffers *b, size_t bytes)
+int rs_reserve(wp_restorer *r, struct rs_buffers *b, size_t bytes)
 {
     if (bytes <= b->cap)
         return 0;
+    b->decoded = -1;
     if (r->move && b->pages)
         munmap(b->pages, b->cap);
     else
@@ -74,6 +69,7 @@ static void release(wp_restorer *r, struct rs_buffers *b)
     else
         free(b->pages);
     free(b->scratch);
+    free(b->huge);
 }
 
 /* The part of record rec that range g holds: range pages [*p, *p + *n) and
@@ -91,8 +87,9 @@ static bool overlap(const struct rs_record *rec, const struct rs_range *g, uint6
     return true;
 }
 
-/* The record's pages cannot be produced: never install anything else there. */
-static void record_failed(wp_restorer *r, uint32_t index, int err, uint32_t why)
+/* The record's pages cannot be produced: never install anything else there
+ * (in a hugetlbfs range: the whole huge pages that hold them). */
+void rs_record_failed(wp_restorer *r, uint32_t index, int err, uint32_t why)
 {
     const struct rs_record *rec = &r->records[index];
     if (!r->failed_records++) {
@@ -105,6 +102,9 @@ static void record_failed(wp_restorer *r, uint32_t index, int err, uint32_t why)
         uint64_t p, n, skip;
         if (!overlap(rec, g, &p, &n, &skip))
             continue;
+        uint64_t end = (p + n + g->unit - 1) / g->unit * g->unit;
+        p = p / g->unit * g->unit;
+        n = end - p;
         for (uint64_t q = p; q < p + n; q++)
             if (!(g->state[q] & (PG_SETTLED | PG_FAILED))) {
                 g->state[q] |= PG_FAILED;
@@ -125,15 +125,16 @@ static int resolve_record(wp_restorer *r, uint32_t index, struct rs_range *fault
     for (uint32_t k = 0; k < r->range_count && !pending; k++) {
         struct rs_range *g = &r->ranges[k];
         uint64_t p, n, skip;
-        if (overlap(rec, g, &p, &n, &skip))
+        if (g->unit == 1 && overlap(rec, g, &p, &n, &skip)) /* hugetlbfs ranges: rs_resolve_huge */
             for (uint64_t q = p; q < p + n && !pending; q++)
                 pending = !(__atomic_load_n(&g->state[q], __ATOMIC_ACQUIRE) & (PG_SETTLED | PG_FAILED));
     }
     if (!pending)
         return 0;
-    int rc = reserve(r, b, (size_t)rec->pages * RS_PAGE);
+    int rc = rs_reserve(r, b, (size_t)rec->pages * RS_PAGE);
     if (rc < 0)
         return rc;
+    b->decoded = -1; /* overwritten below; kept only by rs_resolve_huge */
     /* Read and decode outside the lock: a fault never waits for the fill's
      * decode, only for an install in progress. */
     uint32_t why = 0;
@@ -141,7 +142,7 @@ static int resolve_record(wp_restorer *r, uint32_t index, struct rs_range *fault
                                rec->pages, b->pages, b->scratch, b->cap + 1024, &why);
     pthread_mutex_lock(&r->install_lock);
     if (encoding == -EBADMSG || encoding == -EIO) {
-        record_failed(r, index, encoding, why);
+        rs_record_failed(r, index, encoding, why);
         pthread_mutex_unlock(&r->install_lock);
         return 0;
     }
@@ -155,7 +156,7 @@ static int resolve_record(wp_restorer *r, uint32_t index, struct rs_range *fault
     for (uint32_t k = 0; k < r->range_count && rc == 0; k++) {
         struct rs_range *g = &r->ranges[k];
         uint64_t p, n, skip;
-        if (!overlap(rec, g, &p, &n, &skip))
+        if (g->unit > 1 || !overlap(rec, g, &p, &n, &skip))
             continue;
         /* Install runs of pages with nothing settled on them. */
         for (uint64_t q = p; rc == 0 && q < p + n;) {
@@ -194,7 +195,7 @@ static struct rs_range *find_page(wp_restorer *r, uint64_t hva, uint64_t *page)
 }
 
 /* The record holding image page ip (records tile the image, sorted). */
-static uint32_t record_at(const wp_restorer *r, uint64_t ip)
+uint32_t rs_record_at(const wp_restorer *r, uint64_t ip)
 {
     uint32_t lo = 0, hi = r->record_count;
     while (hi - lo > 1) {
@@ -216,6 +217,10 @@ static void mark_removed(wp_restorer *r, uint64_t start, uint64_t end)
         uint64_t page;
         struct rs_range *g = find_page(r, a, &page);
         if (!g || (g->state[page] & (PG_GONE | PG_FAILED)))
+            continue;
+        /* hugetlbfs: the kernel discards whole huge pages only; a unit is marked only when all of it is discarded */
+        if (g->unit > 1 && (g->hva + page / g->unit * g->unit * RS_PAGE < start ||
+                            g->hva + (page / g->unit + 1) * g->unit * RS_PAGE > end))
             continue;
         /* Shared memory: MADV_DONTNEED keeps the page cache, MADV_REMOVE
          * punches a hole, and the event does not say which. A page not yet
@@ -241,10 +246,14 @@ static void serve_outside(wp_restorer *r, uint64_t address)
     if (!r->faults_outside++)
         r->outside_hva = page;
     int rc = rs_poison_hva(r, page, RS_PAGE);
+    if (rc == -EINVAL) { /* hugetlbfs memory takes whole huge pages */
+        page = address & ~(uint64_t)(WP_RESTORE_HUGE_PAGE_SIZE - 1);
+        rc = rs_poison_hva(r, page, WP_RESTORE_HUGE_PAGE_SIZE);
+    }
     if (rc == 0) {
         r->outside_poisoned++;
     } else if (rc == -EEXIST) { /* a page is there: the thread only needs waking */
-        struct uffdio_range wake = {.start = page, .len = RS_PAGE};
+        struct uffdio_range wake = {.start = address & ~(uint64_t)(WP_RESTORE_HUGE_PAGE_SIZE - 1), .len = WP_RESTORE_HUGE_PAGE_SIZE};
         ioctl(r->uffd, UFFDIO_WAKE, &wake);
     }
     pthread_mutex_unlock(&r->install_lock);
@@ -273,12 +282,16 @@ static int serve_fault(wp_restorer *r, uint64_t address, struct rs_buffers *b)
         if (state & PG_REMOVED)
             r->faults_zero++;
         pthread_mutex_lock(&r->install_lock);
-        rc = rs_install_zero_or_keep(r, g, page);
+        rc = rs_install_zero_or_keep(r, g, page / g->unit * g->unit);
         pthread_mutex_unlock(&r->install_lock);
     } else {
-        rc = resolve_record(r, record_at(r, g->image_page + page), g, page, b);
+        if (g->unit > 1)
+            rc = rs_resolve_huge(r, g, page, true, b);
+        else
+            rc = resolve_record(r, rs_record_at(r, g->image_page + page), g, page, b);
         if (rc == 0 && (__atomic_load_n(&g->state[page], __ATOMIC_ACQUIRE) & PG_SETTLED)) {
-            struct uffdio_range wake = {.start = g->hva + page * RS_PAGE, .len = RS_PAGE};
+            uint64_t unit = page / g->unit * g->unit;
+            struct uffdio_range wake = {.start = g->hva + unit * RS_PAGE, .len = (uint64_t)g->unit * RS_PAGE};
             ioctl(r->uffd, UFFDIO_WAKE, &wake); /* in case an install by the fill raced the fault */
         }
     }
@@ -303,7 +316,7 @@ static int serve_fault(wp_restorer *r, uint64_t address, struct rs_buffers *b)
 static void *fault_main(void *arg)
 {
     wp_restorer *r = arg;
-    struct rs_buffers b = {0};
+    struct rs_buffers b = {.decoded = -1};
     struct uffd_msg msgs[64];
     /* Faults that met EAGAIN (a discard pending): served again after the next read. */
     uint64_t retry[256];
@@ -359,7 +372,7 @@ static bool range_clean(const struct rs_range *g)
 static void *fill_main(void *arg)
 {
     wp_restorer *r = arg;
-    struct rs_buffers b = {0};
+    struct rs_buffers b = {.decoded = -1};
     while (r->no_fill && atomic_load(&r->pages_settled) < atomic_load(&r->pages_total) && !atomic_load(&r->stopping) &&
            !atomic_load(&r->error))
         usleep(1000); /* faults only (benchmarks): wait until every page faulted in */
@@ -374,6 +387,22 @@ static void *fill_main(void *arg)
             break;
         }
         i++;
+    }
+    /* hugetlbfs ranges, huge page by huge page in image order (records read once each where they are shared). */
+    for (uint32_t k = 0; !r->no_fill && k < r->range_count; k++) {
+        struct rs_range *g = &r->ranges[k];
+        for (uint64_t p = 0; g->unit > 1 && p < g->pages && !atomic_load(&r->stopping) && !atomic_load(&r->error);) {
+            int rc = rs_resolve_huge(r, g, p, false, &b);
+            if (rc == -EAGAIN) {
+                usleep(100);
+                continue;
+            }
+            if (rc < 0) {
+                fail(r, rc);
+                break;
+            }
+            p += g->unit;
+        }
     }
     release(r, &b);
     if (atomic_load(&r->error) == 0 && !atomic_load(&r->stopping) &&
@@ -425,16 +454,20 @@ int32_t wp_restorer_add_range(wp_restorer *r, uint64_t hva, uint64_t size, uint6
         return -EBUSY;
     if (r->range_count >= RS_MAX_RANGES)
         return -E2BIG;
-    if (!size || size % RS_PAGE || hva % RS_PAGE || image_offset % RS_PAGE || hva + size < hva)
+    uint32_t unit = range_flags & WP_RESTORE_RANGE_HUGE_2M ? RS_HUGE_PAGES : 1;
+    uint64_t bytes = (uint64_t)unit * RS_PAGE;
+    if (!size || size % bytes || hva % bytes || image_offset % RS_PAGE || hva + size < hva || (unit > 1 && r->move))
         return -EINVAL;
     for (uint32_t i = 0; i < r->range_count; i++)
         if (hva < r->ranges[i].hva + r->ranges[i].size && r->ranges[i].hva < hva + size)
             return -EEXIST; /* two ranges at one hva: which image page goes there would be ambiguous */
     struct rs_range *g = &r->ranges[r->range_count];
     *g = (struct rs_range){.hva = hva, .size = size, .pages = size / RS_PAGE, .image_page = image_offset / RS_PAGE,
-                           .shared = range_flags & WP_RESTORE_RANGE_SHARED};
+                           .shared = range_flags & WP_RESTORE_RANGE_SHARED, .unit = unit};
     g->state = calloc(g->pages, 1);
     if (!g->state)
+        return -ENOMEM;
+    if (unit > 1 && !r->zero_huge && !(r->zero_huge = calloc(1, WP_RESTORE_HUGE_PAGE_SIZE)))
         return -ENOMEM;
     atomic_fetch_add(&r->pages_total, g->pages);
     return (int32_t)r->range_count++;
@@ -543,6 +576,7 @@ int32_t wp_restorer_destroy(wp_restorer *r)
         free(g->state);
     }
     free(r->records);
+    free(r->zero_huge);
     wp_record_codec_destroy(r->codec);
     if (r->uffd >= 0)
         close(r->uffd);

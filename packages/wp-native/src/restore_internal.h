@@ -37,9 +37,11 @@ struct rs_record {
  * from image_page on. */
 struct rs_range {
     uint64_t hva, size, pages, image_page;
-    bool shared; /* memfd/shmem: a page may be in the page cache and not mapped (MINOR fault) */
+    bool shared;   /* memfd/shmem: a page may be in the page cache and not mapped (MINOR fault) */
+    uint32_t unit; /* pages per kernel page: 1, or RS_HUGE_PAGES for hugetlbfs (states change a whole unit at once) */
     uint8_t *state;
 };
+#define RS_HUGE_PAGES (WP_RESTORE_HUGE_PAGE_SIZE / RS_PAGE)
 
 struct wp_restorer {
     int uffd, file, stop_fd;
@@ -68,13 +70,39 @@ struct wp_restorer {
     uint64_t fault_ns_total, fault_ns_max, first_fault_ns, start_ns, done_ns;
     uint64_t hist[WP_RESTORE_HIST_BUCKETS];
     wp_record_codec *codec;
+    uint8_t *zero_huge; /* one zero huge page: hugetlbfs has no UFFDIO_ZEROPAGE */
 };
+
+/* A thread's decode buffers: page-aligned anonymous memory when pages are
+ * moved out of them; a huge page being assembled, and which record `pages`
+ * holds decoded (so consecutive huge pages decode a shared record once). */
+struct rs_buffers {
+    uint8_t *pages, *scratch, *huge;
+    size_t cap;
+    int64_t decoded; /* index of the record in `pages`, or -1 */
+    uint64_t fault_installed_ns; /* when the faulting page was installed (0: it was not) */
+};
+
+/* Grows b to hold `bytes` of decoded pages; 0 or -ENOMEM. */
+int rs_reserve(wp_restorer *r, struct rs_buffers *b, size_t bytes);
+/* The record holding image page ip. */
+uint32_t rs_record_at(const wp_restorer *r, uint64_t ip);
+/* Record `index` cannot be produced (err, why): its pages in every range are
+ * marked failed and poisoned where the kernel allows. Under install_lock. */
+void rs_record_failed(wp_restorer *r, uint32_t index, int err, uint32_t why);
+
+/* restore_huge.c: hugetlbfs ranges. Makes the huge page holding page p of g
+ * settled: assembled from its records (read and decoded outside the lock),
+ * installed whole. fault: a thread waits on it (counted by fault, and
+ * b->fault_installed_ns set). 0, -EAGAIN (a discard pending) or -errno. */
+int rs_resolve_huge(wp_restorer *r, struct rs_range *g, uint64_t p, bool fault, struct rs_buffers *b);
 
 /* Sets the state bits of page p of g (under install_lock), counting pages
  * that become settled. */
 void rs_set(wp_restorer *r, struct rs_range *g, uint64_t p, uint8_t bits);
 
-/* Installs pages [p, p + n) of range g from src (n pages; NULL: zero pages),
+/* Installs pages [p, p + n) of range g from src (n pages; NULL: zero pages;
+ * p and n whole units of g: huge pages in a hugetlbfs range),
  * page by page where the kernel says so: a present page is never replaced
  * (EEXIST: kept, and mapped with UFFDIO_CONTINUE if it is in the page cache
  * only), ENOENT marks the page gone. Marks what it installs resident.
@@ -83,7 +111,8 @@ void rs_set(wp_restorer *r, struct rs_range *g, uint64_t p, uint8_t bits);
 int rs_install(wp_restorer *r, struct rs_range *g, uint64_t p, uint64_t n, const uint8_t *src);
 
 /* A fault on a settled page (discarded, or raced): zero if nothing is
- * there, else map what is (never replaces). Then wakes the faulting thread. */
+ * there, else map what is (never replaces); a whole huge page in a hugetlbfs
+ * range. Then wakes the faulting thread. */
 int rs_install_zero_or_keep(wp_restorer *r, struct rs_range *g, uint64_t p);
 
 /* 0 if fd is a userfaultfd opened O_NONBLOCK; -ENOTTY: not a userfaultfd;

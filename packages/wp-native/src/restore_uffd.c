@@ -45,10 +45,18 @@ void rs_set(wp_restorer *r, struct rs_range *g, uint64_t p, uint8_t bits)
 }
 
 /* One ioctl over [hva, hva + len): bytes done (> 0), or -errno of the first page. */
-static int64_t fill_once(wp_restorer *r, uint64_t hva, uint64_t len, const uint8_t *src)
+static int64_t fill_once(wp_restorer *r, const struct rs_range *g, uint64_t hva, uint64_t len, const uint8_t *src)
 {
     int rc;
     int64_t got;
+    if (!src && g->unit > 1) /* hugetlbfs has no UFFDIO_ZEROPAGE: copy zero huge pages */
+        for (uint64_t at = 0; at < len; at += WP_RESTORE_HUGE_PAGE_SIZE) {
+            int64_t one = fill_once(r, g, hva + at, WP_RESTORE_HUGE_PAGE_SIZE, r->zero_huge);
+            if (one < 0)
+                return at ? (int64_t)at : one;
+        }
+    if (!src && g->unit > 1)
+        return (int64_t)len;
     if (!src) {
         struct uffdio_zeropage z = {.range = {.start = hva, .len = len}};
         rc = ioctl(r->uffd, UFFDIO_ZEROPAGE, &z);
@@ -69,10 +77,10 @@ static int64_t fill_once(wp_restorer *r, uint64_t hva, uint64_t len, const uint8
     return got < 0 ? got : -errno;
 }
 
-/* Maps page p if it sits in the page cache unmapped; EEXIST: mapped already. */
+/* Maps page (unit) p if it sits in the page cache unmapped; EEXIST: mapped already. */
 static int map_cached(wp_restorer *r, struct rs_range *g, uint64_t p)
 {
-    struct uffdio_continue c = {.range = {.start = g->hva + p * RS_PAGE, .len = RS_PAGE}};
+    struct uffdio_continue c = {.range = {.start = g->hva + p * RS_PAGE, .len = (uint64_t)g->unit * RS_PAGE}};
     if (ioctl(r->uffd, UFFDIO_CONTINUE, &c) < 0 && errno != EEXIST)
         return -errno;
     return 0;
@@ -85,16 +93,17 @@ int rs_install(wp_restorer *r, struct rs_range *g, uint64_t p, uint64_t n, const
      * in two, or split by madvise/mprotect) fails whole with ENOENT, which
      * says nothing about its first page: then the run goes page by page. */
     bool one_by_one = false;
+    uint32_t u = g->unit;
     while (done < n) {
-        uint64_t len = one_by_one ? 1 : n - done;
-        int64_t got = fill_once(r, g->hva + (p + done) * RS_PAGE, len * RS_PAGE, src ? src + done * RS_PAGE : NULL);
+        uint64_t len = one_by_one ? u : n - done;
+        int64_t got = fill_once(r, g, g->hva + (p + done) * RS_PAGE, len * RS_PAGE, src ? src + done * RS_PAGE : NULL);
         if (got > 0) {
             for (uint64_t k = 0; k < (uint64_t)got / RS_PAGE; k++)
                 rs_set(r, g, p + done + k, PG_RESIDENT);
             done += (uint64_t)got / RS_PAGE;
             continue;
         }
-        if (got == -ENOENT && len > 1) {
+        if (got == -ENOENT && len > u) {
             one_by_one = true;
             continue;
         }
@@ -104,22 +113,24 @@ int rs_install(wp_restorer *r, struct rs_range *g, uint64_t p, uint64_t n, const
             int rc = g->shared ? map_cached(r, g, q) : 0;
             if (rc < 0 && rc != -EINVAL)
                 return rc;
-            rs_set(r, g, q, PG_RESIDENT);
+            for (uint32_t k = 0; k < u; k++)
+                rs_set(r, g, q + k, PG_RESIDENT);
         } else if (got == -ENOENT) {
             /* The VMM mapped something else here: that page is not ours to serve. */
-            rs_set(r, g, q, PG_GONE);
-            r->pages_gone++;
+            for (uint32_t k = 0; k < u; k++)
+                rs_set(r, g, q + k, PG_GONE);
+            r->pages_gone += u;
         } else {
             return (int)got; /* -EAGAIN: a discard is pending; others: the caller decides */
         }
-        done++;
+        done += u;
     }
     return 0;
 }
 
 int rs_install_zero_or_keep(wp_restorer *r, struct rs_range *g, uint64_t p)
 {
-    int64_t got = fill_once(r, g->hva + p * RS_PAGE, RS_PAGE, NULL);
+    int64_t got = fill_once(r, g, g->hva + p * RS_PAGE, (uint64_t)g->unit * RS_PAGE, NULL);
     if (got == -EEXIST && g->shared) {
         int rc = map_cached(r, g, p);
         if (rc < 0)
@@ -127,7 +138,7 @@ int rs_install_zero_or_keep(wp_restorer *r, struct rs_range *g, uint64_t p)
     } else if (got < 0 && got != -EEXIST && got != -ENOENT) {
         return (int)got;
     }
-    struct uffdio_range wake = {.start = g->hva + p * RS_PAGE, .len = RS_PAGE};
+    struct uffdio_range wake = {.start = g->hva + p * RS_PAGE, .len = (uint64_t)g->unit * RS_PAGE};
     ioctl(r->uffd, UFFDIO_WAKE, &wake);
     return 0;
 }
@@ -140,15 +151,18 @@ int rs_poison_hva(wp_restorer *r, uint64_t hva, uint64_t len)
 
 int rs_poison(wp_restorer *r, struct rs_range *g, uint64_t p, uint64_t n)
 {
-    for (uint64_t q = p; q < p + n; q++) {
+    uint32_t u = g->unit; /* p and n: whole units */
+    for (uint64_t q = p; q < p + n; q += u) {
         if (g->state[q] & PG_SETTLED)
             continue;
-        int rc = rs_poison_hva(r, g->hva + q * RS_PAGE, RS_PAGE);
+        int rc = rs_poison_hva(r, g->hva + q * RS_PAGE, (uint64_t)u * RS_PAGE);
         if (rc == 0) {
-            rs_set(r, g, q, PG_POISONED);
-            r->pages_poisoned++;
+            for (uint32_t k = 0; k < u; k++)
+                rs_set(r, g, q + k, PG_POISONED);
+            r->pages_poisoned += u;
         } else if (rc == -EEXIST) {
-            rs_set(r, g, q, PG_RESIDENT); /* something is there already: kept */
+            for (uint32_t k = 0; k < u; k++)
+                rs_set(r, g, q + k, PG_RESIDENT); /* something is there already: kept */
         } else {
             return rc; /* -EINVAL: the kernel refuses it (before 6.6) */
         }

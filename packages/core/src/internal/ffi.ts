@@ -137,6 +137,8 @@ export const WP_RESTORE_MOVE = 4
 export const WP_RESTORE_UFFD_MINOR = 8
 export const WP_RESTORE_UFFD_POISON = 16
 export const WP_RESTORE_RANGE_SHARED = 1
+/** hugetlbfs memory with 2 MiB pages (vmsnap_restore.h). */
+export const WP_RESTORE_RANGE_HUGE_2M = 2
 export const WP_RECORD_HEADER_BYTES = 32
 export const WP_RECORD_MAX_PAGES = 1 << 20
 export const WP_RECORD_RAW = 0

@@ -1,0 +1,154 @@
+/**
+ * Lazy restore into hugetlbfs guests at their page size (issue 10 item 6),
+ * with the Firecracker-style peer (test/fixtures/firecracker_peer.py) on
+ * real userfaultfd memory and huge pages the test reserves itself
+ * (test/hugePages.ts; it skips, saying why, when they cannot be had):
+ * anonymous MAP_HUGETLB memory and a hugetlbfs memfd, each 2 MiB page
+ * assembled from the snapshot's 512 small pages (records of any layout,
+ * ranges at offsets that are not huge-page aligned) and installed whole; a
+ * corrupt record poisons the huge pages that hold it, never anything else;
+ * a discarded huge page reads zero; a hugetlb guest that declares 4 KiB
+ * pages, or 4 KiB memory that declares 2 MiB, is refused with the reason.
+ */
+import { Effect } from "effect"
+import { execFile } from "node:child_process"
+import { readFileSync, writeFileSync } from "node:fs"
+import { join } from "node:path"
+import { promisify } from "node:util"
+import { beforeAll, describe, expect, it, type TestContext } from "vitest"
+import { concatOffsets, gpa, hva, type LazyRestoreStats, openSnapshot, PAGE_SIZE, restoreToRawFile, RestoreServer, takeSnapshot, WpNative } from "../packages/core/src/index.js"
+import { DemoGuest } from "../packages/rig/src/index.js"
+import { withHugePages } from "./hugePages.js"
+import { scratchDir, toyVmmSkipReason } from "./toyVmmTests.js"
+
+const execFileAsync = promisify(execFile)
+const here = import.meta.dirname
+const dir = scratchDir("vmsnap-lazy-hugetlb-")
+const MiB = 1024 * 1024
+const HUGE = 2 * MiB
+const SIZE = 16 * MiB
+const snapshotPath = join(dir, "guest.vmsnap")
+const imagePath = join(dir, "guest.img")
+const skip = await toyVmmSkipReason("lazy restore hugetlbfs tests")
+
+const peer = (sock: string, ...args: Array<string>) =>
+  execFileAsync("python3", [join(here, "fixtures", "firecracker_peer.py"), sock, ...args], { encoding: "utf8", maxBuffer: 1 << 20 }).then(
+    (r) => r.stdout.trim(),
+    (e) => `peer exited ${e.code}: ${String(e.stdout).trim()} ${String(e.stderr).trim()}`
+  )
+
+/** A server on `path`, for one test; its events. */
+const serving = async (name: string, path: string) => {
+  const events = { failures: [] as Array<LazyRestoreStats>, log: [] as Array<string>, finished: [] as Array<{ ok: boolean; error?: string; stats: LazyRestoreStats }> }
+  const sock = join(dir, `${name}.sock`)
+  const server = new RestoreServer(sock, { path, raw: false }, {
+    log: (l) => events.log.push(l),
+    onPageFailure: (_pid, s) => events.failures.push(s),
+    onFinished: (_pid, o) => events.finished.push(o)
+  })
+  await server.listen()
+  return { sock, server, events }
+}
+
+/** Runs body with `pages` more 2 MiB pages reserved, or skips the test saying why. */
+const withHuge = async (ctx: TestContext, pages: number, body: () => Promise<void>) => {
+  const why = await withHugePages(pages, body)
+  if (why) {
+    console.warn(`SKIP ${ctx.task.name}: ${why}`)
+    ctx.skip()
+  }
+}
+
+describe.skipIf(skip)("lazy restore into hugetlbfs guests at 2 MiB pages", () => {
+  let main: Awaited<ReturnType<typeof serving>>
+
+  beforeAll(async () => {
+    // A 4 KiB-page snapshot in two regions (split at 8 MiB); small records of every encoding, not aligned to huge pages.
+    await Effect.runPromise(
+      Effect.provide(
+        Effect.scoped(
+          Effect.gen(function* () {
+            const guest = yield* DemoGuest.make(SIZE, "anon")
+            guest.fill(0, (guest.pages * 3) / 4, 17)
+            const half = SIZE / 2
+            const regions = [0, 1].map((i) => ({ guestBase: gpa(i * 0x100000000), hostBase: hva(guest.region.hostBase + BigInt(i * half)), size: half, kind: "anon" as const }))
+            yield* takeSnapshot({ regions, path: snapshotPath, poolPages: 64 })
+          })
+        ),
+        WpNative.layer
+      )
+    )
+    await Effect.runPromise(restoreToRawFile(snapshotPath, imagePath))
+    main = await serving("main", snapshotPath)
+    return () => main.server.close()
+  })
+
+  it("anonymous MAP_HUGETLB memory: every huge page equals the image (assembled from 512 small pages, one install each)", async (ctx) => {
+    await withHuge(ctx, SIZE / HUGE + 1, async () => {
+      const before = main.events.finished.length
+      expect(await peer(main.sock, "restore", imagePath, String(4 * MiB), "page_size", "hugetlb=1", `pagesize=${HUGE}`)).toMatch(/^OK /)
+      for (let i = 0; i < 250 && main.events.finished.length <= before; i++) await new Promise((r) => setTimeout(r, 20))
+      expect(main.events.finished[before]).toMatchObject({ ok: true, stats: { pagesTotal: SIZE / PAGE_SIZE, pagesGone: 0, pagesFailed: 0 } })
+    })
+  })
+
+  it("a hugetlbfs memfd (shared, MISSING | MINOR): every huge page equals the image", async (ctx) => {
+    await withHuge(ctx, SIZE / HUGE + 1, async () => {
+      expect(await peer(main.sock, "restore", imagePath, String(8 * MiB), "page_size", "hugetlb=1", "memfd=1", `pagesize=${HUGE}`)).toMatch(/^OK /)
+    })
+  })
+
+  it("ranges at image offsets that are not huge-page aligned (3 pages in): assembled across records", async (ctx) => {
+    await withHuge(ctx, SIZE / HUGE, async () => {
+      expect(await peer(main.sock, "restore", imagePath, String(2 * MiB), "page_size", "hugetlb=1", `pagesize=${HUGE}`, `shift=${3 * PAGE_SIZE}`)).toMatch(/^OK /)
+    })
+  })
+
+  it("a huge page the guest discards (MADV_DONTNEED) reads zero afterwards", async (ctx) => {
+    await withHuge(ctx, SIZE / HUGE + 1, async () => {
+      expect(await peer(main.sock, "restore", imagePath, String(SIZE), "page_size", "hugetlb=1", `pagesize=${HUGE}`, "discard", String(4 * MiB), String(HUGE))).toMatch(/^OK /)
+    })
+  })
+
+  it("a corrupt record: the huge pages holding it are poisoned (the guest reads an error), every other page is served", async (ctx) => {
+    // Flip a payload byte of an lz4 record in the middle of the image.
+    const { entry, imageOffset } = await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+      const s = yield* openSnapshot(snapshotPath)
+      const bytes = readFileSync(snapshotPath)
+      const lz4 = s.index.filter((e) => bytes[e.fileOffset + 20] === 1 && e.pageCount >= 2)
+      const e = lz4[Math.floor(lz4.length / 2)]!
+      return { entry: e, imageOffset: concatOffsets(s.header.regions)[e.region]! + e.firstPage * PAGE_SIZE }
+    })))
+    const bytes = readFileSync(snapshotPath)
+    const stored = bytes.readUInt32LE(entry.fileOffset + 24)
+    bytes[entry.fileOffset + 32 + (stored >> 1)]! ^= 0x40
+    const bad = join(dir, "bad.vmsnap")
+    writeFileSync(bad, bytes)
+    const lo = Math.floor(imageOffset / HUGE) * HUGE
+    const hi = Math.ceil((imageOffset + entry.pageCount * PAGE_SIZE) / HUGE) * HUGE
+    const s = await serving("bad", bad)
+    try {
+      await withHuge(ctx, SIZE / HUGE + 1, async () => {
+        expect(await peer(s.sock, "restore", imagePath, String(SIZE), "page_size", "hugetlb=1", `pagesize=${HUGE}`, "poison=1", `bad=${lo}:${hi - lo}`)).toMatch(/^OK /)
+        const last = s.events.failures.at(-1)
+        expect(last?.failedRecord?.fileOffset).toBe(entry.fileOffset)
+        expect(last?.pagesFailed).toBe((hi - lo) / PAGE_SIZE)
+        expect(last?.pagesPoisoned).toBe((hi - lo) / PAGE_SIZE)
+      })
+    } finally {
+      await s.server.close()
+    }
+  })
+
+  it("4 KiB memory that declares 2 MiB pages is refused with the reason", async () => {
+    const answer = JSON.parse(await peer(main.sock, "restore", imagePath, String(4 * MiB), "page_size", `pagesize=${HUGE}`, "refused=1"))
+    expect(answer.error).toMatch(/is backed by 4 KiB pages but declares 2097152-byte pages/)
+  })
+
+  it("a hugetlbfs memfd that declares 4 KiB pages is refused with the reason", async (ctx) => {
+    await withHuge(ctx, SIZE / HUGE + 1, async () => {
+      const answer = JSON.parse(await peer(main.sock, "restore", imagePath, String(4 * MiB), "page_size", "hugetlb=1", "memfd=1", "refused=1"))
+      expect(answer.error).toMatch(/is backed by 2048 KiB pages \(hugetlbfs\) but declares 4096-byte pages/)
+    })
+  })
+})
