@@ -140,6 +140,29 @@ describe.skipIf(skip)("lazy restore into hugetlbfs guests at 2 MiB pages", () =>
     }
   })
 
+  it("a snapshot of a hugetlbfs guest (2 MiB-page region) is served into a hugetlbfs guest and into 4 KiB memory alike", async (ctx) => {
+    await withHuge(ctx, 2 * (SIZE / HUGE) + 1, async () => {
+      const path = join(dir, "hugetlb-guest.vmsnap")
+      const image = join(dir, "hugetlb-guest.img")
+      await Effect.runPromise(Effect.provide(Effect.scoped(Effect.gen(function* () {
+        const guest = yield* DemoGuest.make(SIZE, "hugetlbfs")
+        guest.fill(0, guest.pages / 2, 23)
+        // Declared as memfd memory with 4 KiB pages: the session finds the huge pages itself.
+        yield* takeSnapshot({ regions: [{ ...guest.region, kind: "memfd", pageSize: PAGE_SIZE }], path, poolPages: 64 })
+      })), WpNative.layer))
+      const inspected = await Effect.runPromise(Effect.scoped(Effect.map(openSnapshot(path), (s) => s.header.regions[0]!)))
+      expect(inspected).toMatchObject({ kind: "hugetlbfs", pageSize: HUGE })
+      await Effect.runPromise(restoreToRawFile(path, image))
+      const s = await serving("hugetlb-guest", path)
+      try {
+        expect(await peer(s.sock, "restore", image, String(8 * MiB), "page_size", "hugetlb=1", `pagesize=${HUGE}`)).toMatch(/^OK /)
+        expect(await peer(s.sock, "restore", image, String(8 * MiB), "page_size")).toMatch(/^OK /)
+      } finally {
+        await s.server.close()
+      }
+    })
+  })
+
   it("4 KiB memory that declares 2 MiB pages is refused with the reason", async () => {
     const answer = JSON.parse(await peer(main.sock, "restore", imagePath, String(4 * MiB), "page_size", `pagesize=${HUGE}`, "refused=1"))
     expect(answer.error).toMatch(/is backed by 4 KiB pages but declares 2097152-byte pages/)
