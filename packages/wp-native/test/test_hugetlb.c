@@ -71,6 +71,19 @@ static int write_long(const char *path, long v)
     return fclose(f) == 0 ? rc : -errno;
 }
 
+/* Adds `delta` huge pages to a pool setting, relative to its value now, not
+ * to one read earlier (test runs of several checkouts at once each take back
+ * only their own); returns how many the kernel added (it may find fewer),
+ * or -errno. */
+static long add_huge_pages(const char *path, long delta)
+{
+    long now = read_long(path);
+    if (now < 0)
+        return -ENOENT;
+    int rc = write_long(path, now + delta > 0 ? now + delta : 0);
+    return rc < 0 ? rc : read_long(path) - now;
+}
+
 static const char *kind_name(uint32_t kind)
 {
     return kind == VG_MEM_HUGETLB ? "memfd MFD_HUGETLB" : kind == VG_MEM_HUGETLB_1G ? "memfd MFD_HUGETLB 1 GiB" : "anonymous MAP_HUGETLB";
@@ -199,8 +212,8 @@ static int swept_over_calls(uint32_t kind, uint64_t size, uint32_t batch)
 /* 1 GiB pages: one reserved for the test (sysfs), its setting put back. */
 static int one_gib_pages(void)
 {
-    long before = read_long(NR_1G);
-    if (before < 0 || write_long(NR_1G, before + 1) < 0) {
+    long before = read_long(NR_1G), added = before < 0 ? -1 : add_huge_pages(NR_1G, 1);
+    if (added < 0) {
         printf("SKIP the 1 GiB part: %s cannot be written (no 1 GiB pages here, or not root)\n", NR_1G);
         return 0;
     }
@@ -214,7 +227,7 @@ static int one_gib_pages(void)
         vg_destroy(probe);
         failed = swept_over_calls(VG_MEM_HUGETLB_1G, 1ull << 30, 1024);
     }
-    write_long(NR_1G, before);
+    add_huge_pages(NR_1G, -added);
     return failed;
 }
 
@@ -257,7 +270,8 @@ int main(void)
         printf("SKIP: %s cannot be read: no hugetlbfs here\n", NR_HUGEPAGES);
         return 77;
     }
-    if (write_long(NR_HUGEPAGES, before + RESERVE) < 0) {
+    long added = add_huge_pages(NR_HUGEPAGES, RESERVE);
+    if (added < 0) {
         printf("SKIP: cannot reserve huge pages (writing %s needs root)\n", NR_HUGEPAGES);
         return 77;
     }
@@ -266,12 +280,12 @@ int main(void)
     if (!probe) {
         printf("SKIP: no %llu MiB of 2 MiB huge pages could be mapped (%s; nr_hugepages %ld -> %ld)\n",
                (unsigned long long)(SIZE / MIB), strerror(-err), before, read_long(NR_HUGEPAGES));
-        write_long(NR_HUGEPAGES, before);
+        add_huge_pages(NR_HUGEPAGES, -added);
         return 77;
     }
     vg_destroy(probe);
-    /* The tests run in a child, so the setting is put back whatever becomes
-     * of it (the watchdog exits at once). */
+    /* The tests run in a child, so the reservation is taken back whatever
+     * becomes of it (the watchdog exits at once). */
     pid_t child = fork();
     if (child == 0) {
         pthread_t dog;
@@ -287,7 +301,7 @@ int main(void)
     int status = 0;
     if (child < 0 || waitpid(child, &status, 0) < 0)
         status = 1 << 8;
-    write_long(NR_HUGEPAGES, before);
+    add_huge_pages(NR_HUGEPAGES, -added);
     int failed = !WIFEXITED(status) || WEXITSTATUS(status) != 0;
     printf(failed ? "FAIL\n" : "PASS\n");
     return failed;
