@@ -23,10 +23,13 @@
  *    (MADV_REMOVE, checked on this kernel) drops both. Otherwise the content
  *    at the cut is gone: an unclaimed anonymous page is claimed, so no later
  *    write is ever saved for it, and the snapshot fails with -ENODATA.
- *    Unless the cut saw the page unpopulated (wp_note_zero_at_cut: it was
- *    discarded while armed and not written since, as an allocator purging
- *    the same free pages again and again does): it was zero at the cut and
- *    still is for the snapshot; whoever saves it saves zero.
+ *    Unless the page was known empty at the cut: private anonymous memory
+ *    that held only a uffd-wp marker once armed (never populated, or
+ *    discarded before arming) and was neither written nor discarded while
+ *    armed (each is noted, and the cut looks at those pages again), or that
+ *    the cut itself saw empty (discarded while armed and not written since).
+ *    An allocator purging the same free pages again and again does this.
+ *    Whoever saves such a page saves zero.
  * UNMAP and REMAP move guest memory under the snapshot: it fails (-EFAULT).
  */
 #define _GNU_SOURCE
@@ -34,17 +37,28 @@
 
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 #define PAGEMAP_PRESENT (1ull << 63) /* Documentation/admin-guide/mm/pagemap.rst */
-#define PAGEMAP_SWAP (1ull << 62)    /* swapped, or a marker or migration entry: not known zero */
+#define PAGEMAP_SWAP (1ull << 62)    /* swapped, or a marker or migration entry */
+#define PAGEMAP_FRAME ((1ull << 55) - 1)
+/* A non-present entry's frame field is its swap type | offset << 5, shown to
+ * CAP_SYS_ADMIN only (0 to others). The uffd-wp marker WP_UNPOPULATED puts
+ * on an empty pte is type 31 (SWP_PTE_MARKER, the last of the 32 types,
+ * include/linux/swapops.h) with offset PTE_MARKER_UFFD_WP (1): 0x3f, checked
+ * on this kernel. A migration entry (a page with data) has another type. */
+#define PAGEMAP_UFFD_WP_MARKER 0x3full
 
 bool wp_zero_at_cut(const struct wp_region *r, uint64_t page)
 {
     return r->zero_at_cut && r->zero_at_cut[page];
 }
 
-int wp_note_zero_at_cut(wp_engine *e, uint32_t region, uint64_t page, uint64_t count)
+/* Which pages of [page, page + count) are empty in the pagemap: after arming,
+ * those holding only a uffd-wp marker; at the cut, those whose pte is
+ * empty (discarding anonymous memory drops the marker too). */
+static int note_empty(wp_engine *e, uint32_t region, uint64_t page, uint64_t count, bool armed_marker)
 {
     struct wp_region *r = &e->regions[region];
     const struct wp_mapping *m = NULL;
@@ -60,13 +74,33 @@ int wp_note_zero_at_cut(wp_engine *e, uint32_t region, uint64_t page, uint64_t c
     for (uint64_t done = 0; done < count;) {
         uint64_t n = count - done < 512 ? count - done : 512;
         off_t at = (off_t)((m->hva / WP_PAGE_SIZE + page + done) * sizeof entries[0]);
-        if (pread(fd, entries, n * sizeof entries[0], at) != (ssize_t)(n * sizeof entries[0]))
-            return 0; /* unreadable: nothing is known zero */
-        for (uint64_t i = 0; i < n; i++)
-            r->zero_at_cut[page + done + i] = !(entries[i] & (PAGEMAP_PRESENT | PAGEMAP_SWAP));
+        if (pread(fd, entries, n * sizeof entries[0], at) != (ssize_t)(n * sizeof entries[0])) {
+            memset(r->zero_at_cut + page + done, 0, count - done); /* unreadable: not known zero */
+            return 0;
+        }
+        for (uint64_t i = 0; i < n; i++) {
+            uint64_t kind = entries[i] & (PAGEMAP_PRESENT | PAGEMAP_SWAP);
+            r->zero_at_cut[page + done + i] =
+                armed_marker ? kind == PAGEMAP_SWAP && (entries[i] & PAGEMAP_FRAME) == PAGEMAP_UFFD_WP_MARKER : kind == 0;
+        }
         done += n;
     }
     return 0;
+}
+
+int wp_note_zero_when_armed(wp_engine *e)
+{
+    for (uint32_t i = 0; i < e->region_count; i++) {
+        int rc = note_empty(e, i, 0, e->regions[i].pages, true);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+int wp_note_zero_at_cut(wp_engine *e, uint32_t region, uint64_t page, uint64_t count)
+{
+    return note_empty(e, region, page, count, false);
 }
 
 /* After the cut: one page of a discarded range; false if its content is

@@ -55,9 +55,8 @@ struct wp_region {
     uint64_t fd_offset;  /* where the region starts in it */
     uint8_t *discarded;  /* after the cut, the process that discarded the page + 1, else 0 (discard.c); atomic */
     /* Private anonymous memory (one process maps it): a page not populated
-     * is zero. zero_at_cut: 1 per page of those the cut re-protects that was
-     * not populated at the cut (discard.c), written while frozen, read
-     * after; NULL if none. */
+     * is zero. zero_at_cut: 1 per page known empty at the cut (discard.c),
+     * written while arming and at the cut, read after; NULL if none. */
     bool anonymous;
     uint8_t *zero_at_cut;
     /* Shared memory: 1 per page where its file held data when the writer
@@ -215,9 +214,14 @@ bool wp_retry_deferred(wp_engine *e);
  * while arming, with `noting` set (the discard belongs before the cut). */
 void wp_discard_range(wp_engine *e, uint32_t process, uint64_t start, uint64_t end, bool armed);
 void wp_memory_moved(wp_engine *e, uint32_t process);
-/* At the cut, frozen, before re-protecting [page, page + count) of a region:
- * note which of its pages are not populated (zero at the cut), so that a
- * discard of them after the cut loses nothing. 0 or -errno. */
+/* Once armed (everything protected, the guest running): note which pages of
+ * private anonymous memory are empty. Every later change to them is a noted
+ * write or discard, which the cut looks at again. 0 or -errno. */
+int wp_note_zero_when_armed(wp_engine *e);
+/* At the cut, frozen, before re-protecting [page, page + count) of a region
+ * (the pages noted while armed): note which of them are empty now. With the
+ * above: which pages were zero at the cut, so that a discard of them after
+ * it loses nothing. 0 or -errno. */
 int wp_note_zero_at_cut(wp_engine *e, uint32_t region, uint64_t page, uint64_t count);
 /* Was the page zero at the cut, as far as the cut saw? */
 bool wp_zero_at_cut(const struct wp_region *r, uint64_t page);

@@ -130,6 +130,8 @@ int32_t wp_engine_arm(wp_engine *e)
     /* Arming before protecting: a write during the sweep is only noted. */
     atomic_store(&e->mode, MODE_ARMING);
     int32_t rc = protect_all(e);
+    if (rc == 0)
+        rc = wp_note_zero_when_armed(e); /* which pages are empty now (discard.c) */
     if (rc < 0)
         atomic_store(&e->mode, MODE_IDLE);
     return rc;
@@ -158,8 +160,8 @@ static int32_t reprotect_written(wp_engine *e)
             j++;
         uint64_t len = (w[j - 1].page + unit - w[i].page) * WP_PAGE_SIZE;
         pages += len / WP_PAGE_SIZE;
-        /* Before re-protecting: a page discarded while armed and not written
-         * since is unpopulated now, zero at the cut (discard.c). */
+        /* Before re-protecting: which of these pages, written or discarded
+         * while armed, are empty now, zero at the cut (discard.c). */
         int noted = wp_note_zero_at_cut(e, w[i].region, w[i].page, len / WP_PAGE_SIZE);
         if (noted < 0)
             return noted;
