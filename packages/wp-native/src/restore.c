@@ -553,6 +553,27 @@ int32_t wp_restorer_stats(wp_restorer *r, wp_restore_stats *out)
     return 0;
 }
 
+/* Messages nobody will read hold their senders: a REMOVE event blocks the
+ * guest's madvise until it is read, and the fault thread may have stopped
+ * (serving done, or stopped) just after one was queued. Reads what is
+ * queued, a bounded number of times: a discard goes on; a fault is woken,
+ * so its thread retries the access (and, in a range still registered,
+ * faults again and waits for a handler, as unread it would have). */
+static void drain_events(wp_restorer *r)
+{
+    struct uffd_msg msgs[64];
+    for (int round = 0; r->uffd >= 0 && round < 64; round++) {
+        ssize_t n = read(r->uffd, msgs, sizeof msgs);
+        if (n <= 0)
+            return;
+        for (size_t i = 0; i < (size_t)n / sizeof msgs[0]; i++)
+            if (msgs[i].event == UFFD_EVENT_PAGEFAULT) {
+                struct uffdio_range wake = {.start = msgs[i].arg.pagefault.address & ~(uint64_t)(RS_PAGE - 1), .len = RS_PAGE};
+                ioctl(r->uffd, UFFDIO_WAKE, &wake);
+            }
+    }
+}
+
 int32_t wp_restorer_destroy(wp_restorer *r)
 {
     if (!r)
@@ -575,6 +596,7 @@ int32_t wp_restorer_destroy(wp_restorer *r)
         }
         free(g->state);
     }
+    drain_events(r);
     free(r->records);
     free(r->zero_huge);
     wp_record_codec_destroy(r->codec);

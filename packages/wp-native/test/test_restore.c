@@ -5,6 +5,8 @@
  *   - a fault on a page that is registered but that no range covers gets a
  *     memory error (UFFDIO_POISON: process_vm_readv fails with EFAULT), is
  *     counted with its page, and never blocks the faulting thread;
+ *   - a REMOVE event queued after the restorer stopped reading is read when
+ *     it is destroyed (the guest's madvise waited for ever);
  *   - a fault on a page already settled (installed, then discarded) reads
  *     zero and its service time is measured from its own start (it was once
  *     taken from the previous fault: an underflow to ~2^64 ns).
@@ -18,7 +20,11 @@
 #include <fcntl.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 
@@ -48,6 +54,62 @@ static void pattern(uint8_t *page, uint64_t p)
 {
     for (unsigned i = 0; i < PAGE; i += 8)
         memcpy(page + i, &(uint64_t){p * 0x100000001ull + 7}, 8);
+}
+
+/* Discards memory (MADV_DONTNEED) from its own thread: blocks until the REMOVE event is read. */
+static void *discard(void *page)
+{
+    madvise(page, PAGE, MADV_DONTNEED);
+    atomic_fetch_add(&progress, 1);
+    return NULL;
+}
+
+static void *touch(void *page)
+{
+    uint8_t got[PAGE];
+    read_self(got, page); /* never answered here: the restorer fails first */
+    return NULL;
+}
+
+/*
+ * A REMOVE event queued after the restorer stopped reading (here: it failed
+ * on an install) is read when it is destroyed, so the guest's madvise goes
+ * on; before, it waited for ever (the VMM holds its own uffd).
+ */
+static int test_event_read_at_destroy(int file, const uint32_t *regions, const uint64_t *first, const uint32_t *counts,
+                                      const uint64_t *offsets, const uint64_t *image_pages)
+{
+    int memfd = memfd_create("restore-test", MFD_CLOEXEC);
+    if (memfd < 0 || ftruncate(memfd, 32 * PAGE) < 0)
+        return wp_test_fail("memfd", -errno);
+    uint8_t *mem = mmap(NULL, 32 * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+    int uffd = (int)syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    struct uffdio_api api = {.api = UFFD_API, .features = UFFD_FEATURE_EVENT_REMOVE};
+    struct uffdio_register reg = {.range = {.start = (uint64_t)(uintptr_t)mem, .len = 32 * PAGE}, .mode = UFFDIO_REGISTER_MODE_MISSING};
+    if (mem == MAP_FAILED || uffd < 0 || ioctl(uffd, UFFDIO_API, &api) < 0 || ioctl(uffd, UFFDIO_REGISTER, &reg) < 0)
+        return wp_test_fail("userfaultfd with EVENT_REMOVE on a memfd", -errno);
+    /* UFFDIO_MOVE cannot put pages into shared memory: the first install fails and the restorer stops. */
+    int32_t err;
+    wp_restorer *r = wp_restorer_create(uffd, file, WP_RESTORE_RAW_IMAGE | WP_RESTORE_NO_FILL | WP_RESTORE_MOVE, &err);
+    int rc;
+    if (!r || (rc = wp_restorer_add_range(r, (uint64_t)(uintptr_t)mem, 32 * PAGE, 0, WP_RESTORE_RANGE_SHARED)) < 0 ||
+        (rc = wp_restorer_set_index(r, regions, first, counts, offsets, image_pages, IMAGE / 16)) < 0 ||
+        (rc = wp_restorer_start(r)) < 0)
+        return wp_test_fail("restorer", r ? rc : err);
+    pthread_t toucher, discarder;
+    pthread_create(&toucher, NULL, touch, mem);
+    while ((rc = wp_restorer_poll(r)) == 0)
+        usleep(1000);
+    /* Stopped. A discard now queues a REMOVE event that nobody reads... */
+    pthread_create(&discarder, NULL, discard, mem + 20 * PAGE);
+    struct pollfd ready = {.fd = uffd, .events = POLLIN};
+    while (poll(&ready, 1, 1000) == 0)
+        ;
+    /* ...until the restorer is destroyed. */
+    wp_restorer_destroy(r);
+    pthread_join(discarder, NULL); /* the watchdog turns a wait for ever into a failure */
+    printf("PASS: restore: a REMOVE event queued after the restorer stopped (%s) is read at destroy\n", strerror(-rc));
+    return 0; /* the toucher stays blocked on its unserved page: it ends with the process */
 }
 
 int main(void)
@@ -98,7 +160,7 @@ int main(void)
         return wp_test_fail("set_index", rc);
     /* A hang below is a failure, not a stuck test. */
     pthread_t dog;
-    struct wp_test_watchdog w = {&progress, 10, "read", "a fault was never answered"};
+    struct wp_test_watchdog w = {&progress, 10, "step", "a fault or a discard was never answered"};
     pthread_create(&dog, NULL, wp_test_watchdog_run, &w);
     uint64_t t0 = now_ns();
     if ((rc = wp_restorer_start(r)) < 0)
@@ -149,6 +211,8 @@ int main(void)
     }
     wp_restorer_destroy(r);
     close(uffd);
+    if (test_event_read_at_destroy(file, regions, first, counts, offsets, image_pages))
+        return 1;
     printf("PASS: restore: overlap refused, outside fault poisoned (not blocked), %llu faults, longest %llu ns\n",
            (unsigned long long)s.faults, (unsigned long long)s.fault_ns_max);
     return 0;
