@@ -11,41 +11,20 @@
 import { withHugePages } from "./hugePages.js"
 import { Effect } from "effect"
 import { execFile, spawn } from "node:child_process"
-import { closeSync, openSync, readSync, writeFileSync, readFileSync } from "node:fs"
+import { writeFileSync, readFileSync } from "node:fs"
 import { join } from "node:path"
 import { promisify } from "node:util"
 import { crc32 } from "node:zlib"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
-import {
-  concatOffsets, gpa, hva, type LazyRestoreStats, openSnapshot, PAGE_SIZE, restoreToRawFile, RestoreServer, takeSnapshot, WpNative
-} from "../packages/core/src/index.js"
-import { DemoGuest } from "../packages/rig/src/index.js"
+import { concatOffsets, openSnapshot, PAGE_SIZE } from "../packages/core/src/index.js"
+import { cli, MiB, peer, serving, SIZE, twoRegionSnapshot } from "./lazyRestoreTests.js"
 import { scratchDir, toyVmmSkipReason } from "./toyVmmTests.js"
 
 const execFileAsync = promisify(execFile)
-const here = import.meta.dirname
-const cli = join(here, "..", "packages", "cli", "dist", "bin.js")
 const dir = scratchDir("vmsnap-lazy-failures-")
-const MiB = 1024 * 1024
-const SIZE = 16 * MiB
 const snapshotPath = join(dir, "two-regions.vmsnap")
 const imagePath = join(dir, "two-regions.img")
 const skip = await toyVmmSkipReason("lazy restore failure tests")
-
-const peer = (sock: string, ...args: Array<string>) =>
-  execFileAsync("python3", [join(here, "fixtures", "firecracker_peer.py"), sock, ...args], { encoding: "utf8", maxBuffer: 1 << 20 }).then((r) => r.stdout.trim())
-
-/** A server on `path` that records what it tells the world. */
-const serving = async (name: string, path: string) => {
-  const events = { failures: [] as Array<LazyRestoreStats>, refused: [] as Array<string>, log: [] as Array<string> }
-  const server = new RestoreServer(join(dir, `${name}.sock`), { path, raw: false }, {
-    log: (l) => events.log.push(l),
-    onRefused: (_pid, reason) => events.refused.push(reason),
-    onPageFailure: (_pid, s) => events.failures.push(s)
-  })
-  await server.listen()
-  return { sock: join(dir, `${name}.sock`), server, events }
-}
 
 /** A copy of the snapshot with one lz4 record in the middle spoiled by `spoil`; its place in the image. */
 const spoiled = async (name: string, spoil: (header: Buffer, payload: Buffer) => void) => {
@@ -79,22 +58,8 @@ describe.skipIf(skip)("lazy restore failures stay as small as they are", () => {
 
   beforeAll(async () => {
     // Two regions (the guest split at 8 MiB), 3/4 of the pages data: lz4, raw and zero records.
-    await Effect.runPromise(
-      Effect.provide(
-        Effect.scoped(
-          Effect.gen(function* () {
-            const guest = yield* DemoGuest.make(SIZE, "anon")
-            guest.fill(0, (guest.pages * 3) / 4, 11)
-            const half = SIZE / 2
-            const regions = [0, 1].map((i) => ({ guestBase: gpa(i * 0x100000000), hostBase: hva(guest.region.hostBase + BigInt(i * half)), size: half, kind: "anon" as const }))
-            yield* takeSnapshot({ regions, path: snapshotPath, poolPages: 64 })
-          })
-        ),
-        WpNative.layer
-      )
-    )
-    await Effect.runPromise(restoreToRawFile(snapshotPath, imagePath))
-    main = await serving("main", snapshotPath)
+    await twoRegionSnapshot(snapshotPath, imagePath, 11)
+    main = await serving(dir, "main", snapshotPath)
   })
   afterAll(() => main?.server.close())
 
@@ -106,7 +71,7 @@ describe.skipIf(skip)("lazy restore failures stay as small as they are", () => {
   for (const [what, spoil] of [["a payload byte flipped", flipPayloadByte], ["an LZ4 length prefix wrong under a valid checksum", badLengthPrefixValidCrc]] as const) {
     it(`${what}: that record's pages are poisoned (the guest reads an error), every other page is served`, async () => {
       const file = await spoiled(`poison-${what.length}`, spoil)
-      const s = await serving(`poison-${what.length}`, file.path)
+      const s = await serving(dir, `poison-${what.length}`, file.path)
       try {
         expect(await peer(s.sock, "restore", imagePath, String(4 * MiB), "page_size", "poison=1", file.bad)).toMatch(/^OK /)
         const last = s.events.failures.at(-1)
@@ -120,7 +85,7 @@ describe.skipIf(skip)("lazy restore failures stay as small as they are", () => {
 
   it("a VMM that did not negotiate UFFD_FEATURE_POISON (Firecracker): the bad record is reported on the event stream, never served, the rest is", async () => {
     const file = await spoiled("blocked", flipPayloadByte)
-    const s = await serving("blocked", file.path)
+    const s = await serving(dir, "blocked", file.path)
     try {
       expect(await peer(s.sock, "restore", imagePath, String(SIZE), "page_size", file.bad)).toMatch(/^OK /)
       const last = s.events.failures.at(-1)

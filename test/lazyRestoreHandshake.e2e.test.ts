@@ -11,71 +11,34 @@
  * during a restore never touches the freed restorer.
  */
 import { Effect } from "effect"
-import { execFile, spawn } from "node:child_process"
+import { spawn } from "node:child_process"
 import { closeSync, ftruncateSync, openSync } from "node:fs"
 import { join } from "node:path"
-import { promisify } from "node:util"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
-import { gpa, hva, type LazyRestoreStats, openSnapshot, PAGE_SIZE, restoreToRawFile, RestoreServer, takeSnapshot, WpNative } from "../packages/core/src/index.js"
-import { DemoGuest } from "../packages/rig/src/index.js"
+import { openSnapshot, PAGE_SIZE } from "../packages/core/src/index.js"
+import { cli, type Finished, MiB, peer, peerScript, serving, SIZE, twoRegionSnapshot } from "./lazyRestoreTests.js"
 import { scratchDir, toyVmmSkipReason } from "./toyVmmTests.js"
 
-const execFileAsync = promisify(execFile)
-const here = import.meta.dirname
-const cli = join(here, "..", "packages", "cli", "dist", "bin.js")
 const dir = scratchDir("vmsnap-lazy-handshake-")
-const MiB = 1024 * 1024
-const SIZE = 16 * MiB
 const snapshotPath = join(dir, "guest.vmsnap")
 const imagePath = join(dir, "guest.img")
 const skip = await toyVmmSkipReason("lazy restore handshake tests")
 
-const peer = (sock: string, ...args: Array<string>) =>
-  execFileAsync("python3", [join(here, "fixtures", "firecracker_peer.py"), sock, ...args], { encoding: "utf8", maxBuffer: 1 << 20 }).then(
-    (r) => r.stdout.trim(),
-    (e) => `peer exited ${e.code}: ${String(e.stdout).trim()} ${String(e.stderr).trim()}`
-  )
-
-type Finished = { ok: boolean; error?: string; stats: LazyRestoreStats }
-
 describe.skipIf(skip)("serve checks a VMM's ranges against its userfaultfd registration", () => {
-  const events = { failures: [] as Array<LazyRestoreStats>, refused: [] as Array<string>, log: [] as Array<string>, finished: [] as Array<Finished> }
+  let main: Awaited<ReturnType<typeof serving>>
   const sock = join(dir, "serve.sock")
-  const server = new RestoreServer(sock, { path: snapshotPath, raw: false }, {
-    log: (l) => events.log.push(l),
-    onRefused: (_pid, reason) => events.refused.push(reason),
-    onPageFailure: (_pid, s) => events.failures.push(s),
-    onFinished: (_pid, o) => events.finished.push(o)
-  })
-  /** The next `finished` event (the VMM may still be disconnecting when its peer process has printed). */
-  const nextFinished = async (before: number) => {
-    for (let i = 0; i < 500 && events.finished.length <= before; i++) await new Promise((r) => setTimeout(r, 20))
-    return events.finished[before]
-  }
   const send = (body: unknown, fds = "1") => peer(sock, "send", JSON.stringify(body), fds).then((r) => JSON.parse(r) as { error?: string })
 
   beforeAll(async () => {
-    await Effect.runPromise(
-      Effect.provide(
-        Effect.scoped(
-          Effect.gen(function* () {
-            const guest = yield* DemoGuest.make(SIZE, "anon")
-            guest.fill(0, (guest.pages * 3) / 4, 13)
-            yield* takeSnapshot({ regions: [{ guestBase: gpa(0), hostBase: hva(guest.region.hostBase), size: SIZE, kind: "anon" }], path: snapshotPath, poolPages: 64 })
-          })
-        ),
-        WpNative.layer
-      )
-    )
-    await Effect.runPromise(restoreToRawFile(snapshotPath, imagePath))
-    await server.listen()
+    await twoRegionSnapshot(snapshotPath, imagePath, 13)
+    main = await serving(dir, "serve", snapshotPath)
   })
-  afterAll(() => server.close())
+  afterAll(() => main?.server.close())
 
   it("a range only half registered with the uffd is refused with the reason (its other half would read zero)", async () => {
     const answer = JSON.parse(await peer(sock, "restore", imagePath, String(SIZE), "page_size", `register=0:${SIZE / 2}`, "refused=1"))
     expect(answer.error).toMatch(/region 0 .*: 0x[0-9a-f]+-0x[0-9a-f]+ is not registered with a userfaultfd in MISSING mode/)
-    expect(events.refused.at(-1)).toBe(answer.error)
+    expect(main.events.refused.at(-1)).toBe(answer.error)
   })
 
   it("a range at an hva the VMM has not mapped is refused with the reason", async () => {
@@ -102,15 +65,15 @@ describe.skipIf(skip)("serve checks a VMM's ranges against its userfaultfd regis
   })
 
   it("a registered page that no range declares: its fault gets a memory error (never zero, never blocked), reported; ok false", async () => {
-    const before = events.finished.length
+    const before = main.events.finished.length
     const out = await peer(sock, "restore", imagePath, String(4 * MiB), "page_size", `gap=${4 * MiB}:${2 * MiB}`)
     expect(out).toMatch(/^OK /)
     expect(out).toMatch(/\ngap: EFAULT$/)
-    expect(events.log.join("\n")).toMatch(/0x[0-9a-f]+-0x[0-9a-f]+ is registered with the userfaultfd but no region declares it/)
-    const last = events.failures.at(-1)!
+    expect(main.events.log.join("\n")).toMatch(/0x[0-9a-f]+-0x[0-9a-f]+ is registered with the userfaultfd but no region declares it/)
+    const last = main.events.failures.at(-1)!
     expect(last.faultsOutside).toBe(1)
     expect(last.outsidePoisoned).toBe(1)
-    const finished = await nextFinished(before)
+    const finished = await main.nextFinished(before)
     expect(finished?.ok).toBe(false)
     expect(finished?.error).toMatch(/1 fault\(s\) hit registered pages that no region declares \(first at 0x[0-9a-f]+\)/)
   })
@@ -120,9 +83,9 @@ describe.skipIf(skip)("serve checks a VMM's ranges against its userfaultfd regis
     // (then nothing is skipped and the outcome is ok): up to 5 rounds until pages were skipped.
     let skipped: Finished | undefined
     for (let round = 0; round < 5 && !skipped; round++) {
-      const before = events.finished.length
+      const before = main.events.finished.length
       expect(await peer(sock, "restore", imagePath, String(SIZE), "page_size", `remap=${SIZE / 2}:${SIZE / 2}`)).toMatch(/^OK /)
-      const finished = (await nextFinished(before))!
+      const finished = (await main.nextFinished(before))!
       if (finished.stats.pagesGone === 0) expect(finished.ok, `round ${round}: ${finished.error}`).toBe(true)
       else skipped = finished
     }
@@ -133,23 +96,23 @@ describe.skipIf(skip)("serve checks a VMM's ranges against its userfaultfd regis
 
   it("a range the VMM's kernel holds as two mappings (split inside a record) is served whole, no page skipped", async () => {
     const record = await Effect.runPromise(Effect.scoped(Effect.map(openSnapshot(snapshotPath), (s) => s.index.find((e) => e.pageCount >= 4 && e.firstPage > 0)!)))
-    const before = events.finished.length
+    const before = main.events.finished.length
     expect(await peer(sock, "restore", imagePath, String(SIZE), "page_size", `split=${(record.firstPage + 2) * PAGE_SIZE}`)).toMatch(/^OK /)
-    const finished = await nextFinished(before)
+    const finished = await main.nextFinished(before)
     expect(finished).toMatchObject({ ok: true, stats: { pagesGone: 0 } })
   })
 
   it("a memfd guest is served with UFFDIO_COPY / UFFDIO_CONTINUE, and the log says so (nothing is pwritten)", async () => {
     expect(await peer(sock, "restore", imagePath, String(4 * MiB), "page_size", "memfd=1")).toMatch(/^OK /)
-    const line = events.log.filter((l) => l.includes("serving")).at(-1)
+    const line = main.events.log.filter((l) => l.includes("serving")).at(-1)
     expect(line).toMatch(/memfd: shared memory; UFFDIO_COPY, UFFDIO_CONTINUE for pages in its page cache/)
     expect(line).not.toMatch(/pwrite/)
   })
 
   it("fault service times are measured from each fault's own start (no underflow after a fault on a discarded page)", async () => {
-    const before = events.finished.length
+    const before = main.events.finished.length
     expect(await peer(sock, "restore", imagePath, String(SIZE), "page_size", "discard", String(SIZE / 2), String(SIZE / 2))).toMatch(/^OK /)
-    const finished = await nextFinished(before)
+    const finished = await main.nextFinished(before)
     // A bound from the run itself, not a timing check: no fault is served for longer than the whole restore.
     const wholeRunUs = (finished!.stats.doneMs ?? 60000) * 1000
     expect(finished!.stats.faultServiceUs.max).toBeLessThanOrEqual(wholeRunUs)
@@ -173,7 +136,7 @@ describe.skipIf(skip)("SIGTERM while a VMM is being served", () => {
     let holding: ReturnType<typeof spawn> | undefined
     try {
       for (let i = 0; i < 200 && !out.includes('"listening"'); i++) await new Promise((r) => setTimeout(r, 50))
-      holding = spawn("python3", [join(here, "fixtures", "firecracker_peer.py"), sock, "restore", raw, String(512 * MiB), "page_size", "hold=20"], { stdio: "ignore" })
+      holding = spawn("python3", [peerScript, sock, "restore", raw, String(512 * MiB), "page_size", "hold=20"], { stdio: "ignore" })
       for (let i = 0; i < 400 && !out.includes("serving 1 region"); i++) await new Promise((r) => setTimeout(r, 5))
       child.kill("SIGTERM")
       // No timing assertion: this bound only ends the test if serve never exits.

@@ -11,44 +11,20 @@
  * pages, or 4 KiB memory that declares 2 MiB, is refused with the reason.
  */
 import { Effect } from "effect"
-import { execFile } from "node:child_process"
 import { readFileSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
-import { promisify } from "node:util"
 import { beforeAll, describe, expect, it, type TestContext } from "vitest"
-import { concatOffsets, gpa, hva, type LazyRestoreStats, openSnapshot, PAGE_SIZE, restoreToRawFile, RestoreServer, takeSnapshot, WpNative } from "../packages/core/src/index.js"
+import { concatOffsets, openSnapshot, PAGE_SIZE, restoreToRawFile, takeSnapshot, WpNative } from "../packages/core/src/index.js"
 import { DemoGuest } from "../packages/rig/src/index.js"
 import { withHugePages } from "./hugePages.js"
+import { MiB, peer, serving, SIZE, twoRegionSnapshot } from "./lazyRestoreTests.js"
 import { scratchDir, toyVmmSkipReason } from "./toyVmmTests.js"
 
-const execFileAsync = promisify(execFile)
-const here = import.meta.dirname
 const dir = scratchDir("vmsnap-lazy-hugetlb-")
-const MiB = 1024 * 1024
 const HUGE = 2 * MiB
-const SIZE = 16 * MiB
 const snapshotPath = join(dir, "guest.vmsnap")
 const imagePath = join(dir, "guest.img")
 const skip = await toyVmmSkipReason("lazy restore hugetlbfs tests")
-
-const peer = (sock: string, ...args: Array<string>) =>
-  execFileAsync("python3", [join(here, "fixtures", "firecracker_peer.py"), sock, ...args], { encoding: "utf8", maxBuffer: 1 << 20 }).then(
-    (r) => r.stdout.trim(),
-    (e) => `peer exited ${e.code}: ${String(e.stdout).trim()} ${String(e.stderr).trim()}`
-  )
-
-/** A server on `path`, for one test; its events. */
-const serving = async (name: string, path: string) => {
-  const events = { failures: [] as Array<LazyRestoreStats>, log: [] as Array<string>, finished: [] as Array<{ ok: boolean; error?: string; stats: LazyRestoreStats }> }
-  const sock = join(dir, `${name}.sock`)
-  const server = new RestoreServer(sock, { path, raw: false }, {
-    log: (l) => events.log.push(l),
-    onPageFailure: (_pid, s) => events.failures.push(s),
-    onFinished: (_pid, o) => events.finished.push(o)
-  })
-  await server.listen()
-  return { sock, server, events }
-}
 
 /** Runs body with `pages` more 2 MiB pages reserved, or skips the test saying why. */
 const withHuge = async (ctx: TestContext, pages: number, body: () => Promise<void>) => {
@@ -64,22 +40,8 @@ describe.skipIf(skip)("lazy restore into hugetlbfs guests at 2 MiB pages", () =>
 
   beforeAll(async () => {
     // A 4 KiB-page snapshot in two regions (split at 8 MiB); small records of every encoding, not aligned to huge pages.
-    await Effect.runPromise(
-      Effect.provide(
-        Effect.scoped(
-          Effect.gen(function* () {
-            const guest = yield* DemoGuest.make(SIZE, "anon")
-            guest.fill(0, (guest.pages * 3) / 4, 17)
-            const half = SIZE / 2
-            const regions = [0, 1].map((i) => ({ guestBase: gpa(i * 0x100000000), hostBase: hva(guest.region.hostBase + BigInt(i * half)), size: half, kind: "anon" as const }))
-            yield* takeSnapshot({ regions, path: snapshotPath, poolPages: 64 })
-          })
-        ),
-        WpNative.layer
-      )
-    )
-    await Effect.runPromise(restoreToRawFile(snapshotPath, imagePath))
-    main = await serving("main", snapshotPath)
+    await twoRegionSnapshot(snapshotPath, imagePath, 17)
+    main = await serving(dir, "main", snapshotPath)
     return () => main.server.close()
   })
 
@@ -87,8 +49,7 @@ describe.skipIf(skip)("lazy restore into hugetlbfs guests at 2 MiB pages", () =>
     await withHuge(ctx, SIZE / HUGE + 1, async () => {
       const before = main.events.finished.length
       expect(await peer(main.sock, "restore", imagePath, String(4 * MiB), "page_size", "hugetlb=1", `pagesize=${HUGE}`)).toMatch(/^OK /)
-      for (let i = 0; i < 250 && main.events.finished.length <= before; i++) await new Promise((r) => setTimeout(r, 20))
-      expect(main.events.finished[before]).toMatchObject({ ok: true, stats: { pagesTotal: SIZE / PAGE_SIZE, pagesGone: 0, pagesFailed: 0 } })
+      expect(await main.nextFinished(before)).toMatchObject({ ok: true, stats: { pagesTotal: SIZE / PAGE_SIZE, pagesGone: 0, pagesFailed: 0 } })
     })
   })
 
@@ -126,7 +87,7 @@ describe.skipIf(skip)("lazy restore into hugetlbfs guests at 2 MiB pages", () =>
     writeFileSync(bad, bytes)
     const lo = Math.floor(imageOffset / HUGE) * HUGE
     const hi = Math.ceil((imageOffset + entry.pageCount * PAGE_SIZE) / HUGE) * HUGE
-    const s = await serving("bad", bad)
+    const s = await serving(dir, "bad", bad)
     try {
       await withHuge(ctx, SIZE / HUGE + 1, async () => {
         expect(await peer(s.sock, "restore", imagePath, String(SIZE), "page_size", "hugetlb=1", `pagesize=${HUGE}`, "poison=1", `bad=${lo}:${hi - lo}`)).toMatch(/^OK /)
@@ -153,7 +114,7 @@ describe.skipIf(skip)("lazy restore into hugetlbfs guests at 2 MiB pages", () =>
       const inspected = await Effect.runPromise(Effect.scoped(Effect.map(openSnapshot(path), (s) => s.header.regions[0]!)))
       expect(inspected).toMatchObject({ kind: "hugetlbfs", pageSize: HUGE })
       await Effect.runPromise(restoreToRawFile(path, image))
-      const s = await serving("hugetlb-guest", path)
+      const s = await serving(dir, "hugetlb-guest", path)
       try {
         expect(await peer(s.sock, "restore", image, String(8 * MiB), "page_size", "hugetlb=1", `pagesize=${HUGE}`)).toMatch(/^OK /)
         expect(await peer(s.sock, "restore", image, String(8 * MiB), "page_size")).toMatch(/^OK /)
