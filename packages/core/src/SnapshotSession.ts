@@ -201,6 +201,9 @@ const writeAndCommit = (engine: WpEngine, file: SnapshotFile, options: SnapshotO
   Effect.gen(function* () {
     const writer = yield* Effect.forkIn(writeSnapshotBody(engine, file, options), yield* Effect.scope)
     const body = yield* Fiber.join(writer)
+    // A change the engine learns of only now (its memory file changed through the file) still fails the snapshot.
+    const late = engine.errorSync()
+    if (late) return yield* Effect.fail(late)
     if (options.beforeCommit) yield* options.beforeCommit
     const fileBytes = yield* file.finish()
     yield* file.commit

@@ -127,11 +127,11 @@ export class WpEngine {
     const rc: number = loadWp().wp_engine_error([this.handle, Buffer.from(process.buffer)])
     if (rc >= 0) return undefined
     const index = process[0]!
-    const who = index > 0 ? `process ${index} of the VM (pid ${this.pids[index] ?? "?"})` : index === 0 ? "this process" : "the guest"
+    const who = index > 0 ? `the process with pid ${this.pids[index] ?? "?"}` : index === 0 ? "this process" : "the guest"
     const errno = -rc
     const reason =
       errno === 3 ? `${who} exited during the snapshot`
-      : errno === 14 ? `guest memory of ${who} was unmapped or moved (munmap/mremap) during the snapshot; a VMM must not remap guest memory while a snapshot runs`
+      : errno === 14 ? `memory of ${who} was unmapped or moved (munmap/mremap) during the snapshot; memory being snapshotted must not be remapped until the snapshot ends`
       : errno === 61 ? `${who}: ${this.statsSync().pagesDiscarded} page(s): ${errnoReason("snapshot", errno)}`
       : `${who}: ${errnoReason("snapshot", errno)}`
     return new NativeError({ op: "snapshot", errno, reason })

@@ -1,6 +1,7 @@
 /*
  * The file behind a region of shared memory (a memfd, shmem, hugetlbfs),
- * found from a mapping in this process. Shared memory is read with pread
+ * found from a mapping in this process or, with no mapping here (a process
+ * snapshot), in the process that maps it. Shared memory is read with pread
  * from that file, never through a mapping: a file that shrank (a hostile or
  * buggy peer) gives a short read, not a SIGBUS that would kill the whole
  * process, and reading a hole does not allocate it. Holes are found with
@@ -15,6 +16,7 @@
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/inotify.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -35,9 +37,14 @@ static bool parse_vma(const char *line, struct vma_line *v)
     return true;
 }
 
-int wp_backing_open(uint64_t hva, uint64_t size, int *fd_out, uint64_t *offset_out)
+int wp_backing_open(int32_t pid, uint64_t hva, uint64_t size, int *fd_out, uint64_t *offset_out)
 {
-    FILE *maps = fopen("/proc/self/maps", "re");
+    char path[64];
+    if (pid)
+        snprintf(path, sizeof path, "/proc/%d/maps", pid);
+    else
+        snprintf(path, sizeof path, "/proc/self/maps");
+    FILE *maps = fopen(path, "re");
     if (!maps)
         return -errno;
     char line[512];
@@ -60,8 +67,10 @@ int wp_backing_open(uint64_t hva, uint64_t size, int *fd_out, uint64_t *offset_o
     fclose(maps);
     if (!found || covered < hva + size)
         return -ENOENT;
-    char path[64];
-    snprintf(path, sizeof path, "/proc/self/map_files/%" PRIx64 "-%" PRIx64, first.start, first.end);
+    if (pid)
+        snprintf(path, sizeof path, "/proc/%d/map_files/%" PRIx64 "-%" PRIx64, pid, first.start, first.end);
+    else
+        snprintf(path, sizeof path, "/proc/self/map_files/%" PRIx64 "-%" PRIx64, first.start, first.end);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return -errno; /* map_files needs CAP_SYS_ADMIN */
@@ -120,6 +129,24 @@ int wp_backing_has_data(int fd, uint64_t offset)
     if (data < 0)
         return errno == ENXIO ? 0 : -errno;
     return (uint64_t)data < offset + WP_PAGE_SIZE;
+}
+
+int wp_backing_watch(int watch, int fd)
+{
+    /* The magic link names the file itself (a memfd has no other path). */
+    char path[48];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    return inotify_add_watch(watch, path, IN_MODIFY) < 0 ? -errno : 0;
+}
+
+bool wp_backing_changed(int watch)
+{
+    /* Events are at least 16 bytes: a full buffer may leave more to drain. */
+    _Alignas(struct inotify_event) char buf[4096];
+    bool any = false;
+    while (read(watch, buf, sizeof buf) > 0)
+        any = true;
+    return any;
 }
 
 int wp_backing_size(int fd, uint64_t *size_out)

@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/inotify.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/sysinfo.h>
@@ -97,12 +98,30 @@ void wp_mark_saved(wp_engine *e, struct wp_region *r, uint64_t page)
     atomic_fetch_add_explicit(&e->pages_saved, r->unit, memory_order_relaxed);
 }
 
+/* Shared memory read as zero where its file held data after the cut, and a
+ * hole there now: a hole was punched through the file (fallocate), which no
+ * write fault or uffd event reports; its content at the cut is gone. (A
+ * punch the guest has written over again is not seen: docs/design.md.) */
+static int check_punched(const struct wp_region *r, uint64_t page, uint64_t count, const uint8_t *read)
+{
+    const uint8_t *populated = atomic_load_explicit(&r->populated, memory_order_acquire);
+    if (!populated)
+        return 0;
+    for (uint64_t i = 0; i < count; i++)
+        if (populated[page + i] && wp_page_is_zero(read + i * WP_PAGE_SIZE) &&
+            wp_backing_has_data(r->fd, r->fd_offset + (page + i) * WP_PAGE_SIZE) == 0)
+            return -ESTALE;
+    return 0;
+}
+
 int wp_read_pages(wp_engine *e, uint32_t region, uint64_t page, uint64_t count, uint8_t *dst)
 {
     struct wp_region *r = &e->regions[region];
     size_t len = count * WP_PAGE_SIZE;
     if (r->fd >= 0) {
         int rc = wp_backing_read(r->fd, r->fd_offset + page * WP_PAGE_SIZE, dst, len);
+        if (rc == 0)
+            rc = check_punched(r, page, count, dst);
         if (rc == 0)
             return wp_check_discarded(e, region, page, count, dst);
         wp_record_error(e, rc, -1);
@@ -166,6 +185,7 @@ wp_engine *wp_engine_create(uint32_t pool_slots, int32_t *err_out)
         return NULL;
     }
     e->stop_fd = -1;
+    e->file_watch = -1;
     e->processes[0].uffd = -1;
     e->process_count = 1;
     e->processes[0].pid = getpid();
@@ -263,7 +283,7 @@ int32_t wp_engine_add_shared_region(wp_engine *e, uint64_t view_hva, uint64_t si
     r->fd = -1;
     /* Shared memory viewed here: read its file instead (backing.c). */
     uint64_t file_size;
-    if (r->view && wp_backing_open(view_hva, size, &r->fd, &r->fd_offset) == 0 &&
+    if (r->view && wp_backing_open(0, view_hva, size, &r->fd, &r->fd_offset) == 0 &&
         (wp_backing_size(r->fd, &file_size) < 0 || file_size < r->fd_offset + size)) {
         close(r->fd);
         r->fd = -1;
@@ -316,6 +336,19 @@ int32_t wp_engine_map_region(wp_engine *e, uint32_t region, uint32_t process, ui
         struct uffdio_range range = {.start = hva, .len = r->size};
         ioctl(e->processes[process].uffd, UFFDIO_UNREGISTER, &range);
         return -EOPNOTSUPP;
+    }
+    /* Shared memory with no view here (a process snapshot): read through its
+     * file too, as add_shared_region does, never through the mapping
+     * (process_vm_readv of a hole allocates it; a shrunk file faults). */
+    uint64_t file_size;
+    if (!r->view && r->fd < 0 &&
+        wp_backing_open(e->processes[process].pid, hva, r->size, &r->fd, &r->fd_offset) == 0 &&
+        (wp_backing_size(r->fd, &file_size) < 0 || file_size < r->fd_offset + r->size)) {
+        close(r->fd);
+        r->fd = -1;
+        struct uffdio_range range = {.start = hva, .len = r->size};
+        ioctl(e->processes[process].uffd, UFFDIO_UNREGISTER, &range);
+        return -ENXIO; /* the file is shorter than the region */
     }
     r->unit = unit;
     /* Private anonymous memory has one mapping; a second one means shared. */
@@ -382,6 +415,19 @@ int32_t wp_engine_start(wp_engine *e)
         if (!e->regions[r].unit)
             e->regions[r].unit = 1; /* viewed here, mapped (protected) nowhere */
     }
+    /* Shared memory changed through its file (write(2), a hole punch or
+     * MADV_REMOVE, a truncate) takes no write fault: watch the files, so such
+     * a change during the snapshot fails it (wp_engine_error) instead of
+     * saving zeros or later data. */
+    for (uint32_t r = 0; r < e->region_count; r++) {
+        if (e->regions[r].fd < 0)
+            continue;
+        if (e->file_watch < 0 && (e->file_watch = inotify_init1(IN_NONBLOCK | IN_CLOEXEC)) < 0)
+            return -errno;
+        int err = wp_backing_watch(e->file_watch, e->regions[r].fd);
+        if (err < 0)
+            return err;
+    }
     int rc = pthread_create(&e->thread, NULL, wp_fault_thread, e);
     if (rc)
         return -rc;
@@ -398,8 +444,15 @@ int32_t wp_engine_done(wp_engine *e)
     return atomic_load(&e->head) == atomic_load(&e->tail) && atomic_load(&e->overflow_count) == 0;
 }
 
+void wp_check_files(wp_engine *e)
+{
+    if (e->file_watch >= 0 && atomic_load(&e->mode) == MODE_SNAPSHOT && wp_backing_changed(e->file_watch))
+        wp_record_error(e, -ESTALE, -1);
+}
+
 int32_t wp_engine_error(wp_engine *e, int32_t *process_out)
 {
+    wp_check_files(e);
     *process_out = atomic_load(&e->error_process);
     return atomic_load(&e->error);
 }
@@ -471,6 +524,8 @@ int32_t wp_engine_destroy(wp_engine *e)
     }
     if (e->stop_fd >= 0)
         close(e->stop_fd);
+    if (e->file_watch >= 0)
+        close(e->file_watch);
     while (e->overflow_head) {
         struct wp_overflow *o = e->overflow_head;
         e->overflow_head = o->next;

@@ -150,6 +150,7 @@ struct wp_engine {
     _Atomic uint64_t overflow_count;
 
     bool populated_built;          /* the writer built every region's `populated` map */
+    int file_watch;                /* inotify on every region's file (backing.c), -1 none */
 
     /* Sweep scratch (one sweeper at a time). */
     unsigned char *residency;
@@ -177,6 +178,9 @@ static inline uint64_t wp_unit_head(const struct wp_region *r, uint64_t page)
 
 /* engine.c */
 void wp_record_error(wp_engine *e, int32_t err, int32_t process);
+/* After the cut: a region's file changed through the file (backing.c's
+ * watch) fails the snapshot with -ESTALE. */
+void wp_check_files(wp_engine *e);
 void wp_process_failed(wp_engine *e, uint32_t process, int err);
 /* Claim (PENDING -> COPYING) and mark saved the unit whose head is `page`. */
 bool wp_claim_page(struct wp_region *r, uint64_t page);
@@ -186,13 +190,20 @@ int wp_check_discarded(wp_engine *e, uint32_t region, uint64_t page, uint64_t co
 bool wp_page_is_zero(const uint8_t *page);
 
 /* backing.c: the file behind shared memory. */
-/* The shared file mapping(s) of this process covering [hva, hva + size), as
- * one file: a new fd and the file offset of hva; -ENOENT if not one. */
-int wp_backing_open(uint64_t hva, uint64_t size, int *fd_out, uint64_t *offset_out);
+/* The shared file mapping(s) of process pid (0: this one) covering
+ * [hva, hva + size), as one file: a new fd and the file offset of hva;
+ * -ENOENT if not one. */
+int wp_backing_open(int32_t pid, uint64_t hva, uint64_t size, int *fd_out, uint64_t *offset_out);
 /* pread all of it; -EIO if the file ends first (it shrank). */
 int wp_backing_read(int fd, uint64_t offset, uint8_t *dst, size_t len);
 /* map[i] = 1 if page i of `pages` from offset holds data, 0 if a hole. */
 int wp_backing_data_map(int fd, uint64_t offset, uint64_t pages, uint8_t *map);
+/* Adds fd's file to an inotify instance, for IN_MODIFY: a write(2), a
+ * fallocate (a hole punch, MADV_REMOVE) or a truncate changes the file
+ * without any write fault. */
+int wp_backing_watch(int watch, int fd);
+/* Was any watched file modified since the last call? Drains the events. */
+bool wp_backing_changed(int watch);
 /* Does the file hold data (not a hole) in the page at offset? 1, 0 or -errno. */
 int wp_backing_has_data(int fd, uint64_t offset);
 int wp_backing_size(int fd, uint64_t *size_out);

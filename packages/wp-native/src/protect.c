@@ -187,6 +187,9 @@ int32_t wp_engine_protect(wp_engine *e)
     int mode = atomic_load(&e->mode);
     if (mode == MODE_SNAPSHOT || mode == MODE_CUTTING)
         return -EBUSY;
+    /* Changes to the memory's files before the cut are part of the cut. */
+    if (e->file_watch >= 0)
+        wp_backing_changed(e->file_watch);
     if (mode == MODE_IDLE) {
         atomic_store(&e->mode, MODE_SNAPSHOT);
         return protect_all(e);
@@ -198,6 +201,8 @@ int32_t wp_engine_protect(wp_engine *e)
     while (atomic_load(&e->noting))
         __builtin_ia32_pause();
     int32_t rc = reprotect_written(e);
+    if (e->file_watch >= 0)
+        wp_backing_changed(e->file_watch);
     atomic_store(&e->mode, MODE_SNAPSHOT);
     if (rc < 0) {
         wp_engine_unprotect_all(e);

@@ -219,6 +219,7 @@ static bool take_steer(wp_engine *e, uint32_t *region, uint64_t *page)
 int32_t wp_engine_next_batch(wp_engine *e, uint8_t *buf, uint32_t *regions_out, uint64_t *pages_out,
                              uint8_t *flags_out, uint32_t max_pages)
 {
+    wp_check_files(e);
     int32_t err = atomic_load(&e->error);
     if (err < 0)
         return err;

@@ -6,7 +6,7 @@ const names: Record<number, string> = {
   1: "EPERM", 2: "ENOENT", 4: "EINTR", 5: "EIO", 9: "EBADF", 11: "EAGAIN", 12: "ENOMEM", 13: "EACCES",
   14: "EFAULT", 16: "EBUSY", 17: "EEXIST", 19: "ENODEV", 20: "ENOTDIR", 21: "EISDIR", 22: "EINVAL",
   24: "EMFILE", 61: "ENODATA", 6: "ENXIO", 27: "EFBIG", 28: "ENOSPC", 30: "EROFS", 38: "ENOSYS", 95: "EOPNOTSUPP", 110: "ETIMEDOUT",
-  7: "E2BIG", 122: "EDQUOT"
+  7: "E2BIG", 122: "EDQUOT", 116: "ESTALE"
 }
 
 export const errnoName = (errno: number): string => names[errno] ?? `errno ${errno}`
@@ -43,6 +43,10 @@ export const errnoReason = (op: string, errno: number): string => {
       return "the guest discarded memory (MADV_DONTNEED or MADV_REMOVE, e.g. a balloon) before it was saved: its content at the cut is gone; hold discards from arming until the snapshot ends"
     case 5:
       return op === "snapshot" ? "guest memory could not be read: its file is shorter than the region (it shrank, or it is not the guest's memory)" : "I/O error"
+    case 116:
+      return op === "snapshot"
+        ? "the memory's file (memfd, shmem, hugetlbfs) was changed through the file during the snapshot: a hole punched (fallocate, MADV_REMOVE), a truncate or a write(2) takes no write fault, so its content at the cut cannot be known; hold such changes from arming until the snapshot ends"
+        : "stale file handle (ESTALE)"
     case 110:
       return "timed out"
     case 3:
