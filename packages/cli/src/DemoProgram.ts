@@ -166,7 +166,7 @@ const vmmDemo = (flags: DemoFlags, onProgress: (done: number, total: number) => 
       Effect.try({
         try: () =>
           new ToyVmm({
-            memMiB: flags.size / (1024 * 1024), vcpus: flags.writers, rate: flags.rate, anon: flags.memory === "anon",
+            memMiB: flags.size / (1024 * 1024), vcpus: flags.writers, rate: flags.rate, anon: flags.memory === "anon", hugetlb: flags.memory === "hugetlbfs",
             agent: socket, vm: "demo", reference: referencePath, device: flags.device, fillPercent: 75
           }),
         catch: (e) => new InvalidInput({ reason: e instanceof Error ? e.message : String(e) })

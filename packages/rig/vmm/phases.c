@@ -97,7 +97,7 @@ void report(FILE *out)
     fprintf(out, "{\"role\":\"%s\",\"kind\":\"%s\",\"whyThreads\":\"%s\",\"vcpus\":%u,\"memBytes\":%llu,\"memory\":\"%s\","
            "\"tscHz\":%.0f,\"snapshots\":%u,\"snapshotsFailed\":%u,\"balloonDiscards\":%llu,\"phases\":{",
            vmm.is_device ? "device" : "vmm", vmm.kvm_mode ? "kvm" : "threads", vmm.kvm_mode ? "" : vmm.why_threads,
-           vmm.vcpus, (unsigned long long)vmm.mem_size, vmm.anon ? "anon" : "memfd", vmm.tsc_hz, vmm.snapshots_done,
+           vmm.vcpus, (unsigned long long)vmm.mem_size, vmm.hugetlb ? (vmm.anon ? "hugetlb-anon" : "hugetlb-memfd") : vmm.anon ? "anon" : "memfd", vmm.tsc_hz, vmm.snapshots_done,
            vmm.snapshots_failed, (unsigned long long)atomic_load(&vmm.balloon_discards));
     /* phases: before the first freeze, during the snapshot, after it */
     print_phase(out, "before", &vmm.phases[0], false);

@@ -93,13 +93,14 @@ export const demoCommand: CliCommand = (io, schedule) =>
         .option("fault-around", faultAroundOptionSpec("pages saved with each faulting page (power of two, 1 = off)"))
         .option("guest", { choices: ["vmm", "threads"] as const, default: "vmm" as const, describe: "vmm: the toy VMM in its own process (KVM when /dev/kvm works) through the agent; threads: writer threads in this process" })
         .option("device", { type: "boolean", default: false, describe: "with --guest vmm: a second (device) process writes the same guest memory" })
-        .option("memory", { choices: ["memfd", "anon", "anon-thp"] as const, default: "memfd" as const, describe: "how guest memory is backed (anon-thp: --guest threads only)" })
+        .option("memory", { choices: ["memfd", "anon", "anon-thp", "hugetlbfs"] as const, default: "memfd" as const, describe: "how guest memory is backed (anon-thp: --guest threads only; hugetlbfs: a memfd of 2 MiB huge pages, needs free ones: vm.nr_hugepages)" })
         .option("output", { alias: "o", type: "string", describe: "snapshot file to write (kept); default: a temporary file" })
         .option("keep", { type: "boolean", default: false, describe: "keep the temporary snapshot file" })
         .option("warmup", { type: "number", default: 1000, describe: "ms of guest writes measured before the snapshot" })
         .example("$0 demo", "1 GiB KVM guest (toy VMM), 1 vCPU writing 50k random pages/s, 64 MiB pool")
         .example("$0 demo --device", "a second process writes the same guest memory during the snapshot")
         .example("$0 demo --guest threads --memory anon-thp", "writer threads in this process over THP memory")
+        .example("$0 demo --memory hugetlbfs --size 256MiB", "a KVM guest in 2 MiB hugetlbfs pages (reserve them first: sysctl vm.nr_hugepages=160)")
         .example("$0 demo --size 256MiB --rate 0 --buffer 0", "a small guest writing flat out, no pool (synchronous)")
         .example("$0 demo --json -o /tmp/guest.vmsnap", "keep the snapshot, print the report as JSON"),
     handler: (a) => {
@@ -114,6 +115,7 @@ export const demoCommand: CliCommand = (io, schedule) =>
       if (a.guest === "vmm" && a.writers > 32) throw new UsageError(`--writers ${a.writers}: the toy VMM runs at most 32 vCPUs`)
       if (a.device && a.guest !== "vmm") throw new UsageError("--device needs --guest vmm")
       if (a.device && a.memory !== "memfd") throw new UsageError("--device shares guest memory through a memfd: use --memory memfd")
+      if (a.memory === "hugetlbfs" && size % (2 * 1024 * 1024) !== 0) throw new UsageError(`--size ${a.size}: hugetlbfs memory needs a multiple of 2 MiB`)
       if (a.output !== undefined && a.output.trim() === "") throw new UsageError("--output: give a file path")
       schedule(() =>
         runDemo(io, {
