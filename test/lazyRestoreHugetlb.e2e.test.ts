@@ -124,6 +124,16 @@ describe.skipIf(skip)("lazy restore into hugetlbfs guests at 2 MiB pages", () =>
     })
   })
 
+  it("a registered huge page that no range declares: its fault gets a memory error (a 2 MiB poison), never zero or blocked", async (ctx) => {
+    await withHuge(ctx, SIZE / HUGE + 1, async () => {
+      const before = main.events.finished.length
+      const out = await peer(main.sock, "restore", imagePath, String(4 * MiB), "page_size", "hugetlb=1", `pagesize=${HUGE}`, `gap=${4 * MiB}:${HUGE}`)
+      expect(out).toMatch(/^OK [^]*\ngap: EFAULT$/)
+      const finished = await main.nextFinished(before)
+      expect(finished).toMatchObject({ ok: false, stats: { faultsOutside: 1, outsidePoisoned: 1 } })
+    })
+  })
+
   it("4 KiB memory that declares 2 MiB pages is refused with the reason", async () => {
     const answer = JSON.parse(await peer(main.sock, "restore", imagePath, String(4 * MiB), "page_size", `pagesize=${HUGE}`, "refused=1"))
     expect(answer.error).toMatch(/is backed by 4 KiB pages but declares 2097152-byte pages/)

@@ -49,14 +49,15 @@ static int64_t fill_once(wp_restorer *r, const struct rs_range *g, uint64_t hva,
 {
     int rc;
     int64_t got;
-    if (!src && g->unit > 1) /* hugetlbfs has no UFFDIO_ZEROPAGE: copy zero huge pages */
+    if (!src && g->unit > 1) {
+        /* hugetlbfs has no UFFDIO_ZEROPAGE: a zero huge page is copied, one at a time. */
         for (uint64_t at = 0; at < len; at += WP_RESTORE_HUGE_PAGE_SIZE) {
             int64_t one = fill_once(r, g, hva + at, WP_RESTORE_HUGE_PAGE_SIZE, r->zero_huge);
             if (one < 0)
                 return at ? (int64_t)at : one;
         }
-    if (!src && g->unit > 1)
         return (int64_t)len;
+    }
     if (!src) {
         struct uffdio_zeropage z = {.range = {.start = hva, .len = len}};
         rc = ioctl(r->uffd, UFFDIO_ZEROPAGE, &z);
