@@ -14,6 +14,12 @@
  * a refused VMM is told why three ways: the log, the `refused` event, and
  * one `{"error": ...}` line on the socket before it is closed.
  *
+ * Before serving, each range is checked against the VMM's mappings
+ * (FirecrackerHandshake.ts: mapped, registered MISSING, the declared page
+ * size: 4 KiB, or 2 MiB for hugetlbfs memory). A VMM's outcome (`finished`)
+ * is ok only when every page holds the snapshot's content or the guest's
+ * own; close() reports it for every VMM still served, then frees them.
+ *
  * The source's index is read and its structure checked once, at listen
  * (coverage, no page stored twice, region page sizes): per-VMM setup does
  * not read the file. docs/lazy-restore.md is the VMM author's view.

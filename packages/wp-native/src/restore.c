@@ -16,6 +16,7 @@
  *     installed with anything else; they are poisoned where the VMM
  *     negotiated UFFD_FEATURE_POISON, else faults there stay blocked; the
  *     failure shows in the stats; every other page keeps being served;
+ *   a fault on a registered page that no range covers: poisoned, counted;
  *   anything else (the VMM's memory gone, ENOMEM): the restorer stops.
  * No path unregisters a range that still has pages to install.
  *
