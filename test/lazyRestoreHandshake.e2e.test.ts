@@ -41,6 +41,11 @@ describe.skipIf(skip)("serve checks a VMM's ranges against its userfaultfd regis
     expect(main.events.refused.at(-1)).toBe(answer.error)
   })
 
+  it("a uffd other than the one that registered the memory is refused with the reason (its faults would reach no handler)", async () => {
+    const answer = JSON.parse(await peer(main.sock, "restore", imagePath, String(SIZE), "page_size", "wrongfd=1", "refused=1") || "{}")
+    expect(answer.error).toMatch(/region 0 \(0x[0-9a-f]+, 16777216 bytes\) is registered with another userfaultfd than the one sent/)
+  })
+
   it("a range at an hva the VMM has not mapped is refused with the reason", async () => {
     const answer = await send([{ base_host_virt_addr: 4096, size: SIZE, offset: 0, page_size: 4096 }])
     expect(answer.error).toMatch(/region 0 \(0x1000-0x1001000\): 0x1000 is not mapped in the VMM/)

@@ -253,8 +253,12 @@ export const startLazyRestore = (
     )
     if (options.admit) yield* options.admit
     const check = (op: string, rc: number) => (rc < 0 ? Effect.fail(new NativeError({ op, errno: -rc, reason: errnoReason(op, -rc) })) : Effect.void)
-    for (const r of ranges)
-      yield* check("lazy restore range", lib.wp_restorer_add_range([handle, r.hva, BigInt(r.size), BigInt(r.imageOffset), (r.memfd !== undefined ? WP_RESTORE_RANGE_SHARED : 0) | (r.pageSize === HUGE_PAGE_SIZE ? WP_RESTORE_RANGE_HUGE_2M : 0)]))
+    for (const [i, r] of ranges.entries()) {
+      const rc: number = lib.wp_restorer_add_range([handle, r.hva, BigInt(r.size), BigInt(r.imageOffset), (r.memfd !== undefined ? WP_RESTORE_RANGE_SHARED : 0) | (r.pageSize === HUGE_PAGE_SIZE ? WP_RESTORE_RANGE_HUGE_2M : 0)])
+      if (rc === -16)
+        return yield* Effect.fail(new ProtocolError({ reason: `region ${i} (0x${r.hva.toString(16)}, ${r.size} bytes) is registered with another userfaultfd than the one sent: send the uffd that registered the guest memory (its faults would reach no handler)` }))
+      yield* check("lazy restore range", rc)
+    }
     yield* check("lazy restore index", lib.wp_restorer_set_index([handle, idx.regions, idx.firstPages, idx.counts, idx.offsets, idx.imagePages, idx.count]))
     yield* check("lazy restore start", lib.wp_restorer_start([handle]))
     return restore

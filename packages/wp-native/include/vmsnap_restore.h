@@ -83,7 +83,10 @@ wp_restorer *wp_restorer_create(int32_t uffd, int32_t snapshot_fd, uint32_t flag
 /* A range the VMM maps at hva: image bytes [image_offset, image_offset + size)
  * (image_offset a multiple of 4096 whatever the range's page size).
  * Returns its index; -EEXIST if it overlaps a range added before (a page of
- * the VMM's memory is declared once); -EINVAL if not aligned to its pages. */
+ * the VMM's memory is declared once); -EINVAL if not aligned to its pages;
+ * -EBUSY if another userfaultfd than uffd registered it (faults there would
+ * go to a uffd nobody reads). It is registered MISSING with uffd: a no-op
+ * where the VMM did so already. */
 int32_t wp_restorer_add_range(wp_restorer *r, uint64_t hva, uint64_t size, uint64_t image_offset, uint32_t range_flags);
 /* The records (n), sorted by image page and tiling the image from page 0
  * with no gap or overlap (-EINVAL otherwise): record i holds page_counts[i]

@@ -462,6 +462,14 @@ int32_t wp_restorer_add_range(wp_restorer *r, uint64_t hva, uint64_t size, uint6
     for (uint32_t i = 0; i < r->range_count; i++)
         if (hva < r->ranges[i].hva + r->ranges[i].size && r->ranges[i].hva < hva + size)
             return -EEXIST; /* two ranges at one hva: which image page goes there would be ambiguous */
+    /* The range must be registered with this uffd: faults in a range that
+     * another uffd holds (the VMM sent the wrong one) would go where nobody
+     * reads them, while installs through this one still work. Registering
+     * MISSING again is a no-op where this uffd has it already, and fails
+     * with EBUSY where another uffd holds the range. */
+    struct uffdio_register reg = {.range = {.start = hva, .len = size}, .mode = UFFDIO_REGISTER_MODE_MISSING};
+    if (ioctl(r->uffd, UFFDIO_REGISTER, &reg) < 0)
+        return -errno;
     struct rs_range *g = &r->ranges[r->range_count];
     *g = (struct rs_range){.hva = hva, .size = size, .pages = size / RS_PAGE, .image_page = image_offset / RS_PAGE,
                            .shared = range_flags & WP_RESTORE_RANGE_SHARED, .unit = unit};
