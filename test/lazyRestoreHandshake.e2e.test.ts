@@ -110,8 +110,12 @@ describe.skipIf(skip)("serve checks a VMM's ranges against its userfaultfd regis
   it("a memfd guest is served with UFFDIO_COPY / UFFDIO_CONTINUE, and the log says so (nothing is pwritten)", async () => {
     expect(await peer(sock, "restore", imagePath, String(4 * MiB), "page_size", "memfd=1")).toMatch(/^OK /)
     const line = main.events.log.filter((l) => l.includes("serving")).at(-1)
-    expect(line).toMatch(/memfd: shared memory; UFFDIO_COPY, UFFDIO_CONTINUE for pages in its page cache/)
+    expect(line).toMatch(/shared memory: UFFDIO_COPY, UFFDIO_CONTINUE for pages in its page cache/)
     expect(line).not.toMatch(/pwrite/)
+  })
+
+  it("a memfd guest that sends only the uffd (as Firecracker does) is served as shared memory: a DONTNEED right after the handshake keeps its data (not zero)", async () => {
+    expect(await peer(main.sock, "restore", imagePath, String(4 * MiB), "page_size", "memfd=1", "nofd=1", "discard", String(4 * MiB), String(SIZE - 4 * MiB))).toMatch(/^OK /)
   })
 
   it("fault service times are measured from each fault's own start (no underflow after a fault on a discarded page)", async () => {

@@ -22,7 +22,8 @@ export const cli = join(import.meta.dirname, "..", "packages", "cli", "dist", "b
 
 /** Runs the peer; its output, or how it failed (exit code and output) as text to match against. */
 export const peer = (sock: string, ...args: Array<string>): Promise<string> =>
-  execFileAsync("python3", [peerScript, sock, ...args], { encoding: "utf8", maxBuffer: 1 << 20 }).then(
+  // The timeout only ends a peer that hangs (a fault nobody answers), so a failing test leaves nothing running.
+  execFileAsync("python3", [peerScript, sock, ...args], { encoding: "utf8", maxBuffer: 1 << 20, timeout: 90000, killSignal: "SIGKILL" }).then(
     (r) => r.stdout.trim(),
     (e) => `peer exited ${e.code}: ${String(e.stdout).trim()} ${String(e.stderr).trim()}`
   )

@@ -89,16 +89,22 @@ const covering = (maps: ReadonlyArray<ProcessMapping>, start: bigint, end: bigin
   return { maps: out, hole: at < end ? at : undefined }
 }
 
+/** What the VMM's mappings say of its ranges. */
+export interface VmmMappings {
+  /** Registered pages that share a mapping with a declared range but that no range declares (a fault there gets a memory error, docs/lazy-restore.md). */
+  readonly undeclared: Array<string>
+  /** Per region: shared memory (memfd, shmem, hugetlbfs memfd: MAP_SHARED), whose pages may sit in the page cache unmapped. */
+  readonly shared: Array<boolean>
+}
+
 /**
  * Checks the ranges against the VMM's mappings (see the module doc); throws
- * ProtocolError with the reason. Returns warnings: registered pages that
- * share a mapping with a declared range but that no range declares (a fault
- * there gets a memory error, docs/lazy-restore.md).
+ * ProtocolError with the reason.
  *
  * Reads all of /proc/PID/smaps (bounded by the kernel's vm.max_map_count and
  * parseSmaps' limit), once per VMM, at the handshake.
  */
-export const checkVmmMappings = (pid: number, regions: ReadonlyArray<FirecrackerRegion>): Array<string> => {
+export const checkVmmMappings = (pid: number, regions: ReadonlyArray<FirecrackerRegion>): VmmMappings => {
   if (pid <= 0) return fail("the VMM's pid cannot be learned (SO_PEERCRED), so its ranges cannot be checked")
   let maps: Array<ProcessMapping>
   try {
@@ -107,7 +113,7 @@ export const checkVmmMappings = (pid: number, regions: ReadonlyArray<Firecracker
     return fail(`cannot read /proc/${pid}/smaps to check that the ranges are mapped and registered (${(e as Error).message}); serve must be able to read its VMMs' /proc files (same uid, or root)`)
   }
   const used = new Set<ProcessMapping>()
-  regions.forEach((r, i) => {
+  const shared = regions.map((r, i) => {
     const start = BigInt(r.base_host_virt_addr), end = start + BigInt(r.size)
     const { maps: parts, hole } = covering(maps, start, end)
     const where = `region ${i} (${hex(start)}-${hex(end)})`
@@ -119,6 +125,9 @@ export const checkVmmMappings = (pid: number, regions: ReadonlyArray<Firecracker
       if (!m.vmFlags.includes("um"))
         fail(`${where}: ${hex(m.start > start ? m.start : start)}-${hex(m.end < end ? m.end : end)} is not registered with a userfaultfd in MISSING mode; register every declared range (UFFDIO_REGISTER) before the handshake, else its pages read zero`)
     }
+    const kinds = new Set(parts.map((m) => m.permissions[3] === "s"))
+    if (kinds.size > 1) fail(`${where} spans shared and private mappings: declare each as a region of its own`)
+    return kinds.has(true)
   })
   const warnings: Array<string> = []
   for (const m of used) {
@@ -132,5 +141,5 @@ export const checkVmmMappings = (pid: number, regions: ReadonlyArray<Firecracker
       if (d.end > at) at = d.end
     }
   }
-  return warnings
+  return { undeclared: warnings, shared }
 }

@@ -33,6 +33,8 @@ export interface GuestRange {
   readonly imageOffset: number
   /** The memfd backing it in the VMM, if any: the range is shared memory (pages may sit in the page cache unmapped). */
   readonly memfd?: number
+  /** Shared memory without its memfd (as /proc/PID/smaps says): the same as a memfd given. */
+  readonly shared?: boolean
   /**
    * Bytes per page of the VMM's mapping: 4096 (default) or 2 MiB (hugetlbfs:
    * each huge page is assembled from the image's 4 KiB pages and installed
@@ -254,7 +256,7 @@ export const startLazyRestore = (
     if (options.admit) yield* options.admit
     const check = (op: string, rc: number) => (rc < 0 ? Effect.fail(new NativeError({ op, errno: -rc, reason: errnoReason(op, -rc) })) : Effect.void)
     for (const [i, r] of ranges.entries()) {
-      const rc: number = lib.wp_restorer_add_range([handle, r.hva, BigInt(r.size), BigInt(r.imageOffset), (r.memfd !== undefined ? WP_RESTORE_RANGE_SHARED : 0) | (r.pageSize === HUGE_PAGE_SIZE ? WP_RESTORE_RANGE_HUGE_2M : 0)])
+      const rc: number = lib.wp_restorer_add_range([handle, r.hva, BigInt(r.size), BigInt(r.imageOffset), (r.memfd !== undefined || r.shared ? WP_RESTORE_RANGE_SHARED : 0) | (r.pageSize === HUGE_PAGE_SIZE ? WP_RESTORE_RANGE_HUGE_2M : 0)])
       if (rc === -16)
         return yield* Effect.fail(new ProtocolError({ reason: `region ${i} (0x${r.hva.toString(16)}, ${r.size} bytes) is registered with another userfaultfd than the one sent: send the uffd that registered the guest memory (its faults would reach no handler)` }))
       yield* check("lazy restore range", rc)

@@ -27,7 +27,7 @@
 import { Cause, Effect, Exit, Scope } from "effect"
 import type { Socket } from "node:net"
 import { describeError, ProtocolError } from "./Errors.js"
-import { checkVmmMappings, type FirecrackerRegion, parseFirecrackerBody } from "./FirecrackerHandshake.js"
+import { checkVmmMappings, type FirecrackerRegion, parseFirecrackerBody, type VmmMappings } from "./FirecrackerHandshake.js"
 import { closeFds, type FirstMessage } from "./internal/firstMessage.js"
 import { endAndClose, listenUnix, type UnixServer } from "./internal/unixServer.js"
 import { type GuestRange, type ImageIndex, indexSource, type LazyRestoreStats, type RestoreSource, startLazyRestore } from "./LazyRestore.js"
@@ -131,10 +131,19 @@ export class RestoreServer {
       return this.refuse(socket, pid, describeError(e))
     }
     const [uffd, memfd] = first.fds as [number, number | undefined]
-    const ranges: Array<GuestRange> = regions.map((r) => ({ hva: BigInt(r.base_host_virt_addr), size: r.size, imageOffset: r.offset, memfd, pageSize: r.page_size }))
-    // Checked once the uffd is accepted, just before serving: mapped, registered, the declared page size.
-    let undeclared: Array<string> = []
-    const admit = Effect.try({ try: () => void (undeclared = checkVmmMappings(pid, regions)), catch: (e) => e as ProtocolError })
+    // The VMM's mappings: mapped, registered, the declared page size, shared or not. A failure is
+    // reported once the uffd is accepted (admit), so a wrong fd is said first.
+    let mappings: VmmMappings = { undeclared: [], shared: [] }
+    let refusal: ProtocolError | undefined
+    try {
+      mappings = checkVmmMappings(pid, regions)
+    } catch (e) {
+      refusal = e as ProtocolError
+    }
+    const admit = refusal ? Effect.fail(refusal) : Effect.void
+    const undeclared = mappings.undeclared
+    // Shared memory whether or not the VMM sent its memfd (Firecracker sends only the uffd): a page in its page cache is mapped with UFFDIO_CONTINUE.
+    const ranges: Array<GuestRange> = regions.map((r, i) => ({ hva: BigInt(r.base_host_virt_addr), size: r.size, imageOffset: r.offset, memfd, shared: mappings.shared[i], pageSize: r.page_size }))
     const scope = Effect.runSync(Scope.make())
     const started = await Effect.runPromiseExit(Scope.provide(scope)(startLazyRestore(this.source, uffd, ranges, { admit }, this.index)))
     closeFds(first.fds) // the restorer keeps its own dups
@@ -144,7 +153,7 @@ export class RestoreServer {
     }
     const restore = started.value
     const total = regions.reduce((s, r) => s + r.size, 0)
-    this.log(`VMM pid ${pid}: serving ${regions.length} region(s), ${total} bytes, from ${this.source.path}${memfd !== undefined ? " (memfd: shared memory; UFFDIO_COPY, UFFDIO_CONTINUE for pages in its page cache)" : ""}`)
+    this.log(`VMM pid ${pid}: serving ${regions.length} region(s), ${total} bytes, from ${this.source.path}${ranges.some((r) => r.shared || r.memfd !== undefined) ? " (shared memory: UFFDIO_COPY, UFFDIO_CONTINUE for pages in its page cache)" : ""}`)
     for (const w of undeclared) this.log(`VMM pid ${pid}: ${w}`)
     let reported = false
     const report = (why: string, ok: boolean) => {
