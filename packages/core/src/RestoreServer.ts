@@ -7,9 +7,10 @@
  * array of regions `{"base_host_virt_addr", "size", "offset", "page_size"}`
  * (older VMMs send `"page_size_kib"`, which despite its name is in bytes;
  * either is accepted) with its userfaultfd as the only fd (SCM_RIGHTS). A
- * memfd-backed guest adds its memfd as a second fd (a vmsnap extension: the
- * ranges are shared memory, where pages can sit in the page cache unmapped
- * and are then mapped with UFFDIO_CONTINUE). The VMM keeps the
+ * memfd-backed guest may add its memfd as a second fd (a vmsnap extension;
+ * shared memory, where pages can sit in the page cache unmapped and are
+ * then mapped with UFFDIO_CONTINUE, is also known from the VMM's smaps,
+ * so Firecracker's uffd alone is enough). The VMM keeps the
  * socket open; its pid comes from SO_PEERCRED. Firecracker expects no reply;
  * a refused VMM is told why three ways: the log, the `refused` event, and
  * one `{"error": ...}` line on the socket before it is closed.
