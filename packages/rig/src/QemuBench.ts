@@ -24,7 +24,7 @@ import { Effect, Exit } from "effect"
 import { statSync } from "node:fs"
 import { join } from "node:path"
 import type { Spread } from "./BenchWindows.js"
-import { buildQemuGuest, QemuGuest, qemuMissing } from "./QemuGuest.js"
+import { buildQemuGuest, QemuGuest, qemuMissing, statusBytes } from "./QemuGuest.js"
 import {
   beginsWith, causeText, type GuestPhase, guestPhase, type MemoryPeak, type PlacedWindow, type RealTrial, samplePeaks, scratchDirScoped, summarizeMethods, verifies
 } from "./RealBenchReport.js"
@@ -166,7 +166,7 @@ const placed = (q: QemuGuest, windowMs: number): Array<PlacedWindow> =>
 
 const emptyPhase: GuestPhase = { windows: 0, seconds: 0, writes: 0, writesPerSecond: 0, latencyUs: { p50: 0, p99: 0, p999: 0, max: 0 }, over1ms: 0, stallMs: 0 }
 
-const trial = (method: QemuBenchMethod, run: number, elf: string, o: QemuBenchOptions): Effect.Effect<QemuTrial, never, WpNative> =>
+const trial = (method: QemuBenchMethod, run: number, elf: string, vmsnapBase: number, o: QemuBenchOptions): Effect.Effect<QemuTrial, never, WpNative> =>
   Effect.scoped(
     Effect.gen(function* () {
       const dir = yield* scratchDirScoped(`vmsnap-bench-qemu-${method}-`)
@@ -184,7 +184,7 @@ const trial = (method: QemuBenchMethod, run: number, elf: string, o: QemuBenchOp
       }))
       if (Exit.isFailure(started)) return failed(causeText(started.cause))
       const path = join(o.outputDir ?? dir, `${method}-${run}.${method === "vmsnap-pid" ? "vmsnap" : "qemu"}`)
-      const peaks = samplePeaks(q.pid)
+      const peaks = samplePeaks(q.pid, method === "vmsnap-pid" ? vmsnapBase : Infinity)
       const beginNs = nowNs()
       const outcome = yield* Effect.exit<Outcome, unknown, WpNative>(
         method === "vmsnap-pid"
@@ -239,11 +239,12 @@ export const runQemuBenchmark = (o: QemuBenchOptions): Effect.Effect<QemuBenchRe
       const dir = yield* scratchDirScoped("vmsnap-bench-qemu-")
       const elf = join(dir, "guest.elf")
       yield* Effect.try({ try: () => buildQemuGuest(elf), catch: (e) => new CapabilityError({ missing: "the QEMU guest", reason: String(e) }) })
+      const vmsnapBase = statusBytes("self", "RssAnon")
       const trials: Array<QemuTrial> = []
       for (let run = 1; run <= o.runs; run++)
         for (const method of o.methods) {
           o.onStart?.(method, run)
-          trials.push(yield* trial(method, run, elf, o))
+          trials.push(yield* trial(method, run, elf, vmsnapBase, o))
         }
       return {
         guestBytes: o.guestBytes,

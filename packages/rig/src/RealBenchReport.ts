@@ -74,7 +74,13 @@ export const guestPhase = (windows: ReadonlyArray<PlacedWindow>, final: GuestFin
   }
 }
 
-/** Peak growth of RssAnon, in bytes: of the snapshotted process (`target`) and of this one (`vmsnap`). */
+/**
+ * Peak growth of RssAnon, in bytes: of the snapshotted process (`target`,
+ * from the start of the sampling) and of this one (`vmsnap`, from
+ * `vmsnapBase`: this process's RssAnon when the bench started, since memory a
+ * previous trial freed may still be held by the allocator and a later
+ * trial's growth from its own start would leave it out).
+ */
 export interface MemoryPeak {
   readonly target: number
   readonly vmsnap: number
@@ -82,9 +88,9 @@ export interface MemoryPeak {
   readonly child?: number
 }
 
-/** Samples RssAnon of `pid` and of this process every `everyMs` until stopped; `extra` adds a third sample (a child's copies). */
-export const samplePeaks = (pid: number, extra?: () => number, everyMs = 10) => {
-  const base = { target: statusBytes(pid, "RssAnon"), vmsnap: statusBytes("self", "RssAnon") }
+/** Samples RssAnon of `pid` and of this process every `everyMs` until stopped (this process's growth from `vmsnapBase`, or from now if that is more); `extra` adds a third sample (a child's copies). */
+export const samplePeaks = (pid: number, vmsnapBase: number, extra?: () => number, everyMs = 10) => {
+  const base = { target: statusBytes(pid, "RssAnon"), vmsnap: Math.min(vmsnapBase, statusBytes("self", "RssAnon")) }
   const peak = { ...base, child: 0 }
   const sample = () => {
     peak.target = Math.max(peak.target, statusBytes(pid, "RssAnon"))

@@ -26,6 +26,7 @@ import { dirname, join } from "node:path"
 import { fileURLToPath } from "node:url"
 import { type Spread, windowOf } from "./BenchWindows.js"
 import { beginsWith, causeText, type MemoryPeak, type RealTrial, samplePeaks, scratchDirScoped, summarizeMethods, verifies } from "./RealBenchReport.js"
+import { statusBytes } from "./QemuGuest.js"
 import { childrenOf, privateDirtyBytes, RedisServer, redisMissing } from "./RedisServer.js"
 
 export const REDIS_BENCH_METHODS = ["bgsave", "vmsnap-pid"] as const
@@ -186,7 +187,7 @@ const vmsnapPid = (r: RedisServer, path: string, o: RedisBenchOptions) =>
 
 const emptyWindow: ClientWindow = { seconds: 0, requests: 0, latencyUs: { p50: 0, p99: 0, p999: 0, max: 0 }, commandsPerSecond: 0 }
 
-const trial = (method: RedisBenchMethod, run: number, r: RedisServer, keys: number, dir: string, o: RedisBenchOptions): Effect.Effect<RedisTrial, never, WpNative> =>
+const trial = (method: RedisBenchMethod, run: number, r: RedisServer, keys: number, dir: string, vmsnapBase: number, o: RedisBenchOptions): Effect.Effect<RedisTrial, never, WpNative> =>
   Effect.scoped(
     Effect.gen(function* () {
       const failed = (error: string): RedisTrial => ({
@@ -203,7 +204,7 @@ const trial = (method: RedisBenchMethod, run: number, r: RedisServer, keys: numb
       r.startLoad({ clients: o.clients, requests: 50_000_000, keyspace: keys, valueBytes: o.valueBytes })
       yield* Effect.promise(() => sleep(o.warmupMs))
       const vmsnapPath = join(o.outputDir ?? dir, `${method}-${run}.vmsnap`)
-      const peaks = samplePeaks(r.pid, method === "bgsave" ? () => childrenOf(r.pid).reduce((a, c) => a + privateDirtyBytes(c), 0) : undefined)
+      const peaks = samplePeaks(r.pid, method === "vmsnap-pid" ? vmsnapBase : Infinity, method === "bgsave" ? () => childrenOf(r.pid).reduce((a, c) => a + privateDirtyBytes(c), 0) : undefined)
       const beginNs = nowNs()
       const outcome = yield* Effect.exit<Outcome, unknown, WpNative>(
         method === "vmsnap-pid" ? vmsnapPid(r, vmsnapPath, o) : Effect.tryPromise({ try: () => bgsave(r), catch: (e) => e })
@@ -254,11 +255,12 @@ export const runRedisBenchmark = (o: RedisBenchOptions): Effect.Effect<RedisBenc
       const keys = Math.max(1, Math.round(o.datasetBytes / (o.valueBytes + KEY_OVERHEAD)))
       o.onStart?.(`filling Redis with ${keys} keys of ${o.valueBytes} bytes`, 0)
       const usedMemoryBytes = yield* Effect.promise(() => server.populate(keys, o.valueBytes))
+      const vmsnapBase = statusBytes("self", "RssAnon")
       const trials: Array<RedisTrial> = []
       for (let run = 1; run <= o.runs; run++)
         for (const method of o.methods) {
           o.onStart?.(method, run)
-          trials.push(yield* trial(method, run, server, keys, dir, o))
+          trials.push(yield* trial(method, run, server, keys, dir, vmsnapBase, o))
         }
       return {
         keys, valueBytes: o.valueBytes, usedMemoryBytes,
