@@ -11,10 +11,14 @@
  * record is).
  *
  * Compression never holds the capture up with `auto` (the default): a batch
- * is compressed only while no other compression is running, else written
- * raw (the format has raw records), so the sweep goes on at the speed of
- * copying memory and compression gets at most one core, the one the guest
- * is least likely to need (issue 14).
+ * is compressed only with CPU the machine leaves idle (at least half a core
+ * over the last 100 ms, from /proc/stat) and while no other batch is being
+ * compressed, else written raw (the format has raw records). While pages
+ * are protected the guest pays for every one not yet saved, so the sweep
+ * must go on at the speed of copying memory, and compression must not take
+ * the core a vCPU needs (issue 14: on 2 cores with a vCPU writing flat out,
+ * compressing one batch at a time still doubled the time pages stayed
+ * protected).
  */
 import { Effect } from "effect"
 import { compress, compressSync } from "lz4-napi"
@@ -23,6 +27,7 @@ import { PAGE_SIZE, regionPages } from "./GuestMemory.js"
 import type { Encoding } from "./SnapshotFormat.js"
 import type { PendingRecord, SnapshotFile } from "./SnapshotFile.js"
 import { collectYoungGarbage } from "./internal/gc.js"
+import { IdleCpu } from "./internal/idleCpu.js"
 import { type EngineBatch, PAGE_ZERO, type WpEngine } from "./WpNative.js"
 
 export interface WriterOptions {
@@ -42,10 +47,17 @@ export interface WriterOptions {
 
 /**
  * How records are stored. "lz4": every batch compressed (the writer waits for
- * compression when it falls behind); "none": raw; "auto": compressed when no
- * other batch is being compressed, else raw (never waits for compression).
+ * compression when it falls behind); "none": raw; "auto": compressed with
+ * idle CPU only, one batch at a time, else raw (never waits for compression).
  */
 export type Compression = "auto" | "lz4" | "none"
+
+/** Half a core idle: enough for lz4 to keep up with a batch at a time. */
+const IDLE_CORES_TO_COMPRESS = 0.5
+
+/** Whether a batch is compressed: `compressing` batches are on the thread pool, `idleCores` from IdleCpu. */
+export const compressBatch = (compression: Compression, compressing: number, idleCores: number): boolean =>
+  compression === "lz4" || (compression === "auto" && compressing === 0 && idleCores >= IDLE_CORES_TO_COMPRESS)
 
 /** The values of `Compression`, for option parsers. */
 export const COMPRESSIONS: ReadonlyArray<Compression> = ["auto", "lz4", "none"]
@@ -167,6 +179,7 @@ export const writeSnapshotBody = (
     const batchPages = Math.max(options.sweepPages ?? 256, ...engine.regions.map((r) => Math.min((r.pageSize ?? PAGE_SIZE) / PAGE_SIZE, 512)))
     const maxInFlight = options.inFlight ?? 4
     const compression = options.compression ?? "auto"
+    const idle = new IdleCpu()
     const totalPages = engine.regions.reduce((s, r) => s + regionPages(r), 0)
     const inflight = new InFlight(batchPages)
     const arrays = { regions: new Uint32Array(batchPages), pages: new BigUint64Array(batchPages), flags: new Uint8Array(batchPages) }
@@ -181,7 +194,7 @@ export const writeSnapshotBody = (
           inflight.giveBack(batch.data)
           return false
         }
-        const useLz4 = compression === "lz4" || (compression === "auto" && inflight.compressing === 0)
+        const useLz4 = compressBatch(compression, inflight.compressing, compression === "auto" ? idle.cores() : 0)
         inflight.push(recordsFromBatch(batch, n, useLz4), batch.data, useLz4)
         saved += n
         return true

@@ -119,12 +119,10 @@ describe.skipIf(unavailable)("live snapshot consistency", () => {
   })
 
   // The guest's pages are compressible (stamped), so lz4 records are smaller than raw ones.
-  it("compression auto: exact; records are lz4 while no other batch compresses, raw when the writer would wait for one", async () => {
+  it("compression auto, lz4 and none: each exact; lz4 writes no raw record, none no lz4 one (auto's choice: SnapshotWriter.test)", async () => {
     const auto = await runTest(snapshotWhileWriting("anon", { size: 64 * MiB, poolPages: 1024, compression: "auto" }))
     expect(auto.restoredDiff).toBe(-1)
-    expect(auto.records.lz4).toBeGreaterThan(0)
-    // Batches are taken back to back while one compresses on the thread pool: those are written raw.
-    expect(auto.records.raw).toBeGreaterThan(0)
+    expect(auto.records.lz4 + auto.records.raw).toBeGreaterThan(0)
     const lz4 = await runTest(snapshotWhileWriting("anon", { size: 32 * MiB, poolPages: 1024, compression: "lz4" }))
     expect(lz4.restoredDiff).toBe(-1)
     expect(lz4.records.raw).toBe(0)

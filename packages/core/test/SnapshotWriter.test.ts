@@ -1,6 +1,8 @@
 /** The writer's cut of an engine batch into records (recordsFromBatch). */
 import { describe, expect, it } from "vitest"
-import { RECORD_DATA_PAGES, recordsFromBatch } from "../src/SnapshotWriter.js"
+import { compressBatch, RECORD_DATA_PAGES, recordsFromBatch } from "../src/SnapshotWriter.js"
+import { IdleCpu } from "../src/internal/idleCpu.js"
+import { availableParallelism } from "node:os"
 import { PAGE_ZERO } from "../src/WpNative.js"
 
 const batch = (entries: Array<[region: number, page: number, zero: boolean]>) => {
@@ -48,5 +50,24 @@ describe("recordsFromBatch", () => {
     expect(records.map((r) => [r.firstPage, r.pageCount, r.encoding === "zero"])).toEqual([
       [0, 16, false], [16, 16, false], [32, 8, false], [40, 60, true]
     ])
+  })
+})
+
+describe("compression auto (issue 14: never the core the guest needs)", () => {
+  it("compresses a batch only with half a core idle and no other batch compressing; lz4 always; none never", () => {
+    expect(compressBatch("auto", 0, 1.0)).toBe(true)
+    expect(compressBatch("auto", 0, 0.5)).toBe(true)
+    expect(compressBatch("auto", 0, 0.2)).toBe(false) // the machine is busy: raw
+    expect(compressBatch("auto", 1, 2.0)).toBe(false) // one batch is on the thread pool already: raw
+    expect(compressBatch("lz4", 3, 0)).toBe(true)
+    expect(compressBatch("none", 0, 2.0)).toBe(false)
+  })
+
+  it("reads the machine's idle cores from /proc/stat: between 0 and the CPU count", async () => {
+    const idle = new IdleCpu()
+    await new Promise((r) => setTimeout(r, 150))
+    const sleeping = idle.cores()
+    expect(sleeping).toBeGreaterThanOrEqual(0)
+    expect(sleeping).toBeLessThanOrEqual(availableParallelism())
   })
 })
