@@ -153,11 +153,19 @@ export class LazyRestore {
     this.handle = handle
   }
 
-  /** "serving" (failed pages show in stats()), "done" (every page settled), "stopped" (its scope closed) or the failure that stopped it. */
-  poll(): "serving" | "done" | "stopped" | NativeError {
+  /**
+   * "serving" (failed pages show in stats()); "done": every page settled and
+   * every range unregistered; "settled": every page settled, but a range
+   * with failed pages stays registered (shared memory, or not poisoned):
+   * keep the restorer (its scope open) until the VMM leaves, or the guest's
+   * faults and discards there wait for ever; "stopped" (its scope closed);
+   * or the failure that stopped it.
+   */
+  poll(): "serving" | "done" | "settled" | "stopped" | NativeError {
     if (this.handle === undefined) return "stopped"
     const rc: number = loadWp().wp_restorer_poll([this.handle])
     if (rc === 1) return "done"
+    if (rc === 2) return "settled"
     if (rc === 0) return "serving"
     return new NativeError({ op: "lazy restore", errno: -rc, reason: -rc === 3 ? "the VMM's memory is gone (the process exited)" : errnoReason("restore", -rc) })
   }

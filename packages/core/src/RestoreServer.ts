@@ -82,6 +82,7 @@ export class RestoreServer {
   private server: UnixServer | undefined
   private index: ImageIndex | undefined
   private readonly sessions = new Set<Session>()
+  private idleWaiters: Array<() => void> = []
 
   constructor(
     readonly socketPath: string,
@@ -101,6 +102,16 @@ export class RestoreServer {
       firstMessage: { complete: completeJson, maxBytes: MAX_BODY, timeoutMs: HANDSHAKE_TIMEOUT_MS, idleMs: 200 },
       refuse: (cred, reason) => this.refusal(cred?.pid ?? 0, reason)
     }, (socket, cred, first) => void this.accept(socket, cred.pid, first))
+  }
+
+  /**
+   * Resolves once no VMM is being served: a VMM whose pages are all settled
+   * but that still has registered ranges (failed pages needing a handler,
+   * pages no region declares) is served until it disconnects (serve --once
+   * waits for that before exiting).
+   */
+  idle(): Promise<void> {
+    return this.sessions.size === 0 ? Promise.resolve() : new Promise((resolve) => this.idleWaiters.push(resolve))
   }
 
   /** Stops serving every VMM (each gets its `finished` event, ok false) and closes the socket. */
@@ -181,6 +192,7 @@ export class RestoreServer {
         clearInterval(timer)
         this.sessions.delete(session)
         await Effect.runPromise(Scope.close(scope, Exit.void)) // frees the restorer: restore.stats() keeps its last figures
+        if (this.sessions.size === 0) for (const wake of this.idleWaiters.splice(0)) wake()
       }
     }
     this.sessions.add(session)
@@ -194,12 +206,16 @@ export class RestoreServer {
         this.log(`VMM pid ${pid}: ${s.pagesFailed} page(s) cannot be produced${f ? ` (${f.records} record(s); first at byte ${f.fileOffset}: ${f.reason})` : ""}, ${s.pagesPoisoned} of them poisoned (the guest sees a memory error; the others stay blocked); ${s.pagesGone} page(s) no longer registered (remapped by the VMM), skipped${s.faultsOutside ? `; ${s.faultsOutside} fault(s) on registered pages no region declares (first at ${s.firstOutsideHva}), ${s.outsidePoisoned} answered with a memory error` : ""}`)
         this.events.onPageFailure?.(pid, s)
       }
-      if (state === "done" && !done) {
+      if ((state === "done" || state === "settled") && !done) {
         done = true
-        // Registered pages that no region declares keep their faults answered (a memory error) until the VMM disconnects.
-        if (undeclared.length === 0) void session.stop("")
-        else this.log(`VMM pid ${pid}: every declared page settled; faults on registered pages that no region declares get a memory error until the VMM disconnects`)
-      } else if (state !== "serving" && state !== "done") void session.stop(`restore failed: ${state === "stopped" ? "stopped" : state.message}`)
+        // A range still registered (undeclared pages, or failed pages that need a handler) is served until the VMM
+        // disconnects: its faults get a memory error, its discards go on; with nobody reading they would wait for ever.
+        if (undeclared.length === 0 && state === "done") void session.stop("")
+        else {
+          settled()
+          this.log(`VMM pid ${pid}: every declared page settled; ${undeclared.length ? "registered pages that no region declares" : "ranges with pages that could not be produced"} stay registered and are served (a memory error; discards go on) until the VMM disconnects`)
+        }
+      } else if (state !== "serving" && state !== "done" && state !== "settled") void session.stop(`restore failed: ${state === "stopped" ? "stopped" : state.message}`)
     }, POLL_MS)
     socket.on("close", () => void session.stop("disconnected before every page was resident; cleaned up"))
     socket.resume()

@@ -98,9 +98,14 @@ int32_t wp_restorer_set_index(wp_restorer *r, const uint32_t *regions, const uin
                               const uint32_t *page_counts, const uint64_t *file_offsets, const uint64_t *image_pages,
                               uint32_t n);
 int32_t wp_restorer_start(wp_restorer *r);
-/* 1 when every page is settled (ranges with no failed page unregistered), 0
- * while serving (failed pages: see the stats), -errno when the restorer
- * stopped (the VMM's memory gone: -ESRCH; the uffd closed: -EPIPE). */
+/* 1 when every page is settled and every range unregistered (private
+ * ranges whose failed pages were all poisoned included: the poison stays);
+ * 2 when every page is settled but a range stays registered (failed pages
+ * in shared memory, or not poisoned): keep the restorer, whose fault thread
+ * reads that range's events, until the VMM leaves, else the guest's
+ * faults and discards (MADV_DONTNEED) there wait for ever; 0 while serving
+ * (failed pages: see the stats); -errno when the restorer stopped (the
+ * VMM's memory gone: -ESRCH; the uffd closed: -EPIPE). */
 int32_t wp_restorer_poll(wp_restorer *r);
 /* A fault on a registered page that no range covers is never answered with
  * zero: it gets UFFDIO_POISON (a memory error the faulting thread sees) or,

@@ -276,7 +276,20 @@ static int serve_fault(wp_restorer *r, uint64_t address, struct rs_buffers *b)
     uint8_t state = __atomic_load_n(&g->state[page], __ATOMIC_ACQUIRE);
     int rc;
     if (state & PG_FAILED) {
-        return 0; /* poisoned, or (no POISON feature) left blocked: never anything else */
+        /* Never anything else. Poisoned before, the guest has discarded it
+         * since (MADV_DONTNEED drops the poison marker): poisoned again.
+         * Without the POISON feature: left blocked. */
+        if (state & PG_POISONED) {
+            uint64_t unit = page / g->unit * g->unit;
+            pthread_mutex_lock(&r->install_lock);
+            int prc = rs_poison_hva(r, g->hva + unit * RS_PAGE, (uint64_t)g->unit * RS_PAGE);
+            if (prc == -EEXIST) { /* still poisoned (raced): the thread only needs waking */
+                struct uffdio_range wake = {.start = g->hva + unit * RS_PAGE, .len = (uint64_t)g->unit * RS_PAGE};
+                ioctl(r->uffd, UFFDIO_WAKE, &wake);
+            }
+            pthread_mutex_unlock(&r->install_lock);
+        }
+        return 0;
     } else if (state & PG_SETTLED) {
         /* Discarded by the guest, or raced with an install: zero where
          * nothing is, or map what is (a shared page that survived). */
@@ -362,11 +375,25 @@ static void *fault_main(void *arg)
     return NULL;
 }
 
+/* Whether range g can be unregistered: nothing left to install, and no
+ * page that needs a handler. A failed page that was poisoned keeps its
+ * poison marker without a handler (the kernel answers the fault itself) in
+ * private memory, so such a range is unregistered too: then nothing in it
+ * waits for a handler, and the guest's later MADV_DONTNEED there (a balloon)
+ * never waits on a REMOVE event nobody reads; the discarded page reads zero,
+ * as any discarded private page. In shared memory a discarded poisoned page
+ * would read the page cache's hole (zero, not the guest's discard), and an
+ * unpoisoned failed page (no POISON feature) would read zero: those ranges
+ * stay registered, and must be served until the VMM leaves. */
 static bool range_clean(const struct rs_range *g)
 {
-    for (uint64_t p = 0; p < g->pages; p++)
-        if (!(g->state[p] & PG_SETTLED) || (g->state[p] & PG_FAILED))
+    for (uint64_t p = 0; p < g->pages; p++) {
+        uint8_t st = g->state[p];
+        if (!(st & PG_SETTLED))
             return false;
+        if ((st & PG_FAILED) && (g->shared || !(st & PG_POISONED)))
+            return false;
+    }
     return true;
 }
 
@@ -411,11 +438,14 @@ static void *fill_main(void *arg)
         /* Nothing left to install: unregister every range whose pages are
          * all there (a range with failed pages stays registered). */
         pthread_mutex_lock(&r->install_lock);
-        for (uint32_t i = 0; i < r->range_count; i++)
+        for (uint32_t i = 0; i < r->range_count; i++) {
             if (range_clean(&r->ranges[i])) {
                 struct uffdio_range range = {.start = r->ranges[i].hva, .len = r->ranges[i].size};
                 ioctl(r->uffd, UFFDIO_UNREGISTER, &range);
+            } else {
+                r->left_registered = true; /* the fault thread must keep reading until the VMM leaves */
             }
+        }
         pthread_mutex_unlock(&r->install_lock);
         r->done_ns = monotonic_ns();
         atomic_store(&r->done, true);
@@ -529,7 +559,9 @@ int32_t wp_restorer_poll(wp_restorer *r)
     int32_t err = atomic_load(&r->error);
     if (err < 0)
         return err;
-    return atomic_load(&r->done) ? 1 : 0;
+    if (!atomic_load(&r->done))
+        return 0;
+    return r->left_registered ? 2 : 1;
 }
 
 int32_t wp_restorer_stats(wp_restorer *r, wp_restore_stats *out)

@@ -54,6 +54,7 @@ struct wp_restorer {
     pthread_t fault_thread, fill_thread;
     bool started;
     _Atomic bool stopping, done;
+    bool left_registered; /* set before done: a range stayed registered at done (failed pages needing a handler) */
     _Atomic int32_t error;
     /* One installer at a time, and events are read and marked under it too.
      * Never held across a call that can block: the uffd is non-blocking

@@ -72,7 +72,9 @@ export const runServe = (io: Io, flags: ServeFlags) =>
           () => Effect.promise(() => server.close())
         )
         emit({ type: "listening", socket: flags.socket, file: flags.file }, `listening on ${flags.socket}, serving ${flags.file}${flags.raw ? " (raw image)" : ""} (Ctrl-C to stop)`)
-        if (flags.once) return yield* Effect.promise(() => firstDone)
+        // A VMM whose ranges stay registered (failed pages, undeclared pages) is served until it disconnects: exiting
+        // earlier would leave its faults and discards there waiting for a handler that is gone.
+        if (flags.once) return yield* Effect.promise(() => firstDone.then(async (first) => (await server.idle(), first)))
         return yield* Effect.never
       })
     ),
