@@ -11,6 +11,7 @@
 import { withHugePages } from "./hugePages.js"
 import { Effect } from "effect"
 import { execFile, spawn } from "node:child_process"
+import { createConnection } from "node:net"
 import { writeFileSync, readFileSync } from "node:fs"
 import { join } from "node:path"
 import { promisify } from "node:util"
@@ -191,12 +192,21 @@ describe.skipIf(skip)("lazy restore failures stay as small as they are", () => {
       const body = JSON.stringify([0, 1].map((i) => ({ base_host_virt_addr: 4096 * 1000 + (i * SIZE) / 2, size: SIZE / 2, offset: (i * SIZE) / 2, page_size: 4096 })))
       const blocking = peer(sock, "send", body, "blocking").catch(() => "")
       const holding = peer(sock, "restore", imagePath, String(SIZE), "page_size", "hold=20").catch(() => "")
+      // A peer connected that never finishes its handshake: serve stops without waiting out the handshake timeout.
+      const silent = createConnection(sock)
+      silent.on("error", () => undefined)
+      await new Promise((r) => silent.once("connect", r))
       await blocking
       await new Promise((r) => setTimeout(r, 300))
       child.kill("SIGTERM")
       // No timing assertion: a serve that ignores SIGTERM never exits, and this bound only ends the test.
       const code = await Promise.race([exited, new Promise<"still running">((r) => setTimeout(() => r("still running"), 20000))])
       expect(code).not.toBe("still running")
+      silent.destroy()
+      // The silent peer is told why (before: it waited out the 5 s handshake timeout, then "receiving ... failed: EBADF").
+      const refusals = out.split("\n").filter((l) => l.includes('"refused"'))
+      expect(refusals.join("\n")).toMatch(/the server stopped before the first message was complete/)
+      expect(refusals.join("\n")).not.toMatch(/EBADF/)
       void holding
     } finally {
       if (child.exitCode === null) child.kill("SIGKILL")

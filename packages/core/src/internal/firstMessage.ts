@@ -102,6 +102,8 @@ export const receiveFirstMessage = async (
         readiness.readable(fd).then(resolve, reject)
       })
       wake = undefined
+      // The server is closing (its sockets destroyed): say so, never read a closed fd (that said EBADF).
+      if (readiness.isClosed) throw new ProtocolError({ reason: "the server stopped before the first message was complete" })
     }
   } catch (e) {
     closeFds(fds)

@@ -44,9 +44,17 @@ export class Readiness {
     loadWp().wp_transport_epoll_watch([this.ep, fd, 0])
   }
 
+  /** Whether close() was called: a wait that returns then must not touch its fd (it is closed or about to be). */
+  get isClosed(): boolean {
+    return this.closed
+  }
+
+  /** Stops every wait: each pending readable() resolves at once (its caller checks isClosed), so no caller waits out its own timeout. */
   close() {
     this.closed = true
-    for (const fd of [...this.waiting.keys()]) this.forget(fd)
+    const all = [...this.waiting]
+    for (const [fd] of all) this.forget(fd)
+    for (const [, resolve] of all) resolve()
     if (!this.inFlight) this.closeEpoll()
   }
 
