@@ -11,7 +11,8 @@
  * pages, or 4 KiB memory that declares 2 MiB, is refused with the reason.
  */
 import { Effect } from "effect"
-import { readFileSync, writeFileSync } from "node:fs"
+import { execFileSync } from "node:child_process"
+import { mkdirSync, readFileSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
 import { beforeAll, describe, expect, it, type TestContext } from "vitest"
 import { concatOffsets, openSnapshot, PAGE_SIZE, restoreToRawFile, takeSnapshot, WpNative } from "../packages/core/src/index.js"
@@ -98,6 +99,30 @@ describe.skipIf(skip)("lazy restore into hugetlbfs guests at 2 MiB pages", () =>
       })
     } finally {
       await s.server.close()
+    }
+  })
+
+  it("huge pages running out (a hugetlbfs mount's size= quota): the pages that cannot be installed get a memory error, reported; the others are served", async (ctx) => {
+    const mount = join(dir, "hfs")
+    mkdirSync(mount, { recursive: true })
+    try {
+      execFileSync("mount", ["-t", "hugetlbfs", "-o", `size=${4 * MiB},pagesize=2M,mode=0700`, "none", mount], { stdio: "pipe" })
+    } catch (e) {
+      console.warn(`SKIP ${ctx.task.name}: cannot mount hugetlbfs with a size= quota (${String((e as Error).message).trim()}; needs root)`)
+      return ctx.skip()
+    }
+    try {
+      await withHuge(ctx, SIZE / HUGE + 1, async () => {
+        const before = main.events.finished.length
+        // The mount holds 2 huge pages: pages are installed in image order, so the first 4 MiB are served and the rest cannot be.
+        const out = await peer(main.sock, "restore", imagePath, String(8 * MiB), "page_size", "hugetlb=1", "memfd=1", `hugetlbfs=${mount}`, `pagesize=${HUGE}`, "poison=1", `bad=${4 * MiB}:${SIZE - 4 * MiB}`)
+        expect(out).toMatch(/^OK /)
+        const finished = await main.nextFinished(before)
+        expect(finished).toMatchObject({ ok: false, stats: { pagesUnallocated: (SIZE - 4 * MiB) / PAGE_SIZE, pagesPoisoned: (SIZE - 4 * MiB) / PAGE_SIZE } })
+        expect(finished?.error).toMatch(/no huge page could be allocated/)
+      })
+    } finally {
+      execFileSync("umount", [mount])
     }
   })
 

@@ -58,8 +58,10 @@ export interface LazyRestoreStats {
   readonly doneMs: number | null
   /** Pages the VMM mapped something else over (ENOENT): skipped. */
   readonly pagesGone: number
-  /** Pages whose record cannot be produced; of them, resolved with UFFDIO_POISON. */
+  /** Pages whose record cannot be produced, or that cannot be installed (pagesUnallocated); of them, resolved with UFFDIO_POISON. */
   readonly pagesFailed: number
+  /** Of pagesFailed, 4 KiB pages of huge pages that could not be allocated (the hugetlbfs pool, or a mount's size= quota, exhausted). */
+  readonly pagesUnallocated: number
   readonly pagesPoisoned: number
   /** The first record that could not be produced, if any. */
   readonly failedRecord: { readonly records: number; readonly fileOffset: number; readonly reason: string } | null
@@ -182,7 +184,7 @@ export class LazyRestore {
       faultServiceUs: summarizeUs(Array.from(w.subarray(WP_RESTORE_STATS_FIELDS.length), Number), n("fault_ns_max"), faultBucketLowerNs),
       firstFaultMs: n("first_fault_ns") ? n("first_fault_ns") / 1e6 : null,
       doneMs: n("done_ns") ? n("done_ns") / 1e6 : null,
-      pagesGone: n("pages_gone"), pagesFailed: n("pages_failed"), pagesPoisoned: n("pages_poisoned"),
+      pagesGone: n("pages_gone"), pagesFailed: n("pages_failed"), pagesUnallocated: n("pages_unallocated"), pagesPoisoned: n("pages_poisoned"),
       failedRecord: n("failed_records") === 0 ? null : {
         records: n("failed_records"),
         fileOffset: n("failed_offset"),

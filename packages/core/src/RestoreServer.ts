@@ -64,7 +64,8 @@ const fail = (reason: string): never => {
 /** Why a restore whose pages are all settled did not restore the snapshot everywhere; undefined when it did. */
 const shortfall = (s: LazyRestoreStats): string | undefined => {
   const why = [
-    s.pagesFailed ? `${s.pagesFailed} page(s) could not be produced and were poisoned` : "",
+    s.pagesFailed - s.pagesUnallocated ? `${s.pagesFailed - s.pagesUnallocated} page(s) could not be produced and were poisoned` : "",
+    s.pagesUnallocated ? `${s.pagesUnallocated} page(s) could not be installed: no huge page could be allocated (the hugetlbfs pool or the mount's size= quota is exhausted); poisoned where the VMM negotiated UFFD_FEATURE_POISON, else their faults stay blocked` : "",
     s.pagesGone ? `${s.pagesGone} page(s) were no longer registered with the userfaultfd when installed (the VMM mapped something else there or unregistered them) and were skipped: they hold what the VMM put there, not the snapshot` : "",
     s.faultsOutside ? `${s.faultsOutside} fault(s) hit registered pages that no region declares (first at ${s.firstOutsideHva}), answered with a memory error` : ""
   ].filter((w) => w)
@@ -203,18 +204,19 @@ export class RestoreServer {
       if (s.pagesFailed > seen.failed || s.pagesGone > seen.gone || s.faultsOutside > seen.outside) {
         seen = { failed: s.pagesFailed, gone: s.pagesGone, outside: s.faultsOutside }
         const f = s.failedRecord
-        this.log(`VMM pid ${pid}: ${s.pagesFailed} page(s) cannot be produced${f ? ` (${f.records} record(s); first at byte ${f.fileOffset}: ${f.reason})` : ""}, ${s.pagesPoisoned} of them poisoned (the guest sees a memory error; the others stay blocked); ${s.pagesGone} page(s) no longer registered (remapped by the VMM), skipped${s.faultsOutside ? `; ${s.faultsOutside} fault(s) on registered pages no region declares (first at ${s.firstOutsideHva}), ${s.outsidePoisoned} answered with a memory error` : ""}`)
+        this.log(`VMM pid ${pid}: ${s.pagesFailed} page(s) cannot be produced${f ? ` (${f.records} record(s); first at byte ${f.fileOffset}: ${f.reason})` : ""}${s.pagesUnallocated ? ` (${s.pagesUnallocated} of them: no huge page could be allocated, the hugetlbfs pool or size= quota is exhausted)` : ""}, ${s.pagesPoisoned} of them poisoned (the guest sees a memory error; the others stay blocked); ${s.pagesGone} page(s) no longer registered (remapped by the VMM), skipped${s.faultsOutside ? `; ${s.faultsOutside} fault(s) on registered pages no region declares (first at ${s.firstOutsideHva}), ${s.outsidePoisoned} answered with a memory error` : ""}`)
         this.events.onPageFailure?.(pid, s)
       }
       if ((state === "done" || state === "settled") && !done) {
         done = true
         // A range still registered (undeclared pages, or failed pages that need a handler) is served until the VMM
         // disconnects: its faults get a memory error, its discards go on; with nobody reading they would wait for ever.
+        // The outcome is reported now, unless faults outside every region may still change it (then at disconnect).
         if (undeclared.length === 0 && state === "done") void session.stop("")
-        else {
+        else if (undeclared.length === 0) {
           settled()
-          this.log(`VMM pid ${pid}: every declared page settled; ${undeclared.length ? "registered pages that no region declares" : "ranges with pages that could not be produced"} stay registered and are served (a memory error; discards go on) until the VMM disconnects`)
-        }
+          this.log(`VMM pid ${pid}: ranges with pages that could not be produced stay registered and are served (a memory error; discards go on) until the VMM disconnects`)
+        } else this.log(`VMM pid ${pid}: every declared page settled; faults on registered pages that no region declares get a memory error until the VMM disconnects`)
       } else if (state !== "serving" && state !== "done" && state !== "settled") void session.stop(`restore failed: ${state === "stopped" ? "stopped" : state.message}`)
     }, POLL_MS)
     socket.on("close", () => void session.stop("disconnected before every page was resident; cleaned up"))

@@ -65,7 +65,7 @@ typedef struct wp_restore_stats {
     uint64_t fault_ns_total, fault_ns_max;
     uint64_t first_fault_ns, done_ns;  /* since wp_restorer_start; 0 if not yet */
     uint64_t pages_gone;               /* ENOENT: the VMM mapped something else there */
-    uint64_t pages_failed;             /* their record cannot be produced */
+    uint64_t pages_failed;             /* cannot be produced (their record) or installed (pages_unallocated) */
     uint64_t pages_poisoned;           /* of those, resolved with UFFDIO_POISON */
     uint64_t failed_records;           /* records that could not be produced */
     uint64_t failed_offset;            /* file offset of the first of them */
@@ -74,6 +74,7 @@ typedef struct wp_restore_stats {
     uint64_t faults_outside;           /* faults on registered pages that no range covers (nothing to serve there) */
     uint64_t outside_poisoned;         /* of those, answered with UFFDIO_POISON (the others stay blocked) */
     uint64_t outside_hva;              /* the page of the first of them */
+    uint64_t pages_unallocated;        /* of pages_failed, those no huge page could be allocated for (pool or hugetlbfs size= quota exhausted) */
     uint64_t hist[WP_RESTORE_HIST_BUCKETS];
 } wp_restore_stats;
 

@@ -589,6 +589,7 @@ int32_t wp_restorer_stats(wp_restorer *r, wp_restore_stats *out)
     out->faults_outside = r->faults_outside;
     out->outside_poisoned = r->outside_poisoned;
     out->outside_hva = r->outside_hva;
+    out->pages_unallocated = r->pages_unallocated;
     memcpy(out->hist, r->hist, sizeof out->hist);
     pthread_mutex_unlock(&r->install_lock);
     return 0;

@@ -66,6 +66,7 @@ struct wp_restorer {
     uint64_t pages_gone, pages_failed, pages_poisoned, failed_records;
     uint64_t failed_offset;
     uint64_t faults_outside, outside_poisoned, outside_hva;
+    uint64_t pages_unallocated; /* failed for want of a huge page (counted in pages_failed too) */
     uint32_t failed_why;
     int32_t failed_errno;
     uint64_t fault_ns_total, fault_ns_max, first_fault_ns, start_ns, done_ns;

@@ -87,6 +87,45 @@ static int map_cached(wp_restorer *r, struct rs_range *g, uint64_t p)
     return 0;
 }
 
+/* A hugetlbfs install of unit p failed with EEXIST. The kernel says EEXIST
+ * for two things there: a page is present (mapped, or in the page cache of
+ * shared memory), and no huge page could be allocated (the pool or the
+ * mount's size= quota exhausted: hugetlb_mfill_atomic_pte answers EEXIST
+ * when the allocation fails and a page table entry exists, as it does once
+ * the ioctl allocated the table). Told apart by what is there: a page in
+ * the page cache is mapped (UFFDIO_CONTINUE: 0 or EEXIST), a mapped page
+ * refuses UFFDIO_POISON (EEXIST). Else nothing is there: the page cannot be
+ * installed, and it is poisoned (a poison marker needs no huge page), or,
+ * without the POISON feature, left failed with its faults blocked.
+ * 0: a page is there (kept); 1: failed for want of a huge page; -errno. */
+static int huge_eexist(wp_restorer *r, struct rs_range *g, uint64_t p)
+{
+    uint64_t hva = g->hva + p * RS_PAGE;
+    if (g->shared) {
+        struct uffdio_continue c = {.range = {.start = hva, .len = WP_RESTORE_HUGE_PAGE_SIZE}};
+        if (ioctl(r->uffd, UFFDIO_CONTINUE, &c) == 0 || errno == EEXIST)
+            return 0;
+        if (errno != EFAULT) /* EFAULT: no page in the page cache */
+            return -errno;
+    }
+    int rc = rs_poison_hva(r, hva, WP_RESTORE_HUGE_PAGE_SIZE);
+    if (rc == -EEXIST)
+        return 0;
+    if (rc < 0 && rc != -EINVAL)
+        return rc;
+    for (uint32_t k = 0; k < g->unit; k++) {
+        if (!(g->state[p + k] & PG_FAILED))
+            r->pages_failed++;
+        g->state[p + k] |= PG_FAILED;
+        if (rc == 0)
+            rs_set(r, g, p + k, PG_POISONED);
+    }
+    r->pages_unallocated += g->unit;
+    if (rc == 0)
+        r->pages_poisoned += g->unit;
+    return 1;
+}
+
 int rs_install(wp_restorer *r, struct rs_range *g, uint64_t p, uint64_t n, const uint8_t *src)
 {
     uint64_t done = 0;
@@ -109,7 +148,13 @@ int rs_install(wp_restorer *r, struct rs_range *g, uint64_t p, uint64_t n, const
             continue;
         }
         uint64_t q = p + done;
-        if (got == -EEXIST) {
+        if ((got == -EEXIST || got == -ENOMEM) && u > 1) {
+            int rc = huge_eexist(r, g, q); /* present (kept), or no huge page to be had (failed) */
+            if (rc < 0)
+                return rc;
+            for (uint32_t k = 0; k < u && rc == 0; k++)
+                rs_set(r, g, q + k, PG_RESIDENT);
+        } else if (got == -EEXIST) {
             /* Present already (the guest's own data, or installed before): kept. */
             int rc = g->shared ? map_cached(r, g, q) : 0;
             if (rc < 0 && rc != -EINVAL)
@@ -132,7 +177,11 @@ int rs_install(wp_restorer *r, struct rs_range *g, uint64_t p, uint64_t n, const
 int rs_install_zero_or_keep(wp_restorer *r, struct rs_range *g, uint64_t p)
 {
     int64_t got = fill_once(r, g, g->hva + p * RS_PAGE, (uint64_t)g->unit * RS_PAGE, NULL);
-    if (got == -EEXIST && g->shared) {
+    if (got == -EEXIST && g->unit > 1) {
+        int rc = huge_eexist(r, g, p); /* kept, or poisoned for want of a huge page (never blocked for ever if POISON) */
+        if (rc < 0)
+            return rc;
+    } else if (got == -EEXIST && g->shared) {
         int rc = map_cached(r, g, p);
         if (rc < 0)
             return rc;

@@ -54,7 +54,7 @@ export const runServe = (io: Io, flags: ServeFlags) =>
           onPageFailure: (pid, s) =>
             emit(
               {
-                type: "page-failure", pid, pagesFailed: s.pagesFailed, pagesPoisoned: s.pagesPoisoned, pagesGone: s.pagesGone, failedRecord: s.failedRecord,
+                type: "page-failure", pid, pagesFailed: s.pagesFailed, pagesUnallocated: s.pagesUnallocated, pagesPoisoned: s.pagesPoisoned, pagesGone: s.pagesGone, failedRecord: s.failedRecord,
                 faultsOutside: s.faultsOutside, outsidePoisoned: s.outsidePoisoned, firstOutsideHva: s.firstOutsideHva
               },
               `VMM pid ${pid}: ${s.pagesFailed} page(s) cannot be produced (${s.pagesPoisoned} poisoned), ${s.pagesGone} no longer registered (remapped by the VMM), ${s.faultsOutside} fault(s) outside every region`

@@ -158,7 +158,8 @@ export const WP_STATS_WORDS = WP_STATS_FIELDS.length + WP_HIST_BUCKETS
 export const WP_RESTORE_STATS_FIELDS = [
   "pages_total", "pages_settled", "faults", "faults_zero", "pages_by_fault", "pages_by_fill", "removed_pages",
   "fault_ns_total", "fault_ns_max", "first_fault_ns", "done_ns", "pages_gone", "pages_failed", "pages_poisoned",
-  "failed_records", "failed_offset", "failed_why", "failed_errno", "faults_outside", "outside_poisoned", "outside_hva"
+  "failed_records", "failed_offset", "failed_why", "failed_errno", "faults_outside", "outside_poisoned", "outside_hva",
+  "pages_unallocated"
 ] as const
 export const WP_RESTORE_STATS_WORDS = WP_RESTORE_STATS_FIELDS.length + WP_RESTORE_HIST_BUCKETS
 
