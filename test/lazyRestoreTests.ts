@@ -63,7 +63,7 @@ export const twoRegionSnapshot = (path: string, image: string, seed: number): Pr
           guest.fill(0, (guest.pages * 3) / 4, seed)
           const half = SIZE / 2
           const regions = [0, 1].map((i) => ({ guestBase: gpa(i * 0x100000000), hostBase: hva(guest.region.hostBase + BigInt(i * half)), size: half, kind: "anon" as const }))
-          yield* takeSnapshot({ regions, path, poolPages: 64 })
+          yield* takeSnapshot({ regions, path, poolPages: 64, compression: "lz4" }) // lz4 records whatever the CPU load ("auto" writes raw on a busy machine)
           yield* restoreToRawFile(path, image)
         })
       ),
