@@ -99,6 +99,21 @@ describe.skipIf(skip)("serve checks a VMM's ranges against its userfaultfd regis
     expect(skipped!.error).toMatch(/page\(s\) were no longer registered with the userfaultfd when installed/)
   })
 
+  it("a VMM that remaps a range and registers it again (Firecracker <= 1.10's balloon), with UFFD_FEATURE_EVENT_UNMAP: the fresh mapping gets no snapshot page (reads zero), the pages it missed are gone", async () => {
+    // As above, up to 5 rounds until the remap came before the fill had installed everything there.
+    let skipped: Finished | undefined
+    for (let round = 0; round < 5 && !skipped; round++) {
+      const before = main.events.finished.length
+      // The peer checks that the remapped half reads zero: before, the fill installed snapshot pages into the new mapping.
+      expect(await peer(sock, "restore", imagePath, String(SIZE), "page_size", `remap=${SIZE / 2}:${SIZE / 2}`, "reregister=1", "unmap=1"), `round ${round}`).toMatch(/^OK /)
+      const finished = (await main.nextFinished(before))!
+      if (finished.stats.pagesGone === 0) expect(finished.ok, `round ${round}: ${finished.error}`).toBe(true)
+      else skipped = finished
+    }
+    expect(skipped, "the fill installed every page before the VMM remapped them, 5 times").toBeDefined()
+    expect(skipped!.ok).toBe(false)
+  })
+
   it("a range the VMM's kernel holds as two mappings (split inside a record) is served whole, no page skipped", async () => {
     const record = await Effect.runPromise(Effect.scoped(Effect.map(openSnapshot(snapshotPath), (s) => s.index.find((e) => e.pageCount >= 4 && e.firstPage > 0)!)))
     const before = main.events.finished.length

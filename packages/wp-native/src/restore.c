@@ -235,6 +235,29 @@ static void mark_removed(wp_restorer *r, uint64_t start, uint64_t end)
     }
 }
 
+/* The VMM unmapped [start, end) (UFFD_EVENT_UNMAP: munmap, or an mmap
+ * MAP_FIXED over it) or moved it away (UFFD_EVENT_REMAP: mremap), where it
+ * negotiated those events. Whatever is mapped there next is the VMM's, not
+ * the snapshot's: its pages are gone, and nothing is installed there again,
+ * even once the VMM registers the new mapping with the uffd (Firecracker up
+ * to 1.10 remaps balloon memory and registers it again). Pages not
+ * installed by then are counted gone (the restore is not whole); a fault
+ * in the new mapping gets zero (or keeps what is there). Called with
+ * install_lock held, in the critical section of the event's read. */
+static void mark_gone(wp_restorer *r, uint64_t start, uint64_t end)
+{
+    for (uint64_t a = start & ~(uint64_t)(RS_PAGE - 1); a < end; a += RS_PAGE) {
+        uint64_t page;
+        struct rs_range *g = find_page(r, a, &page);
+        if (!g || (g->state[page] & PG_GONE))
+            continue;
+        if (!(g->state[page] & PG_SETTLED) || (g->state[page] & PG_FAILED))
+            r->pages_gone++;
+        g->state[page] &= (uint8_t)~PG_FAILED; /* nothing of the snapshot's is owed there any more */
+        rs_set(r, g, page, PG_GONE);
+    }
+}
+
 /* A fault on a page registered with the uffd that no range covers (the VMM
  * registered more than it declared): there is nothing to serve there, and
  * zero would be wrong. The faulting thread gets a memory error
@@ -344,6 +367,10 @@ static void *fault_main(void *arg)
         for (ssize_t i = 0; n > 0 && i < n / (ssize_t)sizeof msgs[0]; i++)
             if (msgs[i].event == UFFD_EVENT_REMOVE)
                 mark_removed(r, msgs[i].arg.remove.start, msgs[i].arg.remove.end);
+            else if (msgs[i].event == UFFD_EVENT_UNMAP)
+                mark_gone(r, msgs[i].arg.remove.start, msgs[i].arg.remove.end);
+            else if (msgs[i].event == UFFD_EVENT_REMAP)
+                mark_gone(r, msgs[i].arg.remap.from, msgs[i].arg.remap.from + msgs[i].arg.remap.len);
         pthread_mutex_unlock(&r->install_lock);
         size_t retrying = retry_count;
         retry_count = 0;
