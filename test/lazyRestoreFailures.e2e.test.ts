@@ -119,6 +119,10 @@ describe.skipIf(skip)("lazy restore failures stay as small as they are", () => {
     }
   })
 
+  it("an anonymous guest that also sends an unrelated memfd is served as private memory: its MADV_DONTNEED reads zero, not the snapshot", async () => {
+    expect(await peer(main.sock, "restore", imagePath, String(4 * MiB), "page_size", "extrafd=1", "discard", String(2 * MiB), String(4 * MiB))).toMatch(/^OK /)
+  })
+
   it("a memfd guest's shared MADV_DONTNEED keeps its data (not zero)", async () => {
     expect(await peer(main.sock, "restore", imagePath, String(4 * MiB), "page_size", "memfd=1", "discard", String(2 * MiB), String(4 * MiB))).toMatch(/^OK /)
   })

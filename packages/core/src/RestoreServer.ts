@@ -156,7 +156,8 @@ export class RestoreServer {
     const admit = refusal ? Effect.fail(refusal) : Effect.void
     const undeclared = mappings.undeclared
     // Shared memory whether or not the VMM sent its memfd (Firecracker sends only the uffd): a page in its page cache is mapped with UFFDIO_CONTINUE.
-    const ranges: Array<GuestRange> = regions.map((r, i) => ({ hva: BigInt(r.base_host_virt_addr), size: r.size, imageOffset: r.offset, memfd, shared: mappings.shared[i], pageSize: r.page_size }))
+    // Private memory is private whatever fd came with it: an unrelated memfd sent along once made it served as shared (a discard read the snapshot, not zero).
+    const ranges: Array<GuestRange> = regions.map((r, i) => ({ hva: BigInt(r.base_host_virt_addr), size: r.size, imageOffset: r.offset, memfd: mappings.shared[i] ? memfd : undefined, shared: mappings.shared[i], pageSize: r.page_size }))
     const scope = Effect.runSync(Scope.make())
     const started = await Effect.runPromiseExit(Scope.provide(scope)(startLazyRestore(this.source, uffd, ranges, { admit }, this.index)))
     closeFds(first.fds) // the restorer keeps its own dups
