@@ -106,6 +106,23 @@ describe.skipIf(skip)("snapshot --pid", () => {
     await expectReleased(target)
   })
 
+  it("memory mapped over a chosen mapping after registration, before the cut: refused as a layout change (the cut no longer reads the layout while the target is stopped)", async () => {
+    const target = new Target(["32", "1"])
+    await target.ready
+    const path = join(dir, "remapped-before-cut.vmsnap")
+    const exit = await run(snapshotPid({
+      pid: target.pid, path, poolPages: 64,
+      beforeCut: Effect.promise(async () => {
+        target.send("remap")
+        await target.line(/^remapped$/m)
+      })
+    }))
+    expect(Exit.isFailure(exit)).toBe(true)
+    expect(messageOf(exit)).toMatch(/changed its memory layout/)
+    expect(existsSync(path)).toBe(false)
+    await expectReleased(target)
+  })
+
   it("the target killed during the snapshot: a clear error, no file", async () => {
     const target = new Target(["64", "2"])
     await target.ready
