@@ -199,21 +199,25 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
       const stoppedMs = { setup: 0, cut: 0 }
       let stoppedAt = performance.now()
       const stopped = (phase: "setup" | "cut") => Effect.sync(() => void (stoppedMs[phase] = performance.now() - stoppedAt))
-      // Frozen: pick the mappings and take the uffd, so both see one layout.
-      const { selection, uffd } = yield* Effect.acquireUseRelease(
-        freeze(handle, pid, timeoutMs),
-        () =>
-          Effect.gen(function* () {
-            const picked = selectMappings(pid, readMappings(pid), options.mappings ?? [])
-            if (picked instanceof InvalidInput) return yield* Effect.fail(picked)
-            yield* checkNotShared(pid, picked.chosen, "")
-            if (picked.chosen.length > 64)
-              return yield* Effect.fail(new InvalidInput({ reason: `pid ${pid} has ${picked.chosen.length} mappings to capture, more than the engine's 64 regions: pick some with --mapping START-END|NAME or --min-size` }))
-            const fd = yield* takeUffd(handle, pid)
-            return { selection: picked, uffd: fd }
-          }),
+      // The mappings are chosen while the target runs: reading smaps and every process's maps
+      // walks page tables (tens of ms for a large process), so none of it is done while it is
+      // stopped. Registering them later fails on a mapping that is gone, and the layout is
+      // checked against this choice again before commit.
+      const picked = selectMappings(pid, readMappings(pid), options.mappings ?? [])
+      if (picked instanceof InvalidInput) return yield* Effect.fail(picked)
+      yield* checkNotShared(pid, picked.chosen, "")
+      if (picked.chosen.length > 64)
+        return yield* Effect.fail(new InvalidInput({ reason: `pid ${pid} has ${picked.chosen.length} mappings to capture, more than the engine's 64 regions: pick some with --mapping START-END|NAME or --min-size` }))
+      // Frozen only to run userfaultfd(2) inside the target and take the fd.
+      const uffd = yield* Effect.acquireUseRelease(
+        Effect.suspend(() => {
+          stoppedAt = performance.now()
+          return freeze(handle, pid, timeoutMs)
+        }),
+        () => takeUffd(handle, pid),
         () => Effect.andThen(thaw(handle), stopped("setup"))
       )
+      const selection = picked
       const rc: number = loadWp().wp_uffd_negotiate([uffd])
       if (rc < 0) return yield* Effect.fail(new NativeError({ op: "userfaultfd", errno: -rc, reason: errnoReason("userfaultfd", -rc) }))
       const chosen = selection.chosen
