@@ -99,6 +99,11 @@ describe.skipIf(skip)("serve checks a VMM's ranges against its userfaultfd regis
     expect(skipped!.error).toMatch(/page\(s\) were no longer registered with the userfaultfd when installed/)
   })
 
+  it("a uffd of another process (the VMM's child, same addresses registered in its own memory) is refused, never filled while the VMM's faults wait", async () => {
+    const answer = JSON.parse(await peer(sock, "restore", imagePath, String(SIZE), "page_size", "childfd=1", "refused=1"))
+    expect(answer.error).toMatch(/the userfaultfd sent fills another process's memory/)
+  })
+
   it("a VMM that remaps a range and registers it again (Firecracker <= 1.10's balloon), with UFFD_FEATURE_EVENT_UNMAP: the fresh mapping gets no snapshot page (reads zero), the pages it missed are gone", async () => {
     // As above, up to 5 rounds until the remap came before the fill had installed everything there.
     let skipped: Finished | undefined

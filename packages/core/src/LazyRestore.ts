@@ -222,6 +222,8 @@ export interface LazyRestoreOptions {
    * refuses the VMM.
    */
   readonly admit?: Effect.Effect<void, ProtocolError>
+  /** The VMM's pid: the uffd must fill its memory, not another process's (wp_restorer_check_owner). */
+  readonly ownerPid?: number
 }
 
 export const startLazyRestore = (
@@ -272,6 +274,12 @@ export const startLazyRestore = (
       yield* check("lazy restore range", rc)
     }
     yield* check("lazy restore index", lib.wp_restorer_set_index([handle, idx.regions, idx.firstPages, idx.counts, idx.offsets, idx.imagePages, idx.count]))
+    if (options.ownerPid !== undefined) {
+      const rc: number = lib.wp_restorer_check_owner([handle, options.ownerPid])
+      if (rc === -18)
+        return yield* Effect.fail(new ProtocolError({ reason: `the userfaultfd sent fills another process's memory, not pid ${options.ownerPid}'s (its faults would reach no handler): send the uffd your own process registered its guest memory with` }))
+      yield* check("lazy restore owner check", rc)
+    }
     yield* check("lazy restore start", lib.wp_restorer_start([handle]))
     return restore
   })

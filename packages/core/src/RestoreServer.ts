@@ -159,7 +159,7 @@ export class RestoreServer {
     // Private memory is private whatever fd came with it: an unrelated memfd sent along once made it served as shared (a discard read the snapshot, not zero).
     const ranges: Array<GuestRange> = regions.map((r, i) => ({ hva: BigInt(r.base_host_virt_addr), size: r.size, imageOffset: r.offset, memfd: mappings.shared[i] ? memfd : undefined, shared: mappings.shared[i], pageSize: r.page_size }))
     const scope = Effect.runSync(Scope.make())
-    const started = await Effect.runPromiseExit(Scope.provide(scope)(startLazyRestore(this.source, uffd, ranges, { admit }, this.index)))
+    const started = await Effect.runPromiseExit(Scope.provide(scope)(startLazyRestore(this.source, uffd, ranges, { admit, ownerPid: pid || undefined }, this.index)))
     closeFds(first.fds) // the restorer keeps its own dups
     if (Exit.isFailure(started)) {
       await Effect.runPromise(Scope.close(scope, Exit.void))

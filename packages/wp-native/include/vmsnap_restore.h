@@ -98,6 +98,14 @@ int32_t wp_restorer_add_range(wp_restorer *r, uint64_t hva, uint64_t size, uint6
 int32_t wp_restorer_set_index(wp_restorer *r, const uint32_t *regions, const uint64_t *first_pages,
                               const uint32_t *page_counts, const uint64_t *file_offsets, const uint64_t *image_pages,
                               uint32_t n);
+/* Checks that the uffd fills process pid's memory (its ctx is pid's mm),
+ * after set_index, before start: a uffd of another process that has the
+ * same addresses registered (a child's) passes the registration check, and
+ * then fills that process while pid's faults wait. Serves one page that pid
+ * lacks (per /proc/PID/pagemap), as it would be served anyway, and reads
+ * pid's pagemap again: 0 (present, or no page lacking among the first 512
+ * of each range), -EXDEV (it went elsewhere), -errno (pagemap unreadable). */
+int32_t wp_restorer_check_owner(wp_restorer *r, int32_t pid);
 int32_t wp_restorer_start(wp_restorer *r);
 /* 1 when every page is settled and every range unregistered (private
  * ranges whose failed pages were all poisoned included: the poison stays);

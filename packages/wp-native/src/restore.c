@@ -28,7 +28,9 @@
 #include "restore_internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -563,6 +565,49 @@ int32_t wp_restorer_set_index(wp_restorer *r, const uint32_t *regions, const uin
         if (r->ranges[i].image_page + r->ranges[i].pages > next)
             return -ERANGE; /* a range past the end of the image */
     return 0;
+}
+
+int32_t wp_restorer_check_owner(wp_restorer *r, int32_t pid)
+{
+    if (r->started || !r->records || pid <= 0)
+        return -EINVAL;
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/pagemap", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    struct rs_buffers b = {.decoded = -1};
+    int rc = 0;
+    bool checked = false;
+    /* The first page not present in the VMM (pagemap bits 63 present, 62
+     * swapped), within each range's first 512 pages, is served now, as it
+     * would be anyway; then the VMM's pagemap must show it present. */
+    for (uint32_t k = 0; k < r->range_count && !checked && rc == 0; k++) {
+        struct rs_range *g = &r->ranges[k];
+        uint64_t entries[512];
+        uint64_t n = g->pages < 512 ? g->pages : 512;
+        if (pread(fd, entries, n * 8, (off_t)(g->hva / RS_PAGE * 8)) != (ssize_t)(n * 8)) {
+            rc = -EIO;
+            break;
+        }
+        for (uint64_t p = 0; p < n && rc == 0; p += g->unit) {
+            if (entries[p] & (3ull << 62))
+                continue;
+            rc = g->unit > 1 ? rs_resolve_huge(r, g, p, false, &b) : resolve_record(r, rs_record_at(r, g->image_page + p), NULL, 0, &b);
+            if (rc < 0 || !(g->state[p] & PG_RESIDENT))
+                continue; /* failed or gone: another page */
+            uint64_t e = 0;
+            if (pread(fd, &e, 8, (off_t)((g->hva / RS_PAGE + p) * 8)) != 8)
+                rc = -EIO;
+            else if (!(e & (1ull << 63)))
+                rc = -EXDEV;
+            checked = true;
+            break;
+        }
+    }
+    release(r, &b);
+    close(fd);
+    return rc;
 }
 
 int32_t wp_restorer_start(wp_restorer *r)

@@ -65,6 +65,7 @@ const restoreTable = {
   wp_restorer_create: { library: "vmsnap_wp", retType: EXT, paramsType: [I32, I32, U32, B] },
   wp_restorer_add_range: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, BIG, BIG, BIG, U32] },
   wp_restorer_set_index: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B, B, B, B, B, U32] },
+  wp_restorer_check_owner: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, I32] },
   wp_restorer_start: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_restorer_poll: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_restorer_stats: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B] },
