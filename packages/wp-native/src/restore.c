@@ -285,6 +285,36 @@ static void serve_outside(wp_restorer *r, uint64_t address)
     pthread_mutex_unlock(&r->install_lock);
 }
 
+/* A discard, unmap or move the guest's VMM made (not a fault). Under
+ * install_lock, in the critical section of the event's read. */
+static void apply_event(wp_restorer *r, const struct uffd_msg *m)
+{
+    if (m->event == UFFD_EVENT_REMOVE)
+        mark_removed(r, m->arg.remove.start, m->arg.remove.end);
+    else if (m->event == UFFD_EVENT_UNMAP)
+        mark_gone(r, m->arg.remove.start, m->arg.remove.end);
+    else if (m->event == UFFD_EVENT_REMAP)
+        mark_gone(r, m->arg.remap.from, m->arg.remap.from + m->arg.remap.len);
+}
+
+/* Before the fault thread runs (wp_restorer_check_owner met EAGAIN: a
+ * discard pending): reads what is queued, applies the events, and wakes the
+ * faults read, whose threads fault again once the fault thread runs. */
+static void take_events(wp_restorer *r)
+{
+    struct uffd_msg msgs[64];
+    pthread_mutex_lock(&r->install_lock);
+    ssize_t n = read(r->uffd, msgs, sizeof msgs);
+    for (ssize_t i = 0; n > 0 && i < n / (ssize_t)sizeof msgs[0]; i++) {
+        apply_event(r, &msgs[i]);
+        if (msgs[i].event == UFFD_EVENT_PAGEFAULT) {
+            struct uffdio_range wake = {.start = msgs[i].arg.pagefault.address & ~(uint64_t)(RS_PAGE - 1), .len = RS_PAGE};
+            ioctl(r->uffd, UFFDIO_WAKE, &wake);
+        }
+    }
+    pthread_mutex_unlock(&r->install_lock);
+}
+
 /* Serves one fault; -EAGAIN if a discard is pending (retry after reading it). */
 static int serve_fault(wp_restorer *r, uint64_t address, struct rs_buffers *b)
 {
@@ -367,12 +397,7 @@ static void *fault_main(void *arg)
         ssize_t n = read(r->uffd, msgs, sizeof msgs);
         int read_errno = n < 0 ? errno : 0;
         for (ssize_t i = 0; n > 0 && i < n / (ssize_t)sizeof msgs[0]; i++)
-            if (msgs[i].event == UFFD_EVENT_REMOVE)
-                mark_removed(r, msgs[i].arg.remove.start, msgs[i].arg.remove.end);
-            else if (msgs[i].event == UFFD_EVENT_UNMAP)
-                mark_gone(r, msgs[i].arg.remove.start, msgs[i].arg.remove.end);
-            else if (msgs[i].event == UFFD_EVENT_REMAP)
-                mark_gone(r, msgs[i].arg.remap.from, msgs[i].arg.remap.from + msgs[i].arg.remap.len);
+            apply_event(r, &msgs[i]);
         pthread_mutex_unlock(&r->install_lock);
         size_t retrying = retry_count;
         retry_count = 0;
@@ -590,12 +615,23 @@ int32_t wp_restorer_check_owner(wp_restorer *r, int32_t pid)
             rc = -EIO;
             break;
         }
-        for (uint64_t p = 0; p < n && rc == 0; p += g->unit) {
+        for (uint64_t p = 0, tries = 0; p < n && rc == 0; p += g->unit) {
             if (entries[p] & (3ull << 62))
                 continue;
             rc = g->unit > 1 ? rs_resolve_huge(r, g, p, false, &b) : resolve_record(r, rs_record_at(r, g->image_page + p), NULL, 0, &b);
+            if (rc == -EAGAIN && tries++ < 1000) { /* a discard pending: read it, try again */
+                take_events(r);
+                rc = 0;
+                p -= g->unit;
+                continue;
+            }
+            if (rc == -EAGAIN) { /* discards keep coming: left unchecked rather than refused */
+                rc = 0;
+                checked = true;
+                break;
+            }
             if (rc < 0 || !(g->state[p] & PG_RESIDENT))
-                continue; /* failed or gone: another page */
+                continue; /* failed, gone or discarded: another page */
             uint64_t e = 0;
             if (pread(fd, &e, 8, (off_t)((g->hva / RS_PAGE + p) * 8)) != 8)
                 rc = -EIO;
