@@ -63,6 +63,24 @@ static void defer_unprotect(wp_engine *e, uint32_t process, uint64_t hva, uint64
     e->deferred[e->deferred_count++] = (struct wp_deferred){.process = process, .hva = hva, .len = len};
 }
 
+/* An unprotect that failed for another reason than a pending event. ESRCH
+ * (or ENOMEM): the process's address space is gone, skip it from now on.
+ * Anything else (ENOENT: the range is no longer registered, it was
+ * remapped) fails the snapshot, but the process lives on: wake whoever
+ * faulted there (they write on, the snapshot is abandoned anyway) and keep
+ * serving its other faults, so no thread stays blocked until the session
+ * notices. */
+static void unprotect_failed(wp_engine *e, uint32_t process, uint64_t hva, uint64_t len, int rc)
+{
+    if (rc == -ESRCH || rc == -ENOMEM) {
+        wp_process_failed(e, process, rc);
+        return;
+    }
+    wp_record_error(e, rc, (int32_t)process);
+    struct uffdio_range wake = {.start = hva, .len = len};
+    ioctl(e->processes[process].uffd, UFFDIO_WAKE, &wake);
+}
+
 void wp_unprotect_in(wp_engine *e, uint32_t process, uint64_t hva, uint64_t len)
 {
     struct wp_process *p = &e->processes[process];
@@ -73,7 +91,7 @@ void wp_unprotect_in(wp_engine *e, uint32_t process, uint64_t hva, uint64_t len)
     if (rc == -EAGAIN)
         defer_unprotect(e, process, hva, len);
     else if (rc < 0)
-        wp_process_failed(e, process, rc);
+        unprotect_failed(e, process, hva, len, rc);
 }
 
 bool wp_retry_deferred(wp_engine *e)
@@ -87,7 +105,7 @@ bool wp_retry_deferred(wp_engine *e)
         if (rc == -EAGAIN)
             e->deferred[kept++] = d;
         else if (rc < 0)
-            wp_process_failed(e, d.process, rc);
+            unprotect_failed(e, d.process, d.hva, d.len, rc);
     }
     e->deferred_count = kept;
     return kept > 0;
