@@ -98,20 +98,12 @@ void wp_mark_saved(wp_engine *e, struct wp_region *r, uint64_t page)
     atomic_fetch_add_explicit(&e->pages_saved, r->unit, memory_order_relaxed);
 }
 
-/* Shared memory read as zero where its file held data after the cut, and a
- * hole there now: a hole was punched through the file (fallocate), which no
- * write fault or uffd event reports; its content at the cut is gone. (A
- * punch the guest has written over again is not seen: docs/design.md.) */
-static int check_punched(const struct wp_region *r, uint64_t page, uint64_t count, const uint8_t *read)
+void wp_check_punched(wp_engine *e, uint32_t region, uint64_t page)
 {
-    const uint8_t *populated = atomic_load_explicit(&r->populated, memory_order_acquire);
-    if (!populated)
-        return 0;
-    for (uint64_t i = 0; i < count; i++)
-        if (populated[page + i] && wp_page_is_zero(read + i * WP_PAGE_SIZE) &&
-            wp_backing_has_data(r->fd, r->fd_offset + (page + i) * WP_PAGE_SIZE) == 0)
-            return -ESTALE;
-    return 0;
+    const struct wp_region *r = &e->regions[region];
+    const uint8_t *populated = r->fd >= 0 ? atomic_load_explicit(&r->populated, memory_order_acquire) : NULL;
+    if (populated && populated[page] && wp_backing_has_data(r->fd, r->fd_offset + page * WP_PAGE_SIZE) == 0)
+        wp_record_error(e, -ESTALE, -1);
 }
 
 int wp_read_pages(wp_engine *e, uint32_t region, uint64_t page, uint64_t count, uint8_t *dst)
@@ -120,8 +112,6 @@ int wp_read_pages(wp_engine *e, uint32_t region, uint64_t page, uint64_t count, 
     size_t len = count * WP_PAGE_SIZE;
     if (r->fd >= 0) {
         int rc = wp_backing_read(r->fd, r->fd_offset + page * WP_PAGE_SIZE, dst, len);
-        if (rc == 0)
-            rc = check_punched(r, page, count, dst);
         if (rc == 0)
             return wp_check_discarded(e, region, page, count, dst);
         wp_record_error(e, rc, -1);

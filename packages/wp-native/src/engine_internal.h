@@ -179,8 +179,16 @@ static inline uint64_t wp_unit_head(const struct wp_region *r, uint64_t page)
 /* engine.c */
 void wp_record_error(wp_engine *e, int32_t err, int32_t process);
 /* After the cut: a region's file changed through the file (backing.c's
- * watch) fails the snapshot with -ESTALE. */
+ * watch) fails the snapshot with -ESTALE. Asked by wp_engine_error, which
+ * the writer calls every turn and once more before it commits. */
 void wp_check_files(wp_engine *e);
+/* A page just read as all zero: if the hole map says its file held data
+ * there after the cut and it is a hole now, a hole was punched through the
+ * file (fallocate), which no write fault or uffd event reports: its content
+ * at the cut is gone, the snapshot fails with -ESTALE. (A punch the guest
+ * has written over again is not seen: docs/design.md.) Called where zero
+ * pages are found (sweep.c), so no page is checked twice. */
+void wp_check_punched(wp_engine *e, uint32_t region, uint64_t page);
 void wp_process_failed(wp_engine *e, uint32_t process, int err);
 /* Claim (PENDING -> COPYING) and mark saved the unit whose head is `page`. */
 bool wp_claim_page(struct wp_region *r, uint64_t page);

@@ -175,6 +175,7 @@ static void capture(wp_engine *e, uint32_t region, uint64_t first_page, uint64_t
             if (wp_page_is_zero(src)) {
                 flags_out[k] = WP_PAGE_ZERO;
                 e->pages_zero++;
+                wp_check_punched(e, region, pages_out[k]);
                 continue;
             }
             flags_out[k] = WP_PAGE_DATA;
@@ -188,13 +189,15 @@ static void capture(wp_engine *e, uint32_t region, uint64_t first_page, uint64_t
 
 /* Pool pages: drop the zero ones' data (fault-around saves untouched
  * neighbours too) and pack the rest in entry order. */
-static uint32_t pack_pool_pages(uint8_t *buf, uint8_t *flags_out, uint32_t n)
+static uint32_t pack_pool_pages(wp_engine *e, uint8_t *buf, const uint32_t *regions, const uint64_t *pages,
+                                uint8_t *flags_out, uint32_t n)
 {
     size_t data_pages = 0;
     for (uint32_t i = 0; i < n; i++) {
         const uint8_t *src = buf + (size_t)i * WP_PAGE_SIZE;
         if (wp_page_is_zero(src)) {
             flags_out[i] = WP_PAGE_ZERO;
+            wp_check_punched(e, regions[i], pages[i]);
             continue;
         }
         flags_out[i] = WP_PAGE_DATA;
@@ -219,7 +222,6 @@ static bool take_steer(wp_engine *e, uint32_t *region, uint64_t *page)
 int32_t wp_engine_next_batch(wp_engine *e, uint8_t *buf, uint32_t *regions_out, uint64_t *pages_out,
                              uint8_t *flags_out, uint32_t max_pages)
 {
-    wp_check_files(e);
     int32_t err = atomic_load(&e->error);
     if (err < 0)
         return err;
@@ -231,7 +233,7 @@ int32_t wp_engine_next_batch(wp_engine *e, uint8_t *buf, uint32_t *regions_out, 
         build_populated_maps(e);
     uint32_t n = wp_pool_take(e, buf, regions_out, pages_out, max_pages);
     if (n > 0)
-        return (int32_t)pack_pool_pages(buf, flags_out, n);
+        return (int32_t)pack_pool_pages(e, buf, regions_out, pages_out, flags_out, n);
     if (e->big_active)
         return (int32_t)sweep_big(e, max_pages, buf, regions_out, pages_out, flags_out);
     uint32_t region;
