@@ -9,6 +9,7 @@
  */
 #define _GNU_SOURCE
 #include "vmsnap_engine.h"
+#include "wp_test.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -135,14 +136,9 @@ static int run(const char *name, bool shared, int advice, enum when when, bool m
 
 int main(void)
 {
-    uint64_t features;
-    int32_t how;
-    int rc = wp_probe(&features, &how);
-    if (rc < 0 || !(features & WP_FEATURE_WP_UNPOPULATED) || !(features & WP_FEATURE_WP_HUGETLBFS_SHMEM)) {
-        printf("SKIP: userfaultfd write-protect of unpopulated and shared pages is not available (%s)\n",
-               rc < 0 ? strerror(-rc) : "needs Linux 6.4+");
-        return 77;
-    }
+    int skip = wp_test_need_wp_shared();
+    if (skip)
+        return skip;
     int failed = 0;
     failed |= run("anon + MADV_DONTNEED after the cut", false, MADV_DONTNEED, AFTER_CUT, false);
     failed |= run("anon + MADV_DONTNEED while armed", false, MADV_DONTNEED, WHILE_ARMED, true);

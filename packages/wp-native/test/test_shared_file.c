@@ -9,6 +9,9 @@
  */
 #define _GNU_SOURCE
 #include "vmsnap_engine.h"
+#include "wp_test.h"
+
+#define MIB (1ull << 20)
 
 #include <errno.h>
 #include <pthread.h>
@@ -19,28 +22,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define MIB (1ull << 20)
-
-static int fail(const char *what, long rc)
-{
-    fprintf(stderr, "FAIL: %s (%ld: %s)\n", what, rc, rc < 0 ? strerror((int)-rc) : "");
-    return 1;
-}
-
-/* Takes batches until done or a failure; returns 0 or -errno. */
-static int take_all(wp_engine *e)
-{
-    static uint8_t buf[256 * WP_PAGE_SIZE];
-    uint32_t regions[256];
-    uint64_t pages[256];
-    uint8_t flags[256];
-    while (!wp_engine_done(e)) {
-        int rc = wp_engine_next_batch(e, buf, regions, pages, flags, 256);
-        if (rc < 0)
-            return rc;
-    }
-    return 0;
-}
+static uint8_t take_buf[256 * WP_PAGE_SIZE];
 
 static uint8_t *map_memfd(int *fd, uint64_t size)
 {
@@ -73,7 +55,7 @@ static int test_shrink(void)
     uint8_t *view = map_memfd(&fd, size);
     uint8_t *guest = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (!view || guest == MAP_FAILED)
-        return fail("memfd", -errno);
+        return wp_test_fail("memfd", -errno);
     memset(view, 0x5a, size);
     memset(guest, 0x5a, size);
     int32_t err;
@@ -82,14 +64,14 @@ static int test_shrink(void)
     if (!e || (rc = wp_engine_add_shared_region(e, (uint64_t)(uintptr_t)view, size)) < 0 ||
         (rc = wp_engine_map_region(e, 0, 0, (uint64_t)(uintptr_t)guest)) < 0 || (rc = wp_engine_start(e)) < 0 ||
         (rc = wp_engine_protect(e)) < 0)
-        return fail("engine", e ? rc : err);
+        return wp_test_fail("engine", e ? rc : err);
     if (ftruncate(fd, (off_t)(4 * MIB)) < 0)
-        return fail("ftruncate", -errno);
+        return wp_test_fail("ftruncate", -errno);
     /* The guest writes pages past the new end: the engine reads them. */
     struct writer w = {.mem = guest, .first = pages / 2, .count = 64, .stride = 3};
     pthread_t t;
     pthread_create(&t, NULL, write_pages, &w);
-    rc = take_all(e);
+    rc = wp_test_take_all(e, take_buf);
     int32_t process;
     int32_t failure = wp_engine_error(e, &process);
     wp_engine_destroy(e); /* unprotects whatever is left: the guest finishes */
@@ -101,7 +83,7 @@ static int test_shrink(void)
            strerror(-failure));
     /* EIO: a read past the new end; ESTALE: the truncate seen on the file's watch first. */
     if ((rc != -EIO && rc != -ESTALE) || (failure != -EIO && failure != -ESTALE))
-        return fail("a shrunk memfd must fail the snapshot with EIO or ESTALE", rc);
+        return wp_test_fail("a shrunk memfd must fail the snapshot with EIO or ESTALE", rc);
     return 0;
 }
 
@@ -118,7 +100,7 @@ static int test_growth(void)
     int fd;
     uint8_t *mem = map_memfd(&fd, size);
     if (!mem)
-        return fail("memfd", -errno);
+        return wp_test_fail("memfd", -errno);
     memset(mem, 0x33, populated * WP_PAGE_SIZE);
     int32_t err;
     wp_engine *e = wp_engine_create(4096, &err);
@@ -126,7 +108,7 @@ static int test_growth(void)
     if (!e || (rc = wp_engine_add_region(e, (uint64_t)(uintptr_t)mem, size)) < 0 ||
         (rc = wp_engine_set_fault_around(e, 16)) < 0 || (rc = wp_engine_start(e)) < 0 || (rc = wp_engine_arm(e)) < 0 ||
         (rc = wp_engine_protect(e)) < 0)
-        return fail("engine", e ? rc : err);
+        return wp_test_fail("engine", e ? rc : err);
     uint64_t before = allocated(fd);
     /* The guest writes new pages, one in each fault-around window, before
      * the sweep gets there: every write faults (the pool holds them all). */
@@ -134,7 +116,7 @@ static int test_growth(void)
     pthread_t t;
     pthread_create(&t, NULL, write_pages, &w);
     pthread_join(t, NULL);
-    rc = take_all(e);
+    rc = wp_test_take_all(e, take_buf);
     wp_stats st;
     wp_engine_stats(e, &st);
     wp_engine_destroy(e);
@@ -145,22 +127,17 @@ static int test_growth(void)
            (unsigned long long)growth / 1024, (unsigned long long)written * 4, (unsigned long long)st.faults,
            (unsigned long long)st.pages_fault_around);
     if (rc < 0)
-        return fail("snapshot", rc);
+        return wp_test_fail("snapshot", rc);
     if (growth != written * WP_PAGE_SIZE)
-        return fail("the memfd grew by more than the guest's own writes", (long)(growth / WP_PAGE_SIZE));
+        return wp_test_fail("the memfd grew by more than the guest's own writes", (long)(growth / WP_PAGE_SIZE));
     return 0;
 }
 
 int main(void)
 {
-    uint64_t features;
-    int32_t how;
-    int rc = wp_probe(&features, &how);
-    if (rc < 0 || !(features & WP_FEATURE_WP_UNPOPULATED) || !(features & WP_FEATURE_WP_HUGETLBFS_SHMEM)) {
-        printf("SKIP: userfaultfd write-protect of shared memory is not available (%s)\n",
-               rc < 0 ? strerror(-rc) : "needs Linux 6.4+");
-        return 77;
-    }
+    int skip = wp_test_need_wp_shared();
+    if (skip)
+        return skip;
     if (access("/proc/self/map_files", R_OK) != 0 || geteuid() != 0) {
         printf("SKIP: reading shared memory through its file needs /proc/self/map_files (root)\n");
         return 77;

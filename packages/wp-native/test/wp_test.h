@@ -20,8 +20,9 @@ static inline int wp_test_fail(const char *what, long rc)
     return 1;
 }
 
-/* Takes everything the engine captures until the snapshot is complete; buf holds 256 pages. */
-static inline int wp_test_finish_snapshot(wp_engine *e, uint8_t *buf)
+/* Takes everything the engine captures until the snapshot is complete or
+ * fails; buf holds 256 pages. Returns 0 or the engine's -errno. */
+static inline int wp_test_take_all(wp_engine *e, uint8_t *buf)
 {
     uint32_t regions[256];
     uint64_t pages[256];
@@ -29,7 +30,29 @@ static inline int wp_test_finish_snapshot(wp_engine *e, uint8_t *buf)
     while (!wp_engine_done(e)) {
         int n = wp_engine_next_batch(e, buf, regions, pages, flags, 256);
         if (n < 0)
-            return wp_test_fail("next_batch", n);
+            return n;
+    }
+    return 0;
+}
+
+/* wp_test_take_all, printing the failure: 0 or 1. */
+static inline int wp_test_finish_snapshot(wp_engine *e, uint8_t *buf)
+{
+    int rc = wp_test_take_all(e, buf);
+    return rc < 0 ? wp_test_fail("next_batch", rc) : 0;
+}
+
+/* 0 when write-protect of unpopulated and shared (shmem, hugetlbfs) pages
+ * works, else prints SKIP and returns 77. */
+static inline int wp_test_need_wp_shared(void)
+{
+    uint64_t features;
+    int32_t how;
+    int rc = wp_probe(&features, &how);
+    if (rc < 0 || !(features & WP_FEATURE_WP_UNPOPULATED) || !(features & WP_FEATURE_WP_HUGETLBFS_SHMEM)) {
+        printf("SKIP: userfaultfd write-protect of unpopulated and shared pages is not available (%s)\n",
+               rc < 0 ? strerror(-rc) : "needs Linux 6.4+");
+        return 77;
     }
     return 0;
 }
