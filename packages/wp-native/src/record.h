@@ -1,5 +1,6 @@
 /* Internal: reading one snapshot record (docs/format.md) — its header,
- * CRC-32 and LZ4 payload — for the restorer. */
+ * CRC-32 and LZ4 payload, or one page of an encoding-3 record — for the
+ * restorer. */
 #ifndef VMSNAP_WP_RECORD_H
 #define VMSNAP_WP_RECORD_H
 
@@ -13,7 +14,8 @@
 #define RECORD_MAGIC 0x31444352u /* "RCD1" */
 #define RECORD_MAX_PAGES WP_RECORD_MAX_PAGES
 
-enum { RECORD_RAW = WP_RECORD_RAW, RECORD_LZ4 = WP_RECORD_LZ4, RECORD_ZERO = WP_RECORD_ZERO };
+enum { RECORD_RAW = WP_RECORD_RAW, RECORD_LZ4 = WP_RECORD_LZ4, RECORD_ZERO = WP_RECORD_ZERO, RECORD_PAGES = WP_RECORD_PAGES };
+#define PAGES_ENTRY WP_RECORD_PAGES_ENTRY_BYTES
 
 /* CRC-32 (zlib's) of p, continuing from crc (0 to start). */
 uint32_t record_crc32(uint32_t crc, const uint8_t *p, size_t n);
@@ -26,10 +28,25 @@ int64_t record_lz4_decode(const uint8_t *src, size_t src_len, uint8_t *dst, size
  * pages of `region` from first_page, into out (pages * 4096 bytes; zero
  * records are zeroed), with the rules of wp_record_check/wp_record_decode
  * (the one decoder). scratch holds a compressed payload (scratch_cap bytes:
- * pages * 4096 + 1024 is always enough). With raw, the file is a raw image
- * and the "record" is just the bytes at file_offset. Returns the RECORD_*
- * encoding or -errno (-EBADMSG: corrupt, why in *why_out; -EIO: short). */
+ * pages * 4096 + 1024 is always enough; encoding 3 needs 8 * pages + 4096:
+ * its table, and one block while its blocks are decoded in place at the end
+ * of out). With raw, the file is a raw image and the "record" is just the
+ * bytes at file_offset. Returns the RECORD_* encoding (RECORD_PAGES: out
+ * fully written) or -errno (-EBADMSG: corrupt, why in *why_out; -EIO:
+ * short; -ENOBUFS: scratch_cap too small). */
 int record_read(const wp_record_codec *c, int file, bool raw, uint64_t file_offset, uint32_t region, uint64_t first_page,
                 uint32_t pages, uint8_t *out, uint8_t *scratch, size_t scratch_cap, uint32_t *why_out);
+
+/* Reads page k (0-based) of the record at file_offset (index entry region/first_page/pages) into out (4096
+ * bytes): header checked against the entry, header+table CRC, page k's block CRC, decode. Reads only the
+ * header, the table and page k's block (three preads, never the whole record; a raw block straight into out).
+ * scratch: at least 8*pages + 4096 bytes. Returns RECORD_ZERO (page all zero: out not written), RECORD_RAW or
+ * RECORD_LZ4 (out filled), -ENOTSUP if the record is not encoding 3 (the caller reads the whole record with
+ * record_read), -EBADMSG (why in *why_out; only this page or the whole record? : *whole_out = true when the
+ * header/table is bad, false when only page k's block is), -EIO (short read), -EINVAL (k >= pages),
+ * -ENOBUFS (scratch_cap too small). On -EBADMSG out may have been written. */
+int record_read_page(const wp_record_codec *c, int file, uint64_t file_offset, uint32_t region, uint64_t first_page,
+                     uint32_t pages, uint32_t k, uint8_t *out, uint8_t *scratch, size_t scratch_cap, uint32_t *why_out,
+                     bool *whole_out);
 
 #endif

@@ -57,7 +57,9 @@ const recordTable = {
   wp_record_codec_create: { library: "vmsnap_wp", retType: EXT, paramsType: [] },
   wp_record_check: { library: "vmsnap_wp", retType: I32, paramsType: [B, U32, BIG, U32, B] },
   wp_record_codec_destroy: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
-  wp_record_decode: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B, B, BIG, B, BIG, B] }
+  wp_record_decode: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B, B, BIG, B, BIG, B] },
+  wp_record_encode_pages: { library: "vmsnap_wp", retType: BIG, paramsType: [U32, BIG, U32, B, U32, B, BIG] },
+  wp_record_encode_batch: { library: "vmsnap_wp", retType: I32, paramsType: [B, B, B, U32, B, U32, U32, B, BIG, B, U32] }
 } as const
 
 /** vmsnap_restore.h (prefix wp_restore). */
@@ -145,6 +147,11 @@ export const WP_RECORD_MAX_PAGES = 1 << 20
 export const WP_RECORD_RAW = 0
 export const WP_RECORD_LZ4 = 1
 export const WP_RECORD_ZERO = 2
+export const WP_RECORD_PAGES = 3
+export const WP_RECORD_PAGES_MAX_PAGES = 256
+export const WP_RECORD_PAGES_ENTRY_BYTES = 8
+export const WP_RECORD_ENCODE_LZ4 = 1
+export const WP_RECORD_BATCH_FIELDS = 6
 
 /** `struct wp_stats`: these u64 fields in this order, then `hist[WP_HIST_BUCKETS]`. */
 export const WP_STATS_FIELDS = [
