@@ -1,6 +1,6 @@
 /** Percentiles from the log-linear histograms the native side keeps. */
 
-/** Lower bound in ns of bucket b of the guest histogram (8 sub-buckets per power of two). */
+/** Lower bound in ns of bucket b of the guest's and the lazy restorer's histograms (8 sub-buckets per power of two). */
 export const guestBucketLowerNs = (b: number): number => {
   if (b < 8) return b
   const msb = Math.floor(b / 8)

@@ -20,7 +20,7 @@ import {
   type JsExternal, loadWp, WP_RESTORE_MOVE, WP_RESTORE_NO_FILL, WP_RESTORE_RANGE_HUGE_2M, WP_RESTORE_RANGE_SHARED, WP_RESTORE_RAW_IMAGE, WP_RESTORE_STATS_FIELDS,
   WP_RESTORE_STATS_WORDS, WP_RESTORE_UFFD_MINOR, WP_RESTORE_UFFD_POISON
 } from "./internal/ffi.js"
-import { faultBucketLowerNs, summarizeUs, type LatencySummary } from "./LatencyHistogram.js"
+import { guestBucketLowerNs, summarizeUs, type LatencySummary } from "./LatencyHistogram.js"
 import { checkNoOverlap } from "./FirecrackerHandshake.js"
 import { concatOffsets } from "./SnapshotFormat.js"
 import { openSnapshot } from "./SnapshotReader.js"
@@ -181,7 +181,7 @@ export class LazyRestore {
     return {
       pagesTotal: n("pages_total"), pagesSettled: n("pages_settled"), faults: n("faults"), faultsZero: n("faults_zero"),
       pagesByFault: n("pages_by_fault"), pagesByFill: n("pages_by_fill"), removedPages: n("removed_pages"),
-      faultServiceUs: summarizeUs(Array.from(w.subarray(WP_RESTORE_STATS_FIELDS.length), Number), n("fault_ns_max"), faultBucketLowerNs),
+      faultServiceUs: summarizeUs(Array.from(w.subarray(WP_RESTORE_STATS_FIELDS.length), Number), n("fault_ns_max"), guestBucketLowerNs),
       firstFaultMs: n("first_fault_ns") ? n("first_fault_ns") / 1e6 : null,
       doneMs: n("done_ns") ? n("done_ns") / 1e6 : null,
       pagesGone: n("pages_gone"), pagesFailed: n("pages_failed"), pagesUnallocated: n("pages_unallocated"), pagesPoisoned: n("pages_poisoned"),

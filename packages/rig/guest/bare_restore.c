@@ -37,13 +37,14 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-/* The restorer's buckets (vmsnap_restore.h): 2k for [2^k, 1.5 * 2^k) ns, 2k + 1 above. */
+/* The restorer's buckets (vmsnap_restore.h): ns below 8, else 8k + j for
+ * [2^k (1 + j/8), 2^k (1 + (j+1)/8)) ns. */
 static unsigned bucket(uint64_t ns)
 {
-    if (ns < 1)
-        return 0;
+    if (ns < 8)
+        return (unsigned)ns;
     unsigned msb = 63u - (unsigned)__builtin_clzll(ns);
-    unsigned b = 2 * msb + (msb > 0 ? (unsigned)((ns >> (msb - 1)) & 1u) : 0u);
+    unsigned b = msb * 8 + (unsigned)((ns >> (msb - 3)) & 7u);
     return b < VG_BARE_HIST_BUCKETS ? b : VG_BARE_HIST_BUCKETS - 1;
 }
 

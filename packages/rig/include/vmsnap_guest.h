@@ -90,10 +90,10 @@ int64_t vg_compare(uint64_t hva_a, uint64_t hva_b, uint64_t size);
  * size) of this process (MISSING, fresh anonymous memory), serves each fault
  * with one 4 KiB UFFDIO_COPY from the raw image at image_hva (a polling
  * handler thread), and touches every page in order. hist_out gets the fault
- * service times (VG_BARE_HIST_BUCKETS, the restorer's buckets: 2k for
- * [2^k, 1.5 * 2^k) ns); summary_out[4]: faults, max ns, touch ns, a checksum.
+ * service times (VG_BARE_HIST_BUCKETS, the restorer's buckets:
+ * WP_RESTORE_HIST_BUCKETS, 8 per power of two); summary_out[4]: faults, max ns, touch ns, a checksum.
  * Returns 0 or -errno. */
-#define VG_BARE_HIST_BUCKETS 64
+#define VG_BARE_HIST_BUCKETS 256
 int32_t vg_bare_restore(uint64_t hva, uint64_t size, uint64_t image_hva, uint64_t *hist_out, uint64_t *summary_out);
 /* Copy len bytes at hva (this process) into dst. */
 int32_t vg_read(uint8_t *dst, uint64_t hva, uint64_t len);

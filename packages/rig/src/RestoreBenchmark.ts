@@ -21,7 +21,7 @@ import { mkdtempSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import {
-  faultBucketLowerNs, type LatencySummary, quietAgentScoped, summarizeUs, restoreToMemory, RestoreServer, restoreUffd, startLazyRestore, takeSnapshot,
+  guestBucketLowerNs, type LatencySummary, quietAgentScoped, summarizeUs, restoreToMemory, RestoreServer, restoreUffd, startLazyRestore, takeSnapshot,
   type VmsnapError, type WpNative
 } from "@vmsnap/core"
 import { DemoGuest, scratchMemory, touchPages } from "./DemoGuest.js"
@@ -116,7 +116,7 @@ const measureFloor = (snapshot: string, size: number) =>
       const rc: number = loadGuest().vg_bare_restore([target, BigInt(size), image, Buffer.from(hist.buffer), Buffer.from(summary.buffer)])
       return {
         mode: "floor" as const, sizeBytes: size, faults: Number(summary[0]),
-        faultServiceUs: summarizeUs(Array.from(hist, Number), Number(summary[1]), faultBucketLowerNs),
+        faultServiceUs: summarizeUs(Array.from(hist, Number), Number(summary[1]), guestBucketLowerNs),
         faultInMs: Math.round(Number(summary[2]) / 1e6), residentMs: 0, error: rc < 0 ? `bare handler: errno ${-rc}` : null
       } satisfies ModeRun
     })

@@ -378,7 +378,7 @@ static int serve_fault(wp_restorer *r, uint64_t address, struct rs_buffers *b)
     r->fault_ns_total += ns;
     if (ns > r->fault_ns_max)
         r->fault_ns_max = ns;
-    r->hist[hist_bucket(ns, WP_RESTORE_HIST_BUCKETS)]++;
+    r->hist[hist_bucket8(ns, WP_RESTORE_HIST_BUCKETS)]++;
     return 0;
 }
 

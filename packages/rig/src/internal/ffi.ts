@@ -63,4 +63,4 @@ export const loadGuest = (): Table<typeof guestTable> => {
 
 /** Shared with vmsnap_guest.h (checked in test/internal/ffi.test.ts). */
 export const VG_HIST_BUCKETS = 512
-export const VG_BARE_HIST_BUCKETS = 64
+export const VG_BARE_HIST_BUCKETS = 256
