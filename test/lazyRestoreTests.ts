@@ -34,11 +34,11 @@ export interface Finished {
   readonly stats: LazyRestoreStats
 }
 
-/** A server listening on DIR/NAME.sock serving `path`, with every event it reports. */
-export const serving = async (dir: string, name: string, path: string) => {
+/** A server listening on DIR/NAME.sock serving `path` (a raw memory image with `raw`), with every event it reports. */
+export const serving = async (dir: string, name: string, path: string, raw = false) => {
   const events = { failures: [] as Array<LazyRestoreStats>, refused: [] as Array<string>, log: [] as Array<string>, finished: [] as Array<Finished> }
   const sock = join(dir, `${name}.sock`)
-  const server = new RestoreServer(sock, { path, raw: false }, {
+  const server = new RestoreServer(sock, { path, raw }, {
     log: (l) => events.log.push(l),
     onRefused: (_pid, reason) => events.refused.push(reason),
     onPageFailure: (_pid, s) => events.failures.push(s),

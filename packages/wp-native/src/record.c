@@ -255,19 +255,31 @@ int record_read_page(const wp_record_codec *c, int file, uint64_t file_offset, u
     *whole_out = true;
     if (k >= pages)
         return -EINVAL;
-    uint8_t h[RECORD_HEADER_BYTES];
-    if (pread(file, h, sizeof h, (off_t)file_offset) != (ssize_t)sizeof h)
+    /* The header and, for records of up to 64 pages (the writer cuts at
+     * 16), the table with it: one pread, then one for the block. */
+    uint8_t head[RECORD_HEADER_BYTES + 64 * PAGES_ENTRY];
+    size_t want = pages <= 64 ? RECORD_HEADER_BYTES + (size_t)pages * PAGES_ENTRY : RECORD_HEADER_BYTES;
+    ssize_t got = pread(file, head, want, (off_t)file_offset);
+    if (got < (ssize_t)RECORD_HEADER_BYTES)
         return -EIO;
+    const uint8_t *h = head;
     int64_t stored = check_header(h, region, first_page, pages, why_out);
     if (stored < 0)
         return (int)stored;
+    if (h[20] == RECORD_ZERO)
+        return RECORD_ZERO; /* a zero record: every page zero, nothing to read */
     if (h[20] != RECORD_PAGES)
         return -ENOTSUP;
     size_t table = (size_t)pages * PAGES_ENTRY;
     if (table + PAGE > scratch_cap)
         return -ENOBUFS;
-    if (pread(file, scratch, table, (off_t)(file_offset + RECORD_HEADER_BYTES)) != (ssize_t)table)
+    if (want > RECORD_HEADER_BYTES) {
+        if (got != (ssize_t)want)
+            return -EIO;
+        memcpy(scratch, head + RECORD_HEADER_BYTES, table);
+    } else if (pread(file, scratch, table, (off_t)(file_offset + RECORD_HEADER_BYTES)) != (ssize_t)table) {
         return -EIO;
+    }
     uint32_t crc;
     memcpy(&crc, h + 28, 4);
     if (record_crc32(record_crc32(0, h, 28), scratch, table) != crc)

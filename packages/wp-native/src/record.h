@@ -39,10 +39,10 @@ int record_read(const wp_record_codec *c, int file, bool raw, uint64_t file_offs
 
 /* Reads page k (0-based) of the record at file_offset (index entry region/first_page/pages) into out (4096
  * bytes): header checked against the entry, header+table CRC, page k's block CRC, decode. Reads only the
- * header, the table and page k's block (three preads, never the whole record; a raw block straight into out).
- * scratch: at least 8*pages + 4096 bytes. Returns RECORD_ZERO (page all zero: out not written), RECORD_RAW or
- * RECORD_LZ4 (out filled), -ENOTSUP if the record is not encoding 3 (the caller reads the whole record with
- * record_read), -EBADMSG (why in *why_out; only this page or the whole record? : *whole_out = true when the
+ * header, the table and page k's block (two preads up to 64 pages, never the whole record; a raw block straight
+ * into out). scratch: at least 8*pages + 4096 bytes. Returns RECORD_ZERO (page all zero, or a zero record, whose
+ * header is checked: out not written), RECORD_RAW or RECORD_LZ4 (out filled), -ENOTSUP if the record is raw or
+ * lz4 whole (encodings 0 and 1: the caller reads the whole record with record_read), -EBADMSG (why in *why_out; only this page or the whole record? : *whole_out = true when the
  * header/table is bad, false when only page k's block is), -EIO (short read), -EINVAL (k >= pages),
  * -ENOBUFS (scratch_cap too small). On -EBADMSG out may have been written. */
 int record_read_page(const wp_record_codec *c, int file, uint64_t file_offset, uint32_t region, uint64_t first_page,

@@ -36,6 +36,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 static void fail(wp_restorer *r, int32_t err)
@@ -143,7 +144,16 @@ static int resolve_record(wp_restorer *r, uint32_t index, struct rs_range *fault
     uint32_t why = 0;
     int encoding = record_read(r->codec, r->file, r->raw_image, rec->file_offset, rec->region, rec->first_page,
                                rec->pages, b->pages, b->scratch, b->cap + 1024, &why);
-    pthread_mutex_lock(&r->install_lock);
+    if ((encoding == -EBADMSG || encoding == -EIO) && !r->raw_image) {
+        /* A record of encoding "pages" fails page by page: its good pages are still served. */
+        int rc_pages = rs_resolve_by_page(r, index, b);
+        if (rc_pages != -ENOTSUP)
+            return rc_pages;
+    }
+    if (by_fault)
+        rs_lock_fault(r);
+    else
+        pthread_mutex_lock(&r->install_lock);
     if (encoding == -EBADMSG || encoding == -EIO) {
         rs_record_failed(r, index, encoding, why);
         pthread_mutex_unlock(&r->install_lock);
@@ -168,7 +178,7 @@ static int resolve_record(wp_restorer *r, uint32_t index, struct rs_range *fault
                 continue;
             }
             uint64_t e = q + 1;
-            while (e < p + n && !(g->state[e] & (PG_SETTLED | PG_FAILED)))
+            while (e < p + n && (by_fault || e - q < RS_FILL_CHUNK) && !(g->state[e] & (PG_SETTLED | PG_FAILED)))
                 e++;
             const uint8_t *src = encoding == RECORD_ZERO ? NULL : b->pages + (skip + q - p) * RS_PAGE;
             uint64_t before = atomic_load(&r->pages_settled);
@@ -178,6 +188,8 @@ static int resolve_record(wp_restorer *r, uint32_t index, struct rs_range *fault
                 r->pages_by_fault += installed;
             else
                 r->pages_by_fill += installed;
+            if (!by_fault)
+                rs_fill_yield(r);
             q = e;
         }
     }
@@ -268,7 +280,7 @@ static void mark_gone(wp_restorer *r, uint64_t start, uint64_t end)
 static void serve_outside(wp_restorer *r, uint64_t address)
 {
     uint64_t page = address & ~(uint64_t)(RS_PAGE - 1);
-    pthread_mutex_lock(&r->install_lock);
+    rs_lock_fault(r);
     if (!r->faults_outside++)
         r->outside_hva = page;
     int rc = rs_poison_hva(r, page, RS_PAGE);
@@ -336,7 +348,7 @@ static int serve_fault(wp_restorer *r, uint64_t address, struct rs_buffers *b)
          * Without the POISON feature: left blocked. */
         if (state & PG_POISONED) {
             uint64_t unit = page / g->unit * g->unit;
-            pthread_mutex_lock(&r->install_lock);
+            rs_lock_fault(r);
             int prc = rs_poison_hva(r, g->hva + unit * RS_PAGE, (uint64_t)g->unit * RS_PAGE);
             if (prc == -EEXIST) { /* still poisoned (raced): the thread only needs waking */
                 struct uffdio_range wake = {.start = g->hva + unit * RS_PAGE, .len = (uint64_t)g->unit * RS_PAGE};
@@ -350,13 +362,13 @@ static int serve_fault(wp_restorer *r, uint64_t address, struct rs_buffers *b)
          * nothing is, or map what is (a shared page that survived). */
         if (state & PG_REMOVED)
             r->faults_zero++;
-        pthread_mutex_lock(&r->install_lock);
+        rs_lock_fault(r);
         rc = rs_install_zero_or_keep(r, g, page / g->unit * g->unit);
         pthread_mutex_unlock(&r->install_lock);
     } else {
         if (g->unit > 1)
             rc = rs_resolve_huge(r, g, page, true, b);
-        else
+        else if ((rc = rs_fault_page(r, g, page, b)) == -ENOTSUP) /* the page alone; its record's others follow in the fill */
             rc = resolve_record(r, rs_record_at(r, g->image_page + page), g, page, b);
         if (rc == 0 && (__atomic_load_n(&g->state[page], __ATOMIC_ACQUIRE) & PG_SETTLED)) {
             uint64_t unit = page / g->unit * g->unit;
@@ -393,7 +405,7 @@ static void *fault_main(void *arg)
     uint64_t last = 0;
     while (!atomic_load(&r->stopping) && !atomic_load(&r->error)) {
         /* read() never blocks: the uffd is O_NONBLOCK (checked at create). */
-        pthread_mutex_lock(&r->install_lock);
+        rs_lock_fault(r);
         ssize_t n = read(r->uffd, msgs, sizeof msgs);
         int read_errno = n < 0 ? errno : 0;
         for (ssize_t i = 0; n > 0 && i < n / (ssize_t)sizeof msgs[0]; i++)
@@ -411,8 +423,13 @@ static void *fault_main(void *arg)
                 fail(r, n == 0 ? -EPIPE : -read_errno);
                 break;
             }
-            if (monotonic_ns() - last < 50000) { /* spin 50 us after a fault before sleeping: wake-ups are slow here */
-                __builtin_ia32_pause();
+            if (monotonic_ns() - last < 50000) {
+                /* Spin 50 us after a fault before sleeping (wake-ups are slow
+                 * here), asking without install_lock whether a message came:
+                 * the fill keeps the lock between its chunks meanwhile. */
+                struct pollfd ready = {.fd = r->uffd, .events = POLLIN};
+                while (monotonic_ns() - last < 50000 && poll(&ready, 1, 0) == 0 && !atomic_load(&r->stopping))
+                    __builtin_ia32_pause();
                 continue;
             }
             struct pollfd fds[2] = {{.fd = r->uffd, .events = POLLIN}, {.fd = r->stop_fd, .events = POLLIN}};
@@ -455,12 +472,27 @@ static void *fill_main(void *arg)
 {
     wp_restorer *r = arg;
     struct rs_buffers b = {.decoded = -1};
-    while (r->no_fill && atomic_load(&r->pages_settled) < atomic_load(&r->pages_total) && !atomic_load(&r->stopping) &&
-           !atomic_load(&r->error))
-        usleep(1000); /* faults only (benchmarks): wait until every page faulted in */
-    for (uint32_t i = 0; !r->no_fill && i < r->record_count && !atomic_load(&r->stopping) && !atomic_load(&r->error);) {
-        int rc = resolve_record(r, i, NULL, 0, &b);
+    /* The fill (fault-around, then image order) runs at nice 19: it takes
+     * only CPU the guest's vCPUs and the fault thread leave. It holds
+     * install_lock for one chunk at a time only, so a fault that finds it
+     * held waits for that chunk, which the fill (then alone runnable among
+     * them) finishes at once. */
+    setpriority(PRIO_PROCESS, (id_t)gettid(), 19);
+    /* Records a fault touched first (their other pages: fault-around), then
+     * image order; with no_fill (benchmarks: faults only), fault-around only,
+     * until every page is settled. */
+    for (uint32_t i = 0; !atomic_load(&r->stopping) && !atomic_load(&r->error);) {
+        int64_t hot = rs_hot_take(r, r->no_fill ? 10 : 0);
+        bool in_order = hot < 0;
+        if (in_order && (r->no_fill || i >= r->record_count)) {
+            if (!r->no_fill || atomic_load(&r->pages_settled) >= atomic_load(&r->pages_total))
+                break;
+            continue;
+        }
+        int rc = resolve_record(r, in_order ? i : (uint32_t)hot, NULL, 0, &b);
         if (rc == -EAGAIN) { /* a discard is in flight: let the fault thread read it, then retry */
+            if (!in_order)
+                rs_hot_push(r, (uint32_t)hot);
             usleep(100);
             continue;
         }
@@ -468,7 +500,7 @@ static void *fill_main(void *arg)
             fail(r, rc);
             break;
         }
-        i++;
+        i += in_order;
     }
     /* hugetlbfs ranges, huge page by huge page in image order (records read once each where they are shared). */
     for (uint32_t k = 0; !r->no_fill && k < r->range_count; k++) {
@@ -524,6 +556,8 @@ wp_restorer *wp_restorer_create(int32_t uffd, int32_t snapshot_fd, uint32_t flag
     r->move = flags & WP_RESTORE_MOVE;
     r->no_fill = flags & WP_RESTORE_NO_FILL;
     pthread_mutex_init(&r->install_lock, NULL);
+    pthread_mutex_init(&r->hot_lock, NULL);
+    pthread_cond_init(&r->hot_cond, NULL);
     r->codec = wp_record_codec_create();
     if (r->uffd < 0 || r->file < 0 || r->stop_fd < 0 || !r->codec) {
         *err_out = r->codec ? -errno : -ENOMEM;
@@ -757,6 +791,8 @@ int32_t wp_restorer_destroy(wp_restorer *r)
     if (r->stop_fd >= 0)
         close(r->stop_fd);
     pthread_mutex_destroy(&r->install_lock);
+    pthread_mutex_destroy(&r->hot_lock);
+    pthread_cond_destroy(&r->hot_cond);
     free(r);
     return 0;
 }

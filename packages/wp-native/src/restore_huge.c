@@ -64,7 +64,10 @@ int rs_resolve_huge(wp_restorer *r, struct rs_range *g, uint64_t p, bool fault, 
         if (rc < 0)
             return rc;
     }
-    pthread_mutex_lock(&r->install_lock);
+    if (fault)
+        rs_lock_fault(r);
+    else
+        pthread_mutex_lock(&r->install_lock);
     int rc = 0;
     if (!(g->state[unit] & (PG_SETTLED | PG_FAILED))) {
         uint64_t before = atomic_load(&r->pages_settled);

@@ -42,6 +42,7 @@ struct rs_range {
     uint8_t *state;
 };
 #define RS_HUGE_PAGES (WP_RESTORE_HUGE_PAGE_SIZE / RS_PAGE)
+#define RS_HOT_SLOTS 256
 
 struct wp_restorer {
     int uffd, file, stop_fd;
@@ -60,6 +61,7 @@ struct wp_restorer {
      * Never held across a call that can block: the uffd is non-blocking
      * (checked at create) and every ioctl under it returns at once. */
     pthread_mutex_t install_lock;
+    _Atomic uint32_t fault_waiting; /* the fault thread wants install_lock: the fill lets it in between chunks */
     _Atomic uint64_t pages_settled, pages_total;
     /* Counters below change under install_lock (or in the fault thread only). */
     uint64_t faults, faults_zero, pages_by_fault, pages_by_fill, removed_pages;
@@ -72,8 +74,38 @@ struct wp_restorer {
     uint64_t fault_ns_total, fault_ns_max, first_fault_ns, start_ns, done_ns;
     uint64_t hist[WP_RESTORE_HIST_BUCKETS];
     wp_record_codec *codec;
+    /* Records a fault touched, for the fill to complete first (restore_page.c). */
+    pthread_mutex_t hot_lock;
+    pthread_cond_t hot_cond;
+    uint32_t hot[RS_HOT_SLOTS], hot_head, hot_tail;
     uint8_t *zero_huge; /* one zero huge page: hugetlbfs has no UFFDIO_ZEROPAGE */
 };
+
+/* Pages the fill installs under one hold of install_lock: a fault waits at
+ * most for that many (64 KiB, ~10 us of UFFDIO_COPY here). */
+#define RS_FILL_CHUNK 16
+
+/* install_lock, taken by the fault thread: it says it is waiting, so the
+ * fill, which lets go between chunks, lets it in first. */
+static inline void rs_lock_fault(wp_restorer *r)
+{
+    atomic_fetch_add(&r->fault_waiting, 1);
+    pthread_mutex_lock(&r->install_lock);
+    atomic_fetch_sub(&r->fault_waiting, 1);
+}
+
+/* The fill, holding install_lock between two chunks: if the fault thread
+ * waits for it, lets it go until the fault thread has it (a bounded spin;
+ * a mutex handed back at once would stay with the fill), then takes it again. */
+static inline void rs_fill_yield(wp_restorer *r)
+{
+    if (!atomic_load(&r->fault_waiting))
+        return;
+    pthread_mutex_unlock(&r->install_lock);
+    for (int spin = 0; spin < 100000 && atomic_load(&r->fault_waiting); spin++)
+        __builtin_ia32_pause();
+    pthread_mutex_lock(&r->install_lock);
+}
 
 /* A thread's decode buffers: page-aligned anonymous memory when pages are
  * moved out of them; a huge page being assembled, and which record `pages`
@@ -98,6 +130,23 @@ void rs_record_failed(wp_restorer *r, uint32_t index, int err, uint32_t why);
  * installed whole. fault: a thread waits on it (counted by fault, and
  * b->fault_installed_ns set). 0, -EAGAIN (a discard pending) or -errno. */
 int rs_resolve_huge(wp_restorer *r, struct rs_range *g, uint64_t p, bool fault, struct rs_buffers *b);
+
+/* restore_page.c: a fault served with its page alone. Reads page `page` of
+ * range g (a 4 KiB range) from the raw image, or from its record when the
+ * record has encoding "pages", installs it (the faulting thread resumes),
+ * then queues the record for the fill thread. 0 (served, or failed and
+ * poisoned), -ENOTSUP (the record must be read whole: resolve it so),
+ * -EAGAIN (a discard pending) or another -errno. */
+int rs_fault_page(wp_restorer *r, struct rs_range *g, uint64_t page, struct rs_buffers *b);
+/* Installs record `index`'s pages that are still wanted, one page at a
+ * time: a page whose block is corrupt fails alone. 0, -EAGAIN or -errno;
+ * -ENOTSUP when the record cannot be read page by page. */
+int rs_resolve_by_page(wp_restorer *r, uint32_t index, struct rs_buffers *b);
+/* The hot queue: records a fault touched, for the fill thread to complete
+ * before it goes on in image order (bounded; full: dropped). take waits up
+ * to wait_ms for one; -1 if none. */
+void rs_hot_push(wp_restorer *r, uint32_t index);
+int64_t rs_hot_take(wp_restorer *r, uint32_t wait_ms);
 
 /* Sets the state bits of page p of g (under install_lock), counting pages
  * that become settled. */
