@@ -10,9 +10,9 @@
  * vmsnap file's regions concatenated in header order (docs/format.md), or
  * the raw image itself.
  */
-import { Effect } from "effect"
+import { Effect, type Scope } from "effect"
 import { isNullPointer } from "ffi-rs"
-import { openSync, closeSync, fstatSync } from "node:fs"
+import { openSync, closeSync } from "node:fs"
 import { InvalidInput, NativeError, ProtocolError, type SnapshotFormatError, type SnapshotIoError } from "./Errors.js"
 import { HUGE_PAGE_SIZE, PAGE_SIZE } from "./GuestMemory.js"
 import { errnoReason } from "./internal/errno.js"
@@ -22,8 +22,7 @@ import {
 } from "./internal/ffi.js"
 import { guestBucketLowerNs, summarizeUs, type LatencySummary } from "./LatencyHistogram.js"
 import { checkNoOverlap } from "./FirecrackerHandshake.js"
-import { concatOffsets } from "./SnapshotFormat.js"
-import { openSnapshot } from "./SnapshotReader.js"
+import { type ImageIndex, openImageIndex, type RestoreSource } from "./RestoreIndex.js"
 
 export interface GuestRange {
   /** Where the VMM maps this range. */
@@ -55,6 +54,8 @@ export interface LazyRestoreStats {
   readonly faultServiceUs: LatencySummary
   /** Since serving started; null until it happened. */
   readonly firstFaultMs: number | null
+  /** Since serving started: the first fault's page installed (its thread may resume); null until then. */
+  readonly firstPageMs: number | null
   readonly doneMs: number | null
   /** Pages the VMM mapped something else over (ENOENT): skipped. */
   readonly pagesGone: number
@@ -72,68 +73,8 @@ export interface LazyRestoreStats {
   readonly firstOutsideHva: string | null
 }
 
-export interface RestoreSource {
-  readonly path: string
-  /** A raw memory image rather than a vmsnap file. */
-  readonly raw: boolean
-}
-
-/**
- * The records of a source in image order (tiling the image), as the arrays
- * wp_restorer_set_index takes. Built once per source (serve: at start, with
- * the index's structure checked: coverage, no page twice, region page sizes).
- */
-export interface ImageIndex {
-  readonly imageBytes: number
-  readonly count: number
-  readonly regions: Buffer
-  readonly firstPages: Buffer
-  readonly counts: Buffer
-  readonly offsets: Buffer
-  readonly imagePages: Buffer
-}
-
-/**
- * A raw image is served in "records" of 16 pages (64 KiB): a fault reads
- * and installs at most that much before its page (the faulting page goes in
- * first, then its neighbours), and the fill streams the image in such runs.
- */
-const RECORD_PAGES_RAW = 16
 /** RS_MAX_RANGES in restore_internal.h. */
 const MAX_RANGES = 64
-
-const imageIndex = (imageBytes: number, entries: ReadonlyArray<{ region: number; firstPage: number; pageCount: number; fileOffset: number; imagePage: number }>): ImageIndex => ({
-  imageBytes,
-  count: entries.length,
-  regions: Buffer.from(Uint32Array.from(entries, (e) => e.region).buffer),
-  firstPages: Buffer.from(BigUint64Array.from(entries, (e) => BigInt(e.firstPage)).buffer),
-  counts: Buffer.from(Uint32Array.from(entries, (e) => e.pageCount).buffer),
-  offsets: Buffer.from(BigUint64Array.from(entries, (e) => BigInt(e.fileOffset)).buffer),
-  imagePages: Buffer.from(BigUint64Array.from(entries, (e) => BigInt(e.imagePage)).buffer)
-})
-
-/** Reads and checks the source's index (not the records' payloads) and lays its records out in image order. */
-export const indexSource = (source: RestoreSource): Effect.Effect<ImageIndex, SnapshotFormatError | SnapshotIoError> =>
-  Effect.scoped(
-    Effect.gen(function* () {
-      if (source.raw) {
-        const fd = openSync(source.path, "r")
-        const size = fstatSync(fd).size
-        closeSync(fd)
-        const pages = Math.ceil(size / PAGE_SIZE)
-        const entries = []
-        for (let p = 0; p < pages; p += RECORD_PAGES_RAW)
-          entries.push({ region: 0, firstPage: p, pageCount: Math.min(RECORD_PAGES_RAW, pages - p), fileOffset: p * PAGE_SIZE, imagePage: p })
-        return imageIndex(size, entries)
-      }
-      const s = yield* openSnapshot(source.path) // checks the index's structure (checkIndex)
-      const starts = concatOffsets(s.header.regions)
-      const entries = s.index
-        .map((e) => ({ ...e, imagePage: starts[e.region]! / PAGE_SIZE + e.firstPage }))
-        .sort((a, b) => a.imagePage - b.imagePage)
-      return imageIndex(s.header.regions.reduce((a, r) => a + r.size, 0), entries)
-    })
-  )
 
 const REFUSED: Record<number, string> = {
   25: "the fd sent as the userfaultfd is not a userfaultfd",
@@ -150,6 +91,7 @@ const REFUSED: Record<number, string> = {
 export class LazyRestore {
   private handle: JsExternal | undefined
   private final: LazyRestoreStats | undefined
+  private startedAt = 0n
 
   constructor(handle: JsExternal) {
     this.handle = handle
@@ -178,11 +120,13 @@ export class LazyRestore {
     loadWp().wp_restorer_stats([this.handle, Buffer.from(w.buffer)])
     const n = (field: (typeof WP_RESTORE_STATS_FIELDS)[number]) => Number(w[WP_RESTORE_STATS_FIELDS.indexOf(field)])
     const failedErrno = Number(BigInt.asIntN(64, w[WP_RESTORE_STATS_FIELDS.indexOf("failed_errno")]!))
+    this.startedAt = w[WP_RESTORE_STATS_FIELDS.indexOf("started_at_ns")]!
     return {
       pagesTotal: n("pages_total"), pagesSettled: n("pages_settled"), faults: n("faults"), faultsZero: n("faults_zero"),
       pagesByFault: n("pages_by_fault"), pagesByFill: n("pages_by_fill"), removedPages: n("removed_pages"),
       faultServiceUs: summarizeUs(Array.from(w.subarray(WP_RESTORE_STATS_FIELDS.length), Number), n("fault_ns_max"), guestBucketLowerNs),
       firstFaultMs: n("first_fault_ns") ? n("first_fault_ns") / 1e6 : null,
+      firstPageMs: n("first_page_ns") ? n("first_page_ns") / 1e6 : null,
       doneMs: n("done_ns") ? n("done_ns") / 1e6 : null,
       pagesGone: n("pages_gone"), pagesFailed: n("pages_failed"), pagesUnallocated: n("pages_unallocated"), pagesPoisoned: n("pages_poisoned"),
       failedRecord: n("failed_records") === 0 ? null : {
@@ -193,6 +137,16 @@ export class LazyRestore {
       faultsOutside: n("faults_outside"), outsidePoisoned: n("outside_poisoned"),
       firstOutsideHva: n("faults_outside") ? `0x${w[WP_RESTORE_STATS_FIELDS.indexOf("outside_hva")]!.toString(16)}` : null
     }
+  }
+
+  /**
+   * When serving started (wp_restorer_start), CLOCK_MONOTONIC ns: the clock
+   * of process.hrtime.bigint() (libuv's uv_hrtime), so a handshake's time
+   * taken in TypeScript compares with it. 0n before stats() was first read.
+   */
+  startedAtNs(): bigint {
+    if (this.startedAt === 0n && this.handle !== undefined) this.stats()
+    return this.startedAt
   }
 
   /** Stops serving and frees the restorer, keeping its last stats. @internal */
@@ -232,12 +186,12 @@ export const startLazyRestore = (
   ranges: ReadonlyArray<GuestRange>,
   options: LazyRestoreOptions = {},
   index?: ImageIndex
-): Effect.Effect<LazyRestore, NativeError | ProtocolError | InvalidInput | SnapshotFormatError | SnapshotIoError, import("effect").Scope.Scope> =>
+): Effect.Effect<LazyRestore, NativeError | ProtocolError | InvalidInput | SnapshotFormatError | SnapshotIoError, Scope.Scope> =>
   Effect.gen(function* () {
     if (ranges.length === 0) return yield* Effect.fail(new InvalidInput({ reason: "no memory regions to restore" }))
     if (ranges.length > MAX_RANGES) return yield* Effect.fail(new ProtocolError({ reason: `${ranges.length} regions; a VMM may declare at most ${MAX_RANGES}` }))
     yield* Effect.try({ try: () => checkNoOverlap(ranges.map((r) => ({ base_host_virt_addr: Number(r.hva), size: r.size }))), catch: (e) => e as ProtocolError })
-    const idx = index ?? (yield* indexSource(source))
+    const idx = index ?? (yield* openImageIndex(source)) // serve opened it once, for every VMM
     for (const [i, r] of ranges.entries()) {
       const pageSize = r.pageSize ?? PAGE_SIZE
       if (pageSize !== PAGE_SIZE && pageSize !== HUGE_PAGE_SIZE)
@@ -273,7 +227,7 @@ export const startLazyRestore = (
         return yield* Effect.fail(new ProtocolError({ reason: `region ${i} (0x${r.hva.toString(16)}, ${r.size} bytes) is registered with another userfaultfd than the one sent: send the uffd that registered the guest memory (its faults would reach no handler)` }))
       yield* check("lazy restore range", rc)
     }
-    yield* check("lazy restore index", lib.wp_restorer_set_index([handle, idx.regions, idx.firstPages, idx.counts, idx.offsets, idx.imagePages, idx.count]))
+    yield* check("lazy restore index", lib.wp_restorer_set_index([handle, idx.native])) // a reference: nothing copied
     if (options.ownerPid !== undefined) {
       const rc: number = lib.wp_restorer_check_owner([handle, options.ownerPid])
       if (rc === -18)

@@ -77,6 +77,8 @@ typedef struct wp_restore_stats {
     uint64_t outside_poisoned;         /* of those, answered with UFFDIO_POISON (the others stay blocked) */
     uint64_t outside_hva;              /* the page of the first of them */
     uint64_t pages_unallocated;        /* of pages_failed, those no huge page could be allocated for (pool or hugetlbfs size= quota exhausted) */
+    uint64_t started_at_ns;            /* CLOCK_MONOTONIC at wp_restorer_start (what the times above count from); 0 before */
+    uint64_t first_page_ns;            /* since wp_restorer_start: the first fault's page installed (its thread may resume); 0 if not yet */
     uint64_t hist[WP_RESTORE_HIST_BUCKETS];
 } wp_restore_stats;
 
@@ -91,15 +93,26 @@ wp_restorer *wp_restorer_create(int32_t uffd, int32_t snapshot_fd, uint32_t flag
  * go to a uffd nobody reads). It is registered MISSING with uffd: a no-op
  * where the VMM did so already. */
 int32_t wp_restorer_add_range(wp_restorer *r, uint64_t hva, uint64_t size, uint64_t image_offset, uint32_t range_flags);
-/* The records (n), sorted by image page and tiling the image from page 0
- * with no gap or overlap (-EINVAL otherwise): record i holds page_counts[i]
- * pages from image page image_pages[i]; in the file it is at file_offsets[i]
- * and says region regions[i], first page first_pages[i] (the decoder checks
- * both). -ERANGE if a range lies past the image's end. Raw images: one
- * "record" per run of pages, at its image offset. */
-int32_t wp_restorer_set_index(wp_restorer *r, const uint32_t *regions, const uint64_t *first_pages,
-                              const uint32_t *page_counts, const uint64_t *file_offsets, const uint64_t *image_pages,
-                              uint32_t n);
+/* The records of a memory image (n), sorted by image page and tiling the
+ * image from page 0 with no gap or overlap: record i holds page_counts[i]
+ * pages from image page image_pages[i]; in the file it is at
+ * file_offsets[i] and says region regions[i], first page first_pages[i]
+ * (the decoder checks both). Raw images: one "record" per run of pages, at
+ * its image offset. Built and checked once per served file and shared,
+ * read-only, by every restorer of that file (reference counted: each
+ * wp_restorer_set_index takes a reference, wp_restorer_destroy drops it).
+ * NULL with *err_out -EINVAL (no record, a record of 0 or more than
+ * RECORD_MAX_PAGES pages, records not tiling the image) or -ENOMEM. */
+typedef struct wp_restore_index wp_restore_index;
+wp_restore_index *wp_restore_index_create(const uint32_t *regions, const uint64_t *first_pages,
+                                          const uint32_t *page_counts, const uint64_t *file_offsets,
+                                          const uint64_t *image_pages, uint32_t n, int32_t *err_out);
+/* Drops the creator's reference: the index is freed with its last user. 0. */
+int32_t wp_restore_index_release(wp_restore_index *idx);
+/* The restorer serves from idx (a reference is taken: O(1), nothing is
+ * copied). -ERANGE if a range lies past the image's end; -EBUSY if an
+ * index was set already or serving started. */
+int32_t wp_restorer_set_index(wp_restorer *r, wp_restore_index *idx);
 /* Checks that the uffd fills process pid's memory (its ctx is pid's mm),
  * after set_index, before start: a uffd of another process that has the
  * same addresses registered (a child's) passes the registration check, and

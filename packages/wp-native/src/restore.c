@@ -569,7 +569,7 @@ wp_restorer *wp_restorer_create(int32_t uffd, int32_t snapshot_fd, uint32_t flag
 
 int32_t wp_restorer_add_range(wp_restorer *r, uint64_t hva, uint64_t size, uint64_t image_offset, uint32_t range_flags)
 {
-    if (r->started || r->records)
+    if (r->started || r->index)
         return -EBUSY;
     if (r->range_count >= RS_MAX_RANGES)
         return -E2BIG;
@@ -591,38 +591,33 @@ int32_t wp_restorer_add_range(wp_restorer *r, uint64_t hva, uint64_t size, uint6
     struct rs_range *g = &r->ranges[r->range_count];
     *g = (struct rs_range){.hva = hva, .size = size, .pages = size / RS_PAGE, .image_page = image_offset / RS_PAGE,
                            .shared = range_flags & WP_RESTORE_RANGE_SHARED, .unit = unit};
-    g->state = calloc(g->pages, 1);
-    if (!g->state)
+    /* Zero pages mapped on first touch: O(1) here whatever the range's size
+     * (calloc may memset memory glibc reuses: 2 MiB for an 8 GiB range). */
+    void *state = mmap(NULL, g->pages, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (state == MAP_FAILED)
         return -ENOMEM;
-    if (unit > 1 && !r->zero_huge && !(r->zero_huge = calloc(1, WP_RESTORE_HUGE_PAGE_SIZE)))
+    g->state = state;
+    if (unit > 1 && !r->zero_huge && !(r->zero_huge = calloc(1, WP_RESTORE_HUGE_PAGE_SIZE))) {
+        munmap(state, g->pages);
+        g->state = NULL;
         return -ENOMEM;
+    }
     atomic_fetch_add(&r->pages_total, g->pages);
     return (int32_t)r->range_count++;
 }
 
-int32_t wp_restorer_set_index(wp_restorer *r, const uint32_t *regions, const uint64_t *first_pages,
-                              const uint32_t *page_counts, const uint64_t *file_offsets, const uint64_t *image_pages,
-                              uint32_t n)
+int32_t wp_restorer_set_index(wp_restorer *r, wp_restore_index *idx)
 {
-    if (r->started || r->records)
+    if (r->started || r->index)
         return -EBUSY;
-    r->records = calloc(n ? n : 1, sizeof *r->records);
-    if (!r->records)
-        return -ENOMEM;
-    uint64_t next = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        struct rs_record *rec = &r->records[i];
-        *rec = (struct rs_record){.region = regions[i], .pages = page_counts[i], .first_page = first_pages[i],
-                                  .file_offset = file_offsets[i], .image_page = image_pages[i]};
-        if (!rec->pages || rec->pages > RECORD_MAX_PAGES || rec->image_page != next)
-            return -EINVAL; /* records must tile the image in order: no page twice, none missing */
-        next += rec->pages;
-    }
-    r->record_count = n;
-    r->image_pages = next;
     for (uint32_t i = 0; i < r->range_count; i++)
-        if (r->ranges[i].image_page + r->ranges[i].pages > next)
+        if (r->ranges[i].image_page + r->ranges[i].pages > idx->image_pages)
             return -ERANGE; /* a range past the end of the image */
+    rs_index_hold(idx);
+    r->index = idx;
+    r->records = idx->records;
+    r->record_count = idx->count;
+    r->image_pages = idx->image_pages;
     return 0;
 }
 
@@ -732,6 +727,8 @@ int32_t wp_restorer_stats(wp_restorer *r, wp_restore_stats *out)
     out->outside_poisoned = r->outside_poisoned;
     out->outside_hva = r->outside_hva;
     out->pages_unallocated = r->pages_unallocated;
+    out->started_at_ns = r->start_ns;
+    out->first_page_ns = r->first_page_ns ? r->first_page_ns - r->start_ns : 0;
     memcpy(out->hist, r->hist, sizeof out->hist);
     pthread_mutex_unlock(&r->install_lock);
     return 0;
@@ -778,10 +775,11 @@ int32_t wp_restorer_destroy(wp_restorer *r)
             struct uffdio_range range = {.start = g->hva, .len = g->size};
             ioctl(r->uffd, UFFDIO_UNREGISTER, &range);
         }
-        free(g->state);
+        if (g->state)
+            munmap(g->state, g->pages);
     }
     drain_events(r);
-    free(r->records);
+    wp_restore_index_release(r->index);
     free(r->zero_huge);
     wp_record_codec_destroy(r->codec);
     if (r->uffd >= 0)

@@ -33,6 +33,16 @@ struct rs_record {
     uint64_t first_page, file_offset, image_page;
 };
 
+/* wp_restore_index (restore_index.c): immutable once created. */
+struct wp_restore_index {
+    _Atomic uint32_t refs;
+    uint32_t count;
+    uint64_t image_pages;
+    struct rs_record *records;
+};
+/* Takes a reference for a restorer (dropped with wp_restore_index_release). */
+void rs_index_hold(wp_restore_index *idx);
+
 /* One range the VMM declared: [hva, hva + size) holds the image's pages
  * from image_page on. */
 struct rs_range {
@@ -49,7 +59,8 @@ struct wp_restorer {
     bool raw_image, move, no_fill;
     uint32_t range_count;
     struct rs_range ranges[RS_MAX_RANGES];
-    struct rs_record *records; /* sorted by image page, tiling the image */
+    wp_restore_index *index;         /* shared with every restorer of the same file (a reference held) */
+    const struct rs_record *records; /* index->records: sorted by image page, tiling the image */
     uint32_t record_count;
     uint64_t image_pages;
     pthread_t fault_thread, fill_thread;
@@ -72,6 +83,7 @@ struct wp_restorer {
     uint32_t failed_why;
     int32_t failed_errno;
     uint64_t fault_ns_total, fault_ns_max, first_fault_ns, start_ns, done_ns;
+    uint64_t first_page_ns; /* the first fault's page installed (CLOCK_MONOTONIC) */
     uint64_t hist[WP_RESTORE_HIST_BUCKETS];
     wp_record_codec *codec;
     /* Records a fault touched, for the fill to complete first (restore_page.c). */

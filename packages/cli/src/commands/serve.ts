@@ -59,8 +59,10 @@ export const runServe = (io: Io, flags: ServeFlags) =>
               },
               `VMM pid ${pid}: ${s.pagesFailed} page(s) cannot be produced (${s.pagesPoisoned} poisoned), ${s.pagesGone} no longer registered (remapped by the VMM), ${s.faultsOutside} fault(s) outside every region`
             ),
+          onFirstPage: (pid, times) =>
+            emit({ type: "first-page", pid, ...times }, `VMM pid ${pid}: first page installed ${times.handshakeToFirstPageMs?.toFixed(3)} ms after the handshake`),
           onFinished: (pid, outcome) => {
-            emit({ type: "finished", pid, ok: outcome.ok, error: outcome.error ?? null, ...outcome.stats }, `VMM pid ${pid}: ${outcome.ok ? "done" : "failed"}`)
+            emit({ type: "finished", pid, ok: outcome.ok, error: outcome.error ?? null, ...outcome.stats, ...outcome.handshake }, `VMM pid ${pid}: ${outcome.ok ? "done" : "failed"}`)
             finish?.({ pid, ok: outcome.ok, error: outcome.error, corrupt: outcome.stats.failedRecord !== null })
           }
         })

@@ -66,7 +66,9 @@ const recordTable = {
 const restoreTable = {
   wp_restorer_create: { library: "vmsnap_wp", retType: EXT, paramsType: [I32, I32, U32, B] },
   wp_restorer_add_range: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, BIG, BIG, BIG, U32] },
-  wp_restorer_set_index: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B, B, B, B, B, U32] },
+  wp_restore_index_create: { library: "vmsnap_wp", retType: EXT, paramsType: [B, B, B, B, B, U32, B] },
+  wp_restore_index_release: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
+  wp_restorer_set_index: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, EXT] },
   wp_restorer_check_owner: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, I32] },
   wp_restorer_start: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_restorer_poll: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
@@ -121,7 +123,7 @@ export const loadWp = lazyLibrary("vmsnap_wp", "libvmsnap_wp.so", wpTable)
  * parses the headers and checks each against its `#define`, and every table
  * entry above against its C prototype.
  */
-export const WP_ABI_VERSION = 5
+export const WP_ABI_VERSION = 6
 export const WP_PAGE_SIZE = 4096
 export const WP_HIST_BUCKETS = 64
 export const WP_FEATURE_PAGEFAULT_FLAG_WP = 1n << 0n
@@ -167,7 +169,7 @@ export const WP_RESTORE_STATS_FIELDS = [
   "pages_total", "pages_settled", "faults", "faults_zero", "pages_by_fault", "pages_by_fill", "removed_pages",
   "fault_ns_total", "fault_ns_max", "first_fault_ns", "done_ns", "pages_gone", "pages_failed", "pages_poisoned",
   "failed_records", "failed_offset", "failed_why", "failed_errno", "faults_outside", "outside_poisoned", "outside_hva",
-  "pages_unallocated"
+  "pages_unallocated", "started_at_ns", "first_page_ns"
 ] as const
 export const WP_RESTORE_STATS_WORDS = WP_RESTORE_STATS_FIELDS.length + WP_RESTORE_HIST_BUCKETS
 

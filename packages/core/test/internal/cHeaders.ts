@@ -7,7 +7,7 @@ import { DataType } from "ffi-rs"
 import { expect } from "vitest"
 
 /** Opaque handles: passed and returned as ffi-rs External. */
-const HANDLES = new Set(["wp_engine", "wp_restorer", "wp_record_codec", "vi_target", "vg_guest"])
+const HANDLES = new Set(["wp_engine", "wp_restorer", "wp_restore_index", "wp_record_codec", "vi_target", "vg_guest"])
 
 /** The ffi-rs type a C parameter or return type must be bound with. */
 export const ffiType = (cType: string): DataType => {
