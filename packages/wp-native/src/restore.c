@@ -386,6 +386,8 @@ static int serve_fault(wp_restorer *r, uint64_t address, struct rs_buffers *b)
      * thread resumes then; the record's other pages follow). */
     uint64_t end = b->fault_installed_ns >= t0 ? b->fault_installed_ns : monotonic_ns();
     uint64_t ns = end - t0;
+    if (!r->first_page_ns)
+        r->first_page_ns = end;
     r->faults++;
     r->fault_ns_total += ns;
     if (ns > r->fault_ns_max)
