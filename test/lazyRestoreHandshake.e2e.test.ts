@@ -146,6 +146,22 @@ describe.skipIf(skip)("serve checks a VMM's ranges against its userfaultfd regis
     const wholeRunUs = (finished!.stats.doneMs ?? 60000) * 1000
     expect(finished!.stats.faultServiceUs.max).toBeLessThanOrEqual(wholeRunUs)
   })
+
+  it("handshake times: to serving and to the first fault's page installed, in the first-page event and the finished outcome, from one clock", async () => {
+    const before = main.events.finished.length, beforePages = main.events.firstPage.length
+    expect(await peer(sock, "restore", imagePath, String(SIZE), "page_size", `touch=${SIZE - PAGE_SIZE}`)).toMatch(/^OK /)
+    const finished = await main.nextFinished(before)
+    const t = finished!.handshake
+    expect(t.handshakeToServingMs).toBeGreaterThan(0)
+    // The first page goes in after serving started, before the restore is done (orders only: no timing bound).
+    expect(t.handshakeToFirstPageMs).not.toBeNull()
+    expect(t.handshakeToFirstPageMs!).toBeGreaterThan(t.handshakeToServingMs)
+    expect(t.handshakeToFirstPageMs! - t.handshakeToServingMs).toBeCloseTo(finished!.stats.firstPageMs!, 6)
+    expect(finished!.stats.firstPageMs!).toBeGreaterThanOrEqual(finished!.stats.firstFaultMs!)
+    expect(finished!.stats.firstPageMs!).toBeLessThanOrEqual(finished!.stats.doneMs!)
+    expect(main.events.firstPage.slice(beforePages)).toEqual([t])
+    expect(main.events.log.join("\n")).toMatch(/first page installed [0-9.]+ ms after the handshake \(serving after [0-9.]+ ms\)/)
+  })
 })
 
 describe.skipIf(skip)("SIGTERM while a VMM is being served", () => {
@@ -176,6 +192,7 @@ describe.skipIf(skip)("SIGTERM while a VMM is being served", () => {
       expect(finished).toMatchObject({ ok: false })
       expect(finished.error).toMatch(/serve stopped before every page was resident/)
       expect(finished.pagesSettled).toBeLessThan(finished.pagesTotal)
+      expect(finished.handshakeToServingMs).toBeGreaterThan(0)
     } finally {
       holding?.kill("SIGKILL")
       if (child.exitCode === null) child.kill("SIGKILL")

@@ -8,7 +8,7 @@ import { Effect } from "effect"
 import { execFile } from "node:child_process"
 import { join } from "node:path"
 import { promisify } from "node:util"
-import { gpa, hva, type LazyRestoreStats, restoreToRawFile, RestoreServer, takeSnapshot, WpNative } from "../packages/core/src/index.js"
+import { gpa, type HandshakeTimes, hva, type LazyRestoreStats, restoreToRawFile, RestoreServer, takeSnapshot, WpNative } from "../packages/core/src/index.js"
 import { DemoGuest } from "../packages/rig/src/index.js"
 
 const execFileAsync = promisify(execFile)
@@ -32,16 +32,18 @@ export interface Finished {
   readonly ok: boolean
   readonly error?: string
   readonly stats: LazyRestoreStats
+  readonly handshake: HandshakeTimes
 }
 
 /** A server listening on DIR/NAME.sock serving `path` (a raw memory image with `raw`), with every event it reports. */
 export const serving = async (dir: string, name: string, path: string, raw = false) => {
-  const events = { failures: [] as Array<LazyRestoreStats>, refused: [] as Array<string>, log: [] as Array<string>, finished: [] as Array<Finished> }
+  const events = { failures: [] as Array<LazyRestoreStats>, refused: [] as Array<string>, log: [] as Array<string>, finished: [] as Array<Finished>, firstPage: [] as Array<HandshakeTimes> }
   const sock = join(dir, `${name}.sock`)
   const server = new RestoreServer(sock, { path, raw }, {
     log: (l) => events.log.push(l),
     onRefused: (_pid, reason) => events.refused.push(reason),
     onPageFailure: (_pid, s) => events.failures.push(s),
+    onFirstPage: (_pid, t) => events.firstPage.push(t),
     onFinished: (_pid, o) => events.finished.push(o)
   })
   await server.listen()
