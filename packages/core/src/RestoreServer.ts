@@ -249,7 +249,7 @@ export class RestoreServer {
       if (!firstPage && s.firstPageMs !== null) {
         firstPage = true
         const times = handshakeTimes(at, restore, s)
-        this.log(`VMM pid ${pid}: first page installed ${times.handshakeToFirstPageMs!.toFixed(3)} ms after the handshake (serving after ${times.handshakeToServingMs.toFixed(3)} ms)`)
+        this.log(`VMM pid ${pid}: first page installed ${times.handshakeToFirstPageMs!.toFixed(3)} ms after the handshake (checks and setup: ${times.handshakeToServingMs.toFixed(3)} ms)`)
         this.events.onFirstPage?.(pid, times)
       }
       if (s.pagesFailed > seen.failed || s.pagesGone > seen.gone || s.faultsOutside > seen.outside) {
