@@ -93,14 +93,19 @@ static bool overlap(const struct rs_record *rec, const struct rs_range *g, uint6
 
 /* The record's pages cannot be produced: never install anything else there
  * (in a hugetlbfs range: the whole huge pages that hold them). */
-void rs_record_failed(wp_restorer *r, uint32_t index, int err, uint32_t why)
+void rs_note_failure(wp_restorer *r, const struct rs_record *rec, int err, uint32_t why)
 {
-    const struct rs_record *rec = &r->records[index];
     if (!r->failed_records++) {
         r->failed_offset = rec->file_offset;
         r->failed_why = why;
         r->failed_errno = err;
     }
+}
+
+void rs_record_failed(wp_restorer *r, uint32_t index, int err, uint32_t why)
+{
+    const struct rs_record *rec = &r->records[index];
+    rs_note_failure(r, rec, err, why);
     for (uint32_t k = 0; k < r->range_count; k++) {
         struct rs_range *g = &r->ranges[k];
         uint64_t p, n, skip;

@@ -133,6 +133,9 @@ struct rs_buffers {
 int rs_reserve(wp_restorer *r, struct rs_buffers *b, size_t bytes);
 /* The record holding image page ip. */
 uint32_t rs_record_at(const wp_restorer *r, uint64_t ip);
+/* A record (or one page of it) cannot be produced: counted, and the first
+ * one's place and reason kept for the VMM's log. Under install_lock. */
+void rs_note_failure(wp_restorer *r, const struct rs_record *rec, int err, uint32_t why);
 /* Record `index` cannot be produced (err, why): its pages in every range are
  * marked failed and poisoned where the kernel allows. Under install_lock. */
 void rs_record_failed(wp_restorer *r, uint32_t index, int err, uint32_t why);

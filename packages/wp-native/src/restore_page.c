@@ -26,11 +26,7 @@
  * and poisoned where the kernel allows. Under install_lock. */
 static void page_failed(wp_restorer *r, const struct rs_record *rec, uint64_t ip, int err, uint32_t why)
 {
-    if (!r->failed_records++) {
-        r->failed_offset = rec->file_offset;
-        r->failed_why = why;
-        r->failed_errno = err;
-    }
+    rs_note_failure(r, rec, err, why);
     for (uint32_t k = 0; k < r->range_count; k++) {
         struct rs_range *g = &r->ranges[k];
         if (g->unit > 1 || ip < g->image_page || ip - g->image_page >= g->pages)
