@@ -51,7 +51,10 @@ export const parseSmaps = (text: string): Array<ProcessMapping> => {
   const out: Array<ProcessMapping> = []
   let current: { -readonly [K in keyof ProcessMapping]: ProcessMapping[K] } | undefined
   for (const line of text.split("\n")) {
-    const head = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$/.exec(line)
+    // A mapping's first line starts with its start address (lowercase hex); the fields after it with a capital
+    // letter ("Size:", "KernelPageSize:", "VmFlags:"): only the former meet the regex (the parse is per VMM at serve's handshake).
+    const c = line.charCodeAt(0)
+    const head = (c >= 48 && c <= 57) || (c >= 97 && c <= 102) ? /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$/.exec(line) : null
     if (head) {
       if (out.length >= MAX_MAPPINGS) break
       const start = BigInt(`0x${head[1]}`)
@@ -64,8 +67,8 @@ export const parseSmaps = (text: string): Array<ProcessMapping> => {
       continue
     }
     if (!current) continue
-    if (line.startsWith("VmFlags:")) current.vmFlags = line.slice(8).trim().split(/\s+/)
-    else if (line.startsWith("KernelPageSize:")) current.kernelPageSize = Number(/(\d+)/.exec(line)?.[1] ?? 4) * 1024
+    if (c === 86 && line.startsWith("VmFlags:")) current.vmFlags = line.slice(8).trim().split(/\s+/)
+    else if (c === 75 && line.startsWith("KernelPageSize:")) current.kernelPageSize = Number(/(\d+)/.exec(line)?.[1] ?? 4) * 1024
   }
   return out
 }
