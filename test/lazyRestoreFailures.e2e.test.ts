@@ -27,31 +27,49 @@ const snapshotPath = join(dir, "two-regions.vmsnap")
 const imagePath = join(dir, "two-regions.img")
 const skip = await toyVmmSkipReason("lazy restore failure tests")
 
-/** A copy of the snapshot with one lz4 record in the middle spoiled by `spoil`; its place in the image. */
-const spoiled = async (name: string, spoil: (header: Buffer, payload: Buffer) => void) => {
+/** A copy of the snapshot with one data record (encoding 3, "pages") in the middle spoiled by `spoil`; its place in the image. */
+const spoiled = async (name: string, spoil: (header: Buffer, payload: Buffer) => number | void) => {
   const { entry, stored } = await Effect.runPromise(
     Effect.scoped(
       Effect.gen(function* () {
         const s = yield* openSnapshot(snapshotPath)
         const starts = concatOffsets(s.header.regions)
         const bytes = readFileSync(snapshotPath)
-        const lz4 = s.index.filter((e) => bytes[e.fileOffset + 20] === 1 && e.pageCount >= 4)
-        const e = lz4[Math.floor(lz4.length / 2)]!
+        const data = s.index.filter((e) => bytes[e.fileOffset + 20] === 3 && e.pageCount >= 4)
+        const e = data[Math.floor(data.length / 2)]!
         return { entry: { ...e, imageOffset: starts[e.region]! + e.firstPage * PAGE_SIZE }, stored: bytes.readUInt32LE(e.fileOffset + 24) }
       })
     )
   )
   const bytes = readFileSync(snapshotPath)
   const h = bytes.subarray(entry.fileOffset, entry.fileOffset + 32)
-  spoil(h, bytes.subarray(entry.fileOffset + 32, entry.fileOffset + 32 + stored))
+  // A spoil that returns a page index spoiled only that page's block: only it is bad.
+  const page = spoil(h, bytes.subarray(entry.fileOffset + 32, entry.fileOffset + 32 + stored))
   const path = join(dir, `${name}.vmsnap`)
   writeFileSync(path, bytes)
-  return { path, entry, bad: `bad=${entry.imageOffset}:${entry.pageCount * PAGE_SIZE}` }
+  const bad = page === undefined ? `bad=${entry.imageOffset}:${entry.pageCount * PAGE_SIZE}` : `bad=${entry.imageOffset + page * PAGE_SIZE}:${PAGE_SIZE}`
+  return { path, entry, page, bad }
 }
-const flipPayloadByte = (_h: Buffer, p: Buffer) => void (p[p.length >> 1] ^= 0x40)
+/** A byte of the block table flipped: the header's CRC-32 (header + table) fails, so the whole record does. */
+const flipPayloadByte = (_h: Buffer, p: Buffer) => void (p[8 + 5] ^= 0x40)
+/** A byte in the middle of the first non-zero page's block: its CRC-32 fails, only that page (encoding 3). Returns the page. */
+const flipBlockByte = (h: Buffer, p: Buffer): number => {
+  const n = h.readUInt32LE(16)
+  let at = n * 8
+  for (let k = 0; k < n; k++) {
+    const bytes = p.readUInt32LE(k * 8)
+    if (bytes > 0) {
+      p[at + (bytes >> 1)]! ^= 0x40
+      return k
+    }
+    at += bytes
+  }
+  throw new Error("a data record with no block")
+}
+/** The table's first block size one byte off under a valid header CRC: blocks no longer tile the payload, the whole record fails (as a wrong LZ4 length prefix did in format 1). */
 const badLengthPrefixValidCrc = (h: Buffer, p: Buffer) => {
-  p.writeUInt32LE(p.readUInt32LE(0) + PAGE_SIZE, 0)
-  h.writeUInt32LE(crc32(p, crc32(h.subarray(0, 28))), 28)
+  p.writeUInt32LE(p.readUInt32LE(0) + 1, 0)
+  h.writeUInt32LE(crc32(p.subarray(0, h.readUInt32LE(16) * 8), crc32(h.subarray(0, 28))), 28)
 }
 
 describe.skipIf(skip)("lazy restore failures stay as small as they are", () => {
@@ -69,7 +87,11 @@ describe.skipIf(skip)("lazy restore failures stay as small as they are", () => {
     expect(await peer(main.sock, "restore", imagePath, String(1536 * 1024 + 5 * PAGE_SIZE), "page_size_kib")).toMatch(/^OK /)
   })
 
-  for (const [what, spoil] of [["a payload byte flipped", flipPayloadByte], ["an LZ4 length prefix wrong under a valid checksum", badLengthPrefixValidCrc]] as const) {
+  for (const [what, spoil] of [
+    ["a block-table byte flipped", flipPayloadByte],
+    ["block sizes that do not tile the payload under a valid checksum", badLengthPrefixValidCrc],
+    ["a byte of one page's block flipped (only that page)", flipBlockByte]
+  ] as const) {
     it(`${what}: that record's pages are poisoned (the guest reads an error), every other page is served`, async () => {
       const file = await spoiled(`poison-${what.length}`, spoil)
       const s = await serving(dir, `poison-${what.length}`, file.path)
@@ -77,7 +99,7 @@ describe.skipIf(skip)("lazy restore failures stay as small as they are", () => {
         expect(await peer(s.sock, "restore", imagePath, String(4 * MiB), "page_size", "poison=1", file.bad)).toMatch(/^OK /)
         const last = s.events.failures.at(-1)
         expect(last?.failedRecord?.fileOffset).toBe(file.entry.fileOffset)
-        expect(last?.pagesFailed).toBe(file.entry.pageCount)
+        expect(last?.pagesFailed).toBe(file.page === undefined ? file.entry.pageCount : 1)
       } finally {
         await s.server.close()
       }

@@ -7,7 +7,7 @@
  */
 import { Effect, Exit } from "effect"
 import { execFile } from "node:child_process"
-import { writeFileSync } from "node:fs"
+import { readFileSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
 import { promisify } from "node:util"
 import { crc32 } from "node:zlib"
@@ -28,8 +28,49 @@ const PAGES = 64
 const A = patternPages(8, 1)
 const B = patternPages(8, 2)
 
-/** The corpus: one region of 64 pages; the record under test holds pages 8-15 (lz4 of B unless it says otherwise). */
-const corpus: ReadonlyArray<{ name: string; accept: boolean; record: Partial<RecordSpec>; regions?: number }> = [
+/** Pages 8-15 for encoding 3: a zero page (3), a random one (5: stored raw) and compressible ones (lz4 blocks). */
+const C = Buffer.concat([patternPages(3, 4), Buffer.alloc(PAGE_SIZE), patternPages(1, 5), randomPage(6), patternPages(2, 7)])
+function randomPage(seed: number): Buffer {
+  const b = Buffer.alloc(PAGE_SIZE)
+  let x = seed
+  for (let i = 0; i < b.length; i++) b[i] = (x = (x * 1103515245 + 12345) >>> 0) >>> 24
+  return b
+}
+/** Where encoding 3's block k starts in the payload, and its table entry. */
+const blockAt = (p: Buffer, k: number) => {
+  let at = 8 * 8
+  for (let j = 0; j < k; j++) at += p.readUInt32LE(j * 8)
+  return at
+}
+const pages = (tamper?: RecordSpec["tamper"], fixCrc?: boolean): Partial<RecordSpec> => ({ encoding: "pages", pages: C, ...(tamper ? { tamper } : {}), ...(fixCrc === undefined ? {} : { fixCrc }) })
+
+/**
+ * The corpus: one region of 64 pages; the record under test holds pages 8-15
+ * (lz4 of B unless it says otherwise). `block`: only one page's block of an
+ * encoding-3 record is bad (the restorer may serve the record's other pages).
+ */
+const corpus: ReadonlyArray<{ name: string; accept: boolean; record: Partial<RecordSpec>; regions?: number; block?: boolean }> = [
+  { name: "good pages record (lz4, raw and zero blocks)", accept: true, record: pages() },
+  { name: "good pages record, every block raw", accept: true, record: { ...pages(), lz4: false } },
+  { name: "pages: a table byte flipped (checksum mismatch)", accept: false, record: pages((_h, p) => void (p[8 * 2 + 1] ^= 0x04), false) },
+  { name: "pages: a block byte flipped (its CRC)", accept: false, block: true, record: pages((_h, p) => void (p[blockAt(p, 5) + 100] ^= 0x01)) },
+  { name: "pages: a block CRC changed, table checksum valid", accept: false, block: true, record: pages((_h, p) => void p.writeUInt32LE(p.readUInt32LE(6 * 8 + 4) ^ 1, 6 * 8 + 4)) },
+  { name: "pages: blockBytes 4097, the table's sum kept, valid checksum", accept: false, record: pages((_h, p) => {
+    // page 3 (zero) 0 -> 4097, page 5 (raw) 4096 -> 0, page 0 (lz4) one byte less: the same sum
+    p.writeUInt32LE(4097, 3 * 8)
+    p.writeUInt32LE(0, 5 * 8)
+    p.writeUInt32LE(p.readUInt32LE(0) - 1, 0)
+  }) },
+  { name: "pages: the table's sum one byte short of the stored bytes, valid checksum", accept: false, record: pages((_h, p) => void p.writeUInt32LE(p.readUInt32LE(0) - 1, 0)) },
+  { name: "pages: an lz4 block that is a page and a byte (BAD_PAYLOAD), valid CRCs", accept: false, block: true, record: pages((_h, p) => {
+    // page 0's lz4 block replaced by a valid LZ4 block of one literal: it decodes to 1 byte, not 4096
+    const one = Buffer.from([0x10, 0x41])
+    const old = p.readUInt32LE(0)
+    const out = Buffer.concat([p.subarray(0, 64), one, p.subarray(64 + old)])
+    out.writeUInt32LE(one.length, 0)
+    out.writeUInt32LE(crc32(one), 4)
+    return out
+  }) },
   { name: "good lz4 record", accept: true, record: {} },
   { name: "good raw record", accept: true, record: { encoding: "raw" } },
   { name: "good zero record", accept: true, record: { encoding: "zero", pages: undefined } },
@@ -40,7 +81,7 @@ const corpus: ReadonlyArray<{ name: string; accept: boolean; record: Partial<Rec
   { name: "record names another region than its index entry, valid checksum", accept: false, regions: 2, record: { tamper: (h) => void h.writeUInt32LE(1, 4) } },
   { name: "record's first page differs from its index entry, valid checksum", accept: false, record: { tamper: (h) => void h.writeBigUInt64LE(9n, 8) } },
   { name: "reserved byte set, valid checksum", accept: false, record: { tamper: (h) => void (h[22] = 1) } },
-  { name: "unknown encoding, valid checksum", accept: false, record: { tamper: (h) => void (h[20] = 3) } },
+  { name: "unknown encoding, valid checksum", accept: false, record: { tamper: (h) => void (h[20] = 4) } },
   { name: "a payload byte flipped (checksum mismatch)", accept: false, record: { fixCrc: false, tamper: (_h, p) => void (p[p.length >> 1] ^= 0x20) } },
   { name: "raw record one byte short, valid checksum", accept: false, record: { encoding: "raw", tamper: (_h, p) => p.subarray(1) } }
 ]
@@ -90,7 +131,9 @@ describe.skipIf(skip)("one decoder of records: verify and the lazy restorer give
       if (Exit.isFailure(verified)) expect(String(verified.cause)).toMatch(/not a valid snapshot/)
       expect(lazy.head.equals(A)).toBe(true) // every other page is served
       expect(lazy.tail.equals(Buffer.alloc((PAGES - 16) * PAGE_SIZE))).toBe(true)
-      if (c.accept) expect(lazy.mid!.equals(c.record.encoding === "zero" ? Buffer.alloc(8 * PAGE_SIZE) : B)).toBe(true)
+      const mid = c.record.encoding === "zero" ? Buffer.alloc(8 * PAGE_SIZE) : c.record.encoding === "pages" ? C : B
+      if (c.accept) expect(lazy.mid!.equals(mid)).toBe(true)
+      else if (c.block) expect(lazy.failed).toBeGreaterThanOrEqual(1) // at least the bad block's page; the whole record read at once fails all 8
       else expect(lazy.failed).toBe(8)
     })
   }
@@ -157,5 +200,56 @@ describe.skipIf(skip)("headers and indexes that no writer makes are refused by v
       { region: 0, firstPage: 4, pageCount: 1, encoding: "raw", pages: patternPages(1, 3) }
     ])
     await refused(path, /page 4 of region 0 is stored twice/)
+  })
+})
+
+describe.skipIf(skip)("format version 1 (raw, lz4 with its length prefix, zero records) is read by every command", () => {
+  const v1 = () =>
+    writeSnapshot(join(dir, "version-1.vmsnap"), [{ size: PAGES * PAGE_SIZE }], [
+      { region: 0, firstPage: 0, pageCount: 8, encoding: "raw", pages: A },
+      { region: 0, firstPage: 8, pageCount: 8, encoding: "lz4", pages: B },
+      { region: 0, firstPage: 16, pageCount: PAGES - 16, encoding: "zero" }
+    ], { version: 1 })
+  const image = Buffer.concat([A, B, Buffer.alloc((PAGES - 16) * PAGE_SIZE)])
+  const run = (args: Array<string>) =>
+    execFileAsync("node", [cli, ...args], { encoding: "utf8" }).then((r) => ({ code: 0, ...r }), (e) => ({ code: e.code as number, stdout: String(e.stdout), stderr: String(e.stderr) }))
+
+  it("inspect, verify and restore (CLI), and the lazy restorer (serve)", async () => {
+    const path = v1()
+    const inspected = await run(["inspect", path, "--json"])
+    expect(inspected.code, inspected.stderr).toBe(0)
+    const report = JSON.parse(inspected.stdout)
+    expect(report.version).toBe(1)
+    expect(report.encodings).toEqual({ lz4: 1, raw: 1, zero: 1, pages: { records: 0, lz4: 0, raw: 0, zero: 0 } })
+    const verified = await run(["verify", path])
+    expect(verified.code, verified.stderr).toBe(0)
+    const out = join(dir, "version-1.img")
+    const restored = await run(["restore", path, "--raw", out])
+    expect(restored.code, restored.stderr).toBe(0)
+    expect(readFileSync(out).equals(image)).toBe(true)
+    const lazy = await lazyRestore(path)
+    expect(lazy.failed).toBe(0)
+    expect(Buffer.concat([lazy.head, lazy.mid!, lazy.tail]).equals(image)).toBe(true)
+  })
+
+  it("a version this vmsnap does not know (3) is refused at open, saying which it reads", async () => {
+    const b = buildSnapshot([{ size: 16 * PAGE_SIZE }], [{ region: 0, firstPage: 0, pageCount: 16, encoding: "zero" }], { version: 3 })
+    const path = join(dir, "version-3.vmsnap")
+    writeFileSync(path, b)
+    const verified = await run(["verify", path])
+    expect(verified.code).not.toBe(0)
+    expect(verified.stderr).toMatch(/format version 3; this vmsnap reads versions 1 and 2/)
+  })
+
+  it("inspect counts encoding 3's pages by how each is stored", async () => {
+    const path = writeSnapshot(join(dir, "pages-counts.vmsnap"), [{ size: PAGES * PAGE_SIZE }], [
+      { region: 0, firstPage: 0, pageCount: 8, encoding: "pages", pages: C },
+      { region: 0, firstPage: 8, pageCount: 8, encoding: "pages", pages: B, lz4: false },
+      { region: 0, firstPage: 16, pageCount: PAGES - 16, encoding: "zero" }
+    ])
+    const report = JSON.parse((await run(["inspect", path, "--json"])).stdout)
+    expect(report.version).toBe(2)
+    // C: 6 compressible pages, 1 zero, 1 random (raw); B without lz4: 8 raw
+    expect(report.encodings).toEqual({ lz4: 0, raw: 0, zero: 1, pages: { records: 2, lz4: 6, raw: 9, zero: 1 } })
   })
 })

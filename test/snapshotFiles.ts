@@ -5,15 +5,37 @@
  * be hit on its own.
  */
 import { writeFileSync } from "node:fs"
-import { createRequire } from "node:module"
 import { crc32 } from "node:zlib"
 import {
-  encodeHeader, encodeRecord, encodeTrailer, type Encoding, IndexBuilder, type MemoryKind, PAGE_SIZE, RECORD_HEADER_BYTES
+  encodeHeader, encodeRecord, encodeTrailer, type Encoding, IndexBuilder, type MemoryKind, PAGE_SIZE, PAGES_ENTRY_BYTES, RECORD_HEADER_BYTES
 } from "../packages/core/src/index.js"
+import { loadWp, WP_RECORD_ENCODE_LZ4 } from "../packages/core/src/internal/ffi.js"
 
-// The writer's compressor, resolved where packages/core depends on it.
-const { compressSync } = createRequire(new URL("../packages/core/package.json", import.meta.url))("lz4-napi") as {
-  compressSync: (b: Buffer) => Buffer
+/**
+ * An encoding-1 payload as format version 1's writer framed it (lz4-napi's
+ * `compress`: a u32 length, then one LZ4 block), with a block of literals
+ * only: a valid LZ4 block (one last sequence: token, length bytes, the
+ * bytes) that liblz4 decodes like any other.
+ */
+export const legacyLz4 = (pages: Buffer): Buffer => {
+  const n = pages.length
+  const lengthBytes: Array<number> = [0xf0]
+  for (let rest = n - 15; ; rest -= 255) {
+    lengthBytes.push(Math.min(rest, 255))
+    if (rest < 255) break
+  }
+  const prefix = Buffer.alloc(4)
+  prefix.writeUInt32LE(n, 0)
+  return Buffer.concat([prefix, Buffer.from(lengthBytes), pages])
+}
+
+/** An encoding-3 ("pages") payload by the writer's own encoder (wp_record_encode_pages): the table and the blocks. */
+export const pagesPayload = (pages: Buffer, lz4 = true): Buffer => {
+  const n = pages.length / PAGE_SIZE
+  const out = Buffer.alloc(RECORD_HEADER_BYTES + n * (PAGES_ENTRY_BYTES + PAGE_SIZE))
+  const bytes = Number(loadWp().wp_record_encode_pages([0, 0n, n, pages, lz4 ? WP_RECORD_ENCODE_LZ4 : 0, out, BigInt(out.length)]))
+  if (bytes < 0) throw new Error(`wp_record_encode_pages: ${bytes}`)
+  return out.subarray(RECORD_HEADER_BYTES, bytes)
 }
 
 export interface RegionSpec {
@@ -27,8 +49,10 @@ export interface RecordSpec {
   readonly firstPage: number
   readonly pageCount: number
   readonly encoding: Encoding
-  /** The pages (raw and lz4 records): pageCount x 4096 bytes. */
+  /** The pages (raw, lz4 and pages records): pageCount x 4096 bytes. */
   readonly pages?: Buffer
+  /** Encoding 3: lz4 blocks where smaller (default true), else every block raw. */
+  readonly lz4?: boolean
   /** Changes header and payload after encoding (both may be edited in place). */
   readonly tamper?: (header: Buffer, payload: Buffer) => Buffer | void
   /** Recompute the checksum after tampering (default true: only the tampered rule fails). */
@@ -44,9 +68,17 @@ export const patternPages = (pages: number, seed: number): Buffer => {
   return b
 }
 
-/** The bytes of a snapshot file with these regions and records (in this order). */
-export const buildSnapshot = (regions: ReadonlyArray<RegionSpec>, records: ReadonlyArray<RecordSpec>): Buffer => {
+/** The record's payload as each encoding stores it (lz4: version 1's framing, see legacyLz4). */
+const payloadOf = (r: RecordSpec): Buffer =>
+  r.encoding === "zero" ? Buffer.alloc(0)
+  : r.encoding === "raw" ? Buffer.from(r.pages!)
+  : r.encoding === "lz4" ? legacyLz4(r.pages!)
+  : pagesPayload(r.pages!, r.lz4 ?? true)
+
+/** The bytes of a snapshot file with these regions and records (in this order); version: the header's (default: the writer's). */
+export const buildSnapshot = (regions: ReadonlyArray<RegionSpec>, records: ReadonlyArray<RecordSpec>, options: { version?: number } = {}): Buffer => {
   const header = encodeHeader({
+    ...(options.version === undefined ? {} : { version: options.version }),
     snapshotId: "5eed5eed-0000-4000-8000-000000000001",
     parentId: undefined,
     createdMs: 1_700_000_000_000,
@@ -60,12 +92,15 @@ export const buildSnapshot = (regions: ReadonlyArray<RegionSpec>, records: Reado
   const index = new IndexBuilder()
   let offset = header.length
   for (const r of records) {
-    let payload = r.encoding === "zero" ? Buffer.alloc(0) : r.encoding === "raw" ? Buffer.from(r.pages!) : compressSync(r.pages!)
+    let payload = payloadOf(r)
+    // The header CRC covers the payload; for encoding 3 only its table (each block has its own CRC).
+    const covered = (p: Buffer) => (r.encoding === "pages" ? p.subarray(0, r.pageCount * PAGES_ENTRY_BYTES) : p)
     const h = encodeRecord(r, payload.length ? payload : undefined)
+    h.writeUInt32LE(crc32(covered(payload), crc32(h.subarray(0, 28))), 28)
     if (r.tamper) {
       payload = r.tamper(h, payload) ?? payload
       h.writeUInt32LE(payload.length, 24)
-      if (r.fixCrc ?? true) h.writeUInt32LE(crc32(payload, crc32(h.subarray(0, 28))), 28)
+      if (r.fixCrc ?? true) h.writeUInt32LE(crc32(covered(payload), crc32(h.subarray(0, 28))), 28)
     }
     index.add({ ...(r.entry ?? r), fileOffset: offset })
     parts.push(h, payload)
@@ -76,7 +111,7 @@ export const buildSnapshot = (regions: ReadonlyArray<RegionSpec>, records: Reado
   return Buffer.concat(parts)
 }
 
-export const writeSnapshot = (path: string, regions: ReadonlyArray<RegionSpec>, records: ReadonlyArray<RecordSpec>): string => {
-  writeFileSync(path, buildSnapshot(regions, records), { mode: 0o600 })
+export const writeSnapshot = (path: string, regions: ReadonlyArray<RegionSpec>, records: ReadonlyArray<RecordSpec>, options: { version?: number } = {}): string => {
+  writeFileSync(path, buildSnapshot(regions, records, options), { mode: 0o600 })
   return path
 }

@@ -14,8 +14,9 @@ import type { FileHandle } from "node:fs/promises"
 import { atomicFile, type AtomicFileOptions } from "./AtomicFile.js"
 import { ioError, type SnapshotIoError } from "./Errors.js"
 import { encodeHeader, encodeRecord, encodeTrailer, type Encoding, IndexBuilder, type SnapshotHeader } from "./SnapshotFormat.js"
+import { WP_RECORD_BATCH_FIELDS } from "./internal/ffi.js"
 
-/** A record ready to append: a run of pages of one region and its payload (none for zero records). */
+/** A record ready to append with `append`: a run of pages of one region and its payload (none for zero records). */
 export interface PendingRecord {
   readonly region: number
   readonly firstPage: number
@@ -68,6 +69,25 @@ export class SnapshotFile {
     return this.index.count
   }
 
+  /**
+   * Appends records encoded natively (recordCodec.ts `encodeBatch`): `count`
+   * records laid back to back at the start of `bytes`, their fields in
+   * `fields` (WP_RECORD_BATCH_FIELDS u32 each: region, first page low, high,
+   * page count, encoding, bytes). One write for all of them.
+   */
+  appendEncoded(bytes: Buffer, fields: Uint32Array, count: number): Effect.Effect<void, SnapshotIoError> {
+    return Effect.suspend(() => {
+      const start = this.offset
+      for (let r = 0; r < count; r++) {
+        const f = r * WP_RECORD_BATCH_FIELDS
+        this.index.add({ region: fields[f]!, firstPage: fields[f + 1]! + fields[f + 2]! * 2 ** 32, pageCount: fields[f + 3]!, fileOffset: this.offset })
+        this.offset += fields[f + 5]!
+      }
+      return this.writeAll([bytes.subarray(0, this.offset - start)], start)
+    })
+  }
+
+  /** Appends records encoded here (encodings 0-2, one header each; tests write old files with it). */
   append(records: ReadonlyArray<PendingRecord>): Effect.Effect<void, SnapshotIoError> {
     return Effect.suspend(() => {
       const buffers: Array<Buffer> = []

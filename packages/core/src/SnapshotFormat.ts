@@ -1,8 +1,8 @@
 /**
- * Snapshot file format v1. All integers little-endian. Full description and
- * rationale: docs/format.md. Layout:
+ * Snapshot file format v2 (v1 is read too). All integers little-endian. Full
+ * description and rationale: docs/format.md. Layout:
  *
- *   Header    magic "VMSNAP\0\0" | version u16 = 1 | flags u16 | headerBytes u32
+ *   Header    magic "VMSNAP\0\0" | version u16 = 2 (1 read too) | flags u16 | headerBytes u32
  *             | snapshotId 16 | parentId 16 (zero: full snapshot) | createdMs u64
  *             | regionCount u32 | pageSize u32 (4096)
  *             | regionCount x { guestBase u64 | size u64 | kind u32 | pageSize u32 | reserved u64 }
@@ -11,8 +11,11 @@
  *             | crc32 u32 (of every header byte before it)
  *   Records   in arrival order, each:
  *             magic "RCD1" | region u32 | firstPage u64 | pageCount u32 | encoding u8
- *             | reserved 3 | storedBytes u32 | crc32 u32 (of the 28 bytes before it + payload)
- *             | payload (storedBytes)
+ *             | reserved 3 | storedBytes u32 | crc32 u32 (of the 28 bytes before it + payload;
+ *               encoding 3: + the table only) | payload (storedBytes)
+ *             encodings: 0 raw (the pages), 1 lz4 (u32 length + one LZ4 block; written by v1 only),
+ *             2 zero (no payload), 3 pages: pageCount x { blockBytes u32 | blockCrc u32 }, then the
+ *             blocks (0 bytes: zero page, 4096: raw, 1..4095: an LZ4 block of one page)
  *   Index     magic "IDX1" | count u32 | count x { region u32 | pageCount u32 | firstPage u64
  *             | fileOffset u64 } | crc32 u32
  *   Trailer   magic "VMSNAPIX" | indexOffset u64 | indexBytes u64 | recordCount u32 | crc32 u32
@@ -26,7 +29,10 @@
 import { crc32 } from "node:zlib"
 import { memoryKindCode, memoryKindOf, type MemoryKind, PAGE_SIZE } from "./GuestMemory.js"
 
-export const FORMAT_VERSION = 1
+/** The version the writer writes. */
+export const FORMAT_VERSION = 2
+/** The versions readers accept: 1 differs only in that its writer never wrote encoding 3 (a reader of 1 alone refuses a version-2 file at open). */
+export const READABLE_VERSIONS: ReadonlyArray<number> = [1, 2]
 export const HEADER_MAGIC = Buffer.from("VMSNAP\0\0", "latin1")
 export const RECORD_MAGIC = 0x31444352 // "RCD1"
 export const INDEX_MAGIC = 0x31584449 // "IDX1"
@@ -48,10 +54,14 @@ const HUGE_1G = 1024 * 1024 * 1024
 /** The page sizes a region of each kind can have (its pageSize field): hugetlbfs only at its huge page size. */
 export const pageSizesOf = (kind: MemoryKind): ReadonlyArray<number> => (kind === "hugetlbfs" ? [HUGE_2M, HUGE_1G] : [PAGE_SIZE])
 
-export type Encoding = "raw" | "lz4" | "zero"
-export const encodingCode: Record<Encoding, number> = { raw: 0, lz4: 1, zero: 2 }
+/** Record encodings: "pages" (3) is what the writer writes for data, "zero" (2) for runs of zero pages; "raw" and "lz4" are read. */
+export type Encoding = "raw" | "lz4" | "zero" | "pages"
+export const encodingCode: Record<Encoding, number> = { raw: 0, lz4: 1, zero: 2, pages: 3 }
 export const encodingOf = (code: number): Encoding | undefined =>
-  code === 0 ? "raw" : code === 1 ? "lz4" : code === 2 ? "zero" : undefined
+  code === 0 ? "raw" : code === 1 ? "lz4" : code === 2 ? "zero" : code === 3 ? "pages" : undefined
+/** Encoding 3: bytes per table entry (blockBytes u32, blockCrc u32) and pages per record at most. */
+export const PAGES_ENTRY_BYTES = 8
+export const PAGES_MAX_PAGES = 256
 
 export interface RegionDescriptor {
   readonly guestBase: bigint
@@ -143,12 +153,13 @@ const encodeMappings = (regions: ReadonlyArray<RegionDescriptor>): Buffer | unde
   }))
 }
 
-export const encodeHeader = (h: Omit<SnapshotHeader, "headerBytes" | "version">): Buffer => {
+/** The header's bytes; version FORMAT_VERSION unless given (tests write version-1 files). */
+export const encodeHeader = (h: Omit<SnapshotHeader, "headerBytes" | "version"> & { readonly version?: number }): Buffer => {
   const mappings = encodeMappings(h.regions)
   const size = headerBytesFor(h.regions.length) + (mappings?.length ?? 0)
   const b = Buffer.alloc(size)
   HEADER_MAGIC.copy(b, 0)
-  b.writeUInt16LE(FORMAT_VERSION, 8)
+  b.writeUInt16LE(h.version ?? FORMAT_VERSION, 8)
   b.writeUInt16LE(mappings ? HEADER_FLAG_MAPPINGS : 0, 10)
   b.writeUInt32LE(size, 12)
   uuidBytes(h.snapshotId).copy(b, 16)
@@ -187,7 +198,8 @@ export const decodeHeaderPrefix = (b: Buffer, fileBytes: number): { headerBytes:
   if (b.length < HEADER_FIXED_BYTES) throw new FormatViolation("Truncated", `file is ${fileBytes} bytes, shorter than a snapshot header`)
   if (!b.subarray(0, 8).equals(HEADER_MAGIC)) throw new FormatViolation("BadMagic", "no vmsnap header (bad magic): this is not a vmsnap snapshot file", 0)
   const version = b.readUInt16LE(8)
-  if (version !== FORMAT_VERSION) throw new FormatViolation("UnsupportedVersion", `format version ${version}; this vmsnap reads version ${FORMAT_VERSION}`, 8)
+  if (!READABLE_VERSIONS.includes(version))
+    throw new FormatViolation("UnsupportedVersion", `format version ${version}; this vmsnap reads versions ${READABLE_VERSIONS.join(" and ")}`, 8)
   const regionCount = b.readUInt32LE(56)
   const headerBytes = b.readUInt32LE(12)
   const withMappings = (b.readUInt16LE(10) & HEADER_FLAG_MAPPINGS) !== 0
@@ -225,7 +237,7 @@ export const decodeHeader = (b: Buffer, fileBytes: number): SnapshotHeader => {
   if (b.readUInt16LE(10) & HEADER_FLAG_MAPPINGS) decodeMappings(b, regionCount, headerBytes - 4, regions)
   const parent = b.subarray(32, 48)
   return {
-    version: FORMAT_VERSION,
+    version: b.readUInt16LE(8),
     snapshotId: uuidText(b.subarray(16, 32)),
     parentId: parent.every((x) => x === 0) ? undefined : uuidText(parent),
     createdMs: Number(b.readBigUInt64LE(48)),
@@ -250,7 +262,7 @@ const decodeMappings = (b: Buffer, regionCount: number, end: number, regions: Ar
   if (o !== end) throw new FormatViolation("ChecksumMismatch", "mapping table and header size disagree", o)
 }
 
-/** A record header with its checksum over header and payload. */
+/** A record header with its checksum over header and payload (encodings 0-2: the writer writes encoding 3 natively, recordCodec.ts). */
 export const encodeRecord = (r: Omit<RecordHeader, "crc" | "storedBytes">, payload: Buffer | undefined): Buffer => {
   const h = Buffer.alloc(RECORD_HEADER_BYTES)
   h.writeUInt32LE(RECORD_MAGIC, 0)

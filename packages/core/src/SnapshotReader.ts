@@ -7,10 +7,10 @@ import { Effect } from "effect"
 import { open, type FileHandle } from "node:fs/promises"
 import { ioError, SnapshotFormatError, type SnapshotIoError } from "./Errors.js"
 import { PAGE_SIZE } from "./GuestMemory.js"
-import { checkRecordHeader, decodeRecordPayload, RecordRefused } from "./internal/recordCodec.js"
+import { checkRecordHeader, decodeRecordPayload, pagesTableCounts, RecordRefused } from "./internal/recordCodec.js"
 import {
   checkIndex, decodeHeader, decodeHeaderPrefix, decodeIndex, decodeRecordHeader, decodeTrailer, FormatViolation,
-  HEADER_FIXED_BYTES, RECORD_HEADER_BYTES, TRAILER_BYTES,
+  HEADER_FIXED_BYTES, PAGES_ENTRY_BYTES, RECORD_HEADER_BYTES, TRAILER_BYTES,
   type IndexEntry, type RecordHeader, type SnapshotHeader, type Trailer
 } from "./SnapshotFormat.js"
 
@@ -197,20 +197,29 @@ export interface InspectReport {
   readonly zeroPages: number
   /** Bytes of non-zero pages over the bytes that store them. */
   readonly compressionRatio: number
-  /** Records per encoding (`--compression auto` writes raw records while the writer is behind). */
-  readonly encodings: { readonly lz4: number; readonly raw: number; readonly zero: number }
+  /**
+   * Records per encoding; for encoding 3 ("pages", what the writer writes
+   * for data since format version 2) also its pages by how each is stored
+   * (`--compression auto` writes raw blocks while the writer is behind).
+   */
+  readonly encodings: {
+    readonly lz4: number
+    readonly raw: number
+    readonly zero: number
+    readonly pages: { readonly records: number; readonly lz4: number; readonly raw: number; readonly zero: number }
+  }
 }
 
-/** Header, regions and page counts from the index and record headers (no payloads read). */
+/** Header, regions and page counts from the index and record headers (and encoding-3 tables; no blocks read, no checksum checked). */
 export const inspectSnapshot = (path: string): Effect.Effect<InspectReport, SnapshotFormatError | SnapshotIoError> =>
   Effect.scoped(
     Effect.gen(function* () {
       const s = yield* openSnapshot(path)
       const perRegion = s.header.regions.map(() => ({ data: 0, zero: 0 }))
       let stored = 0
-      const encodings = { lz4: 0, raw: 0, zero: 0 }
+      const encodings = { lz4: 0, raw: 0, zero: 0, pages: { records: 0, lz4: 0, raw: 0, zero: 0 } }
       for (const entry of s.index) {
-        const h = yield* Effect.tryPromise({
+        const rec = yield* Effect.tryPromise({
           try: async () => {
             const raw = await readAt(s.file, entry.fileOffset, RECORD_HEADER_BYTES)
             try {
@@ -218,12 +227,22 @@ export const inspectSnapshot = (path: string): Effect.Effect<InspectReport, Snap
             } catch (e) {
               throw e instanceof RecordRefused ? new FormatViolation(e.kind, e.message, entry.fileOffset) : e
             }
-            return decodeRecordHeader(raw, entry.fileOffset)
+            const header = decodeRecordHeader(raw, entry.fileOffset)
+            if (header.encoding !== "pages") return { header, blocks: undefined }
+            // checkRecordHeader bounded the table by the record's stored bytes; the index, by the record area.
+            const table = await readAt(s.file, entry.fileOffset + RECORD_HEADER_BYTES, header.pageCount * PAGES_ENTRY_BYTES)
+            return { header, blocks: pagesTableCounts(table, header.pageCount) }
           },
           catch: (e) => formatError(path, e)
         })
+        const { header: h, blocks } = rec
         const r = perRegion[h.region]!
-        encodings[h.encoding]++
+        if (blocks) {
+          encodings.pages.records++
+          encodings.pages.lz4 += blocks.lz4
+          encodings.pages.raw += blocks.raw
+          encodings.pages.zero += blocks.zero
+        } else encodings[h.encoding as "lz4" | "raw" | "zero"]++
         if (h.encoding === "zero") r.zero += h.pageCount
         else {
           r.data += h.pageCount

@@ -4,31 +4,36 @@
  * Each turn it asks the engine for the next batch; the engine decides what
  * that is (pages the fault thread saved into the pool first, which frees the
  * memory a vCPU may wait for in the synchronous fallback; then a sweep where
- * the guest last faulted, then in address order). A batch is cut into
- * records (runs of consecutive pages), compressed with lz4 on the libuv
- * thread pool while the next batch is taken, and appended to the
- * SnapshotFile as each batch is ready (any order: the index says where each
- * record is).
+ * the guest last faulted, then in address order). One native call per batch
+ * (recordCodec.ts `encodeBatch`, vmsnap_record.h) cuts it into records (runs
+ * of zero pages: zero records; runs of data: encoding-3 records of at most
+ * RECORD_DATA_PAGES pages, one block and one CRC-32 per page), compresses and
+ * checksums them into the batch's output buffer; the batch is appended to
+ * the SnapshotFile with one write as soon as it is ready (any order: the
+ * index says where each record is). Raw batches are encoded on this thread
+ * (a copy and a CRC per page), lz4 batches on the libuv thread pool while the
+ * next batch is taken.
  *
  * Compression never holds the capture up with `auto` (the default): a batch
  * is compressed only with CPU the machine leaves idle (at least half a core
  * over the last 100 ms, from /proc/stat) and while no other batch is being
- * compressed, else written raw (the format has raw records). While pages
+ * compressed, else written raw (every page its own raw block). While pages
  * are protected the guest pays for every one not yet saved, so the sweep
  * must go on at the speed of copying memory, and compression must not take
  * the core a vCPU needs (issue 14: on 2 cores with a vCPU writing flat out,
  * compressing one batch at a time still doubled the time pages stayed
  * protected).
+ *
+ * Memory: at most `inFlight` batches' buffers (each: the batch's pages and
+ * its encoded records, about 2 x batch pages x 4 KiB), reused.
  */
 import { Effect } from "effect"
-import { compress, compressSync } from "lz4-napi"
 import type { NativeError, SnapshotIoError } from "./Errors.js"
 import { PAGE_SIZE, regionPages } from "./GuestMemory.js"
-import type { Encoding } from "./SnapshotFormat.js"
-import type { PendingRecord, SnapshotFile } from "./SnapshotFile.js"
-import { collectYoungGarbage } from "./internal/gc.js"
+import type { SnapshotFile } from "./SnapshotFile.js"
 import { IdleCpu } from "./internal/idleCpu.js"
-import { type EngineBatch, PAGE_ZERO, type WpEngine } from "./WpNative.js"
+import { batchBuffers, type BatchBuffers, encodeBatch, encodeBatchSync } from "./internal/recordCodec.js"
+import type { WpEngine } from "./WpNative.js"
 
 export interface WriterOptions {
   /** Pages per batch taken from the engine (one sweep run; one ioctl unprotects it). Default 256; at least 512 (a 2 MiB huge page) with hugetlbfs regions. */
@@ -62,65 +67,23 @@ export const compressBatch = (compression: Compression, compressing: number, idl
 /** The values of `Compression`, for option parsers. */
 export const COMPRESSIONS: ReadonlyArray<Compression> = ["auto", "lz4", "none"]
 
-/** Written bytes between young-generation collections (see internal/gc.ts). */
-const GC_EVERY_BYTES = 8 * 1024 * 1024
 /**
- * Pages per data record at most (64 KiB, LZ4's window): a lazy restore
- * decodes one record per fault, so a record is the most a faulting vCPU
- * waits for. Measured: 1 MiB records cost a fault ~500 us to decode (issue 10).
+ * Pages per data record at most (64 KiB): a lazy restore reads one record
+ * (or, for encoding 3, one page of it) per fault, so a record is the most a
+ * faulting vCPU waits for. Measured: 1 MiB records cost a fault ~500 us to
+ * decode (issue 10).
  */
 export const RECORD_DATA_PAGES = 16
-
-/** Runs shorter than this are compressed inline; a thread-pool hop costs more. */
-const INLINE_COMPRESS_PAGES = 8
-
-const encodePayload = (raw: Buffer, pages: number, useLz4: boolean): Promise<{ encoding: Encoding; payload: Buffer }> => {
-  if (!useLz4) return Promise.resolve({ encoding: "raw", payload: raw })
-  const pick = (c: Buffer) => (c.length < raw.length ? { encoding: "lz4" as const, payload: c } : { encoding: "raw" as const, payload: raw })
-  if (pages < INLINE_COMPRESS_PAGES) return Promise.resolve(pick(compressSync(raw)))
-  return compress(raw).then(pick)
-}
-
-/**
- * Cuts the n entries of a batch into records: maximal runs of consecutive
- * pages of one region that are all zero (a zero record), or runs of data of
- * at most RECORD_DATA_PAGES (each payload a view of the batch's packed data:
- * no copy). Reads the batch's
- * arrays now; its data buffer stays in use until the records are appended.
- */
-export const recordsFromBatch = (batch: EngineBatch, n: number, useLz4: boolean): Promise<Array<PendingRecord>> => {
-  const out: Array<Promise<PendingRecord>> = []
-  let packed = 0
-  for (let i = 0; i < n; ) {
-    const region = batch.regions[i]!
-    const firstPage = Number(batch.pages[i]!)
-    const zero = batch.flags[i] === PAGE_ZERO
-    let j = i + 1
-    while (j < n && batch.regions[j] === region && Number(batch.pages[j]!) === firstPage + (j - i) && (batch.flags[j] === PAGE_ZERO) === zero) j++
-    const pageCount = j - i
-    if (zero) out.push(Promise.resolve({ region, firstPage, pageCount, encoding: "zero" as const, payload: undefined }))
-    else
-      for (let at = 0; at < pageCount; at += RECORD_DATA_PAGES) {
-        const pages = Math.min(RECORD_DATA_PAGES, pageCount - at)
-        const raw = batch.data.subarray(packed * PAGE_SIZE, (packed + pages) * PAGE_SIZE)
-        packed += pages
-        out.push(encodePayload(raw, pages, useLz4).then((p) => ({ region, firstPage: firstPage + at, pageCount: pages, ...p })))
-      }
-    i = j
-  }
-  return Promise.all(out)
-}
 
 export interface WriterResult {
   readonly records: number
 }
 
-/** Batches taken but not yet appended, and the data buffers free for reuse. */
+/** Batches taken but not yet appended, and the buffers free for reuse. */
 class InFlight {
-  private readonly queue: Array<{ records: Promise<Array<PendingRecord>>; data: Buffer; ready: boolean }> = []
-  private readonly free: Array<Buffer> = []
-  private lastCollect = 0
-  /** Batches whose records are being compressed on the thread pool. */
+  private readonly queue: Array<{ records: Promise<number>; buffers: BatchBuffers; ready: boolean }> = []
+  private readonly free: Array<BatchBuffers> = []
+  /** Batches being compressed on the thread pool. */
   compressing = 0
 
   constructor(private readonly batchPages: number) {}
@@ -129,17 +92,18 @@ class InFlight {
     return this.queue.length
   }
 
-  /** A data buffer for one batch: the writer's memory stays bounded by inFlight batches. */
-  takeBuffer(): Buffer {
-    return this.free.pop() ?? Buffer.allocUnsafeSlow(this.batchPages * PAGE_SIZE)
+  /** Buffers for one batch: the writer's memory stays bounded by inFlight batches. */
+  takeBuffers(): BatchBuffers {
+    return this.free.pop() ?? batchBuffers(this.batchPages)
   }
 
-  giveBack(data: Buffer): void {
-    this.free.push(data)
+  giveBack(buffers: BatchBuffers): void {
+    this.free.push(buffers)
   }
 
-  push(records: Promise<Array<PendingRecord>>, data: Buffer, compressed: boolean): void {
-    const entry = { records, data, ready: false }
+  /** A batch being encoded: `records` settles with its record count. */
+  push(records: Promise<number>, buffers: BatchBuffers, compressed: boolean): void {
+    const entry = { records, buffers, ready: false }
     if (compressed) this.compressing++
     const settle = () => {
       entry.ready = true
@@ -149,18 +113,15 @@ class InFlight {
     this.queue.push(entry)
   }
 
-  /** Appends a batch whose records are ready (the oldest such), else waits for the oldest; then reuses its buffer. */
+  /** Appends a batch whose records are ready (the oldest such), else waits for the oldest; then reuses its buffers. */
   flushOne(file: SnapshotFile): Effect.Effect<void, SnapshotIoError> {
     const self = this
     return Effect.gen(function* () {
       const at = Math.max(0, self.queue.findIndex((b) => b.ready))
       const next = self.queue.splice(at, 1)[0]!
-      yield* file.append(yield* Effect.promise(() => next.records))
-      self.free.push(next.data)
-      if (file.bytesWritten - self.lastCollect > GC_EVERY_BYTES) {
-        self.lastCollect = file.bytesWritten
-        collectYoungGarbage()
-      }
+      const count = yield* Effect.promise(() => next.records)
+      yield* file.appendEncoded(next.buffers.out, next.buffers.records, count)
+      self.free.push(next.buffers)
     })
   }
 }
@@ -182,20 +143,20 @@ export const writeSnapshotBody = (
     const idle = new IdleCpu()
     const totalPages = engine.regions.reduce((s, r) => s + regionPages(r), 0)
     const inflight = new InFlight(batchPages)
-    const arrays = { regions: new Uint32Array(batchPages), pages: new BigUint64Array(batchPages), flags: new Uint8Array(batchPages) }
     let saved = 0
 
-    /** Takes the engine's next batch into a fresh buffer; false when none was ready. */
+    /** Takes the engine's next batch into free buffers and starts encoding it; false when none was ready. */
     const takeBatch = Effect.try({
       try: () => {
-        const batch = { data: inflight.takeBuffer(), ...arrays }
+        const batch = inflight.takeBuffers()
         const n = engine.nextBatchSync(batch)
         if (n === 0) {
-          inflight.giveBack(batch.data)
+          inflight.giveBack(batch)
           return false
         }
         const useLz4 = compressBatch(compression, inflight.compressing, compression === "auto" ? idle.cores() : 0)
-        inflight.push(recordsFromBatch(batch, n, useLz4), batch.data, useLz4)
+        const records = useLz4 ? encodeBatch(batch, n, RECORD_DATA_PAGES, true) : Promise.resolve(encodeBatchSync(batch, n, RECORD_DATA_PAGES, false))
+        inflight.push(records, batch, useLz4)
         saved += n
         return true
       },

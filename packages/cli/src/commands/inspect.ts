@@ -1,6 +1,7 @@
 /**
  * `vmsnap inspect FILE`: header, regions, page counts, compression ratio.
- * It reads the header, the index and each record's header, not the pages
+ * It reads the header, the index and each record's header (and the block
+ * table of encoding-3 records), not the pages
  * (instant on any size, like `qemu-img info`): a file whose page data is
  * corrupt inspects fine, and says so (`payloadsChecked: false`); `verify`
  * reads every payload and checksum and exits 3 on a corrupt one.
@@ -20,7 +21,8 @@ export const runInspect = (io: Io, flags: CommonFlags & { file: string }) =>
       `  created     ${r.createdAt}`,
       `  file        ${formatBytes(r.fileBytes)} in ${r.records} records, compression ${r.compressionRatio.toFixed(2)}x`,
       `  pages       ${r.dataPages} data, ${r.zeroPages} zero`,
-      `  records     ${r.encodings.lz4} lz4, ${r.encodings.raw} raw, ${r.encodings.zero} zero`,
+      `  records     ${r.encodings.pages.records} pages, ${r.encodings.zero} zero${r.encodings.lz4 + r.encodings.raw ? `, ${r.encodings.lz4} lz4, ${r.encodings.raw} raw (format 1)` : ""}`,
+      `  page blocks ${r.encodings.pages.lz4} lz4, ${r.encodings.pages.raw} raw, ${r.encodings.pages.zero} zero (in pages records)`,
       ...r.regions.map(
         (g, i) => `  region ${i}    guest ${g.guestBase}  ${formatBytes(g.sizeBytes)}  ${g.kind}${g.pageSize !== 4096 ? ` (${formatBytes(g.pageSize)} pages)` : ""}  ${g.dataPages} data / ${g.zeroPages} zero pages${g.mapping ? `  ${g.mapping.permissions} ${g.mapping.name || "(anonymous)"}` : ""}`
       ),
