@@ -46,7 +46,7 @@ const restoreByFaults = (path: string, raw: boolean) =>
   )
 
 describe.skipIf(skip)("a lazy-restore fault installs its own page first, its neighbours follow in the fill", () => {
-  for (const [what, raw] of [["a raw memory image (serve --raw)", true]] as const) {
+  for (const [what, raw] of [["a raw memory image (serve --raw)", true], ["a .vmsnap file (records of encoding pages)", false]] as const) {
     it(`${what}: each fault installs at most one page, the record's others come from the fill, memory equals the image`, async () => {
       await twoRegionSnapshot(snapshotPath, imagePath, 23)
       const { state, stats, memory } = await restoreByFaults(raw ? imagePath : snapshotPath, raw)
@@ -62,3 +62,4 @@ describe.skipIf(skip)("a lazy-restore fault installs its own page first, its nei
     })
   }
 })
+
