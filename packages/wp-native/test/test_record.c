@@ -444,9 +444,21 @@ static void test_batch(const wp_record_codec *c)
     free(data);
 }
 
+/* The checksum is the CRC-32 of zlib's crc32 and node:zlib's (ISO-HDLC): its
+ * check value, and a running CRC continued as zlib continues it (a record's
+ * header, then its payload). */
+static void test_crc32(void)
+{
+    const uint8_t *digits = (const uint8_t *)"123456789";
+    CHECK(record_crc32(0, digits, 9) == 0xCBF43926u, "check value %08x", record_crc32(0, digits, 9));
+    CHECK(record_crc32(record_crc32(0, digits, 4), digits + 4, 5) == 0xCBF43926u, "continued");
+    CHECK(record_crc32(0x1234u, NULL, 0) == 0x1234u, "empty");
+}
+
 int main(void)
 {
     wp_record_codec *c = wp_record_codec_create();
+    test_crc32();
     test_round_trip(c);
     test_largest(c);
     test_refusals(c);
