@@ -58,8 +58,8 @@ const snapshotWhileWriting = (
     const { loadWp } = yield* Effect.promise(() => import("../src/internal/ffi.js"))
     loadWp().wp_copy_to_hva([rawTarget, raw, BigInt(raw.length)])
     const rawDiff = comparePages(rawTarget, guest.referenceHva, options.size)
-    const records = (yield* inspectSnapshot(path)).encodings
-    return { result, report, restoredDiff, rawDiff, writtenUnpopulated, records }
+    const inspected = yield* inspectSnapshot(path)
+    return { result, report, restoredDiff, rawDiff, writtenUnpopulated, records: inspected.encodings, version: inspected.version }
   })
 
 describe.skipIf(unavailable)("live snapshot consistency", () => {
@@ -122,6 +122,7 @@ describe.skipIf(unavailable)("live snapshot consistency", () => {
   it("compression auto, lz4 and none: each exact; lz4 writes no raw block, none no lz4 one (auto's choice: SnapshotWriter.test)", async () => {
     const auto = await runTest(snapshotWhileWriting("anon", { size: 64 * MiB, poolPages: 1024, compression: "auto" }))
     expect(auto.restoredDiff).toBe(-1)
+    expect(auto.version).toBe(2)
     expect(auto.records.pages.lz4 + auto.records.pages.raw).toBeGreaterThan(0)
     expect(auto.records.lz4 + auto.records.raw).toBe(0)
     const lz4 = await runTest(snapshotWhileWriting("anon", { size: 32 * MiB, poolPages: 1024, compression: "lz4" }))
