@@ -303,9 +303,11 @@ describe.skipIf(unavailable)("bench --restore", () => {
     const j = JSON.parse(r.stdout)
     expect(j.restore.firstWrite[0]).toMatchObject({ sizeBytes: 8 * 1024 * 1024 })
     expect(typeof j.restore.firstWrite[0].lazyMs).toBe("number")
-    // serve's own figures for the toy VMM (its guest faults at once): setup, then its first page.
-    expect(j.restore.firstWrite[0].handshakeToServingMs).toBeGreaterThan(0)
-    expect(j.restore.firstWrite[0].handshakeToFirstPageMs).toBeGreaterThan(j.restore.firstWrite[0].handshakeToServingMs)
+    // serve's own figures for the toy VMM: setup, then its first faulting page (null when the fill had every page in
+    // before the guest touched one: 8 MiB may be; test/lazyRestoreHandshake.e2e.test.ts makes a fault for sure).
+    const { handshakeToServingMs: serving, handshakeToFirstPageMs: firstPage } = j.restore.firstWrite[0]
+    expect(serving).toBeGreaterThan(0)
+    expect(firstPage === null || firstPage > serving, `first page ${firstPage} ms, serving ${serving} ms`).toBe(true)
     expect(j.restore.modes.map((m: { mode: string }) => m.mode)).toEqual(["floor", "copy", "continue", "move", "raw"])
     for (const m of j.restore.modes) expect(m.error).toBeNull()
   })
