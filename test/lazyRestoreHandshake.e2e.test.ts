@@ -12,7 +12,7 @@
  */
 import { Effect } from "effect"
 import { spawn } from "node:child_process"
-import { closeSync, ftruncateSync, openSync } from "node:fs"
+import { closeSync, copyFileSync, ftruncateSync, openSync, renameSync } from "node:fs"
 import { join } from "node:path"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { openSnapshot, PAGE_SIZE } from "../packages/core/src/index.js"
@@ -162,6 +162,31 @@ describe.skipIf(skip)("serve checks a VMM's ranges against its userfaultfd regis
     expect(main.events.firstPage.slice(beforePages)).toEqual([t])
     expect(main.events.log.join("\n")).toMatch(/first page installed [0-9.]+ ms after the handshake \(checks and setup: [0-9.]+ ms\)/)
   })
+})
+
+describe.skipIf(skip)("serve reads the file it checked, whatever its path names later", () => {
+  // Another file renamed over the path after serve opened it: a VMM that connects then is
+  // served the file whose index serve checked, never the newcomer (once each VMM opened the path).
+  for (const raw of [false, true])
+    it(`${raw ? "a raw image" : "a vmsnap file"} replaced at its path after listen: the next VMM still gets the first one's memory`, async () => {
+      const served = join(dir, raw ? "replaced.img" : "replaced.vmsnap")
+      const first = join(dir, "first.img"), other = join(dir, raw ? "other.img" : "other.vmsnap"), otherImage = join(dir, "other-image.img")
+      await twoRegionSnapshot(raw ? join(dir, "first.vmsnap") : served, first, 21)
+      await twoRegionSnapshot(raw ? join(dir, "other.vmsnap") : other, otherImage, 22)
+      if (raw) {
+        copyFileSync(first, served)
+        copyFileSync(otherImage, other)
+      }
+      const main = await serving(dir, raw ? "replaced-raw" : "replaced", served, raw)
+      try {
+        renameSync(other, served)
+        expect(await peer(main.sock, "restore", first, String(SIZE), "page_size", "poison=1")).toMatch(/^OK /)
+        const finished = await main.nextFinished(0)
+        expect(finished).toMatchObject({ ok: true, stats: { pagesFailed: 0 } })
+      } finally {
+        await main.server.close()
+      }
+    })
 })
 
 describe.skipIf(skip)("SIGTERM while a VMM is being served", () => {

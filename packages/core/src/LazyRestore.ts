@@ -12,7 +12,7 @@
  */
 import { Effect, type Scope } from "effect"
 import { isNullPointer } from "ffi-rs"
-import { openSync, closeSync } from "node:fs"
+import { closeSync } from "node:fs"
 import { InvalidInput, NativeError, ProtocolError, type SnapshotFormatError, type SnapshotIoError } from "./Errors.js"
 import { HUGE_PAGE_SIZE, PAGE_SIZE } from "./GuestMemory.js"
 import { errnoReason } from "./internal/errno.js"
@@ -202,7 +202,7 @@ export const startLazyRestore = (
         return yield* Effect.fail(new ProtocolError({ reason: `region ${i} (offset ${r.imageOffset}, ${r.size} bytes) lies outside the ${idx.imageBytes}-byte memory image` }))
     }
     const lib = loadWp()
-    const fd = yield* Effect.acquireRelease(Effect.sync(() => openSync(source.path, "r")), (f) => Effect.sync(() => closeSync(f)))
+    const fd = idx.fd // the file the index was read from (dup'd by the restorer)
     // Created first (the uffd is checked there), freed when the scope closes, whatever fails after.
     const [restore, handle] = yield* Effect.acquireRelease(
       Effect.suspend(() => {

@@ -4,17 +4,18 @@
  * packages/wp-native/src/restore_index.c): `vmsnap serve` builds it when it
  * opens the file, before it listens, with the index's structure checked
  * (coverage, no page stored twice, region page sizes: checkIndex); a VMM's
- * restorer then takes a reference in O(1), whatever the image's size.
+ * restorer then takes a reference in O(1), whatever the image's size, and
+ * reads the file serve opened then (not the path again).
  */
 import { Effect, type Scope } from "effect"
 import { isNullPointer } from "ffi-rs"
 import { closeSync, fstatSync, openSync } from "node:fs"
-import { NativeError, type SnapshotFormatError, type SnapshotIoError } from "./Errors.js"
+import { ioError, NativeError, type SnapshotFormatError, type SnapshotIoError } from "./Errors.js"
 import { PAGE_SIZE } from "./GuestMemory.js"
 import { errnoReason } from "./internal/errno.js"
 import { type JsExternal, loadWp } from "./internal/ffi.js"
 import { concatOffsets } from "./SnapshotFormat.js"
-import { openSnapshot } from "./SnapshotReader.js"
+import { type OpenSnapshot, openSnapshot } from "./SnapshotReader.js"
 
 export interface RestoreSource {
   readonly path: string
@@ -28,6 +29,12 @@ export interface ImageIndex {
   readonly imageBytes: number
   /** Records (a raw image: runs of RECORD_PAGES_RAW pages). */
   readonly count: number
+  /**
+   * The source, open read-only for as long as the index (each restorer
+   * reads its own dup): the file whose index this is, whatever the path
+   * names later.
+   */
+  readonly fd: number
   /** The wp_restore_index. @internal */
   readonly native: JsExternal
 }
@@ -56,15 +63,9 @@ const arrays = (imageBytes: number, count: number): IndexArrays => ({
   offsets: new BigUint64Array(count), imagePages: new BigUint64Array(count)
 })
 
-/** A raw image: runs of RECORD_PAGES_RAW pages at their own offsets. */
-const rawArrays = (path: string): IndexArrays => {
-  const fd = openSync(path, "r")
-  let size: number
-  try {
-    size = fstatSync(fd).size
-  } finally {
-    closeSync(fd)
-  }
+/** A raw image: runs of RECORD_PAGES_RAW pages at their own offsets, as long as the file open at `fd` is now. */
+const rawArrays = (fd: number): IndexArrays => {
+  const size = fstatSync(fd).size
   const pages = Math.ceil(size / PAGE_SIZE)
   const a = arrays(size, Math.ceil(pages / RECORD_PAGES_RAW))
   for (let i = 0, p = 0; p < pages; i++, p += RECORD_PAGES_RAW) {
@@ -75,27 +76,35 @@ const rawArrays = (path: string): IndexArrays => {
   return a
 }
 
-/** Reads and checks a source's index (not the records' payloads) and lays its records out in image order. */
-const indexArrays = (source: RestoreSource): Effect.Effect<IndexArrays, SnapshotFormatError | SnapshotIoError> =>
+/** A snapshot's records, its index's structure checked at open (checkIndex), in image order. */
+const snapshotArrays = (s: OpenSnapshot): IndexArrays => {
+  const starts = concatOffsets(s.header.regions)
+  const entries = s.index
+    .map((e) => ({ e, imagePage: starts[e.region]! / PAGE_SIZE + e.firstPage }))
+    .sort((x, y) => x.imagePage - y.imagePage)
+  const a = arrays(s.header.regions.reduce((n, r) => n + r.size, 0), entries.length)
+  entries.forEach(({ e, imagePage }, i) => {
+    a.regions[i] = e.region
+    a.firstPages[i] = BigInt(e.firstPage)
+    a.counts[i] = e.pageCount
+    a.offsets[i] = BigInt(e.fileOffset)
+    a.imagePages[i] = BigInt(imagePage)
+  })
+  return a
+}
+
+/**
+ * Opens the source (kept open in the scope: the fd every restorer reads) and
+ * reads its index from that very file: a file put at the path later (a
+ * rename over it) is never served with this index.
+ */
+const openSource = (source: RestoreSource): Effect.Effect<{ fd: number; arrays: IndexArrays }, SnapshotFormatError | SnapshotIoError, Scope.Scope> =>
   source.raw
-    ? Effect.sync(() => rawArrays(source.path))
-    : Effect.scoped(
-      Effect.map(openSnapshot(source.path), (s) => { // checks the index's structure (checkIndex)
-        const starts = concatOffsets(s.header.regions)
-        const entries = s.index
-          .map((e) => ({ e, imagePage: starts[e.region]! / PAGE_SIZE + e.firstPage }))
-          .sort((x, y) => x.imagePage - y.imagePage)
-        const a = arrays(s.header.regions.reduce((n, r) => n + r.size, 0), entries.length)
-        entries.forEach(({ e, imagePage }, i) => {
-          a.regions[i] = e.region
-          a.firstPages[i] = BigInt(e.firstPage)
-          a.counts[i] = e.pageCount
-          a.offsets[i] = BigInt(e.fileOffset)
-          a.imagePages[i] = BigInt(imagePage)
-        })
-        return a
-      })
+    ? Effect.flatMap(
+      Effect.acquireRelease(Effect.try({ try: () => openSync(source.path, "r"), catch: (e) => ioError(source.path, "open", e) }), (fd) => Effect.sync(() => closeSync(fd))),
+      (fd) => Effect.try({ try: () => ({ fd, arrays: rawArrays(fd) }), catch: (e) => ioError(source.path, "stat", e) })
     )
+    : Effect.map(openSnapshot(source.path), (s) => ({ fd: s.file.fd, arrays: snapshotArrays(s) }))
 
 const buf = (a: ArrayBufferView) => Buffer.from(a.buffer, a.byteOffset, a.byteLength)
 
@@ -105,14 +114,14 @@ const buf = (a: ArrayBufferView) => Buffer.from(a.buffer, a.byteOffset, a.byteLe
  * when the scope closes and no restorer holds it any more.
  */
 export const openImageIndex = (source: RestoreSource): Effect.Effect<ImageIndex, SnapshotFormatError | SnapshotIoError | NativeError, Scope.Scope> =>
-  Effect.flatMap(indexArrays(source), (a) =>
+  Effect.flatMap(openSource(source), ({ fd, arrays: a }) =>
     Effect.acquireRelease(
       Effect.suspend(() => {
         const err = new Int32Array(1)
         const native: JsExternal = loadWp().wp_restore_index_create([buf(a.regions), buf(a.firstPages), buf(a.counts), buf(a.offsets), buf(a.imagePages), a.count, buf(err)])
         return isNullPointer(native)
           ? Effect.fail(new NativeError({ op: "lazy restore index", errno: -err[0]!, reason: errnoReason("lazy restore index", -err[0]!) }))
-          : Effect.succeed({ imageBytes: a.imageBytes, count: a.count, native } satisfies ImageIndex)
+          : Effect.succeed({ imageBytes: a.imageBytes, count: a.count, fd, native } satisfies ImageIndex)
       }),
       (index) => Effect.sync(() => loadWp().wp_restore_index_release([index.native]))
     ))
