@@ -276,6 +276,15 @@ describe("serve", () => {
     expect(r.code).toBe(3)
     expect(r.stderr).toMatch(/not a vmsnap snapshot file/)
   })
+
+  it("refuses an empty raw image before listening, saying so (exit 2, no socket)", async () => {
+    const empty = join(dir, "empty.img")
+    writeFileSync(empty, Buffer.alloc(0))
+    const r = await cli("serve", "--raw", empty, "--socket", join(dir, "empty.sock"))
+    expect(r.code).toBe(2)
+    expect(r.stderr).toMatch(/the raw image is empty: no page to serve/)
+    expect(existsSync(join(dir, "empty.sock"))).toBe(false)
+  })
 })
 
 describe.skipIf(unavailable)("serve --once with the toy VMM", () => {

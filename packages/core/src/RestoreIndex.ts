@@ -10,7 +10,7 @@
 import { Effect, type Scope } from "effect"
 import { isNullPointer } from "ffi-rs"
 import { closeSync, fstatSync, openSync } from "node:fs"
-import { ioError, NativeError, type SnapshotFormatError, type SnapshotIoError } from "./Errors.js"
+import { InvalidInput, ioError, NativeError, type SnapshotFormatError, type SnapshotIoError } from "./Errors.js"
 import { PAGE_SIZE } from "./GuestMemory.js"
 import { errnoReason } from "./internal/errno.js"
 import { type JsExternal, loadWp } from "./internal/ffi.js"
@@ -98,22 +98,26 @@ const snapshotArrays = (s: OpenSnapshot): IndexArrays => {
  * reads its index from that very file: a file put at the path later (a
  * rename over it) is never served with this index.
  */
-const openSource = (source: RestoreSource): Effect.Effect<{ fd: number; arrays: IndexArrays }, SnapshotFormatError | SnapshotIoError, Scope.Scope> =>
+const openSource = (source: RestoreSource): Effect.Effect<{ fd: number; arrays: IndexArrays }, SnapshotFormatError | SnapshotIoError | InvalidInput, Scope.Scope> =>
   source.raw
     ? Effect.flatMap(
       Effect.acquireRelease(Effect.try({ try: () => openSync(source.path, "r"), catch: (e) => ioError(source.path, "open", e) }), (fd) => Effect.sync(() => closeSync(fd))),
-      (fd) => Effect.try({ try: () => ({ fd, arrays: rawArrays(fd) }), catch: (e) => ioError(source.path, "stat", e) })
+      (fd) => Effect.flatMap(Effect.try({ try: () => rawArrays(fd), catch: (e) => ioError(source.path, "stat", e) }), (arrays) =>
+        arrays.count === 0
+          ? Effect.fail(new InvalidInput({ reason: `${source.path}: the raw image is empty: no page to serve` }))
+          : Effect.succeed({ fd, arrays }))
     )
     : Effect.map(openSnapshot(source.path), (s) => ({ fd: s.file.fd, arrays: snapshotArrays(s) }))
 
 const buf = (a: ArrayBufferView) => Buffer.from(a.buffer, a.byteOffset, a.byteLength)
 
 /**
- * Opens a source's index once: read, checked (SnapshotFormatError), handed
- * to C (NativeError: -EINVAL when its records do not tile the image); freed
+ * Opens a source's index once: read, checked (SnapshotFormatError; an empty
+ * raw image: InvalidInput), handed to C (NativeError: -EINVAL when its
+ * records do not tile the image); freed
  * when the scope closes and no restorer holds it any more.
  */
-export const openImageIndex = (source: RestoreSource): Effect.Effect<ImageIndex, SnapshotFormatError | SnapshotIoError | NativeError, Scope.Scope> =>
+export const openImageIndex = (source: RestoreSource): Effect.Effect<ImageIndex, SnapshotFormatError | SnapshotIoError | InvalidInput | NativeError, Scope.Scope> =>
   Effect.flatMap(openSource(source), ({ fd, arrays: a }) =>
     Effect.acquireRelease(
       Effect.suspend(() => {

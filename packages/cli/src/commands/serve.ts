@@ -69,7 +69,7 @@ export const runServe = (io: Io, flags: ServeFlags) =>
         yield* Effect.acquireRelease(
           Effect.tryPromise({
             try: () => server.listen(),
-            catch: (e) => (e instanceof SnapshotFormatError || e instanceof SnapshotIoError ? e : new InvalidInput({ reason: `cannot listen on ${flags.socket}: ${String(e)}` }))
+            catch: (e) => (e instanceof SnapshotFormatError || e instanceof SnapshotIoError || e instanceof InvalidInput ? e : new InvalidInput({ reason: `cannot listen on ${flags.socket}: ${String(e)}` }))
           }),
           () => Effect.promise(() => server.close())
         )
