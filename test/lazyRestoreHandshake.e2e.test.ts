@@ -158,9 +158,10 @@ describe.skipIf(skip)("serve checks a VMM's ranges against its userfaultfd regis
     expect(t.handshakeToFirstPageMs!).toBeGreaterThan(t.handshakeToServingMs)
     expect(t.handshakeToFirstPageMs! - t.handshakeToServingMs).toBeCloseTo(finished!.stats.firstPageMs!, 6)
     expect(finished!.stats.firstPageMs!).toBeGreaterThanOrEqual(finished!.stats.firstFaultMs!)
+    expect(t.handshakeToFirstFaultMs! - t.handshakeToServingMs).toBeCloseTo(finished!.stats.firstFaultMs!, 6)
     expect(finished!.stats.firstPageMs!).toBeLessThanOrEqual(finished!.stats.doneMs!)
     expect(main.events.firstPage.slice(beforePages)).toEqual([t])
-    expect(main.events.log.join("\n")).toMatch(/first page installed [0-9.]+ ms after the handshake \(checks and setup: [0-9.]+ ms\)/)
+    expect(main.events.log.join("\n")).toMatch(/first page installed [0-9.]+ ms after the handshake \(checks and setup: [0-9.]+ ms; first fault taken at [0-9.]+ ms\)/)
   })
 })
 

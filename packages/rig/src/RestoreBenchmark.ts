@@ -46,6 +46,8 @@ export interface FirstWriteRun {
   /** serve's figures for this VMM: handshake to serving (checks, per-VMM setup) and to its first faulting page installed (null: no fault seen). */
   readonly handshakeToServingMs: number | null
   readonly handshakeToFirstPageMs: number | null
+  /** When serve took that VMM's first fault (after serving began: the guest had not faulted yet, or the fault thread waited for a CPU). */
+  readonly handshakeToFirstFaultMs: number | null
 }
 
 export interface ModeRun {
@@ -186,7 +188,8 @@ export const runRestoreBenchmark = (options: {
         rmSync(path, { force: true })
         firstWrite.push({
           sizeBytes: size, guestKind: report.kind, lazyMs: Math.round((report.restore?.firstWriteMs ?? 0) * 100) / 100, eagerMs: Math.round(eagerMs),
-          handshakeToServingMs: handshake?.handshakeToServingMs ?? null, handshakeToFirstPageMs: handshake?.handshakeToFirstPageMs ?? null
+          handshakeToServingMs: handshake?.handshakeToServingMs ?? null, handshakeToFirstPageMs: handshake?.handshakeToFirstPageMs ?? null,
+          handshakeToFirstFaultMs: handshake?.handshakeToFirstFaultMs ?? null
         })
       }
       return { firstWrite, modes }

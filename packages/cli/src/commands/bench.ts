@@ -78,13 +78,13 @@ export const runBench = (io: Io, flags: BenchFlags) =>
 const restoreTable = (r: RestoreBenchResult): string => {
   const lines = [
     "handshake to the guest's first write (lazy) vs every page decoded first (eager); serve's figures for the same VMM:",
-    "handshake to serving (checks, per-VMM setup) and to its first faulting page installed (target: <= 2 ms at any size up to 8 GiB):",
-    "  size       guest    lazy ms   eager ms  serving ms  first page ms  target"
+    "handshake to serving (checks, per-VMM setup), to its first fault taken and to that page installed (target: <= 2 ms at any size up to 8 GiB):",
+    "  size       guest    lazy ms   eager ms  serving ms  first fault ms  first page ms  target"
   ]
   const ms = (v: number | null, width: number) => (v === null ? "-" : v.toFixed(2)).padStart(width)
   for (const f of r.firstWrite)
     lines.push(
-      `  ${formatBytes(f.sizeBytes).padEnd(9)}  ${f.guestKind.padEnd(7)}  ${f.lazyMs.toFixed(2).padStart(7)}  ${String(f.eagerMs).padStart(9)}  ${ms(f.handshakeToServingMs, 10)}  ${ms(f.handshakeToFirstPageMs, 13)}  ${f.handshakeToFirstPageMs === null ? "-" : f.handshakeToFirstPageMs <= 2 ? "met" : "missed"}`
+      `  ${formatBytes(f.sizeBytes).padEnd(9)}  ${f.guestKind.padEnd(7)}  ${f.lazyMs.toFixed(2).padStart(7)}  ${String(f.eagerMs).padStart(9)}  ${ms(f.handshakeToServingMs, 10)}  ${ms(f.handshakeToFirstFaultMs, 14)}  ${ms(f.handshakeToFirstPageMs, 13)}  ${f.handshakeToFirstPageMs === null ? "-" : f.handshakeToFirstPageMs <= 2 ? "met" : "missed"}`
     )
   lines.push("", "resolving faults, in this process (faults only: every page touched in order; fill only: the background fill):")
   lines.push("  mode      size      faults  p50 us  p99 us  faults-only ms  fill-only ms  p50/floor  p99/floor")
