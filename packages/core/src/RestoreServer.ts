@@ -106,8 +106,8 @@ const shortfall = (s: LazyRestoreStats): string | undefined => {
 /**
  * Runs the TypeScript of a VMM's handshake once before any VMM comes: the
  * body's parse, the smaps check (of serve's own process: refused, nothing
- * of it is registered), and startLazyRestore up to its first check (no
- * range: refused). V8 compiles that code then, not during the first VMM's
+ * of it is registered), and startLazyRestore up to wp_restorer_create (fd
+ * -1 is not a userfaultfd: refused). V8 compiles that code then, not during the first VMM's
  * handshake (with Firecracker, one serve per VM: the only one). Measured
  * with the toy VMM at 1 GiB, load average 3.2-3.7: the first VMM's
  * handshake to serving took 1.7-3.0 ms without this (the smaps check
@@ -123,7 +123,7 @@ const rehearse = async (source: RestoreSource, index: ImageIndex) => {
     // refused: serve's own memory is not registered with a userfaultfd
   }
   const scope = Effect.runSync(Scope.make())
-  await Effect.runPromiseExit(Scope.provide(scope)(startLazyRestore(source, -1, [], {}, index)))
+  await Effect.runPromiseExit(Scope.provide(scope)(startLazyRestore(source, -1, [{ hva: 0n, size: PAGE_SIZE, imageOffset: 0 }], {}, index)))
   await Effect.runPromise(Scope.close(scope, Exit.void))
 }
 
