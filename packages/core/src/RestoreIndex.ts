@@ -105,6 +105,8 @@ const openSource = (source: RestoreSource): Effect.Effect<{ fd: number; arrays: 
       (fd) => Effect.flatMap(Effect.try({ try: () => rawArrays(fd), catch: (e) => ioError(source.path, "stat", e) }), (arrays) =>
         arrays.count === 0
           ? Effect.fail(new InvalidInput({ reason: `${source.path}: the raw image is empty: no page to serve` }))
+          : arrays.imageBytes % PAGE_SIZE
+          ? Effect.fail(new InvalidInput({ reason: `${source.path}: the raw image is ${arrays.imageBytes} bytes, not a whole number of ${PAGE_SIZE}-byte pages (a raw memory image, as \`vmsnap restore --raw\` or a VMM writes it, always is): its last page cannot be served` }))
           : Effect.succeed({ fd, arrays }))
     )
     : Effect.map(openSnapshot(source.path), (s) => ({ fd: s.file.fd, arrays: snapshotArrays(s) }))

@@ -225,9 +225,9 @@ int record_read(const wp_record_codec *c, int file, bool raw, uint64_t file_offs
         ssize_t got = pread(file, out, bytes, (off_t)file_offset);
         if (got < 0)
             return -errno;
-        if ((size_t)got < bytes)
-            memset(out + got, 0, bytes - (size_t)got);
-        return RECORD_RAW;
+        /* Short: the image shrank since it was measured (a whole number of
+         * pages, checked then): -EIO, never zeros in place of its pages. */
+        return (size_t)got == bytes ? RECORD_RAW : -EIO;
     }
     uint8_t h[RECORD_HEADER_BYTES];
     if (pread(file, h, sizeof h, (off_t)file_offset) != (ssize_t)sizeof h)

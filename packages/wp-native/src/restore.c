@@ -303,10 +303,16 @@ static void serve_outside(wp_restorer *r, uint64_t address)
 }
 
 /* A discard, unmap or move the guest's VMM made (not a fault). Under
- * install_lock, in the critical section of the event's read. */
+ * install_lock, in the critical section of the event's read. A fork (a VMM
+ * that negotiated UFFD_FEATURE_EVENT_FORK) hands this process a new uffd,
+ * the child's: it is closed at once (serve restores the VMM's memory, not
+ * its children's; the child's ranges are unregistered with it), else every
+ * fork would leave an fd here for as long as serve runs. */
 static void apply_event(wp_restorer *r, const struct uffd_msg *m)
 {
-    if (m->event == UFFD_EVENT_REMOVE)
+    if (m->event == UFFD_EVENT_FORK)
+        close((int)m->arg.fork.ufd);
+    else if (m->event == UFFD_EVENT_REMOVE)
         mark_removed(r, m->arg.remove.start, m->arg.remove.end);
     else if (m->event == UFFD_EVENT_UNMAP)
         mark_gone(r, m->arg.remove.start, m->arg.remove.end);
@@ -758,6 +764,8 @@ static void drain_events(wp_restorer *r)
             if (msgs[i].event == UFFD_EVENT_PAGEFAULT) {
                 struct uffdio_range wake = {.start = msgs[i].arg.pagefault.address & ~(uint64_t)(RS_PAGE - 1), .len = RS_PAGE};
                 ioctl(r->uffd, UFFDIO_WAKE, &wake);
+            } else if (msgs[i].event == UFFD_EVENT_FORK) {
+                close((int)msgs[i].arg.fork.ufd); /* the child's uffd (apply_event) */
             }
     }
 }

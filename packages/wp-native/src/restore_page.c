@@ -53,9 +53,9 @@ static int read_page(wp_restorer *r, const struct rs_record *rec, uint32_t k, st
         ssize_t got = pread(r->file, b->pages, RS_PAGE, (off_t)(rec->file_offset + (uint64_t)k * RS_PAGE));
         if (got < 0)
             return -errno;
-        if ((size_t)got < RS_PAGE)
-            memset(b->pages + got, 0, RS_PAGE - (size_t)got); /* past the image's end: a hole, as record_read says */
-        return RECORD_RAW;
+        /* Short: the image shrank since serve measured it (its size is a
+         * whole number of pages, checked then). Never zeros in its place. */
+        return got == RS_PAGE ? RECORD_RAW : -EIO;
     }
     return record_read_page(r->codec, r->file, rec->file_offset, rec->region, rec->first_page, rec->pages, k, b->pages,
                             b->scratch, b->cap + 1024, why, whole);
