@@ -28,7 +28,13 @@ export const runCommand = async <A, E>(
   io: Io,
   flags: CommonFlags,
   effect: Effect.Effect<A, E, WpNative>,
-  render: (a: A) => Rendered
+  render: (a: A) => Rendered,
+  /**
+   * What stopping on SIGINT/SIGTERM did, for the line that says so (after
+   * the finalizers ran). Default: what a snapshot's stop does (protection
+   * removed, partial output deleted).
+   */
+  stopped: () => string = () => "protection removed, partial output deleted"
 ): Promise<number> => {
   const controller = new AbortController()
   let signalCode: number = ExitCode.interrupted
@@ -57,8 +63,8 @@ export const runCommand = async <A, E>(
   }
   if (isInterrupted(exit)) {
     const what = signalCode === ExitCode.terminated ? "terminated" : "interrupted"
-    if (flags.json) io.stdout(JSON.stringify({ ok: false, error: { tag: "Interrupted", message: what }, exitCode: signalCode }) + "\n")
-    else io.stderr(`vmsnap: ${what}: protection removed, partial output deleted\n`)
+    if (flags.json) io.stdout(JSON.stringify({ ok: false, error: { tag: "Interrupted", message: what, stopped: stopped() }, exitCode: signalCode }) + "\n")
+    else io.stderr(`vmsnap: ${what}: ${stopped()}\n`)
     return signalCode
   }
   const error = Cause.squash(exit.cause)

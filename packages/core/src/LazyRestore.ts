@@ -149,6 +149,16 @@ export class LazyRestore {
     return this.startedAt
   }
 
+  /**
+   * Stops serving (the restorer's threads are ended; nothing is installed
+   * after this), keeping the restorer: stats() then gives its final state,
+   * which a VMM's outcome is decided from (not from whether a poll() had
+   * seen "done" before the VMM left). The scope's end frees it.
+   */
+  stop() {
+    if (this.handle !== undefined) loadWp().wp_restorer_stop([this.handle])
+  }
+
   /** Stops serving and frees the restorer, keeping its last stats. @internal */
   destroySync() {
     if (this.handle === undefined) return

@@ -130,8 +130,14 @@ const rehearse = async (source: RestoreSource, index: ImageIndex) => {
 /** One VMM being served: its connection and the scope that owns its restorer. */
 interface Session {
   readonly socket: Socket
-  /** Reports the outcome (once) and frees the restorer. */
-  readonly stop: (why: string) => Promise<void>
+  /** Reports the outcome (once) and frees the restorer; whether every page was settled. */
+  readonly stop: (why: string) => Promise<boolean>
+}
+
+/** What close() found: VMMs still served then, and of them, those with pages left to install (their ranges stay registered). */
+export interface ServeStop {
+  readonly served: number
+  readonly pagesLeft: number
 }
 
 export class RestoreServer {
@@ -192,12 +198,19 @@ export class RestoreServer {
     return this.sessions.size === 0 ? Promise.resolve() : new Promise((resolve) => this.idleWaiters.push(resolve))
   }
 
-  /** Stops serving every VMM (each gets its `finished` event, ok false) and closes the socket. */
-  async close(): Promise<void> {
-    for (const s of [...this.sessions]) await s.stop("serve stopped before every page was resident; ranges with pages left stay registered")
+  /**
+   * Stops serving every VMM (each gets its `finished` event: ok when its
+   * pages were all settled, else ok false) and closes the socket
+   * (connections still sending their first message are refused).
+   */
+  async close(): Promise<ServeStop> {
+    const served = [...this.sessions]
+    let pagesLeft = 0
+    for (const s of served) if (!(await s.stop("serve stopped before every page was resident; ranges with pages left stay registered"))) pagesLeft++
     await this.server?.close()
     this.server = undefined
     await this.releaseIndex()
+    return { served: served.length, pagesLeft }
   }
 
   /** Logs and reports a refusal; gives the answer to send before the connection is closed. */
@@ -257,24 +270,38 @@ export class RestoreServer {
       this.events.onFinished?.(pid, { ok, error: ok ? undefined : why, stats, handshake: handshakeTimes(at, restore, stats) })
     }
     let done = false
-    /** Every page settled: ok unless some were not restored from the snapshot. */
-    const settled = () => {
+    /**
+     * The outcome, from the restorer's own state whatever ended serving (the
+     * VMM leaving, serve stopping, every page settled): ok when every page
+     * is settled and none failed, was gone or faulted outside every range;
+     * `why` when pages were left. (It once came from whether the 20 ms poll
+     * had seen "done" before the disconnect was noticed: a VMM that read
+     * every page and exited at once was told it left too early.)
+     */
+    const outcome = (why: string): boolean => {
       const s = restore.stats()
+      if (s.pagesSettled < s.pagesTotal) {
+        report(why, false)
+        return false
+      }
       const short = shortfall(s)
-      report(short ? `every page settled after ${s.doneMs?.toFixed(0)} ms, but ${short}` : `every page resident after ${s.doneMs?.toFixed(0)} ms (${s.faults} faults, ${s.pagesByFill} pages filled in the background)`, !short)
+      const after = s.doneMs === null ? "" : ` after ${s.doneMs.toFixed(0)} ms`
+      report(short ? `every page settled${after}, but ${short}` : `every page resident${after} (${s.faults} faults, ${s.pagesByFill} pages filled in the background)`, !short)
+      return true
     }
     let released = false
     const session: Session = {
       socket,
       stop: async (why) => {
-        if (done) settled()
-        else report(why, false)
-        if (released) return
+        if (!released) restore.stop() // its threads end here: the stats read next are final
+        const whole = outcome(why)
+        if (released) return whole
         released = true
         clearInterval(timer)
         this.sessions.delete(session)
         await Effect.runPromise(Scope.close(scope, Exit.void)) // frees the restorer: restore.stats() keeps its last figures
         if (this.sessions.size === 0) for (const wake of this.idleWaiters.splice(0)) wake()
+        return whole
       }
     }
     this.sessions.add(session)
@@ -302,7 +329,7 @@ export class RestoreServer {
         // The outcome is reported now, unless faults outside every region may still change it (then at disconnect).
         if (undeclared.length === 0 && state === "done") void session.stop("")
         else if (undeclared.length === 0) {
-          settled()
+          outcome("")
           this.log(`VMM pid ${pid}: ranges with pages that could not be produced stay registered and are served (a memory error; discards go on) until the VMM disconnects`)
         } else this.log(`VMM pid ${pid}: every declared page settled; faults on registered pages that no region declares get a memory error until the VMM disconnects`)
       } else if (state !== "serving" && state !== "done" && state !== "settled") void session.stop(`restore failed: ${state === "stopped" ? "stopped" : state.message}`)

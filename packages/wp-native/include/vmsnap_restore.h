@@ -136,7 +136,12 @@ int32_t wp_restorer_poll(wp_restorer *r);
  * where the kernel refuses that, stays blocked; both show in the stats
  * (faults_outside). */
 int32_t wp_restorer_stats(wp_restorer *r, wp_restore_stats *out);
-/* Stops serving; unregisters only ranges with nothing left to install. */
+/* Stops serving: the fault and fill threads are ended (joined) and nothing
+ * is installed after it returns, so wp_restorer_stats then gives the
+ * restorer's final state (a VMM's outcome is decided from it). Registration
+ * is left as it is, for wp_restorer_destroy. 0. */
+int32_t wp_restorer_stop(wp_restorer *r);
+/* Stops serving (wp_restorer_stop); unregisters only ranges with nothing left to install. */
 int32_t wp_restorer_destroy(wp_restorer *r);
 
 /* A userfaultfd of this process registered for restoring [hva, hva + size)

@@ -770,16 +770,23 @@ static void drain_events(wp_restorer *r)
     }
 }
 
+int32_t wp_restorer_stop(wp_restorer *r)
+{
+    atomic_store(&r->stopping, true);
+    signal_eventfd(r->stop_fd);
+    if (r->started && !r->joined) {
+        pthread_join(r->fill_thread, NULL);
+        pthread_join(r->fault_thread, NULL);
+        r->joined = true;
+    }
+    return 0;
+}
+
 int32_t wp_restorer_destroy(wp_restorer *r)
 {
     if (!r)
         return 0;
-    atomic_store(&r->stopping, true);
-    signal_eventfd(r->stop_fd);
-    if (r->started) {
-        pthread_join(r->fill_thread, NULL);
-        pthread_join(r->fault_thread, NULL);
-    }
+    wp_restorer_stop(r);
     for (uint32_t i = 0; i < r->range_count; i++) {
         struct rs_range *g = &r->ranges[i];
         /* Only a range with nothing left to install is unregistered: an

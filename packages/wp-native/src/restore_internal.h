@@ -64,7 +64,7 @@ struct wp_restorer {
     uint32_t record_count;
     uint64_t image_pages;
     pthread_t fault_thread, fill_thread;
-    bool started;
+    bool started, joined; /* joined: wp_restorer_stop ended both threads */
     _Atomic bool stopping, done;
     bool left_registered; /* set before done: a range stayed registered at done (failed pages needing a handler) */
     _Atomic int32_t error;

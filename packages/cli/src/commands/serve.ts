@@ -7,7 +7,7 @@
  * the records' checksums: coverage, a page stored twice, region page sizes);
  * --verify checks every record first. docs/lazy-restore.md.
  */
-import { RestoreServer, SnapshotFormatError, SnapshotIoError, verifySnapshot } from "@vmsnap/core"
+import { RestoreServer, type ServeStop, SnapshotFormatError, SnapshotIoError, verifySnapshot } from "@vmsnap/core"
 import { Effect } from "effect"
 import { existsSync } from "node:fs"
 import { InvalidInput } from "@vmsnap/core"
@@ -33,8 +33,19 @@ export interface ServeFlags extends CommonFlags {
   readonly verify: boolean
 }
 
-export const runServe = (io: Io, flags: ServeFlags) =>
-  runCommand(
+/** What SIGINT/SIGTERM did to serve (RestoreServer.close, run as the scope ends). */
+const stopMessage = (file: string, stopped: ServeStop | undefined): string => {
+  const vmms = !stopped || stopped.served === 0
+    ? "no VMM was being served"
+    : `${stopped.served} VMM(s) were being served, each got its finished event; ${stopped.pagesLeft === 0
+      ? "each had every page settled"
+      : `${stopped.pagesLeft} of them still had pages to install: those ranges stay registered to the VMM's userfaultfd and its guest cannot run (restart that VMM)`}`
+  return `stopped serving ${file} (the socket is removed; connections still sending their first message were refused); ${vmms}`
+}
+
+export const runServe = (io: Io, flags: ServeFlags) => {
+  let stopped: ServeStop | undefined
+  return runCommand(
     io,
     flags,
     Effect.scoped(
@@ -71,7 +82,7 @@ export const runServe = (io: Io, flags: ServeFlags) =>
             try: () => server.listen(),
             catch: (e) => (e instanceof SnapshotFormatError || e instanceof SnapshotIoError || e instanceof InvalidInput ? e : new InvalidInput({ reason: `cannot listen on ${flags.socket}: ${String(e)}` }))
           }),
-          () => Effect.promise(() => server.close())
+          () => Effect.promise(async () => void (stopped = await server.close()))
         )
         emit({ type: "listening", socket: flags.socket, file: flags.file }, `listening on ${flags.socket}, serving ${flags.file}${flags.raw ? " (raw image)" : ""} (Ctrl-C to stop)`)
         // A VMM whose ranges stay registered (failed pages, undeclared pages) is served until it disconnects: exiting
@@ -87,8 +98,10 @@ export const runServe = (io: Io, flags: ServeFlags) =>
           human: `vmsnap serve: VMM pid ${first.pid}: ${first.error}; exiting (--once)`,
           json: { type: "exit", pid: first.pid, ok: false, error: first.error },
           exitCode: first.corrupt ? ExitCode.corrupt : ExitCode.failure
-        }
+        },
+    () => stopMessage(flags.file, stopped)
   )
+}
 
 export const serveCommand: CliCommand = (io, schedule) =>
   defineCommand({

@@ -73,6 +73,7 @@ const restoreTable = {
   wp_restorer_start: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_restorer_poll: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_restorer_stats: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B] },
+  wp_restorer_stop: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_restorer_destroy: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_restore_uffd_create: { library: "vmsnap_wp", retType: I32, paramsType: [BIG, BIG, U32] }
 } as const

@@ -47,6 +47,8 @@ export interface FirstMessage {
   readonly fds: Array<number>
 }
 
+const serverStopped = () => new ProtocolError({ reason: "the server stopped before the first message was complete" })
+
 /**
  * Reads until `complete` finds a whole message, the peer closes (undefined),
  * or a limit is hit (ProtocolError: too long, too many fds, too slow). Fds
@@ -97,13 +99,14 @@ export const receiveFirstMessage = async (
       }
       if (expired === "idle") return { message: chunks[0]!, rest: Buffer.alloc(0), fds }
       if (expired === "timeout") throw new ProtocolError({ reason: `no complete first message within ${options.timeoutMs} ms` })
+      if (readiness.isClosed) throw serverStopped()
       await new Promise<void>((resolve, reject) => {
         wake = resolve
         readiness.readable(fd).then(resolve, reject)
       })
       wake = undefined
-      // The server is closing (its sockets destroyed): say so, never read a closed fd (that said EBADF).
-      if (readiness.isClosed) throw new ProtocolError({ reason: "the server stopped before the first message was complete" })
+      // The server is closing: say so (the caller answers the peer with it), never read on (that said EBADF).
+      if (readiness.isClosed) throw serverStopped()
     }
   } catch (e) {
     closeFds(fds)

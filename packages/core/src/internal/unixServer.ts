@@ -14,7 +14,9 @@
  *   for their first message per uid and in total (beyond either, the new
  *   connection is refused at once);
  * - a refused connection is answered and its fd closed (endAndClose): a
- *   paused socket never reads its peer's end, so `end()` alone kept it open.
+ *   paused socket never reads its peer's end, so `end()` alone kept it open;
+ *   closing the server refuses (answers) those still sending their first
+ *   message the same way, and cuts the others.
  * @internal
  */
 import { randomBytes } from "node:crypto"
@@ -163,6 +165,8 @@ export const listenUnix = async (
   const total = options.limits?.pendingTotal ?? DEFAULT_PENDING_TOTAL
   const readiness = new Readiness()
   const sockets = new Set<Socket>()
+  /** Connections still waiting for their first message: at close they are refused (answered), not cut off. */
+  const handshaking = new Set<Socket>()
   const pending = new Map<number, number>()
   let pendingTotal = 0
   const refuse = (socket: Socket, cred: PeerCred | undefined, reason: string) => endAndClose(socket, options.refuse(cred, reason))
@@ -193,7 +197,9 @@ export const listenUnix = async (
         : `too many connections waiting for their first message (${pendingTotal}): try again later`)
     pending.set(cred.uid, mine + 1)
     pendingTotal++
+    handshaking.add(socket)
     void handshake(socket, fd, cred).finally(() => {
+      handshaking.delete(socket)
       pendingTotal--
       const left = (pending.get(cred.uid) ?? 1) - 1
       if (left === 0) pending.delete(cred.uid)
@@ -219,9 +225,12 @@ export const listenUnix = async (
   return {
     close: () =>
       new Promise<void>((done) => {
-        for (const s of sockets) s.destroy()
+        // A connection still sending its first message is refused like any other ("the server stopped before
+        // the first message was complete", written on it, then closed: readiness.close() wakes its handshake);
+        // destroying it first, as before, closed it with no answer. The others (served, or answered) are cut.
+        for (const s of sockets) if (!handshaking.has(s)) s.destroy()
         readiness.close()
-        server.close(() => done())
+        server.close(() => done()) // once every connection is closed, the refused ones after their answer
         // Only the socket this server created: another may have replaced it.
         try {
           const now = lstatSync(path)
