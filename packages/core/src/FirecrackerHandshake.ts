@@ -76,6 +76,26 @@ export const checkNoOverlap = (regions: ReadonlyArray<{ readonly base_host_virt_
   }
 }
 
+/** A span of the VMM's memory, [start, end) (hva). */
+export interface HvaSpan {
+  readonly start: bigint
+  readonly end: bigint
+}
+
+/** [start, end) less the spans in `gone`, in order. */
+const outside = (start: bigint, end: bigint, gone: ReadonlyArray<HvaSpan>): Array<HvaSpan> => {
+  let pieces: Array<HvaSpan> = [{ start, end }]
+  for (const g of gone)
+    pieces = pieces.flatMap((p) => (g.end <= p.start || p.end <= g.start ? [p] : [
+      ...(g.start > p.start ? [{ start: p.start, end: g.start }] : []),
+      ...(g.end < p.end ? [{ start: g.end, end: p.end }] : [])
+    ]))
+  return pieces
+}
+
+/** What a VMM that changes its mappings right after the handshake must do (docs/lazy-restore.md, "The handshake"). */
+const REMAP_HINT = "(a VMM that may remap or unmap guest memory at any time after sending the handshake must negotiate UFFD_FEATURE_EVENT_UNMAP, and EVENT_REMAP for mremap: serve then learns of the change and those pages are gone, not refused; without it, remap only once a first page was served)"
+
 /** The mappings that cover [start, end), in order; the first byte not mapped, if any. */
 const covering = (maps: ReadonlyArray<ProcessMapping>, start: bigint, end: bigint) => {
   const out: Array<ProcessMapping> = []
@@ -99,12 +119,14 @@ export interface VmmMappings {
 
 /**
  * Checks the ranges against the VMM's mappings (see the module doc); throws
- * ProtocolError with the reason.
+ * ProtocolError with the reason. `gone`: spans the VMM unmapped or remapped
+ * right after sending the handshake (their UNMAP/REMAP events were read,
+ * wp_restorer_take_early_events): not checked, they are gone.
  *
  * Reads all of /proc/PID/smaps (bounded by the kernel's vm.max_map_count and
  * parseSmaps' limit), once per VMM, at the handshake.
  */
-export const checkVmmMappings = (pid: number, regions: ReadonlyArray<FirecrackerRegion>): VmmMappings => {
+export const checkVmmMappings = (pid: number, regions: ReadonlyArray<FirecrackerRegion>, gone: ReadonlyArray<HvaSpan> = []): VmmMappings => {
   if (pid <= 0) return fail("the VMM's pid cannot be learned (SO_PEERCRED), so its ranges cannot be checked")
   let maps: Array<ProcessMapping>
   try {
@@ -114,18 +136,21 @@ export const checkVmmMappings = (pid: number, regions: ReadonlyArray<Firecracker
   }
   const used = new Set<ProcessMapping>()
   const shared = regions.map((r, i) => {
-    const start = BigInt(r.base_host_virt_addr), end = start + BigInt(r.size)
-    const { maps: parts, hole } = covering(maps, start, end)
-    const where = `region ${i} (${hex(start)}-${hex(end)})`
-    if (hole !== undefined) fail(`${where}: ${hex(hole)} is not mapped in the VMM (pid ${pid}); declare only memory the VMM has mapped`)
-    for (const m of parts) {
-      used.add(m)
-      if (m.kernelPageSize !== r.page_size)
-        fail(`${where} is backed by ${m.kernelPageSize / 1024} KiB pages${m.vmFlags.includes("ht") ? " (hugetlbfs)" : ""} but declares ${r.page_size}-byte pages; serving it at another page size would be wrong`)
-      if (!m.vmFlags.includes("um"))
-        fail(`${where}: ${hex(m.start > start ? m.start : start)}-${hex(m.end < end ? m.end : end)} is not registered with a userfaultfd in MISSING mode; register every declared range (UFFDIO_REGISTER) before the handshake, else its pages read zero`)
+    const where = `region ${i} (${hex(BigInt(r.base_host_virt_addr))}-${hex(BigInt(r.base_host_virt_addr) + BigInt(r.size))})`
+    const all: Array<ProcessMapping> = []
+    for (const { start, end } of outside(BigInt(r.base_host_virt_addr), BigInt(r.base_host_virt_addr) + BigInt(r.size), gone)) {
+      const { maps: parts, hole } = covering(maps, start, end)
+      if (hole !== undefined) fail(`${where}: ${hex(hole)} is not mapped in the VMM (pid ${pid}); declare only memory the VMM has mapped ${REMAP_HINT}`)
+      for (const m of parts) {
+        used.add(m)
+        all.push(m)
+        if (m.kernelPageSize !== r.page_size)
+          fail(`${where} is backed by ${m.kernelPageSize / 1024} KiB pages${m.vmFlags.includes("ht") ? " (hugetlbfs)" : ""} but declares ${r.page_size}-byte pages; serving it at another page size would be wrong`)
+        if (!m.vmFlags.includes("um"))
+          fail(`${where}: ${hex(m.start > start ? m.start : start)}-${hex(m.end < end ? m.end : end)} is not registered with a userfaultfd in MISSING mode; register every declared range (UFFDIO_REGISTER) before the handshake, else its pages read zero ${REMAP_HINT}`)
+      }
     }
-    const kinds = new Set(parts.map((m) => m.permissions[3] === "s"))
+    const kinds = new Set(all.map((m) => m.permissions[3] === "s"))
     if (kinds.size > 1) fail(`${where} spans shared and private mappings: declare each as a region of its own`)
     return kinds.has(true)
   })
@@ -142,4 +167,29 @@ export const checkVmmMappings = (pid: number, regions: ReadonlyArray<Firecracker
     }
   }
   return { undeclared: warnings, shared }
+}
+
+/**
+ * After checkVmmMappings refused (`refusal`): the VMM may have unmapped or
+ * remapped part of its ranges right after sending the handshake, which it
+ * cannot tell from "after" (no reply). Where it negotiated
+ * UFFD_FEATURE_EVENT_UNMAP, that change queued an event on the uffd:
+ * `goneAfterSending` reads them (wp_restorer_take_early_events; all the
+ * spans so far) and those spans are gone, the rest is checked again (a
+ * change may come meanwhile: a few rounds). No new event: the refusal
+ * stands (without the feature nothing tells a remap from memory never
+ * registered). docs/lazy-restore.md, "What after the handshake means".
+ */
+export const recheckVmmMappings = (pid: number, regions: ReadonlyArray<FirecrackerRegion>, refusal: ProtocolError, goneAfterSending: () => ReadonlyArray<HvaSpan>): VmmMappings => {
+  for (let round = 0, seen = 0; round < 4; round++) {
+    const gone = goneAfterSending()
+    if (gone.length === seen) break
+    seen = gone.length
+    try {
+      return checkVmmMappings(pid, regions, gone)
+    } catch (e) {
+      refusal = e as ProtocolError
+    }
+  }
+  throw refusal
 }

@@ -21,7 +21,7 @@ import {
   WP_RESTORE_STATS_WORDS, WP_RESTORE_UFFD_MINOR, WP_RESTORE_UFFD_POISON
 } from "./internal/ffi.js"
 import { guestBucketLowerNs, summarizeUs, type LatencySummary } from "./LatencyHistogram.js"
-import { checkNoOverlap } from "./FirecrackerHandshake.js"
+import { checkNoOverlap, type HvaSpan } from "./FirecrackerHandshake.js"
 import { type ImageIndex, openImageIndex, type RestoreSource } from "./RestoreIndex.js"
 
 export interface GuestRange {
@@ -75,6 +75,12 @@ export interface LazyRestoreStats {
 
 /** RS_MAX_RANGES in restore_internal.h. */
 const MAX_RANGES = 64
+/**
+ * How long the handshake waits for a mapping change of the VMM's that is in
+ * flight (its event not yet queued) when its mappings disagree with its
+ * ranges: only then, and only while the kernel says one is in flight.
+ */
+const EARLY_WAIT_MS = 100
 
 const REFUSED: Record<number, string> = {
   25: "the fd sent as the userfaultfd is not a userfaultfd",
@@ -181,11 +187,15 @@ export interface LazyRestoreOptions {
   /** Stream the remaining pages in the background (default true); false: faults only. */
   readonly fill?: boolean
   /**
-   * A last check once the uffd is accepted and before any page is served
+   * A last check once the uffd is accepted and before any range is added
    * (serve: the VMM's mappings, FirecrackerHandshake.ts); its failure
-   * refuses the VMM.
+   * refuses the VMM. It may ask for the spans the VMM unmapped or remapped
+   * right after sending the handshake (`goneAfterSending`: their UNMAP /
+   * REMAP events, wp_restorer_take_early_events; those pages are then gone,
+   * never installed), and may give the ranges to serve as it found them
+   * (which are shared memory); undefined: as given.
    */
-  readonly admit?: Effect.Effect<void, ProtocolError>
+  readonly admit?: (vmm: { readonly goneAfterSending: () => ReadonlyArray<HvaSpan> }) => Effect.Effect<ReadonlyArray<GuestRange> | undefined, ProtocolError | NativeError>
   /** The VMM's pid: the uffd must fill its memory, not another process's (wp_restorer_check_owner). */
   readonly ownerPid?: number
 }
@@ -229,9 +239,16 @@ export const startLazyRestore = (
       }),
       ([r]) => Effect.sync(() => r.destroySync())
     )
-    if (options.admit) yield* options.admit
+    const goneAfterSending = (): Array<HvaSpan> => {
+      const cap = MAX_RANGES
+      const out = new BigUint64Array(2 * cap)
+      const n: number = lib.wp_restorer_take_early_events([handle, ranges[0]!.hva, EARLY_WAIT_MS, Buffer.from(out.buffer), cap])
+      if (n < 0) throw new NativeError({ op: "lazy restore early events", errno: -n, reason: errnoReason("read", -n) })
+      return Array.from({ length: Math.min(n, cap) }, (_, k) => ({ start: out[2 * k]!, end: out[2 * k + 1]! }))
+    }
+    const admitted = options.admit ? yield* options.admit({ goneAfterSending }) : undefined
     const check = (op: string, rc: number) => (rc < 0 ? Effect.fail(new NativeError({ op, errno: -rc, reason: errnoReason(op, -rc) })) : Effect.void)
-    for (const [i, r] of ranges.entries()) {
+    for (const [i, r] of (admitted ?? ranges).entries()) {
       const rc: number = lib.wp_restorer_add_range([handle, r.hva, BigInt(r.size), BigInt(r.imageOffset), (r.memfd !== undefined || r.shared ? WP_RESTORE_RANGE_SHARED : 0) | (r.pageSize === HUGE_PAGE_SIZE ? WP_RESTORE_RANGE_HUGE_2M : 0)])
       if (rc === -16)
         return yield* Effect.fail(new ProtocolError({ reason: `region ${i} (0x${r.hva.toString(16)}, ${r.size} bytes) is registered with another userfaultfd than the one sent: send the uffd that registered the guest memory (its faults would reach no handler)` }))

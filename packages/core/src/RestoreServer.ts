@@ -27,10 +27,10 @@
  */
 import { Cause, Effect, Exit, Scope } from "effect"
 import type { Socket } from "node:net"
-import { describeError, ProtocolError } from "./Errors.js"
+import { describeError, type NativeError, ProtocolError } from "./Errors.js"
 import { PAGE_SIZE } from "./GuestMemory.js"
 import { readMappings } from "./ProcessMappings.js"
-import { checkVmmMappings, type FirecrackerRegion, parseFirecrackerBody, type VmmMappings } from "./FirecrackerHandshake.js"
+import { checkVmmMappings, type FirecrackerRegion, type HvaSpan, parseFirecrackerBody, recheckVmmMappings, type VmmMappings } from "./FirecrackerHandshake.js"
 import { closeFds, type FirstMessage } from "./internal/firstMessage.js"
 import { endAndClose, listenUnix, type UnixServer } from "./internal/unixServer.js"
 import { type GuestRange, type LazyRestore, type LazyRestoreStats, startLazyRestore } from "./LazyRestore.js"
@@ -245,11 +245,17 @@ export class RestoreServer {
     } catch (e) {
       refusal = e as ProtocolError
     }
-    const admit = refusal ? Effect.fail(refusal) : Effect.void
-    const undeclared = mappings.undeclared
     // Shared memory whether or not the VMM sent its memfd (Firecracker sends only the uffd): a page in its page cache is mapped with UFFDIO_CONTINUE.
     // Private memory is private whatever fd came with it: an unrelated memfd sent along once made it served as shared (a discard read the snapshot, not zero).
-    const ranges: Array<GuestRange> = regions.map((r, i) => ({ hva: BigInt(r.base_host_virt_addr), size: r.size, imageOffset: r.offset, memfd: mappings.shared[i] ? memfd : undefined, shared: mappings.shared[i], pageSize: r.page_size }))
+    const rangesOf = (m: VmmMappings): Array<GuestRange> =>
+      regions.map((r, i) => ({ hva: BigInt(r.base_host_virt_addr), size: r.size, imageOffset: r.offset, memfd: m.shared[i] ? memfd : undefined, shared: m.shared[i], pageSize: r.page_size }))
+    const ranges = rangesOf(mappings)
+    // The mappings disagree with the ranges: were they changed right after sending (UNMAP/REMAP events queued)?
+    const admit = ({ goneAfterSending }: { readonly goneAfterSending: () => ReadonlyArray<HvaSpan> }) =>
+      Effect.try({
+        try: () => (refusal ? rangesOf(mappings = recheckVmmMappings(pid, regions, refusal, goneAfterSending)) : undefined),
+        catch: (e) => e as ProtocolError | NativeError
+      })
     const scope = Effect.runSync(Scope.make())
     const started = await Effect.runPromiseExit(Scope.provide(scope)(startLazyRestore(this.source, uffd, ranges, { admit, ownerPid: pid || undefined }, this.index)))
     closeFds(first.fds) // the restorer keeps its own dups
@@ -258,6 +264,7 @@ export class RestoreServer {
       return this.refuse(socket, pid, describeError(Cause.squash(started.cause)))
     }
     const restore = started.value
+    const undeclared = mappings.undeclared
     const total = regions.reduce((s, r) => s + r.size, 0)
     this.log(`VMM pid ${pid}: serving ${regions.length} region(s), ${total} bytes, from ${this.source.path}${ranges.some((r) => r.shared || r.memfd !== undefined) ? " (shared memory: UFFDIO_COPY, UFFDIO_CONTINUE for pages in its page cache)" : ""}`)
     for (const w of undeclared) this.log(`VMM pid ${pid}: ${w}`)

@@ -93,6 +93,23 @@ wp_restorer *wp_restorer_create(int32_t uffd, int32_t snapshot_fd, uint32_t flag
  * go to a uffd nobody reads). It is registered MISSING with uffd: a no-op
  * where the VMM did so already. */
 int32_t wp_restorer_add_range(wp_restorer *r, uint64_t hva, uint64_t size, uint64_t image_offset, uint32_t range_flags);
+/* Before wp_restorer_add_range, when the VMM's mappings disagree with its
+ * handshake (a declared range found unmapped or not registered): the VMM
+ * may have changed them right after sending it (mmap MAP_FIXED over part
+ * of its memory, munmap, mremap), which it cannot tell apart from "after
+ * the handshake". Where it negotiated UFFD_FEATURE_EVENT_UNMAP (REMAP for
+ * mremap) the kernel queued an event for that change: this reads what the
+ * uffd has queued, waiting up to wait_ms for changes still in flight (the
+ * kernel answers the ioctls that change memory with EAGAIN from a change
+ * until its event is read; asked with an unprotect of the page at
+ * probe_hva, which changes nothing in memory registered MISSING). Every
+ * event read is kept and applied by wp_restorer_set_index (a discard, an
+ * unmap: those pages are gone, counted in pages_gone, never installed;
+ * add_range does not register what an unmap made gone); a fault read is
+ * woken (its thread faults again); a fork's uffd is closed. Writes the
+ * spans unmapped or moved away as [start, end) pairs into gone (cap pairs)
+ * and returns how many there were; -EBUSY after add_range; -errno. */
+int32_t wp_restorer_take_early_events(wp_restorer *r, uint64_t probe_hva, uint32_t wait_ms, uint64_t *gone, uint32_t cap);
 /* The records of a memory image (n), sorted by image page and tiling the
  * image from page 0 with no gap or overlap: record i holds page_counts[i]
  * pages from image page image_pages[i]; in the file it is at

@@ -338,6 +338,76 @@ static void take_events(wp_restorer *r)
     pthread_mutex_unlock(&r->install_lock);
 }
 
+/* Whether a mapping change of the VMM's is in flight: between the kernel's
+ * prep of an UNMAP, REMAP, REMOVE or FORK event (under the VMM's mmap lock,
+ * before the change is visible in its mappings) and the event being read,
+ * the uffd's ioctls that change memory answer EAGAIN. Asked with
+ * UFFDIO_WRITEPROTECT (unprotect) over one page at probe_hva: EAGAIN while a
+ * change is in flight, ENOENT when nothing there is registered for
+ * write-protect (what serve's ranges are: MISSING), so nothing changes. */
+static bool change_in_flight(wp_restorer *r, uint64_t probe_hva)
+{
+    struct uffdio_writeprotect wp = {.range = {.start = probe_hva & ~(uint64_t)(RS_PAGE - 1), .len = RS_PAGE}};
+    return ioctl(r->uffd, UFFDIO_WRITEPROTECT, &wp) < 0 && errno == EAGAIN;
+}
+
+int32_t wp_restorer_take_early_events(wp_restorer *r, uint64_t probe_hva, uint32_t wait_ms, uint64_t *gone, uint32_t cap)
+{
+    if (r->started || r->range_count || r->index)
+        return -EBUSY;
+    if (!r->early && !(r->early = calloc(RS_EARLY_EVENTS, sizeof *r->early)))
+        return -ENOMEM;
+    uint64_t deadline = monotonic_ns() + (uint64_t)wait_ms * 1000000u;
+    while (r->early_count < RS_EARLY_EVENTS) {
+        /* No more than there is room for: an event read is never dropped. */
+        struct uffd_msg msgs[64];
+        size_t room = RS_EARLY_EVENTS - r->early_count;
+        ssize_t n = read(r->uffd, msgs, (room < 64 ? room : 64) * sizeof msgs[0]);
+        for (ssize_t i = 0; n > 0 && i < n / (ssize_t)sizeof msgs[0]; i++) {
+            if (msgs[i].event == UFFD_EVENT_PAGEFAULT) { /* its thread faults again, for the fault thread */
+                struct uffdio_range wake = {.start = msgs[i].arg.pagefault.address & ~(uint64_t)(RS_PAGE - 1), .len = RS_PAGE};
+                ioctl(r->uffd, UFFDIO_WAKE, &wake);
+            } else if (msgs[i].event == UFFD_EVENT_FORK) {
+                close((int)msgs[i].arg.fork.ufd); /* the child's uffd (apply_event) */
+            } else {
+                r->early[r->early_count++] = msgs[i];
+            }
+        }
+        if (n > 0)
+            continue;
+        if (n < 0 && errno != EAGAIN && errno != EINTR)
+            return -errno;
+        if (!change_in_flight(r, probe_hva) || monotonic_ns() >= deadline)
+            break;
+        usleep(100); /* the VMM's thread queues its event (or, once it is read, returns from its mmap) */
+    }
+    uint32_t count = 0;
+    for (uint32_t i = 0; i < r->early_count; i++) {
+        const struct uffd_msg *m = &r->early[i];
+        if (m->event != UFFD_EVENT_UNMAP && m->event != UFFD_EVENT_REMAP)
+            continue;
+        if (count < cap) {
+            gone[2 * count] = m->event == UFFD_EVENT_UNMAP ? m->arg.remove.start : m->arg.remap.from;
+            gone[2 * count + 1] = m->event == UFFD_EVENT_UNMAP ? m->arg.remove.end : m->arg.remap.from + m->arg.remap.len;
+        }
+        count++;
+    }
+    return (int32_t)count;
+}
+
+/* Whether [start, end) lies in a span an early UNMAP/REMAP event made gone. */
+static bool early_gone(const wp_restorer *r, uint64_t start, uint64_t end)
+{
+    for (uint32_t i = 0; i < r->early_count; i++) {
+        const struct uffd_msg *m = &r->early[i];
+        uint64_t a = m->event == UFFD_EVENT_UNMAP ? m->arg.remove.start : m->arg.remap.from;
+        uint64_t b = m->event == UFFD_EVENT_UNMAP ? m->arg.remove.end : m->arg.remap.from + m->arg.remap.len;
+        if ((m->event == UFFD_EVENT_UNMAP || m->event == UFFD_EVENT_REMAP) && a <= start && end <= b)
+            return true;
+    }
+    return false;
+}
+
 /* Serves one fault; -EAGAIN if a discard is pending (retry after reading it). */
 static int serve_fault(wp_restorer *r, uint64_t address, struct rs_buffers *b)
 {
@@ -598,9 +668,18 @@ int32_t wp_restorer_add_range(wp_restorer *r, uint64_t hva, uint64_t size, uint6
      * reads them, while installs through this one still work. Registering
      * MISSING again is a no-op where this uffd has it already, and fails
      * with EBUSY where another uffd holds the range. */
-    struct uffdio_register reg = {.range = {.start = hva, .len = size}, .mode = UFFDIO_REGISTER_MODE_MISSING};
-    if (ioctl(r->uffd, UFFDIO_REGISTER, &reg) < 0)
-        return -errno;
+    /* Parts an early UNMAP/REMAP made gone (wp_restorer_take_early_events)
+     * are not registered: what is mapped there now is the VMM's. */
+    for (uint64_t at = hva; at < hva + size;) {
+        uint64_t end = at + bytes;
+        bool gone = r->early_count && early_gone(r, at, end);
+        while (end < hva + size && (r->early_count && early_gone(r, end, end + bytes)) == gone)
+            end += bytes;
+        struct uffdio_register reg = {.range = {.start = at, .len = end - at}, .mode = UFFDIO_REGISTER_MODE_MISSING};
+        if (!gone && ioctl(r->uffd, UFFDIO_REGISTER, &reg) < 0)
+            return -errno;
+        at = end;
+    }
     struct rs_range *g = &r->ranges[r->range_count];
     *g = (struct rs_range){.hva = hva, .size = size, .pages = size / RS_PAGE, .image_page = image_offset / RS_PAGE,
                            .shared = range_flags & WP_RESTORE_RANGE_SHARED, .unit = unit};
@@ -631,6 +710,12 @@ int32_t wp_restorer_set_index(wp_restorer *r, wp_restore_index *idx)
     r->records = idx->records;
     r->record_count = idx->count;
     r->image_pages = idx->image_pages;
+    /* Events read before the ranges were known, in the order they came
+     * (nothing was installed since: no install can slip in between). */
+    pthread_mutex_lock(&r->install_lock);
+    for (uint32_t i = 0; i < r->early_count; i++)
+        apply_event(r, &r->early[i]);
+    pthread_mutex_unlock(&r->install_lock);
     return 0;
 }
 
@@ -802,6 +887,7 @@ int32_t wp_restorer_destroy(wp_restorer *r)
     }
     drain_events(r);
     wp_restore_index_release(r->index);
+    free(r->early);
     free(r->zero_huge);
     wp_record_codec_destroy(r->codec);
     if (r->uffd >= 0)

@@ -91,7 +91,13 @@ struct wp_restorer {
     pthread_cond_t hot_cond;
     uint32_t hot[RS_HOT_SLOTS], hot_head, hot_tail;
     uint8_t *zero_huge; /* one zero huge page: hugetlbfs has no UFFDIO_ZEROPAGE */
+    /* Events read before the ranges were added (wp_restorer_take_early_events),
+     * applied by wp_restorer_set_index; NULL when none were read. */
+    struct uffd_msg *early;
+    uint32_t early_count;
 };
+/* At most this many events are kept before the ranges are added. */
+#define RS_EARLY_EVENTS 256
 
 /* Pages the fill installs under one hold of install_lock: a fault waits at
  * most for that many (64 KiB, ~10 us of UFFDIO_COPY here). */

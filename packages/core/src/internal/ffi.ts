@@ -68,6 +68,7 @@ const restoreTable = {
   wp_restorer_add_range: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, BIG, BIG, BIG, U32] },
   wp_restore_index_create: { library: "vmsnap_wp", retType: EXT, paramsType: [B, B, B, B, B, U32, B] },
   wp_restore_index_release: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
+  wp_restorer_take_early_events: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, BIG, U32, B, U32] },
   wp_restorer_set_index: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, EXT] },
   wp_restorer_check_owner: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, I32] },
   wp_restorer_start: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
