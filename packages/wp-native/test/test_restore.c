@@ -12,6 +12,9 @@
  *     taken from the previous fault: an underflow to ~2^64 ns);
  *   - one index serves several restorers, and outlives its creator's
  *     reference while a restorer uses it;
+ *   - an UNMAP queued before the ranges are added (a VMM's remap as it sent
+ *     the handshake) is read by wp_restorer_take_early_events: its pages
+ *     are gone and left unregistered;
  *   - per-VMM setup (create, add_range, set_index) of an 8 GiB guest over a
  *     131,072-record index makes this process resident in less than 256 KiB:
  *     nothing in proportion to the image is copied or touched (set_index
@@ -189,6 +192,82 @@ static int test_setup_is_small(int file)
     return 0;
 }
 
+struct remap_arg {
+    uint8_t *at;
+};
+
+/* mmap(MAP_FIXED) fresh memory over 4 pages: with EVENT_UNMAP it waits until the UNMAP event is read. */
+static void *remap(void *arg)
+{
+    struct remap_arg *a = arg;
+    mmap(a->at, 4 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    atomic_fetch_add(&progress, 1);
+    return NULL;
+}
+
+/*
+ * A VMM (UFFD_FEATURE_EVENT_UNMAP) maps fresh memory over pages [8, 12) of
+ * its registered range as it sends the handshake: before the ranges are
+ * added, wp_restorer_take_early_events reads the queued UNMAP (its mmap
+ * then returns) and names the span; add_range leaves it unregistered (a
+ * read there reads zero with no handler, never blocks); set_index marks
+ * those 4 pages gone (settled, counted); wp_restorer_stop ends the threads
+ * and the stats stay readable until destroy.
+ */
+static int test_early_unmap(int file)
+{
+    uint8_t *mem = mmap(NULL, 32 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    int uffd = (int)syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    struct uffdio_api api = {.api = UFFD_API, .features = UFFD_FEATURE_EVENT_UNMAP};
+    struct uffdio_register reg = {.range = {.start = (uint64_t)(uintptr_t)mem, .len = 32 * PAGE}, .mode = UFFDIO_REGISTER_MODE_MISSING};
+    if (mem == MAP_FAILED || uffd < 0 || ioctl(uffd, UFFDIO_API, &api) < 0 || ioctl(uffd, UFFDIO_REGISTER, &reg) < 0)
+        return wp_test_fail("userfaultfd with EVENT_UNMAP", -errno);
+    struct remap_arg a = {.at = mem + 8 * PAGE};
+    pthread_t remapper;
+    pthread_create(&remapper, NULL, remap, &a);
+    struct pollfd ready = {.fd = uffd, .events = POLLIN};
+    while (poll(&ready, 1, 1000) == 0) /* until the UNMAP event is queued (the watchdog bounds this) */
+        ;
+    int32_t err;
+    wp_restorer *r = wp_restorer_create(uffd, file, WP_RESTORE_RAW_IMAGE | WP_RESTORE_NO_FILL, &err);
+    if (!r)
+        return wp_test_fail("wp_restorer_create", err);
+    uint64_t gone[4] = {0};
+    int rc = wp_restorer_take_early_events(r, (uint64_t)(uintptr_t)mem, 100, gone, 2);
+    if (rc != 1 || gone[0] != (uint64_t)(uintptr_t)(mem + 8 * PAGE) || gone[1] != (uint64_t)(uintptr_t)(mem + 12 * PAGE)) {
+        fprintf(stderr, "FAIL: early events: %d span(s), first [%#llx, %#llx) (expected 1, [%p, %p))\n", rc,
+                (unsigned long long)gone[0], (unsigned long long)gone[1], (void *)(mem + 8 * PAGE), (void *)(mem + 12 * PAGE));
+        return 1;
+    }
+    pthread_join(remapper, NULL); /* its mmap returned: the event was read */
+    uint32_t regions[2] = {0, 0}, counts[2] = {16, 16};
+    uint64_t first[2] = {0, 16}, offsets[2] = {0, 16 * PAGE}, image_pages[2] = {0, 16};
+    wp_restore_index *idx = wp_restore_index_create(regions, first, counts, offsets, image_pages, 2, &err);
+    if (!idx)
+        return wp_test_fail("index", err);
+    if ((rc = wp_restorer_add_range(r, (uint64_t)(uintptr_t)mem, 32 * PAGE, 0, 0)) < 0 || (rc = wp_restorer_set_index(r, idx)) < 0)
+        return wp_test_fail("add_range / set_index after early events", rc);
+    wp_restore_index_release(idx);
+    if ((rc = wp_restorer_take_early_events(r, (uint64_t)(uintptr_t)mem, 0, gone, 2)) != -EBUSY)
+        return wp_test_fail("early events after add_range must be refused with -EBUSY", rc);
+    uint8_t got[PAGE];
+    if ((rc = (int)read_self(got, mem + 9 * PAGE)) != PAGE || got[0] != 0) /* unregistered: zero, no handler needed */
+        return wp_test_fail("the fresh mapping must not be registered (read it)", rc);
+    wp_restore_stats s;
+    wp_restorer_stats(r, &s);
+    if (s.pages_gone != 4 || s.pages_settled != 4) {
+        fprintf(stderr, "FAIL: after an early unmap of 4 pages: %llu gone, %llu settled (expected 4, 4)\n",
+                (unsigned long long)s.pages_gone, (unsigned long long)s.pages_settled);
+        return 1;
+    }
+    if ((rc = wp_restorer_start(r)) < 0 || (rc = wp_restorer_stop(r)) < 0 || (rc = wp_restorer_stats(r, &s)) < 0)
+        return wp_test_fail("start / stop / stats after stop", rc);
+    wp_restorer_destroy(r);
+    close(uffd);
+    printf("PASS: restore: an unmap queued before the ranges were added is read early, its 4 pages gone and left unregistered\n");
+    return 0;
+}
+
 int main(void)
 {
     char path[] = "/tmp/vmsnap-test-restore-XXXXXX";
@@ -298,7 +377,7 @@ int main(void)
     }
     wp_restorer_destroy(r);
     close(uffd);
-    if (test_event_read_at_destroy(file, idx) || test_setup_is_small(file))
+    if (test_event_read_at_destroy(file, idx) || test_early_unmap(file) || test_setup_is_small(file))
         return 1;
     printf("PASS: restore: overlap refused, outside fault poisoned (not blocked), %llu faults, longest %llu ns\n",
            (unsigned long long)s.faults, (unsigned long long)s.fault_ns_max);
