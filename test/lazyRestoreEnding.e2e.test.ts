@@ -55,6 +55,8 @@ describe.skipIf(skip)("a VMM's outcome is the restorer's final state", () => {  
       expect(finished!.stats.pagesSettled).toBe(finished!.stats.pagesTotal)
       expect(finished!.error).toBeUndefined()
       expect(finished!.ok).toBe(true)
+      // Its first page was installed (a fault): the first-page event came too, though the poll never ran.
+      if (finished!.stats.firstPageMs !== null) expect(s.events.firstPage).toEqual([finished!.handshake])
     } finally {
       vi.useRealTimers()
       await s.server.close()

@@ -56,6 +56,7 @@ export interface LazyRestoreStats {
   readonly firstFaultMs: number | null
   /** Since serving started: the first fault's page installed (its thread may resume); null until then. */
   readonly firstPageMs: number | null
+  /** Since serving started: every page settled and the ranges unregistered; null until then, or when serving was stopped (the VMM left, serve stopped) before the restorer got there. */
   readonly doneMs: number | null
   /** Pages the VMM mapped something else over (ENOENT): skipped. */
   readonly pagesGone: number

@@ -296,11 +296,23 @@ export class RestoreServer {
       report(short ? `every page settled${after}, but ${short}` : `every page resident${after} (${s.faults} faults, ${s.pagesByFill} pages filled in the background)`, !short)
       return true
     }
+    let firstPage = false
+    /** The first-page event, once, when the stats first show it (by the poll, or at the end if the VMM was quicker). */
+    const noteFirstPage = (s: LazyRestoreStats) => {
+      if (firstPage || s.firstPageMs === null) return
+      firstPage = true
+      const times = handshakeTimes(at, restore, s)
+      this.log(`VMM pid ${pid}: first page installed ${times.handshakeToFirstPageMs!.toFixed(3)} ms after the handshake (checks and setup: ${times.handshakeToServingMs.toFixed(3)} ms; first fault taken at ${times.handshakeToFirstFaultMs?.toFixed(3)} ms)`)
+      this.events.onFirstPage?.(pid, times)
+    }
     let released = false
     const session: Session = {
       socket,
       stop: async (why) => {
-        if (!released) restore.stop() // its threads end here: the stats read next are final
+        if (!released) {
+          restore.stop() // its threads end here: the stats read next are final
+          noteFirstPage(restore.stats())
+        }
         const whole = outcome(why)
         if (released) return whole
         released = true
@@ -313,16 +325,10 @@ export class RestoreServer {
     }
     this.sessions.add(session)
     let seen = { failed: 0, gone: 0, outside: 0 }
-    let firstPage = false
     const timer = setInterval(() => {
       const state = restore.poll()
       const s = restore.stats()
-      if (!firstPage && s.firstPageMs !== null) {
-        firstPage = true
-        const times = handshakeTimes(at, restore, s)
-        this.log(`VMM pid ${pid}: first page installed ${times.handshakeToFirstPageMs!.toFixed(3)} ms after the handshake (checks and setup: ${times.handshakeToServingMs.toFixed(3)} ms; first fault taken at ${times.handshakeToFirstFaultMs?.toFixed(3)} ms)`)
-        this.events.onFirstPage?.(pid, times)
-      }
+      noteFirstPage(s)
       if (s.pagesFailed > seen.failed || s.pagesGone > seen.gone || s.faultsOutside > seen.outside) {
         seen = { failed: s.pagesFailed, gone: s.pagesGone, outside: s.faultsOutside }
         const f = s.failedRecord
