@@ -7,17 +7,28 @@ import { Effect, Exit } from "effect"
 import { closeSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, rmSync, writeSync } from "node:fs"
 import { type MemoryRegion, restoreToRawFile } from "../packages/core/src/index.js"
 
-/** Copies the target's memory of every region, concatenated, into `out` (call it while the target is frozen). */
+/**
+ * Copies the target's memory of every region, concatenated, into `out` (call it while the target is frozen).
+ * A region the target unmapped after the mappings were chosen (a churning target) reads EIO: the reference stops
+ * there, short, and the snapshot, which must then be refused (its layout changed), is never compared equal to it.
+ */
 export const referenceAtCut = (pid: number, out: string) => (regions: ReadonlyArray<MemoryRegion>) =>
   Effect.sync(() => {
     const mem = openSync(`/proc/${pid}/mem`, "r")
     const fd = openSync(out, "w", 0o600)
     const buf = Buffer.alloc(1 << 22)
     try {
-      for (const r of regions) {
+      copy: for (const r of regions) {
         for (let off = 0; off < r.size; off += buf.length) {
           const n = Math.min(buf.length, r.size - off)
-          if (readSync(mem, buf, 0, n, Number(r.guestBase) + off) !== n) throw new Error("short read of /proc/PID/mem")
+          let got: number
+          try {
+            got = readSync(mem, buf, 0, n, Number(r.guestBase) + off)
+          } catch (e) {
+            if ((e as NodeJS.ErrnoException).code === "EIO") break copy
+            throw e
+          }
+          if (got !== n) throw new Error("short read of /proc/PID/mem")
           writeSync(fd, buf, 0, n)
         }
       }

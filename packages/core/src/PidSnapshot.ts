@@ -203,7 +203,11 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
       // walks page tables (tens of ms for a large process), so none of it is done while it is
       // stopped. Registering them later fails on a mapping that is gone, and the layout is
       // checked against this choice again before commit.
-      const picked = selectMappings(pid, readMappings(pid), options.mappings ?? [])
+      // smaps is read in several read(2)s, and the kernel drops the process's mmap lock between
+      // them: a process that maps and unmaps as it runs can be seen without one of its mappings
+      // (seen under load). A choice that names a mapping not found is made once more.
+      let picked = selectMappings(pid, readMappings(pid), options.mappings ?? [])
+      if (picked instanceof InvalidInput) picked = selectMappings(pid, readMappings(pid), options.mappings ?? [])
       if (picked instanceof InvalidInput) return yield* Effect.fail(picked)
       yield* checkNotShared(pid, picked.chosen, "")
       if (picked.chosen.length > 64)
