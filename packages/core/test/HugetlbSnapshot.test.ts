@@ -57,8 +57,14 @@ describe.skipIf(unavailable)("hugetlbfs snapshots", () => {
     for (const [poolPages, arm] of [[64, true], [0, false], [4096, false]] as const)
       it(`${memory}, pool ${poolPages}, ${arm ? "armed" : "not armed"}: whole 2 MiB pages, equal to the reference at the cut`, async (ctx) => {
         const skip = await withHugePages(10, async () => {
-          const r = await runTest(snapshotWhileWriting(memory, poolPages, arm))
-          expect(r.diff, `first differing page ${r.diff}`).toBe(-1)
+          // The writers must race the snapshot (a fault at least): on a loaded machine they may get no CPU
+          // while a 16 MiB snapshot runs, so up to 3 tries; every one must equal the reference.
+          let r = await runTest(snapshotWhileWriting(memory, poolPages, arm))
+          for (let attempt = 1; ; attempt++) {
+            expect(r.diff, `first differing page ${r.diff}`).toBe(-1)
+            if (r.result.engine.faults > 0 || attempt === 3) break
+            r = await runTest(snapshotWhileWriting(memory, poolPages, arm))
+          }
           expect(r.result.engine.faults).toBeGreaterThan(0)
           expect(r.result.engine.pagesSaved).toBe(SIZE / 4096)
           expect(r.report.pages).toBe(SIZE / 4096)
