@@ -169,9 +169,16 @@ describe.skipIf(skip)("serve checks a VMM's ranges against its userfaultfd regis
   })
 
   it("handshake times: to serving and to the first fault's page installed, in the first-page event and the finished outcome, from one clock", async () => {
-    const before = main.events.finished.length, beforePages = main.events.firstPage.length
-    expect(await peer(sock, "restore", imagePath, String(SIZE), "page_size", `touch=${SIZE - PAGE_SIZE}`)).toMatch(/^OK /)
-    const finished = await main.nextFinished(before)
+    // The peer touches the image's last page right after the handshake; the fill (nice 19, in image order)
+    // gets there last, but a peer kept off the CPU on a loaded machine can still find it installed: up to 3 tries.
+    let before = 0, beforePages = 0, finished: Finished | undefined
+    for (let attempt = 1; attempt <= 3; attempt++) {
+      before = main.events.finished.length
+      beforePages = main.events.firstPage.length
+      expect(await peer(sock, "restore", imagePath, String(SIZE), "page_size", `touch=${SIZE - PAGE_SIZE}`)).toMatch(/^OK /)
+      finished = await main.nextFinished(before)
+      if (finished?.handshake.handshakeToFirstPageMs !== null) break
+    }
     const t = finished!.handshake
     expect(t.handshakeToServingMs).toBeGreaterThan(0)
     // The first page goes in after serving started, before the restore is done (orders only: no timing bound).
