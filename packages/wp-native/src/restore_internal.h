@@ -152,6 +152,19 @@ void rs_record_failed(wp_restorer *r, uint32_t index, int err, uint32_t why);
  * b->fault_installed_ns set). 0, -EAGAIN (a discard pending) or -errno. */
 int rs_resolve_huge(wp_restorer *r, struct rs_range *g, uint64_t p, bool fault, struct rs_buffers *b);
 
+/* restore_events.c: the range and page of a registered hva (NULL: no
+ * range covers it); a fault there (rs_serve_outside: poisoned, counted);
+ * an event read from the uffd (rs_apply_event, under install_lock in the
+ * critical section of its read); the queue read before the fault thread
+ * runs (rs_take_events) and at the end (rs_drain_events); whether
+ * [start, end) is in a span an early UNMAP/REMAP made gone. */
+struct rs_range *rs_find_page(wp_restorer *r, uint64_t hva, uint64_t *page);
+void rs_serve_outside(wp_restorer *r, uint64_t address);
+void rs_apply_event(wp_restorer *r, const struct uffd_msg *m);
+void rs_take_events(wp_restorer *r);
+void rs_drain_events(wp_restorer *r);
+bool rs_early_gone(const wp_restorer *r, uint64_t start, uint64_t end);
+
 /* restore_page.c: a fault served with its page alone. Reads page `page` of
  * range g (a 4 KiB range) from the raw image, or from its record when the
  * record has encoding "pages", installs it (the faulting thread resumes),
