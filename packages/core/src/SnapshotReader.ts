@@ -4,6 +4,7 @@
  * file is checked against the file's size before anything is allocated.
  */
 import { Effect } from "effect"
+import { readSync } from "node:fs"
 import { open, type FileHandle } from "node:fs/promises"
 import { ioError, SnapshotFormatError, type SnapshotIoError } from "./Errors.js"
 import { PAGE_SIZE } from "./GuestMemory.js"
@@ -218,24 +219,31 @@ export const inspectSnapshot = (path: string): Effect.Effect<InspectReport, Snap
       const perRegion = s.header.regions.map(() => ({ data: 0, zero: 0 }))
       let stored = 0
       const encodings = { lz4: 0, raw: 0, zero: 0, pages: { records: 0, lz4: 0, raw: 0, zero: 0 } }
-      for (const entry of s.index) {
-        const rec = yield* Effect.tryPromise({
-          try: async () => {
-            const raw = await readAt(s.file, entry.fileOffset, RECORD_HEADER_BYTES)
+      // One synchronous read of the header (and table) per record: a promise and a fiber turn per record cost
+      // ~160 us each, 270 s for a file of 1.7 M records (break6 F1).
+      const headerBuf = Buffer.alloc(RECORD_HEADER_BYTES)
+      const readRecord = (entry: (typeof s.index)[number]) =>
+        Effect.try({
+          try: () => {
+            if (readSync(s.file.fd, headerBuf, 0, RECORD_HEADER_BYTES, entry.fileOffset) !== RECORD_HEADER_BYTES)
+              throw new FormatViolation("Truncated", "unexpected end of file", entry.fileOffset)
             try {
-              checkRecordHeader(raw, entry)
+              checkRecordHeader(headerBuf, entry)
             } catch (e) {
               throw e instanceof RecordRefused ? new FormatViolation(e.kind, e.message, entry.fileOffset) : e
             }
-            const header = decodeRecordHeader(raw, entry.fileOffset)
+            const header = decodeRecordHeader(headerBuf, entry.fileOffset)
             if (header.encoding !== "pages") return { header, blocks: undefined }
             // checkRecordHeader bounded the table by the record's stored bytes; the index, by the record area.
-            const table = await readAt(s.file, entry.fileOffset + RECORD_HEADER_BYTES, header.pageCount * PAGES_ENTRY_BYTES)
+            const table = Buffer.alloc(header.pageCount * PAGES_ENTRY_BYTES)
+            if (readSync(s.file.fd, table, 0, table.length, entry.fileOffset + RECORD_HEADER_BYTES) !== table.length)
+              throw new FormatViolation("Truncated", "unexpected end of file", entry.fileOffset + RECORD_HEADER_BYTES)
             return { header, blocks: pagesTableCounts(table, header.pageCount) }
           },
           catch: (e) => formatError(path, e)
         })
-        const { header: h, blocks } = rec
+      for (const entry of s.index) {
+        const { header: h, blocks } = yield* readRecord(entry)
         const r = perRegion[h.region]!
         if (blocks) {
           encodings.pages.records++
