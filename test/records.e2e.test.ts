@@ -161,6 +161,16 @@ describe.skipIf(skip)("headers and indexes that no writer makes are refused by v
     await refused(path, /not a valid snapshot: region 0 is malformed/)
   })
 
+  it("a region entry whose reserved bytes are not zero (header checksum valid): refused, as a record's reserved bytes are (break6 F2)", async () => {
+    const b = buildSnapshot([{ size: 2 * 1024 * 1024 }], [{ region: 0, firstPage: 0, pageCount: 512, encoding: "zero" }])
+    const headerBytes = b.readUInt32LE(12)
+    b.writeBigUInt64LE(1n, 64 + 24)
+    b.writeUInt32LE(crc32(b.subarray(0, headerBytes - 4)), headerBytes - 4)
+    const path = join(dir, "region-reserved.vmsnap")
+    writeFileSync(path, b, { mode: 0o600 })
+    await refused(path, /region 0: reserved bytes are not zero/)
+  })
+
   it("a region whose page size its kind cannot have (anon at 8192, hugetlbfs at 4096)", async () => {
     for (const [kind, pageSize] of [["anon", 8192], ["hugetlbfs", 4096]] as const) {
       const path = writeSnapshot(join(dir, `page-size-${kind}.vmsnap`), [{ size: 2 * 1024 * 1024, kind, pageSize }], [{ region: 0, firstPage: 0, pageCount: 512, encoding: "zero" }])

@@ -230,6 +230,8 @@ export const decodeHeader = (b: Buffer, fileBytes: number): SnapshotHeader => {
       throw new FormatViolation("ChecksumMismatch", `region ${i} is malformed (kind ${b.readUInt32LE(o + 16)}, ${size} bytes)`, o)
     if (!pageSizesOf(kind).includes(regionPageSize) || size % BigInt(regionPageSize) !== 0n)
       throw new FormatViolation("BadRegion", `region ${i}: page size ${regionPageSize} is not one a ${kind} region can have (${pageSizesOf(kind).join(" or ")}, dividing its ${size} bytes)`, o + 20)
+    if (b.readBigUInt64LE(o + 24) !== 0n)
+      throw new FormatViolation("BadRegion", `region ${i}: reserved bytes are not zero (a field this vmsnap does not know)`, o + 24)
     const guestBase = b.readBigUInt64LE(o)
     if (guestBase + size > 1n << 64n) throw new FormatViolation("BadRegion", `region ${i}: base 0x${guestBase.toString(16)} + ${size} bytes passes the end of the 64-bit address space`, o)
     regions.push({ guestBase, size: Number(size), kind, pageSize: regionPageSize })
