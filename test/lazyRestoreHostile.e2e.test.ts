@@ -6,12 +6,16 @@
  * of its pages (they get a memory error); a VMM that forks with
  * UFFD_FEATURE_EVENT_FORK leaves no fd in serve (each fork hands the handler
  * the child's uffd); a raw image that is not a whole number of pages is
- * refused before serving.
+ * refused before serving; a file's zero record of 2^18 pages (1 GiB) is
+ * served without a buffer of its size.
  */
-import { copyFileSync, readdirSync, readlinkSync, truncateSync, writeFileSync } from "node:fs"
+import { Effect } from "effect"
+import { copyFileSync, readdirSync, readFileSync, readlinkSync, truncateSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
 import { beforeAll, describe, expect, it } from "vitest"
-import { RestoreServer } from "../packages/core/src/index.js"
+import { RestoreServer, restoreUffd, startLazyRestore, WpNative } from "../packages/core/src/index.js"
+import { scratchMemory } from "../packages/rig/src/index.js"
+import { writeSnapshot } from "./snapshotFiles.js"
 import { MiB, peer, serving, SIZE, twoRegionSnapshot } from "./lazyRestoreTests.js"
 import { scratchDir, toyVmmSkipReason } from "./toyVmmTests.js"
 
@@ -59,6 +63,23 @@ describe.skipIf(skip)("serve holds against hostile and careless peers", () => {
     } finally {
       await s.server.close()
     }
+  })
+
+  it("a zero record of 2^18 pages (1 GiB) is served as zero pages without a buffer its size (this process's peak RSS grows < 256 MiB)", async () => {
+    const GiB = 1024 * MiB
+    const path = writeSnapshot(join(dir, "big-zero.vmsnap"), [{ size: GiB }], [{ region: 0, firstPage: 0, pageCount: GiB / 4096, encoding: "zero" }])
+    const kib = (field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(readFileSync("/proc/self/status", "utf8"))![1])
+    writeFileSync("/proc/self/clear_refs", "5") // the peak RSS starts again from now
+    const rss = kib("VmRSS")
+    const state = await Effect.runPromise(Effect.provide(Effect.scoped(Effect.gen(function* () {
+      const base = yield* scratchMemory(GiB)
+      const uffd = yield* restoreUffd(base, GiB)
+      const restore = yield* startLazyRestore({ path, raw: false }, uffd, [{ hva: base, size: GiB, imageOffset: 0 }])
+      for (let i = 0; i < 3000 && restore.poll() === "serving"; i++) yield* Effect.promise(() => new Promise((r) => setTimeout(r, 5)))
+      return restore.poll()
+    })), WpNative.layer))
+    expect(state).toBe("done")
+    expect(kib("VmHWM") - rss, "peak RSS growth in KiB").toBeLessThan(256 * 1024)
   })
 
   it("a raw image that is not a whole number of 4 KiB pages is refused before serving, with the reason", async () => {

@@ -249,6 +249,14 @@ int record_read(const wp_record_codec *c, int file, bool raw, uint64_t file_offs
     return rc;
 }
 
+bool record_is_zero(int file, uint64_t file_offset, uint32_t region, uint64_t first_page, uint32_t pages)
+{
+    uint8_t h[RECORD_HEADER_BYTES];
+    uint32_t why;
+    return pread(file, h, sizeof h, (off_t)file_offset) == (ssize_t)sizeof h &&
+           check_header(h, region, first_page, pages, &why) >= 0 && h[20] == RECORD_ZERO;
+}
+
 int record_read_page(const wp_record_codec *c, int file, uint64_t file_offset, uint32_t region, uint64_t first_page,
                      uint32_t pages, uint32_t k, uint8_t *out, uint8_t *scratch, size_t scratch_cap, uint32_t *why_out,
                      bool *whole_out)

@@ -37,6 +37,12 @@ int64_t record_lz4_decode(const uint8_t *src, size_t src_len, uint8_t *dst, size
 int record_read(const wp_record_codec *c, int file, bool raw, uint64_t file_offset, uint32_t region, uint64_t first_page,
                 uint32_t pages, uint8_t *out, uint8_t *scratch, size_t scratch_cap, uint32_t *why_out);
 
+/* Whether the record at file_offset is a zero record whose header agrees
+ * with its index entry (one 32-byte pread): its pages are installed as zero
+ * pages with no buffer, whatever its size (up to 2^20 pages). False for
+ * any other record, or one that does not check (record_read says why). */
+bool record_is_zero(int file, uint64_t file_offset, uint32_t region, uint64_t first_page, uint32_t pages);
+
 /* Reads page k (0-based) of the record at file_offset (index entry region/first_page/pages) into out (4096
  * bytes): header checked against the entry, header+table CRC, page k's block CRC, decode. Reads only the
  * header, the table and page k's block (two preads up to 64 pages, never the whole record; a raw block straight

@@ -144,15 +144,19 @@ static int resolve_record(wp_restorer *r, uint32_t index, struct rs_range *fault
     }
     if (!pending)
         return 0;
-    int rc = rs_reserve(r, b, (size_t)rec->pages * RS_PAGE);
+    /* A zero record needs no buffer: its pages are zero pages (a file's
+     * zero record may hold 2^20 pages: never 4 GiB allocated for it). */
+    bool zero = !r->raw_image && record_is_zero(r->file, rec->file_offset, rec->region, rec->first_page, rec->pages);
+    int rc = zero ? 0 : rs_reserve(r, b, (size_t)rec->pages * RS_PAGE);
     if (rc < 0)
         return rc;
     b->decoded = -1; /* overwritten below; kept only by rs_resolve_huge */
     /* Read and decode outside the lock: a fault never waits for the fill's
      * decode, only for an install in progress. */
     uint32_t why = 0;
-    int encoding = record_read(r->codec, r->file, r->raw_image, rec->file_offset, rec->region, rec->first_page,
-                               rec->pages, b->pages, b->scratch, b->cap + 1024, &why);
+    int encoding = zero ? RECORD_ZERO
+                        : record_read(r->codec, r->file, r->raw_image, rec->file_offset, rec->region, rec->first_page,
+                                      rec->pages, b->pages, b->scratch, b->cap + 1024, &why);
     if ((encoding == -EBADMSG || encoding == -EIO) && !r->raw_image) {
         /* A record of encoding "pages" fails page by page: its good pages are still served. */
         int rc_pages = rs_resolve_by_page(r, index, b);

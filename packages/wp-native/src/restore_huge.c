@@ -26,6 +26,12 @@
 static int assemble(wp_restorer *r, uint32_t index, uint64_t ip, struct rs_buffers *b, uint32_t *why)
 {
     const struct rs_record *rec = &r->records[index];
+    uint64_t lo = rec->image_page > ip ? rec->image_page : ip;
+    uint64_t hi = rec->image_page + rec->pages < ip + RS_HUGE_PAGES ? rec->image_page + rec->pages : ip + RS_HUGE_PAGES;
+    if (!r->raw_image && record_is_zero(r->file, rec->file_offset, rec->region, rec->first_page, rec->pages)) {
+        memset(b->huge + (lo - ip) * RS_PAGE, 0, (hi - lo) * RS_PAGE); /* no buffer for a zero record, whatever its size */
+        return 0;
+    }
     if (b->decoded != (int64_t)index) {
         int rc = rs_reserve(r, b, (size_t)rec->pages * RS_PAGE);
         if (rc < 0)
@@ -35,10 +41,8 @@ static int assemble(wp_restorer *r, uint32_t index, uint64_t ip, struct rs_buffe
                                    rec->pages, b->pages, b->scratch, b->cap + 1024, why);
         if (encoding < 0)
             return encoding;
-        b->decoded = index; /* zero records are decoded as zeros too */
+        b->decoded = index;
     }
-    uint64_t lo = rec->image_page > ip ? rec->image_page : ip;
-    uint64_t hi = rec->image_page + rec->pages < ip + RS_HUGE_PAGES ? rec->image_page + rec->pages : ip + RS_HUGE_PAGES;
     memcpy(b->huge + (lo - ip) * RS_PAGE, b->pages + (lo - rec->image_page) * RS_PAGE, (hi - lo) * RS_PAGE);
     return 0;
 }
