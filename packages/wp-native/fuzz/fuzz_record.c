@@ -166,7 +166,10 @@ static int through_file(const wp_record_codec *codec, const uint8_t *h, const ui
     }
     uint32_t k = (uint32_t)(rnd() % count);
     bool whole = true;
-    rc = record_read_page(codec, fd, 100, region, first, count, k, page, scratch, scratch_cap, &why2, &whole);
+    /* record_read_page reads the header and the table into its scratch: 32 bytes more, exactly. */
+    uint8_t *page_scratch = malloc(RECORD_HEADER_BYTES + scratch_cap);
+    rc = record_read_page(codec, fd, 100, region, first, count, k, page, page_scratch, RECORD_HEADER_BYTES + scratch_cap, &why2, &whole);
+    free(page_scratch);
     /* A decodable record: every page decodes, to its bytes. A refused page: the record is refused too. */
     if ((enc >= 0 && (rc < 0 || (rc != RECORD_ZERO && memcmp(page, pages + (size_t)k * 4096, 4096)))) ||
         (rc < 0 && rc != -EBADMSG) || (rc == -EBADMSG && enc >= 0)) {

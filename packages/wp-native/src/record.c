@@ -266,14 +266,14 @@ int record_read_page(const wp_record_codec *c, int file, uint64_t file_offset, u
     *whole_out = true;
     if (k >= pages)
         return -EINVAL;
-    /* The header and, for records of up to 64 pages (the writer cuts at
-     * 16), the table with it: one pread, then one for the block. */
-    uint8_t head[RECORD_HEADER_BYTES + 64 * PAGES_ENTRY];
-    size_t want = pages <= 64 ? RECORD_HEADER_BYTES + (size_t)pages * PAGES_ENTRY : RECORD_HEADER_BYTES;
-    ssize_t got = pread(file, head, want, (off_t)file_offset);
+    /* The header and the table: one pread (into scratch), then one for the block. */
+    size_t table = (size_t)pages * PAGES_ENTRY;
+    if (RECORD_HEADER_BYTES + table + PAGE > scratch_cap)
+        return -ENOBUFS;
+    ssize_t got = pread(file, scratch, RECORD_HEADER_BYTES + table, (off_t)file_offset);
     if (got < (ssize_t)RECORD_HEADER_BYTES)
         return -EIO;
-    const uint8_t *h = head;
+    const uint8_t *h = scratch, *t = scratch + RECORD_HEADER_BYTES;
     int64_t stored = check_header(h, region, first_page, pages, why_out);
     if (stored < 0)
         return (int)stored;
@@ -281,35 +281,27 @@ int record_read_page(const wp_record_codec *c, int file, uint64_t file_offset, u
         return RECORD_ZERO; /* a zero record: every page zero, nothing to read */
     if (h[20] != RECORD_PAGES)
         return -ENOTSUP;
-    size_t table = (size_t)pages * PAGES_ENTRY;
-    if (table + PAGE > scratch_cap)
-        return -ENOBUFS;
-    if (want > RECORD_HEADER_BYTES) {
-        if (got != (ssize_t)want)
-            return -EIO;
-        memcpy(scratch, head + RECORD_HEADER_BYTES, table);
-    } else if (pread(file, scratch, table, (off_t)(file_offset + RECORD_HEADER_BYTES)) != (ssize_t)table) {
+    if (got != (ssize_t)(RECORD_HEADER_BYTES + table))
         return -EIO;
-    }
     uint32_t crc;
     memcpy(&crc, h + 28, 4);
-    if (record_crc32(record_crc32(0, h, 28), scratch, table) != crc)
+    if (record_crc32(record_crc32(0, h, 28), t, table) != crc)
         return refuse(why_out, WP_RECORD_BAD_CHECKSUM);
-    int rc = pages_table_check(scratch, pages, (uint64_t)stored, why_out);
+    int rc = pages_table_check(t, pages, (uint64_t)stored, why_out);
     if (rc < 0)
         return rc;
     uint64_t at = table;
     uint32_t bytes;
     for (uint32_t j = 0; j < k; j++) {
-        memcpy(&bytes, scratch + (size_t)j * PAGES_ENTRY, 4);
+        memcpy(&bytes, t + (size_t)j * PAGES_ENTRY, 4);
         at += bytes;
     }
-    memcpy(&bytes, scratch + (size_t)k * PAGES_ENTRY, 4);
+    memcpy(&bytes, t + (size_t)k * PAGES_ENTRY, 4);
     /* A raw block is read straight into out; an lz4 one after the table. */
-    uint8_t *block = bytes == PAGE ? out : scratch + table;
+    uint8_t *block = bytes == PAGE ? out : scratch + RECORD_HEADER_BYTES + table;
     if (bytes && pread(file, block, bytes, (off_t)(file_offset + RECORD_HEADER_BYTES + at)) != (ssize_t)bytes)
         return -EIO;
-    rc = pages_block_decode(scratch + (size_t)k * PAGES_ENTRY, block, out, NULL, false, why_out);
+    rc = pages_block_decode(t + (size_t)k * PAGES_ENTRY, block, out, NULL, false, why_out);
     if (rc < 0)
         *whole_out = false; /* the header and table were good: only page k's block is bad */
     return rc;

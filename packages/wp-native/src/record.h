@@ -45,8 +45,8 @@ bool record_is_zero(int file, uint64_t file_offset, uint32_t region, uint64_t fi
 
 /* Reads page k (0-based) of the record at file_offset (index entry region/first_page/pages) into out (4096
  * bytes): header checked against the entry, header+table CRC, page k's block CRC, decode. Reads only the
- * header, the table and page k's block (two preads up to 64 pages, never the whole record; a raw block straight
- * into out). scratch: at least 8*pages + 4096 bytes. Returns RECORD_ZERO (page all zero, or a zero record, whose
+ * header, the table and page k's block (two preads, never the whole record; a raw block straight
+ * into out). scratch: at least 32 + 8*pages + 4096 bytes (the header and table, then a block). Returns RECORD_ZERO (page all zero, or a zero record, whose
  * header is checked: out not written), RECORD_RAW or RECORD_LZ4 (out filled), -ENOTSUP if the record is raw or
  * lz4 whole (encodings 0 and 1: the caller reads the whole record with record_read), -EBADMSG (why in *why_out; only this page or the whole record? : *whole_out = true when the
  * header/table is bad, false when only page k's block is), -EIO (short read), -EINVAL (k >= pages),

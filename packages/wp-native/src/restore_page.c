@@ -66,7 +66,7 @@ int rs_fault_page(wp_restorer *r, struct rs_range *g, uint64_t page, struct rs_b
     uint64_t ip = g->image_page + page;
     uint32_t index = rs_record_at(r, ip);
     const struct rs_record *rec = &r->records[index];
-    /* A page, and in scratch a page's block and the record's table. */
+    /* A page, and in scratch (bytes + 1024) the record's header and table and a page's block. */
     int rc = rs_reserve(r, b, RS_PAGE + (size_t)rec->pages * 8);
     if (rc < 0)
         return rc;

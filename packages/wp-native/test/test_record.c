@@ -129,7 +129,7 @@ static int read_page(const wp_record_codec *c, int fd, size_t at, const uint8_t 
                      bool *whole)
 {
     uint32_t n = u32_at(rec, 16);
-    size_t cap = (size_t)n * PAGES_ENTRY + PAGE;
+    size_t cap = RECORD_HEADER_BYTES + (size_t)n * PAGES_ENTRY + PAGE;
     uint8_t *scratch = malloc(cap);
     *why = 0;
     *whole = true;
@@ -377,7 +377,7 @@ static void test_read_page(const wp_record_codec *c)
     close(fd);
     /* The index says another region: the header is refused for every page. */
     fd = file_with(rec, (size_t)len, 0);
-    uint8_t scratch[16 * PAGES_ENTRY + PAGE];
+    uint8_t scratch[RECORD_HEADER_BYTES + 16 * PAGES_ENTRY + PAGE];
     rc = record_read_page(c, fd, 0, 4, 0x100000007ull, 16, 0, page, scratch, sizeof scratch, &why, &whole);
     CHECK(rc == -EBADMSG && why == WP_RECORD_MISPLACED && whole, "misplaced: %d why %u", rc, why);
     rc = record_read_page(c, fd, 0, 3, 0x100000007ull, 16, 0, page, scratch, sizeof scratch - 1, &why, &whole);
