@@ -7,6 +7,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #include "vmsnap_record.h"
 
@@ -54,5 +55,25 @@ bool record_is_zero(int file, uint64_t file_offset, uint32_t region, uint64_t fi
 int record_read_page(const wp_record_codec *c, int file, uint64_t file_offset, uint32_t region, uint64_t first_page,
                      uint32_t pages, uint32_t k, uint8_t *out, uint8_t *scratch, size_t scratch_cap, uint32_t *why_out,
                      bool *whole_out);
+
+/* A writer batch encoded for one pwritev (writer.c): the records' bytes in
+ * file order as iovecs into meta, blocks and the batch's own data. For a
+ * batch of n entries: meta at least n * (32 + 8) bytes (headers and
+ * tables), blocks n * 4096 (lz4 only; raw blocks stay in data, not
+ * copied), iov 2 * n entries, fields n * WP_RECORD_BATCH_FIELDS. */
+struct record_iov {
+    uint8_t *meta;
+    uint8_t *blocks;
+    struct iovec *iov;
+    uint32_t *fields; /* per record, as wp_record_encode_batch's records_out */
+    uint32_t count;   /* iovecs used */
+    uint32_t records;
+    uint64_t bytes;   /* all records' bytes */
+};
+
+/* wp_record_encode_batch's records, described by out instead of copied
+ * into one buffer. Returns the record count or -EINVAL (max_pages). */
+int32_t record_encode_iov(const uint32_t *regions, const uint64_t *pages, const uint8_t *flags, uint32_t n,
+                          const uint8_t *data, uint32_t max_pages, bool lz4, struct record_iov *out);
 
 #endif

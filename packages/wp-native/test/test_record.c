@@ -439,6 +439,36 @@ static void test_batch(const wp_record_codec *c)
     CHECK(wp_record_encode_batch(regions, pages, flags, N, data, 0, 0, out, cap, d, N) == -EINVAL, "max_pages 0");
     CHECK(wp_record_encode_batch(regions, pages, flags, N, data, 257, 0, out, cap, d, N) == -EINVAL, "max_pages 257");
     CHECK(wp_record_encode_batch(regions, pages, flags, N, data, 16, 2, out, cap, d, N) == -EINVAL, "options 2");
+
+    /* The native writer's encoder (record_encode_iov) writes the same bytes through iovecs, raw blocks
+     * pointing into data (not copied), lz4 blocks into its own buffer; and the same record fields. */
+    for (int lz4 = 0; lz4 <= 1; lz4++) {
+        uint32_t fields[N * WP_RECORD_BATCH_FIELDS];
+        struct iovec iov[2 * N];
+        struct record_iov enc = {.meta = malloc(N * (WP_RECORD_HEADER_BYTES + WP_RECORD_PAGES_ENTRY_BYTES)),
+                                 .blocks = malloc(N * PAGE), .iov = iov, .fields = fields};
+        int want_n = wp_record_encode_batch(regions, pages, flags, N, data, 16, lz4 ? WP_RECORD_ENCODE_LZ4 : 0, out, cap, d, N);
+        int got_n = record_encode_iov(regions, pages, flags, N, data, 16, lz4, &enc);
+        CHECK(got_n == want_n && memcmp(fields, d, (size_t)want_n * WP_RECORD_BATCH_FIELDS * 4) == 0, "iov %d: records %d", lz4, got_n);
+        uint8_t *joined = malloc(cap);
+        size_t len = 0;
+        bool into_data = false;
+        for (uint32_t k = 0; k < enc.count; k++) {
+            memcpy(joined + len, iov[k].iov_base, iov[k].iov_len);
+            len += iov[k].iov_len;
+            into_data |= (uint8_t *)iov[k].iov_base >= data && (uint8_t *)iov[k].iov_base < data + N * PAGE;
+        }
+        size_t want_len = 0;
+        for (int r = 0; r < want_n; r++)
+            want_len += d[r * WP_RECORD_BATCH_FIELDS + 5];
+        CHECK(len == want_len && len == enc.bytes && memcmp(joined, out, len) == 0, "iov %d: bytes differ (%zu, %zu)", lz4, len, want_len);
+        CHECK(into_data == !lz4, "iov %d: raw blocks must be written from data in place", lz4);
+        CHECK(enc.count < (uint32_t)(2 * want_n), "iov %d: adjacent pieces merged (%u iovecs)", lz4, enc.count);
+        CHECK(record_encode_iov(regions, pages, flags, N, data, 0, lz4, &enc) == -EINVAL, "iov max_pages 0");
+        free(joined);
+        free(enc.meta);
+        free(enc.blocks);
+    }
     free(out);
     free(pagebuf);
     free(data);
