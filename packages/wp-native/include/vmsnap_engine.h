@@ -29,7 +29,7 @@ extern "C" {
  * declarations are exported. */
 #pragma GCC visibility push(default)
 
-#define WP_ABI_VERSION 6
+#define WP_ABI_VERSION 7
 #define WP_PAGE_SIZE 4096u
 
 /* userfaultfd feature bits reported by wp_probe (kernel UFFD_FEATURE_*). */

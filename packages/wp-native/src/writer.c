@@ -1,0 +1,493 @@
+/*
+ * The native writer (vmsnap_writer.h). Its thread loops: take the engine's
+ * next batches (pool pages first, then a sweep: wp_engine_next_batch),
+ * encode them as records (record_encode_iov: raw blocks are written from
+ * the batch's own buffer, not copied) and append them with pwritev. While
+ * pages are protected the guest pays for every one not yet saved, so this
+ * loop never waits for compression with WP_WRITER_AUTO: a batch is handed
+ * to the compression thread only when that thread is idle, and that thread
+ * runs SCHED_IDLE, so it only gets CPU no other thread wants.
+ *
+ * Appends: the file offset and the index are taken under `lock`, then the
+ * batch is written at its offset outside it, so the writer and the
+ * compression thread append in whatever order their batches are ready
+ * (the index says where each record is). A stream (WP_WRITER_SEQUENTIAL:
+ * standard output) cannot seek: there each batch takes its offset and is
+ * written under `append_lock`, one at a time, in offset order.
+ */
+#define _GNU_SOURCE
+#include "vmsnap_writer.h"
+
+#include "record.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE WP_PAGE_SIZE
+/* Engine batches gathered into one writer batch: at most this many calls,
+ * each after the first with at least MIN_TAKE pages of room. The engine
+ * often hands a few pool pages or a partly saved sweep window; one encode
+ * and one pwritev per writer batch, not per engine batch. */
+#define MAX_TAKES 16
+#define MIN_TAKE 64
+/* Nothing to take yet but pages are still landing in the pool: nap. */
+#define IDLE_NAP_NS 50000L
+
+_Static_assert(sizeof(wp_writer_record) == WP_WRITER_RECORD_BYTES, "wp_writer_record layout");
+
+struct batch {
+    uint8_t *data; /* the data pages, packed (batch_pages x 4 KiB) */
+    uint32_t *regions;
+    uint64_t *pages;
+    uint8_t *flags;
+    uint32_t n;
+    struct record_iov enc;
+    struct batch *next; /* free list or compression queue */
+};
+
+struct wp_writer {
+    wp_engine *engine;
+    int fd;
+    uint32_t batch_pages, record_pages, compression, delay_us, nbatches;
+    struct batch *batches;
+    pthread_t thread, compressor;
+    bool thread_started, compressor_started;
+
+    bool sequential;             /* WP_WRITER_SEQUENTIAL */
+    pthread_mutex_t append_lock; /* sequential: one batch written at a time, in offset order */
+
+    pthread_mutex_t lock; /* everything below up to the counters */
+    pthread_cond_t changed;
+    struct batch *free_list, *queue_head, *queue_tail;
+    bool compressing; /* the compression thread holds a batch */
+    uint64_t offset;
+    wp_writer_record *index;
+    uint64_t index_count, index_cap;
+    bool stop;
+
+    _Atomic uint64_t state;
+    _Atomic int64_t error;
+    _Atomic uint64_t error_source;
+    _Atomic uint64_t pages_written, batches_raw, batches_lz4, batches_lz4_inline;
+};
+
+static void fail(wp_writer *w, int32_t err, uint64_t source)
+{
+    int64_t none = 0;
+    if (atomic_compare_exchange_strong(&w->error, &none, err))
+        atomic_store(&w->error_source, source);
+    atomic_store(&w->state, WP_WRITER_FAILED);
+    pthread_mutex_lock(&w->lock);
+    w->stop = true;
+    pthread_cond_broadcast(&w->changed);
+    pthread_mutex_unlock(&w->lock);
+}
+
+static void free_batch(struct batch *b)
+{
+    free(b->data);
+    free(b->regions);
+    free(b->pages);
+    free(b->flags);
+    free(b->enc.meta);
+    free(b->enc.blocks);
+    free(b->enc.iov);
+    free(b->enc.fields);
+}
+
+static bool alloc_batch(struct batch *b, uint32_t n, bool lz4)
+{
+    b->data = aligned_alloc(PAGE, (size_t)n * PAGE);
+    b->regions = malloc((size_t)n * sizeof *b->regions);
+    b->pages = malloc((size_t)n * sizeof *b->pages);
+    b->flags = malloc(n);
+    b->enc.meta = malloc((size_t)n * (WP_RECORD_HEADER_BYTES + WP_RECORD_PAGES_ENTRY_BYTES));
+    b->enc.blocks = lz4 ? malloc((size_t)n * PAGE) : NULL;
+    b->enc.iov = malloc((size_t)2 * n * sizeof *b->enc.iov);
+    b->enc.fields = malloc((size_t)n * WP_RECORD_BATCH_FIELDS * sizeof *b->enc.fields);
+    return b->data && b->regions && b->pages && b->flags && b->enc.meta && (b->enc.blocks || !lz4) && b->enc.iov &&
+           b->enc.fields;
+}
+
+wp_writer *wp_writer_create(wp_engine *e, int32_t fd, uint64_t offset, uint32_t batch_pages, uint32_t record_pages,
+                            uint32_t compression, uint32_t buffers, uint32_t delay_us, uint32_t flags, int32_t *err_out)
+{
+    *err_out = -EINVAL;
+    if (!e || fd < 0 || batch_pages == 0 || batch_pages > 16384 || record_pages == 0 ||
+        record_pages > WP_RECORD_PAGES_MAX_PAGES || compression > WP_WRITER_AUTO || buffers < 2 || buffers > 64 ||
+        (flags & ~WP_WRITER_SEQUENTIAL))
+        return NULL;
+    *err_out = -ENOMEM;
+    wp_writer *w = calloc(1, sizeof *w);
+    if (!w)
+        return NULL;
+    *w = (wp_writer){.engine = e, .fd = fd, .batch_pages = batch_pages, .record_pages = record_pages,
+                     .compression = compression, .delay_us = delay_us, .offset = offset,
+                     .sequential = flags & WP_WRITER_SEQUENTIAL};
+    pthread_mutex_init(&w->append_lock, NULL);
+    pthread_mutex_init(&w->lock, NULL);
+    pthread_cond_init(&w->changed, NULL);
+    /* Without compression one batch is all the writer uses. */
+    w->nbatches = compression == WP_WRITER_NONE ? 1 : buffers;
+    w->batches = calloc(w->nbatches, sizeof *w->batches);
+    if (!w->batches) {
+        wp_writer_destroy(w);
+        return NULL;
+    }
+    for (uint32_t i = 0; i < w->nbatches; i++) {
+        if (!alloc_batch(&w->batches[i], batch_pages, compression != WP_WRITER_NONE)) {
+            wp_writer_destroy(w);
+            return NULL;
+        }
+        w->batches[i].next = w->free_list;
+        w->free_list = &w->batches[i];
+    }
+    *err_out = 0;
+    return w;
+}
+
+/* The engine's next batches, packed into b (see MAX_TAKES). */
+static int32_t gather(wp_writer *w, struct batch *b)
+{
+    int32_t process;
+    int32_t err = wp_engine_error(w->engine, &process); /* also notices a memory file changed through the file */
+    if (err < 0)
+        return err;
+    uint32_t n = 0, packed = 0;
+    for (int calls = 0; calls < MAX_TAKES && n < w->batch_pages && (calls == 0 || w->batch_pages - n >= MIN_TAKE);
+         calls++) {
+        int32_t got = wp_engine_next_batch(w->engine, b->data + (size_t)packed * PAGE, b->regions + n, b->pages + n,
+                                           b->flags + n, w->batch_pages - n);
+        if (got < 0)
+            return got;
+        if (got == 0)
+            break;
+        for (uint32_t i = n; i < n + (uint32_t)got; i++)
+            packed += b->flags[i] != WP_PAGE_ZERO;
+        n += (uint32_t)got;
+    }
+    b->n = n;
+    return (int32_t)n;
+}
+
+/* A stream that is full (EAGAIN on a non-blocking fd): waits until it takes
+ * more, or the writer is stopped. */
+static bool wait_writable(wp_writer *w)
+{
+    struct pollfd p = {.fd = w->fd, .events = POLLOUT};
+    for (;;) {
+        pthread_mutex_lock(&w->lock);
+        bool stop = w->stop;
+        pthread_mutex_unlock(&w->lock);
+        if (stop)
+            return false;
+        if (poll(&p, 1, 100) != 0)
+            return true;
+    }
+}
+
+/* Writes iov in full at `at` (sequential: at the stream's position). */
+static int write_all(wp_writer *w, struct iovec *iov, uint32_t left, uint64_t at)
+{
+    while (left > 0) {
+        int n = left < IOV_MAX ? (int)left : IOV_MAX;
+        ssize_t put = w->sequential ? writev(w->fd, iov, n) : pwritev(w->fd, iov, n, (off_t)at);
+        if (put < 0 && errno == EINTR)
+            continue;
+        if (put < 0 && errno == EAGAIN && w->sequential) {
+            if (!wait_writable(w))
+                return -ECANCELED;
+            continue;
+        }
+        if (put <= 0)
+            return put < 0 ? -errno : -EIO;
+        at += (uint64_t)put;
+        /* drop what went out; a partly written iovec keeps its rest */
+        size_t done = (size_t)put;
+        while (left > 0 && done >= iov->iov_len) {
+            done -= iov->iov_len;
+            iov++;
+            left--;
+        }
+        if (left > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + done;
+            iov->iov_len -= done;
+        }
+    }
+    return 0;
+}
+
+/* Appends b's encoded records: the offset and index entries under the
+ * lock, the bytes outside it (sequential: under append_lock, so batches go
+ * out in offset order). */
+static int write_batch(wp_writer *w, struct batch *b)
+{
+    struct record_iov *enc = &b->enc;
+    if (w->sequential)
+        pthread_mutex_lock(&w->append_lock);
+    pthread_mutex_lock(&w->lock);
+    int rc = 0;
+    if (w->index_count + enc->records > w->index_cap) {
+        uint64_t cap = w->index_cap ? w->index_cap * 2 : 4096;
+        while (cap < w->index_count + enc->records)
+            cap *= 2;
+        wp_writer_record *grown = realloc(w->index, cap * sizeof *grown);
+        if (grown) {
+            w->index = grown;
+            w->index_cap = cap;
+        } else {
+            rc = -ENOMEM;
+        }
+    }
+    uint64_t at = w->offset;
+    for (uint32_t r = 0; rc == 0 && r < enc->records; r++) {
+        const uint32_t *f = enc->fields + (size_t)r * WP_RECORD_BATCH_FIELDS;
+        w->index[w->index_count++] = (wp_writer_record){
+            .region = f[0], .page_count = f[3], .first_page = f[1] | (uint64_t)f[2] << 32, .file_offset = w->offset};
+        w->offset += f[5];
+    }
+    pthread_mutex_unlock(&w->lock);
+    if (rc == 0) {
+        rc = write_all(w, enc->iov, enc->count, at);
+        if (rc < 0 && rc != -ECANCELED)
+            fail(w, rc, WP_WRITER_FROM_FILE);
+    } else {
+        fail(w, rc, WP_WRITER_FROM_MEMORY);
+    }
+    if (w->sequential)
+        pthread_mutex_unlock(&w->append_lock);
+    if (rc == 0)
+        atomic_fetch_add(&w->pages_written, b->n);
+    return rc;
+}
+
+static int encode_and_write(wp_writer *w, struct batch *b, bool lz4)
+{
+    int32_t rc = record_encode_iov(b->regions, b->pages, b->flags, b->n, b->data, w->record_pages, lz4, &b->enc);
+    if (rc < 0) {
+        fail(w, rc, WP_WRITER_FROM_FILE);
+        return rc;
+    }
+    return write_batch(w, b);
+}
+
+static void give_back(wp_writer *w, struct batch *b)
+{
+    pthread_mutex_lock(&w->lock);
+    b->next = w->free_list;
+    w->free_list = b;
+    pthread_cond_broadcast(&w->changed);
+    pthread_mutex_unlock(&w->lock);
+}
+
+static void *compressor_main(void *arg)
+{
+    wp_writer *w = arg;
+    if (w->compression == WP_WRITER_AUTO) {
+        struct sched_param idle = {0};
+        pthread_setschedparam(pthread_self(), SCHED_IDLE, &idle); /* best effort: without it, still never waited for */
+    }
+    pthread_mutex_lock(&w->lock);
+    for (;;) {
+        while (!w->queue_head && !w->stop)
+            pthread_cond_wait(&w->changed, &w->lock);
+        if (w->stop)
+            break;
+        struct batch *b = w->queue_head;
+        w->queue_head = b->next;
+        if (!w->queue_head)
+            w->queue_tail = NULL;
+        w->compressing = true;
+        pthread_mutex_unlock(&w->lock);
+        bool ok = encode_and_write(w, b, true) == 0;
+        if (ok)
+            atomic_fetch_add(&w->batches_lz4, 1);
+        pthread_mutex_lock(&w->lock);
+        w->compressing = false;
+        b->next = w->free_list;
+        w->free_list = b;
+        pthread_cond_broadcast(&w->changed);
+    }
+    pthread_mutex_unlock(&w->lock);
+    return NULL;
+}
+
+/* A free batch, waiting while all are with the compression thread; NULL
+ * once stopped. */
+static struct batch *take_free(wp_writer *w)
+{
+    pthread_mutex_lock(&w->lock);
+    while (!w->free_list && !w->stop)
+        pthread_cond_wait(&w->changed, &w->lock);
+    struct batch *b = w->stop ? NULL : w->free_list;
+    if (b)
+        w->free_list = b->next;
+    pthread_mutex_unlock(&w->lock);
+    return b;
+}
+
+/* Hands b to the compression thread: with LZ4 always (queued), with AUTO
+ * only when that thread is idle. False when the writer keeps b. */
+static bool hand_over(wp_writer *w, struct batch *b)
+{
+    if (w->compression == WP_WRITER_NONE)
+        return false;
+    pthread_mutex_lock(&w->lock);
+    bool take = w->compression == WP_WRITER_LZ4 || (!w->compressing && !w->queue_head);
+    if (take) {
+        b->next = NULL;
+        if (w->queue_tail)
+            w->queue_tail->next = b;
+        else
+            w->queue_head = b;
+        w->queue_tail = b;
+        pthread_cond_broadcast(&w->changed);
+    }
+    pthread_mutex_unlock(&w->lock);
+    return take;
+}
+
+/* Every page taken: waits until the compression thread has written what it holds. */
+static void drain(wp_writer *w)
+{
+    pthread_mutex_lock(&w->lock);
+    while ((w->queue_head || w->compressing) && !w->stop)
+        pthread_cond_wait(&w->changed, &w->lock);
+    pthread_mutex_unlock(&w->lock);
+}
+
+static void nap(long ns)
+{
+    struct timespec t = {.tv_sec = ns / 1000000000L, .tv_nsec = ns % 1000000000L};
+    nanosleep(&t, NULL);
+}
+
+/* Write faults the guest took so far (served, waited for a slot, or spurious). */
+static uint64_t guest_faults(wp_engine *e)
+{
+    wp_stats s;
+    wp_engine_stats(e, &s);
+    return s.faults + s.faults_spurious + s.fallbacks;
+}
+
+static void *writer_main(void *arg)
+{
+    wp_writer *w = arg;
+    uint64_t faults_before = guest_faults(w->engine);
+    for (;;) {
+        struct batch *b = take_free(w);
+        if (!b)
+            return NULL;
+        int32_t got = gather(w, b);
+        if (got < 0) {
+            give_back(w, b);
+            fail(w, got, WP_WRITER_FROM_ENGINE);
+            return NULL;
+        }
+        if (got == 0) {
+            give_back(w, b);
+            if (wp_engine_done(w->engine)) {
+                drain(w);
+                uint64_t running = WP_WRITER_RUNNING;
+                atomic_compare_exchange_strong(&w->state, &running, WP_WRITER_DONE);
+                return NULL;
+            }
+            nap(IDLE_NAP_NS); /* pages the fault thread is saving are still landing */
+            continue;
+        }
+        if (!hand_over(w, b)) {
+            uint64_t faults = w->compression == WP_WRITER_AUTO ? guest_faults(w->engine) : 0;
+            bool inline_lz4 = w->compression == WP_WRITER_AUTO && faults == faults_before;
+            faults_before = faults;
+            int rc = encode_and_write(w, b, inline_lz4);
+            give_back(w, b);
+            if (rc < 0)
+                return NULL;
+            atomic_fetch_add(inline_lz4 ? &w->batches_lz4_inline : &w->batches_raw, 1);
+        }
+        if (w->delay_us)
+            nap((long)w->delay_us * 1000L);
+    }
+}
+
+int32_t wp_writer_start(wp_writer *w)
+{
+    if (w->thread_started)
+        return -EALREADY;
+    if (w->compression != WP_WRITER_NONE) {
+        int rc = pthread_create(&w->compressor, NULL, compressor_main, w);
+        if (rc)
+            return -rc;
+        w->compressor_started = true;
+        pthread_setname_np(w->compressor, "vmsnap-lz4");
+    }
+    int rc = pthread_create(&w->thread, NULL, writer_main, w);
+    if (rc)
+        return -rc;
+    w->thread_started = true;
+    pthread_setname_np(w->thread, "vmsnap-writer");
+    return 0;
+}
+
+int32_t wp_writer_poll(wp_writer *w, wp_writer_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    out->state = atomic_load(&w->state);
+    out->error = atomic_load(&w->error);
+    out->error_source = atomic_load(&w->error_source);
+    wp_stats engine;
+    wp_engine_stats(w->engine, &engine);
+    out->pages_saved = engine.pages_saved;
+    out->pages_written = atomic_load(&w->pages_written);
+    out->batches_raw = atomic_load(&w->batches_raw);
+    out->batches_lz4 = atomic_load(&w->batches_lz4);
+    out->batches_lz4_inline = atomic_load(&w->batches_lz4_inline);
+    pthread_mutex_lock(&w->lock);
+    out->end_offset = w->offset;
+    out->records = w->index_count;
+    pthread_mutex_unlock(&w->lock);
+    return 0;
+}
+
+int64_t wp_writer_index(wp_writer *w, wp_writer_record *out, uint64_t cap)
+{
+    pthread_mutex_lock(&w->lock);
+    uint64_t n = w->index_count;
+    if (cap > 0)
+        memcpy(out, w->index, (size_t)(n < cap ? n : cap) * sizeof *out);
+    pthread_mutex_unlock(&w->lock);
+    return (int64_t)n;
+}
+
+int32_t wp_writer_destroy(wp_writer *w)
+{
+    if (!w)
+        return 0;
+    pthread_mutex_lock(&w->lock);
+    w->stop = true;
+    pthread_cond_broadcast(&w->changed);
+    pthread_mutex_unlock(&w->lock);
+    if (w->thread_started)
+        pthread_join(w->thread, NULL);
+    if (w->compressor_started)
+        pthread_join(w->compressor, NULL);
+    for (uint32_t i = 0; w->batches && i < w->nbatches; i++)
+        free_batch(&w->batches[i]);
+    free(w->batches);
+    free(w->index);
+    pthread_cond_destroy(&w->changed);
+    pthread_mutex_destroy(&w->lock);
+    pthread_mutex_destroy(&w->append_lock);
+    free(w);
+    return 0;
+}
