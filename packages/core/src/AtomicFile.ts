@@ -36,6 +36,16 @@ export interface AtomicFile {
   readonly file: FileHandle
   /** Makes the file durable under its final name. */
   readonly commit: Effect.Effect<void, SnapshotIoError>
+  /**
+   * For a native writer (vmsnap_writer.h): the descriptor, and whether it is
+   * a stream (standard output: written in order, no positions).
+   */
+  readonly native: {
+    readonly fd: number
+    readonly stream: boolean
+    /** Bytes the native writer wrote through fd, so later in-order writes here know where the stream is. */
+    readonly wrote: (bytes: number) => void
+  }
 }
 
 export interface AtomicFileOptions {
@@ -108,7 +118,12 @@ const stdoutFile = (path: string) =>
       sync: () => fsyncFd(1).catch((e: NodeJS.ErrnoException) => (e.code === "EINVAL" || e.code === "EROFS" ? undefined : Promise.reject(e))),
       close: () => Promise.resolve()
     }
-    return Effect.succeed({ path, file: stream as unknown as FileHandle, commit: Effect.tryPromise({ try: () => stream.sync(), catch: (e) => ioError(path, "commit", e) }) })
+    return Effect.succeed({
+      path,
+      file: stream as unknown as FileHandle,
+      commit: Effect.tryPromise({ try: () => stream.sync(), catch: (e) => ioError(path, "commit", e) }),
+      native: { fd: 1, stream: true, wrote: (bytes: number) => void (written += bytes) }
+    })
   })
 
 export const atomicFile = (path: string, options: AtomicFileOptions | "write" | "read-write" = {}) => {
@@ -154,7 +169,8 @@ export const atomicFile = (path: string, options: AtomicFileOptions | "write" | 
         },
         catch: (e) => (e instanceof SnapshotIoError ? e : ioError(path, "commit", e))
       })
-      return { output: { path, file, commit } satisfies AtomicFile, remove: () => unlink(at(tmpName)), state, closeDir }
+      const native = { fd: file.fd, stream: false, wrote: () => undefined }
+      return { output: { path, file, commit, native } satisfies AtomicFile, remove: () => unlink(at(tmpName)), state, closeDir }
     }),
     ({ output, remove, state, closeDir }) =>
       Effect.promise(async () => {

@@ -7,14 +7,14 @@
  * The file is written under a temporary name (AtomicFile.ts) and appears
  * under its final name only through `commit` (fsync, rename, fsync of the
  * directory); released uncommitted (error, interruption), nothing partial is
- * left. Records are appended strictly in the order `append` is called.
+ * left. Records are appended strictly in the order `append` is called, or
+ * by the native writer (`adoptRecords`).
  */
 import { Effect, type Scope } from "effect"
 import type { FileHandle } from "node:fs/promises"
-import { atomicFile, type AtomicFileOptions } from "./AtomicFile.js"
+import { type AtomicFile, atomicFile, type AtomicFileOptions } from "./AtomicFile.js"
 import { ioError, type SnapshotIoError } from "./Errors.js"
-import { encodeHeader, encodeRecord, encodeTrailer, type Encoding, IndexBuilder, type SnapshotHeader } from "./SnapshotFormat.js"
-import { WP_RECORD_BATCH_FIELDS } from "./internal/ffi.js"
+import { encodeHeader, encodeRecord, encodeTrailer, type Encoding, IndexBuilder, type IndexEntry, type SnapshotHeader } from "./SnapshotFormat.js"
 
 /** A record ready to append with `append`: a run of pages of one region and its payload (none for zero records). */
 export interface PendingRecord {
@@ -32,6 +32,8 @@ export class SnapshotFile {
   /** @internal use `SnapshotFile.create` */
   constructor(
     private readonly file: FileHandle,
+    /** For the native writer: descriptor, stream or not (AtomicFile.ts). */
+    readonly native: AtomicFile["native"],
     readonly path: string,
     headerBytes: number,
     /** Makes the file durable under its final name (after `finish`). */
@@ -53,7 +55,7 @@ export class SnapshotFile {
     return Effect.gen(function* () {
       const out = yield* atomicFile(path, output ?? {})
       const bytes = encodeHeader(header)
-      const file = new SnapshotFile(out.file, path, bytes.length, out.commit)
+      const file = new SnapshotFile(out.file, out.native, path, bytes.length, out.commit)
       yield* file.writeAll([bytes], 0)
       return file
     })
@@ -70,21 +72,14 @@ export class SnapshotFile {
   }
 
   /**
-   * Appends records encoded natively (recordCodec.ts `encodeBatch`): `count`
-   * records laid back to back at the start of `bytes`, their fields in
-   * `fields` (WP_RECORD_BATCH_FIELDS u32 each: region, first page low, high,
-   * page count, encoding, bytes). One write for all of them.
+   * Records another writer appended (the native writer: vmsnap_writer.h),
+   * in file order, ending at `endOffset`: they go into the index, and the
+   * index and trailer will follow them.
    */
-  appendEncoded(bytes: Buffer, fields: Uint32Array, count: number): Effect.Effect<void, SnapshotIoError> {
-    return Effect.suspend(() => {
-      const start = this.offset
-      for (let r = 0; r < count; r++) {
-        const f = r * WP_RECORD_BATCH_FIELDS
-        this.index.add({ region: fields[f]!, firstPage: fields[f + 1]! + fields[f + 2]! * 2 ** 32, pageCount: fields[f + 3]!, fileOffset: this.offset })
-        this.offset += fields[f + 5]!
-      }
-      return this.writeAll([bytes.subarray(0, this.offset - start)], start)
-    })
+  adoptRecords(records: ReadonlyArray<IndexEntry>, endOffset: number): void {
+    for (const r of records) this.index.add(r)
+    this.native.wrote(endOffset - this.offset)
+    this.offset = endOffset
   }
 
   /** Appends records encoded here (encodings 0-2, one header each; tests write old files with it). */

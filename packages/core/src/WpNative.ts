@@ -90,6 +90,11 @@ export class WpEngine {
     private readonly pids: ReadonlyArray<number> = [process.pid]
   ) {}
 
+  /** @internal the engine's handle, for the native writer (internal/nativeWriter.ts), which must be destroyed first. */
+  get nativeHandle(): JsExternal {
+    return this.handle
+  }
+
   private call(op: string, rc: number): Effect.Effect<number, NativeError> {
     return rc < 0 ? Effect.fail(nativeError(op, rc)) : Effect.succeed(rc)
   }

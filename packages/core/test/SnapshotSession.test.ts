@@ -119,7 +119,7 @@ describe.skipIf(unavailable)("live snapshot consistency", () => {
   })
 
   // The guest's pages are compressible (stamped), so lz4 blocks are smaller than raw ones. Data records are encoding 3 ("pages") whatever the compression.
-  it("compression auto, lz4 and none: each exact; lz4 writes no raw block, none no lz4 one (auto's choice: SnapshotWriter.test)", async () => {
+  it("compression auto, lz4 and none: each exact; lz4 writes no raw block, none no lz4 one (auto's choice: packages/wp-native/test/test_writer.c)", async () => {
     const auto = await runTest(snapshotWhileWriting("anon", { size: 64 * MiB, poolPages: 1024, compression: "auto" }))
     expect(auto.restoredDiff).toBe(-1)
     expect(auto.version).toBe(2)

@@ -1,10 +1,33 @@
-/** The writer's cut of an engine batch into records: one native call (recordCodec.ts encodeBatch / encodeBatchSync). */
+/**
+ * The cut of an engine batch into records (wp_record_encode_batch, whose rules the native
+ * writer's record_encode_iov shares: test_record.c checks both give the same bytes).
+ */
 import { describe, expect, it } from "vitest"
-import { compressBatch, RECORD_DATA_PAGES } from "../src/SnapshotWriter.js"
-import { IdleCpu } from "../src/internal/idleCpu.js"
-import { batchBuffers, decodeRecordPayload, encodeBatch, encodeBatchSync, pagesTableCounts } from "../src/internal/recordCodec.js"
-import { availableParallelism } from "node:os"
+import { RECORD_DATA_PAGES } from "../src/SnapshotWriter.js"
+import { loadWp, WP_RECORD_BATCH_FIELDS, WP_RECORD_ENCODE_LZ4, WP_RECORD_HEADER_BYTES, WP_RECORD_PAGES_ENTRY_BYTES } from "../src/internal/ffi.js"
+import { decodeRecordPayload, pagesTableCounts } from "../src/internal/recordCodec.js"
 import { PAGE_ZERO } from "../src/WpNative.js"
+
+/** A batch's buffers, as the engine fills them (data packed) and the encoder writes them (out, records). */
+const batchBuffers = (capacity: number) => ({
+  data: Buffer.alloc(capacity * 4096),
+  regions: new Uint32Array(capacity),
+  pages: new BigUint64Array(capacity),
+  flags: new Uint8Array(capacity),
+  out: Buffer.alloc(capacity * (WP_RECORD_HEADER_BYTES + WP_RECORD_PAGES_ENTRY_BYTES + 4096)),
+  records: new Uint32Array(capacity * WP_RECORD_BATCH_FIELDS)
+})
+
+const view = (a: Uint32Array | BigUint64Array | Uint8Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength)
+
+/** Encodes the first n entries; returns the record count. */
+const encodeBatchSync = (b: ReturnType<typeof batchBuffers>, n: number, maxPages: number, lz4: boolean): number => {
+  const rc: number = loadWp().wp_record_encode_batch([
+    view(b.regions), view(b.pages), view(b.flags), n, b.data, maxPages, lz4 ? WP_RECORD_ENCODE_LZ4 : 0, b.out, BigInt(b.out.length), view(b.records), b.regions.length
+  ])
+  expect(rc).toBeGreaterThanOrEqual(0)
+  return rc
+}
 
 /** A batch as the engine fills it: entries (region, page, zero), data of the non-zero ones packed (page i of region r: bytes r*16 + i%16 + 1, or random). */
 const batch = (entries: Array<[region: number, page: number, zero: boolean]>, random = false) => {
@@ -35,7 +58,7 @@ const recordsOf = (b: ReturnType<typeof batch>, count: number) => {
   return out
 }
 
-describe("encodeBatch (one native call per batch)", () => {
+describe("wp_record_encode_batch (one native call per batch)", () => {
   it("cuts runs of consecutive pages of one region with one flag; each data record decodes to its pages, in entry order", () => {
     // Pool pages arrive in fault order: not sorted, several regions.
     const b = batch([[0, 5, false], [0, 6, false], [0, 7, true], [1, 8, false], [0, 2, false], [0, 3, true], [0, 4, true]])
@@ -52,9 +75,9 @@ describe("encodeBatch (one native call per batch)", () => {
     expect(pagesTableCounts(records[0]!.bytes.subarray(32), 2)).toEqual({ lz4: 0, raw: 2, zero: 0 })
   })
 
-  it("lz4 blocks only where they are smaller (random pages stay raw); only the first n entries count; on the thread pool too", async () => {
+  it("lz4 blocks only where they are smaller (random pages stay raw); only the first n entries count", () => {
     const b = batch([[0, 0, false], [0, 1, false], [0, 2, false]])
-    const records = recordsOf(b, await encodeBatch(b, 2, RECORD_DATA_PAGES, true))
+    const records = recordsOf(b, encodeBatchSync(b, 2, RECORD_DATA_PAGES, true))
     expect(records).toHaveLength(1)
     expect(records[0]).toMatchObject({ firstPage: 0, pageCount: 2, encoding: 3 })
     expect(pagesTableCounts(records[0]!.bytes.subarray(32), 2)).toEqual({ lz4: 2, raw: 0, zero: 0 })
@@ -75,24 +98,5 @@ describe("encodeBatch (one native call per batch)", () => {
     expect(records.map((r) => [r.firstPage, r.pageCount, r.encoding === 2])).toEqual([
       [0, 16, false], [16, 16, false], [32, 8, false], [40, 60, true]
     ])
-  })
-})
-
-describe("compression auto (issue 14: never the core the guest needs)", () => {
-  it("compresses a batch only with half a core idle and no other batch compressing; lz4 always; none never", () => {
-    expect(compressBatch("auto", 0, 1.0)).toBe(true)
-    expect(compressBatch("auto", 0, 0.5)).toBe(true)
-    expect(compressBatch("auto", 0, 0.2)).toBe(false) // the machine is busy: raw
-    expect(compressBatch("auto", 1, 2.0)).toBe(false) // one batch is on the thread pool already: raw
-    expect(compressBatch("lz4", 3, 0)).toBe(true)
-    expect(compressBatch("none", 0, 2.0)).toBe(false)
-  })
-
-  it("reads the machine's idle cores from /proc/stat: between 0 and the CPU count", async () => {
-    const idle = new IdleCpu()
-    await new Promise((r) => setTimeout(r, 150))
-    const sleeping = idle.cores()
-    expect(sleeping).toBeGreaterThanOrEqual(0)
-    expect(sleeping).toBeLessThanOrEqual(availableParallelism())
   })
 })

@@ -22,18 +22,20 @@ interface Sample {
 
 /**
  * The role of a thread: vmsnap's own threads are named (the engine's fault
- * thread "vmsnap-fault"; the toy VMM's "vcpuN", "floor-fault"); in the node
- * process the main thread is the writer.
+ * thread "vmsnap-fault", the native writer "vmsnap-writer" and its
+ * compression thread "vmsnap-lz4"; the toy VMM's "vcpuN", "floor-fault");
+ * in the node process the main thread only watches the writer.
  */
 const roleOf = (pid: number, tid: number, comm: string, bench: number): string => {
   if (comm === "vmsnap-fault") return "fault thread"
+  if (comm === "vmsnap-writer") return "writer thread"
+  if (comm === "vmsnap-lz4") return "lz4 thread"
   if (comm.startsWith("vcpu")) return "vcpu"
   if (comm === "floor-fault") return "floor fault thread"
   if (pid === bench) {
-    if (tid === pid) return "writer (node main)"
-    // Node 20 names none of its threads: libuv's pool (lz4 compression, file
-    // writes) and V8's (gc, compiler) are told apart by --compression none.
-    return "node workers (lz4, fs, gc)"
+    if (tid === pid) return "node main"
+    // Node 20 names none of its threads: libuv's pool and V8's (gc, compiler).
+    return "node workers (fs, gc)"
   }
   return tid === pid ? "vmm main" : "vmm other"
 }

@@ -1,6 +1,7 @@
 /**
  * The raw ffi-rs bindings, 1:1 with the public headers of packages/wp-native/include:
- * `vmsnap_engine.h`, `vmsnap_restore.h`, `vmsnap_record.h`, `vmsnap_transport.h`, `vmsnap_inject.h` (library vmsnap_wp).
+ * `vmsnap_engine.h`, `vmsnap_writer.h`, `vmsnap_restore.h`, `vmsnap_record.h`, `vmsnap_transport.h`,
+ * `vmsnap_inject.h` (library vmsnap_wp).
  * No logic here: callers in WpNative.ts turn results into errors.
  * Addresses are bound as BigInt (ffi-rs `U64` would be a lossy number);
  * out-parameters are caller-owned Buffers passed as U8Array (by pointer).
@@ -52,6 +53,15 @@ const engineTable = {
   wp_copy_from_hva: { library: "vmsnap_wp", retType: I32, paramsType: [B, BIG, BIG] }
 } as const
 
+/** vmsnap_writer.h (prefix wp_writer_): the native writer thread. */
+const writerTable = {
+  wp_writer_create: { library: "vmsnap_wp", retType: EXT, paramsType: [EXT, I32, BIG, U32, U32, U32, U32, U32, U32, B] },
+  wp_writer_start: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
+  wp_writer_poll: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B] },
+  wp_writer_index: { library: "vmsnap_wp", retType: BIG, paramsType: [EXT, B, BIG] },
+  wp_writer_destroy: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] }
+} as const
+
 /** vmsnap_record.h (prefix wp_record_): the one decoder of records. */
 const recordTable = {
   wp_record_codec_create: { library: "vmsnap_wp", retType: EXT, paramsType: [] },
@@ -101,7 +111,7 @@ const injectTable = {
   vi_close: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] }
 } as const
 
-const wpTable = { ...engineTable, ...restoreTable, ...recordTable, ...transportTable, ...injectTable } as const
+const wpTable = { ...engineTable, ...writerTable, ...restoreTable, ...recordTable, ...transportTable, ...injectTable } as const
 
 type Table<T> = { [K in keyof T]: (args: Array<unknown>) => any }
 
@@ -125,7 +135,7 @@ export const loadWp = lazyLibrary("vmsnap_wp", "libvmsnap_wp.so", wpTable)
  * parses the headers and checks each against its `#define`, and every table
  * entry above against its C prototype.
  */
-export const WP_ABI_VERSION = 6
+export const WP_ABI_VERSION = 7
 export const WP_PAGE_SIZE = 4096
 export const WP_HIST_BUCKETS = 64
 export const WP_FEATURE_PAGEFAULT_FLAG_WP = 1n << 0n
@@ -156,6 +166,23 @@ export const WP_RECORD_PAGES_MAX_PAGES = 256
 export const WP_RECORD_PAGES_ENTRY_BYTES = 8
 export const WP_RECORD_ENCODE_LZ4 = 1
 export const WP_RECORD_BATCH_FIELDS = 6
+export const WP_WRITER_NONE = 0
+export const WP_WRITER_LZ4 = 1
+export const WP_WRITER_AUTO = 2
+export const WP_WRITER_SEQUENTIAL = 1
+export const WP_WRITER_RUNNING = 0
+export const WP_WRITER_DONE = 1
+export const WP_WRITER_FAILED = 2
+export const WP_WRITER_FROM_ENGINE = 1
+export const WP_WRITER_FROM_FILE = 2
+export const WP_WRITER_FROM_MEMORY = 3
+
+/** `struct wp_writer_stats`: these 64-bit fields in this order (`error` signed). */
+export const WP_WRITER_STATS_FIELDS = [
+  "state", "error", "error_source", "pages_saved", "pages_written", "end_offset", "records", "batches_raw", "batches_lz4", "batches_lz4_inline"
+] as const
+/** `struct wp_writer_record`: region u32, page_count u32, first_page u64, file_offset u64. */
+export const WP_WRITER_RECORD_BYTES = 24
 
 /** `struct wp_stats`: these u64 fields in this order, then `hist[WP_HIST_BUCKETS]`. */
 export const WP_STATS_FIELDS = [
@@ -178,6 +205,7 @@ export const WP_RESTORE_STATS_WORDS = WP_RESTORE_STATS_FIELDS.length + WP_RESTOR
 /** The ffi tables by header, for the test that checks them against the headers. @internal */
 export const symbolTables = {
   "vmsnap_engine.h": engineTable,
+  "vmsnap_writer.h": writerTable,
   "vmsnap_restore.h": restoreTable,
   "vmsnap_record.h": recordTable,
   "vmsnap_transport.h": transportTable,

@@ -1,13 +1,13 @@
 /**
  * Reading C headers for the tests that pin the ffi-rs tables to them: which
  * ffi-rs type a C type is bound with, function prototypes, `#define`d
- * numbers and u64 struct layouts. Used by core's and the rig's ffi tests.
+ * numbers and 64-bit struct layouts. Used by core's and the rig's ffi tests.
  */
 import { DataType } from "ffi-rs"
 import { expect } from "vitest"
 
 /** Opaque handles: passed and returned as ffi-rs External. */
-const HANDLES = new Set(["wp_engine", "wp_restorer", "wp_restore_index", "wp_record_codec", "vi_target", "vg_guest"])
+const HANDLES = new Set(["wp_engine", "wp_writer", "wp_restorer", "wp_restore_index", "wp_record_codec", "vi_target", "vg_guest"])
 
 /** The ffi-rs type a C parameter or return type must be bound with. */
 export const ffiType = (cType: string): DataType => {
@@ -52,7 +52,8 @@ export const structFields = (text: string, name: string): Array<string> => {
   const body = new RegExp(`typedef struct ${name} \\{([\\s\\S]*?)\\} ${name};`).exec(text)?.[1]
   if (!body) throw new Error(`struct ${name} not found`)
   return body.split(";").map((d) => d.trim()).filter(Boolean).flatMap((d) => {
-    expect(d.startsWith("uint64_t ")).toBe(true)
-    return d.slice("uint64_t ".length).split(",").map((f) => f.trim())
+    const type = /^u?int64_t /.exec(d)?.[0]
+    expect(type, `${name}: "${d}" is not a 64-bit field`).toBeDefined()
+    return d.slice(type!.length).split(",").map((f) => f.trim())
   })
 }

@@ -55,6 +55,7 @@ describe("ffi symbol tables against the public headers", () => {
     const engine = header("vmsnap_engine.h"), restore = header("vmsnap_restore.h")
     expect(structFields(engine, "wp_stats")).toEqual([...ffi.WP_STATS_FIELDS, "hist[WP_HIST_BUCKETS]"])
     expect(structFields(restore, "wp_restore_stats")).toEqual([...ffi.WP_RESTORE_STATS_FIELDS, "hist[WP_RESTORE_HIST_BUCKETS]"])
+    expect(structFields(header("vmsnap_writer.h"), "wp_writer_stats")).toEqual([...ffi.WP_WRITER_STATS_FIELDS])
   })
 
   it("the built library exports every bound symbol and has this ABI version", () => {
