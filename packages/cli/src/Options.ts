@@ -47,7 +47,7 @@ export const poolPagesOption = (value: unknown): number => (String(value).trim()
 export const compressionOptionSpec = {
   choices: COMPRESSIONS,
   default: "auto" as Compression,
-  describe: "how records are stored: auto compresses with lz4 only with idle CPU (half a core, one batch at a time) and otherwise writes raw records, so the capture never waits for compression nor takes a vCPU's core (a busy machine gets bigger files); lz4 compresses every record; none writes raw pages"
+  describe: "how records are stored: auto compresses with lz4 only with CPU nobody else wants (an idle-priority thread, or the writer while the guest takes no write fault) and otherwise writes raw records, so the capture never waits for compression nor takes a vCPU's core (a busy guest gets bigger files); lz4 compresses every record (the capture waits for it when it falls behind); none writes raw pages"
 } as const
 
 /** --fault-around: pages saved with each faulting page, default 16. */
