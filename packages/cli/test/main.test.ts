@@ -250,7 +250,7 @@ describe.skipIf(unavailable)("bench", () => {
     const j = JSON.parse(r.stdout)
     expect(j.runs.map((x: { method: string }) => x.method)).toEqual(["vmsnap", "stop-the-world"])
     for (const run of j.runs)
-      for (const key of ["sizeBytes", "pauseMs", "durationMs", "faults", "stallsOver1ms", "guestBlockedMs", "guestThroughputRatio", "guestThroughputAfterRatio", "throughputMBps", "extraMemoryBytes", "outputBytes"])
+      for (const key of ["sizeBytes", "pauseMs", "durationMs", "faults", "faultsPerThousandWrites", "stallsOver1ms", "guestBlockedMs", "guestThroughputRatio", "guestThroughputAfterRatio", "throughputMBps", "extraMemoryBytes", "outputBytes"])
         expect(typeof run[key], key).toBe("number")
     expect(Object.keys(j.runs[0].latencyUs)).toEqual(["p50", "p99", "p999", "max"])
   })

@@ -111,6 +111,13 @@ export interface BenchRun {
   readonly savedMs: number
   readonly latencyUs: PhaseReport["latencyUs"]
   readonly faults: number
+  /**
+   * Faults per 1000 guest writes in the `during` window: a write fault is a
+   * guest write to a page not yet saved, so a guest that gets more writes
+   * done during the snapshot also meets more of them; this is the chance a
+   * write faults.
+   */
+  readonly faultsPerThousandWrites: number
   readonly stallsOver1ms: number
   readonly guestBlockedMs: number
   /** Guest writes/s during the snapshot (the `during` window). */
@@ -132,6 +139,7 @@ export interface BenchRun {
     readonly durationMs: Spread
     readonly savedMs: Spread
     readonly faults: Spread
+    readonly faultsPerThousandWrites: Spread
     readonly pauseMs: Spread
   }
   readonly throughputMBps: number
@@ -141,6 +149,8 @@ export interface BenchRun {
   readonly cpuMs: CpuByRole
   readonly trials: ReadonlyArray<BenchTrial>
 }
+
+const faultsPerThousand = (t: BenchTrial): number => (t.windows.during.writes > 0 ? (t.faults * 1000) / t.windows.during.writes : 0)
 
 export const summarize = (method: BenchMethod, sizeBytes: number, guestKind: "kvm" | "threads", trials: ReadonlyArray<BenchTrial>): BenchRun => {
   const ok = trials.filter((t) => t.ok)
@@ -159,6 +169,7 @@ export const summarize = (method: BenchMethod, sizeBytes: number, guestKind: "kv
       p999: med((t) => t.latencyUs.p999), max: med((t) => t.latencyUs.max)
     },
     faults: med((t) => t.faults),
+    faultsPerThousandWrites: med((t) => faultsPerThousand(t)),
     stallsOver1ms: med((t) => t.stallsOver1ms),
     guestBlockedMs: med((t) => t.guestBlockedMs),
     guestWritesPerSecond: med((t) => t.windows.during.writesPerSecond),
@@ -177,6 +188,7 @@ export const summarize = (method: BenchMethod, sizeBytes: number, guestKind: "kv
       durationMs: of((t) => t.durationMs),
       savedMs: of((t) => t.savedMs),
       faults: of((t) => t.faults),
+      faultsPerThousandWrites: of((t) => faultsPerThousand(t)),
       pauseMs: of((t) => t.pauseMs)
     },
     throughputMBps: med((t) => t.throughputMBps),

@@ -36,6 +36,7 @@ const columns: Array<[string, (r: BenchRun) => string]> = [
   ["p99.9 us", (r) => r.latencyUs.p999.toFixed(1)],
   ["max ms", (r) => (r.latencyUs.max / 1000).toFixed(1)],
   ["faults", (r) => String(r.faults)],
+  ["faults/kw", (r) => r.faultsPerThousandWrites.toFixed(0)],
   [">1ms", (r) => String(r.stallsOver1ms)],
   ["blocked ms", (r) => String(r.guestBlockedMs)],
   ["during w/s", (r) => perSecond(r.writesPerSecond.during)],
@@ -65,7 +66,8 @@ export const runBench = (io: Io, flags: BenchFlags) =>
       human: [
         `guest: ${runs[0]?.guestKind === "kvm" ? "KVM" : "host threads"}, ${flags.vcpus} vCPU, ${flags.rate ? `${flags.rate} pages/s` : "writing as fast as it can"} (${flags.pattern} pages); medians of ${flags.runs} run${flags.runs > 1 ? "s" : ""} (range in brackets)`,
         `saved: from the cut to the last page saved; during/after w/s: the guest's writes from the cut to the last page saved, and in the ${flags.afterMs} ms after;`,
-        `tput/after: those over the same windows of the same guest with no snapshot (docs/BENCHMARKS.md); latency, stalls, blocked: as the guest measured them during the snapshot`,
+        `tput/after: those over the same windows of the same guest with no snapshot (docs/BENCHMARKS.md); faults/kw: write faults per 1000 guest writes during;`,
+        `latency, stalls, blocked: as the guest measured them during the snapshot`,
         table(runs),
         "",
         "CPU ms from the cut to the last page saved, per thread (medians; vmsnap's agent runs in this process):",
