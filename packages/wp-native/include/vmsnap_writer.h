@@ -84,8 +84,9 @@ typedef struct wp_writer wp_writer;
  * with hugetlbfs regions); record_pages: pages per data record (1..256);
  * compression: WP_WRITER_NONE/LZ4/AUTO; buffers: batches in flight
  * (2..64); delay_us: sleep after each batch (tests of the fallback; 0);
- * flags: WP_WRITER_SEQUENTIAL or 0. fd is not closed by the writer.
- * NULL and *err_out = -EINVAL or -ENOMEM. */
+ * flags: WP_WRITER_SEQUENTIAL or 0. The writer writes through its own
+ * duplicate of fd (the caller's is neither closed nor written after
+ * wp_writer_destroy). NULL and *err_out = -EINVAL, -ENOMEM or -EBADF. */
 wp_writer *wp_writer_create(wp_engine *e, int32_t fd, uint64_t offset, uint32_t batch_pages, uint32_t record_pages,
                             uint32_t compression, uint32_t buffers, uint32_t delay_us, uint32_t flags, int32_t *err_out);
 
@@ -100,8 +101,12 @@ int32_t wp_writer_poll(wp_writer *w, wp_writer_stats *out);
  * are in all (call with cap 0 to size). Complete once the writer is done. */
 int64_t wp_writer_index(wp_writer *w, wp_writer_record *out, uint64_t cap);
 
-/* Stops the threads (a batch being written is finished first) and frees
- * the writer. What it wrote stays in the file. */
+/* Stops the threads and frees the writer; what it wrote stays in the file.
+ * When it returns no thread of the writer calls the engine again, so the
+ * engine may be destroyed (which removes every protection). A thread stuck
+ * in a write (a stream nobody reads, a hung file system) is waited for 2 s
+ * at most, then left to finish on its own: it writes nothing more, and
+ * frees the writer when its write returns. */
 int32_t wp_writer_destroy(wp_writer *w);
 
 #pragma GCC visibility pop

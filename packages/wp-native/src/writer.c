@@ -21,6 +21,7 @@
 #include "record.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
 #include <pthread.h>
@@ -40,6 +41,8 @@
  * and one pwritev per writer batch, not per engine batch. */
 #define MAX_TAKES 16
 #define MIN_TAKE 64
+/* wp_writer_destroy waits this long for a thread stuck in a write. */
+#define JOIN_WAIT_S 2
 /* Nothing to take yet but pages are still landing in the pool: nap. */
 #define IDLE_NAP_NS 50000L
 
@@ -66,6 +69,15 @@ struct wp_writer {
     bool sequential;             /* WP_WRITER_SEQUENTIAL */
     pthread_mutex_t append_lock; /* sequential: one batch written at a time, in offset order */
 
+    /* Threads and the owner each hold a reference; the last one frees the
+     * writer. A thread stuck in a write (a stream nobody reads, a hung
+     * file system) is not waited for by wp_writer_destroy: it frees the
+     * writer when its write returns, or never (the writer's memory stays). */
+    _Atomic int refs;
+    _Atomic bool stopping;       /* wp_writer_destroy or a failure: no write starts after it is seen */
+    pthread_mutex_t engine_lock; /* the sweep thread holds it in every engine call */
+    bool engine_gone;            /* under engine_lock: the engine may be destroyed, never call it again */
+
     pthread_mutex_t lock; /* everything below up to the counters */
     pthread_cond_t changed;
     struct batch *free_list, *queue_head, *queue_tail;
@@ -81,12 +93,16 @@ struct wp_writer {
     _Atomic uint64_t pages_written, batches_raw, batches_lz4, batches_lz4_inline;
 };
 
+/* Drops a reference; the last one frees the writer. */
+static void release(wp_writer *w);
+
 static void fail(wp_writer *w, int32_t err, uint64_t source)
 {
     int64_t none = 0;
     if (atomic_compare_exchange_strong(&w->error, &none, err))
         atomic_store(&w->error_source, source);
     atomic_store(&w->state, WP_WRITER_FAILED);
+    atomic_store(&w->stopping, true);
     pthread_mutex_lock(&w->lock);
     w->stop = true;
     pthread_cond_broadcast(&w->changed);
@@ -131,9 +147,18 @@ wp_writer *wp_writer_create(wp_engine *e, int32_t fd, uint64_t offset, uint32_t 
     wp_writer *w = calloc(1, sizeof *w);
     if (!w)
         return NULL;
+    /* Its own descriptor: the caller may close theirs while a write of ours is stuck. */
+    int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (own < 0) {
+        *err_out = -errno;
+        free(w);
+        return NULL;
+    }
+    fd = own;
     *w = (wp_writer){.engine = e, .fd = fd, .batch_pages = batch_pages, .record_pages = record_pages,
                      .compression = compression, .delay_us = delay_us, .offset = offset,
-                     .sequential = flags & WP_WRITER_SEQUENTIAL};
+                     .sequential = flags & WP_WRITER_SEQUENTIAL, .refs = 1};
+    pthread_mutex_init(&w->engine_lock, NULL);
     pthread_mutex_init(&w->append_lock, NULL);
     pthread_mutex_init(&w->lock, NULL);
     pthread_cond_init(&w->changed, NULL);
@@ -200,6 +225,8 @@ static bool wait_writable(wp_writer *w)
 static int write_all(wp_writer *w, struct iovec *iov, uint32_t left, uint64_t at)
 {
     while (left > 0) {
+        if (atomic_load(&w->stopping))
+            return -ECANCELED;
         int n = left < IOV_MAX ? (int)left : IOV_MAX;
         ssize_t put = w->sequential ? writev(w->fd, iov, n) : pwritev(w->fd, iov, n, (off_t)at);
         if (put < 0 && errno == EINTR)
@@ -319,6 +346,7 @@ static void *compressor_main(void *arg)
         pthread_cond_broadcast(&w->changed);
     }
     pthread_mutex_unlock(&w->lock);
+    release(w);
     return NULL;
 }
 
@@ -380,44 +408,95 @@ static uint64_t guest_faults(wp_engine *e)
     return s.faults + s.faults_spurious + s.fallbacks;
 }
 
+/* The sweep's calls into the engine, under engine_lock (wp_writer_destroy
+ * takes it once, so the engine can go while a write of ours is stuck): the
+ * next batches into b; when there are none, whether every page is saved
+ * (*done); with them, the guest's write faults so far (*faults).
+ * -ECANCELED once the writer is being destroyed. */
+static int32_t take_from_engine(wp_writer *w, struct batch *b, bool *done, uint64_t *faults)
+{
+    pthread_mutex_lock(&w->engine_lock);
+    int32_t got = -ECANCELED;
+    if (!w->engine_gone) {
+        got = gather(w, b);
+        if (got == 0)
+            *done = wp_engine_done(w->engine);
+        if (got > 0 && w->compression == WP_WRITER_AUTO)
+            *faults = guest_faults(w->engine);
+    }
+    pthread_mutex_unlock(&w->engine_lock);
+    return got;
+}
+
+/* Every page is saved: nobody waits for the capture any more, so the
+ * compression thread may have a normal share of CPU to finish its batch. */
+static void compressor_to_normal_priority(wp_writer *w)
+{
+    if (w->compressor_started) {
+        struct sched_param normal = {0};
+        pthread_setschedparam(w->compressor, SCHED_OTHER, &normal);
+    }
+}
+
 static void *writer_main(void *arg)
 {
     wp_writer *w = arg;
-    uint64_t faults_before = guest_faults(w->engine);
+    uint64_t faults_before = 0, faults = 0;
+    pthread_mutex_lock(&w->engine_lock);
+    if (!w->engine_gone)
+        faults_before = guest_faults(w->engine);
+    pthread_mutex_unlock(&w->engine_lock);
     for (;;) {
         struct batch *b = take_free(w);
         if (!b)
-            return NULL;
-        int32_t got = gather(w, b);
+            break;
+        bool done = false;
+        int32_t got = take_from_engine(w, b, &done, &faults);
         if (got < 0) {
             give_back(w, b);
-            fail(w, got, WP_WRITER_FROM_ENGINE);
-            return NULL;
+            if (got != -ECANCELED)
+                fail(w, got, WP_WRITER_FROM_ENGINE);
+            break;
         }
         if (got == 0) {
             give_back(w, b);
-            if (wp_engine_done(w->engine)) {
+            if (done) {
+                compressor_to_normal_priority(w);
                 drain(w);
                 uint64_t running = WP_WRITER_RUNNING;
                 atomic_compare_exchange_strong(&w->state, &running, WP_WRITER_DONE);
-                return NULL;
+                break;
             }
             nap(IDLE_NAP_NS); /* pages the fault thread is saving are still landing */
             continue;
         }
         if (!hand_over(w, b)) {
-            uint64_t faults = w->compression == WP_WRITER_AUTO ? guest_faults(w->engine) : 0;
             bool inline_lz4 = w->compression == WP_WRITER_AUTO && faults == faults_before;
             faults_before = faults;
             int rc = encode_and_write(w, b, inline_lz4);
             give_back(w, b);
             if (rc < 0)
-                return NULL;
+                break;
             atomic_fetch_add(inline_lz4 ? &w->batches_lz4_inline : &w->batches_raw, 1);
         }
         if (w->delay_us)
             nap((long)w->delay_us * 1000L);
     }
+    release(w);
+    return NULL;
+}
+
+/* Starts a thread holding a reference. */
+static int start_thread(wp_writer *w, pthread_t *t, void *(*main)(void *), const char *name)
+{
+    atomic_fetch_add(&w->refs, 1);
+    int rc = pthread_create(t, NULL, main, w);
+    if (rc) {
+        atomic_fetch_sub(&w->refs, 1);
+        return -rc;
+    }
+    pthread_setname_np(*t, name);
+    return 0;
 }
 
 int32_t wp_writer_start(wp_writer *w)
@@ -425,17 +504,15 @@ int32_t wp_writer_start(wp_writer *w)
     if (w->thread_started)
         return -EALREADY;
     if (w->compression != WP_WRITER_NONE) {
-        int rc = pthread_create(&w->compressor, NULL, compressor_main, w);
+        int rc = start_thread(w, &w->compressor, compressor_main, "vmsnap-lz4");
         if (rc)
-            return -rc;
+            return rc;
         w->compressor_started = true;
-        pthread_setname_np(w->compressor, "vmsnap-lz4");
     }
-    int rc = pthread_create(&w->thread, NULL, writer_main, w);
+    int rc = start_thread(w, &w->thread, writer_main, "vmsnap-writer");
     if (rc)
-        return -rc;
+        return rc;
     w->thread_started = true;
-    pthread_setname_np(w->thread, "vmsnap-writer");
     return 0;
 }
 
@@ -469,25 +546,56 @@ int64_t wp_writer_index(wp_writer *w, wp_writer_record *out, uint64_t cap)
     return (int64_t)n;
 }
 
-int32_t wp_writer_destroy(wp_writer *w)
+static void free_writer(wp_writer *w)
 {
-    if (!w)
-        return 0;
-    pthread_mutex_lock(&w->lock);
-    w->stop = true;
-    pthread_cond_broadcast(&w->changed);
-    pthread_mutex_unlock(&w->lock);
-    if (w->thread_started)
-        pthread_join(w->thread, NULL);
-    if (w->compressor_started)
-        pthread_join(w->compressor, NULL);
     for (uint32_t i = 0; w->batches && i < w->nbatches; i++)
         free_batch(&w->batches[i]);
     free(w->batches);
     free(w->index);
+    if (w->fd >= 0)
+        close(w->fd);
     pthread_cond_destroy(&w->changed);
     pthread_mutex_destroy(&w->lock);
     pthread_mutex_destroy(&w->append_lock);
+    pthread_mutex_destroy(&w->engine_lock);
     free(w);
+}
+
+static void release(wp_writer *w)
+{
+    if (atomic_fetch_sub(&w->refs, 1) == 1)
+        free_writer(w);
+}
+
+/* Waits for a thread up to JOIN_WAIT_S seconds; one still writing then is
+ * left to finish on its own (it holds a reference). */
+static void join_or_leave(pthread_t t)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += JOIN_WAIT_S;
+    if (pthread_timedjoin_np(t, NULL, &until) != 0)
+        pthread_detach(t);
+}
+
+int32_t wp_writer_destroy(wp_writer *w)
+{
+    if (!w)
+        return 0;
+    atomic_store(&w->stopping, true);
+    pthread_mutex_lock(&w->lock);
+    w->stop = true;
+    pthread_cond_broadcast(&w->changed);
+    pthread_mutex_unlock(&w->lock);
+    /* From here on no thread of ours calls the engine: the caller may destroy it. */
+    pthread_mutex_lock(&w->engine_lock);
+    w->engine_gone = true;
+    pthread_mutex_unlock(&w->engine_lock);
+    compressor_to_normal_priority(w); /* SCHED_IDLE may get no CPU on a busy machine */
+    if (w->thread_started)
+        join_or_leave(w->thread);
+    if (w->compressor_started)
+        join_or_leave(w->compressor);
+    release(w);
     return 0;
 }

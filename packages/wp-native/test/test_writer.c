@@ -10,7 +10,8 @@
  * drained slowly): its bytes must be the records in offset order.
  * Then the failure paths: a full disk (/dev/full: -ENOSPC, from the file)
  * must stop the writer with the cause, and destroying engine and writer
- * must let every guest writer finish (no guest left blocked).
+ * must let every guest writer finish (no guest left blocked); also when
+ * the writer is stuck in a write to a stream nobody reads.
  * Exit 0 pass, 1 fail, 77 skip.
  */
 #define _GNU_SOURCE
@@ -20,6 +21,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <sys/mman.h>
@@ -34,6 +37,7 @@ static uint8_t *mem;
 static _Atomic int phase; /* 0 write, 1 pause (for the cut), 2 stop */
 static _Atomic int paused;
 static _Atomic uint64_t writes;
+static _Atomic size_t stream_expect; /* a stream's writer is done: this many bytes come (its own copy of the fd stays open) */
 static int writers = WRITERS; /* guest threads of the next snapshot */
 
 static void *guest(void *arg)
@@ -174,8 +178,10 @@ static int snapshot(int fd, uint32_t c, uint32_t pool_slots, int32_t expect_erro
         wp_writer_record *index = malloc((size_t)n * sizeof *index);
         if (wp_writer_index(w, index, (uint64_t)n) != n || (uint64_t)n != st.records)
             result = wp_test_fail("the index changed after done", n);
-        else
+        else {
+            atomic_store(&stream_expect, st.end_offset - HEADER);
             result = check_file(readback ? readback() : fd, index, n, reference, st.end_offset);
+        }
         free(index);
     }
     *st_out = st;
@@ -196,12 +202,19 @@ static uint8_t *streamed;
 static size_t streamed_len;
 static pthread_t reader;
 
+
 static void *drain_pipe(void *arg)
 {
     (void)arg;
     size_t cap = (size_t)PAGES * PAGE * 2;
     streamed = malloc(cap);
     for (;;) {
+        size_t expect = atomic_load(&stream_expect);
+        if (expect && streamed_len >= expect)
+            return NULL;
+        struct pollfd in = {.fd = pipe_fds[0], .events = POLLIN};
+        if (poll(&in, 1, 10) == 0)
+            continue;
         ssize_t n = read(pipe_fds[0], streamed + streamed_len, 65536 < cap - streamed_len ? 65536 : cap - streamed_len);
         if (n <= 0)
             return NULL;
@@ -216,16 +229,60 @@ static int streamed_file(void)
     char path[] = "/tmp/vmsnap-test-writer-XXXXXX";
     int fd = mkstemp(path);
     unlink(path);
-    close(pipe_fds[1]); /* the writer is done: the drain sees EOF */
-    pipe_fds[1] = -1;
     pthread_join(reader, NULL);
     if (pwrite(fd, streamed, streamed_len, HEADER) != (ssize_t)streamed_len)
         return -1;
     return fd;
 }
 
+/* A stream nobody reads (a blocking pipe, full): the writer blocks in its
+ * write, the pool fills, the guest waits in its write faults. Destroying
+ * the writer must still return, and the engine then let the guest go. */
+static int stuck_stream(void)
+{
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) < 0)
+        return wp_test_fail("pipe", -errno);
+    fill();
+    int32_t err;
+    wp_engine *e = wp_engine_create(64, &err);
+    int rc;
+    if (!e || (rc = wp_engine_add_region(e, (uint64_t)(uintptr_t)mem, (uint64_t)PAGES * PAGE)) < 0 ||
+        (rc = wp_engine_start(e)) < 0 || (rc = wp_engine_protect(e)) < 0)
+        return wp_test_fail("engine setup", e ? rc : err);
+    pthread_t t[WRITERS];
+    atomic_store(&phase, 0);
+    for (uintptr_t i = 0; i < WRITERS; i++)
+        pthread_create(&t[i], NULL, guest, (void *)i);
+    wp_writer *w = wp_writer_create(e, p[1], HEADER, 256, 16, WP_WRITER_NONE, 4, 0, WP_WRITER_SEQUENTIAL, &err);
+    if (!w || (rc = wp_writer_start(w)) < 0)
+        return wp_test_fail("wp_writer_create/start", w ? rc : err);
+    usleep(300000);
+    wp_writer_stats st;
+    wp_writer_poll(w, &st);
+    if (st.state != WP_WRITER_RUNNING)
+        return wp_test_fail("a writer blocked in its write should still be running", (long)st.state);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    alarm(30); /* a destroy that waits for the stuck write never returns: SIGALRM fails the test */
+    wp_writer_destroy(w); /* returns although its thread is stuck in writev */
+    wp_engine_destroy(e);
+    alarm(0);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    atomic_store(&phase, 2);
+    for (int i = 0; i < WRITERS; i++)
+        pthread_join(t[i], NULL); /* a guest writer left blocked hangs here */
+    close(p[0]);                   /* the stuck write ends with EPIPE; its thread frees the writer */
+    close(p[1]);
+    printf("ok: stream nobody reads: writer destroyed in %.1f s with its thread stuck in writev, no guest writer left blocked\n",
+           (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9);
+    usleep(100000);
+    return 0;
+}
+
 int main(void)
 {
+    signal(SIGPIPE, SIG_IGN); /* as in Node: a write to a closed pipe is EPIPE */
     int rc = wp_test_need_wp_unpopulated();
     if (rc)
         return rc;
@@ -285,6 +342,7 @@ int main(void)
     for (uint32_t c = WP_WRITER_NONE; c <= WP_WRITER_AUTO; c++) {
         fill();
         streamed_len = 0;
+        atomic_store(&stream_expect, 0);
         if (pipe2(pipe_fds, O_CLOEXEC) < 0 || fcntl(pipe_fds[1], F_SETFL, O_NONBLOCK) < 0)
             return wp_test_fail("pipe", -errno);
         pthread_create(&reader, NULL, drain_pipe, NULL);
@@ -294,9 +352,12 @@ int main(void)
         if (streamed_len != st.end_offset - HEADER)
             return wp_test_fail("the stream's length differs from the records' end", (long)streamed_len);
         close(pipe_fds[0]);
+        close(pipe_fds[1]);
         free(streamed);
         printf("ok: compression %s, stream: %zu bytes in offset order through a non-blocking pipe\n", names[c], streamed_len);
     }
+    if (stuck_stream())
+        return 1;
     puts("PASS");
     return 0;
 }
