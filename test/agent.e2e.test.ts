@@ -212,5 +212,30 @@ describe.skipIf(skip || !existsSync(bin))("snapshot -o - streams to standard out
     writeFileSync(path, Buffer.concat(chunks))
     expect(await equalsReference(path, reference)).toBe(true)
   })
+
+  it("a reader that stops reading, then SIGTERM: vmsnap exits, and the guest it left protected writes on", async () => {
+    const socket = join(dir, "stuck.sock")
+    // stdout is never read: the pipe fills and the native writer blocks in its write (1 MiB pool: the guest then waits too).
+    const cli = spawn(process.execPath, [bin, "snapshot", "--listen", socket, "-o", "-", "--buffer", "1MiB"], { stdio: ["ignore", "pipe", "pipe"] })
+    let stderr = ""
+    cli.stderr!.on("data", (c: Buffer) => (stderr += c.toString()))
+    const exited = new Promise<string>((resolve) => cli.on("exit", (code, signal) => resolve(`${code ?? signal}`)))
+    while (!existsSync(socket)) await sleep(10)
+    const vmm = startVmm({ memMiB: 64, vcpus: 1, rate: 0, agent: socket, vm: "stuck", fillPercent: 100, progressMs: 20 })
+    const ready = await vmm.ready
+    await sleep(1500)
+    expect(cli.exitCode, stderr).toBe(null) // stuck in its write, as a stalled reader makes it
+    cli.kill("SIGTERM")
+    // Before the fix, destroying the writer waited for its write forever and the guest stayed protected.
+    expect(await Promise.race([exited, sleep(20_000).then(() => "still running 20 s after SIGTERM")]), stderr).toMatch(/^(143|SIGTERM|1|130)$/)
+    const before = vmm.progress.get(ready.pids[0]!) ?? 0
+    let after = before
+    for (let i = 0; i < 200 && after - before <= 1000; i++) {
+      await sleep(50)
+      after = vmm.progress.get(ready.pids[0]!) ?? 0
+    }
+    const report = await vmm.stop()
+    expect(after - before, `guest writes stalled after vmsnap exited (${report.kind})`).toBeGreaterThan(1000)
+  })
 })
 
