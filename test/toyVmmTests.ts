@@ -38,3 +38,18 @@ export const startVmm = (options: ConstructorParameters<typeof ToyVmm>[0]): ToyV
   started.push(vmm)
   return vmm
 }
+
+/**
+ * The guest's writes (a VMM started with `progressMs`) made in the next
+ * while: returns as soon as it has made more than `atLeast`, or after 10 s
+ * (a loaded machine slows the guest, it does not stop it).
+ */
+export const guestWritesOn = async (vmm: ToyVmm, pid: number, atLeast = 1000): Promise<number> => {
+  const before = vmm.progress.get(pid) ?? 0
+  let after = before
+  for (let i = 0; i < 200 && after - before <= atLeast; i++) {
+    await new Promise((r) => setTimeout(r, 50))
+    after = vmm.progress.get(pid) ?? 0
+  }
+  return after - before
+}
