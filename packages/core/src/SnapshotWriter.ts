@@ -103,10 +103,10 @@ export const writeSnapshotBody = (
               delayUs: Math.round((options.writerDelayMs ?? 0) * 1000),
               stream: file.native.stream
             }),
-          catch: (e) => {
-            const rc = e instanceof NativeWriterFailure ? e.rc : -22
-            return new NativeError({ op: "writer", errno: -rc, reason: errnoReason("writer", -rc) })
-          }
+          catch: (e) =>
+            e instanceof NativeWriterFailure
+              ? new NativeError({ op: "writer", errno: -e.rc, reason: errnoReason("writer", -e.rc) })
+              : new NativeError({ op: "writer", errno: 0, reason: `the native writer could not start: ${String(e)}` })
         }),
         (w) => Effect.sync(() => w.destroy())
       )

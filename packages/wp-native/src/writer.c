@@ -210,15 +210,10 @@ static int32_t gather(wp_writer *w, struct batch *b)
 static bool wait_writable(wp_writer *w)
 {
     struct pollfd p = {.fd = w->fd, .events = POLLOUT};
-    for (;;) {
-        pthread_mutex_lock(&w->lock);
-        bool stop = w->stop;
-        pthread_mutex_unlock(&w->lock);
-        if (stop)
-            return false;
+    while (!atomic_load(&w->stopping))
         if (poll(&p, 1, 100) != 0)
             return true;
-    }
+    return false;
 }
 
 /* Writes iov in full at `at` (sequential: at the stream's position). */
