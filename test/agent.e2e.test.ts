@@ -226,5 +226,39 @@ describe.skipIf(skip || !existsSync(bin))("snapshot -o - streams to standard out
     const report = await vmm.stop()
     expect(writes, `guest writes stalled after vmsnap exited (${report.kind})`).toBeGreaterThan(1000)
   })
+
+  it("a reader that closes the pipe early: the snapshot fails naming a broken pipe, and the guest writes on (break7 L1)", async () => {
+    const socket = join(dir, "epipe.sock")
+    const cli = spawn(process.execPath, [bin, "snapshot", "--listen", socket, "-o", "-", "--buffer", "1MiB"], { stdio: ["ignore", "pipe", "pipe"] })
+    let stderr = ""
+    cli.stderr!.on("data", (c: Buffer) => (stderr += c.toString()))
+    cli.stdout!.once("data", () => cli.stdout!.destroy()) // the first bytes, then the reader is gone
+    const exited = new Promise<string>((resolve) => cli.on("exit", (code, signal) => resolve(`${code ?? signal}`)))
+    while (!existsSync(socket)) await sleep(10)
+    const vmm = startVmm({ memMiB: 64, vcpus: 1, rate: 0, agent: socket, vm: "epipe", fillPercent: 100, progressMs: 20 })
+    const ready = await vmm.ready
+    expect(await Promise.race([exited, sleep(30_000).then(() => "still running 30 s later")]), stderr).toBe("1")
+    expect(stderr).toMatch(/standard output: the reader of the output closed it \(broken pipe\)/)
+    const writes = await guestWritesOn(vmm, ready.pids[0]!)
+    const report = await vmm.stop()
+    expect(writes, `guest writes stalled after the broken pipe (${report.kind})`).toBeGreaterThan(1000)
+  })
+
+  it("a reader that stops reading and nobody stops vmsnap: after --stall-timeout the snapshot fails, naming the stall, and the guest writes on (break7 H2)", async () => {
+    const socket = join(dir, "stall.sock")
+    const cli = spawn(process.execPath, [bin, "snapshot", "--listen", socket, "-o", "-", "--buffer", "1MiB", "--stall-timeout", "1"], { stdio: ["ignore", "pipe", "pipe"] })
+    let stderr = ""
+    cli.stderr!.on("data", (c: Buffer) => (stderr += c.toString()))
+    const exited = new Promise<string>((resolve) => cli.on("exit", (code, signal) => resolve(`${code ?? signal}`)))
+    while (!existsSync(socket)) await sleep(10)
+    const vmm = startVmm({ memMiB: 64, vcpus: 1, rate: 0, agent: socket, vm: "stall", fillPercent: 100, progressMs: 20 })
+    const ready = await vmm.ready
+    // Before: the guest waited on its write faults for as long as the reader did not read.
+    expect(await Promise.race([exited, sleep(30_000).then(() => "still running 30 s later")]), stderr).toBe("1")
+    expect(stderr).toMatch(/the output took nothing for 1\.0 s/)
+    const writes = await guestWritesOn(vmm, ready.pids[0]!)
+    const report = await vmm.stop()
+    expect(writes, `guest writes stalled after the snapshot gave up (${report.kind})`).toBeGreaterThan(1000)
+  })
 })
 

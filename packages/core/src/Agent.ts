@@ -52,6 +52,8 @@ export interface AgentOptions {
     readonly handshakeTimeoutMs?: number
     readonly freezeTimeoutMs?: number
     readonly prepareTimeoutMs?: number
+    /** A snapshot whose output takes nothing for this long fails, releasing the guest. Default 10 000 ms (SnapshotWriter.ts STALL_MS). */
+    readonly stallTimeoutMs?: number
   }
 }
 
@@ -77,7 +79,7 @@ export class Agent {
 
   constructor(readonly socketPath: string, private readonly options: AgentOptions = {}) {
     this.registry = new VmRegistry(options.limits?.peersPerUid ?? DEFAULT_PEERS_PER_UID)
-    this.timeouts = { freezeMs: options.limits?.freezeTimeoutMs ?? FREEZE_TIMEOUT_MS, prepareMs: options.limits?.prepareTimeoutMs ?? PREPARE_TIMEOUT_MS }
+    this.timeouts = { freezeMs: options.limits?.freezeTimeoutMs ?? FREEZE_TIMEOUT_MS, prepareMs: options.limits?.prepareTimeoutMs ?? PREPARE_TIMEOUT_MS, stallMs: options.limits?.stallTimeoutMs }
   }
 
   private log(line: string) {

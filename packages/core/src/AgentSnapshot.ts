@@ -27,6 +27,8 @@ import { type SnapshotResult, takeSnapshot } from "./SnapshotSession.js"
 import type { RemoteProcess, WpNative } from "./WpNative.js"
 
 export interface AgentTimeouts {
+  /** A snapshot whose output takes nothing for this long fails (SnapshotWriter.ts `stallMs`). */
+  readonly stallMs?: number
   /** How long a process may take to answer `freeze` (a VMM may copy a reference of all its memory first). */
   readonly freezeMs: number
   /** How long a process may take to answer `prepare`. */
@@ -191,6 +193,7 @@ export const snapshotVm = (
         faultAroundPages: request.faultAroundPages,
         compression: request.compression,
         steer: request.steer,
+        stallMs: timeouts.stallMs,
         freeze,
         thaw,
         onProgress: progressTo(peers, options.onProgress)

@@ -91,7 +91,10 @@ const ioReasons: Record<string, string> = {
   ENOENT: "no such file or directory",
   ENOTDIR: "a component of the path is not a directory",
   EROFS: "read-only file system: choose another output directory",
-  EIO: "input/output error from the device"
+  EIO: "input/output error from the device",
+  EPIPE: "the reader of the output closed it (broken pipe): the snapshot cannot be completed there",
+  EFBIG: "file too large: over the file system's size limit or this process's (ulimit -f)",
+  EAGAIN: "the output would block (a non-blocking file that is not a stream): give a regular file or -o -"
 }
 
 /** Wraps a Node fs error into a SnapshotIoError with a reason that says what to do. */

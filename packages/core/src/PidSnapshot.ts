@@ -54,6 +54,8 @@ export interface PidSnapshotOptions {
   readonly onProgress?: (savedPages: number, totalPages: number) => void
   /** Slow the writer down (ms per turn): tests only. */
   readonly writerDelayMs?: number
+  /** Fail when the output takes nothing for this long, in ms (SnapshotWriter.ts `stallMs`, default 10 s). */
+  readonly stallMs?: number
 }
 
 /** One captured mapping as recorded: the target's hva, bytes, kind, name, permissions. */
@@ -253,7 +255,8 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
         // mapping that lost it was really replaced (after the release, every one has lost it).
         explainFailure: (e) => Effect.sync(() => explainFailure(pid, chosen, e)),
         onProgress: options.onProgress,
-        writerDelayMs: options.writerDelayMs
+        writerDelayMs: options.writerDelayMs,
+        stallMs: options.stallMs
       }).pipe(
         // Failures outside the registered part (registering itself): bounds only.
         Effect.mapError((e) => {

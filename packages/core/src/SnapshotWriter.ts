@@ -27,7 +27,7 @@
  * index, 24 bytes per record.
  */
 import { Effect } from "effect"
-import { ioError, NativeError, type SnapshotIoError } from "./Errors.js"
+import { ioError, NativeError, SnapshotIoError } from "./Errors.js"
 import { PAGE_SIZE } from "./GuestMemory.js"
 import type { SnapshotFile } from "./SnapshotFile.js"
 import { errnoName, errnoReason } from "./internal/errno.js"
@@ -45,6 +45,13 @@ export interface WriterOptions {
   readonly writerDelayMs?: number
   /** The engine sweeps where the guest writes first (default true). */
   readonly steer?: boolean
+  /**
+   * Fail the snapshot when the output has taken nothing for this long, in ms
+   * (default STALL_MS): a reader of standard output that stopped reading, a
+   * hung file system. Meanwhile the pool fills and the guest waits on every
+   * write fault; failing releases it.
+   */
+  readonly stallMs?: number
   /** Called every few ms (POLL_MS) with the pages saved (captured: no longer protected) and the file's bytes so far. */
   readonly onProgress?: (savedPages: number, totalPages: number, bytesWritten: number) => void
 }
@@ -72,6 +79,9 @@ export const RECORD_DATA_PAGES = 16
  * native call, and progress (the bench's "last page saved") is as fine as it.
  */
 const POLL_MS = 5
+
+/** Default `stallMs`: 10 s with nothing written. */
+export const STALL_MS = 10_000
 
 export interface WriterResult {
   readonly records: number
@@ -111,8 +121,22 @@ export const writeSnapshotBody = (
         (w) => Effect.sync(() => w.destroy())
       )
       const totalPages = engine.statsSync().pagesTotal
+      const stallMs = options.stallMs ?? STALL_MS
+      let written = -1
+      let movedAt = performance.now()
       while (true) {
         const s = writer.poll()
+        if (s.pagesWritten !== written) {
+          written = s.pagesWritten
+          movedAt = performance.now()
+        } else if (s.state === "running" && performance.now() - movedAt > stallMs) {
+          return yield* Effect.fail(
+            new SnapshotIoError({
+              path: file.native.stream ? "standard output" : file.path, op: "write", code: "ETIMEDOUT",
+              reason: `the output took nothing for ${(stallMs / 1000).toFixed(1)} s (a reader of standard output that stopped reading, or a hung file system); the snapshot is abandoned so that the guest is not held (--stall-timeout)`
+            })
+          )
+        }
         options.onProgress?.(Math.min(s.pagesSaved, totalPages), totalPages, s.endOffset)
         if (s.state === "done") {
           file.adoptRecords(writer.index(), s.endOffset)
@@ -120,7 +144,7 @@ export const writeSnapshotBody = (
         }
         if (s.state === "failed") {
           if (s.source === "engine") return yield* Effect.fail(engine.errorSync() ?? new NativeError({ op: "snapshot", errno: s.errno, reason: errnoReason("snapshot", s.errno) }))
-          if (s.source === "file") return yield* Effect.fail(ioError(file.path, "write", Object.assign(new Error(`${errnoName(s.errno)} from pwritev`), { code: errnoName(s.errno) })))
+          if (s.source === "file") return yield* Effect.fail(ioError(file.native.stream ? "standard output" : file.path, "write", Object.assign(new Error(`${errnoName(s.errno)}: ${errnoReason("write", s.errno)}`), { code: errnoName(s.errno) })))
           return yield* Effect.fail(new NativeError({ op: "writer", errno: s.errno, reason: errnoReason("writer", s.errno) }))
         }
         yield* Effect.sleep(POLL_MS)

@@ -22,6 +22,8 @@ export interface SnapshotFlags extends CommonFlags {
   readonly poolPages: number
   readonly faultAroundPages: number
   readonly compression: Compression
+  /** Fail when the output takes nothing for this long (ms). */
+  readonly stallMs: number
   /** --pid: snapshot this process directly (ptrace), with these mappings (empty: all capturable). */
   readonly pid?: number
   readonly mappings?: ReadonlyArray<MappingSelector>
@@ -47,7 +49,7 @@ const outputPath = (output: string) => (output === "-" ? "-" : resolve(output))
 const oneShot = (flags: SnapshotFlags, io: Io, onProgress: (d: number, t: number) => void) =>
   Effect.scoped(
     Effect.gen(function* () {
-      const agent = yield* agentScoped(flags.listen!, { log: (l) => flags.verbose && io.stderr(`vmsnap agent: ${l}\n`) })
+      const agent = yield* agentScoped(flags.listen!, { log: (l) => flags.verbose && io.stderr(`vmsnap agent: ${l}\n`), limits: { stallTimeoutMs: flags.stallMs } })
       if (!flags.json) io.stderr(`vmsnap: waiting on ${flags.listen} for ${flags.vm ? `vm ${flags.vm}` : "a VMM"}${flags.processes > 1 ? ` with ${flags.processes} processes` : ""}...\n`)
       const vm = yield* Effect.tryPromise({
         try: (signal) => agent.waitForVm(flags.vm, flags.processes, signal),
@@ -74,6 +76,7 @@ const byPid = (flags: SnapshotFlags, onProgress: (d: number, t: number) => void)
     snapshotPid({
       pid: flags.pid!, path: outputPath(flags.output), mappings: flags.mappings, poolPages: flags.poolPages, faultAroundPages: flags.faultAroundPages,
       compression: flags.compression,
+      stallMs: flags.stallMs,
       onProgress: (saved, total) => onProgress(saved * 4096, total * 4096)
     }),
     (r): Summary => ({
@@ -93,7 +96,9 @@ export const runSnapshot = (io: Io, flags: SnapshotFlags) => {
       json: { ok: true, ...s },
       human: `vm ${s.vm}: ${formatBytes(s.sizeBytes)} saved to ${s.path === "-" ? "standard output" : s.path} (${formatBytes(s.fileBytes)}) in ${(s.durationMs / 1000).toFixed(2)} s, paused ${s.pauseMs.toFixed(2)} ms, ${s.faults} faults`
     }
-  })
+  }, () =>
+    // A stream cannot be withdrawn: what went out stays, without its trailer (every reader refuses it as truncated).
+    flags.output === "-" ? "protection removed; standard output ends without the snapshot's trailer (incomplete)" : "protection removed, partial output deleted")
 }
 
 export const snapshotCommand: CliCommand = (io, schedule) =>
@@ -114,6 +119,7 @@ export const snapshotCommand: CliCommand = (io, schedule) =>
         .option("buffer", bufferOption("copy pool size (0: synchronous)"))
         .option("fault-around", faultAroundOptionSpec("pages saved with each faulting page (power of two, 1 = off)"))
         .option("compression", compressionOptionSpec)
+        .option("stall-timeout", { type: "number", default: 10, describe: "with --listen or --pid: seconds the output may take nothing (a reader of -o - that stopped reading, a hung disk) before the snapshot is abandoned and the guest released; meanwhile the guest waits on its write faults once the buffer is full" })
         .example("$0 snapshot --agent /run/vmsnap.sock --vm web-1 -o web-1.vmsnap", "")
         .example("$0 snapshot --listen /tmp/vmsnap.sock -o guest.vmsnap", "then start the VMM with --agent /tmp/vmsnap.sock")
         .example("$0 snapshot --pid 4242 --min-size 1GiB -o qemu.vmsnap", "the guest RAM of a running QEMU (docs/pid-snapshot.md)")
@@ -129,12 +135,14 @@ export const snapshotCommand: CliCommand = (io, schedule) =>
       if (a.output === "-" && a.json) throw new UsageError("-o - and --json both want standard output: give a file, or drop --json")
       if (a.agent !== undefined && a.vm === undefined) throw new UsageError("--agent needs --vm ID (see the agent's log for connected VMs)")
       if (!Number.isInteger(a.processes) || a.processes < 1 || a.processes > 16) throw new UsageError(`--processes ${a.processes}: must be 1 to 16`)
+      const stall = a["stall-timeout"]
+      if (!(stall > 0 && stall <= 86400)) throw new UsageError(`--stall-timeout ${stall}: must be seconds, more than 0 and at most 86400`)
       const poolPages = poolPagesOption(a.buffer)
       const around = faultAroundOption(a["fault-around"])
       schedule(() =>
         runSnapshot(io, {
           ...commonFlags(a), output: a.output, agent: a.agent, listen: a.listen, vm: a.vm, processes: a.processes,
-          waitMs: a.wait, poolPages, faultAroundPages: around, compression: a.compression, pid: a.pid, mappings
+          waitMs: a.wait, poolPages, faultAroundPages: around, compression: a.compression, pid: a.pid, mappings, stallMs: stall * 1000
         })
       )
     }

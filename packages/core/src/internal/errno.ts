@@ -6,7 +6,7 @@ const names: Record<number, string> = {
   1: "EPERM", 2: "ENOENT", 4: "EINTR", 5: "EIO", 9: "EBADF", 11: "EAGAIN", 12: "ENOMEM", 13: "EACCES",
   14: "EFAULT", 16: "EBUSY", 17: "EEXIST", 19: "ENODEV", 20: "ENOTDIR", 21: "EISDIR", 22: "EINVAL",
   24: "EMFILE", 61: "ENODATA", 6: "ENXIO", 27: "EFBIG", 28: "ENOSPC", 30: "EROFS", 38: "ENOSYS", 95: "EOPNOTSUPP", 110: "ETIMEDOUT",
-  7: "E2BIG", 122: "EDQUOT", 116: "ESTALE"
+  7: "E2BIG", 122: "EDQUOT", 116: "ESTALE", 32: "EPIPE"
 }
 
 export const errnoName = (errno: number): string => names[errno] ?? `errno ${errno}`
