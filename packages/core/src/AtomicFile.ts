@@ -162,7 +162,18 @@ export const atomicFile = (path: string, options: AtomicFileOptions | "write" | 
         try: async () => {
           await file.sync()
           await replaceable(at(name), path, o.owner?.uid)
+          // The temporary name must still be the file written: whoever can write in the directory could have
+          // put another file there (break7 M2). Checked before the rename, and the final name after it.
+          const ours = await file.stat()
+          const isOurs = async (n: string) => {
+            const st = await lstat(at(n)).catch(() => undefined)
+            return st !== undefined && st.isFile() && st.ino === ours.ino && st.dev === ours.dev
+          }
+          const replaced = (when: string) =>
+            new SnapshotIoError({ path, op: "commit", code: "ESTALE", reason: `the file being written was replaced or moved by someone else ${when}: nothing written by vmsnap is under this name; keep others out of the output directory` })
+          if (!(await isOurs(tmpName))) throw replaced("before it was complete")
           await rename(at(tmpName), at(name))
+          if (!(await isOurs(name))) throw replaced("as it was renamed into place")
           state.committed = true
           const dir = await open(`/proc/self/fd/${dirFd}`, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY)
           await dir.sync().finally(() => dir.close())

@@ -38,6 +38,27 @@ describe("atomicFile", () => {
     }
   })
 
+  it("a temporary file replaced by someone else while written is not committed nor reported saved (break7 M2)", async () => {
+    const sub = mkdtempSync(join(dir, "tamper-"))
+    const path = join(sub, "t.out")
+    const exit = await Effect.runPromiseExit(
+      Effect.scoped(
+        Effect.gen(function* () {
+          const out = yield* atomicFile(path)
+          yield* Effect.promise(() => out.file.write("data"))
+          // Another writer of the directory swaps the temporary name for its own file.
+          const tmp = readdirSync(sub).find((n) => n.includes(".tmp-"))!
+          rmSync(join(sub, tmp))
+          writeFileSync(join(sub, tmp), "forged")
+          yield* out.commit
+        })
+      )
+    )
+    expect(Exit.isFailure(exit)).toBe(true)
+    expect(String(Exit.isFailure(exit) && exit.cause)).toMatch(/replaced or moved by someone else before it was complete/)
+    expect(existsSync(path)).toBe(false)
+  })
+
   it("replaces a regular file", async () => {
     writeFileSync(join(dir, "c.out"), "old")
     expect(Exit.isSuccess(await write(join(dir, "c.out")))).toBe(true)
