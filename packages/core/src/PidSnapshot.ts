@@ -21,6 +21,7 @@
  */
 import { Effect } from "effect"
 import { closeSync } from "node:fs"
+import { outOfOomReach } from "./internal/oomScore.js"
 import { CapabilityError, InvalidInput, NativeError, type VmsnapError } from "./Errors.js"
 import { gpa, hva, type MemoryRegion } from "./GuestMemory.js"
 import { errnoReason } from "./internal/errno.js"
@@ -119,7 +120,7 @@ const thaw = (handle: JsExternal) => Effect.sync(() => void loadWp().vi_thaw([ha
 const takeUffd = (handle: JsExternal, pid: number) =>
   Effect.acquireRelease(
     Effect.suspend((): Effect.Effect<number, VmsnapError> => {
-      const fd: number = loadWp().vi_take_uffd([handle, O_CLOEXEC | O_NONBLOCK])
+      const fd: number = outOfOomReach(() => loadWp().vi_take_uffd([handle, O_CLOEXEC | O_NONBLOCK]))
       if (fd >= 0) return Effect.succeed(fd)
       if (fd === -1 || fd === -13)
         return Effect.fail(new CapabilityError({ missing: `userfaultfd in pid ${pid}`, reason: `the target may not create a userfaultfd: it needs CAP_SYS_PTRACE, or \`sysctl vm.unprivileged_userfaultfd=1\`` }))
