@@ -207,58 +207,53 @@ describe.skipIf(skip || !existsSync(bin))("snapshot -o - streams to standard out
     expect(await equalsReference(path, reference)).toBe(true)
   })
 
-  it("a reader that stops reading, then SIGTERM: vmsnap exits, and the guest it left protected writes on", async () => {
-    const socket = join(dir, "stuck.sock")
-    // stdout is never read: the pipe fills and the native writer blocks in its write (1 MiB pool: the guest then waits too).
-    const cli = spawn(process.execPath, [bin, "snapshot", "--listen", socket, "-o", "-", "--buffer", "1MiB"], { stdio: ["ignore", "pipe", "pipe"] })
-    let stderr = ""
-    cli.stderr!.on("data", (c: Buffer) => (stderr += c.toString()))
-    const exited = new Promise<string>((resolve) => cli.on("exit", (code, signal) => resolve(`${code ?? signal}`)))
+  /**
+   * `snapshot --listen NAME.sock -o -` (1 MiB pool) with a 64 MiB toy guest writing flat out, whose
+   * standard output `reader` treats as it likes (not reading it at all by default).
+   */
+  const streamToReader = async (name: string, extra: Array<string>, reader?: (out: NodeJS.ReadableStream) => void) => {
+    const socket = join(dir, `${name}.sock`)
+    const cli = spawn(process.execPath, [bin, "snapshot", "--listen", socket, "-o", "-", "--buffer", "1MiB", ...extra], { stdio: ["ignore", "pipe", "pipe"] })
+    const out = { cli, stderr: "", exited: new Promise<string>((resolve) => cli.on("exit", (code, signal) => resolve(`${code ?? signal}`))) }
+    cli.stderr!.on("data", (c: Buffer) => (out.stderr += c.toString()))
+    reader?.(cli.stdout!)
     while (!existsSync(socket)) await sleep(10)
-    const vmm = startVmm({ memMiB: 64, vcpus: 1, rate: 0, agent: socket, vm: "stuck", fillPercent: 100, progressMs: 20 })
-    const ready = await vmm.ready
+    const vmm = startVmm({ memMiB: 64, vcpus: 1, rate: 0, agent: socket, vm: name, fillPercent: 100, progressMs: 20 })
+    const pid = (await vmm.ready).pids[0]!
+    /** vmsnap's exit (code or signal), or a line saying it still runs after `ms`. */
+    const exit = (ms: number) => Promise.race([out.exited, sleep(ms).then(() => `still running ${ms / 1000} s later`)])
+    /** The guest writes on once vmsnap is gone. */
+    const guestRunsOn = async (after: string) => {
+      const writes = await guestWritesOn(vmm, pid)
+      const report = await vmm.stop()
+      expect(writes, `guest writes stalled after ${after} (${report.kind})`).toBeGreaterThan(1000)
+    }
+    return Object.assign(out, { exit, guestRunsOn }) // out.stderr keeps growing
+  }
+
+  it("a reader that stops reading, then SIGTERM: vmsnap exits, and the guest it left protected writes on", async () => {
+    // stdout is never read: the pipe fills and the native writer blocks in its write (the guest then waits too).
+    const run = await streamToReader("stuck", [])
     await sleep(1500)
-    expect(cli.exitCode, stderr).toBe(null) // stuck in its write, as a stalled reader makes it
-    cli.kill("SIGTERM")
-    // Before the fix, destroying the writer waited for its write forever and the guest stayed protected.
-    expect(await Promise.race([exited, sleep(20_000).then(() => "still running 20 s after SIGTERM")]), stderr).toMatch(/^(143|SIGTERM|1|130)$/)
-    const writes = await guestWritesOn(vmm, ready.pids[0]!)
-    const report = await vmm.stop()
-    expect(writes, `guest writes stalled after vmsnap exited (${report.kind})`).toBeGreaterThan(1000)
+    expect(run.cli.exitCode, run.stderr).toBe(null) // stuck in its write, as a stalled reader makes it
+    run.cli.kill("SIGTERM")
+    expect(await run.exit(20_000), run.stderr).toMatch(/^(143|SIGTERM|1|130)$/)
+    await run.guestRunsOn("vmsnap exited")
   })
 
   it("a reader that closes the pipe early: the snapshot fails naming a broken pipe, and the guest writes on (break7 L1)", async () => {
-    const socket = join(dir, "epipe.sock")
-    const cli = spawn(process.execPath, [bin, "snapshot", "--listen", socket, "-o", "-", "--buffer", "1MiB"], { stdio: ["ignore", "pipe", "pipe"] })
-    let stderr = ""
-    cli.stderr!.on("data", (c: Buffer) => (stderr += c.toString()))
-    cli.stdout!.once("data", () => cli.stdout!.destroy()) // the first bytes, then the reader is gone
-    const exited = new Promise<string>((resolve) => cli.on("exit", (code, signal) => resolve(`${code ?? signal}`)))
-    while (!existsSync(socket)) await sleep(10)
-    const vmm = startVmm({ memMiB: 64, vcpus: 1, rate: 0, agent: socket, vm: "epipe", fillPercent: 100, progressMs: 20 })
-    const ready = await vmm.ready
-    expect(await Promise.race([exited, sleep(30_000).then(() => "still running 30 s later")]), stderr).toBe("1")
-    expect(stderr).toMatch(/standard output: the reader of the output closed it \(broken pipe\)/)
-    const writes = await guestWritesOn(vmm, ready.pids[0]!)
-    const report = await vmm.stop()
-    expect(writes, `guest writes stalled after the broken pipe (${report.kind})`).toBeGreaterThan(1000)
+    const run = await streamToReader("epipe", [], (out) => out.once("data", () => (out as unknown as { destroy(): void }).destroy())) // the first bytes, then the reader is gone
+    expect(await run.exit(30_000), run.stderr).toBe("1")
+    expect(run.stderr).toMatch(/standard output: the reader of the output closed it \(broken pipe\)/)
+    await run.guestRunsOn("the broken pipe")
   })
 
   it("a reader that stops reading and nobody stops vmsnap: after --stall-timeout the snapshot fails, naming the stall, and the guest writes on (break7 H2)", async () => {
-    const socket = join(dir, "stall.sock")
-    const cli = spawn(process.execPath, [bin, "snapshot", "--listen", socket, "-o", "-", "--buffer", "1MiB", "--stall-timeout", "1"], { stdio: ["ignore", "pipe", "pipe"] })
-    let stderr = ""
-    cli.stderr!.on("data", (c: Buffer) => (stderr += c.toString()))
-    const exited = new Promise<string>((resolve) => cli.on("exit", (code, signal) => resolve(`${code ?? signal}`)))
-    while (!existsSync(socket)) await sleep(10)
-    const vmm = startVmm({ memMiB: 64, vcpus: 1, rate: 0, agent: socket, vm: "stall", fillPercent: 100, progressMs: 20 })
-    const ready = await vmm.ready
     // Before: the guest waited on its write faults for as long as the reader did not read.
-    expect(await Promise.race([exited, sleep(30_000).then(() => "still running 30 s later")]), stderr).toBe("1")
-    expect(stderr).toMatch(/the output took nothing for 1\.0 s/)
-    const writes = await guestWritesOn(vmm, ready.pids[0]!)
-    const report = await vmm.stop()
-    expect(writes, `guest writes stalled after the snapshot gave up (${report.kind})`).toBeGreaterThan(1000)
+    const run = await streamToReader("stall", ["--stall-timeout", "1"])
+    expect(await run.exit(30_000), run.stderr).toBe("1")
+    expect(run.stderr).toMatch(/the output took nothing for 1\.0 s/)
+    await run.guestRunsOn("the snapshot gave up")
   })
 })
 
