@@ -109,12 +109,15 @@ describe.skipIf(skip)("agent with the toy VMM", () => {
     const other = startVmm({ memMiB: 32, vcpus: 1, rate: 1000, agent: socket, vm: "other" })
     await Promise.all([victim.ready, other.ready])
     const path = join(dir, "victim.vmsnap")
-    // A 4-page pool with no fault-around keeps the victim's snapshot slow.
-    const pending = run(agent.snapshot({ vm: "victim", path, poolPages: 4, faultAroundPages: 1 }))
-    while (!readdirSync(dir).some((n) => n.startsWith(".victim.vmsnap.tmp-"))) await sleep(2)
-    await sleep(50)
-    victim.child.kill("SIGKILL")
-    const exit = await pending
+    // Killed at the first progress report, with pages still to save: mid-snapshot whatever the machine's speed
+    // (the native writer saves 512 MiB in well under a second: a fixed delay could miss the snapshot).
+    let killed = false
+    const exit = await run(
+      agent.snapshot({ vm: "victim", path, poolPages: 4, faultAroundPages: 1 }, (saved, total) => {
+        if (!killed && saved < total) victim.child.kill("SIGKILL")
+        killed = true
+      })
+    )
     expect(Exit.isFailure(exit)).toBe(true)
     expect(messageOf(exit)).toMatch(/victim.*(disconnected|exited)/)
     expect(existsSync(path)).toBe(false)
@@ -173,10 +176,14 @@ describe.skipIf(skip || !existsSync(bin))("the agent process killed mid-snapshot
     while (!existsSync(socket)) await sleep(10)
     const vmm = startVmm({ memMiB: 512, vcpus: 2, rate: 0, agent: socket, vm: "doomed", fillPercent: 100, progressMs: 20 })
     const ready = await vmm.ready
-    const client = Effect.runPromiseExit(requestSnapshot(socket, { vm: "doomed", path: join(dir, "doomed.vmsnap"), poolPages: 4, faultAroundPages: 1 }))
-    while (!readdirSync(dir).some((n) => n.startsWith(".doomed.vmsnap.tmp-"))) await sleep(2)
-    await sleep(50)
-    agentProcess.kill("SIGKILL")
+    // Killed at the agent's first progress message with pages still to save: mid-snapshot whatever the machine's speed.
+    let killed = false
+    const client = Effect.runPromiseExit(
+      requestSnapshot(socket, { vm: "doomed", path: join(dir, "doomed.vmsnap"), poolPages: 4, faultAroundPages: 1 }, (saved, total) => {
+        if (!killed && saved < total) agentProcess.kill("SIGKILL")
+        killed = true
+      })
+    )
     expect(Exit.isFailure(await client)).toBe(true)
     // The agent held the only reference to the uffd: its death removed all protection.
     await sleep(300)

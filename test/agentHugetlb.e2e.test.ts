@@ -87,11 +87,16 @@ describe.skipIf(skip)("agent with a hugetlbfs toy VMM", () => {
       const vmm = startVmm({ memMiB: 64, vcpus: 2, rate: 0, agent: socket, vm: "huge-doomed", fillPercent: 100, hugetlb: true, device: true, progressMs: 20 })
       const ready = await vmm.ready
       expect(ready.pids).toHaveLength(2)
-      // A 4-slot pool: each huge-page fault waits for the writer 128 times, so the snapshot is slow.
-      const pending = run(agent.snapshot({ vm: "huge-doomed", path: join(dir, "huge-doomed.vmsnap"), poolPages: 4 }))
-      await sleep(150)
-      process.kill(ready.pids[1]!, "SIGKILL")
-      const exit = await pending
+      // Killed at the first progress report, with pages still to save: mid-snapshot whatever the machine's
+      // speed (the native writer is fast enough that a fixed delay could miss it). A 4-slot pool: each huge-page
+      // fault waits for the writer 128 times.
+      let killed = false
+      const exit = await run(
+        agent.snapshot({ vm: "huge-doomed", path: join(dir, "huge-doomed.vmsnap"), poolPages: 4 }, (saved, total) => {
+          if (!killed && saved < total) process.kill(ready.pids[1]!, "SIGKILL")
+          killed = true
+        })
+      )
       expect(Exit.isFailure(exit)).toBe(true)
       expect(messageOf(exit)).toMatch(/device.*(disconnected|exited)/)
       // Every protection of the VMM is gone: its vCPUs write on (a loaded machine slows them, it does not stop them).
