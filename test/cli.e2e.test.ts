@@ -63,4 +63,11 @@ describe.skipIf(skip)("vmsnap binary", () => {
     expect(r.status).toBe(2)
     expect(r.stderr).toMatch(/--size banana: not a size/)
   })
+
+  it("-o - with standard output closed or sent to /dev/null is refused: the snapshot would be lost (break7 L2)", () => {
+    // "ignore" gives the child /dev/null as fd 1, as Node does for a closed one (`>&-`).
+    const r = spawnSync(process.execPath, [bin, "snapshot", "--listen", join(dir, "never.sock"), "-o", "-"], { encoding: "utf8", stdio: ["ignore", "ignore", "pipe"] })
+    expect(r.status, r.stderr).toBe(2)
+    expect(r.stderr).toMatch(/standard output is \/dev\/null/)
+  })
 })

@@ -5,6 +5,7 @@
  */
 import { agentScoped, type Compression, formatBytes, InvalidInput, type MappingSelector, parseMappingSelector, requestSnapshot, snapshotPid } from "@vmsnap/core"
 import { Effect } from "effect"
+import { fstatSync } from "node:fs"
 import { resolve } from "node:path"
 import type { Io } from "../Io.js"
 import { progressBar } from "../Progress.js"
@@ -41,6 +42,16 @@ interface Summary {
   readonly threads?: number
   readonly mappings?: ReadonlyArray<{ hva: string; size: number; kind: string; name: string; permissions: string }>
   readonly skipped?: ReadonlyArray<{ mapping: string; why: string }>
+}
+
+/** Standard output is /dev/null (char device 1:3): Node reopens a closed fd 1 there, and -o - would keep nothing (break7 L2). */
+const stdoutIsDevNull = (): boolean => {
+  try {
+    const st = fstatSync(1)
+    return st.isCharacterDevice() && st.rdev === ((1 << 8) | 3)
+  } catch {
+    return false
+  }
 }
 
 /** "-" is standard output (written as it goes); any other path is resolved here. */
@@ -133,6 +144,7 @@ export const snapshotCommand: CliCommand = (io, schedule) =>
       if (a["min-size"] !== undefined) mappings.push({ _tag: "MinSize", bytes: sizeOption("min-size", a["min-size"], 4096) })
       if (a.output === "-" && a.agent !== undefined) throw new UsageError("-o - works with --listen and --pid: an agent writes files in its --output-dir")
       if (a.output === "-" && a.json) throw new UsageError("-o - and --json both want standard output: give a file, or drop --json")
+      if (a.output === "-" && stdoutIsDevNull()) throw new UsageError("-o -: standard output is /dev/null (closed, or redirected there), so the snapshot would be lost: redirect it to a file or a pipe, or give -o FILE")
       if (a.agent !== undefined && a.vm === undefined) throw new UsageError("--agent needs --vm ID (see the agent's log for connected VMs)")
       if (!Number.isInteger(a.processes) || a.processes < 1 || a.processes > 16) throw new UsageError(`--processes ${a.processes}: must be 1 to 16`)
       const stall = a["stall-timeout"]
