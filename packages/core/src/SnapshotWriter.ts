@@ -19,8 +19,8 @@
  * Compression never holds the capture up with `auto` (the default): a batch
  * is compressed by the compression thread when it is idle (it runs
  * SCHED_IDLE: only CPU no other thread wants), or by the writer itself when
- * the guest took no write fault since its previous batch; else it is
- * written raw (every page its own raw block).
+ * the guest has taken no write fault for 20 ms (writer.c QUIET_NS); else it
+ * is written raw (every page its own raw block).
  *
  * Memory: at most `inFlight` batches (each: the batch's pages, and with
  * compression as much again for lz4 blocks), allocated once; plus the

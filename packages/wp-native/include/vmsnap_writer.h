@@ -35,8 +35,8 @@ extern "C" {
 #define WP_WRITER_LZ4 1  /* every batch compressed, by one extra thread; the sweep waits for it when it is behind */
 /* Compressed only with CPU nobody else wants, never waited for: a batch
  * goes to the compression thread (SCHED_IDLE) when it is idle; else the
- * writer compresses it itself if the guest took no write fault since its
- * previous batch; else it is written raw. */
+ * writer compresses it itself if the guest has taken no write fault for
+ * 20 ms; else it is written raw. */
 #define WP_WRITER_AUTO 2
 
 /* Flags (wp_writer_create): fd is a stream (a pipe, a socket: standard
