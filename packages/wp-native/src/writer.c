@@ -1,36 +1,25 @@
 /*
- * The native writer (vmsnap_writer.h). Its thread loops: take the engine's
- * next batches (pool pages first, then a sweep: wp_engine_next_batch),
- * encode them as records (record_encode_iov: raw blocks are written from
- * the batch's own buffer, not copied) and append them with pwritev. While
- * pages are protected the guest pays for every one not yet saved, so this
- * loop never waits for compression with WP_WRITER_AUTO: a batch is handed
- * to the compression thread only when that thread is idle, and that thread
- * runs SCHED_IDLE, so it only gets CPU no other thread wants.
- *
- * Appends: the file offset and the index are taken under `lock`, then the
- * batch is written at its offset outside it, so the writer and the
- * compression thread append in whatever order their batches are ready
- * (the index says where each record is). A stream (WP_WRITER_SEQUENTIAL:
- * standard output) cannot seek: there each batch takes its offset and is
- * written under `append_lock`, one at a time, in offset order.
+ * The native writer (vmsnap_writer.h): its threads and life cycle. The
+ * writer thread loops: take the engine's next batches (pool pages first,
+ * then a sweep: wp_engine_next_batch), encode them as records
+ * (record_encode_iov: raw blocks are written from the batch's own buffer,
+ * not copied) and append them (writer_append.c). While pages are protected
+ * the guest pays for every one not yet saved, so this loop never waits for
+ * compression with WP_WRITER_AUTO: a batch is handed to the compression
+ * thread only when that thread is idle, and that thread runs SCHED_IDLE, so
+ * it only gets CPU no other thread wants.
  */
 #define _GNU_SOURCE
-#include "vmsnap_writer.h"
-
-#include "record.h"
+#include "writer_internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
-#include <limits.h>
-#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -53,55 +42,10 @@
 
 _Static_assert(sizeof(wp_writer_record) == WP_WRITER_RECORD_BYTES, "wp_writer_record layout");
 
-struct batch {
-    uint8_t *data; /* the data pages, packed (batch_pages x 4 KiB) */
-    uint32_t *regions;
-    uint64_t *pages;
-    uint8_t *flags;
-    uint32_t n;
-    struct record_iov enc;
-    struct batch *next; /* free list or compression queue */
-};
-
-struct wp_writer {
-    wp_engine *engine;
-    int fd;
-    uint32_t batch_pages, record_pages, compression, delay_us, nbatches;
-    struct batch *batches;
-    pthread_t thread, compressor;
-    bool thread_started, compressor_started;
-
-    bool sequential;             /* WP_WRITER_SEQUENTIAL */
-    pthread_mutex_t append_lock; /* sequential: one batch written at a time, in offset order */
-
-    /* Threads and the owner each hold a reference; the last one frees the
-     * writer. A thread stuck in a write (a stream nobody reads, a hung
-     * file system) is not waited for by wp_writer_destroy: it frees the
-     * writer when its write returns, or never (the writer's memory stays). */
-    _Atomic int refs;
-    _Atomic bool stopping;       /* wp_writer_destroy or a failure: no write starts after it is seen */
-    pthread_mutex_t engine_lock; /* the sweep thread holds it in every engine call */
-    bool engine_gone;            /* under engine_lock: the engine may be destroyed, never call it again */
-
-    pthread_mutex_t lock; /* everything below up to the counters */
-    pthread_cond_t changed;
-    struct batch *free_list, *queue_head, *queue_tail;
-    bool compressing; /* the compression thread holds a batch */
-    uint64_t offset;
-    wp_writer_record *index;
-    uint64_t index_count, index_cap;
-    bool stop;
-
-    _Atomic uint64_t state;
-    _Atomic int64_t error;
-    _Atomic uint64_t error_source;
-    _Atomic uint64_t pages_written, batches_raw, batches_lz4, batches_lz4_inline;
-};
-
 /* Drops a reference; the last one frees the writer. */
 static void release(wp_writer *w);
 
-static void fail(wp_writer *w, int32_t err, uint64_t source)
+void wp_writer_fail(wp_writer *w, int32_t err, uint64_t source)
 {
     int64_t none = 0;
     if (atomic_compare_exchange_strong(&w->error, &none, err))
@@ -210,102 +154,14 @@ static int32_t gather(wp_writer *w, struct batch *b)
     return (int32_t)n;
 }
 
-/* A stream that is full (EAGAIN on a non-blocking fd): waits until it takes
- * more, or the writer is stopped. */
-static bool wait_writable(wp_writer *w)
-{
-    struct pollfd p = {.fd = w->fd, .events = POLLOUT};
-    while (!atomic_load(&w->stopping))
-        if (poll(&p, 1, 100) != 0)
-            return true;
-    return false;
-}
-
-/* Writes iov in full at `at` (sequential: at the stream's position). */
-static int write_all(wp_writer *w, struct iovec *iov, uint32_t left, uint64_t at)
-{
-    while (left > 0) {
-        if (atomic_load(&w->stopping))
-            return -ECANCELED;
-        int n = left < IOV_MAX ? (int)left : IOV_MAX;
-        ssize_t put = w->sequential ? writev(w->fd, iov, n) : pwritev(w->fd, iov, n, (off_t)at);
-        if (put < 0 && errno == EINTR)
-            continue;
-        if (put < 0 && errno == EAGAIN && w->sequential) {
-            if (!wait_writable(w))
-                return -ECANCELED;
-            continue;
-        }
-        if (put <= 0)
-            return put < 0 ? -errno : -EIO;
-        at += (uint64_t)put;
-        /* drop what went out; a partly written iovec keeps its rest */
-        size_t done = (size_t)put;
-        while (left > 0 && done >= iov->iov_len) {
-            done -= iov->iov_len;
-            iov++;
-            left--;
-        }
-        if (left > 0) {
-            iov->iov_base = (uint8_t *)iov->iov_base + done;
-            iov->iov_len -= done;
-        }
-    }
-    return 0;
-}
-
-/* Appends b's encoded records: the offset and index entries under the
- * lock, the bytes outside it (sequential: under append_lock, so batches go
- * out in offset order). */
-static int write_batch(wp_writer *w, struct batch *b)
-{
-    struct record_iov *enc = &b->enc;
-    if (w->sequential)
-        pthread_mutex_lock(&w->append_lock);
-    pthread_mutex_lock(&w->lock);
-    int rc = 0;
-    if (w->index_count + enc->records > w->index_cap) {
-        uint64_t cap = w->index_cap ? w->index_cap * 2 : 4096;
-        while (cap < w->index_count + enc->records)
-            cap *= 2;
-        wp_writer_record *grown = realloc(w->index, cap * sizeof *grown);
-        if (grown) {
-            w->index = grown;
-            w->index_cap = cap;
-        } else {
-            rc = -ENOMEM;
-        }
-    }
-    uint64_t at = w->offset;
-    for (uint32_t r = 0; rc == 0 && r < enc->records; r++) {
-        const uint32_t *f = enc->fields + (size_t)r * WP_RECORD_BATCH_FIELDS;
-        w->index[w->index_count++] = (wp_writer_record){
-            .region = f[0], .page_count = f[3], .first_page = f[1] | (uint64_t)f[2] << 32, .file_offset = w->offset};
-        w->offset += f[5];
-    }
-    pthread_mutex_unlock(&w->lock);
-    if (rc == 0) {
-        rc = write_all(w, enc->iov, enc->count, at);
-        if (rc < 0 && rc != -ECANCELED)
-            fail(w, rc, WP_WRITER_FROM_FILE);
-    } else {
-        fail(w, rc, WP_WRITER_FROM_MEMORY);
-    }
-    if (w->sequential)
-        pthread_mutex_unlock(&w->append_lock);
-    if (rc == 0)
-        atomic_fetch_add(&w->pages_written, b->n);
-    return rc;
-}
-
 static int encode_and_write(wp_writer *w, struct batch *b, bool lz4)
 {
     int32_t rc = record_encode_iov(b->regions, b->pages, b->flags, b->n, b->data, w->record_pages, lz4, &b->enc);
     if (rc < 0) {
-        fail(w, rc, WP_WRITER_FROM_FILE);
+        wp_writer_fail(w, rc, WP_WRITER_FROM_FILE);
         return rc;
     }
-    return write_batch(w, b);
+    return wp_writer_append(w, b);
 }
 
 static void give_back(wp_writer *w, struct batch *b)
@@ -463,7 +319,7 @@ static void *writer_main(void *arg)
         if (got < 0) {
             give_back(w, b);
             if (got != -ECANCELED)
-                fail(w, got, WP_WRITER_FROM_ENGINE);
+                wp_writer_fail(w, got, WP_WRITER_FROM_ENGINE);
             break;
         }
         if (got == 0) {
