@@ -45,17 +45,27 @@ _Static_assert(sizeof(wp_writer_record) == WP_WRITER_RECORD_BYTES, "wp_writer_re
 /* Drops a reference; the last one frees the writer. */
 static void release(wp_writer *w);
 
+static bool stopping(wp_writer *w)
+{
+    return atomic_load(&w->stopping);
+}
+
+/* Every thread stops: set under `lock` so no waiter misses it. */
+static void stop_all(wp_writer *w)
+{
+    pthread_mutex_lock(&w->lock);
+    atomic_store(&w->stopping, true);
+    pthread_cond_broadcast(&w->changed);
+    pthread_mutex_unlock(&w->lock);
+}
+
 void wp_writer_fail(wp_writer *w, int32_t err, uint64_t source)
 {
     int64_t none = 0;
     if (atomic_compare_exchange_strong(&w->error, &none, err))
         atomic_store(&w->error_source, source);
     atomic_store(&w->state, WP_WRITER_FAILED);
-    atomic_store(&w->stopping, true);
-    pthread_mutex_lock(&w->lock);
-    w->stop = true;
-    pthread_cond_broadcast(&w->changed);
-    pthread_mutex_unlock(&w->lock);
+    stop_all(w);
 }
 
 static void free_batch(struct batch *b)
@@ -182,9 +192,9 @@ static void *compressor_main(void *arg)
     }
     pthread_mutex_lock(&w->lock);
     for (;;) {
-        while (!w->queue_head && !w->stop)
+        while (!w->queue_head && !stopping(w))
             pthread_cond_wait(&w->changed, &w->lock);
-        if (w->stop)
+        if (stopping(w))
             break;
         struct batch *b = w->queue_head;
         w->queue_head = b->next;
@@ -211,9 +221,9 @@ static void *compressor_main(void *arg)
 static struct batch *take_free(wp_writer *w)
 {
     pthread_mutex_lock(&w->lock);
-    while (!w->free_list && !w->stop)
+    while (!w->free_list && !stopping(w))
         pthread_cond_wait(&w->changed, &w->lock);
-    struct batch *b = w->stop ? NULL : w->free_list;
+    struct batch *b = stopping(w) ? NULL : w->free_list;
     if (b)
         w->free_list = b->next;
     pthread_mutex_unlock(&w->lock);
@@ -245,7 +255,7 @@ static bool hand_over(wp_writer *w, struct batch *b)
 static void drain(wp_writer *w)
 {
     pthread_mutex_lock(&w->lock);
-    while ((w->queue_head || w->compressing) && !w->stop)
+    while ((w->queue_head || w->compressing) && !stopping(w))
         pthread_cond_wait(&w->changed, &w->lock);
     pthread_mutex_unlock(&w->lock);
 }
@@ -271,8 +281,9 @@ static uint64_t guest_faults(wp_engine *e)
     return s.faults + s.faults_spurious + s.fallbacks;
 }
 
-/* The sweep's calls into the engine, under engine_lock (wp_writer_destroy
- * takes it once, so the engine can go while a write of ours is stuck): the
+/* The sweep's calls into the engine, under engine_lock, and never once the
+ * writer is stopping (wp_writer_destroy sets that, then takes engine_lock
+ * once: after that the engine can go while a write of ours is stuck): the
  * next batches into b; when there are none, whether every page is saved
  * (*done); with them, the guest's write faults so far (*faults).
  * -ECANCELED once the writer is being destroyed. */
@@ -280,7 +291,7 @@ static int32_t take_from_engine(wp_writer *w, struct batch *b, bool *done, uint6
 {
     pthread_mutex_lock(&w->engine_lock);
     int32_t got = -ECANCELED;
-    if (!w->engine_gone) {
+    if (!stopping(w)) {
         got = gather(w, b);
         if (got == 0)
             *done = wp_engine_done(w->engine);
@@ -307,7 +318,7 @@ static void *writer_main(void *arg)
     uint64_t faults_before = 0, faults = 0;
     uint64_t quiet_since = now_ns() - QUIET_NS; /* the last time the guest was seen to fault; an idle guest from the start */
     pthread_mutex_lock(&w->engine_lock);
-    if (!w->engine_gone)
+    if (!stopping(w))
         faults_before = guest_faults(w->engine);
     pthread_mutex_unlock(&w->engine_lock);
     for (;;) {
@@ -449,14 +460,10 @@ int32_t wp_writer_destroy(wp_writer *w)
 {
     if (!w)
         return 0;
-    atomic_store(&w->stopping, true);
-    pthread_mutex_lock(&w->lock);
-    w->stop = true;
-    pthread_cond_broadcast(&w->changed);
-    pthread_mutex_unlock(&w->lock);
-    /* From here on no thread of ours calls the engine: the caller may destroy it. */
+    stop_all(w);
+    /* The sweep checks `stopping` under engine_lock: once we have held it, no
+     * thread of ours calls the engine again, and the caller may destroy it. */
     pthread_mutex_lock(&w->engine_lock);
-    w->engine_gone = true;
     pthread_mutex_unlock(&w->engine_lock);
     compressor_to_normal_priority(w); /* SCHED_IDLE may get no CPU on a busy machine */
     if (w->thread_started)

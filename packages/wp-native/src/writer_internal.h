@@ -40,9 +40,10 @@ struct wp_writer {
      * file system) is not waited for by wp_writer_destroy: it frees the
      * writer when its write returns, or never (the writer's memory stays). */
     _Atomic int refs;
-    _Atomic bool stopping;       /* wp_writer_destroy or a failure: no write starts after it is seen */
+    /* wp_writer_destroy or a failure: set under `lock` (its waits read it
+     * there); no write and no engine call starts once it is seen. */
+    _Atomic bool stopping;
     pthread_mutex_t engine_lock; /* the sweep thread holds it in every engine call */
-    bool engine_gone;            /* under engine_lock: the engine may be destroyed, never call it again */
 
     pthread_mutex_t lock; /* everything below up to the counters */
     pthread_cond_t changed;
@@ -51,7 +52,6 @@ struct wp_writer {
     uint64_t offset;
     wp_writer_record *index;
     uint64_t index_count, index_cap;
-    bool stop;
 
     _Atomic uint64_t state;
     _Atomic int64_t error;
