@@ -122,6 +122,7 @@ export const writeSnapshotBody = (
       )
       const totalPages = engine.statsSync().pagesTotal
       const stallMs = options.stallMs ?? STALL_MS
+      const output = file.native.stream ? "standard output" : file.path
       let written = -1
       let movedAt = performance.now()
       while (true) {
@@ -132,7 +133,7 @@ export const writeSnapshotBody = (
         } else if (s.state === "running" && performance.now() - movedAt > stallMs) {
           return yield* Effect.fail(
             new SnapshotIoError({
-              path: file.native.stream ? "standard output" : file.path, op: "write", code: "ETIMEDOUT",
+              path: output, op: "write", code: "ETIMEDOUT",
               reason: `the output took nothing for ${(stallMs / 1000).toFixed(1)} s (a reader of standard output that stopped reading, or a hung file system); the snapshot is abandoned so that the guest is not held (--stall-timeout)`
             })
           )
@@ -144,7 +145,7 @@ export const writeSnapshotBody = (
         }
         if (s.state === "failed") {
           if (s.source === "engine") return yield* Effect.fail(engine.errorSync() ?? new NativeError({ op: "snapshot", errno: s.errno, reason: errnoReason("snapshot", s.errno) }))
-          if (s.source === "file") return yield* Effect.fail(ioError(file.native.stream ? "standard output" : file.path, "write", Object.assign(new Error(`${errnoName(s.errno)}: ${errnoReason("write", s.errno)}`), { code: errnoName(s.errno) })))
+          if (s.source === "file") return yield* Effect.fail(ioError(output, "write", Object.assign(new Error(`${errnoName(s.errno)}: ${errnoReason("write", s.errno)}`), { code: errnoName(s.errno) })))
           return yield* Effect.fail(new NativeError({ op: "writer", errno: s.errno, reason: errnoReason("writer", s.errno) }))
         }
         yield* Effect.sleep(POLL_MS)
