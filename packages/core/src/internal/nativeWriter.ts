@@ -108,7 +108,11 @@ export class NativeWriter {
     return out
   }
 
-  /** Stops its threads (a batch being written is finished first) and frees it; once. */
+  /**
+   * Stops its threads and frees it; once. Blocks up to 2 s per thread stuck
+   * in a write, which is then left to end alone (vmsnap_writer.h); after
+   * this the engine may be destroyed.
+   */
   destroy(): void {
     if (this.destroyed) return
     this.destroyed = true
