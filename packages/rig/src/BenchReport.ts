@@ -26,6 +26,8 @@ export interface Measured {
   readonly error: string | null
   /** CPU ms per thread role (ThreadCpu.ts) from the cut to the last page saved: the VMM's threads, and for vmsnap this process's. */
   readonly cpuMs: CpuByRole
+  /** The same over the `after` window: the afterMs after the last page was saved. */
+  readonly cpuAfterMs: CpuByRole
 }
 
 export interface BenchTrial {
@@ -58,6 +60,8 @@ export interface BenchTrial {
   readonly series: ReadonlyArray<{ readonly ms: number; readonly writesPerSecond: number }>
   /** CPU ms per thread role from the cut to the last page saved (ThreadCpu.ts). */
   readonly cpuMs: CpuByRole
+  /** The same over the `after` window: the afterMs after the last page was saved. */
+  readonly cpuAfterMs: CpuByRole
 }
 
 /** A VMM's write series with the exact counts it read at the cut and when the last page was saved. */
@@ -95,7 +99,8 @@ export const toTrial = (run: number, size: number, m: Measured, none: ToyVmmRepo
     guestThroughputRatio: ratio(during.writesPerSecond, reference.during.writesPerSecond),
     guestThroughputAfterRatio: ratio(after.writesPerSecond, reference.after.writesPerSecond),
     series: rateSeries(s, m.cutNs),
-    cpuMs: m.cpuMs
+    cpuMs: m.cpuMs,
+    cpuAfterMs: m.cpuAfterMs
   }
 }
 
@@ -147,6 +152,8 @@ export interface BenchRun {
   readonly outputBytes: number
   /** Medians over the trials of CPU ms per thread role, from the cut to the last page saved. */
   readonly cpuMs: CpuByRole
+  /** Medians over the trials of CPU ms per thread role in the `after` window. */
+  readonly cpuAfterMs: CpuByRole
   readonly trials: ReadonlyArray<BenchTrial>
 }
 
@@ -157,6 +164,9 @@ export const summarize = (method: BenchMethod, sizeBytes: number, guestKind: "kv
   const use = ok.length > 0 ? ok : trials
   const of = (f: (t: BenchTrial) => number): Spread => spreadOf(use.map(f))
   const med = (f: (t: BenchTrial) => number) => Math.round(of(f).median * 1000) / 1000
+  /** Per role, the median over the trials (0 where a trial had no such thread). */
+  const byRole = (f: (t: BenchTrial) => CpuByRole): CpuByRole =>
+    Object.fromEntries([...new Set(use.flatMap((t) => Object.keys(f(t))))].map((role) => [role, med((t) => f(t)[role] ?? 0)]))
   return {
     method, sizeBytes, guestKind,
     ok: ok.length === trials.length,
@@ -194,7 +204,8 @@ export const summarize = (method: BenchMethod, sizeBytes: number, guestKind: "kv
     throughputMBps: med((t) => t.throughputMBps),
     extraMemoryBytes: med((t) => t.extraMemoryBytes),
     outputBytes: med((t) => t.outputBytes),
-    cpuMs: Object.fromEntries([...new Set(use.flatMap((t) => Object.keys(t.cpuMs)))].map((role) => [role, med((t) => t.cpuMs[role] ?? 0)])),
+    cpuMs: byRole((t) => t.cpuMs),
+    cpuAfterMs: byRole((t) => t.cpuAfterMs),
     trials
   }
 }

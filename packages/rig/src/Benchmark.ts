@@ -74,7 +74,8 @@ const runLocal = async (method: "floor" | "fork" | "stop-the-world" | "none", si
     report, beginNs: report.beginNs, cutNs: report.cutNs, savedNs: report.savedNs,
     pauseMs: s.pauseMs, durationMs: s.durationMs, faults: s.faults, extraMemoryBytes: s.extraMemoryBytes,
     outputBytes: s.outputBytes, error: s.ok ? null : s.error,
-    cpuMs: cpu.between(report.cutNs, report.savedNs)
+    cpuMs: cpu.between(report.cutNs, report.savedNs),
+    cpuAfterMs: cpu.between(report.savedNs, report.savedNs + afterMs * 1e6)
   }
 }
 
@@ -112,7 +113,8 @@ const runAgent = (agent: Agent, sync: boolean, size: number, o: BenchOptions, di
       extraMemoryBytes: extra,
       outputBytes,
       error: exit._tag === "Success" ? null : String(exit.cause),
-      cpuMs: cpu.between(report.cutNs || beginNs, savedNs || endNs)
+      cpuMs: cpu.between(report.cutNs || beginNs, savedNs || endNs),
+      cpuAfterMs: cpu.between(savedNs || endNs, (savedNs || endNs) + o.afterMs * 1e6)
     } satisfies Measured
   })
 

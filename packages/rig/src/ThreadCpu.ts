@@ -4,7 +4,11 @@
  * /proc/PID/task/TID/schedstat (first field, ns by the scheduler's clock;
  * checked here against /proc/PID/stat's utime+stime on a busy loop),
  * sampled every SAMPLE_MS through a run and grouped by role (issue 14: the
- * vCPUs, vmsnap's fault thread, its writer, node's worker threads).
+ * vCPUs, vmsnap's fault thread, its writer, node's worker threads). Beside
+ * them, "all CPUs busy": the whole machine's busy time from /proc/stat
+ * (every CPU, every process, kernel threads such as writeback included;
+ * USER_HZ ticks, so 10 ms steps), which says what else competed for the
+ * guest's cores.
  */
 import { readdirSync, readFileSync } from "node:fs"
 
@@ -16,6 +20,8 @@ export type CpuByRole = Record<string, number>
 
 interface Sample {
   readonly ns: number
+  /** Busy ns of all CPUs together (/proc/stat: every field but idle and iowait), or NaN. */
+  readonly machineNs: number
   /** CPU ns and role per thread ("pid/tid"). */
   readonly threads: ReadonlyMap<string, { readonly role: string; readonly ns: number }>
 }
@@ -40,6 +46,19 @@ const roleOf = (pid: number, tid: number, comm: string, bench: number): string =
   return tid === pid ? "vmm main" : "vmm other"
 }
 
+/** /proc/stat's first line: ticks of USER_HZ (100 on Linux's ABI) per state, all CPUs added. */
+const TICK_NS = 1e7
+const machineBusyNs = (): number => {
+  try {
+    const f = readFileSync("/proc/stat", "utf8").split("\n")[0]!.trim().split(/\s+/).slice(1).map(Number)
+    // user nice system idle iowait irq softirq steal (guest and guest_nice are inside user and nice)
+    const busy = f.slice(0, 8).reduce((a, b) => a + b, 0) - (f[3] ?? 0) - (f[4] ?? 0)
+    return busy * TICK_NS
+  } catch {
+    return Number.NaN
+  }
+}
+
 const readSample = (pids: ReadonlyArray<number>, bench: number): Sample => {
   const threads = new Map<string, { role: string; ns: number }>()
   for (const pid of pids) {
@@ -59,7 +78,7 @@ const readSample = (pids: ReadonlyArray<number>, bench: number): Sample => {
       }
     }
   }
-  return { ns: Number(process.hrtime.bigint()), threads }
+  return { ns: Number(process.hrtime.bigint()), machineNs: machineBusyNs(), threads }
 }
 
 /** Samples the threads of `pids()` (re-read each time: a VMM may start later) until `stop`. */
@@ -100,6 +119,8 @@ export class ThreadCpuSampler {
       const ms = (t.ns - (start.get(tid)?.ns ?? 0)) / 1e6
       if (ms > 0) out[t.role] = Math.round(((out[t.role] ?? 0) + ms) * 10) / 10
     }
+    const machine = this.samples[last]!.machineNs - this.samples[first]!.machineNs
+    if (Number.isFinite(machine)) out["all CPUs busy"] = Math.round(machine / 1e6)
     out["window ms"] = Math.round((this.samples[last]!.ns - this.samples[first]!.ns) / 1e5) / 10
     return out
   }

@@ -1,5 +1,6 @@
 /** Per-thread CPU accounting of `vmsnap bench` (ThreadCpu.ts), against this process's own threads. */
 import { describe, expect, it } from "vitest"
+import { cpus } from "node:os"
 import { ThreadCpuSampler } from "../src/ThreadCpu.js"
 
 describe("ThreadCpuSampler", () => {
@@ -19,5 +20,9 @@ describe("ThreadCpuSampler", () => {
     expect(used["node main"]!).toBeLessThanOrEqual(used["window ms"]!)
     // The window is the samples around [from, to]: at least as long as the busy loop.
     expect(used["window ms"]!).toBeGreaterThanOrEqual((to - from) / 1e6 - 1)
+    // The whole machine was busy at least while this thread was (USER_HZ ticks: 10 ms steps), and
+    // at most every CPU for the whole window.
+    expect(used["all CPUs busy"]!).toBeGreaterThanOrEqual(used["node main"]! - 20)
+    expect(used["all CPUs busy"]!).toBeLessThanOrEqual(used["window ms"]! * cpus().length + 20)
   })
 })

@@ -71,11 +71,15 @@ export const runBench = (io: Io, flags: BenchFlags) =>
         table(runs),
         "",
         "CPU ms from the cut to the last page saved, per thread (medians; vmsnap's agent runs in this process):",
-        ...runs.filter((r) => r.ok).map((r) => `  ${r.method.padEnd(14)} ${formatBytes(r.sizeBytes).padEnd(9)} ${Object.entries(r.cpuMs).map(([role, ms]) => `${role} ${Math.round(ms)}`).join(", ")}`)
+        ...runs.filter((r) => r.ok).map((r) => `  ${r.method.padEnd(14)} ${formatBytes(r.sizeBytes).padEnd(9)} ${cpuLine(r.cpuMs)}`),
+        `CPU ms in the ${flags.afterMs} ms after the last page saved:`,
+        ...runs.filter((r) => r.ok).map((r) => `  ${r.method.padEnd(14)} ${formatBytes(r.sizeBytes).padEnd(9)} ${cpuLine(r.cpuAfterMs)}`)
       ].join("\n"),
       exitCode: runs.every((r) => r.ok) ? 0 : 1
     })
   )
+
+const cpuLine = (c: Readonly<Record<string, number>>): string => Object.entries(c).map(([role, ms]) => `${role} ${Math.round(ms)}`).join(", ")
 
 const restoreTable = (r: RestoreBenchResult): string => {
   const lines = [
