@@ -4,7 +4,7 @@
  * fault-around window. A bad value throws `UsageError`, which `main` turns
  * into exit code 2 and one line.
  */
-import { type Compression, COMPRESSIONS, formatBytes, PAGE_SIZE, parseSize } from "@vmsnap/core"
+import { type Compression, COMPRESSIONS, DEFAULT_FAULT_AROUND_PAGES, formatBytes, PAGE_SIZE, parseSize } from "@vmsnap/core"
 import type { Argv } from "yargs"
 import type { CommonFlags } from "./Run.js"
 
@@ -50,8 +50,8 @@ export const compressionOptionSpec = {
   describe: "how records are stored: auto compresses with lz4 only with CPU nobody else wants (an idle-priority thread, or the writer while the guest takes no write fault) and otherwise writes raw records, so the capture never waits for compression nor takes a vCPU's core (a busy guest gets bigger files); lz4 compresses every record (the capture waits for it when it falls behind); none writes raw pages"
 } as const
 
-/** --fault-around: pages saved with each faulting page, default 16. */
-export const faultAroundOptionSpec = (describe: string) => ({ type: "number", default: 16, describe }) as const
+/** --fault-around: pages saved with each faulting page, default the engine's (DEFAULT_FAULT_AROUND_PAGES). */
+export const faultAroundOptionSpec = (describe: string) => ({ type: "number", default: DEFAULT_FAULT_AROUND_PAGES, describe }) as const
 
 /** --fault-around's value: a power of two from 1 to 512. */
 export const faultAroundOption = (value: number): number => {
