@@ -59,3 +59,12 @@ export const faultAroundOption = (value: number): number => {
     throw new UsageError(`--fault-around ${value}: must be a power of two from 1 to 512`)
   return value
 }
+
+/** --stall-timeout: seconds the output may take nothing before a snapshot is abandoned (default 10). */
+export const stallTimeoutOptionSpec = (describe: string) => ({ type: "number", default: 10, describe }) as const
+
+/** --stall-timeout's value in ms: seconds, more than 0 and at most a day. */
+export const stallTimeoutOption = (value: number): number => {
+  if (!(value > 0 && value <= 86400)) throw new UsageError(`--stall-timeout ${value}: must be seconds, more than 0 and at most 86400`)
+  return value * 1000
+}

@@ -1,6 +1,6 @@
-/** The options several commands share: sizes, the copy pool, the fault-around window. */
+/** The options several commands share: sizes, the copy pool, the fault-around window, the stall limit. */
 import { describe, expect, it } from "vitest"
-import { faultAroundOption, poolPagesOption, sizeOption, UsageError } from "../src/Options.js"
+import { faultAroundOption, poolPagesOption, sizeOption, stallTimeoutOption, UsageError } from "../src/Options.js"
 
 describe("shared options", () => {
   it("a size: units, a lower bound, whole 4 KiB pages", () => {
@@ -22,5 +22,11 @@ describe("shared options", () => {
   it("--fault-around: a power of two from 1 to 512", () => {
     for (const n of [1, 2, 16, 512]) expect(faultAroundOption(n)).toBe(n)
     for (const n of [0, 3, 1024, 1.5, -2]) expect(() => faultAroundOption(n)).toThrow(/must be a power of two from 1 to 512/)
+  })
+
+  it("--stall-timeout: seconds in, ms out; more than 0, at most a day", () => {
+    expect(stallTimeoutOption(10)).toBe(10_000)
+    expect(stallTimeoutOption(0.5)).toBe(500)
+    for (const s of [0, -1, 86401, Number.NaN]) expect(() => stallTimeoutOption(s)).toThrow(/--stall-timeout .*: must be seconds, more than 0 and at most 86400/)
   })
 })

@@ -222,6 +222,7 @@ describe("agent and snapshot usage", () => {
     [["agent", "--listen", "/tmp/a.sock"], /Missing required argument: output-dir/],
     [["snapshot", "--agent", "/tmp/a.sock", "--vm", "x", "-o", "-"], /-o - works with --listen and --pid/],
     [["agent", "--listen", "/tmp/a.sock", "--output-dir", "/tmp", "--socket-mode", "rw"], /--socket-mode rw: give an octal mode/],
+    [["agent", "--listen", "/tmp/a.sock", "--output-dir", "/tmp", "--stall-timeout", "0"], /--stall-timeout 0: must be seconds/],
     [["demo", "--guest", "vmm", "--memory", "anon-thp"], /needs --guest threads/],
     [["demo", "--guest", "threads", "--device"], /--device needs --guest vmm/]
   ])("%j is a usage error", async (argv, pattern) => {

@@ -10,7 +10,7 @@ import { resolve } from "node:path"
 import type { Io } from "../Io.js"
 import { progressBar } from "../Progress.js"
 import { type CliCommand, defineCommand } from "../Command.js"
-import { bufferOption, commonFlags, compressionOptionSpec, faultAroundOption, faultAroundOptionSpec, poolPagesOption, sizeOption, UsageError } from "../Options.js"
+import { bufferOption, commonFlags, compressionOptionSpec, faultAroundOption, faultAroundOptionSpec, poolPagesOption, sizeOption, stallTimeoutOption, stallTimeoutOptionSpec, UsageError } from "../Options.js"
 import { type CommonFlags, runCommand } from "../Run.js"
 
 export interface SnapshotFlags extends CommonFlags {
@@ -130,7 +130,7 @@ export const snapshotCommand: CliCommand = (io, schedule) =>
         .option("buffer", bufferOption("copy pool size (0: synchronous)"))
         .option("fault-around", faultAroundOptionSpec("pages saved with each faulting page (power of two, 1 = off)"))
         .option("compression", compressionOptionSpec)
-        .option("stall-timeout", { type: "number", default: 10, describe: "with --listen or --pid: seconds the output may take nothing (a reader of -o - that stopped reading, a hung disk) before the snapshot is abandoned and the guest released; meanwhile the guest waits on its write faults once the buffer is full" })
+        .option("stall-timeout", stallTimeoutOptionSpec("with --listen or --pid: seconds the output may take nothing (a reader of -o - that stopped reading, a hung disk) before the snapshot is abandoned and the guest released; meanwhile the guest waits on its write faults once the buffer is full"))
         .example("$0 snapshot --agent /run/vmsnap.sock --vm web-1 -o web-1.vmsnap", "")
         .example("$0 snapshot --listen /tmp/vmsnap.sock -o guest.vmsnap", "then start the VMM with --agent /tmp/vmsnap.sock")
         .example("$0 snapshot --pid 4242 --min-size 1GiB -o qemu.vmsnap", "the guest RAM of a running QEMU (docs/pid-snapshot.md)")
@@ -147,14 +147,13 @@ export const snapshotCommand: CliCommand = (io, schedule) =>
       if (a.output === "-" && stdoutIsDevNull()) throw new UsageError("-o -: standard output is /dev/null (closed, or redirected there), so the snapshot would be lost: redirect it to a file or a pipe, or give -o FILE")
       if (a.agent !== undefined && a.vm === undefined) throw new UsageError("--agent needs --vm ID (see the agent's log for connected VMs)")
       if (!Number.isInteger(a.processes) || a.processes < 1 || a.processes > 16) throw new UsageError(`--processes ${a.processes}: must be 1 to 16`)
-      const stall = a["stall-timeout"]
-      if (!(stall > 0 && stall <= 86400)) throw new UsageError(`--stall-timeout ${stall}: must be seconds, more than 0 and at most 86400`)
+      const stallMs = stallTimeoutOption(a["stall-timeout"])
       const poolPages = poolPagesOption(a.buffer)
       const around = faultAroundOption(a["fault-around"])
       schedule(() =>
         runSnapshot(io, {
           ...commonFlags(a), output: a.output, agent: a.agent, listen: a.listen, vm: a.vm, processes: a.processes,
-          waitMs: a.wait, poolPages, faultAroundPages: around, compression: a.compression, pid: a.pid, mappings, stallMs: stall * 1000
+          waitMs: a.wait, poolPages, faultAroundPages: around, compression: a.compression, pid: a.pid, mappings, stallMs
         })
       )
     }
