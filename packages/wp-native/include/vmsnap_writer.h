@@ -90,6 +90,18 @@ typedef struct wp_writer wp_writer;
 wp_writer *wp_writer_create(wp_engine *e, int32_t fd, uint64_t offset, uint32_t batch_pages, uint32_t record_pages,
                             uint32_t compression, uint32_t buffers, uint32_t delay_us, uint32_t flags, int32_t *err_out);
 
+/* Write-behind, for file output: once the file is lag_bytes past the last
+ * mark, writeback starts for its bytes up to lag_bytes from its end, in
+ * steps of step_bytes, and the range marked one lag before is dropped from
+ * the page cache (only pages already on disk; nothing is lost). lag_bytes 0
+ * turns it off. wp_writer_create turns it on (lag 256 MiB, step 64 MiB)
+ * when the regions hold more than the kernel lets be dirty before it
+ * throttles writers (vm.dirty_bytes, else vm.dirty_ratio of MemAvailable;
+ * 2 GiB if those cannot be read), and off for a stream. Before
+ * wp_writer_start: -EALREADY after it, -EINVAL for a step of 0 or over lag,
+ * -ENOTSUP on a stream. */
+int32_t wp_writer_set_write_behind(wp_writer *w, uint64_t lag_bytes, uint64_t step_bytes);
+
 /* Starts the writer thread ("vmsnap-writer"; with compression, also
  * "vmsnap-lz4"). -EALREADY if started. */
 int32_t wp_writer_start(wp_writer *w);

@@ -117,6 +117,7 @@ wp_writer *wp_writer_create(wp_engine *e, int32_t fd, uint64_t offset, uint32_t 
     *w = (wp_writer){.engine = e, .fd = fd, .batch_pages = batch_pages, .record_pages = record_pages,
                      .compression = compression, .delay_us = delay_us, .offset = offset,
                      .sequential = flags & WP_WRITER_SEQUENTIAL, .refs = 1};
+    wp_writer_default_write_behind(w);
     pthread_mutex_init(&w->engine_lock, NULL);
     pthread_mutex_init(&w->append_lock, NULL);
     pthread_mutex_init(&w->lock, NULL);

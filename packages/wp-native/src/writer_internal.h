@@ -14,6 +14,13 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+/* Write-behind (wp_writer_set_write_behind) by default: its lag and step,
+ * and the size above which it is on when the kernel's dirty limit cannot
+ * be read. */
+#define WP_WRITER_BEHIND_LAG (256ull << 20)
+#define WP_WRITER_BEHIND_STEP (64ull << 20)
+#define WP_WRITER_BEHIND_FALLBACK_BYTES (2ull << 30)
+
 struct batch {
     uint8_t *data; /* the data pages, packed (batch_pages x 4 KiB) */
     uint32_t *regions;
@@ -53,6 +60,11 @@ struct wp_writer {
     wp_writer_record *index;
     uint64_t index_count, index_cap;
 
+    /* Write-behind (writer_append.c): lag 0 is off; `behind` is how far
+     * writeback has been started. */
+    uint64_t behind_lag, behind_step;
+    _Atomic uint64_t behind;
+
     _Atomic uint64_t state;
     _Atomic int64_t error;
     _Atomic uint64_t error_source;
@@ -67,5 +79,9 @@ void wp_writer_fail(wp_writer *w, int32_t err, uint64_t source);
  * entries, then their bytes. 0, or -errno after wp_writer_fail (-ECANCELED:
  * the writer is stopping, nothing failed). */
 int wp_writer_append(wp_writer *w, struct batch *b);
+
+/* wp_writer_create's choice of write-behind: on (WP_WRITER_BEHIND_LAG and
+ * _STEP) for file output of regions larger than the kernel's dirty limit. */
+void wp_writer_default_write_behind(wp_writer *w);
 
 #endif

@@ -11,7 +11,12 @@
  * Then the failure paths: a full disk (/dev/full: -ENOSPC, from the file)
  * must stop the writer with the cause, and destroying engine and writer
  * must let every guest writer finish (no guest left blocked); also when
- * the writer is stuck in a write to a stream nobody reads.
+ * the writer is stuck in a write to a stream nobody reads. And write-behind
+ * (wp_writer_set_write_behind) with a lag of a few pages, so that writeback
+ * and page-cache drops run all through the snapshot: the file must still
+ * equal the reference; how much of it stayed cached is printed, not
+ * checked (it depends on how fast the disk writes back: the writer waits
+ * 2 ms after each batch there, to give it time).
  * Exit 0 pass, 1 fail, 77 skip.
  */
 #define _GNU_SOURCE
@@ -39,6 +44,23 @@ static _Atomic int paused;
 static _Atomic uint64_t writes;
 static _Atomic size_t stream_expect; /* a stream's writer is done: this many bytes come (its own copy of the fd stays open) */
 static int writers = WRITERS; /* guest threads of the next snapshot */
+static uint64_t behind_lag;   /* write-behind of the next snapshot: lag bytes (step a quarter), 0 the default */
+static size_t cached_pages, file_pages; /* with write-behind: the file's pages in the page cache when the writer was done */
+
+/* How many of the first `len` bytes' pages of fd are in the page cache. */
+static size_t pages_cached(int fd, size_t len)
+{
+    size_t n = 0, pages = (len + PAGE - 1) / PAGE;
+    unsigned char *map = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0);
+    unsigned char *vec = malloc(pages);
+    if (map != MAP_FAILED && vec && mincore(map, len, vec) == 0)
+        for (size_t i = 0; i < pages; i++)
+            n += vec[i] & 1;
+    if (map != MAP_FAILED)
+        munmap(map, len);
+    free(vec);
+    return n;
+}
 
 static void *guest(void *arg)
 {
@@ -153,9 +175,19 @@ static int snapshot(int fd, uint32_t c, uint32_t pool_slots, int32_t expect_erro
     memcpy(reference, mem, (size_t)PAGES * PAGE);
     if ((rc = wp_engine_protect(e)) < 0)
         return wp_test_fail("wp_engine_protect", rc);
-    wp_writer *w = wp_writer_create(e, fd, HEADER, 256, 16, c, 4, 0, flags, &err);
+    /* With write-behind, 2 ms after each batch: time for writeback, so drops happen (printed, not checked). */
+    wp_writer *w = wp_writer_create(e, fd, HEADER, 256, 16, c, 4, behind_lag ? 2000 : 0, flags, &err);
+    if (w && behind_lag && (rc = wp_writer_set_write_behind(w, behind_lag, behind_lag / 4)) < 0)
+        return wp_test_fail("wp_writer_set_write_behind", rc);
+    if (w && (flags & WP_WRITER_SEQUENTIAL) && (rc = wp_writer_set_write_behind(w, 1u << 20, 1u << 18)) != -ENOTSUP)
+        return wp_test_fail("write-behind on a stream", rc);
+    if (w && !(flags & WP_WRITER_SEQUENTIAL) && ((rc = wp_writer_set_write_behind(w, 1u << 20, 0)) != -EINVAL ||
+              (rc = wp_writer_set_write_behind(w, 1u << 12, 1u << 13)) != -EINVAL))
+        return wp_test_fail("write-behind with a step of 0 or over the lag", rc);
     if (!w || (rc = wp_writer_start(w)) < 0)
         return wp_test_fail("wp_writer_create/start", w ? rc : err);
+    if ((rc = wp_writer_set_write_behind(w, 0, 0)) != -EALREADY)
+        return wp_test_fail("write-behind changed after start", rc);
     uint64_t writes_at_cut = atomic_load(&writes);
     atomic_store(&phase, 0);
     wp_writer_stats st;
@@ -179,6 +211,10 @@ static int snapshot(int fd, uint32_t c, uint32_t pool_slots, int32_t expect_erro
         if (wp_writer_index(w, index, (uint64_t)n) != n || (uint64_t)n != st.records)
             result = wp_test_fail("the index changed after done", n);
         else {
+            if (behind_lag) { /* before the read-back below fills the page cache again */
+                file_pages = (st.end_offset + PAGE - 1) / PAGE;
+                cached_pages = pages_cached(fd, st.end_offset);
+            }
             atomic_store(&stream_expect, st.end_offset - HEADER);
             result = check_file(readback ? readback() : fd, index, n, reference, st.end_offset);
         }
@@ -337,6 +373,21 @@ int main(void)
                (unsigned long)st.batches_lz4_inline);
         close(fd);
         writers = WRITERS;
+    }
+    /* Write-behind all through the snapshot (a 256 KiB lag, 64 KiB steps): each mode still exact. */
+    for (uint32_t c = WP_WRITER_NONE; c <= WP_WRITER_AUTO; c++) {
+        fill();
+        char path[] = "/var/tmp/vmsnap-test-writer-XXXXXX"; /* a disk, where /tmp may be tmpfs */
+        int fd = mkstemp(path);
+        unlink(path);
+        wp_writer_stats st;
+        behind_lag = 256u << 10;
+        if (fd < 0 || snapshot(fd, c, 1024, 0, &st, 0, NULL))
+            return wp_test_fail(names[c], 2);
+        behind_lag = 0;
+        printf("ok: compression %s, write-behind: exact; %zu of %zu pages of the file were cached when the writer was done\n",
+               names[c], cached_pages, file_pages);
+        close(fd);
     }
     /* A stream (standard output): every mode, the bytes in offset order, through a full non-blocking pipe. */
     for (uint32_t c = WP_WRITER_NONE; c <= WP_WRITER_AUTO; c++) {
