@@ -9,6 +9,7 @@ import { withHugePages } from "./hugePages.js"
 import { Cause, Effect, Exit, Fiber } from "effect"
 import { type ChildProcess, execFile, execFileSync, spawn, spawnSync } from "node:child_process"
 import { chmodSync, existsSync, mkdirSync, readdirSync, statSync, symlinkSync, writeFileSync } from "node:fs"
+import { totalmem } from "node:os"
 import { dirname, join } from "node:path"
 import { fileURLToPath } from "node:url"
 import { promisify } from "node:util"
@@ -318,6 +319,17 @@ describe.skipIf(skip)("agent security", () => {
       expect(existsSync(path)).toBe(false)
       expect(readdirSync(out).filter((n) => n.includes(`cut-${when}`))).toEqual([])
       vmm.kill()
+    })
+
+    it("a VMM declaring more memory than this machine has (a sparse memfd) is refused at hello, naming the bound (break8)", async () => {
+      // Cheap for the peer, costly to protect: page tables for all of it. The old agent welcomed it.
+      const size = Math.ceil((totalmem() + 1024 * MiB) / MiB) * MiB
+      const answer = await ask(socket, hello("sparse", {}, { size }), `uffd,memfd:${size}`)
+      expect(answer.type).toBe("error")
+      expect(answer.message).toMatch(/vm "sparse"'s guest memory \(its regions together\) is .*, more than the .* vmsnap write-protects at once \(this machine's memory\)/)
+      expect(answer.message).toMatch(/vmsnap agent --max-guest-size/)
+      const vms = await Effect.runPromise(listVms(socket))
+      expect(vms.map((v) => v.id)).not.toContain("sparse")
     })
 
     it("more device processes than the engine protects are refused at hello, not at snapshot", async () => {

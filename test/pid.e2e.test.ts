@@ -204,6 +204,20 @@ describe.skipIf(skip)("vmsnap snapshot --pid (CLI)", () => {
     await expectReleased(target)
   })
 
+  it("mappings over --max-guest-size are refused before the target is touched, naming the largest and the ways out (break8)", async () => {
+    const target = new Target(["16", "2"])
+    const t = await target.ready
+    const path = join(dir, "bound.vmsnap")
+    const r = await finished(cli(["snapshot", "--pid", String(t.pid), "-o", path, "--max-guest-size", "4MiB"]))
+    expect(r.code, r.stdout + r.stderr).toBe(2)
+    expect(r.stderr).toMatch(new RegExp(`pid ${t.pid}'s mappings to capture \\(the largest: 0x[0-9a-f]+-0x[0-9a-f]+ rw-.*\\) is .*, more than the 4\\.00 MiB vmsnap write-protects at once \\(the bound given\\)`))
+    expect(r.stderr).toMatch(/leave the large reservations out with --mapping START-END\|NAME or --min-size, or raise the bound \(--max-guest-size\)/)
+    expect(existsSync(path)).toBe(false)
+    // Never stopped nor injected: no userfaultfd was made in it.
+    expect(readFileSync(`/proc/${t.pid}/status`, "utf8")).toMatch(/^TracerPid:\s+0$/m)
+    await expectReleased(target)
+  })
+
   it("usage: --pid with --agent, or --mapping without --pid, is a usage error", async () => {
     expect((await finished(cli(["snapshot", "--pid", "1", "--agent", "/x", "-o", join(dir, "u")]))).code).toBe(2)
     expect((await finished(cli(["snapshot", "--listen", "/x", "--mapping", "heap", "-o", join(dir, "u")]))).code).toBe(2)

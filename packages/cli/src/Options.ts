@@ -68,3 +68,9 @@ export const stallTimeoutOption = (value: number): number => {
   if (!(value > 0 && value <= 86400)) throw new UsageError(`--stall-timeout ${value}: must be seconds, more than 0 and at most 86400`)
   return value * 1000
 }
+
+/** --max-guest-size: the most guest memory one snapshot write-protects (GuestBound.ts); default this machine's memory. */
+export const maxGuestSizeOptionSpec = (describe: string) => ({ type: "string", describe }) as const
+
+/** --max-guest-size's value in bytes, or undefined for the default. */
+export const maxGuestSizeOption = (value: unknown): number | undefined => (value === undefined ? undefined : sizeOption("max-guest-size", value, PAGE_SIZE))

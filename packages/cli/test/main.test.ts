@@ -223,6 +223,8 @@ describe("agent and snapshot usage", () => {
     [["snapshot", "--agent", "/tmp/a.sock", "--vm", "x", "-o", "-"], /-o - works with --listen and --pid/],
     [["agent", "--listen", "/tmp/a.sock", "--output-dir", "/tmp", "--socket-mode", "rw"], /--socket-mode rw: give an octal mode/],
     [["agent", "--listen", "/tmp/a.sock", "--output-dir", "/tmp", "--stall-timeout", "0"], /--stall-timeout 0: must be seconds/],
+    [["agent", "--listen", "/tmp/a.sock", "--output-dir", "/tmp", "--max-guest-size", "lots"], /--max-guest-size lots: not a size/],
+    [["snapshot", "--agent", "/tmp/a.sock", "--vm", "x", "-o", "x.vmsnap", "--max-guest-size", "1GiB"], /--max-guest-size goes with --listen or --pid/],
     [["demo", "--guest", "vmm", "--memory", "anon-thp"], /needs --guest threads/],
     [["demo", "--guest", "threads", "--device"], /--device needs --guest vmm/]
   ])("%j is a usage error", async (argv, pattern) => {

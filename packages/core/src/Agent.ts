@@ -19,10 +19,11 @@ import { Cause, Effect, Exit, Fiber } from "effect"
 import type { Socket } from "node:net"
 import { type ClientRequest, encodeMessage, LineReader, MAX_MESSAGE_BYTES, parseClientRequest, parseHello, parseMessage, type SnapshotRequest } from "./AgentProtocol.js"
 import { type Vm, VmRegistry, type VmInfo } from "./AgentRegistry.js"
-import { type AgentTimeouts, snapshotVm } from "./AgentSnapshot.js"
+import { type AgentSnapshotLimits, snapshotVm } from "./AgentSnapshot.js"
 import type { Peer } from "./AgentPeer.js"
 import { removeStaleTempFiles } from "./AtomicFile.js"
 import { describeError, ioError, ProtocolError, SnapshotIoError, type VmsnapError } from "./Errors.js"
+import { defaultMaxGuestBytes } from "./GuestBound.js"
 import { closeFds, type FirstMessage } from "./internal/firstMessage.js"
 import { endAndClose, type HandshakeLimits, listenUnix, type PeerCred, type UnixServer } from "./internal/unixServer.js"
 import { OutputDir } from "./OutputDir.js"
@@ -54,6 +55,8 @@ export interface AgentOptions {
     readonly prepareTimeoutMs?: number
     /** A snapshot whose output takes nothing for this long fails, releasing the guest. Default 10 000 ms (SnapshotWriter.ts STALL_MS). */
     readonly stallTimeoutMs?: number
+    /** The most guest memory one VM may declare at hello and have protected (GuestBound.ts). Default this machine's memory. */
+    readonly maxGuestBytes?: number
   }
 }
 
@@ -73,13 +76,13 @@ const endOfLine = (b: Buffer) => {
 
 export class Agent {
   private readonly registry: VmRegistry
-  private readonly timeouts: AgentTimeouts
+  private readonly snapshotLimits: AgentSnapshotLimits
   private server: UnixServer | undefined
   private output: OutputDir | undefined
 
   constructor(readonly socketPath: string, private readonly options: AgentOptions = {}) {
-    this.registry = new VmRegistry(options.limits?.peersPerUid ?? DEFAULT_PEERS_PER_UID)
-    this.timeouts = { freezeMs: options.limits?.freezeTimeoutMs ?? FREEZE_TIMEOUT_MS, prepareMs: options.limits?.prepareTimeoutMs ?? PREPARE_TIMEOUT_MS, stallMs: options.limits?.stallTimeoutMs }
+    this.registry = new VmRegistry(options.limits?.peersPerUid ?? DEFAULT_PEERS_PER_UID, options.limits?.maxGuestBytes ?? defaultMaxGuestBytes())
+    this.snapshotLimits = { freezeMs: options.limits?.freezeTimeoutMs ?? FREEZE_TIMEOUT_MS, prepareMs: options.limits?.prepareTimeoutMs ?? PREPARE_TIMEOUT_MS, stallMs: options.limits?.stallTimeoutMs, maxGuestBytes: options.limits?.maxGuestBytes }
   }
 
   private log(line: string) {
@@ -195,7 +198,7 @@ export class Agent {
     if (!output) throw new ProtocolError({ reason: "this agent writes no snapshot on request: start it with --output-dir DIR" })
     const location = output.resolve(request.path, cred)
     let last = 0
-    const program = snapshotVm(this.registry, this.timeouts, (l) => this.log(l), {
+    const program = snapshotVm(this.registry, this.snapshotLimits, (l) => this.log(l), {
       request,
       output: location,
       fileMode: this.options.fileMode,
@@ -228,7 +231,7 @@ export class Agent {
     request: Omit<SnapshotRequest, "type">,
     onProgress?: (savedBytes: number, totalBytes: number) => void
   ): Effect.Effect<SnapshotResult, VmsnapError, WpNative> {
-    return snapshotVm(this.registry, this.timeouts, (l) => this.log(l), { request, fileMode: this.options.fileMode, onProgress })
+    return snapshotVm(this.registry, this.snapshotLimits, (l) => this.log(l), { request, fileMode: this.options.fileMode, onProgress })
   }
 }
 

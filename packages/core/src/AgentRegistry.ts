@@ -7,6 +7,7 @@
  */
 import type { Socket } from "node:net"
 import { checkHello } from "./AgentAdmission.js"
+import { guestTooLarge } from "./GuestBound.js"
 import { failProtocol as fail, type Hello, MAX_VM_PROCESSES } from "./AgentProtocol.js"
 import { Peer } from "./AgentPeer.js"
 import { errnoReason } from "./internal/errno.js"
@@ -32,7 +33,7 @@ export class VmRegistry {
   private readonly arrivals = new Set<() => void>()
   private readonly perUid = new Map<number, number>()
 
-  constructor(private readonly peersPerUid: number) {}
+  constructor(private readonly peersPerUid: number, private readonly maxGuestBytes: number) {}
 
   get(id: string): Vm | undefined {
     return this.vms.get(id)
@@ -65,6 +66,10 @@ export class VmRegistry {
     if (vm.busy) fail(`vm "${hello.vm}" is being snapshotted; connect when it is done`)
     const mine = this.perUid.get(cred.uid) ?? 0
     if (mine >= this.peersPerUid) fail(`uid ${cred.uid} already has ${mine} processes connected, the most this agent allows per uid`)
+    if (hello.role === "vmm") {
+      const tooLarge = guestTooLarge(hello.regions.reduce((n, r) => n + r.size, 0), `vm "${hello.vm}"'s guest memory (its regions together)`, "if the guest really is that large, raise the agent's bound (vmsnap agent --max-guest-size)", this.maxGuestBytes)
+      if (tooLarge) fail(tooLarge)
+    }
     checkHello(hello, fds, cred.pid)
     const rc: number = loadWp().wp_uffd_negotiate([fds[hello.uffd]!])
     if (rc < 0)

@@ -26,9 +26,12 @@ import type { OutputLocation } from "./OutputDir.js"
 import { type SnapshotResult, takeSnapshot } from "./SnapshotSession.js"
 import type { RemoteProcess, WpNative } from "./WpNative.js"
 
-export interface AgentTimeouts {
+/** The timeouts and bounds of an agent's snapshots (AgentOptions.limits, with defaults). */
+export interface AgentSnapshotLimits {
   /** A snapshot whose output takes nothing for this long fails (SnapshotWriter.ts `stallMs`). */
   readonly stallMs?: number
+  /** The most guest memory protected (GuestBound.ts); default this machine's memory. */
+  readonly maxGuestBytes?: number
   /** How long a process may take to answer `freeze` (a VMM may copy a reference of all its memory first). */
   readonly freezeMs: number
   /** How long a process may take to answer `prepare`. */
@@ -166,7 +169,7 @@ const progressTo = (peers: ReadonlyArray<Peer>, onProgress: AgentSnapshotOptions
 /** Takes a live snapshot of a connected VM. Fails if a process of the VM disconnects during it; the others are unprotected and thawed. */
 export const snapshotVm = (
   registry: VmRegistry,
-  timeouts: AgentTimeouts,
+  limits: AgentSnapshotLimits,
   log: (line: string) => void,
   options: AgentSnapshotOptions
 ): Effect.Effect<SnapshotResult, VmsnapError, WpNative> =>
@@ -181,9 +184,9 @@ export const snapshotVm = (
     log(`vm ${vm.id}: snapshot to ${path} started`)
 
     const run = Effect.gen(function* () {
-      yield* Effect.forEach(peers.filter((p) => p.hello.prepare), (p) => ask(p, "prepare", "prepared", timeouts.prepareMs), { discard: true })
+      yield* Effect.forEach(peers.filter((p) => p.hello.prepare), (p) => ask(p, "prepare", "prepared", limits.prepareMs), { discard: true })
       const { memory, processes } = yield* engineLayout(vmm, peers)
-      const { freeze, thaw } = freezeControl(vm, vmm, timeouts.freezeMs)
+      const { freeze, thaw } = freezeControl(vm, vmm, limits.freezeMs)
       return yield* takeSnapshot({
         regions: memory,
         processes,
@@ -193,7 +196,8 @@ export const snapshotVm = (
         faultAroundPages: request.faultAroundPages,
         compression: request.compression,
         steer: request.steer,
-        stallMs: timeouts.stallMs,
+        stallMs: limits.stallMs,
+        maxGuestBytes: limits.maxGuestBytes,
         freeze,
         thaw,
         onProgress: progressTo(peers, options.onProgress)

@@ -23,6 +23,7 @@ import { Effect } from "effect"
 import { closeSync } from "node:fs"
 import { outOfOomReach } from "./internal/oomScore.js"
 import { CapabilityError, InvalidInput, NativeError, type VmsnapError } from "./Errors.js"
+import { guestTooLarge } from "./GuestBound.js"
 import { gpa, hva, type MemoryRegion } from "./GuestMemory.js"
 import { errnoReason } from "./internal/errno.js"
 import { type JsExternal, loadWp } from "./internal/ffi.js"
@@ -57,6 +58,8 @@ export interface PidSnapshotOptions {
   readonly writerDelayMs?: number
   /** Fail when the output takes nothing for this long, in ms (SnapshotWriter.ts `stallMs`, default 10 s). */
   readonly stallMs?: number
+  /** The most bytes of mappings protected (GuestBound.ts); default this machine's memory. */
+  readonly maxGuestBytes?: number
 }
 
 /** One captured mapping as recorded: the target's hva, bytes, kind, name, permissions. */
@@ -215,6 +218,12 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
       yield* checkNotShared(pid, picked.chosen, "")
       if (picked.chosen.length > 64)
         return yield* Effect.fail(new InvalidInput({ reason: `pid ${pid} has ${picked.chosen.length} mappings to capture, more than the engine's 64 regions: pick some with --mapping START-END|NAME or --min-size` }))
+      // Before anything is done to the target: sparse reservations (a sanitizer's shadow, a runtime's
+      // reserved heap) can be terabytes, and protecting them would exhaust this machine (GuestBound.ts).
+      const largest = [...picked.chosen].sort((a, b) => b.size - a.size).slice(0, 3).map(describeMapping).join(", ")
+      const tooLarge = guestTooLarge(picked.chosen.reduce((n, m) => n + m.size, 0), `pid ${pid}'s mappings to capture (the largest: ${largest})`,
+        "leave the large reservations out with --mapping START-END|NAME or --min-size, or raise the bound (--max-guest-size) if they really are in use", options.maxGuestBytes)
+      if (tooLarge) return yield* Effect.fail(new InvalidInput({ reason: tooLarge }))
       // Frozen only to run userfaultfd(2) inside the target and take the fd.
       const uffd = yield* Effect.acquireUseRelease(
         Effect.suspend(() => {
@@ -257,7 +266,8 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
         explainFailure: (e) => Effect.sync(() => explainFailure(pid, chosen, e)),
         onProgress: options.onProgress,
         writerDelayMs: options.writerDelayMs,
-        stallMs: options.stallMs
+        stallMs: options.stallMs,
+        maxGuestBytes: options.maxGuestBytes
       }).pipe(
         // Failures outside the registered part (registering itself): bounds only.
         Effect.mapError((e) => {

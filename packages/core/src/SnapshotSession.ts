@@ -31,8 +31,10 @@ export interface SnapshotOptions extends WriterOptions {
   readonly poolPages?: number
   /** Remote mode: protect these processes (a VMM and its devices) instead of this one. */
   readonly processes?: ReadonlyArray<RemoteProcess>
-  /** Pages saved per write fault (power of two up to 512; 1 = off). Default 16. */
+  /** Pages saved per write fault (power of two up to 512; 1 = off). Default 64 (DEFAULT_FAULT_AROUND_PAGES). */
   readonly faultAroundPages?: number
+  /** The most bytes of regions protected (GuestBound.ts); default this machine's memory; more fails InvalidInput. */
+  readonly maxGuestBytes?: number
   /** Pause the guest's vCPUs: runs right before the cut. */
   readonly freeze?: Effect.Effect<void, VmsnapError>
   /** Resume them: runs right after the cut, also when the cut fails. */
@@ -223,7 +225,8 @@ const takeSnapshotScoped = (declared: SnapshotOptions): Effect.Effect<Omit<Snaps
         poolPages: options.poolPages ?? DEFAULT_POOL_PAGES,
         faultAroundPages: options.faultAroundPages,
         processes: options.processes,
-        steer: options.steer
+        steer: options.steer,
+        maxGuestBytes: options.maxGuestBytes
       })
       const { armMs, pauseMs, cutAt, records, fileBytes } = yield* Effect.gen(function* () {
         const { armMs, pauseMs } = yield* cut(engine, options)

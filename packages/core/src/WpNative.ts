@@ -9,6 +9,7 @@
 import { Context, Effect, Layer } from "effect"
 import { CapabilityError, InvalidInput, NativeError } from "./Errors.js"
 import { PAGE_SIZE, type MemoryRegion } from "./GuestMemory.js"
+import { guestTooLarge } from "./GuestBound.js"
 import { errnoReason } from "./internal/errno.js"
 import {
   type JsExternal, loadWp, WP_ABI_VERSION, WP_FEATURE_MOVE, WP_FEATURE_PAGEFAULT_FLAG_WP, WP_FEATURE_WP_ASYNC,
@@ -243,6 +244,8 @@ export interface EngineOptions {
   readonly faultAroundPages?: number
   /** Sweep where the guest last faulted first (default true); false: front to back. */
   readonly steer?: boolean
+  /** The most bytes of regions protected (GuestBound.ts; default this machine's memory); more is InvalidInput. */
+  readonly maxGuestBytes?: number
 }
 
 export class WpNative extends Context.Service<WpNative, {
@@ -257,7 +260,10 @@ export class WpNative extends Context.Service<WpNative, {
         const around = options.faultAroundPages ?? DEFAULT_FAULT_AROUND_PAGES
         if (!Number.isInteger(around) || around < 1 || around > 512 || (around & (around - 1)) !== 0)
           return yield* Effect.fail(new InvalidInput({ reason: `faultAroundPages ${around}: the pages saved with each faulting page must be a power of two from 1 to 512 (1 = only the faulting page)` }))
-        const pool = Math.min(options.poolPages, options.regions.reduce((n, r) => n + r.size / PAGE_SIZE, 0))
+        const total = options.regions.reduce((n, r) => n + r.size, 0)
+        const tooLarge = guestTooLarge(total, "the memory to protect", "if the guest really is that large, raise the bound (maxGuestBytes; vmsnap agent and snapshot: --max-guest-size)", options.maxGuestBytes)
+        if (tooLarge) return yield* Effect.fail(new InvalidInput({ reason: tooLarge }))
+        const pool = Math.min(options.poolPages, total / PAGE_SIZE)
         const caps = yield* probe
         yield* requireCapabilities(caps, options.regions)
         const lib = yield* load

@@ -1,5 +1,6 @@
 export * from "./Errors.js"
 export * from "./GuestMemory.js"
+export * from "./GuestBound.js"
 export * from "./WpNative.js"
 export * from "./SnapshotFormat.js"
 export * from "./SnapshotFile.js"

@@ -69,6 +69,22 @@ describe.skipIf(unavailable)("WpNative", () => {
     expect(slots).toBe(256)
   })
 
+  it("memory over the bound is refused before anything is registered (break8: sparse terabytes took the host's memory in page tables)", async () => {
+    const [over, under] = await runTest(
+      Effect.gen(function* () {
+        const g = yield* DemoGuest.make(1 * MiB, "anon")
+        const native = yield* WpNative
+        const over = yield* Effect.flip(native.engine({ regions: [g.region], poolPages: 16, maxGuestBytes: MiB - 4096 }))
+        const under = yield* native.engine({ regions: [g.region], poolPages: 16, maxGuestBytes: MiB })
+        return [over, under.statsSync().poolSlots] as const
+      })
+    )
+    expect(over).toBeInstanceOf(InvalidInput)
+    expect(over.message).toMatch(/the memory to protect is 1\.00 MiB, more than the 1020\.0 KiB vmsnap write-protects at once \(the bound given\)/)
+    expect(over.message).toMatch(/raise the bound \(maxGuestBytes; vmsnap agent and snapshot: --max-guest-size\)/)
+    expect(under).toBe(16)
+  })
+
   it("a region that is not mapped fails with a NativeError, nothing left registered", async () => {
     const error = await runTest(
       Effect.flip(

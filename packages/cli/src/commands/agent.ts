@@ -7,7 +7,7 @@ import { Effect } from "effect"
 import { readFileSync } from "node:fs"
 import type { Io } from "../Io.js"
 import { type CliCommand, defineCommand } from "../Command.js"
-import { commonFlags, stallTimeoutOption, stallTimeoutOptionSpec, UsageError } from "../Options.js"
+import { commonFlags, maxGuestSizeOption, maxGuestSizeOptionSpec, stallTimeoutOption, stallTimeoutOptionSpec, UsageError } from "../Options.js"
 import { type CommonFlags, runCommand } from "../Run.js"
 
 export interface AgentFlags extends CommonFlags {
@@ -20,6 +20,8 @@ export interface AgentFlags extends CommonFlags {
   readonly mode: number | undefined
   /** Fail a snapshot when its output takes nothing for this long (ms). */
   readonly stallMs: number
+  /** The most guest memory one VM may declare (bytes); undefined: this machine's memory. */
+  readonly maxGuestBytes: number | undefined
 }
 
 export const runAgent = (io: Io, flags: AgentFlags) =>
@@ -36,7 +38,7 @@ export const runAgent = (io: Io, flags: AgentFlags) =>
           socketMode: flags.socketMode,
           socketGroup: flags.socketGroup,
           fileMode: flags.mode,
-          limits: { stallTimeoutMs: flags.stallMs }
+          limits: { stallTimeoutMs: flags.stallMs, maxGuestBytes: flags.maxGuestBytes }
         })
         if (!flags.json) io.stderr(`vmsnap agent: listening on ${flags.listen}, writing snapshots under ${flags.outputDir} (Ctrl-C to stop)\n`)
         return yield* Effect.never
@@ -83,6 +85,7 @@ export const agentCommand: CliCommand = (io, schedule) =>
         .option("socket-mode", { type: "string", describe: "mode of the socket file, e.g. 0660 (default 0600: only this user connects)" })
         .option("socket-group", { type: "string", describe: "group of the socket file (with --socket-mode 0660: that group's VMMs may connect)" })
         .option("mode", { type: "string", describe: "mode of snapshot files written on request (default 0600)" })
+        .option("max-guest-size", maxGuestSizeOptionSpec("the most guest memory one VM may declare at hello, e.g. 64GiB (default: this machine's memory): write-protecting memory takes page tables and state in proportion to its declared size, so a VMM declaring terabytes of sparse memory is refused instead of exhausting the host"))
         .option("stall-timeout", stallTimeoutOptionSpec("seconds a snapshot's file may take nothing (a hung disk or file system) before that snapshot is abandoned, its guest released and the requester told why"))
         .example("$0 agent --listen /run/vmsnap.sock --output-dir /var/lib/vmsnap", "then start VMMs with that socket, and ask: vmsnap snapshot --agent /run/vmsnap.sock --vm ID -o web-1.vmsnap")
         .example("$0 agent --listen /run/vmsnap.sock --output-dir /srv/snap --socket-mode 0660 --socket-group kvm --allow-group kvm", "VMMs and operators of group kvm may connect and ask"),
@@ -98,7 +101,8 @@ export const agentCommand: CliCommand = (io, schedule) =>
         socketMode: fileModeOption("socket-mode", a.socketMode),
         socketGroup: a.socketGroup === undefined ? undefined : idOf("socket-group", "/etc/group", a.socketGroup),
         mode: fileModeOption("mode", a.mode),
-        stallMs: stallTimeoutOption(a.stallTimeout)
+        stallMs: stallTimeoutOption(a.stallTimeout),
+        maxGuestBytes: maxGuestSizeOption(a.maxGuestSize)
       }
       schedule(() => runAgent(io, flags))
     }

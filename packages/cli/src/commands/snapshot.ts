@@ -10,7 +10,7 @@ import { resolve } from "node:path"
 import type { Io } from "../Io.js"
 import { progressBar } from "../Progress.js"
 import { type CliCommand, defineCommand } from "../Command.js"
-import { bufferOption, commonFlags, compressionOptionSpec, faultAroundOption, faultAroundOptionSpec, poolPagesOption, sizeOption, stallTimeoutOption, stallTimeoutOptionSpec, UsageError } from "../Options.js"
+import { bufferOption, commonFlags, compressionOptionSpec, faultAroundOption, faultAroundOptionSpec, maxGuestSizeOption, maxGuestSizeOptionSpec, poolPagesOption, sizeOption, stallTimeoutOption, stallTimeoutOptionSpec, UsageError } from "../Options.js"
 import { type CommonFlags, runCommand } from "../Run.js"
 
 export interface SnapshotFlags extends CommonFlags {
@@ -25,6 +25,8 @@ export interface SnapshotFlags extends CommonFlags {
   readonly compression: Compression
   /** Fail when the output takes nothing for this long (ms). */
   readonly stallMs: number
+  /** With --listen or --pid: the most memory protected (bytes); undefined: this machine's memory. */
+  readonly maxGuestBytes?: number
   /** --pid: snapshot this process directly (ptrace), with these mappings (empty: all capturable). */
   readonly pid?: number
   readonly mappings?: ReadonlyArray<MappingSelector>
@@ -60,7 +62,7 @@ const outputPath = (output: string) => (output === "-" ? "-" : resolve(output))
 const oneShot = (flags: SnapshotFlags, io: Io, onProgress: (d: number, t: number) => void) =>
   Effect.scoped(
     Effect.gen(function* () {
-      const agent = yield* agentScoped(flags.listen!, { log: (l) => flags.verbose && io.stderr(`vmsnap agent: ${l}\n`), limits: { stallTimeoutMs: flags.stallMs } })
+      const agent = yield* agentScoped(flags.listen!, { log: (l) => flags.verbose && io.stderr(`vmsnap agent: ${l}\n`), limits: { stallTimeoutMs: flags.stallMs, maxGuestBytes: flags.maxGuestBytes } })
       if (!flags.json) io.stderr(`vmsnap: waiting on ${flags.listen} for ${flags.vm ? `vm ${flags.vm}` : "a VMM"}${flags.processes > 1 ? ` with ${flags.processes} processes` : ""}...\n`)
       const vm = yield* Effect.tryPromise({
         try: (signal) => agent.waitForVm(flags.vm, flags.processes, signal),
@@ -88,6 +90,7 @@ const byPid = (flags: SnapshotFlags, onProgress: (d: number, t: number) => void)
       pid: flags.pid!, path: outputPath(flags.output), mappings: flags.mappings, poolPages: flags.poolPages, faultAroundPages: flags.faultAroundPages,
       compression: flags.compression,
       stallMs: flags.stallMs,
+      maxGuestBytes: flags.maxGuestBytes,
       onProgress: (saved, total) => onProgress(saved * 4096, total * 4096)
     }),
     (r): Summary => ({
@@ -130,6 +133,7 @@ export const snapshotCommand: CliCommand = (io, schedule) =>
         .option("buffer", bufferOption("copy pool size (0: synchronous)"))
         .option("fault-around", faultAroundOptionSpec("pages saved with each faulting page (power of two, 1 = off)"))
         .option("compression", compressionOptionSpec)
+        .option("max-guest-size", maxGuestSizeOptionSpec("with --listen or --pid: the most memory to write-protect, e.g. 64GiB (default: this machine's memory); protecting takes page tables and state in proportion to the size, so sparse terabytes are refused"))
         .option("stall-timeout", stallTimeoutOptionSpec("with --listen or --pid: seconds the output may take nothing (a reader of -o - that stopped reading, a hung disk) before the snapshot is abandoned and the guest released; meanwhile the guest waits on its write faults once the buffer is full"))
         .example("$0 snapshot --agent /run/vmsnap.sock --vm web-1 -o web-1.vmsnap", "")
         .example("$0 snapshot --listen /tmp/vmsnap.sock -o guest.vmsnap", "then start the VMM with --agent /tmp/vmsnap.sock")
@@ -148,12 +152,14 @@ export const snapshotCommand: CliCommand = (io, schedule) =>
       if (a.agent !== undefined && a.vm === undefined) throw new UsageError("--agent needs --vm ID (see the agent's log for connected VMs)")
       if (!Number.isInteger(a.processes) || a.processes < 1 || a.processes > 16) throw new UsageError(`--processes ${a.processes}: must be 1 to 16`)
       const stallMs = stallTimeoutOption(a["stall-timeout"])
+      const maxGuestBytes = maxGuestSizeOption(a["max-guest-size"])
+      if (maxGuestBytes !== undefined && a.agent !== undefined) throw new UsageError("--max-guest-size goes with --listen or --pid: a running agent has its own (vmsnap agent --max-guest-size)")
       const poolPages = poolPagesOption(a.buffer)
       const around = faultAroundOption(a["fault-around"])
       schedule(() =>
         runSnapshot(io, {
           ...commonFlags(a), output: a.output, agent: a.agent, listen: a.listen, vm: a.vm, processes: a.processes,
-          waitMs: a.wait, poolPages, faultAroundPages: around, compression: a.compression, pid: a.pid, mappings, stallMs
+          waitMs: a.wait, poolPages, faultAroundPages: around, compression: a.compression, pid: a.pid, mappings, stallMs, maxGuestBytes
         })
       )
     }
