@@ -321,6 +321,13 @@ describe.skipIf(skip)("agent security", () => {
       vmm.kill()
     })
 
+    it("a memfd the VMM maps MAP_PRIVATE is refused at hello: its writes are not in the fd (break8 H1: a snapshot of zeros)", async () => {
+      const answer = await ask(socket, hello("private"), `uffd,memfd-private:${MiB}`)
+      expect(answer.type).toBe("error")
+      expect(answer.message).toMatch(/pid \d+ maps the fd privately \(MAP_PRIVATE, rw-p\) at 0x[0-9a-f]+: the guest's writes land in private copies/)
+      expect(answer.message).toMatch(/map guest memory MAP_SHARED, or declare the region with "fd": null/)
+    })
+
     it("a VMM declaring more memory than this machine has (a sparse memfd) is refused at hello, naming the bound (break8)", async () => {
       // Cheap for the peer, costly to protect: page tables for all of it. The old agent welcomed it.
       const size = Math.ceil((totalmem() + 1024 * MiB) / MiB) * MiB

@@ -6,8 +6,8 @@
  * sender's mapping, /proc/PID/smaps, for anonymous ones; never trusted from
  * the hello) is the one the region declares (4 KiB, or 2 MiB for hugetlbfs),
  * and the sender really maps each region where it says (its /proc/PID/maps:
- * the whole range is mapped, by that fd at that offset for fd-backed
- * regions). The pid is the kernel's (SO_PEERCRED), never the message's.
+ * the whole range is mapped, by that fd at that offset and shared for
+ * fd-backed regions). The pid is the kernel's (SO_PEERCRED), never the message's.
  */
 import { fstatSync, readFileSync } from "node:fs"
 import { failProtocol as fail, type Hello, type HelloRegion } from "./AgentProtocol.js"
@@ -20,6 +20,8 @@ interface Mapping {
   readonly offset: bigint
   readonly inode: number
   readonly path: string
+  /** The permissions column, e.g. rw-s (s: MAP_SHARED, p: MAP_PRIVATE). */
+  readonly perms: string
 }
 
 /** The mappings of `pid` (/proc/PID/maps), in address order. */
@@ -31,9 +33,9 @@ const mappingsOf = (pid: number): Array<Mapping> => {
     return fail(`cannot read /proc/${pid}/maps to check the regions: ${(e as Error).message}`)
   }
   return text.split("\n").filter((l) => l.length > 0).map((line) => {
-    const [range, , offset, , inode, ...path] = line.split(/\s+/)
+    const [range, perms, offset, , inode, ...path] = line.split(/\s+/)
     const [start, end] = range!.split("-")
-    return { start: BigInt(`0x${start}`), end: BigInt(`0x${end}`), offset: BigInt(`0x${offset}`), inode: Number(inode), path: path.join(" ") }
+    return { start: BigInt(`0x${start}`), end: BigInt(`0x${end}`), offset: BigInt(`0x${offset}`), inode: Number(inode), path: path.join(" "), perms: perms ?? "" }
   })
 }
 
@@ -47,6 +49,10 @@ const checkMapped = (maps: ReadonlyArray<Mapping>, i: number, r: HelloRegion, in
     if (m.end <= at || m.start > at) continue
     if (inode !== undefined) {
       if (m.inode !== inode) fail(`${where(i, r)}: pid ${pid} maps ${m.path || "anonymous memory"} at 0x${at.toString(16)}, not the fd it sent`)
+      // MAP_PRIVATE: the guest's writes go to private copies the fd does not show, so reading the
+      // fd would save its unwritten pages (zeros) as the guest's memory (break8 H1).
+      if (m.perms[3] !== "s")
+        fail(`${where(i, r)}: pid ${pid} maps the fd privately (MAP_PRIVATE, ${m.perms}) at 0x${at.toString(16)}: the guest's writes land in private copies the fd does not show, so a snapshot read through the fd would be wrong; map guest memory MAP_SHARED, or declare the region with "fd": null so it is read from the process's memory`)
       if (m.offset + (at - m.start) !== BigInt(r.offset) + (at - r.hva))
         fail(`${where(i, r)}: pid ${pid} maps the fd at offset 0x${(m.offset + (at - m.start)).toString(16)} there, not at the region's offset ${r.offset}`)
     }

@@ -27,6 +27,8 @@
 #define WP_SPIN_NS 5000ull         /* fault thread and full pool: poll 5 us before sleeping */
 #define WP_OVERFLOW_NS 200000000ull /* a fallback waiting longer overflows */
 #define WP_SWEEP_MAX_PAGES 16384u   /* scratch size for one sweep call */
+#define WP_DRAIN_QUIET_NS 5000000ull /* wp_engine_destroy reads events until none came for 5 ms */
+#define WP_DRAIN_MAX_NS 1000000000ull /* and for 1 s at most */
 
 enum { PAGE_PENDING = 0, PAGE_COPYING = 1, PAGE_SAVED = 2 };
 

@@ -56,6 +56,7 @@ const engineTable = {
 /** vmsnap_writer.h (prefix wp_writer_): the native writer thread. */
 const writerTable = {
   wp_writer_create: { library: "vmsnap_wp", retType: EXT, paramsType: [EXT, I32, BIG, U32, U32, U32, U32, U32, U32, B] },
+  wp_writer_set_write_behind: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, BIG, BIG] },
   wp_writer_start: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   wp_writer_poll: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B] },
   wp_writer_index: { library: "vmsnap_wp", retType: BIG, paramsType: [EXT, B, BIG] },
