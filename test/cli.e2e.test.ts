@@ -3,10 +3,10 @@
  * it, including SIGINT in the middle of a snapshot.
  */
 import { spawn, spawnSync } from "node:child_process"
-import { existsSync, mkdtempSync, readdirSync, rmSync } from "node:fs"
+import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { dirname, join } from "node:path"
-import { fileURLToPath } from "node:url"
+import { fileURLToPath, pathToFileURL } from "node:url"
 import { afterAll, describe, expect, it } from "vitest"
 
 const bin = join(dirname(fileURLToPath(import.meta.url)), "..", "packages", "cli", "dist", "bin.js")
@@ -25,6 +25,42 @@ describe.skipIf(skip)("vmsnap binary", () => {
   it("demo --json: exit 0, one JSON object on stdout, consistent", () => {
     expect(probe.status, probe.stderr).toBe(0)
     expect(JSON.parse(probe.stdout).consistent).toBe(true)
+  })
+
+  it("SIGTERM while vmsnap is still loading its modules: --json's one object saying nothing was done, exit 143 (break8 L1)", async () => {
+    // A module hook holds the loading of main.js until the test says go, so the signal lands exactly
+    // there. Before, bin.ts imported main.js first: the signal met no handler and the process died silently.
+    const hooks = join(dir, "hold-main.mjs")
+    const register = join(dir, "register.mjs")
+    const waiting = join(dir, "main-requested")
+    const go = join(dir, "go")
+    writeFileSync(hooks, `import { existsSync, writeFileSync } from "node:fs"
+export async function load(url, context, next) {
+  if (url.endsWith("/cli/dist/main.js")) {
+    writeFileSync(${JSON.stringify(waiting)}, "")
+    while (!existsSync(${JSON.stringify(go)})) await new Promise((r) => setTimeout(r, 5))
+  }
+  return next(url, context)
+}
+`)
+    writeFileSync(register, `import { register } from "node:module"\nregister(${JSON.stringify(pathToFileURL(hooks).href)})\n`)
+    const child = spawn(process.execPath, ["--import", pathToFileURL(register).href, bin, "snapshot", "--pid", String(process.pid), "-o", join(dir, "early.vmsnap"), "--json"], {
+      stdio: ["ignore", "pipe", "pipe"]
+    })
+    let stdout = ""
+    let stderr = ""
+    child.stdout.on("data", (d) => (stdout += d))
+    child.stderr.on("data", (d) => (stderr += d))
+    const exited = new Promise<number | null>((resolve) => child.on("exit", (c) => resolve(c)))
+    while (!existsSync(waiting) && child.exitCode === null) await new Promise((r) => setTimeout(r, 5))
+    child.kill("SIGTERM")
+    await new Promise((r) => setTimeout(r, 100))
+    writeFileSync(go, "")
+    const code = await exited
+    for (const f of [hooks, register, waiting, go]) rmSync(f, { force: true })
+    expect(code, stderr).toBe(143)
+    expect(JSON.parse(stdout)).toEqual({ ok: false, error: { tag: "Interrupted", message: "terminated", stopped: "stopped before it began: nothing was done" }, exitCode: 143 })
+    expect(readdirSync(dir)).toEqual([])
   })
 
   it("SIGINT mid-snapshot: exit 130, protection removed, no file under the final name", async () => {

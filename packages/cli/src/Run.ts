@@ -5,6 +5,7 @@
  */
 import { WpNative } from "@vmsnap/core"
 import { Cause, Effect, Exit } from "effect"
+import { takeEarlySignal } from "./EarlySignals.js"
 import { ExitCode, exitCodeOfError, isInterrupted } from "./ExitCode.js"
 import type { Io } from "./Io.js"
 
@@ -22,6 +23,14 @@ export interface Rendered {
   readonly exitCode?: number
 }
 
+/** Says that a signal stopped the command (one line, or --json's object) and returns its exit code. */
+const reportStopped = (io: Io, flags: CommonFlags, code: number, stopped: string): number => {
+  const what = code === ExitCode.terminated ? "terminated" : "interrupted"
+  if (flags.json) io.stdout(JSON.stringify({ ok: false, error: { tag: "Interrupted", message: what, stopped }, exitCode: code }) + "\n")
+  else io.stderr(`vmsnap: ${what}: ${stopped}\n`)
+  return code
+}
+
 const messageOf = (e: unknown): string => (e instanceof Error ? e.message : String(e))
 
 export const runCommand = async <A, E>(
@@ -36,6 +45,9 @@ export const runCommand = async <A, E>(
    */
   stopped: () => string = () => "protection removed, partial output deleted"
 ): Promise<number> => {
+  // A signal while vmsnap was still loading (EarlySignals.ts): nothing has been done yet.
+  const early = takeEarlySignal()
+  if (early) return reportStopped(io, flags, early === "SIGTERM" ? ExitCode.terminated : ExitCode.interrupted, "stopped before it began: nothing was done")
   const controller = new AbortController()
   let signalCode: number = ExitCode.interrupted
   const onSigint = () => {
@@ -61,12 +73,7 @@ export const runCommand = async <A, E>(
     else io.stderr(out.human.endsWith("\n") ? out.human : out.human + "\n")
     return out.exitCode ?? ExitCode.ok
   }
-  if (isInterrupted(exit)) {
-    const what = signalCode === ExitCode.terminated ? "terminated" : "interrupted"
-    if (flags.json) io.stdout(JSON.stringify({ ok: false, error: { tag: "Interrupted", message: what, stopped: stopped() }, exitCode: signalCode }) + "\n")
-    else io.stderr(`vmsnap: ${what}: ${stopped()}\n`)
-    return signalCode
-  }
+  if (isInterrupted(exit)) return reportStopped(io, flags, signalCode, stopped())
   const error = Cause.squash(exit.cause)
   const code = exitCodeOfError(error)
   const tag = typeof error === "object" && error !== null && "_tag" in error ? String((error as { _tag: unknown })._tag) : "Defect"

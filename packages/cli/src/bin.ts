@@ -1,5 +1,10 @@
 #!/usr/bin/env node
-import { main } from "./main.js"
+// Signals first, then the rest: a SIGINT or SIGTERM while the modules load is
+// remembered and reported by the command (EarlySignals.ts).
+import { listenEarly } from "./EarlySignals.js"
+
+listenEarly()
+const { main } = await import("./main.js")
 
 main(process.argv.slice(2)).then(
   (code) => {
