@@ -328,6 +328,16 @@ describe.skipIf(skip)("agent security", () => {
       expect(answer.message).toMatch(/map guest memory MAP_SHARED, or declare the region with "fd": null/)
     })
 
+    it("one memory at two addresses: declared twice, or written through an undeclared second mapping, or two regions at one hva (break8 H4)", async () => {
+      const twice = JSON.stringify({ type: "hello", version: 1, vm: "alias2", uffd: 0, regions: [
+        { gpa: "0x0", size: MiB, fd: 1, offset: 0, hva: "HVA" }, { gpa: "0x40000000", size: MiB, fd: 1, offset: 0, hva: "ALIAS" }] })
+      expect((await ask(socket, twice, `uffd,memfd:${MiB}`, "--alias")).message).toMatch(/pid \d+ also maps that memory writable at 0x[0-9a-f]+-0x[0-9a-f]+ rw-s .*memfd:bad-peer.*: a page written there would be saved after the cut/)
+      expect((await ask(socket, hello("alias1"), `uffd,memfd:${MiB}`, "--alias")).message).toMatch(/also maps that memory writable at/)
+      const same = JSON.stringify({ type: "hello", version: 1, vm: "samehva", uffd: 0, regions: [
+        { gpa: "0x0", size: MiB, fd: 1, offset: 0, hva: "HVA" }, { gpa: "0x40000000", size: MiB, fd: 1, offset: 0, hva: "HVA" }] })
+      expect((await ask(socket, same, `uffd,memfd:${MiB}`)).message).toMatch(/region 1 .* overlaps region 0 .* in the sender's address space: declare each piece of guest memory once/)
+    })
+
     it("a VMM declaring more memory than this machine has (a sparse memfd) is refused at hello, naming the bound (break8)", async () => {
       // Cheap for the peer, costly to protect: page tables for all of it. The old agent welcomed it.
       const size = Math.ceil((totalmem() + 1024 * MiB) / MiB) * MiB

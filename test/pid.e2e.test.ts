@@ -204,6 +204,20 @@ describe.skipIf(skip)("vmsnap snapshot --pid (CLI)", () => {
     await expectReleased(target)
   })
 
+  it("shared memory mapped twice, writable, is refused before the target is touched: one page at two addresses (break8 H4)", async () => {
+    const target = new Target(["16", "2"])
+    const t = await target.ready
+    target.send("alias")
+    const again = BigInt(`0x${(await target.line(/^aliased ([0-9a-f]+)$/m))[1]}`)
+    const path = join(dir, "alias.vmsnap")
+    const r = await finished(cli(["snapshot", "--pid", String(t.pid), "-o", path]))
+    expect(r.code, r.stdout + r.stderr).toBe(2)
+    expect(r.stderr).toMatch(new RegExp(`pid ${t.pid} maps the same shared memory twice, writable: 0x(${t.shm.toString(16)}|${again.toString(16)})-.* and 0x(${t.shm.toString(16)}|${again.toString(16)})-`))
+    expect(existsSync(path)).toBe(false)
+    expect(readFileSync(`/proc/${t.pid}/status`, "utf8")).toMatch(/^TracerPid:\s+0$/m)
+    await expectReleased(target)
+  })
+
   it("mappings over --max-guest-size are refused before the target is touched, naming the largest and the ways out (break8)", async () => {
     const target = new Target(["16", "2"])
     const t = await target.ready

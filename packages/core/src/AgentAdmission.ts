@@ -12,7 +12,7 @@
 import { fstatSync, readFileSync } from "node:fs"
 import { failProtocol as fail, type Hello, type HelloRegion } from "./AgentProtocol.js"
 import { PAGE_SIZE } from "./GuestMemory.js"
-import { readMappings } from "./ProcessMappings.js"
+import { aliasesOf, deviceName, describeMapping, type ProcessMapping, readMappings } from "./ProcessMappings.js"
 
 interface Mapping {
   readonly start: bigint
@@ -68,13 +68,30 @@ const checkPageSize = (i: number, r: HelloRegion, real: number, source: string) 
     fail(`${where(i, r)}: ${source} has ${real}-byte pages${real > PAGE_SIZE ? " (hugetlbfs)" : ""} but the region declares pageSize ${r.pageSize}: declare "pageSize": ${real}`)
 }
 
+/** Two regions of one hello at overlapping hvas are one memory declared twice. */
+const checkNoOverlap = (hello: Hello) => {
+  const sorted = hello.regions.map((r, i) => ({ r, i })).sort((a, b) => (a.r.hva < b.r.hva ? -1 : 1))
+  for (let k = 1; k < sorted.length; k++) {
+    const a = sorted[k - 1]!, b = sorted[k]!
+    if (a.r.hva + BigInt(a.r.size) > b.r.hva) fail(`${where(b.i, b.r)} overlaps ${where(a.i, a.r)} in the sender's address space: declare each piece of guest memory once`)
+  }
+}
+
 /** Checks a hello against its fds and the sender's mappings; ProtocolError naming the cause. */
 export const checkHello = (hello: Hello, fds: ReadonlyArray<number>, pid: number) => {
   const maps = mappingsOf(pid)
+  checkNoOverlap(hello)
+  let all: ReadonlyArray<ProcessMapping> | undefined
   hello.regions.forEach((r, i) => {
     let inode: number | undefined
     if (r.fd !== null) {
       const st = fstatSync(fds[r.fd]!)
+      // The same memory mapped writable elsewhere in the sender (break8 H4: declared twice, or
+      // written through an undeclared second mapping): its writes there would not be protected.
+      all ??= readMappings(pid)
+      const alias = aliasesOf({ start: r.hva, end: r.hva + BigInt(r.size), device: deviceName(st.dev), inode: st.ino, offset: BigInt(r.offset) }, all)[0]
+      if (alias)
+        fail(`${where(i, r)}: pid ${pid} also maps that memory writable at ${describeMapping(alias)}: a page written there would be saved after the cut. Declare each piece of guest memory once, and do not write it through a second mapping`)
       if (!st.isFile()) fail(`${where(i, r)}: its fd is not a memory file (memfd or shmem)`)
       if (st.size < r.offset + r.size) fail(`region at gpa 0x${r.gpa.toString(16)}: its fd holds ${st.size} bytes, fewer than offset ${r.offset} + size ${r.size}`)
       // hugetlbfs reports its huge page size as the block size; tmpfs/memfd report 4096.

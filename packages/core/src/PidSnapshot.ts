@@ -28,7 +28,7 @@ import { gpa, hva, type MemoryRegion } from "./GuestMemory.js"
 import { errnoReason } from "./internal/errno.js"
 import { type JsExternal, loadWp } from "./internal/ffi.js"
 import {
-  type ChosenMapping, describeMapping, type MappingSelector, type ProcessMapping, readMappings, sameLayout, selectMappings
+  aliasesOf, type ChosenMapping, describeMapping, type MappingSelector, type ProcessMapping, readMappings, sameLayout, selectMappings
 } from "./ProcessMappings.js"
 import { checkTarget, isAlive, ptraceDenied } from "./PidTarget.js"
 import { describeShared, sharedWithOthers } from "./SharedMappers.js"
@@ -169,6 +169,22 @@ const checkNotShared = (pid: number, chosen: ReadonlyArray<ChosenMapping>, when:
     }))
   })
 
+/** Fails if a chosen mapping's memory is also mapped writable at another address of the process (aliasesOf). */
+const checkNoAliases = (pid: number, chosen: ReadonlyArray<ChosenMapping>): Effect.Effect<void, VmsnapError> =>
+  Effect.suspend(() => {
+    const all = readMappings(pid)
+    for (const m of chosen) {
+      const alias = aliasesOf(m, all)[0]
+      if (alias)
+        return Effect.fail(new InvalidInput({
+          reason: `pid ${pid} maps the same shared memory twice, writable: ${describeMapping(m)} and ${describeMapping(alias)} (one file range at two addresses). ` +
+            `vmsnap protects each mapping's pages on their own, so a page written through one would be saved through the other after the cut: ` +
+            `this process cannot be captured at one instant while it writes through both; snapshot it when it does not, or leave both out with --mapping`
+        }))
+    }
+    return Effect.void
+  })
+
 const checkLayout = (pid: number, chosen: ReadonlyArray<ChosenMapping>, when: string): Effect.Effect<void, VmsnapError> =>
   Effect.suspend(() => {
     const change = layoutChange(pid, chosen)
@@ -216,6 +232,7 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
       if (picked instanceof InvalidInput) picked = selectMappings(pid, readMappings(pid), options.mappings ?? [])
       if (picked instanceof InvalidInput) return yield* Effect.fail(picked)
       yield* checkNotShared(pid, picked.chosen, "")
+      yield* checkNoAliases(pid, picked.chosen)
       if (picked.chosen.length > 64)
         return yield* Effect.fail(new InvalidInput({ reason: `pid ${pid} has ${picked.chosen.length} mappings to capture, more than the engine's 64 regions: pick some with --mapping START-END|NAME or --min-size` }))
       // Before anything is done to the target: sparse reservations (a sanitizer's shadow, a runtime's

@@ -162,3 +162,29 @@ export const sameLayout = (chosen: ReadonlyArray<ProcessMapping>, now: ReadonlyA
   }
   return undefined
 }
+
+/** A stat(2) st_dev as /proc/PID/maps prints it: "MAJOR:MINOR" in hex, at least two digits each (the kernel's new_encode_dev). */
+export const deviceName = (dev: number | bigint): string => {
+  const d = BigInt(dev)
+  const major = ((d >> 8n) & 0xfffn) | ((d >> 32n) & ~0xfffn)
+  const minor = (d & 0xffn) | ((d >> 12n) & ~0xffn)
+  return `${major.toString(16).padStart(2, "0")}:${minor.toString(16).padStart(2, "0")}`
+}
+
+/**
+ * The same shared memory mapped writable at another address of the same
+ * process (break8 H4): mappings of `all` outside [start, end) that map part
+ * of the file range [offset, offset + size) of the same file (device and
+ * inode), shared and writable. Page state is kept per mapped range, so a
+ * page written through such an alias would be saved through the other
+ * range after the cut: a snapshot of one instant needs none.
+ */
+export const aliasesOf = (
+  range: { readonly start: bigint; readonly end: bigint; readonly device: string; readonly inode: number; readonly offset: bigint },
+  all: ReadonlyArray<ProcessMapping>
+): Array<ProcessMapping> => {
+  const fileEnd = range.offset + (range.end - range.start)
+  return all.filter((o) =>
+    o.inode !== 0 && o.inode === range.inode && o.device === range.device && o.permissions[1] === "w" && o.permissions[3] === "s" &&
+    (o.end <= range.start || o.start >= range.end) && o.offset < fileEnd && range.offset < o.offset + BigInt(o.size))
+}
