@@ -68,6 +68,14 @@ const checkPageSize = (i: number, r: HelloRegion, real: number, source: string) 
     fail(`${where(i, r)}: ${source} has ${real}-byte pages${real > PAGE_SIZE ? " (hugetlbfs)" : ""} but the region declares pageSize ${r.pageSize}: declare "pageSize": ${real}`)
 }
 
+const readSmapsOrEmpty = (pid: number): ReadonlyArray<ProcessMapping> => {
+  try {
+    return readMappings(pid)
+  } catch {
+    return []
+  }
+}
+
 /** Two regions of one hello at overlapping hvas are one memory declared twice. */
 const checkNoOverlap = (hello: Hello) => {
   const sorted = hello.regions.map((r, i) => ({ r, i })).sort((a, b) => (a.r.hva < b.r.hva ? -1 : 1))
@@ -86,19 +94,22 @@ export const checkHello = (hello: Hello, fds: ReadonlyArray<number>, pid: number
     let inode: number | undefined
     if (r.fd !== null) {
       const st = fstatSync(fds[r.fd]!)
-      // The same memory mapped writable elsewhere in the sender (break8 H4: declared twice, or
-      // written through an undeclared second mapping): its writes there would not be protected.
-      all ??= readMappings(pid)
-      const alias = aliasesOf({ start: r.hva, end: r.hva + BigInt(r.size), device: deviceName(st.dev), inode: st.ino, offset: BigInt(r.offset) }, all)[0]
-      if (alias)
-        fail(`${where(i, r)}: pid ${pid} also maps that memory writable at ${describeMapping(alias)}: a page written there would be saved after the cut. Declare each piece of guest memory once, and do not write it through a second mapping`)
       if (!st.isFile()) fail(`${where(i, r)}: its fd is not a memory file (memfd or shmem)`)
       if (st.size < r.offset + r.size) fail(`region at gpa 0x${r.gpa.toString(16)}: its fd holds ${st.size} bytes, fewer than offset ${r.offset} + size ${r.size}`)
       // hugetlbfs reports its huge page size as the block size; tmpfs/memfd report 4096.
       checkPageSize(i, r, Math.max(st.blksize, PAGE_SIZE), "its fd")
       inode = st.ino
+      checkMapped(maps, i, r, inode, pid)
+      // The same memory mapped writable elsewhere in the sender (break8 H4: declared twice, or
+      // written through an undeclared second mapping): its writes there would not be protected.
+      // smaps that cannot be read (the process is exiting; its maps passed just above) tell nothing.
+      all ??= readSmapsOrEmpty(pid)
+      const alias = aliasesOf({ start: r.hva, end: r.hva + BigInt(r.size), device: deviceName(st.dev), inode: st.ino, offset: BigInt(r.offset) }, all)[0]
+      if (alias)
+        fail(`${where(i, r)}: pid ${pid} also maps that memory writable at ${describeMapping(alias)}: a page written there would be saved after the cut. Declare each piece of guest memory once, and do not write it through a second mapping`)
+    } else {
+      checkMapped(maps, i, r, inode, pid)
     }
-    checkMapped(maps, i, r, inode, pid)
     if (r.fd === null) {
       let real: number | undefined
       try {
