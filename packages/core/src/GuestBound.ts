@@ -6,8 +6,8 @@
  * or not: 2 MiB per GiB), and the engine keeps state for every 4 KiB page
  * (0.5 MiB per GiB). A peer declaring sparse regions of terabytes
  * (MAP_NORESERVE memory costs it nothing) would make the agent exhaust the
- * host: break8 declared ~11 TiB and the kernel's page tables took 23 GB,
- * until the OOM killer ran. So the total size of what one snapshot protects
+ * host: break8 declared 16 TiB, and the kernel's page tables had reached
+ * 23 GB when the OOM killer ran. So the total size of what one snapshot protects
  * is bounded, by default to this machine's memory (os.totalmem(): a guest
  * larger than that cannot have all its memory in use here); a guest that
  * really is larger (overcommitted) needs the bound raised.

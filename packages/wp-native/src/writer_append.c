@@ -66,21 +66,6 @@ static int write_all(wp_writer *w, struct iovec *iov, uint32_t left, uint64_t at
     return 0;
 }
 
-/*
- * Write-behind (file output, wp_writer_set_write_behind). Once the file is
- * `lag` past the last mark, writeback starts for its bytes up to `lag` from
- * the end (sync_file_range: started, not waited for), and the range marked
- * one lag before is dropped from the page cache (POSIX_FADV_DONTNEED: only
- * pages already on disk go; any still dirty or in flight stay, so no data
- * is lost). A snapshot then takes about 2 x lag of page cache instead of
- * its file's size. Without it, a file larger than the kernel's dirty limit
- * has its writer throttled to the disk's buffered speed
- * (balance_dirty_pages) while pages are still protected, and takes new
- * memory for every page it writes: on a VM whose free memory goes back to
- * its host (free page reporting, as on this project's test machine) each
- * such page costs a host fault, and an 8 GiB guest's sweep took 21 s
- * instead of 5 s (docs/BENCHMARKS.md).
- */
 /* One number from a /proc file (after `key` in it, if given); 0 if none. */
 static uint64_t proc_number(const char *path, const char *key)
 {
@@ -136,6 +121,21 @@ int32_t wp_writer_set_write_behind(wp_writer *w, uint64_t lag_bytes, uint64_t st
     return 0;
 }
 
+/*
+ * Write-behind (file output, wp_writer_set_write_behind). Once the file is
+ * `lag` past the last mark, writeback starts for its bytes up to `lag` from
+ * the end (sync_file_range: started, not waited for), and the range marked
+ * one lag before is dropped from the page cache (POSIX_FADV_DONTNEED: only
+ * pages already on disk go; any still dirty or in flight stay, so no data
+ * is lost). A snapshot then takes about 2 x lag of page cache instead of
+ * its file's size. Without it, a file larger than the kernel's dirty limit
+ * has its writer throttled to the disk's buffered speed
+ * (balance_dirty_pages) while pages are still protected, and takes new
+ * memory for every page it writes: on a VM whose free memory goes back to
+ * its host (free page reporting, as on this project's test machine) each
+ * such page costs a host fault, and an 8 GiB guest's sweep took 21-24 s
+ * instead of 6.5 s (docs/BENCHMARKS.md).
+ */
 static void write_behind(wp_writer *w, uint64_t end)
 {
     uint64_t lag = w->behind_lag, step = w->behind_step;
