@@ -78,7 +78,9 @@ const address = (v: unknown, what: string): bigint => {
 const ADDRESS_END = 1n << 64n
 
 const wholeNumber = (v: unknown, what: string): number =>
-  typeof v === "number" && Number.isSafeInteger(v) && v >= 0 ? v : fail(`${what} must be a whole number`)
+  typeof v === "number" && Number.isSafeInteger(v) && v >= 0
+    ? v
+    : fail(`${what} must be a whole number from 0 to 2^53 - 1 (got ${typeof v === "number" ? String(v) : typeof v})`)
 
 const vmId = (v: unknown): string =>
   typeof v === "string" && /^[A-Za-z0-9._-]{1,128}$/.test(v) ? v : fail(`"vm" must be 1-128 characters of A-Z a-z 0-9 . _ -`)

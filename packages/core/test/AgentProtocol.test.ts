@@ -51,6 +51,11 @@ describe("requests and framing", () => {
     expect(() => parseClientRequest({ type: "frobnicate" })).toThrow(/unknown message type/)
   })
 
+  it("a number out of range says the range and what came (break8: poolPages 2^60 was \"not a whole number\")", () => {
+    expect(() => parseClientRequest({ type: "snapshot", vm: "a", path: "x", poolPages: 2 ** 60 })).toThrow(/"poolPages" must be a whole number from 0 to 2\^53 - 1 \(got 1152921504606847000\)/)
+    expect(() => parseClientRequest({ type: "snapshot", vm: "a", path: "x", poolPages: "many" })).toThrow(/\(got string\)/)
+  })
+
   it("bypass-writers lists are bounded", () => {
     expect(parseBypassWriters(["a", "b"])).toEqual(["a", "b"])
     expect(() => parseBypassWriters(Array.from({ length: 65 }, () => "x"))).toThrow(/at most 64/)
