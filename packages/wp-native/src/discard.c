@@ -31,11 +31,14 @@
  *    An allocator purging the same free pages again and again does this.
  *    Whoever saves such a page saves zero.
  * UNMAP and REMAP move guest memory under the snapshot: it fails (-EFAULT).
+ * When the engine ends, the events still queued are read and dropped
+ * (wp_drain_events), so no discarding thread waits on one.
  */
 #define _GNU_SOURCE
 #include "engine_internal.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -153,4 +156,42 @@ void wp_memory_moved(wp_engine *e, uint32_t process)
 {
     if (atomic_load(&e->mode) != MODE_IDLE)
         wp_record_error(e, -EFAULT, (int32_t)process);
+}
+
+/*
+ * After the ranges are unregistered: read and drop every event still queued
+ * on the processes' uffds. A discard or unmap in a registered range queues
+ * an event (UFFD_EVENT_REMOVE, _UNMAP, _REMAP) and holds the thread that
+ * made it until the event is read (the kernel's
+ * userfaultfd_event_wait_completion), and with the fault thread gone nobody
+ * reads it: the guest thread would stay blocked until the next snapshot or
+ * until the uffd is closed by everyone (break8 H2). The kernel checks the
+ * range under the mmap lock but queues the event after dropping it, so an
+ * event can still come just after the unregister: reading goes on until
+ * none came for WP_DRAIN_QUIET_NS. Unregistered ranges make no new events,
+ * so this ends; WP_DRAIN_MAX_NS bounds it anyway.
+ */
+void wp_drain_events(wp_engine *e)
+{
+    struct pollfd fds[WP_MAX_PROCESSES];
+    nfds_t n = 0;
+    for (uint32_t i = 0; i < e->process_count; i++)
+        if (e->processes[i].uffd >= 0)
+            fds[n++] = (struct pollfd){.fd = e->processes[i].uffd, .events = POLLIN};
+    uint64_t start = monotonic_ns(), last = start;
+    while (n > 0) {
+        uint64_t now = monotonic_ns();
+        if (now - last >= WP_DRAIN_QUIET_NS || now - start >= WP_DRAIN_MAX_NS)
+            break;
+        if (poll(fds, n, 1) <= 0)
+            continue;
+        for (nfds_t i = 0; i < n; i++) {
+            if (!(fds[i].revents & POLLIN))
+                continue;
+            struct uffd_msg msgs[16];
+            /* poll said readable: a read of a blocking uffd returns what is queued */
+            if (read(fds[i].fd, msgs, sizeof msgs) > 0)
+                last = monotonic_ns();
+        }
+    }
 }

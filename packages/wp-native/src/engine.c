@@ -17,7 +17,6 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
-#include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/inotify.h>
 #include <sys/ioctl.h>
@@ -474,44 +473,6 @@ int32_t wp_engine_stats(wp_engine *e, wp_stats *out)
     return 0;
 }
 
-/*
- * After the ranges are unregistered: read and drop every event still queued
- * on the processes' uffds. A discard or unmap in a registered range queues
- * an event (UFFD_EVENT_REMOVE, _UNMAP, _REMAP) and holds the thread that
- * made it until the event is read (the kernel's
- * userfaultfd_event_wait_completion), and with the fault thread gone nobody
- * reads it: the guest thread would stay blocked until the next snapshot or
- * until the uffd is closed by everyone (break8 H2). The kernel checks the
- * range under the mmap lock but queues the event after dropping it, so an
- * event can still come just after the unregister: reading goes on until
- * none came for WP_DRAIN_QUIET_NS. Unregistered ranges make no new events,
- * so this ends; WP_DRAIN_MAX_NS bounds it anyway.
- */
-static void drain_events(wp_engine *e)
-{
-    struct pollfd fds[WP_MAX_PROCESSES];
-    nfds_t n = 0;
-    for (uint32_t i = 0; i < e->process_count; i++)
-        if (e->processes[i].uffd >= 0)
-            fds[n++] = (struct pollfd){.fd = e->processes[i].uffd, .events = POLLIN};
-    uint64_t start = monotonic_ns(), last = start;
-    while (n > 0) {
-        uint64_t now = monotonic_ns();
-        if (now - last >= WP_DRAIN_QUIET_NS || now - start >= WP_DRAIN_MAX_NS)
-            break;
-        if (poll(fds, n, 1) <= 0)
-            continue;
-        for (nfds_t i = 0; i < n; i++) {
-            if (!(fds[i].revents & POLLIN))
-                continue;
-            struct uffd_msg msgs[16];
-            /* poll said readable: a read of a blocking uffd returns what is queued */
-            if (read(fds[i].fd, msgs, sizeof msgs) > 0)
-                last = monotonic_ns();
-        }
-    }
-}
-
 int32_t wp_engine_destroy(wp_engine *e)
 {
     if (!e)
@@ -533,7 +494,7 @@ int32_t wp_engine_destroy(wp_engine *e)
         if (e->processes[m->process].uffd >= 0)
             ioctl(e->processes[m->process].uffd, UFFDIO_UNREGISTER, &range);
     }
-    drain_events(e);
+    wp_drain_events(e);
     for (uint32_t i = 0; i < e->region_count; i++) {
         free(e->regions[i].state);
         free(e->regions[i].written);

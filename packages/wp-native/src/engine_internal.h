@@ -235,6 +235,9 @@ bool wp_retry_deferred(wp_engine *e);
  * while arming, with `noting` set (the discard belongs before the cut). */
 void wp_discard_range(wp_engine *e, uint32_t process, uint64_t start, uint64_t end, bool armed);
 void wp_memory_moved(wp_engine *e, uint32_t process);
+/* wp_engine_destroy, after the unregister: reads the events still queued on
+ * every process's uffd, so no thread stays blocked on one (discard.c). */
+void wp_drain_events(wp_engine *e);
 /* Once armed (everything protected, the guest running): note which pages of
  * private anonymous memory are empty. Every later change to them is a noted
  * write or discard, which the cut looks at again. 0 or -errno. */
