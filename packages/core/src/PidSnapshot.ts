@@ -169,10 +169,9 @@ const checkNotShared = (pid: number, chosen: ReadonlyArray<ChosenMapping>, when:
     }))
   })
 
-/** Fails if a chosen mapping's memory is also mapped writable at another address of the process (aliasesOf). */
-const checkNoAliases = (pid: number, chosen: ReadonlyArray<ChosenMapping>): Effect.Effect<void, VmsnapError> =>
+/** Fails if a chosen mapping's memory is also mapped writable at another address of the process (aliasesOf): `all` is the layout the choice was made from. */
+const checkNoAliases = (pid: number, chosen: ReadonlyArray<ChosenMapping>, all: ReadonlyArray<ProcessMapping>): Effect.Effect<void, VmsnapError> =>
   Effect.suspend(() => {
-    const all = readMappings(pid)
     for (const m of chosen) {
       const alias = aliasesOf(m, all)[0]
       if (alias)
@@ -228,11 +227,12 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
       // smaps is read in several read(2)s, and the kernel drops the process's mmap lock between
       // them: a process that maps and unmaps as it runs can be seen without one of its mappings
       // (seen under load). A choice that names a mapping not found is made once more.
-      let picked = selectMappings(pid, readMappings(pid), options.mappings ?? [])
-      if (picked instanceof InvalidInput) picked = selectMappings(pid, readMappings(pid), options.mappings ?? [])
+      let mappings = readMappings(pid)
+      let picked = selectMappings(pid, mappings, options.mappings ?? [])
+      if (picked instanceof InvalidInput) picked = selectMappings(pid, (mappings = readMappings(pid)), options.mappings ?? [])
       if (picked instanceof InvalidInput) return yield* Effect.fail(picked)
       yield* checkNotShared(pid, picked.chosen, "")
-      yield* checkNoAliases(pid, picked.chosen)
+      yield* checkNoAliases(pid, picked.chosen, mappings)
       if (picked.chosen.length > 64)
         return yield* Effect.fail(new InvalidInput({ reason: `pid ${pid} has ${picked.chosen.length} mappings to capture, more than the engine's 64 regions: pick some with --mapping START-END|NAME or --min-size` }))
       // Before anything is done to the target: sparse reservations (a sanitizer's shadow, a runtime's
