@@ -68,11 +68,11 @@ const checkPageSize = (i: number, r: HelloRegion, real: number, source: string) 
     fail(`${where(i, r)}: ${source} has ${real}-byte pages${real > PAGE_SIZE ? " (hugetlbfs)" : ""} but the region declares pageSize ${r.pageSize}: declare "pageSize": ${real}`)
 }
 
-const readSmapsOrEmpty = (pid: number): ReadonlyArray<ProcessMapping> => {
+const tryRead = <A>(read: () => A): A | Error => {
   try {
-    return readMappings(pid)
-  } catch {
-    return []
+    return read()
+  } catch (e) {
+    return e instanceof Error ? e : new Error(String(e))
   }
 }
 
@@ -89,34 +89,29 @@ const checkNoOverlap = (hello: Hello) => {
 export const checkHello = (hello: Hello, fds: ReadonlyArray<number>, pid: number) => {
   const maps = mappingsOf(pid)
   checkNoOverlap(hello)
-  let all: ReadonlyArray<ProcessMapping> | undefined
+  // The sender's smaps, read once, when a region needs it (or why it could not be read).
+  let smapsRead: ReadonlyArray<ProcessMapping> | Error | undefined
+  const smaps = () => (smapsRead ??= tryRead(() => readMappings(pid)))
   hello.regions.forEach((r, i) => {
-    let inode: number | undefined
     if (r.fd !== null) {
       const st = fstatSync(fds[r.fd]!)
       if (!st.isFile()) fail(`${where(i, r)}: its fd is not a memory file (memfd or shmem)`)
       if (st.size < r.offset + r.size) fail(`region at gpa 0x${r.gpa.toString(16)}: its fd holds ${st.size} bytes, fewer than offset ${r.offset} + size ${r.size}`)
       // hugetlbfs reports its huge page size as the block size; tmpfs/memfd report 4096.
       checkPageSize(i, r, Math.max(st.blksize, PAGE_SIZE), "its fd")
-      inode = st.ino
-      checkMapped(maps, i, r, inode, pid)
+      checkMapped(maps, i, r, st.ino, pid)
       // The same memory mapped writable elsewhere in the sender (break8 H4: declared twice, or
       // written through an undeclared second mapping): its writes there would not be protected.
       // smaps that cannot be read (the process is exiting; its maps passed just above) tell nothing.
-      all ??= readSmapsOrEmpty(pid)
-      const alias = aliasesOf({ start: r.hva, end: r.hva + BigInt(r.size), device: deviceName(st.dev), inode: st.ino, offset: BigInt(r.offset) }, all)[0]
+      const all = smaps()
+      const alias = all instanceof Error ? undefined : aliasesOf({ start: r.hva, end: r.hva + BigInt(r.size), device: deviceName(st.dev), inode: st.ino, offset: BigInt(r.offset) }, all)[0]
       if (alias)
         fail(`${where(i, r)}: pid ${pid} also maps that memory writable at ${describeMapping(alias)}: a page written there would be saved after the cut. Declare each piece of guest memory once, and do not write it through a second mapping`)
     } else {
-      checkMapped(maps, i, r, inode, pid)
-    }
-    if (r.fd === null) {
-      let real: number | undefined
-      try {
-        real = readMappings(pid).find((m) => r.hva >= m.start && r.hva < m.end)?.kernelPageSize
-      } catch (e) {
-        fail(`cannot read /proc/${pid}/smaps to check the page size of ${where(i, r)}: ${(e as Error).message}`)
-      }
+      checkMapped(maps, i, r, undefined, pid)
+      const all = smaps()
+      if (all instanceof Error) return fail(`cannot read /proc/${pid}/smaps to check the page size of ${where(i, r)}: ${all.message}`)
+      const real = all.find((m) => r.hva >= m.start && r.hva < m.end)?.kernelPageSize
       if (real !== undefined) checkPageSize(i, r, real, `pid ${pid}'s mapping`)
     }
   })
