@@ -7,6 +7,8 @@ export default defineConfig({
     fileParallelism: false,
     testTimeout: 120_000,
     hookTimeout: 60_000,
+    // A native call that never returns would stop vitest's timeouts too: report it and go on.
+    setupFiles: ["test/hangWatchdog.ts"],
     reporters: ["default"]
   }
 })
