@@ -117,18 +117,25 @@ static bool discard_page(struct wp_region *r, uint32_t process, uint64_t page)
     if (state != PAGE_PENDING || r->fd >= 0 || wp_zero_at_cut(r, page))
         return true; /* saved before the discard, or its saver checks the mark (and saves zero if it was zero at the cut) */
     /* Anonymous memory: the content at the cut is gone. Claimed, so no
-     * later write is ever saved for it; if someone else claimed it first,
-     * they see the mark. */
-    return !wp_claim_page(r, page);
+     * later write is ever saved for it, and marked lost, so a write fault
+     * there (a huge page keeps its uffd-wp marker) is let through, not
+     * waited on; if someone else claimed it first, they see the mark. */
+    if (!wp_claim_page(r, page))
+        return true;
+    __atomic_store_n(&r->state[page], PAGE_LOST, __ATOMIC_RELEASE);
+    return false;
 }
 
 void wp_discard_range(wp_engine *e, uint32_t process, uint64_t start, uint64_t end, bool armed)
 {
+    /* Read while the cut runs (a thread the VMM did not pause): it counts as
+     * after the cut, and is never waited out here. The cut may be
+     * re-protecting, and the kernel refuses that (EAGAIN) while the
+     * discarder's next event is unread: waiting for the cut would hold the
+     * only reader of that event (test_cut_discard). Anonymous pages are then
+     * lost unless the cut saw them empty, which it may not have looked at
+     * yet: the snapshot fails (-ENODATA) rather than guess. */
     int mode = armed ? MODE_ARMING : atomic_load(&e->mode);
-    while (mode == MODE_CUTTING && !atomic_load(&e->stopping)) {
-        __builtin_ia32_pause();
-        mode = atomic_load(&e->mode);
-    }
     if (mode == MODE_IDLE)
         return; /* before the snapshot: nothing to keep */
     uint64_t lost = 0;

@@ -506,6 +506,7 @@ int32_t wp_engine_destroy(wp_engine *e)
     }
     free(e->armed_writes);
     free(e->deferred);
+    free(e->held);
     /* Closing a uffd also clears whatever protection is left in its process. */
     for (uint32_t i = 0; i < e->process_count; i++) {
         if (e->processes[i].uffd >= 0)

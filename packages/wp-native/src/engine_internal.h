@@ -30,7 +30,11 @@
 #define WP_DRAIN_QUIET_NS 5000000ull /* wp_engine_destroy reads events until none came for 5 ms */
 #define WP_DRAIN_MAX_NS 1000000000ull /* and for 1 s at most */
 
-enum { PAGE_PENDING = 0, PAGE_COPYING = 1, PAGE_SAVED = 2 };
+/* A unit's state. LOST: claimed by a discard after the cut (anonymous
+ * memory whose content at the cut is gone, discard.c): never saved, the
+ * snapshot has failed; whoever waits for the unit to be saved stops
+ * waiting, as for SAVED. */
+enum { PAGE_PENDING = 0, PAGE_COPYING = 1, PAGE_SAVED = 2, PAGE_LOST = 3 };
 
 /* What a write fault means. ARMING: protection is on but the cut has not
  * happened: remember the page as written and let the writer go. CUTTING: the
@@ -74,6 +78,13 @@ struct wp_deferred {
     uint64_t hva, len;
 };
 
+/* A write fault read while the cut runs, served once it has ended. */
+struct wp_held_fault {
+    uint32_t process;
+    uint64_t hva;
+    uint64_t since_ns; /* when it was read: its wait counts in the fault's time */
+};
+
 /* A process whose page tables are protected; it created `uffd`. */
 struct wp_process {
     int uffd;
@@ -113,6 +124,8 @@ struct wp_engine {
     _Atomic int mode;              /* MODE_* */
     struct wp_deferred *deferred;  /* fault thread only: unprotects to retry after its next read */
     size_t deferred_count, deferred_cap;
+    struct wp_held_fault *held;    /* fault thread only: write faults read during the cut */
+    size_t held_count, held_cap;
     _Atomic bool noting;           /* the fault thread is noting one armed write: the cut waits */
     struct wp_page_ref *armed_writes; /* pages unprotected while arming (fault thread only) */
     size_t armed_count, armed_cap;

@@ -277,9 +277,29 @@ static void note_written(wp_engine *e, uint32_t ri, uint64_t page)
     wp_unprotect_pages(e, ri, page, e->regions[ri].unit);
 }
 
-static void serve_write_fault(wp_engine *e, uint32_t process, uint64_t fault_hva)
+/* A write fault read while the cut runs: held until it has ended
+ * (wp_serve_held_faults). Its writer stays blocked meanwhile, as it would
+ * if the cut had frozen it. Without memory to hold it, it is let through:
+ * its page is not saved, and the snapshot fails. */
+static void hold_fault(wp_engine *e, uint32_t process, uint64_t fault_hva, uint64_t since_ns, const struct wp_mapping *m,
+                       uint64_t page)
 {
-    uint64_t start = monotonic_ns();
+    if (e->held_count == e->held_cap) {
+        size_t cap = e->held_cap ? e->held_cap * 2 : 64;
+        struct wp_held_fault *grown = realloc(e->held, cap * sizeof *grown);
+        if (!grown) {
+            wp_record_error(e, -ENOMEM, (int32_t)process);
+            wp_unprotect_in(e, process, m->hva + page * WP_PAGE_SIZE, e->regions[m->region].unit * WP_PAGE_SIZE);
+            return;
+        }
+        e->held = grown;
+        e->held_cap = cap;
+    }
+    e->held[e->held_count++] = (struct wp_held_fault){.process = process, .hva = fault_hva, .since_ns = since_ns};
+}
+
+static void serve_write_fault(wp_engine *e, uint32_t process, uint64_t fault_hva, uint64_t start)
+{
     const struct wp_mapping *m = find_mapping(e, process, fault_hva);
     if (!m)
         return;
@@ -300,10 +320,13 @@ static void serve_write_fault(wp_engine *e, uint32_t process, uint64_t fault_hva
         return;
     }
     atomic_store(&e->noting, false);
-    /* A fault during the cut (a writer that was not frozen) waits for it. */
-    while (mode == MODE_CUTTING && !atomic_load(&e->stopping)) {
-        __builtin_ia32_pause();
-        mode = atomic_load(&e->mode);
+    /* A fault during the cut (a writer that was not frozen) is held, not
+     * waited on here: the cut may need this thread to read an event first
+     * (the kernel refuses to re-protect, EAGAIN, while one is unread), and
+     * waiting would hang both (test_cut_discard). */
+    if (mode == MODE_CUTTING) {
+        hold_fault(e, process, fault_hva, start, m, page);
+        return;
     }
     if (wp_claim_page(r, page)) {
         if (r->unit == 1)
@@ -328,11 +351,12 @@ static void serve_write_fault(wp_engine *e, uint32_t process, uint64_t fault_hva
      * sure the writer is woken. Unprotecting a saved page is harmless. A
      * huge page the sweep takes over several calls (sweep_big) is not waited
      * for: its unprotect, once it is all taken, wakes this writer. */
-    if (r->unit > 1 && __atomic_load_n(&r->state[page], __ATOMIC_ACQUIRE) != PAGE_SAVED) {
+    if (r->unit > 1 && __atomic_load_n(&r->state[page], __ATOMIC_ACQUIRE) < PAGE_SAVED) {
         e->faults_spurious++;
         return;
     }
-    while (__atomic_load_n(&r->state[page], __ATOMIC_ACQUIRE) != PAGE_SAVED && !atomic_load(&e->stopping))
+    /* SAVED or LOST (discard.c): both are final. */
+    while (__atomic_load_n(&r->state[page], __ATOMIC_ACQUIRE) < PAGE_SAVED && !atomic_load(&e->stopping))
         __builtin_ia32_pause();
     wp_unprotect_in(e, process, m->hva + page * WP_PAGE_SIZE, r->unit * WP_PAGE_SIZE);
     e->faults_spurious++;
@@ -374,9 +398,22 @@ static bool serve_process(wp_engine *e, uint32_t process)
 #endif
         const struct uffd_msg *msg = &msgs[i];
         if (msg->event == UFFD_EVENT_PAGEFAULT && (msg->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP))
-            serve_write_fault(e, process, msg->arg.pagefault.address);
+            serve_write_fault(e, process, msg->arg.pagefault.address, monotonic_ns());
     }
     return count > 0;
+}
+
+/* Once the cut has ended: serve the write faults held during it. True if
+ * any is still held (the cut runs on). */
+static bool serve_held_faults(wp_engine *e)
+{
+    if (atomic_load(&e->mode) == MODE_CUTTING)
+        return true;
+    size_t n = e->held_count;
+    e->held_count = 0; /* the cut has ended: none is held again */
+    for (size_t i = 0; i < n; i++)
+        serve_write_fault(e, e->held[i].process, e->held[i].hva, e->held[i].since_ns);
+    return false;
 }
 
 void *wp_fault_thread(void *arg)
@@ -389,6 +426,8 @@ void *wp_fault_thread(void *arg)
             any |= serve_process(e, p);
         if (e->deferred_count > 0)
             any |= wp_retry_deferred(e); /* the events just read let them through */
+        if (e->held_count > 0)
+            any |= serve_held_faults(e); /* polled, not slept on, until the cut ends */
         if (any) {
             last_event = monotonic_ns();
             continue;
