@@ -4,7 +4,7 @@
  * restored image with it, and what "released" means for a target.
  */
 import { Effect, Exit } from "effect"
-import { closeSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, rmSync, writeSync } from "node:fs"
+import { closeSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, rmSync, statSync, writeSync } from "node:fs"
 import { type MemoryRegion, restoreToRawFile } from "../packages/core/src/index.js"
 
 /**
@@ -57,6 +57,39 @@ const firstDifference = (a: string, b: string): number => {
   } finally {
     closeSync(fa)
     closeSync(fb)
+  }
+}
+
+/**
+ * Where a snapshot differs from its reference, for a failing test's message: "" if they are equal, else the first
+ * differing byte as the mapping and offset it falls in, both sides' bytes there, and both images' lengths.
+ */
+export const differenceReport = async (
+  snapshot: string, reference: string, mappings: ReadonlyArray<{ hva: bigint; size: number; name: string }>
+): Promise<string> => {
+  const raw = `${snapshot}.raw`
+  const exit = await Effect.runPromiseExit(restoreToRawFile(snapshot, raw))
+  if (Exit.isFailure(exit)) throw new Error(`restore of ${snapshot} failed`)
+  try {
+    const at = firstDifference(raw, reference)
+    if (at < 0) return ""
+    let base = 0
+    const m = mappings.find((m) => at < (base += m.size)) ?? mappings[mappings.length - 1]
+    const offset = at - (base - (m?.size ?? 0))
+    const bytes = (file: string) => {
+      const fd = openSync(file, "r")
+      try {
+        const b = Buffer.alloc(16)
+        return b.subarray(0, readSync(fd, b, 0, 16, at)).toString("hex")
+      } finally {
+        closeSync(fd)
+      }
+    }
+    return `first difference at byte ${at} of ${statSync(raw).size} (reference ${statSync(reference).size}): ` +
+      `${m ? `${m.name || "anonymous"} at 0x${m.hva.toString(16)} + 0x${offset.toString(16)} (page ${Math.floor(offset / 4096)} of ${m.size / 4096})` : "past every mapping"}; ` +
+      `snapshot ${bytes(raw) || "(end)"}, reference ${bytes(reference) || "(end)"}`
+  } finally {
+    rmSync(raw)
   }
 }
 
