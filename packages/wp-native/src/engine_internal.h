@@ -72,9 +72,13 @@ struct wp_region {
     uint8_t *_Atomic populated;
 };
 
-/* An unprotect the fault thread could not do yet (EAGAIN: an event pending). */
+/* An unprotect the fault thread could not do yet (EAGAIN: an event pending).
+ * armed: a write let through before the cut (ARMING or CUTTING when it was
+ * deferred), which the cut re-protects: once the cut has happened it must
+ * never be unprotected, only its writer woken (wp_retry_deferred). */
 struct wp_deferred {
     uint32_t process;
+    bool armed;
     uint64_t hva, len;
 };
 
@@ -182,6 +186,7 @@ struct wp_engine {
     uint64_t hist[WP_HIST_BUCKETS];
 #ifdef WP_TEST_HOOKS
     _Atomic uint32_t test_message_delay_us; /* test_hooks.h */
+    _Atomic bool test_defer_armed;          /* test_hooks.h */
 #endif
 };
 

@@ -458,4 +458,9 @@ void wp_test_set_message_delay(wp_engine *e, uint32_t us)
 {
     atomic_store(&e->test_message_delay_us, us);
 }
+
+void wp_test_set_defer_armed(wp_engine *e, bool on)
+{
+    atomic_store(&e->test_defer_armed, on);
+}
 #endif

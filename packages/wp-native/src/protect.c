@@ -60,7 +60,9 @@ static void defer_unprotect(wp_engine *e, uint32_t process, uint64_t hva, uint64
         e->deferred = grown;
         e->deferred_cap = cap;
     }
-    e->deferred[e->deferred_count++] = (struct wp_deferred){.process = process, .hva = hva, .len = len};
+    int mode = atomic_load(&e->mode);
+    e->deferred[e->deferred_count++] =
+        (struct wp_deferred){.process = process, .armed = mode == MODE_ARMING || mode == MODE_CUTTING, .hva = hva, .len = len};
 }
 
 /* An unprotect that failed for another reason than a pending event. ESRCH
@@ -81,17 +83,60 @@ static void unprotect_failed(wp_engine *e, uint32_t process, uint64_t hva, uint6
     ioctl(e->processes[process].uffd, UFFDIO_WAKE, &wake);
 }
 
+#ifdef WP_TEST_HOOKS
+/* test_hooks.h: an unprotect of a write let through before the cut finds an event pending until the cut has ended. */
+static bool test_defer(wp_engine *e)
+{
+    int mode = atomic_load(&e->mode);
+    return atomic_load(&e->test_defer_armed) && (mode == MODE_ARMING || mode == MODE_CUTTING);
+}
+#else
+#define test_defer(e) false
+#endif
+
 void wp_unprotect_in(wp_engine *e, uint32_t process, uint64_t hva, uint64_t len)
 {
     struct wp_process *p = &e->processes[process];
     if (atomic_load(&p->dead))
         return;
     bool fault_thread = e->thread_started && pthread_equal(pthread_self(), e->thread);
-    int rc = fault_thread ? writeprotect_once(p->uffd, hva, len, false) : wp_writeprotect(p->uffd, hva, len, false);
+    int rc = fault_thread && test_defer(e) ? -EAGAIN
+             : fault_thread                ? writeprotect_once(p->uffd, hva, len, false)
+                                           : wp_writeprotect(p->uffd, hva, len, false);
     if (rc == -EAGAIN)
         defer_unprotect(e, process, hva, len);
     else if (rc < 0)
         unprotect_failed(e, process, hva, len, rc);
+}
+
+/*
+ * The unprotect of a write let through before the cut, deferred: only while
+ * still ARMING, under the handshake with the cut (`noting`, see
+ * serve_write_fault), so the cut cannot re-protect the page in between. Kept
+ * while the cut runs. After it, the cut has re-protected the page, and an
+ * unprotect would let the writer's write (and any later one) in unseen
+ * while the page waits to be saved: the snapshot would hold data from after
+ * the cut. Its writer is woken instead: it writes again, faults, and its
+ * page is saved first (a thread frozen for the cut, by ptrace or a vCPU
+ * pause, gave up its fault and does this by itself when thawed).
+ * 1: done, 0: keep it, -errno: failed.
+ */
+static int retry_armed(wp_engine *e, struct wp_deferred d)
+{
+    int fd = e->processes[d.process].uffd;
+    atomic_store(&e->noting, true);
+    int mode = atomic_load(&e->mode);
+    if (mode == MODE_ARMING) {
+        int rc = test_defer(e) ? -EAGAIN : writeprotect_once(fd, d.hva, d.len, false);
+        atomic_store(&e->noting, false);
+        return rc == -EAGAIN ? 0 : rc < 0 ? rc : 1;
+    }
+    atomic_store(&e->noting, false);
+    if (mode == MODE_CUTTING)
+        return 0;
+    struct uffdio_range wake = {.start = d.hva, .len = d.len};
+    ioctl(fd, UFFDIO_WAKE, &wake);
+    return 1;
 }
 
 bool wp_retry_deferred(wp_engine *e)
@@ -101,7 +146,15 @@ bool wp_retry_deferred(wp_engine *e)
         struct wp_deferred d = e->deferred[i];
         if (atomic_load(&e->processes[d.process].dead))
             continue;
-        int rc = writeprotect_once(e->processes[d.process].uffd, d.hva, d.len, false);
+        if (d.armed && atomic_load(&e->mode) != MODE_IDLE) {
+            int rc = retry_armed(e, d);
+            if (rc == 0)
+                e->deferred[kept++] = d;
+            else if (rc < 0)
+                unprotect_failed(e, d.process, d.hva, d.len, rc);
+            continue;
+        }
+        int rc = d.armed && test_defer(e) ? -EAGAIN : writeprotect_once(e->processes[d.process].uffd, d.hva, d.len, false);
         if (rc == -EAGAIN)
             e->deferred[kept++] = d;
         else if (rc < 0)
