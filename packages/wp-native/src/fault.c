@@ -94,9 +94,13 @@ static void pool_store(wp_engine *e, uint32_t region, uint64_t page)
     if (head - atomic_load_explicit(&e->tail, memory_order_acquire) >= e->slots && !wait_for_slot(e, head)) {
         if (store_overflow(e, region, page))
             return;
-        /* Out of memory: keep waiting for the pool; correctness over latency. */
-        while (head - atomic_load_explicit(&e->tail, memory_order_acquire) >= e->slots)
+        /* Out of memory: keep waiting for the pool; correctness over latency.
+         * Not past the engine's end: the writer may be gone for good. */
+        while (head - atomic_load_explicit(&e->tail, memory_order_acquire) >= e->slots) {
+            if (atomic_load(&e->stopping))
+                return;
             usleep(100);
+        }
     }
     uint64_t slot = head % e->slots;
     wp_read_pages(e, region, page, 1, e->slot_data + slot * WP_PAGE_SIZE);
