@@ -14,7 +14,7 @@ import { fileURLToPath } from "node:url"
 import { afterAll, describe, expect, it } from "vitest"
 import { type PidSnapshotOptions, snapshotPid } from "../packages/core/src/index.js"
 import { expectReleased, killTargets, messageOf, pidSkipReason, run, sleep, Target } from "./pidTarget.js"
-import { differenceFromReference, differenceReport, referenceAtCut } from "./pidTests.js"
+import { differenceFromReference, differenceReport, leftovers, referenceAtCut } from "./pidTests.js"
 import { scratchDir } from "./toyVmmTests.js"
 
 const here = dirname(fileURLToPath(import.meta.url))
@@ -164,6 +164,23 @@ describe.skipIf(skip)("snapshot --pid", () => {
     const exit = await run(snapshotPid({ pid: target.pid, path: join(dir, "seccomp.vmsnap") }))
     expect(messageOf(exit)).toMatch(/seccomp/)
     await expectReleased(target)
+  })
+  it("shared memory mapped a second time during the snapshot and written through it: refused before commit, never saved", async () => {
+    const target = new Target(["16", "0"]) // no writer: only the writes through the new mapping
+    const t = await target.ready
+    const path = join(dir, "alias-during.vmsnap")
+    const exit = await run(snapshotPid({
+      pid: t.pid, path, poolPages: 64, writerDelayMs: 20,
+      mappings: [{ _tag: "Range", start: t.shm, end: t.shm + BigInt(t.bytes) }],
+      // Frozen at the cut: once thawed it maps the memfd again and writes every page through that mapping,
+      // which is not write-protected, long before the slowed writer is done.
+      atCut: () => Effect.sync(() => target.send("alias-write"))
+    }))
+    const again = BigInt(`0x${(await target.line(/^aliased ([0-9a-f]+)$/m))[1]}`)
+    expect(messageOf(exit)).toMatch(new RegExp(`pid ${t.pid} maps the same shared memory twice, writable \\(mapped during the snapshot\\): 0x(${t.shm.toString(16)}|${again.toString(16)})-.* and 0x(${t.shm.toString(16)}|${again.toString(16)})-`))
+    expect(existsSync(path)).toBe(false)
+    expect(leftovers(t.pid)).toEqual([])
+    await target.ping() // its main thread answers (it has no writer to check)
   })
 })
 

@@ -169,17 +169,25 @@ const checkNotShared = (pid: number, chosen: ReadonlyArray<ChosenMapping>, when:
     }))
   })
 
-/** Fails if a chosen mapping's memory is also mapped writable at another address of the process (aliasesOf): `all` is the layout the choice was made from. */
-const checkNoAliases = (pid: number, chosen: ReadonlyArray<ChosenMapping>, all: ReadonlyArray<ProcessMapping>): Effect.Effect<void, VmsnapError> =>
+/**
+ * Fails if a chosen mapping's memory is also mapped writable at another address of the process (aliasesOf):
+ * `all` is the layout the choice was made from, or, before commit, the layout then (undefined: not readable,
+ * the process is exiting, which the layout check says). A mapping made and unmapped between the two reads
+ * is not seen: the kernel tells nothing of a new mapping of the same file.
+ */
+const checkNoAliases = (
+  pid: number, chosen: ReadonlyArray<ChosenMapping>, all: ReadonlyArray<ProcessMapping> | undefined, when: "" | " (mapped during the snapshot)"
+): Effect.Effect<void, VmsnapError> =>
   Effect.suspend(() => {
+    if (!all) return Effect.void
     for (const m of chosen) {
       const alias = aliasesOf(m, all)[0]
-      if (alias)
-        return Effect.fail(new InvalidInput({
-          reason: `pid ${pid} maps the same shared memory twice, writable: ${describeMapping(m)} and ${describeMapping(alias)} (one file range at two addresses). ` +
-            `vmsnap protects each mapping's pages on their own, so a page written through one would be saved through the other after the cut: ` +
-            `this process cannot be captured at one instant while it writes through both; snapshot it when it does not, or leave both out with --mapping`
-        }))
+      if (!alias) continue
+      const reason = `pid ${pid} maps the same shared memory twice, writable${when}: ${describeMapping(m)} and ${describeMapping(alias)} (one file range at two addresses). ` +
+        `vmsnap protects each mapping's pages on their own, so a page written through one would be saved through the other after the cut: ` +
+        `this process cannot be captured at one instant while it writes through both; snapshot it when it does not, or leave both out with --mapping`
+      // Before anything is done, a refusal of the input; during the snapshot, an abandoned snapshot (as a layout change is).
+      return Effect.fail(when ? new NativeError({ op: "snapshot", errno: 16, reason }) : new InvalidInput({ reason }))
     }
     return Effect.void
   })
@@ -232,7 +240,7 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
       if (picked instanceof InvalidInput) picked = selectMappings(pid, (mappings = readMappings(pid)), options.mappings ?? [])
       if (picked instanceof InvalidInput) return yield* Effect.fail(picked)
       yield* checkNotShared(pid, picked.chosen, "")
-      yield* checkNoAliases(pid, picked.chosen, mappings)
+      yield* checkNoAliases(pid, picked.chosen, mappings, "")
       if (picked.chosen.length > 64)
         return yield* Effect.fail(new InvalidInput({ reason: `pid ${pid} has ${picked.chosen.length} mappings to capture, more than the engine's 64 regions: pick some with --mapping START-END|NAME or --min-size` }))
       // Before anything is done to the target: sparse reservations (a sanitizer's shadow, a runtime's
@@ -277,7 +285,11 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
         freeze: freezeForCut,
         thaw: Effect.andThen(thaw(handle), stopped("cut")),
         atCut: options.atCut?.(regions),
-        beforeCommit: Effect.andThen(checkLayout(pid, chosen, "during the snapshot"), checkNotShared(pid, chosen, " (seen before the file was committed)")),
+        beforeCommit: checkLayout(pid, chosen, "during the snapshot").pipe(
+          Effect.andThen(checkNotShared(pid, chosen, " (seen before the file was committed)")),
+          // Written through a mapping made during the snapshot, a page is saved with data from after the cut.
+          Effect.andThen(Effect.suspend(() => checkNoAliases(pid, chosen, mappingsNow(pid), " (mapped during the snapshot)")))
+        ),
         // Before the session lets go: the chosen mappings are still registered ("uw"), so a
         // mapping that lost it was really replaced (after the release, every one has lost it).
         explainFailure: (e) => Effect.sync(() => explainFailure(pid, chosen, e)),
