@@ -165,6 +165,7 @@ describe.skipIf(skip)("snapshot --pid", () => {
     expect(messageOf(exit)).toMatch(/seccomp/)
     await expectReleased(target)
   })
+
   it("shared memory mapped a second time during the snapshot and written through it: refused before commit, never saved", async () => {
     const target = new Target(["16", "0"]) // no writer: only the writes through the new mapping
     const t = await target.ready
