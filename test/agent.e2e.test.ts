@@ -104,6 +104,18 @@ describe.skipIf(skip)("agent with the toy VMM", () => {
     }
   )
 
+  it("a VMM that maps its memfd a second time once thawed and writes through it: refused before commit, no file", async () => {
+    const reference = join(dir, "alias-at-thaw.ref")
+    const vmm = startVmm({ memMiB: 256, vcpus: 1, rate: 1000, agent: socket, vm: "alias-at-thaw", reference, fillPercent: 100, aliasAtThaw: true })
+    await vmm.ready
+    const path = join(dir, "alias-at-thaw.vmsnap")
+    const exit = await run(agent.snapshot({ vm: "alias-at-thaw", path, poolPages: 256 }))
+    await vmm.stop()
+    // Before the commit check this was a success whose pages held the writes made through the second mapping.
+    expect(messageOf(exit)).toMatch(/vm alias-at-thaw: VMM pid \d+ changed its guest memory during the snapshot \(.*also maps that memory writable at 0x[0-9a-f]+-0x[0-9a-f]+ rw-s/)
+    expect(existsSync(path)).toBe(false)
+  })
+
   it("a VMM killed mid-snapshot: that snapshot fails and is cleaned up, the agent serves the others", async () => {
     const victim = startVmm({ memMiB: 512, vcpus: 2, rate: 0, agent: socket, vm: "victim", fillPercent: 100 })
     const other = startVmm({ memMiB: 32, vcpus: 1, rate: 1000, agent: socket, vm: "other" })

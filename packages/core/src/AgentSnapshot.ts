@@ -9,7 +9,9 @@
  * 4. take the snapshot (SnapshotSession) with the freeze sent to devices
  *    first and the VMM last; every process that was sent `freeze` is sent
  *    `thaw` on every path, also when a later one fails or times out;
- * 5. a process that disconnects ends the snapshot at once; the error names
+ * 5. before the file is committed, every process's regions pass the hello
+ *    checks again (a memfd mapped a second time during the snapshot);
+ * 6. a process that disconnects ends the snapshot at once; the error names
  *    it by role and pid; every process hears `done` or `failed`.
  */
 import { Cause, Deferred, Effect, Exit } from "effect"
@@ -104,6 +106,26 @@ const layoutChanged = (e: VmsnapError, peers: ReadonlyArray<Peer>): VmsnapError 
   }
   return undefined
 }
+
+/**
+ * Before the file is committed, while every region is registered: each
+ * process's regions pass the hello checks again. A second writable mapping
+ * of a memfd made during the snapshot is not write-protected: pages written
+ * through it would be saved with data from after the cut. One made and
+ * removed between hello and this check is not seen (the kernel reports no
+ * new mapping of a file); docs/agent-protocol.md says so.
+ */
+const checkPeersBeforeCommit = (vm: Vm, peers: ReadonlyArray<Peer>) =>
+  Effect.suspend(() => {
+    for (const p of peers) {
+      try {
+        checkHello(p.hello, p.fds, p.pid)
+      } catch (why) {
+        return Effect.fail(new ProtocolError({ reason: `vm ${vm.id}: ${p.name} changed its guest memory during the snapshot (${describeError(why)}); the snapshot would not be of one instant, so it is abandoned` }))
+      }
+    }
+    return Effect.void
+  })
 
 /** "process 2 of the VM" in an engine error becomes the process's role and pid. */
 const nameProcesses = (e: VmsnapError, peers: ReadonlyArray<Peer>): VmsnapError => {
@@ -200,6 +222,7 @@ export const snapshotVm = (
         maxGuestBytes: limits.maxGuestBytes,
         freeze,
         thaw,
+        beforeCommit: checkPeersBeforeCommit(vm, peers),
         onProgress: progressTo(peers, options.onProgress)
       })
     }).pipe(Effect.scoped)
@@ -208,7 +231,8 @@ export const snapshotVm = (
       // A process that went away explains whatever else failed.
       Effect.mapError((e) => {
         const dead = peers.find((p) => p.closed || !isAlive(p.pid))
-        return dead ? gone(dead) : layoutChanged(e, peers) ?? nameProcesses(e, peers)
+        // A ProtocolError already names the process and what it did (checkPeersBeforeCommit, a bad answer).
+        return dead ? gone(dead) : e instanceof ProtocolError ? e : layoutChanged(e, peers) ?? nameProcesses(e, peers)
       }),
       Effect.onExit((exit) => Effect.sync(() => {
         if (Exit.isSuccess(exit)) return

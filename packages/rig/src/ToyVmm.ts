@@ -27,6 +27,8 @@ export interface ToyVmmOptions {
   readonly device?: boolean
   /** A balloon that keeps discarding guest pages; the VMM says `"prepare": true` and holds it from `prepare` to `done`/`failed`. */
   readonly balloon?: boolean
+  /** A misbehaving VMM: at the first thaw it maps its guest memfd a second time and writes every page through it. */
+  readonly aliasAtThaw?: boolean
   readonly reference?: string
   readonly runMs?: number
   /** Percent of guest memory filled with data before the guest starts. */
@@ -121,6 +123,7 @@ export class ToyVmm {
     if (options.vm) args.push("--vm", options.vm)
     if (options.device) args.push("--device")
     if (options.balloon) args.push("--balloon")
+    if (options.aliasAtThaw) args.push("--alias-at-thaw")
     if (options.reference) args.push("--reference", options.reference)
     if (options.runMs) args.push("--run-ms", String(options.runMs))
     if (options.fillPercent) args.push("--fill", String(options.fillPercent))

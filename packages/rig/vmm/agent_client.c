@@ -100,6 +100,21 @@ static void hold_balloon(bool hold)
     pthread_mutex_unlock(&balloon_lock);
 }
 
+/* --alias-at-thaw, a misbehaving VMM: once thawed after the cut, it maps its
+ * guest memfd a second time (not write-protected: the agent was never told
+ * of it) and writes a byte of every page past the system area through it. */
+static void write_through_alias(void)
+{
+    if (vmm.memfd < 0)
+        return;
+    uint8_t *again = mmap(NULL, vmm.mem_size, PROT_READ | PROT_WRITE, MAP_SHARED, vmm.memfd, 0);
+    if (again == MAP_FAILED)
+        die("mmap alias");
+    for (uint64_t o = SYSTEM_AREA; o < vmm.mem_size; o += PAGE)
+        again[o + 1] ^= 0xA5;
+    vmm.alias_at_thaw = false; /* once; the mapping stays */
+}
+
 /* Serve the agent's messages until it goes away or we are told to stop. */
 static void agent_loop(int sock)
 {
@@ -141,6 +156,8 @@ static void agent_loop(int sock)
                 send_line(sock, rc == 0 ? "{\"type\":\"frozen\"}\n" : "{\"type\":\"error\",\"message\":\"freeze timed out\"}\n");
             } else if (has_type(line, "thaw")) {
                 thaw_guest();
+                if (vmm.alias_at_thaw && !vmm.is_device)
+                    write_through_alias();
                 send_line(sock, "{\"type\":\"thawed\"}\n");
             } else if (has_type(line, "done") || has_type(line, "failed")) {
                 hold_balloon(false);

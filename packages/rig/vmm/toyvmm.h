@@ -91,6 +91,7 @@ struct toyvmm {
     bool hugetlb; /* guest RAM in 2 MiB hugetlbfs pages (memfd MFD_HUGETLB, or MAP_HUGETLB with anon) */
     bool balloon;                      /* --balloon: keep discarding guest pages; held from prepare to done */
     _Atomic uint64_t balloon_discards; /* pages the balloon discarded */
+    bool alias_at_thaw;                /* --alias-at-thaw: at the first thaw, map the memfd again and write every page through it */
     uint32_t pattern; /* PATTERN_* */
     const char *agent, *vm_id, *reference;
     uint64_t run_ms;
