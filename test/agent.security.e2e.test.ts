@@ -191,6 +191,8 @@ describe.skipIf(skip)("agent security", () => {
       const exit = await request(path)
       expect(Exit.isFailure(exit)).toBe(true)
       expect(messageOf(exit)).toMatch(pattern)
+      // The requester gets the agent's error as what it was there: a bad request (the CLI's exit 2), not a protocol error.
+      if (Exit.isFailure(exit)) expect((Cause.squash(exit.cause) as { _tag?: string })._tag).toBe("InvalidInput")
       expect(existsSync(join(dir, "escape.vmsnap"))).toBe(false)
     })
 

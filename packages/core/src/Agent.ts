@@ -74,6 +74,10 @@ const endOfLine = (b: Buffer) => {
   return nl < 0 ? undefined : nl + 1
 }
 
+/** An error's `_tag` (NativeError, InvalidInput, ...), sent with an error answer so a requester can tell the kind. */
+const errorTag = (error: unknown): string | undefined =>
+  typeof error === "object" && error !== null && "_tag" in error ? String((error as { _tag: unknown })._tag) : undefined
+
 export class Agent {
   private readonly registry: VmRegistry
   private readonly snapshotLimits: AgentSnapshotLimits
@@ -143,10 +147,10 @@ export class Agent {
     return cred.uid === process.geteuid?.() || (this.options.allowUids ?? []).includes(cred.uid) || groups.some((g) => g === cred.gid || cred.groups.includes(g))
   }
 
-  /** Logs a refusal and gives the answer to send before the connection is closed. */
-  private refusal(cred: PeerCred | undefined, message: string): string {
+  /** Logs a refusal and gives the answer to send before the connection is closed (with the error's tag, if it has one). */
+  private refusal(cred: PeerCred | undefined, message: string, error?: unknown): string {
     this.log(`refused a connection${cred ? ` (pid ${cred.pid}, uid ${cred.uid})` : ""}: ${message}`)
-    return encodeMessage({ type: "error", message })
+    return encodeMessage({ type: "error", ...(errorTag(error) ? { tag: errorTag(error) } : {}), message })
   }
 
   private accept(socket: Socket, cred: PeerCred, first: FirstMessage) {
@@ -162,7 +166,7 @@ export class Agent {
       return this.serveClient(socket, cred, request)
     } catch (e) {
       closeFds(fds)
-      endAndClose(socket, this.refusal(cred, describeError(e)))
+      endAndClose(socket, this.refusal(cred, describeError(e), e))
     }
   }
 
@@ -218,8 +222,7 @@ export class Agent {
       if (Exit.isSuccess(exit)) return endAndClose(socket, encodeMessage({ type: "result", ...exit.value, engine: undefined, faults: exit.value.engine.faults }))
       if (!Cause.hasFails(exit.cause)) return void socket.destroy()
       const error = Cause.squash(exit.cause)
-      const tag = typeof error === "object" && error !== null && "_tag" in error ? String((error as { _tag: unknown })._tag) : "Error"
-      endAndClose(socket, encodeMessage({ type: "error", tag, message: describeError(error) }))
+      endAndClose(socket, encodeMessage({ type: "error", tag: errorTag(error) ?? "Error", message: describeError(error) }))
     })
   }
 
