@@ -73,22 +73,10 @@ static int run(const char *name, bool shared)
     if ((rc = wp_engine_protect(e)) < 0)
         return wp_test_fail("cut", rc);
     pthread_join(writer, NULL); /* its write is after the cut */
-    uint32_t regions[256];
-    uint64_t pages[256];
-    uint8_t flags[256];
-    while (!wp_engine_done(e)) {
-        int n = wp_engine_next_batch(e, buf, regions, pages, flags, 256);
-        if (n < 0)
-            return wp_test_fail("snapshot", n);
-        for (int i = 0, d = 0; i < n; i++)
-            if (flags[i] == WP_PAGE_DATA)
-                memcpy(out + pages[i] * WP_PAGE_SIZE, buf + (size_t)d++ * WP_PAGE_SIZE, WP_PAGE_SIZE);
-    }
+    if ((rc = wp_test_take_into(e, buf, out, 256)) < 0)
+        return wp_test_fail("snapshot", rc);
     wp_engine_destroy(e);
-    uint32_t wrong = 0, first = 0;
-    for (uint32_t p = 0; p < PAGES; p++)
-        if (memcmp(out + (size_t)p * WP_PAGE_SIZE, reference + (size_t)p * WP_PAGE_SIZE, WP_PAGE_SIZE) && !wrong++)
-            first = p;
+    uint32_t first = 0, wrong = wp_test_differing_pages(out, reference, PAGES, &first);
     int result = 0;
     if (wrong) {
         fprintf(stderr, "FAIL %s: %u pages differ from the memory at the cut, the first page %u holds 0x%02x, 0x%02x at the cut\n",

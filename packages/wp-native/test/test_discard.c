@@ -89,16 +89,7 @@ static int run(const char *name, bool shared, int advice, enum when when, bool m
     memcpy(reference, mem, size); /* nothing writes between the cut and here */
     pthread_t t;
     pthread_create(&t, NULL, when == WHILE_ARMED ? write_only : write_after_cut, &g);
-    uint32_t regions[256];
-    uint64_t pages[256];
-    uint8_t flags[256];
-    int rc = 0;
-    while (!wp_engine_done(e) && rc >= 0) {
-        rc = wp_engine_next_batch(e, buf, regions, pages, flags, 256);
-        for (int i = 0, d = 0; i < rc; i++)
-            if (flags[i] == WP_PAGE_DATA)
-                memcpy(out + pages[i] * WP_PAGE_SIZE, buf + (size_t)d++ * WP_PAGE_SIZE, WP_PAGE_SIZE);
-    }
+    wp_test_take_into(e, buf, out, 256); /* a failure is read from the engine below */
     int32_t process;
     int32_t failure = wp_engine_error(e, &process);
     wp_stats st;
@@ -114,10 +105,7 @@ static int run(const char *name, bool shared, int advice, enum when when, bool m
             result = 1;
         }
     } else {
-        uint32_t wrong = 0, first = 0;
-        for (uint32_t p = 0; p < PAGES; p++)
-            if (memcmp(out + (size_t)p * WP_PAGE_SIZE, reference + (size_t)p * WP_PAGE_SIZE, WP_PAGE_SIZE) && !wrong++)
-                first = p;
+        uint32_t first = 0, wrong = wp_test_differing_pages(out, reference, PAGES, &first);
         printf("%s: snapshot complete, %u pages differ from the cut\n", name, wrong);
         if (wrong) {
             fprintf(stderr, "FAIL %s: page %u holds 0x%02x, 0x%02x at the cut\n", name, first, out[(size_t)first * WP_PAGE_SIZE],

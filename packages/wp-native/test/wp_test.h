@@ -35,6 +35,39 @@ static inline int wp_test_take_all(wp_engine *e, uint8_t *buf)
     return 0;
 }
 
+/* Takes everything the engine captures until the snapshot is complete or
+ * fails, copying each page of region 0 to out + page * 4096 (zero pages
+ * written as zero); buf holds max_pages pages. 0 or the engine's -errno. */
+static inline int wp_test_take_into(wp_engine *e, uint8_t *buf, uint8_t *out, uint32_t max_pages)
+{
+    uint32_t regions[max_pages];
+    uint64_t pages[max_pages];
+    uint8_t flags[max_pages];
+    while (!wp_engine_done(e)) {
+        int n = wp_engine_next_batch(e, buf, regions, pages, flags, max_pages);
+        if (n < 0)
+            return n;
+        for (int i = 0, d = 0; i < n; i++) {
+            uint8_t *dst = out + pages[i] * WP_PAGE_SIZE;
+            if (flags[i] == WP_PAGE_DATA)
+                memcpy(dst, buf + (size_t)d++ * WP_PAGE_SIZE, WP_PAGE_SIZE);
+            else
+                memset(dst, 0, WP_PAGE_SIZE);
+        }
+    }
+    return 0;
+}
+
+/* How many of `pages` pages differ between a and b; the first in *first. */
+static inline uint32_t wp_test_differing_pages(const uint8_t *a, const uint8_t *b, uint32_t pages, uint32_t *first)
+{
+    uint32_t wrong = 0;
+    for (uint32_t p = 0; p < pages; p++)
+        if (memcmp(a + (size_t)p * WP_PAGE_SIZE, b + (size_t)p * WP_PAGE_SIZE, WP_PAGE_SIZE) && !wrong++)
+            *first = p;
+    return wrong;
+}
+
 /* wp_test_take_all, printing the failure: 0 or 1. */
 static inline int wp_test_finish_snapshot(wp_engine *e, uint8_t *buf)
 {

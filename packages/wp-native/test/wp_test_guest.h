@@ -12,27 +12,11 @@
 #include <stdbool.h>
 #include <stdlib.h>
 
-/* Takes everything the engine captures until the snapshot is complete,
- * copying each page of region 0 to out + page * 4096 (zero pages written as
- * zero); buf holds max_pages pages. Returns 0, or 1 after printing FAIL. */
+/* wp_test_take_into an image at hva `out`: 0, or 1 after printing FAIL. */
 static inline int wp_test_take_image(wp_engine *e, uint8_t *buf, uint64_t out, uint32_t max_pages)
 {
-    uint32_t regions[max_pages];
-    uint64_t pages[max_pages];
-    uint8_t flags[max_pages];
-    while (!wp_engine_done(e)) {
-        int n = wp_engine_next_batch(e, buf, regions, pages, flags, max_pages);
-        if (n < 0)
-            return wp_test_fail("next_batch", n);
-        for (int i = 0, d = 0; i < n; i++) {
-            uint8_t *dst = (uint8_t *)(uintptr_t)(out + pages[i] * WP_PAGE_SIZE);
-            if (flags[i] == WP_PAGE_DATA)
-                memcpy(dst, buf + (size_t)d++ * WP_PAGE_SIZE, WP_PAGE_SIZE);
-            else
-                memset(dst, 0, WP_PAGE_SIZE);
-        }
-    }
-    return 0;
+    int rc = wp_test_take_into(e, buf, (uint8_t *)(uintptr_t)out, max_pages);
+    return rc < 0 ? wp_test_fail("next_batch", rc) : 0;
 }
 
 /* One raced snapshot: what to run, and what came of it. */
