@@ -35,16 +35,11 @@ static void *write_page(void *arg)
 
 static int run(const char *name, bool shared)
 {
-    size_t size = (size_t)PAGES * WP_PAGE_SIZE;
-    int fd = shared ? memfd_create("vmsnap-armed-defer", MFD_CLOEXEC) : -1;
-    if (shared && ftruncate(fd, (off_t)size) < 0)
-        return perror("ftruncate"), 1;
-    uint8_t *mem = mmap(NULL, size, PROT_READ | PROT_WRITE, shared ? MAP_SHARED : MAP_PRIVATE | MAP_ANONYMOUS, fd, 0);
-    if (mem == MAP_FAILED)
-        return perror("mmap"), 1;
-    for (uint32_t p = 0; p < PAGES; p++)
-        memset(mem + (size_t)p * WP_PAGE_SIZE, (int)(p % 251) + 1, WP_PAGE_SIZE);
-    uint8_t *reference = malloc(size), *out = calloc(PAGES, WP_PAGE_SIZE), *buf = malloc(256 * WP_PAGE_SIZE);
+    struct wp_test_memory m;
+    if (wp_test_memory_create(&m, PAGES, shared))
+        return 1;
+    uint8_t *mem = m.mem, *reference = m.reference, *out = m.out, *buf = m.buf;
+    size_t size = m.size;
     int32_t err;
     long rc;
     wp_engine *e = wp_engine_create(256, &err);
@@ -85,12 +80,7 @@ static int run(const char *name, bool shared)
     } else {
         printf("%s: a write let through while armed, its unprotect deferred past the cut: the snapshot equals the cut\n", name);
     }
-    munmap(mem, size);
-    if (fd >= 0)
-        close(fd);
-    free(reference);
-    free(out);
-    free(buf);
+    wp_test_memory_destroy(&m);
     return result;
 }
 

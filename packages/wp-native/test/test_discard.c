@@ -34,12 +34,6 @@ struct guest {
     int advice;
 };
 
-static void fill(uint8_t *mem)
-{
-    for (uint32_t p = 0; p < PAGES; p++)
-        memset(mem + (size_t)p * WP_PAGE_SIZE, (int)(p % 251) + 1, WP_PAGE_SIZE);
-}
-
 static void discard(const struct guest *g)
 {
     if (madvise(g->mem + (size_t)FIRST * WP_PAGE_SIZE, (size_t)COUNT * WP_PAGE_SIZE, g->advice) < 0)
@@ -64,15 +58,11 @@ static void *write_only(void *arg)
 /* One snapshot; 0 pass, 1 fail. must_be_exact: a failure is not allowed. */
 static int run(const char *name, bool shared, int advice, enum when when, bool must_be_exact)
 {
-    size_t size = (size_t)PAGES * WP_PAGE_SIZE;
-    int fd = shared ? memfd_create("vmsnap-discard", MFD_CLOEXEC) : -1;
-    if (shared && ftruncate(fd, (off_t)size) < 0)
-        return perror("ftruncate"), 1;
-    uint8_t *mem = mmap(NULL, size, PROT_READ | PROT_WRITE, shared ? MAP_SHARED : MAP_PRIVATE | MAP_ANONYMOUS, fd, 0);
-    if (mem == MAP_FAILED)
-        return perror("mmap"), 1;
-    fill(mem);
-    uint8_t *reference = malloc(size), *out = calloc(PAGES, WP_PAGE_SIZE), *buf = malloc(256 * WP_PAGE_SIZE);
+    struct wp_test_memory m;
+    if (wp_test_memory_create(&m, PAGES, shared))
+        return 1;
+    uint8_t *mem = m.mem, *reference = m.reference, *out = m.out, *buf = m.buf;
+    size_t size = m.size;
     struct guest g = {.mem = mem, .advice = advice};
     int32_t err;
     wp_engine *e = wp_engine_create(4096, &err);
@@ -113,12 +103,7 @@ static int run(const char *name, bool shared, int advice, enum when when, bool m
             result = 1;
         }
     }
-    munmap(mem, size);
-    if (fd >= 0)
-        close(fd);
-    free(reference);
-    free(out);
-    free(buf);
+    wp_test_memory_destroy(&m);
     return result;
 }
 

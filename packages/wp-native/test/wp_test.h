@@ -8,6 +8,9 @@
 #include "vmsnap_engine.h"
 
 #include <pthread.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <sys/mman.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
@@ -66,6 +69,43 @@ static inline uint32_t wp_test_differing_pages(const uint8_t *a, const uint8_t *
         if (memcmp(a + (size_t)p * WP_PAGE_SIZE, b + (size_t)p * WP_PAGE_SIZE, WP_PAGE_SIZE) && !wrong++)
             *first = p;
     return wrong;
+}
+
+/* Test memory of `pages` pages: private anonymous, or a memfd mapped
+ * shared; page p filled with the byte p % 251 + 1. With the reference,
+ * image and batch buffers a snapshot test compares through. */
+struct wp_test_memory {
+    uint8_t *mem, *reference, *out, *buf; /* buf: 256 pages for wp_engine_next_batch */
+    size_t size;
+    int fd; /* the memfd, -1 for anonymous memory */
+};
+
+/* 0, or 1 after printing why. */
+static inline int wp_test_memory_create(struct wp_test_memory *m, uint32_t pages, bool shared)
+{
+    m->size = (size_t)pages * WP_PAGE_SIZE;
+    m->fd = shared ? memfd_create("vmsnap-test", MFD_CLOEXEC) : -1;
+    if (shared && (m->fd < 0 || ftruncate(m->fd, (off_t)m->size) < 0))
+        return perror("memfd"), 1;
+    m->mem = mmap(NULL, m->size, PROT_READ | PROT_WRITE, shared ? MAP_SHARED : MAP_PRIVATE | MAP_ANONYMOUS, m->fd, 0);
+    if (m->mem == MAP_FAILED)
+        return perror("mmap"), 1;
+    for (uint32_t p = 0; p < pages; p++)
+        memset(m->mem + (size_t)p * WP_PAGE_SIZE, (int)(p % 251) + 1, WP_PAGE_SIZE);
+    m->reference = malloc(m->size);
+    m->out = calloc(pages, WP_PAGE_SIZE);
+    m->buf = malloc(256 * WP_PAGE_SIZE);
+    return m->reference && m->out && m->buf ? 0 : (perror("malloc"), 1);
+}
+
+static inline void wp_test_memory_destroy(struct wp_test_memory *m)
+{
+    munmap(m->mem, m->size);
+    if (m->fd >= 0)
+        close(m->fd);
+    free(m->reference);
+    free(m->out);
+    free(m->buf);
 }
 
 /* wp_test_take_all, printing the failure: 0 or 1. */
