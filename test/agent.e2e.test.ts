@@ -116,6 +116,17 @@ describe.skipIf(skip)("agent with the toy VMM", () => {
     expect(existsSync(path)).toBe(false)
   })
 
+  it("a VMM that forks once thawed, its child writing the guest memfd then exiting: the snapshot fails naming the fork, no file", async () => {
+    const vmm = startVmm({ memMiB: 256, vcpus: 1, rate: 1000, agent: socket, vm: "fork-at-thaw", fillPercent: 100, forkAtThaw: true })
+    await vmm.ready
+    const path = join(dir, "fork-at-thaw.vmsnap")
+    const exit = await run(agent.snapshot({ vm: "fork-at-thaw", path, poolPages: 256 }))
+    await vmm.stop()
+    // Before UFFD_EVENT_FORK was asked for, the child's writes were saved after the cut, silently.
+    expect(messageOf(exit)).toMatch(/forked during the snapshot while it maps shared guest memory/)
+    expect(existsSync(path)).toBe(false)
+  })
+
   it("a VMM killed mid-snapshot: that snapshot fails and is cleaned up, the agent serves the others", async () => {
     const victim = startVmm({ memMiB: 512, vcpus: 2, rate: 0, agent: socket, vm: "victim", fillPercent: 100 })
     const other = startVmm({ memMiB: 32, vcpus: 1, rate: 1000, agent: socket, vm: "other" })

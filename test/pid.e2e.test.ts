@@ -183,6 +183,23 @@ describe.skipIf(skip)("snapshot --pid", () => {
     expect(leftovers(t.pid)).toEqual([])
     await target.ping() // its main thread answers (it has no writer to check)
   })
+
+  it("a child forked during the snapshot writes the shared memory and exits: the snapshot fails naming the fork, never saved", async () => {
+    const target = new Target(["16", "0"]) // no writer: only the child's writes
+    const t = await target.ready
+    const path = join(dir, "fork-during.vmsnap")
+    const exit = await run(snapshotPid({
+      pid: t.pid, path, poolPages: 64, writerDelayMs: 20,
+      mappings: [{ _tag: "Range", start: t.shm, end: t.shm + BigInt(t.bytes) }],
+      // Frozen at the cut: once thawed it forks a child whose mapping of the memfd is not write-protected.
+      atCut: () => Effect.sync(() => target.send("fork-write"))
+    }))
+    await target.line(/^forked \d+$/m)
+    expect(messageOf(exit)).toMatch(new RegExp(`pid ${t.pid} forked during the snapshot`))
+    expect(existsSync(path)).toBe(false)
+    expect(leftovers(t.pid)).toEqual([])
+    await target.ping()
+  })
 })
 
 describe.skipIf(skip)("vmsnap snapshot --pid (CLI)", () => {

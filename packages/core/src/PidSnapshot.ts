@@ -205,12 +205,15 @@ const exited = (pid: number) => new NativeError({ op: "snapshot", errno: 3, reas
  * chosen mappings are still registered. ESRCH or a target no longer running:
  * it exited. A chosen mapping gone, moved or no longer registered: the layout
  * changed (e.g. ENOENT unprotecting it, EFAULT from a uffd UNMAP/REMAP
- * event). ENODATA: it discarded pages not yet saved (src/discard.c).
+ * event). ENODATA: it discarded pages not yet saved (src/discard.c). ECHILD: it
+ * forked while it maps shared memory chosen (src/discard.c).
  */
 const explainFailure = (pid: number, chosen: ReadonlyArray<ChosenMapping>, e: VmsnapError): VmsnapError => {
   if (!isAlive(pid) || (e instanceof NativeError && e.errno === 3)) return exited(pid)
   const change = e instanceof NativeError && e.errno !== 16 ? layoutChange(pid, chosen) : undefined
   if (change) return layoutError(pid, "during the snapshot", change)
+  if (e instanceof NativeError && e.errno === 10)
+    return new NativeError({ op: "snapshot", errno: 10, reason: `pid ${pid} forked during the snapshot while it maps shared memory chosen for it: the child's mapping is not write-protected, so its writes would be saved after the cut, and the snapshot is abandoned. Try again when it does not fork, or choose with --mapping its private memory only` })
   if (e instanceof NativeError && e.errno === 61)
     return new NativeError({ op: "snapshot", errno: 61, reason: `pid ${pid} discarded memory (MADV_DONTNEED/MADV_REMOVE) that was not saved yet: its content at the cut is gone, so the snapshot is abandoned. A discard before the cut is fine: try again, or choose with --mapping the mappings it does not discard from (allocators and thread libraries discard heap and stack pages)` })
   return e

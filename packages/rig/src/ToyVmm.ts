@@ -29,6 +29,8 @@ export interface ToyVmmOptions {
   readonly balloon?: boolean
   /** A misbehaving VMM: at the first thaw it maps its guest memfd a second time and writes every page through it. */
   readonly aliasAtThaw?: boolean
+  /** A misbehaving VMM: at the first thaw it forks a child that writes every page of guest memory and exits. */
+  readonly forkAtThaw?: boolean
   readonly reference?: string
   readonly runMs?: number
   /** Percent of guest memory filled with data before the guest starts. */
@@ -124,6 +126,7 @@ export class ToyVmm {
     if (options.device) args.push("--device")
     if (options.balloon) args.push("--balloon")
     if (options.aliasAtThaw) args.push("--alias-at-thaw")
+    if (options.forkAtThaw) args.push("--fork-at-thaw")
     if (options.reference) args.push("--reference", options.reference)
     if (options.runMs) args.push("--run-ms", String(options.runMs))
     if (options.fillPercent) args.push("--fill", String(options.fillPercent))

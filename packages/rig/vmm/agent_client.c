@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static void send_hello(int sock)
@@ -115,6 +116,23 @@ static void write_through_alias(void)
     vmm.alias_at_thaw = false; /* once; the mapping stays */
 }
 
+/* --fork-at-thaw, a misbehaving VMM: once thawed after the cut, it forks a
+ * child, which writes a byte of every page past the system area through
+ * its copy of the guest mapping (shared memory: the same pages) and exits. */
+static void write_from_child(void)
+{
+    vmm.fork_at_thaw = false; /* once */
+    pid_t child = fork();
+    if (child < 0)
+        die("fork");
+    if (child == 0) {
+        for (uint64_t o = SYSTEM_AREA; o < vmm.mem_size; o += PAGE)
+            vmm.mem[o + 2] ^= 0x5A;
+        _exit(0);
+    }
+    waitpid(child, NULL, 0);
+}
+
 /* Serve the agent's messages until it goes away or we are told to stop. */
 static void agent_loop(int sock)
 {
@@ -158,6 +176,8 @@ static void agent_loop(int sock)
                 thaw_guest();
                 if (vmm.alias_at_thaw && !vmm.is_device)
                     write_through_alias();
+                if (vmm.fork_at_thaw && !vmm.is_device)
+                    write_from_child();
                 send_line(sock, "{\"type\":\"thawed\"}\n");
             } else if (has_type(line, "done") || has_type(line, "failed")) {
                 hold_balloon(false);

@@ -89,7 +89,7 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: vmsnap-toyvmm [--mem MiB] [--vcpus N] [--rate pages/s] [--pattern random|sequential|hot] [--anon] [--hugetlb] [--threads]\n"
-            "                     [--agent SOCK] [--vm ID] [--device] [--balloon] [--alias-at-thaw] [--reference FILE] [--run-ms N] [--fill PERCENT] [--progress-ms N]\n"
+            "                     [--agent SOCK] [--vm ID] [--device] [--balloon] [--alias-at-thaw] [--fork-at-thaw] [--reference FILE] [--run-ms N] [--fill PERCENT] [--progress-ms N]\n"
             "                     [--local floor|fork|stop-the-world --output FILE --snapshot-at-ms N] [--after-ms N]\n"
             "                     [--restore-from SOCK [--verify-image RAW]]\n");
     exit(2);
@@ -128,6 +128,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--device")) vmm.device = true;
         else if (!strcmp(a, "--balloon")) vmm.balloon = true;
         else if (!strcmp(a, "--alias-at-thaw")) vmm.alias_at_thaw = true;
+        else if (!strcmp(a, "--fork-at-thaw")) vmm.fork_at_thaw = true;
         else usage();
     }
     if (vmm.vcpus < 1 || vmm.vcpus > MAX_VCPUS || vmm.mem_size < 2 * SYSTEM_AREA || vmm.mem_size % HUGE)

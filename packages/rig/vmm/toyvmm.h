@@ -92,6 +92,7 @@ struct toyvmm {
     bool balloon;                      /* --balloon: keep discarding guest pages; held from prepare to done */
     _Atomic uint64_t balloon_discards; /* pages the balloon discarded */
     bool alias_at_thaw;                /* --alias-at-thaw: at the first thaw, map the memfd again and write every page through it */
+    bool fork_at_thaw;                 /* --fork-at-thaw: at the first thaw, fork a child that writes every page and exits */
     uint32_t pattern; /* PATTERN_* */
     const char *agent, *vm_id, *reference;
     uint64_t run_ms;

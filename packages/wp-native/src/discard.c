@@ -31,6 +31,7 @@
  *    An allocator purging the same free pages again and again does this.
  *    Whoever saves such a page saves zero.
  * UNMAP and REMAP move guest memory under the snapshot: it fails (-EFAULT).
+ * FORK: see wp_process_forked.
  * When the engine ends, the events still queued are read and dropped
  * (wp_drain_events), so no discarding thread waits on one.
  */
@@ -166,6 +167,41 @@ void wp_memory_moved(wp_engine *e, uint32_t process)
 }
 
 /*
+ * A process forked while its memory was registered (UFFD_EVENT_FORK, asked
+ * for so that a fork is never silent): the kernel gave the child a copy of
+ * the registration, on a new uffd installed in this process. Closing it
+ * lets the child go unprotected. Its private memory is its own copy
+ * (copy-on-write, and the parent's writes still fault), but it writes
+ * shared memory (a memfd, shmem, hugetlbfs, a private huge page is counted
+ * with them) without a fault and can exit before the snapshot ends, so a
+ * snapshot of shared memory the parent maps fails (-ECHILD) rather than
+ * save the child's writes after the cut.
+ */
+void wp_process_forked(wp_engine *e, uint32_t process, int child_uffd)
+{
+    if (child_uffd >= 0)
+        close(child_uffd);
+    /* This very process (an in-process guest): its forks are its own
+     * helpers (a spawn, which execs at once), never the guest. */
+    if (atomic_load(&e->mode) == MODE_IDLE || e->processes[process].pid == getpid())
+        return;
+    for (uint32_t i = 0; i < e->mapping_count; i++) {
+        const struct wp_mapping *m = &e->mappings[i];
+        if (m->process == process && !wp_private_anonymous(e->processes[process].pid, m->hva)) {
+            wp_record_error(e, -ECHILD, (int32_t)process);
+            return;
+        }
+    }
+}
+
+void wp_drop_messages(const struct uffd_msg *msgs, ssize_t bytes)
+{
+    for (ssize_t i = 0; bytes > 0 && i < bytes / (ssize_t)sizeof msgs[0]; i++)
+        if (msgs[i].event == UFFD_EVENT_FORK)
+            close((int)msgs[i].arg.fork.ufd);
+}
+
+/*
  * After the ranges are unregistered: read and drop every event still queued
  * on the processes' uffds. A discard or unmap in a registered range queues
  * an event (UFFD_EVENT_REMOVE, _UNMAP, _REMAP) and holds the thread that
@@ -196,9 +232,11 @@ void wp_drain_events(wp_engine *e)
             if (!(fds[i].revents & POLLIN))
                 continue;
             struct uffd_msg msgs[16];
-            /* poll said readable: a read of a blocking uffd returns what is queued */
-            if (read(fds[i].fd, msgs, sizeof msgs) > 0)
+            ssize_t got = read(fds[i].fd, msgs, sizeof msgs);
+            if (got > 0) {
+                wp_drop_messages(msgs, got);
                 last = monotonic_ns();
+            }
         }
     }
 }

@@ -152,8 +152,8 @@ static int wanted_features(uint64_t *features)
     uint64_t need = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED;
     if ((offered & need) != need)
         return -EOPNOTSUPP;
-    /* Discards and moves of guest memory during a snapshot (discard.c). */
-    uint64_t events = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP;
+    /* Discards, moves and forks of guest memory during a snapshot (discard.c). */
+    uint64_t events = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_FORK;
     *features = need | (offered & (UFFD_FEATURE_WP_HUGETLBFS_SHMEM | events));
     return 0;
 }

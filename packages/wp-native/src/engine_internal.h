@@ -253,6 +253,12 @@ bool wp_retry_deferred(wp_engine *e);
  * while arming, with `noting` set (the discard belongs before the cut). */
 void wp_discard_range(wp_engine *e, uint32_t process, uint64_t start, uint64_t end, bool armed);
 void wp_memory_moved(wp_engine *e, uint32_t process);
+/* A FORK event: the child's uffd (given to this process) is closed; a
+ * snapshot of shared memory the parent maps fails (-ECHILD). */
+void wp_process_forked(wp_engine *e, uint32_t process, int child_uffd);
+/* Messages read only to be dropped (the engine is ending): a FORK's uffd
+ * is closed, so the child is not left registered with nobody reading. */
+void wp_drop_messages(const struct uffd_msg *msgs, ssize_t bytes);
 /* wp_engine_destroy, after the unregister: reads the events still queued on
  * every process's uffd, so no thread stays blocked on one (discard.c). */
 void wp_drain_events(wp_engine *e);

@@ -390,6 +390,8 @@ static bool serve_process(wp_engine *e, uint32_t process)
             wp_discard_range(e, process, msg->arg.remove.start, msg->arg.remove.end, armed);
         else if (msg->event == UFFD_EVENT_UNMAP || msg->event == UFFD_EVENT_REMAP)
             wp_memory_moved(e, process);
+        else if (msg->event == UFFD_EVENT_FORK)
+            wp_process_forked(e, process, (int)msg->arg.fork.ufd);
     }
     if (armed)
         atomic_store(&e->noting, false);

@@ -298,8 +298,10 @@ int32_t wp_engine_unprotect_all(wp_engine *e)
              * unprotect). */
             if (atomic_load(&e->stopping)) {
                 struct uffd_msg msgs[16];
-                if (read(p->uffd, msgs, sizeof msgs) < 0 && errno != EAGAIN)
+                ssize_t n = read(p->uffd, msgs, sizeof msgs);
+                if (n < 0 && errno != EAGAIN)
                     break;
+                wp_drop_messages(msgs, n);
             }
             __builtin_ia32_pause();
         }

@@ -39,6 +39,10 @@ export const errnoReason = (op: string, errno: number): string => {
         : "the engine is already running"
     case 14:
       return op === "register" ? "nothing is mapped at that host address (the region names memory its process does not map)" : "bad address (EFAULT)"
+    case 10:
+      return op === "snapshot"
+        ? "it forked during the snapshot while it maps shared guest memory (a memfd, shmem, hugetlbfs): the child's mapping is not write-protected, so its writes would be saved after the cut; fork before or after a snapshot, or leave that memory out"
+        : "no child processes (ECHILD)"
     case 61:
       return "the guest discarded memory (MADV_DONTNEED or MADV_REMOVE, e.g. a balloon) before it was saved: its content at the cut is gone; hold discards from arming until the snapshot ends"
     case 5:
