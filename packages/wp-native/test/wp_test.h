@@ -10,7 +10,9 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdlib.h>
+#include <linux/memfd.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
@@ -84,7 +86,7 @@ struct wp_test_memory {
 static inline int wp_test_memory_create(struct wp_test_memory *m, uint32_t pages, bool shared)
 {
     m->size = (size_t)pages * WP_PAGE_SIZE;
-    m->fd = shared ? memfd_create("vmsnap-test", MFD_CLOEXEC) : -1;
+    m->fd = shared ? (int)syscall(SYS_memfd_create, "vmsnap-test", MFD_CLOEXEC) : -1; /* without _GNU_SOURCE */
     if (shared && (m->fd < 0 || ftruncate(m->fd, (off_t)m->size) < 0))
         return perror("memfd"), 1;
     m->mem = mmap(NULL, m->size, PROT_READ | PROT_WRITE, shared ? MAP_SHARED : MAP_PRIVATE | MAP_ANONYMOUS, m->fd, 0);
