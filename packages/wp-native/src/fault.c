@@ -282,7 +282,7 @@ static void note_written(wp_engine *e, uint32_t ri, uint64_t page)
 }
 
 /* A write fault read while the cut runs: held until it has ended
- * (wp_serve_held_faults). Its writer stays blocked meanwhile, as it would
+ * (serve_held_faults). Its writer stays blocked meanwhile, as it would
  * if the cut had frozen it. Without memory to hold it, it is let through:
  * its page is not saved, and the snapshot fails. */
 static void hold_fault(wp_engine *e, uint32_t process, uint64_t fault_hva, uint64_t since_ns, const struct wp_mapping *m,
