@@ -5,7 +5,7 @@
 import { Cause, Effect, Exit } from "effect"
 import { execFile, spawn } from "node:child_process"
 import { promisify } from "node:util"
-import { existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs"
+import { existsSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from "node:fs"
 import { dirname, join } from "node:path"
 import { fileURLToPath } from "node:url"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
@@ -125,6 +125,35 @@ describe.skipIf(skip)("agent with the toy VMM", () => {
     // Before UFFD_EVENT_FORK was asked for, the child's writes were saved after the cut, silently.
     expect(messageOf(exit)).toMatch(/forked during the snapshot while it maps shared guest memory/)
     expect(existsSync(path)).toBe(false)
+  })
+
+  it("guest memory that a process outside the VM also maps (it did not say hello): refused before anything is protected, naming it", async () => {
+    const vmm = startVmm({ memMiB: 64, vcpus: 1, rate: 1000, agent: socket, vm: "outsider" })
+    const [vmmPid] = (await vmm.ready).pids
+    const memfd = readdirSync(`/proc/${vmmPid}/fd`).find((fd) => {
+      try {
+        return readlinkSync(`/proc/${vmmPid}/fd/${fd}`).startsWith("/memfd:toyvmm-guest")
+      } catch {
+        return false
+      }
+    })
+    expect(memfd, "the toy VMM's guest memfd").toBeDefined()
+    // A process that maps the guest memory writable and shared, as a child the VMM forked would (python3: Debian's, always here).
+    const outsider = spawn("python3", ["-c", `import mmap, os, sys, time
+fd = os.open("/proc/${vmmPid}/fd/${memfd}", os.O_RDWR)
+m = mmap.mmap(fd, 1 << 20, mmap.MAP_SHARED)
+print("mapped", flush=True)
+time.sleep(60)`], { stdio: ["ignore", "pipe", "inherit"] })
+    try {
+      await new Promise<void>((resolve) => outsider.stdout!.on("data", (d) => String(d).includes("mapped") && resolve()))
+      const path = join(dir, "outsider.vmsnap")
+      const exit = await run(agent.snapshot({ vm: "outsider", path }))
+      expect(messageOf(exit)).toMatch(new RegExp(`vm outsider: guest memory of VMM pid ${vmmPid} is also mapped by processes that did not say hello: mapping 0x[0-9a-f]+-0x[0-9a-f]+ rw-s .*toyvmm-guest.* is also mapped by pid ${outsider.pid} \\(python3\\)`))
+      expect(existsSync(path)).toBe(false)
+    } finally {
+      outsider.kill("SIGKILL")
+      await vmm.stop()
+    }
   })
 
   it("a VMM killed mid-snapshot: that snapshot fails and is cleaned up, the agent serves the others", async () => {

@@ -9,8 +9,10 @@
  * 4. take the snapshot (SnapshotSession) with the freeze sent to devices
  *    first and the VMM last; every process that was sent `freeze` is sent
  *    `thaw` on every path, also when a later one fails or times out;
- * 5. before the file is committed, every process's regions pass the hello
- *    checks again (a memfd mapped a second time during the snapshot);
+ * 5. before anything is protected and again before the file is committed,
+ *    no process outside the VM maps its guest memory; before the commit,
+ *    every process's regions pass the hello checks again (a memfd mapped
+ *    a second time during the snapshot);
  * 6. a process that disconnects ends the snapshot at once; the error names
  *    it by role and pid; every process hears `done` or `failed`.
  */
@@ -25,6 +27,8 @@ import { gpa, hva, type MemoryRegion, PAGE_SIZE } from "./GuestMemory.js"
 import { errnoReason } from "./internal/errno.js"
 import { loadWp } from "./internal/ffi.js"
 import type { OutputLocation } from "./OutputDir.js"
+import { type ProcessMapping, readMappings } from "./ProcessMappings.js"
+import { describeShared, sharedWithOthers } from "./SharedMappers.js"
 import { type SnapshotResult, takeSnapshot } from "./SnapshotSession.js"
 import type { RemoteProcess, WpNative } from "./WpNative.js"
 
@@ -127,6 +131,37 @@ const checkPeersBeforeCommit = (vm: Vm, peers: ReadonlyArray<Peer>) =>
     return Effect.void
   })
 
+/**
+ * Guest memory that a process outside the VM maps (one that did not say
+ * hello: a child the VMM forked before the snapshot, an undeclared device)
+ * is written there without a fault, so the snapshot would not be of one
+ * instant: refused, naming it, when the snapshot starts (before anything
+ * is protected) and again before the file is committed. From every
+ * process's /proc/PID/maps (SharedMappers.ts); one that maps it and unmaps
+ * it again between the two checks is not seen.
+ */
+const checkNoOutsideMappers = (vm: Vm, peers: ReadonlyArray<Peer>, when: string) =>
+  Effect.suspend(() => {
+    const pids = peers.map((p) => p.pid)
+    for (const p of peers) {
+      let mappings: Array<ProcessMapping>
+      try {
+        mappings = readMappings(p.pid)
+      } catch {
+        continue // exiting: its disconnect fails the snapshot
+      }
+      const guest = mappings.filter((m) => p.hello.regions.some((r) => r.fd !== null && r.hva < m.end && r.hva + BigInt(r.size) > m.start))
+      const shared = sharedWithOthers(pids, guest)
+      if (shared.length > 0)
+        return Effect.fail(new ProtocolError({
+          reason: `vm ${vm.id}: guest memory of ${p.name} is also mapped by processes that did not say hello${when}: ${describeShared(shared)}. ` +
+            `Their writes are not write-protected, so the snapshot would not be of one instant. Have such a process say hello as a device, ` +
+            `declare it in bypassWriters, or let it unmap guest memory (a child forked by the VMM keeps the mapping until it execs or exits)`
+        }))
+    }
+    return Effect.void
+  })
+
 /** "process 2 of the VM" in an engine error becomes the process's role and pid. */
 const nameProcesses = (e: VmsnapError, peers: ReadonlyArray<Peer>): VmsnapError => {
   if (!(e instanceof NativeError)) return e
@@ -207,6 +242,7 @@ export const snapshotVm = (
 
     const run = Effect.gen(function* () {
       yield* Effect.forEach(peers.filter((p) => p.hello.prepare), (p) => ask(p, "prepare", "prepared", limits.prepareMs), { discard: true })
+      yield* checkNoOutsideMappers(vm, peers, "")
       const { memory, processes } = yield* engineLayout(vmm, peers)
       const { freeze, thaw } = freezeControl(vm, vmm, limits.freezeMs)
       return yield* takeSnapshot({
@@ -222,7 +258,7 @@ export const snapshotVm = (
         maxGuestBytes: limits.maxGuestBytes,
         freeze,
         thaw,
-        beforeCommit: checkPeersBeforeCommit(vm, peers),
+        beforeCommit: Effect.andThen(checkPeersBeforeCommit(vm, peers), checkNoOutsideMappers(vm, peers, " (seen before the file was committed)")),
         onProgress: progressTo(peers, options.onProgress)
       })
     }).pipe(Effect.scoped)

@@ -160,7 +160,7 @@ const layoutError = (pid: number, when: string, change: string) =>
 /** Shared memory another process maps is written without faulting in the target: refused, naming both. */
 const checkNotShared = (pid: number, chosen: ReadonlyArray<ChosenMapping>, when: string): Effect.Effect<void, VmsnapError> =>
   Effect.suspend(() => {
-    const shared = sharedWithOthers(pid, chosen)
+    const shared = sharedWithOthers([pid], chosen)
     if (shared.length === 0) return Effect.void
     return Effect.fail(new InvalidInput({
       reason: `shared memory of pid ${pid} is also mapped by other processes${when}: ${describeShared(shared)}. ` +

@@ -6,7 +6,9 @@
  * process's mapping of the same file never faults in the target, so its
  * pages keep changing after the cut while vmsnap saves them. Such a mapping
  * cannot be captured at one instant: `snapshot --pid` refuses it, naming
- * the other processes, unless the caller leaves it out (--mapping).
+ * the other processes, unless the caller leaves it out (--mapping); the
+ * agent refuses a VM whose guest memory a process that did not say hello
+ * maps (docs/agent-protocol.md).
  *
  * Source of the facts: every other process's /proc/PID/maps (device, inode
  * and file offset of each mapping). A process whose maps this process may
@@ -24,20 +26,20 @@ export interface SharedMapping {
   readonly others: ReadonlyArray<{ readonly pid: number; readonly comm: string }>
 }
 
-/** The shared file mappings (shmem) among `chosen` that a process other than `pid` (and this one) maps too. */
-export const sharedWithOthers = (pid: number, chosen: ReadonlyArray<ProcessMapping>): Array<SharedMapping> => {
+/** The shared file mappings (shmem) among `chosen` that a process other than `pids` (and this one) maps too. */
+export const sharedWithOthers = (pids: ReadonlyArray<number>, chosen: ReadonlyArray<ProcessMapping>): Array<SharedMapping> => {
   const shared = chosen.filter((m) => m.permissions[3] === "s")
   if (shared.length === 0) return []
   const found = new Map<ProcessMapping, Array<{ pid: number; comm: string }>>()
-  let pids: Array<string>
+  let all: Array<string>
   try {
-    pids = readdirSync("/proc").filter((n) => /^\d+$/.test(n))
+    all = readdirSync("/proc").filter((n) => /^\d+$/.test(n))
   } catch {
     return []
   }
-  for (const name of pids) {
+  for (const name of all) {
     const other = Number(name)
-    if (other === pid || other === process.pid) continue
+    if (pids.includes(other) || other === process.pid) continue
     let text: string
     try {
       text = readFileSync(`/proc/${other}/maps`, "utf8")
