@@ -166,17 +166,25 @@ describe.skipIf(skip)("snapshot --pid", () => {
     await expectReleased(target)
   })
 
-  it("shared memory mapped a second time during the snapshot and written through it: refused before commit, never saved", async () => {
-    const target = new Target(["16", "0"]) // no writer: only the writes through the new mapping
+  /**
+   * A snapshot of the memfd of a target with no writer, slowed (20 ms a batch), that runs `command` once thawed
+   * at the cut: what it does then to the shared memory, not through the write-protected mapping, happens long
+   * before the writer is done. Whatever the outcome, the target is let go and answers.
+   */
+  const snapshotWhileItRuns = async (name: string, command: string) => {
+    const target = new Target(["16", "0"])
     const t = await target.ready
-    const path = join(dir, "alias-during.vmsnap")
+    const path = join(dir, `${name}.vmsnap`)
     const exit = await run(snapshotPid({
       pid: t.pid, path, poolPages: 64, writerDelayMs: 20,
       mappings: [{ _tag: "Range", start: t.shm, end: t.shm + BigInt(t.bytes) }],
-      // Frozen at the cut: once thawed it maps the memfd again and writes every page through that mapping,
-      // which is not write-protected, long before the slowed writer is done.
-      atCut: () => Effect.sync(() => target.send("alias-write"))
+      atCut: () => Effect.sync(() => target.send(command))
     }))
+    return { target, t, path, exit }
+  }
+
+  it("shared memory mapped a second time during the snapshot and written through it: refused before commit, never saved", async () => {
+    const { target, t, path, exit } = await snapshotWhileItRuns("alias-during", "alias-write")
     const again = BigInt(`0x${(await target.line(/^aliased ([0-9a-f]+)$/m))[1]}`)
     expect(messageOf(exit)).toMatch(new RegExp(`pid ${t.pid} maps the same shared memory twice, writable \\(mapped during the snapshot\\): 0x(${t.shm.toString(16)}|${again.toString(16)})-.* and 0x(${t.shm.toString(16)}|${again.toString(16)})-`))
     expect(existsSync(path)).toBe(false)
@@ -185,15 +193,7 @@ describe.skipIf(skip)("snapshot --pid", () => {
   })
 
   it("a child forked during the snapshot writes the shared memory and exits: the snapshot fails naming the fork, never saved", async () => {
-    const target = new Target(["16", "0"]) // no writer: only the child's writes
-    const t = await target.ready
-    const path = join(dir, "fork-during.vmsnap")
-    const exit = await run(snapshotPid({
-      pid: t.pid, path, poolPages: 64, writerDelayMs: 20,
-      mappings: [{ _tag: "Range", start: t.shm, end: t.shm + BigInt(t.bytes) }],
-      // Frozen at the cut: once thawed it forks a child whose mapping of the memfd is not write-protected.
-      atCut: () => Effect.sync(() => target.send("fork-write"))
-    }))
+    const { target, t, path, exit } = await snapshotWhileItRuns("fork-during", "fork-write")
     await target.line(/^forked \d+$/m)
     expect(messageOf(exit)).toMatch(new RegExp(`pid ${t.pid} forked during the snapshot`))
     expect(existsSync(path)).toBe(false)
