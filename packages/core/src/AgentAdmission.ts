@@ -68,7 +68,7 @@ const checkPageSize = (i: number, r: HelloRegion, real: number, source: string) 
     fail(`${where(i, r)}: ${source} has ${real}-byte pages${real > PAGE_SIZE ? " (hugetlbfs)" : ""} but the region declares pageSize ${r.pageSize}: declare "pageSize": ${real}`)
 }
 
-const tryRead = <A>(read: () => A): A | Error => {
+export const tryRead = <A>(read: () => A): A | Error => {
   try {
     return read()
   } catch (e) {
@@ -85,13 +85,16 @@ const checkNoOverlap = (hello: Hello) => {
   }
 }
 
-/** Checks a hello against its fds and the sender's mappings; ProtocolError naming the cause. */
-export const checkHello = (hello: Hello, fds: ReadonlyArray<number>, pid: number) => {
+/**
+ * Checks a hello against its fds and the sender's mappings; ProtocolError naming the cause. `smaps`: the
+ * sender's, when the caller has read them already (else read here once, when a region needs them).
+ */
+export const checkHello = (hello: Hello, fds: ReadonlyArray<number>, pid: number, smaps?: ReadonlyArray<ProcessMapping> | Error) => {
   const maps = mappingsOf(pid)
   checkNoOverlap(hello)
   // The sender's smaps, read once, when a region needs it (or why it could not be read).
-  let smapsRead: ReadonlyArray<ProcessMapping> | Error | undefined
-  const smaps = () => (smapsRead ??= tryRead(() => readMappings(pid)))
+  let smapsRead = smaps
+  const smapsOnce = () => (smapsRead ??= tryRead(() => readMappings(pid)))
   hello.regions.forEach((r, i) => {
     if (r.fd !== null) {
       const st = fstatSync(fds[r.fd]!)
@@ -103,13 +106,13 @@ export const checkHello = (hello: Hello, fds: ReadonlyArray<number>, pid: number
       // The same memory mapped writable elsewhere in the sender (break8 H4: declared twice, or
       // written through an undeclared second mapping): its writes there would not be protected.
       // smaps that cannot be read (the process is exiting; its maps passed just above) tell nothing.
-      const all = smaps()
+      const all = smapsOnce()
       const alias = all instanceof Error ? undefined : aliasesOf({ start: r.hva, end: r.hva + BigInt(r.size), device: deviceName(st.dev), inode: st.ino, offset: BigInt(r.offset) }, all)[0]
       if (alias)
         fail(`${where(i, r)}: pid ${pid} also maps that memory writable at ${describeMapping(alias)}: a page written there would be saved after the cut. Declare each piece of guest memory once, and do not write it through a second mapping`)
     } else {
       checkMapped(maps, i, r, undefined, pid)
-      const all = smaps()
+      const all = smapsOnce()
       if (all instanceof Error) return fail(`cannot read /proc/${pid}/smaps to check the page size of ${where(i, r)}: ${all.message}`)
       const real = all.find((m) => r.hva >= m.start && r.hva < m.end)?.kernelPageSize
       if (real !== undefined) checkPageSize(i, r, real, `pid ${pid}'s mapping`)

@@ -17,7 +17,7 @@
  *    it by role and pid; every process hears `done` or `failed`.
  */
 import { Cause, Deferred, Effect, Exit } from "effect"
-import { checkHello } from "./AgentAdmission.js"
+import { checkHello, tryRead } from "./AgentAdmission.js"
 import type { Peer } from "./AgentPeer.js"
 import type { Vm, VmRegistry } from "./AgentRegistry.js"
 import type { SnapshotRequest } from "./AgentProtocol.js"
@@ -112,26 +112,6 @@ const layoutChanged = (e: VmsnapError, peers: ReadonlyArray<Peer>): VmsnapError 
 }
 
 /**
- * Before the file is committed, while every region is registered: each
- * process's regions pass the hello checks again. A second writable mapping
- * of a memfd made during the snapshot is not write-protected: pages written
- * through it would be saved with data from after the cut. One made and
- * removed between hello and this check is not seen (the kernel reports no
- * new mapping of a file); docs/agent-protocol.md says so.
- */
-const checkPeersBeforeCommit = (vm: Vm, peers: ReadonlyArray<Peer>) =>
-  Effect.suspend(() => {
-    for (const p of peers) {
-      try {
-        checkHello(p.hello, p.fds, p.pid)
-      } catch (why) {
-        return Effect.fail(new ProtocolError({ reason: `vm ${vm.id}: ${p.name} changed its guest memory during the snapshot (${describeError(why)}); the snapshot would not be of one instant, so it is abandoned` }))
-      }
-    }
-    return Effect.void
-  })
-
-/**
  * Guest memory that a process outside the VM maps (one that did not say
  * hello: a child the VMM forked before the snapshot, an undeclared device)
  * is written there without a fault, so the snapshot would not be of one
@@ -140,24 +120,48 @@ const checkPeersBeforeCommit = (vm: Vm, peers: ReadonlyArray<Peer>) =>
  * process's /proc/PID/maps (SharedMappers.ts); one that maps it and unmaps
  * it again between the two checks is not seen.
  */
-const checkNoOutsideMappers = (vm: Vm, peers: ReadonlyArray<Peer>, when: string) =>
+const outsideMappers = (vm: Vm, peers: ReadonlyArray<Peer>, p: Peer, smaps: ReadonlyArray<ProcessMapping> | Error, when: string) => {
+  if (smaps instanceof Error) return undefined // exiting: its disconnect fails the snapshot
+  const guest = smaps.filter((m) => p.hello.regions.some((r) => r.fd !== null && r.hva < m.end && r.hva + BigInt(r.size) > m.start))
+  const shared = sharedWithOthers(peers.map((q) => q.pid), guest)
+  if (shared.length === 0) return undefined
+  return new ProtocolError({
+    reason: `vm ${vm.id}: guest memory of ${p.name} is also mapped by processes that did not say hello${when}: ${describeShared(shared)}. ` +
+      `Their writes are not write-protected, so the snapshot would not be of one instant. Have such a process say hello as a device, ` +
+      `declare it in bypassWriters, or let it unmap guest memory (a child forked by the VMM keeps the mapping until it execs or exits)`
+  })
+}
+
+/** When the snapshot starts, before anything is protected. */
+const checkNoOutsideMappers = (vm: Vm, peers: ReadonlyArray<Peer>) =>
   Effect.suspend(() => {
-    const pids = peers.map((p) => p.pid)
     for (const p of peers) {
-      let mappings: Array<ProcessMapping>
+      const refused = outsideMappers(vm, peers, p, tryRead(() => readMappings(p.pid)), "")
+      if (refused) return Effect.fail(refused)
+    }
+    return Effect.void
+  })
+
+/**
+ * Before the file is committed, while every region is registered, from
+ * each process's smaps read once: no process outside the VM maps its
+ * memory, and its regions pass the hello checks again. A second writable
+ * mapping of a memfd made during the snapshot is not write-protected:
+ * pages written through it would be saved with data from after the cut.
+ * One made and removed again before this check is not seen (the kernel
+ * reports no new mapping of a file); docs/agent-protocol.md says so.
+ */
+const checkPeersBeforeCommit = (vm: Vm, peers: ReadonlyArray<Peer>) =>
+  Effect.suspend(() => {
+    for (const p of peers) {
+      const smaps = tryRead(() => readMappings(p.pid))
+      const refused = outsideMappers(vm, peers, p, smaps, " (seen before the file was committed)")
+      if (refused) return Effect.fail(refused)
       try {
-        mappings = readMappings(p.pid)
-      } catch {
-        continue // exiting: its disconnect fails the snapshot
+        checkHello(p.hello, p.fds, p.pid, smaps)
+      } catch (why) {
+        return Effect.fail(new ProtocolError({ reason: `vm ${vm.id}: ${p.name} changed its guest memory during the snapshot (${describeError(why)}); the snapshot would not be of one instant, so it is abandoned` }))
       }
-      const guest = mappings.filter((m) => p.hello.regions.some((r) => r.fd !== null && r.hva < m.end && r.hva + BigInt(r.size) > m.start))
-      const shared = sharedWithOthers(pids, guest)
-      if (shared.length > 0)
-        return Effect.fail(new ProtocolError({
-          reason: `vm ${vm.id}: guest memory of ${p.name} is also mapped by processes that did not say hello${when}: ${describeShared(shared)}. ` +
-            `Their writes are not write-protected, so the snapshot would not be of one instant. Have such a process say hello as a device, ` +
-            `declare it in bypassWriters, or let it unmap guest memory (a child forked by the VMM keeps the mapping until it execs or exits)`
-        }))
     }
     return Effect.void
   })
@@ -242,7 +246,7 @@ export const snapshotVm = (
 
     const run = Effect.gen(function* () {
       yield* Effect.forEach(peers.filter((p) => p.hello.prepare), (p) => ask(p, "prepare", "prepared", limits.prepareMs), { discard: true })
-      yield* checkNoOutsideMappers(vm, peers, "")
+      yield* checkNoOutsideMappers(vm, peers)
       const { memory, processes } = yield* engineLayout(vmm, peers)
       const { freeze, thaw } = freezeControl(vm, vmm, limits.freezeMs)
       return yield* takeSnapshot({
@@ -258,7 +262,7 @@ export const snapshotVm = (
         maxGuestBytes: limits.maxGuestBytes,
         freeze,
         thaw,
-        beforeCommit: Effect.andThen(checkPeersBeforeCommit(vm, peers), checkNoOutsideMappers(vm, peers, " (seen before the file was committed)")),
+        beforeCommit: checkPeersBeforeCommit(vm, peers),
         onProgress: progressTo(peers, options.onProgress)
       })
     }).pipe(Effect.scoped)

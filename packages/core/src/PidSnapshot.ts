@@ -147,8 +147,7 @@ const mappingsNow = (pid: number): Array<ProcessMapping> | undefined => {
  * registered with our uffd, "uw"), if they do. Only while the session holds them
  * registered: before registration, and after the release, none is "uw".
  */
-const layoutChange = (pid: number, chosen: ReadonlyArray<ChosenMapping>): string | undefined => {
-  const now = mappingsNow(pid)
+const layoutChange = (pid: number, chosen: ReadonlyArray<ChosenMapping>, now = mappingsNow(pid)): string | undefined => {
   if (!now) return undefined
   return sameLayout(chosen, now) ??
     chosen.map((c) => now.find((n) => n.start === c.start)!).filter((m) => !m.vmFlags.includes("uw")).map((m) => `mapping ${describeMapping(m)} was replaced`)[0]
@@ -192,10 +191,16 @@ const checkNoAliases = (
     return Effect.void
   })
 
-const checkLayout = (pid: number, chosen: ReadonlyArray<ChosenMapping>, when: string): Effect.Effect<void, VmsnapError> =>
+/**
+ * Before commit, while the chosen mappings are registered: the layout, read once (a walk of every page
+ * table), still has them all, unchanged and registered, and no second mapping of their memory.
+ */
+const checkLayoutBeforeCommit = (pid: number, chosen: ReadonlyArray<ChosenMapping>): Effect.Effect<void, VmsnapError> =>
   Effect.suspend(() => {
-    const change = layoutChange(pid, chosen)
-    return change ? Effect.fail(layoutError(pid, when, change)) : Effect.void
+    const now = mappingsNow(pid)
+    const change = layoutChange(pid, chosen, now)
+    // Written through a mapping made during the snapshot, a page would be saved with data from after the cut.
+    return change ? Effect.fail(layoutError(pid, "during the snapshot", change)) : checkNoAliases(pid, chosen, now, " (mapped during the snapshot)")
   })
 
 const exited = (pid: number) => new NativeError({ op: "snapshot", errno: 3, reason: `pid ${pid} exited during the snapshot` })
@@ -288,11 +293,7 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
         freeze: freezeForCut,
         thaw: Effect.andThen(thaw(handle), stopped("cut")),
         atCut: options.atCut?.(regions),
-        beforeCommit: checkLayout(pid, chosen, "during the snapshot").pipe(
-          Effect.andThen(checkNotShared(pid, chosen, " (seen before the file was committed)")),
-          // Written through a mapping made during the snapshot, a page is saved with data from after the cut.
-          Effect.andThen(Effect.suspend(() => checkNoAliases(pid, chosen, mappingsNow(pid), " (mapped during the snapshot)")))
-        ),
+        beforeCommit: Effect.andThen(checkLayoutBeforeCommit(pid, chosen), checkNotShared(pid, chosen, " (seen before the file was committed)")),
         // Before the session lets go: the chosen mappings are still registered ("uw"), so a
         // mapping that lost it was really replaced (after the release, every one has lost it).
         explainFailure: (e) => Effect.sync(() => explainFailure(pid, chosen, e)),
