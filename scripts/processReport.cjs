@@ -18,18 +18,20 @@ const read = (path) => {
 /** Field `index` (0: state) of /proc/PID/stat after the command's closing parenthesis. */
 const statField = (stat, index) => stat.slice(stat.lastIndexOf(")") + 2).split(" ")[index]
 
-/** pid's descendants, depth first. */
+/** pid's descendants, depth first, from one pass over /proc. */
 const descendants = (pid) => {
-  const found = []
+  const children = new Map()
   let names = []
   try {
     names = fs.readdirSync("/proc")
   } catch {}
   for (const name of names) {
     if (!/^\d+$/.test(name)) continue
-    if (Number(statField(read(`/proc/${name}/stat`), 1)) === pid) found.push(Number(name), ...descendants(Number(name)))
+    const parent = Number(statField(read(`/proc/${name}/stat`), 1))
+    children.set(parent, [...(children.get(parent) ?? []), Number(name)])
   }
-  return found
+  const below = (p) => (children.get(p) ?? []).flatMap((c) => [c, ...below(c)])
+  return below(pid)
 }
 
 const describeProcess = (pid) => {
