@@ -201,6 +201,24 @@ describe.skipIf(skip)("snapshot --pid", () => {
     await target.ping()
   })
 
+  it("a raw-clone thread exits during the snapshot: the kernel's clear of its exit word (what a join waits for) is not lost", async () => {
+    // The kernel clears the word as the exiting thread, and a userfaultfd does not serve an exiting thread's
+    // fault: on a page not yet saved the clear was dropped and the waiter never woke ("ctid 1", break9).
+    // vmsnap asks each thread for its word while it takes the userfaultfd, and saves that page at the cut.
+    const target = new Target(["16", "0"])
+    const t = await target.ready
+    target.send("raw-thread")
+    await target.line(/^raw-thread started$/m)
+    const exit = await run(snapshotPid({
+      pid: t.pid, path: join(dir, "cleartid.vmsnap"), poolPages: 64, writerDelayMs: 20,
+      mappings: [{ _tag: "Range", start: t.anon, end: t.anon + BigInt(t.bytes) }],
+      atCut: () => Effect.sync(() => target.send("exit-thread"))
+    }))
+    expect((await target.line(/^ctid (-?\d+)$/m))[1], "the exit word after the thread exited").toBe("0")
+    expect(Exit.isSuccess(exit), messageOf(exit)).toBe(true)
+    await target.ping()
+  })
+
   it("signals sent with sigqueue during snapshots: every one arrives once, as sent (the injection takes none off the queue)", async () => {
     const target = new Target(["16", "1", "signals"])
     const t = await target.ready

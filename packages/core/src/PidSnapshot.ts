@@ -119,6 +119,32 @@ const freeze = (handle: JsExternal, pid: number, timeoutMs: number) =>
 
 const thaw = (handle: JsExternal) => Effect.sync(() => void loadWp().vi_thaw([handle]))
 
+/**
+ * While frozen to take the userfaultfd: the words the kernel clears at exit for each thread (src/inject_tid.c),
+ * those inside the chosen mappings. Threads made after this are not asked (running a system call in a thread
+ * just made, at the cut, once left the target's main thread stuck under load: not done). None when the kernel
+ * cannot tell (no PR_GET_TID_ADDRESS). docs/pid-snapshot.md says what is not covered.
+ */
+const exitWords = (handle: JsExternal, chosen: ReadonlyArray<ChosenMapping>): Buffer => {
+  const max = 4096
+  const out = Buffer.alloc(8 * max)
+  const n: number = outOfOomReach(() => loadWp().vi_tid_addresses([handle, out, max]))
+  const words: Array<Buffer> = []
+  for (let i = 0; i < n; i++) {
+    const at = out.readBigUInt64LE(8 * i)
+    if (chosen.some((m) => at >= m.start && at + 4n <= m.end)) words.push(out.subarray(8 * i, 8 * i + 8))
+  }
+  return Buffer.concat(words)
+}
+
+/**
+ * At the cut, still frozen: each exit word written back with its own value, which makes the engine save and
+ * unprotect its page now. A thread exiting later clears it (the kernel does not wait for a userfaultfd for an
+ * exiting thread: the clear, and the wake of whoever joins it, would be lost on a page not yet saved).
+ */
+const saveExitWords = (handle: JsExternal, words: Buffer) =>
+  Effect.sync(() => void (words.length > 0 && loadWp().vi_rewrite_words([handle, words, words.length / 8])))
+
 /** While frozen: a userfaultfd of the target's mm, owned by this process. */
 const takeUffd = (handle: JsExternal, pid: number) =>
   Effect.acquireRelease(
@@ -258,12 +284,13 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
         "leave the large reservations out with --mapping START-END|NAME or --min-size, or raise the bound (--max-guest-size) if they really are in use", options.maxGuestBytes)
       if (tooLarge) return yield* Effect.fail(new InvalidInput({ reason: tooLarge }))
       // Frozen only to run userfaultfd(2) inside the target and take the fd.
+      let words: Buffer = Buffer.alloc(0)
       const uffd = yield* Effect.acquireUseRelease(
         Effect.suspend(() => {
           stoppedAt = performance.now()
           return freeze(handle, pid, timeoutMs)
         }),
-        () => takeUffd(handle, pid),
+        () => Effect.tap(takeUffd(handle, pid), () => Effect.sync(() => void (words = exitWords(handle, picked.chosen)))),
         () => Effect.andThen(thaw(handle), stopped("setup"))
       )
       const selection = picked
@@ -292,7 +319,7 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
         compression: options.compression,
         freeze: freezeForCut,
         thaw: Effect.andThen(thaw(handle), stopped("cut")),
-        atCut: options.atCut?.(regions),
+        atCut: Effect.andThen(Effect.suspend(() => saveExitWords(handle, words)), options.atCut?.(regions) ?? Effect.void),
         beforeCommit: Effect.andThen(checkLayoutBeforeCommit(pid, chosen), checkNotShared(pid, chosen, " (seen before the file was committed)")),
         // Before the session lets go: the chosen mappings are still registered ("uw"), so a
         // mapping that lost it was really replaced (after the release, every one has lost it).

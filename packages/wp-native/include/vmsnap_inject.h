@@ -51,6 +51,22 @@ vi_target *vi_open(int32_t pid, int32_t *err_out);
  * appearing for too many passes. */
 int32_t vi_freeze(vi_target *t, uint32_t timeout_ms);
 
+/* While frozen: the address of the word each stopped thread's kernel
+ * clears and wakes at its exit (CLONE_CHILD_CLEARTID, set_tid_address(2)),
+ * read by running prctl(PR_GET_TID_ADDRESS) in that thread, signals blocked
+ * meanwhile; threads in a signal-delivery-stop are left out, and at most
+ * max are asked (each costs a system call run in it while it is stopped).
+ * Their addresses into out (0: the thread has none); returns how many.
+ * -EINVAL: the kernel has no PR_GET_TID_ADDRESS (CONFIG_CHECKPOINT_RESTORE);
+ * -ENOSYS: not x86-64. See src/inject_tid.c for why. */
+int32_t vi_tid_addresses(vi_target *t, uint64_t *out, uint32_t max);
+
+/* Writes each 4-byte word at addrs[i] of the target back with its own value
+ * (process_vm_readv, then process_vm_writev, which waits for a userfaultfd
+ * write fault to be served: a write-protected page is saved and unprotected
+ * first). Words no longer mapped are skipped. Returns how many were written. */
+int32_t vi_rewrite_words(vi_target *t, const uint64_t *addrs, uint32_t n);
+
 /* While frozen: create a userfaultfd(flags) inside the target by running the
  * syscall in one stopped thread (its registers restored exactly afterwards,
  * including a syscall it was interrupted in, which restarts as it would

@@ -21,7 +21,7 @@
  * kernel restarts its interrupted call exactly as it would have.
  */
 #define _GNU_SOURCE
-#include "vmsnap_inject.h"
+#include "inject_internal.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -47,26 +47,6 @@
 #ifndef PTRACE_EVENT_STOP
 #define PTRACE_EVENT_STOP 128
 #endif
-
-/* Passes over /proc/PID/task before giving up on a target that keeps creating threads. */
-#define VI_MAX_PASSES 100
-#define VI_MAX_RESEND 4
-
-struct vi_thread {
-    int32_t tid;
-    bool stopped;
-    bool in_signal_stop;          /* stopped in a signal-delivery-stop for `sig` */
-    int32_t sig;                  /* given back at PTRACE_DETACH */
-    int32_t resend[VI_MAX_RESEND]; /* caught while running injected code: re-sent after detach */
-    uint32_t nresend;
-};
-
-struct vi_target {
-    int32_t pid;
-    int pidfd;
-    struct vi_thread *threads; /* sorted by tid */
-    uint32_t count, cap;
-};
 
 static uint64_t now_ns(void)
 {
@@ -407,29 +387,6 @@ static int inject(struct vi_thread *th, long nr, uint64_t a0, uint64_t a1, uint6
     return 0;
 }
 
-/* userfaultfd(2) run in th, its fd taken with pidfd_getfd and closed in th: ours, or -errno. */
-static int32_t take_uffd(vi_target *t, struct vi_thread *th, int32_t flags)
-{
-    long fd = -1;
-    int rc = inject(th, SYS_userfaultfd, (uint64_t)flags, 0, 0, &fd);
-    if (rc < 0)
-        return rc;
-    if (fd < 0)
-        return (int32_t)fd; /* the target's userfaultfd(2) failed: its -errno */
-    int ours = (int)syscall(SYS_pidfd_getfd, t->pidfd, (int)fd, 0);
-    int getfd_err = errno;
-    long closed = -1;
-    rc = inject(th, SYS_close, (uint64_t)fd, 0, 0, &closed);
-    if (ours < 0)
-        return -getfd_err;
-    if (rc < 0 || closed < 0) {
-        /* The target would keep a reference to the uffd: refuse to use it. */
-        close(ours);
-        return rc < 0 ? rc : (int32_t)closed;
-    }
-    return ours;
-}
-
 /*
  * While our code runs in a thread, every signal is blocked in it
  * (PTRACE_SETSIGMASK; SIGKILL and SIGSTOP cannot be): one that arrives, or
@@ -443,12 +400,17 @@ static int32_t take_uffd(vi_target *t, struct vi_thread *th, int32_t flags)
  * instruction, the mask is put back before we let go; vmsnap keeps the OOM
  * killer off itself meanwhile (oomScore.ts).
  */
-static int block_signals(const struct vi_thread *th, uint64_t *saved)
+int vi_run_syscall(struct vi_thread *th, long nr, uint64_t a0, uint64_t a1, uint64_t a2, long *ret)
 {
-    uint64_t all = ~0ull;
-    if (ptrace(PTRACE_GETSIGMASK, th->tid, sizeof *saved, saved) < 0)
+    uint64_t mask, all = ~0ull;
+    if (ptrace(PTRACE_GETSIGMASK, th->tid, sizeof mask, &mask) < 0)
         return -errno;
-    return ptrace(PTRACE_SETSIGMASK, th->tid, sizeof all, &all) < 0 ? -errno : 0;
+    if (ptrace(PTRACE_SETSIGMASK, th->tid, sizeof all, &all) < 0)
+        return -errno;
+    int rc = inject(th, nr, a0, a1, a2, ret);
+    /* The thread is in an event stop again whatever happened: its mask goes back now. */
+    ptrace(PTRACE_SETSIGMASK, th->tid, sizeof mask, &mask);
+    return rc;
 }
 
 int32_t vi_take_uffd(vi_target *t, int32_t flags)
@@ -467,14 +429,24 @@ int32_t vi_take_uffd(vi_target *t, int32_t flags)
         keep_signal(th, th->sig);
         th->in_signal_stop = false;
     }
-    uint64_t mask;
-    int rc = block_signals(th, &mask);
+    long fd = -1;
+    int rc = vi_run_syscall(th, SYS_userfaultfd, (uint64_t)flags, 0, 0, &fd);
     if (rc < 0)
         return rc;
-    rc = take_uffd(t, th, flags);
-    /* The thread is in an event stop again whatever happened: its mask goes back now. */
-    ptrace(PTRACE_SETSIGMASK, th->tid, sizeof mask, &mask);
-    return rc;
+    if (fd < 0)
+        return (int32_t)fd; /* the target's userfaultfd(2) failed: its -errno */
+    int ours = (int)syscall(SYS_pidfd_getfd, t->pidfd, (int)fd, 0);
+    int getfd_err = errno;
+    long closed = -1;
+    rc = vi_run_syscall(th, SYS_close, (uint64_t)fd, 0, 0, &closed);
+    if (ours < 0)
+        return -getfd_err;
+    if (rc < 0 || closed < 0) {
+        /* The target would keep a reference to the uffd: refuse to use it. */
+        close(ours);
+        return rc < 0 ? rc : (int32_t)closed;
+    }
+    return ours;
 }
 
 #else

@@ -107,6 +107,8 @@ const injectTable = {
   vi_open: { library: "vmsnap_wp", retType: EXT, paramsType: [I32, B] },
   vi_freeze: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, U32] },
   vi_take_uffd: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, I32] },
+  vi_tid_addresses: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B, U32] },
+  vi_rewrite_words: { library: "vmsnap_wp", retType: I32, paramsType: [EXT, B, U32] },
   vi_thaw: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   vi_frozen_threads: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] },
   vi_close: { library: "vmsnap_wp", retType: I32, paramsType: [EXT] }
