@@ -29,6 +29,7 @@
 #define WP_SWEEP_MAX_PAGES 16384u   /* scratch size for one sweep call */
 #define WP_DRAIN_QUIET_NS 5000000ull /* wp_engine_destroy reads events until none came for 5 ms */
 #define WP_DRAIN_MAX_NS 1000000000ull /* and for 1 s at most */
+#define WP_STOP_UNPROTECT_NS 10000000ull /* wp_engine_unprotect_all at the end: EAGAIN for 10 ms, the unregister does it */
 
 /* A unit's state. LOST: claimed by a discard after the cut (anonymous
  * memory whose content at the cut is gone, discard.c): never saved, the

@@ -291,17 +291,31 @@ int32_t wp_engine_unprotect_all(wp_engine *e)
         if (p->uffd < 0 || atomic_load(&p->dead))
             continue;
         int rc;
+        uint64_t since = 0;
         while ((rc = writeprotect_once(p->uffd, m->hva, e->regions[m->region].size, false)) == -EAGAIN) {
             /* An event is pending. While the engine runs, the fault thread
              * reads it; once it is stopping nobody will, so read and drop
              * what is queued here (waiting writers are woken by this very
-             * unprotect). */
+             * unprotect). A thread that discards without pause queues the
+             * next event as soon as one is read, and the kernel refuses
+             * every unprotect meanwhile: seen to last for ever on two
+             * loaded cores (test_cut_discard). The engine's end gives up
+             * after WP_STOP_UNPROTECT_NS: the unregister that follows
+             * (wp_engine_destroy) needs no quiet moment, removes the
+             * protection and wakes the writers. */
             if (atomic_load(&e->stopping)) {
                 struct uffd_msg msgs[16];
                 ssize_t n = read(p->uffd, msgs, sizeof msgs);
                 if (n < 0 && errno != EAGAIN)
                     break;
                 wp_drop_messages(msgs, n);
+                uint64_t now = monotonic_ns();
+                if (!since)
+                    since = now;
+                else if (now - since > WP_STOP_UNPROTECT_NS) {
+                    rc = 0; /* left to the unregister */
+                    break;
+                }
             }
             __builtin_ia32_pause();
         }
