@@ -63,23 +63,35 @@ describe.skipIf(skip)("snapshot --pid of Redis", () => {
   it("BGSAVE forks a child during the snapshot: still exact, Redis's memory being private (the child writes its own copies)", async () => {
     expect(redis, "the Redis of the test before").toBeDefined()
     const pid = redis!.pid!
-    const path = join(dir, "redis-bgsave.vmsnap")
-    const reference = join(dir, "redis-bgsave.ref")
-    let bgsave: ChildProcess | undefined
-    const exit = await Effect.runPromiseExit(Effect.provide(
-      snapshotPid({
-        pid, path, poolPages: 256, writerDelayMs: 5,
-        // Redis is frozen at the cut: asked now, it forks its BGSAVE child milliseconds after the thaw, while the slowed
-        // writer saves for most of a second (0.85 s seen), so the engine reads the fork event mid-snapshot.
-        atCut: (regions) => Effect.andThen(referenceAtCut(pid, reference)(regions), Effect.sync(() => void (bgsave = spawn("redis-cli", ["-s", sock, "BGSAVE"], { stdio: "ignore" }))))
-      }),
-      WpNative.layer
-    ))
-    expect(Exit.isSuccess(exit), Exit.isFailure(exit) ? String(Cause.squash(exit.cause)) : "").toBe(true)
-    expect(await differenceFromReference(path, reference)).toBe(-1)
-    await new Promise((resolve) => (bgsave!.exitCode !== null ? resolve(0) : bgsave!.on("exit", resolve)))
-    for (let i = 0; i < 500 && /rdb_bgsave_in_progress:1/.test(cli("INFO", "persistence")); i++) await sleep(20)
-    expect(cli("INFO", "persistence")).toMatch(/rdb_last_bgsave_status:ok/)
+    const outcomes: Array<string> = []
+    // jemalloc may still purge freed pages (a discard) during the slowed snapshot, which fails it as documented:
+    // up to 3 tries for an exact one. A fork must never be the reason.
+    for (let attempt = 0; attempt < 3 && !outcomes.includes("exact"); attempt++) {
+      const path = join(dir, `redis-bgsave-${attempt}.vmsnap`)
+      const reference = join(dir, `redis-bgsave-${attempt}.ref`)
+      let bgsave: ChildProcess | undefined
+      const exit = await Effect.runPromiseExit(Effect.provide(
+        snapshotPid({
+          pid, path, poolPages: 256, writerDelayMs: 5,
+          // Redis is frozen at the cut: asked now, it forks its BGSAVE child milliseconds after the thaw, while the slowed
+          // writer saves for most of a second (0.85 s seen), so the engine reads the fork event mid-snapshot.
+          atCut: (regions) => Effect.andThen(referenceAtCut(pid, reference)(regions), Effect.sync(() => void (bgsave = spawn("redis-cli", ["-s", sock, "BGSAVE"], { stdio: "ignore" }))))
+        }),
+        WpNative.layer
+      ))
+      await new Promise((resolve) => (bgsave!.exitCode !== null ? resolve(0) : bgsave!.on("exit", resolve)))
+      for (let i = 0; i < 500 && /rdb_bgsave_in_progress:1/.test(cli("INFO", "persistence")); i++) await sleep(20)
+      expect(cli("INFO", "persistence")).toMatch(/rdb_last_bgsave_status:ok/)
+      if (Exit.isSuccess(exit)) {
+        expect(await differenceFromReference(path, reference)).toBe(-1)
+        outcomes.push("exact")
+      } else {
+        expect(String(Cause.squash(exit.cause))).toMatch(/discarded memory \(MADV_DONTNEED\/MADV_REMOVE\) that was not saved yet/)
+        outcomes.push("discarded")
+      }
+    }
+    console.log(`Redis BGSAVE during snapshot --pid: ${outcomes.join(", ")}`)
+    expect(outcomes).toContain("exact")
     expect(existsSync(join(dir, "dump.rdb")), "BGSAVE wrote its file: the child ran").toBe(true)
     expect(leftovers(pid)).toEqual([])
     expect(cli("PING")).toBe("PONG")
