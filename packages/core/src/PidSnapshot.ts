@@ -284,13 +284,12 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
         "leave the large reservations out with --mapping START-END|NAME or --min-size, or raise the bound (--max-guest-size) if they really are in use", options.maxGuestBytes)
       if (tooLarge) return yield* Effect.fail(new InvalidInput({ reason: tooLarge }))
       // Frozen only to run userfaultfd(2) inside the target and take the fd.
-      let words: Buffer = Buffer.alloc(0)
-      const uffd = yield* Effect.acquireUseRelease(
+      const { uffd, words } = yield* Effect.acquireUseRelease(
         Effect.suspend(() => {
           stoppedAt = performance.now()
           return freeze(handle, pid, timeoutMs)
         }),
-        () => Effect.tap(takeUffd(handle, pid), () => Effect.sync(() => void (words = exitWords(handle, picked.chosen)))),
+        () => Effect.map(takeUffd(handle, pid), (fd) => ({ uffd: fd, words: exitWords(handle, picked.chosen) })),
         () => Effect.andThen(thaw(handle), stopped("setup"))
       )
       const selection = picked
@@ -319,7 +318,7 @@ export const snapshotPid = (options: PidSnapshotOptions): Effect.Effect<PidSnaps
         compression: options.compression,
         freeze: freezeForCut,
         thaw: Effect.andThen(thaw(handle), stopped("cut")),
-        atCut: Effect.andThen(Effect.suspend(() => saveExitWords(handle, words)), options.atCut?.(regions) ?? Effect.void),
+        atCut: Effect.andThen(saveExitWords(handle, words), options.atCut?.(regions) ?? Effect.void),
         beforeCommit: Effect.andThen(checkLayoutBeforeCommit(pid, chosen), checkNotShared(pid, chosen, " (seen before the file was committed)")),
         // Before the session lets go: the chosen mappings are still registered ("uw"), so a
         // mapping that lost it was really replaced (after the release, every one has lost it).
